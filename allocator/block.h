@@ -1,0 +1,131 @@
+// The allocator's data structures: Chunk, Mapping, Block, FreeSet and StreamPool.
+//
+// Physical memory is a set of Chunks, each one driver allocation of a fixed size (the large
+// pool's chunk size, or the granularity for the small pool). Virtual memory is a set of
+// Mappings: one reserved range with a slot per chunk-sized piece. Blocks are byte ranges of a
+// mapping, linked in address order; they cover the mapping without gaps or overlap.
+//
+// Ownership of physical memory (the invariant that makes stitching safe):
+// - Every chunk has exactly one owner: the mapping whose blocks hand its bytes out. In the
+//   owner the chunk's slot is "present": covered by free or allocated blocks.
+// - Every chunk has a home: the mapping it was created for. The home always maps it. When
+//   the chunk is owned elsewhere (lent to a stitched mapping), the home's slot is covered by
+//   one kAbsent block, so no byte is handed out twice. A home is never dissolved while any of
+//   its chunks is lent out (lent_home > 0).
+// - A stitched mapping that lends a borrowed chunk onward keeps its (now stale) view mapped,
+//   also behind a kAbsent block; the chunk records it in `stale` so that the view can be
+//   unmapped before the chunk is released. Chunks return to their home, never to a stale view.
+// - A slot with no chunk (nullptr) is an unmapped hole (trimmed memory), also kAbsent.
+// So every byte of physical memory is reachable through exactly one non-absent block.
+//
+// Free blocks sit in the FreeSet of their mapping's StreamPool (small or large), ordered by
+// (size, address) for best fit. Adjacent free blocks are always merged. A block freed while
+// other streams still used it (record_stream) is kPending until their events complete.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/inlined_vector.h"
+#include "vmm/types.h"
+
+namespace stitchalloc {
+
+struct Mapping;
+struct StreamPool;
+
+enum class PoolKind : std::uint8_t { kSmall = 1, kLarge = 2 };  // == PoolIndex values
+
+struct Chunk {
+  PhysHandle handle = 0;
+  std::size_t size = 0;
+  Mapping* home = nullptr;
+  std::uint32_t home_slot = 0;
+  Mapping* owner = nullptr;
+  std::uint32_t owner_slot = 0;
+  // Stitched mappings (not the home) that still map this chunk behind an absent block.
+  absl::InlinedVector<std::pair<Mapping*, std::uint32_t>, 1> stale;
+};
+
+enum class BlockState : std::uint8_t { kFree, kAllocated, kPending, kAbsent };
+
+struct Block {
+  DevicePtr ptr = 0;
+  std::size_t size = 0;
+  std::size_t requested = 0;    // bytes the caller asked for (allocated blocks)
+  Mapping* mapping = nullptr;
+  Block* prev = nullptr;        // address-order neighbours in the mapping
+  Block* next = nullptr;
+  BlockState state = BlockState::kFree;
+  bool counted_split = false;   // free block counted in inactive_split (see FreeSet)
+  int pending_events = 0;       // kPending: events still to complete
+  std::uint64_t freed_at = 0;   // the pool's free sequence number when this became free
+  std::vector<Stream> stream_uses;  // other streams that used the block (record_stream)
+
+  bool is_free() const { return state == BlockState::kFree; }
+  bool is_split() const { return prev != nullptr || next != nullptr; }
+};
+
+struct Mapping {
+  DevicePtr va = 0;
+  std::size_t size = 0;
+  std::size_t chunk_size = 0;
+  PoolKind kind = PoolKind::kLarge;
+  StreamPool* pool = nullptr;
+  bool stitched = false;             // made by a stitch: counts towards the idle stitch cache
+  std::vector<Chunk*> slots;         // slot i covers [va + i*chunk_size, +chunk_size)
+  std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr
+  Block* head = nullptr;
+  int busy_blocks = 0;               // allocated or pending blocks
+  int present = 0;                   // slots whose chunk this mapping owns
+  int lent_home = 0;                 // chunks homed here but owned elsewhere
+  std::uint64_t last_free_seq = 0;   // pool sequence number of the last free inside
+  std::optional<std::list<Mapping*>::iterator> idle_lru;  // in the idle stitched cache
+  bool retiring = false;             // queued for dissolution once its stream is fenced
+
+  DevicePtr slot_address(std::size_t i) const { return va + i * chunk_size; }
+  bool idle() const { return busy_blocks == 0; }
+};
+
+// Free blocks of one pool kind and stream, best fit by (size, address).
+class FreeSet {
+ public:
+  using Key = std::pair<std::size_t, DevicePtr>;
+  using Map = absl::btree_map<Key, Block*>;
+
+  void Insert(Block* b) { map_.emplace(Key{b->size, b->ptr}, b); }
+  void Erase(Block* b) { map_.erase(Key{b->size, b->ptr}); }
+  // The smallest block of at least `size` bytes (lowest address among equals), or end().
+  Map::const_iterator LowerBound(std::size_t size) const { return map_.lower_bound(Key{size, 0}); }
+  Map::const_iterator end() const { return map_.end(); }
+  Map::const_iterator begin() const { return map_.begin(); }
+  std::size_t size() const { return map_.size(); }
+  bool empty() const { return map_.empty(); }
+
+ private:
+  Map map_;
+};
+
+// The free blocks of one stream, and the fence that tells when another stream may take them.
+// Frees are numbered (free_seq); a fence is an event recorded on the stream that, once
+// complete, proves every block freed up to fence_done_seq is no longer used by the stream.
+struct StreamPool {
+  Stream stream = kDefaultStream;
+  FreeSet small;
+  FreeSet large;
+  std::uint64_t free_seq = 0;
+  Event fence_event = 0;           // 0: none created yet
+  bool fence_pending = false;
+  std::uint64_t fence_pending_seq = 0;
+  std::uint64_t fence_done_seq = 0;
+
+  FreeSet& set(PoolKind k) { return k == PoolKind::kSmall ? small : large; }
+  bool Fenced(std::uint64_t seq) const { return seq <= fence_done_seq; }
+};
+
+}  // namespace stitchalloc

@@ -1,0 +1,684 @@
+// CachingAllocator implementation: orchestration of policy (policy.h) and mechanism
+// (mapping_store.h), statistics, stream events and error reporting.
+#include "allocator/caching_allocator.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "vmm/driver_factory.h"
+#include "vmm/format.h"
+#include "vmm/nvtx.h"
+
+namespace stitchalloc {
+namespace {
+
+std::string Hex(DevicePtr p) { return absl::StrFormat("0x%x", p); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CachingAllocator>> CachingAllocator::Create(const Config& config) {
+  auto created = CreateDriver(config.driver);
+  if (!created.ok()) return created.status();
+  auto alloc = Create(config, std::move(created->driver));
+  if (alloc.ok()) (*alloc)->fallback_reason_ = std::move(created->fallback_reason);
+  return alloc;
+}
+
+absl::StatusOr<std::unique_ptr<CachingAllocator>> CachingAllocator::Create(const Config& config,
+                                                                          std::unique_ptr<Driver> driver) {
+  if (driver == nullptr) return absl::InvalidArgumentError("stitchalloc: Create: null driver");
+  const std::size_t gran = driver->granularity();
+  const std::size_t chunk = config.chunk_size == 0 ? gran : config.chunk_size;
+  if (chunk % gran != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc config: key 'chunk_size_mb': %s is not a multiple of the driver granularity %s",
+        FormatBytes(chunk), FormatBytes(gran)));
+  }
+  if (!(config.memory_fraction > 0.0 && config.memory_fraction <= 1.0)) {
+    return absl::InvalidArgumentError("stitchalloc config: key 'memory_fraction': must be in (0, 1]");
+  }
+  auto info = driver->GetMemInfo();
+  if (!info.ok()) return info.status();
+  return std::unique_ptr<CachingAllocator>(
+      new CachingAllocator(config, std::move(driver), chunk, info->total_bytes));
+}
+
+CachingAllocator::CachingAllocator(const Config& config, std::unique_ptr<Driver> driver,
+                                   std::size_t chunk_size, std::size_t total_memory)
+    : config_(config),
+      driver_(std::move(driver)),
+      chunk_size_(chunk_size),
+      total_memory_(total_memory),
+      policy_(config, driver_->granularity(), chunk_size) {
+  MutexLock l(&mu_);
+  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * config.memory_fraction);
+  stitch_cache_limit_ = config.stitch_cache_bytes.value_or(total_memory_);
+  stats_.max_split_size =
+      config.max_split_size == SIZE_MAX ? -1 : static_cast<std::int64_t>(config.max_split_size);
+  store_ = std::make_unique<MappingStore>(*driver_, stats_, config.max_split_size);
+}
+
+CachingAllocator::~CachingAllocator() {
+  MutexLock l(&mu_);
+  // Let in-flight stream work finish before the memory goes away.
+  ProcessPending(/*synchronize=*/true);
+  for (auto& [stream, pool] : pools_) {
+    driver_->SynchronizeStream(stream).IgnoreError();
+    if (pool->fence_event != 0) driver_->DestroyEvent(pool->fence_event).IgnoreError();
+  }
+  for (Event e : spare_events_) driver_->DestroyEvent(e).IgnoreError();
+  store_.reset();
+}
+
+std::size_t CachingAllocator::memory_limit() const {
+  MutexLock l(&mu_);
+  return limit_;
+}
+
+// ---- hot path ------------------------------------------------------------------------------
+
+StreamPool* CachingAllocator::GetPool(Stream stream) {
+  if (last_pool_ != nullptr && last_pool_->stream == stream) return last_pool_;
+  auto& slot = pools_[stream];
+  if (slot == nullptr) {
+    slot = std::make_unique<StreamPool>();
+    slot->stream = stream;
+  }
+  last_pool_ = slot.get();
+  return last_pool_;
+}
+
+Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const {
+  const FreeSet& set = pool->set(kind);
+  auto it = set.LowerBound(rounded);
+  if (it == set.end()) return nullptr;
+  Block* b = it->second;
+  return policy_.Acceptable(b->size, rounded) ? b : nullptr;
+}
+
+void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) {
+  Mapping* m = b->mapping;
+  if (m->idle()) OnBusy(m);
+  b = store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind));
+  b->requested = size;
+  allocated_.emplace(b->ptr, b);
+  const int pool = static_cast<int>(kind);
+  const auto bytes = static_cast<std::int64_t>(b->size);
+  stats_.allocation.Add(pool, 1);
+  stats_.allocated_bytes.Add(pool, bytes);
+  stats_.active.Add(pool, 1);
+  stats_.active_bytes.Add(pool, bytes);
+  stats_.requested_bytes.Add(pool, static_cast<std::int64_t>(size));
+  if (b->size >= policy_.max_split_size()) stats_.oversize_allocations.Add(1);
+  return reinterpret_cast<void*>(b->ptr);
+}
+
+absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) {
+  if (size == 0) {
+    return absl::InvalidArgumentError("stitchalloc: malloc(0): the size must be at least 1 byte");
+  }
+  if (size > Policy::kMaxRequest) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: malloc(%d): impossible size (%s; the limit is 1 PiB)", size, FormatBytes(size)));
+  }
+  const std::size_t rounded = Policy::RoundSize(size);
+  const PoolKind kind = Policy::PoolFor(rounded);
+  MutexLock l(&mu_);
+  if (!pending_.empty()) ProcessPending(/*synchronize=*/false);
+  StreamPool* pool = GetPool(stream);
+  Block* b = BestFit(pool, kind, rounded);
+  if (b == nullptr) {
+    auto slow = MallocSlow(pool, kind, size, rounded);
+    if (!slow.ok()) return slow.status();
+    b = *slow;
+  }
+  return Hand(b, kind, size, rounded);
+}
+
+absl::Status CachingAllocator::Free(void* ptr) {
+  if (ptr == nullptr) return absl::OkStatus();
+  const auto p = reinterpret_cast<DevicePtr>(ptr);
+  MutexLock l(&mu_);
+  auto it = allocated_.find(p);
+  if (it == allocated_.end()) return BadPointer("free", p);
+  Block* b = it->second;
+  allocated_.erase(it);
+  const int pool = static_cast<int>(b->mapping->kind);
+  stats_.allocation.Add(pool, -1);
+  stats_.allocated_bytes.Add(pool, -static_cast<std::int64_t>(b->size));
+  stats_.requested_bytes.Add(pool, -static_cast<std::int64_t>(b->requested));
+  if (b->size >= policy_.max_split_size()) stats_.oversize_allocations.Add(-1);
+  if (!b->stream_uses.empty()) {
+    // Other streams may still use the block: it waits for their work (as PyTorch does).
+    b->state = BlockState::kPending;
+    for (Stream s : b->stream_uses) {
+      Event e = GetEvent();
+      if (e == 0) continue;
+      if (driver_->RecordEvent(e, s).ok()) {
+        pending_.push_back({e, b});
+        ++b->pending_events;
+      } else {
+        spare_events_.push_back(e);  // the stream is gone, and its work with it
+      }
+    }
+    if (b->pending_events > 0) return absl::OkStatus();
+  }
+  FreeBlock(b);
+  if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
+  return absl::OkStatus();
+}
+
+void CachingAllocator::FreeBlock(Block* b) {
+  const int pool = static_cast<int>(b->mapping->kind);
+  stats_.active.Add(pool, -1);
+  stats_.active_bytes.Add(pool, -static_cast<std::int64_t>(b->size));
+  Mapping* m = b->mapping;
+  store_->Free(b, ++m->pool->free_seq);
+  if (m->idle()) OnIdle(m);
+}
+
+absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
+  const auto p = reinterpret_cast<DevicePtr>(ptr);
+  MutexLock l(&mu_);
+  auto it = allocated_.find(p);
+  if (it == allocated_.end()) return BadPointer("record_stream", p);
+  Block* b = it->second;
+  if (stream == b->mapping->pool->stream) return absl::OkStatus();
+  if (std::find(b->stream_uses.begin(), b->stream_uses.end(), stream) == b->stream_uses.end()) {
+    b->stream_uses.push_back(stream);
+  }
+  return absl::OkStatus();
+}
+
+// ---- miss path -----------------------------------------------------------------------------
+
+absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size,
+                                                    std::size_t rounded) {
+  STITCHALLOC_NVTX_RANGE("malloc miss");
+  if (pools_.size() > 1) PollFences();
+  if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
+  for (int attempt = 0;; ++attempt) {
+    if (Block* b = BestFit(pool, kind, rounded)) return b;
+    if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
+    auto grown = Grow(pool, kind, rounded);
+    if (grown.ok()) return *grown;
+    if (!absl::IsResourceExhausted(grown.status())) return grown.status();
+    if (attempt > 0) {
+      STITCHALLOC_NVTX_RANGE("out of memory");
+      ++stats_.num_ooms;
+      return absl::ResourceExhaustedError(OutOfMemoryReport(size, rounded, pool->stream, grown.status()));
+    }
+    ++stats_.num_alloc_retries;
+    ReleaseCached().IgnoreError();
+  }
+}
+
+Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) {
+  Block* best = nullptr;
+  for (auto& [stream, other] : pools_) {
+    if (other.get() == pool) continue;
+    const FreeSet& set = other->set(kind);
+    for (auto it = set.LowerBound(rounded); it != set.end(); ++it) {
+      Block* b = it->second;
+      if (best != nullptr && b->size >= best->size) break;
+      if (b->is_split() || !other->Fenced(b->freed_at) || !policy_.Acceptable(b->size, rounded)) continue;
+      best = b;
+      break;
+    }
+  }
+  if (best == nullptr) return nullptr;
+  store_->MoveToPool(best->mapping, pool);
+  ++stats_.num_cross_stream_reuses;
+  return best;
+}
+
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
+  std::vector<Policy::Candidate> out;
+  for (const auto& [stream, p] : pools_) {
+    const bool same = p.get() == pool;
+    const FreeSet& set = p->large;
+    for (auto it = set.LowerBound(chunk_size_); it != set.end(); ++it) {
+      Block* b = it->second;
+      if (!same && !p->Fenced(b->freed_at)) continue;
+      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
+  const std::size_t chunk = policy_.ChunkSize(kind);
+  const std::size_t need = policy_.SlotsFor(rounded, kind);
+  std::vector<SlotRun> borrow;
+  if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool), need);
+  std::size_t borrowed = 0;
+  for (const SlotRun& r : borrow) borrowed += r.count;
+  const std::size_t fresh = need - borrowed;
+  const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  if (fresh > 0 && reserved + fresh * chunk > limit_) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the memory limit of %s would be exceeded (%s reserved, %s more needed)", FormatBytes(limit_),
+        FormatBytes(reserved), FormatBytes(fresh * chunk)));
+  }
+  auto m = store_->Create(pool, kind, chunk, borrow, fresh);
+  if (!m.ok()) return m.status();
+  for (Mapping* e : store_->TakeEmptied()) Retire(e);
+  return (*m)->head;
+}
+
+// ---- events, fences and the idle stitch cache ------------------------------------------------
+
+Event CachingAllocator::GetEvent() {
+  if (!spare_events_.empty()) {
+    Event e = spare_events_.back();
+    spare_events_.pop_back();
+    return e;
+  }
+  auto e = driver_->CreateEvent();
+  return e.ok() ? *e : 0;
+}
+
+void CachingAllocator::ProcessPending(bool synchronize) {
+  for (std::size_t i = 0; i < pending_.size();) {
+    auto [event, block] = pending_[i];
+    bool done = true;
+    if (synchronize) {
+      driver_->SynchronizeEvent(event).IgnoreError();
+    } else {
+      auto q = driver_->QueryEvent(event);
+      done = !q.ok() || *q;  // an error means the event can no longer complete: nothing waits on it
+    }
+    if (!done) {
+      ++i;
+      continue;
+    }
+    spare_events_.push_back(event);
+    pending_[i] = pending_.back();
+    pending_.pop_back();
+    if (--block->pending_events == 0) FreeBlock(block);
+  }
+}
+
+void CachingAllocator::RequestFence(StreamPool* p) {
+  if (p->fence_pending || p->fence_done_seq >= p->free_seq) return;
+  if (p->fence_event == 0) p->fence_event = GetEvent();
+  if (p->fence_event == 0) return;
+  if (driver_->RecordEvent(p->fence_event, p->stream).ok()) {
+    p->fence_pending = true;
+    p->fence_pending_seq = p->free_seq;
+  }
+}
+
+void CachingAllocator::PollFences() {
+  for (auto& [stream, p] : pools_) {
+    if (p->fence_pending) {
+      auto q = driver_->QueryEvent(p->fence_event);
+      if (!q.ok() || *q) {
+        p->fence_pending = false;
+        p->fence_done_seq = p->fence_pending_seq;
+      }
+    }
+    RequestFence(p.get());
+  }
+}
+
+void CachingAllocator::SyncFence(StreamPool* p) {
+  RequestFence(p);
+  if (p->fence_pending) {
+    driver_->SynchronizeEvent(p->fence_event).IgnoreError();
+    p->fence_pending = false;
+    p->fence_done_seq = p->fence_pending_seq;
+  }
+  if (p->fence_done_seq < p->free_seq) {
+    // The stream no longer accepts events (destroyed): its work is over.
+    p->fence_done_seq = p->free_seq;
+  }
+}
+
+void CachingAllocator::OnIdle(Mapping* m) {
+  if (!m->stitched || m->idle_lru.has_value()) return;
+  m->idle_lru = idle_lru_.insert(idle_lru_.end(), m);
+  idle_stitched_bytes_ += m->size;
+  TrimStitchCache();
+}
+
+void CachingAllocator::OnBusy(Mapping* m) {
+  if (m->idle_lru.has_value()) {
+    idle_lru_.erase(*m->idle_lru);
+    m->idle_lru.reset();
+    idle_stitched_bytes_ -= m->size;
+  }
+  if (m->retiring) {
+    m->retiring = false;
+    retiring_.erase(std::remove(retiring_.begin(), retiring_.end(), m), retiring_.end());
+  }
+}
+
+void CachingAllocator::ForgetMapping(Mapping* m) {
+  OnBusy(m);  // leaves the idle cache and the retiring list
+}
+
+void CachingAllocator::TrimStitchCache() {
+  while (idle_stitched_bytes_ > stitch_cache_limit_ && !idle_lru_.empty()) {
+    Mapping* m = idle_lru_.front();
+    idle_lru_.pop_front();
+    m->idle_lru.reset();
+    idle_stitched_bytes_ -= m->size;
+    Retire(m);
+  }
+  if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
+}
+
+void CachingAllocator::Retire(Mapping* m) {
+  if (m->retiring) return;
+  m->retiring = true;
+  retiring_.push_back(m);
+  RequestFence(m->pool);
+}
+
+void CachingAllocator::ProcessRetiring(bool synchronize) {
+  bool progress = true;
+  while (progress && !retiring_.empty()) {
+    progress = false;
+    for (std::size_t i = 0; i < retiring_.size(); ++i) {
+      Mapping* m = retiring_[i];
+      if (!m->idle() || m->lent_home > 0) continue;  // waits for its chunks to come home
+      StreamPool* p = m->pool;
+      if (synchronize) {
+        SyncFence(p);
+      } else if (!p->Fenced(m->last_free_seq)) {
+        if (p->fence_pending) {
+          auto q = driver_->QueryEvent(p->fence_event);
+          if (q.ok() && !*q) continue;
+          p->fence_pending = false;
+          p->fence_done_seq = p->fence_pending_seq;
+        }
+        RequestFence(p);
+        if (!p->Fenced(m->last_free_seq)) continue;
+      }
+      ForgetMapping(m);
+      store_->Dissolve(m).IgnoreError();
+      progress = true;
+      break;  // retiring_ changed
+    }
+  }
+}
+
+absl::Status CachingAllocator::ReleaseCached() {
+  STITCHALLOC_NVTX_RANGE("release cached memory");
+  ProcessPending(/*synchronize=*/true);
+  for (auto& [stream, p] : pools_) SyncFence(p.get());
+  ++stats_.num_sync_all_streams;
+  absl::Status first;
+  auto note = [&](absl::Status s) {
+    if (first.ok() && !s.ok()) first = std::move(s);
+  };
+  // 1. Dissolve idle mappings, stitched ones first so that their chunks go home, until no more.
+  for (bool progress = true; progress;) {
+    progress = false;
+    std::vector<Mapping*> idle;
+    for (const auto& [va, m] : store_->mappings()) {
+      if (m->idle() && m->lent_home == 0) idle.push_back(m.get());
+    }
+    std::stable_partition(idle.begin(), idle.end(), [](Mapping* m) { return m->stitched; });
+    for (Mapping* m : idle) {
+      if (!m->idle() || m->lent_home > 0) continue;
+      ForgetMapping(m);
+      note(store_->Dissolve(m));
+      progress = true;
+    }
+  }
+  // 2. Trim busy mappings: borrowers first (their free chunks go home), then homes.
+  std::vector<Mapping*> rest;
+  for (const auto& [va, m] : store_->mappings()) rest.push_back(m.get());
+  std::stable_partition(rest.begin(), rest.end(), [](Mapping* m) { return m->stitched; });
+  for (Mapping* m : rest) note(store_->Trim(m));
+  for (Mapping* m : rest) note(store_->Trim(m));  // chunks that came home in the first pass
+  // 3. Drop mappings left with nothing.
+  std::vector<Mapping*> empty;
+  for (const auto& [va, m] : store_->mappings()) {
+    if (m->idle() && m->lent_home == 0 && m->present == 0) empty.push_back(m.get());
+  }
+  for (Mapping* m : empty) {
+    ForgetMapping(m);
+    note(store_->Dissolve(m));
+  }
+  return first;
+}
+
+absl::Status CachingAllocator::EmptyCache() {
+  MutexLock l(&mu_);
+  return ReleaseCached();
+}
+
+absl::Status CachingAllocator::SetMemoryFraction(double fraction) {
+  if (!(fraction > 0.0 && fraction <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: memory fraction %g is outside (0, 1]", fraction));
+  }
+  MutexLock l(&mu_);
+  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * fraction);
+  return absl::OkStatus();
+}
+
+// ---- errors ----------------------------------------------------------------------------------
+
+absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
+  Mapping* m = store_->Find(p);
+  if (m == nullptr) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: %s(%s): foreign pointer: it was not allocated by this allocator", op, Hex(p)));
+  }
+  const Block* b = m->head;
+  while (b != nullptr && !(p >= b->ptr && p < b->ptr + b->size)) b = b->next;
+  if (b != nullptr && b->ptr == p) {
+    switch (b->state) {
+      case BlockState::kFree:
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "stitchalloc: %s(%s): double free: the block is already free", op, Hex(p)));
+      case BlockState::kPending:
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "stitchalloc: %s(%s): double free: the block was freed and waits for stream events", op, Hex(p)));
+      default:
+        break;
+    }
+  }
+  if (b != nullptr && (b->state == BlockState::kAllocated || b->state == BlockState::kPending)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: %s(%s): interior pointer: it lies %d bytes into the allocation at %s (%s); pass "
+        "the address malloc returned",
+        op, Hex(p), p - b->ptr, Hex(b->ptr), FormatBytes(b->size)));
+  }
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "stitchalloc: %s(%s): not a live allocation: the address lies in memory this allocator holds free "
+      "(double free, or a pointer malloc never returned)",
+      op, Hex(p)));
+}
+
+std::string CachingAllocator::OutOfMemoryReport(std::size_t size, std::size_t rounded, Stream stream,
+                                                const absl::Status& cause) const {
+  std::size_t free_bytes = 0, free_blocks = 0, largest = 0, free_chunks = 0;
+  for (const auto& [va, m] : store_->mappings()) {
+    for (const Block* b = m->head; b != nullptr; b = b->next) {
+      if (!b->is_free()) continue;
+      free_bytes += b->size;
+      ++free_blocks;
+      largest = std::max(largest, b->size);
+      if (m->kind == PoolKind::kLarge) {
+        if (auto r = MappingStore::FreeSlots(const_cast<Block*>(b))) free_chunks += r->count;
+      }
+    }
+  }
+  std::size_t pending_bytes = 0;
+  for (const auto& pf : pending_) pending_bytes += pf.block->size;
+  const auto allocated = static_cast<std::size_t>(stats_.allocated_bytes.all().current);
+  const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  std::string device_free = "unknown";
+  if (auto info = driver_->GetMemInfo(); info.ok()) device_free = FormatBytes(info->free_bytes);
+  return absl::StrFormat(
+      "stitchalloc: out of memory on %s: tried to allocate %s (%d bytes requested, %d after rounding) "
+      "on stream 0x%x. Allocated: %s. Reserved: %s of a %s limit (device total %s, device free %s). "
+      "Free but fragmented: %s in %d blocks, %d whole %s chunks among them (stitching %s). Largest free "
+      "contiguous block: %s. Waiting on stream events: %s. Cause: %s",
+      driver_->name(), FormatBytes(size), size, rounded, stream, FormatBytes(allocated), FormatBytes(reserved),
+      FormatBytes(limit_), FormatBytes(total_memory_), device_free, FormatBytes(free_bytes), free_blocks,
+      free_chunks, FormatBytes(chunk_size_), config_.stitching ? "on" : "off", FormatBytes(largest),
+      FormatBytes(pending_bytes), cause.message());
+}
+
+// ---- introspection -----------------------------------------------------------------------------
+
+Stats CachingAllocator::GetStats() const {
+  MutexLock l(&mu_);
+  return stats_;
+}
+
+void CachingAllocator::ResetPeakStats() {
+  MutexLock l(&mu_);
+  stats_.ResetPeak();
+}
+
+void CachingAllocator::ResetAccumulatedStats() {
+  MutexLock l(&mu_);
+  stats_.ResetAccumulated();
+}
+
+absl::StatusOr<BlockInfo> CachingAllocator::Describe(const void* ptr) const {
+  const auto p = reinterpret_cast<DevicePtr>(ptr);
+  MutexLock l(&mu_);
+  auto it = allocated_.find(p);
+  if (it == allocated_.end()) return BadPointer("describe", p);
+  const Block* b = it->second;
+  const Mapping* m = b->mapping;
+  BlockInfo info;
+  info.ptr = b->ptr;
+  info.size = b->size;
+  info.requested = b->requested;
+  info.stream = m->pool->stream;
+  info.mapping_va = m->va;
+  info.mapping_size = m->size;
+  info.stitched = m->stitched;
+  const std::size_t first = (b->ptr - m->va) / m->chunk_size;
+  const std::size_t last = (b->ptr + b->size - 1 - m->va) / m->chunk_size;
+  for (std::size_t s = first; s <= last; ++s) {
+    const Chunk* c = m->slots[s];
+    info.chunks.push_back({m->slot_address(s), m->chunk_size, c->home->slot_address(c->home_slot), c->home != m});
+  }
+  return info;
+}
+
+std::vector<SegmentInfo> CachingAllocator::Snapshot() const {
+  MutexLock l(&mu_);
+  std::vector<SegmentInfo> out;
+  for (const auto& [va, m] : store_->mappings()) {
+    SegmentInfo s;
+    s.va = m->va;
+    s.size = m->size;
+    s.stream = m->pool->stream;
+    s.small_pool = m->kind == PoolKind::kSmall;
+    s.stitched = m->stitched;
+    s.owned_bytes = static_cast<std::size_t>(m->present) * m->chunk_size;
+    for (const Block* b = m->head; b != nullptr; b = b->next) s.blocks.push_back({b->ptr, b->size, b->requested, b->state});
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+absl::Status CachingAllocator::CheckInvariants() const {
+  MutexLock l(&mu_);
+  auto fail = [](std::string what) { return absl::InternalError("invariant violated: " + what); };
+  std::int64_t allocated_bytes = 0, active_bytes = 0, split_bytes = 0, reserved = 0;
+  std::size_t free_blocks = 0, allocated_blocks = 0;
+  absl::flat_hash_map<const Chunk*, int> owners;
+  for (const auto& [va, m] : store_->mappings()) {
+    if (m->va != va || m->size != m->slots.size() * m->chunk_size) return fail("mapping geometry");
+    DevicePtr cursor = m->va;
+    int busy = 0, present = 0, lent_home = 0;
+    const Block* prev = nullptr;
+    for (const Block* b = m->head; b != nullptr; prev = b, b = b->next) {
+      if (b->mapping != m.get() || b->prev != prev || b->ptr != cursor || b->size == 0) {
+        return fail(absl::StrFormat("block chain of mapping %s broken at %s", Hex(m->va), Hex(cursor)));
+      }
+      if (prev != nullptr && prev->is_free() && b->is_free()) return fail("two adjacent free blocks");
+      cursor += b->size;
+      switch (b->state) {
+        case BlockState::kFree: {
+          ++free_blocks;
+          const FreeSet& set = m->pool->set(m->kind);
+          auto it = set.LowerBound(b->size);
+          bool found = false;
+          for (; it != set.end() && it->first.first == b->size; ++it) found = found || it->second == b;
+          if (!found) return fail("free block missing from its free set");
+          if (b->counted_split) split_bytes += static_cast<std::int64_t>(b->size);
+          if (b->counted_split != b->is_split()) return fail("inactive_split accounting of a free block");
+          break;
+        }
+        case BlockState::kAllocated:
+          ++busy;
+          ++allocated_blocks;
+          allocated_bytes += static_cast<std::int64_t>(b->size);
+          active_bytes += static_cast<std::int64_t>(b->size);
+          if (!allocated_.contains(b->ptr) || allocated_.at(b->ptr) != b) return fail("allocated block not indexed");
+          break;
+        case BlockState::kPending:
+          ++busy;
+          active_bytes += static_cast<std::int64_t>(b->size);
+          break;
+        case BlockState::kAbsent: {
+          const std::size_t s = (b->ptr - m->va) / m->chunk_size;
+          if (b->size != m->chunk_size || m->absent[s] != b) return fail("absent block does not match its slot");
+          const Chunk* c = m->slots[s];
+          if (c != nullptr && c->owner == m.get()) return fail("absent block over a present chunk");
+          break;
+        }
+      }
+    }
+    if (cursor != m->va + m->size) return fail("blocks do not cover the mapping");
+    for (std::size_t s = 0; s < m->slots.size(); ++s) {
+      const Chunk* c = m->slots[s];
+      const bool is_present = c != nullptr && c->owner == m.get();
+      if (is_present) {
+        ++present;
+        ++owners[c];
+        if (c->owner_slot != s) return fail("owner slot index");
+        if (m->absent[s] != nullptr) return fail("present slot has an absent block");
+      } else if (m->absent[s] == nullptr) {
+        return fail("slot without chunk or owner lacks an absent block");
+      }
+      if (c != nullptr && c->home == m.get()) {
+        if (c->home_slot != s) return fail("home slot index");
+        reserved += static_cast<std::int64_t>(c->size);
+        if (c->owner != m.get()) ++lent_home;
+      }
+      if (c != nullptr && c->home != m.get() && c->owner != m.get()) {
+        if (std::find(c->stale.begin(), c->stale.end(), std::make_pair(const_cast<Mapping*>(m.get()),
+                                                                      static_cast<std::uint32_t>(s))) == c->stale.end()) {
+          return fail("stale view not recorded by its chunk");
+        }
+      }
+    }
+    if (busy != m->busy_blocks || present != m->present || lent_home != m->lent_home) {
+      return fail(absl::StrFormat("mapping %s counters: busy %d/%d present %d/%d lent_home %d/%d", Hex(m->va), busy,
+                                  m->busy_blocks, present, m->present, lent_home, m->lent_home));
+    }
+  }
+  for (const auto& [c, n] : owners) {
+    if (n != 1) return fail("a chunk has more than one owner");
+  }
+  if (owners.size() != store_->chunk_count()) return fail("a chunk has no owner");
+  std::size_t in_sets = 0;
+  for (const auto& [s, p] : pools_) in_sets += p->small.size() + p->large.size();
+  if (in_sets != free_blocks) return fail("free sets hold blocks that are not free");
+  if (allocated_blocks != allocated_.size()) return fail("allocation index size");
+  if (allocated_bytes != stats_.allocated_bytes.all().current) return fail("allocated_bytes statistic");
+  if (active_bytes != stats_.active_bytes.all().current) return fail("active_bytes statistic");
+  if (reserved != stats_.reserved_bytes.all().current) return fail("reserved_bytes statistic");
+  if (split_bytes != stats_.inactive_split_bytes.all().current) return fail("inactive_split_bytes statistic");
+  if (static_cast<std::int64_t>(store_->mappings().size()) != stats_.segment.all().current) {
+    return fail("segment statistic");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace stitchalloc

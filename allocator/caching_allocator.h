@@ -1,0 +1,173 @@
+// CachingAllocator: the public C++ allocator. Serves device memory from VMM mappings, caches
+// freed blocks per stream, and when nothing cached fits, stitches free chunks of other mappings
+// into a new contiguous range instead of growing or failing.
+//
+// Hot path (a cached size on the same stream): one lock, a best-fit lookup in the stream's free
+// set, maybe a split, statistics; no driver call. Miss path, in order:
+//   1. blocks whose record_stream events completed return to their pools; retry;
+//   2. a wholly free mapping of another stream whose fence event has completed moves over;
+//   3. large pool: a new mapping stitched from free whole chunks (own stream first, others
+//      once fenced), topped up with new chunks when they are not enough; small pool, or
+//      stitching off: a new mapping of new chunks;
+//   4. all cached memory is released (after synchronizing pending events) and 1-3 retried;
+//   5. ResourceExhausted, with a message stating requested, allocated, reserved,
+//      free-but-fragmented and largest free contiguous bytes.
+// Idle stitched mappings stay cached for reuse up to stitch_cache_mb of virtual space; past
+// that the least recently used are unmapped once their stream has finished with them.
+//
+// Every public function is thread-safe and validates its input: a zero or impossible size, a
+// foreign, interior or already freed pointer return InvalidArgument naming the problem and
+// change nothing.
+#pragma once
+
+#include <cstddef>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/block.h"
+#include "allocator/config.h"
+#include "allocator/mapping_store.h"
+#include "allocator/policy.h"
+#include "allocator/stats.h"
+#include "vmm/driver.h"
+#include "vmm/mutex.h"
+
+namespace stitchalloc {
+
+struct ChunkView {
+  DevicePtr address = 0;       // where the chunk appears inside the block's mapping
+  std::size_t size = 0;
+  DevicePtr home_address = 0;  // where the same physical chunk is mapped in its home mapping
+  bool borrowed = false;       // home_address is another mapping (the block is stitched)
+};
+
+struct BlockInfo {
+  DevicePtr ptr = 0;
+  std::size_t size = 0;        // rounded size held by the allocation
+  std::size_t requested = 0;
+  Stream stream = kDefaultStream;
+  DevicePtr mapping_va = 0;
+  std::size_t mapping_size = 0;
+  bool stitched = false;
+  std::vector<ChunkView> chunks;  // the chunks the block overlaps, in address order
+};
+
+struct SegmentInfo {
+  struct BlockSummary {
+    DevicePtr ptr = 0;
+    std::size_t size = 0;
+    std::size_t requested = 0;
+    BlockState state = BlockState::kFree;
+  };
+  DevicePtr va = 0;
+  std::size_t size = 0;
+  Stream stream = kDefaultStream;
+  bool small_pool = false;
+  bool stitched = false;
+  std::size_t owned_bytes = 0;  // bytes of chunks this mapping owns
+  std::vector<BlockSummary> blocks;
+};
+
+class CachingAllocator {
+ public:
+  // Opens the driver named by config (auto: CUDA if present, host otherwise).
+  static absl::StatusOr<std::unique_ptr<CachingAllocator>> Create(const Config& config);
+  // Uses the given driver (tests, benchmarks, other bindings).
+  static absl::StatusOr<std::unique_ptr<CachingAllocator>> Create(const Config& config,
+                                                                  std::unique_ptr<Driver> driver);
+  // Releases all device memory, including blocks still allocated.
+  ~CachingAllocator();
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // At least `size` bytes, 512-byte aligned, usable in order on `stream`. InvalidArgument for
+  // size 0 or above 1 PiB; ResourceExhausted (the out-of-memory report) when even a release
+  // of cached memory cannot make room.
+  absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream);
+  // Returns a block; a null pointer is a no-op. The block is reused on its stream at once and
+  // by other streams after the work recorded on them (RecordStream) completes.
+  absl::Status Free(void* ptr);
+  // Marks an allocated block as used by `stream` as well (torch's Tensor.record_stream).
+  absl::Status RecordStream(void* ptr, Stream stream);
+  // Waits for pending stream events, then returns every cached chunk to the driver.
+  absl::Status EmptyCache();
+  // Caps reserved memory at `fraction` of the device's total memory, in (0, 1].
+  absl::Status SetMemoryFraction(double fraction);
+
+  Stats GetStats() const;
+  void ResetPeakStats();
+  void ResetAccumulatedStats();
+
+  absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  std::vector<SegmentInfo> Snapshot() const;
+  // Walks every structure and checks the invariants of block.h and the statistics. For tests.
+  absl::Status CheckInvariants() const;
+
+  Driver& driver() const { return *driver_; }
+  const Config& config() const { return config_; }
+  const std::string& driver_fallback_reason() const { return fallback_reason_; }
+  std::size_t chunk_size() const { return chunk_size_; }
+  std::size_t memory_limit() const;
+
+ private:
+  struct PendingFree {
+    Event event;
+    Block* block;
+  };
+
+  CachingAllocator(const Config& config, std::unique_ptr<Driver> driver, std::size_t chunk_size,
+                   std::size_t total_memory);
+
+  StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Block* BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void* Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FreeBlock(Block* b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ProcessPending(bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PollFences() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SyncFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RequestFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnIdle(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnBusy(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void TrimStitchCache() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Retire(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ProcessRetiring(bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetMapping(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ReleaseCached() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status BadPointer(const char* op, DevicePtr p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string OutOfMemoryReport(std::size_t size, std::size_t rounded, Stream stream,
+                                const absl::Status& cause) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Event GetEvent() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Config config_;
+  const std::unique_ptr<Driver> driver_;
+  const std::size_t chunk_size_;
+  const std::size_t total_memory_;
+  const Policy policy_;
+  std::string fallback_reason_;
+
+  mutable Mutex mu_;
+  std::size_t limit_ ABSL_GUARDED_BY(mu_);
+  std::size_t stitch_cache_limit_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<MappingStore> store_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Stream, std::unique_ptr<StreamPool>> pools_ ABSL_GUARDED_BY(mu_);
+  StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
+  absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
+  std::vector<PendingFree> pending_ ABSL_GUARDED_BY(mu_);
+  std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu_);
+  std::list<Mapping*> idle_lru_ ABSL_GUARDED_BY(mu_);
+  std::size_t idle_stitched_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Mapping*> retiring_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace stitchalloc

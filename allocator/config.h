@@ -1,0 +1,46 @@
+// Config: every setting of the allocator, parsed from a PYTORCH_CUDA_ALLOC_CONF-style string
+// "key:value,key:value". docs/configuration.md documents each key; keep the two in step.
+//
+// Parsing is strict: an unknown key, a repeated key, a malformed or out-of-range value is an
+// InvalidArgument error whose message names the key and what it accepts. Nothing is applied
+// from a string that fails to parse.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/statusor.h"
+#include "vmm/driver_factory.h"
+
+namespace stitchalloc {
+
+struct Config {
+  DriverOptions driver;  // driver, device, host_capacity_mb, host_granularity_kb
+  // Physical chunk size of the large pool: the unit of mapping and of stitching.
+  // 0 means the driver's granularity (2 MiB on current GPUs).
+  std::size_t chunk_size = 0;
+  bool stitching = true;
+  // Virtual bytes of idle stitched mappings kept for reuse; beyond it the least recently used
+  // are unmapped and their chunks go back to their home mappings. nullopt: device capacity.
+  std::optional<std::size_t> stitch_cache_bytes;
+  // As PyTorch's max_split_size_mb: blocks at least this large are never split.
+  std::size_t max_split_size = SIZE_MAX;
+  // Upper bound of reserved memory as a fraction of the device's total memory.
+  double memory_fraction = 1.0;
+};
+
+// The environment variable read by ConfigFromEnvironment.
+inline constexpr char kConfigEnvVar[] = "STITCHALLOC_CONF";
+
+// Parses `text` on top of `base` (keys not named keep base's values). Empty text is valid.
+absl::StatusOr<Config> ParseConfig(absl::string_view text, const Config& base = Config{});
+
+// STITCHALLOC_CONF, then `overrides` (may be empty) on top of it.
+absl::StatusOr<Config> ConfigFromEnvironment(absl::string_view overrides = {});
+
+// The canonical "key:value,..." form of every setting (round-trips through ParseConfig).
+std::string ConfigToString(const Config& config);
+
+}  // namespace stitchalloc

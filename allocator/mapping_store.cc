@@ -1,0 +1,419 @@
+// MappingStore implementation; see mapping_store.h and block.h for the invariants.
+#include "allocator/mapping_store.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "vmm/nvtx.h"
+
+namespace stitchalloc {
+
+MappingStore::MappingStore(Driver& driver, Stats& stats, std::size_t max_split_size)
+    : driver_(driver), stats_(stats), max_split_size_(max_split_size) {}
+
+MappingStore::~MappingStore() {
+  // Teardown: every view is unmapped, every chunk released once, every range freed.
+  for (auto& [va, m] : mappings_) {
+    for (std::uint32_t s = 0; s < m->slots.size(); ++s) {
+      if (m->slots[s] != nullptr) driver_.Unmap(m->slot_address(s), m->chunk_size).IgnoreError();
+    }
+  }
+  for (auto& [ptr, c] : chunks_) driver_.ReleaseChunk(c->handle).IgnoreError();
+  for (auto& [va, m] : mappings_) {
+    for (Block* b = m->head; b != nullptr;) {
+      Block* next = b->next;
+      delete b;
+      b = next;
+    }
+    driver_.FreeReservation(m->va, m->size).IgnoreError();
+  }
+  for (Block* b : spare_blocks_) delete b;
+}
+
+Block* MappingStore::NewBlock() {
+  if (spare_blocks_.empty()) return new Block();
+  Block* b = spare_blocks_.back();
+  spare_blocks_.pop_back();
+  *b = Block();
+  return b;
+}
+
+void MappingStore::DeleteBlock(Block* b) {
+  b->stream_uses.clear();
+  spare_blocks_.push_back(b);
+}
+
+void MappingStore::InsertFree(Block* b) {
+  b->counted_split = b->is_split();
+  const int pool = static_cast<int>(b->mapping->kind);
+  if (b->counted_split) {
+    stats_.inactive_split.Add(pool, 1);
+    stats_.inactive_split_bytes.Add(pool, static_cast<std::int64_t>(b->size));
+  }
+  b->mapping->pool->set(b->mapping->kind).Insert(b);
+}
+
+void MappingStore::EraseFree(Block* b) {
+  b->mapping->pool->set(b->mapping->kind).Erase(b);
+  if (b->counted_split) {
+    const int pool = static_cast<int>(b->mapping->kind);
+    stats_.inactive_split.Add(pool, -1);
+    stats_.inactive_split_bytes.Add(pool, -static_cast<std::int64_t>(b->size));
+    b->counted_split = false;
+  }
+}
+
+std::optional<SlotRun> MappingStore::FreeSlots(Block* b) {
+  const Mapping* m = b->mapping;
+  const std::size_t c = m->chunk_size;
+  const std::size_t first = (b->ptr - m->va + c - 1) / c;
+  const std::size_t end = (b->ptr + b->size - m->va) / c;
+  if (end <= first) return std::nullopt;
+  return SlotRun{b, static_cast<std::uint32_t>(first), static_cast<std::uint32_t>(end - first)};
+}
+
+absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
+                                              const std::vector<SlotRun>& borrow, std::size_t fresh) {
+  STITCHALLOC_NVTX_RANGE(borrow.empty() ? "map new chunks" : "stitch");
+  std::vector<Chunk*> chunks;
+  for (const SlotRun& r : borrow) {
+    for (std::uint32_t k = 0; k < r.count; ++k) chunks.push_back(r.block->mapping->slots[r.first_slot + k]);
+  }
+  const std::size_t borrowed = chunks.size();
+  const std::size_t n = borrowed + fresh;
+  const std::size_t bytes = n * chunk_size;
+
+  auto va_or = driver_.Reserve(bytes);
+  if (!va_or.ok()) return va_or.status();
+  const DevicePtr va = *va_or;
+
+  std::vector<std::unique_ptr<Chunk>> created;
+  absl::Status st;
+  for (std::size_t i = 0; i < fresh && st.ok(); ++i) {
+    auto h = driver_.CreateChunk(chunk_size);
+    if (!h.ok()) {
+      st = h.status();
+      break;
+    }
+    auto c = std::make_unique<Chunk>();
+    c->handle = *h;
+    c->size = chunk_size;
+    chunks.push_back(c.get());
+    created.push_back(std::move(c));
+  }
+  std::size_t mapped = 0;
+  for (; st.ok() && mapped < n; ++mapped) {
+    ++stats_.num_map_calls;
+    st = driver_.Map(va + mapped * chunk_size, chunk_size, chunks[mapped]->handle);
+    if (!st.ok()) break;
+  }
+  if (st.ok()) st = driver_.SetAccess(va, bytes);
+  if (!st.ok()) {
+    for (std::size_t i = 0; i < mapped; ++i) {
+      ++stats_.num_unmap_calls;
+      driver_.Unmap(va + i * chunk_size, chunk_size).IgnoreError();
+    }
+    for (auto& c : created) driver_.ReleaseChunk(c->handle).IgnoreError();
+    driver_.FreeReservation(va, bytes).IgnoreError();
+    return st;
+  }
+
+  // Commit: nothing below can fail.
+  auto owned = std::make_unique<Mapping>();
+  Mapping* m = owned.get();
+  m->va = va;
+  m->size = bytes;
+  m->chunk_size = chunk_size;
+  m->kind = kind;
+  m->pool = pool;
+  m->stitched = borrowed > 0;
+  m->slots = chunks;
+  m->absent.assign(n, nullptr);
+  m->present = static_cast<int>(n);
+
+  std::vector<Mapping*> sources;
+  std::uint32_t slot = 0;
+  for (const SlotRun& r : borrow) {
+    Mapping* from = r.block->mapping;
+    CarveRun(r);
+    for (std::uint32_t k = 0; k < r.count; ++k, ++slot) {
+      Chunk* c = m->slots[slot];
+      if (c->home == from) {
+        ++from->lent_home;
+      } else {
+        c->stale.emplace_back(from, r.first_slot + k);
+      }
+      --from->present;
+      c->owner = m;
+      c->owner_slot = slot;
+    }
+    sources.push_back(from);
+  }
+  const int pool_index = static_cast<int>(kind);
+  for (auto& c : created) {
+    c->home = c->owner = m;
+    c->home_slot = c->owner_slot = slot++;
+    stats_.reserved_bytes.Add(pool_index, static_cast<std::int64_t>(chunk_size));
+    ++stats_.num_device_alloc;
+    Chunk* raw = c.get();
+    chunks_.emplace(raw, std::move(c));
+  }
+
+  Block* b = NewBlock();
+  b->ptr = va;
+  b->size = bytes;
+  b->mapping = m;
+  m->head = b;
+  mappings_.emplace(va, std::move(owned));
+  InsertFree(b);
+
+  stats_.segment.Add(pool_index, 1);
+  if (bytes >= max_split_size_) stats_.oversize_segments.Add(1);
+  if (borrowed > 0) {
+    ++stats_.num_stitches;
+    stats_.stitched_bytes += static_cast<std::int64_t>(borrowed * chunk_size);
+    stats_.stitched_segment.Add(1);
+  }
+  for (Mapping* from : sources) {
+    if (from->present == 0 && from->lent_home == 0 && from->idle() &&
+        std::find(emptied_.begin(), emptied_.end(), from) == emptied_.end()) {
+      emptied_.push_back(from);
+    }
+  }
+  return m;
+}
+
+void MappingStore::CarveRun(const SlotRun& run) {
+  Block* b = run.block;
+  Mapping* m = b->mapping;
+  EraseFree(b);
+  const DevicePtr start = m->slot_address(run.first_slot);
+  const DevicePtr end = start + std::size_t{run.count} * m->chunk_size;
+  const DevicePtr b_end = b->ptr + b->size;
+
+  std::vector<Block*> pieces;
+  if (b->ptr < start) {
+    Block* pre = NewBlock();
+    pre->ptr = b->ptr;
+    pre->size = start - b->ptr;
+    pre->freed_at = b->freed_at;
+    pieces.push_back(pre);
+  }
+  for (std::uint32_t k = 0; k < run.count; ++k) {
+    Block* a = NewBlock();
+    a->ptr = m->slot_address(run.first_slot + k);
+    a->size = m->chunk_size;
+    a->state = BlockState::kAbsent;
+    m->absent[run.first_slot + k] = a;
+    pieces.push_back(a);
+  }
+  if (end < b_end) {
+    Block* post = NewBlock();
+    post->ptr = end;
+    post->size = b_end - end;
+    post->freed_at = b->freed_at;
+    pieces.push_back(post);
+  }
+  Block* prev = b->prev;
+  Block* next = b->next;
+  for (Block* p : pieces) {
+    p->mapping = m;
+    p->prev = prev;
+    if (prev != nullptr) prev->next = p; else m->head = p;
+    prev = p;
+  }
+  prev->next = next;
+  if (next != nullptr) next->prev = prev;
+  DeleteBlock(b);
+  for (Block* p : pieces) {
+    if (p->is_free()) InsertFree(p);
+  }
+}
+
+Block* MappingStore::Allocate(Block* b, std::size_t size, bool split) {
+  EraseFree(b);
+  if (split && b->size > size) {
+    Block* rest = NewBlock();
+    rest->ptr = b->ptr + size;
+    rest->size = b->size - size;
+    rest->mapping = b->mapping;
+    rest->freed_at = b->freed_at;
+    rest->prev = b;
+    rest->next = b->next;
+    if (b->next != nullptr) b->next->prev = rest;
+    b->next = rest;
+    b->size = size;
+    InsertFree(rest);
+  }
+  b->state = BlockState::kAllocated;
+  ++b->mapping->busy_blocks;
+  return b;
+}
+
+Block* MappingStore::MergeAndInsert(Block* b) {
+  Mapping* m = b->mapping;
+  if (Block* p = b->prev; p != nullptr && p->is_free()) {
+    EraseFree(p);
+    p->size += b->size;
+    p->freed_at = std::max(p->freed_at, b->freed_at);
+    p->next = b->next;
+    if (b->next != nullptr) b->next->prev = p;
+    DeleteBlock(b);
+    b = p;
+  }
+  if (Block* n = b->next; n != nullptr && n->is_free()) {
+    EraseFree(n);
+    b->size += n->size;
+    b->freed_at = std::max(b->freed_at, n->freed_at);
+    b->next = n->next;
+    if (n->next != nullptr) n->next->prev = b;
+    DeleteBlock(n);
+  }
+  if (b->prev == nullptr) m->head = b;
+  InsertFree(b);
+  return b;
+}
+
+Block* MappingStore::Free(Block* b, std::uint64_t seq) {
+  Mapping* m = b->mapping;
+  b->state = BlockState::kFree;
+  b->freed_at = seq;
+  b->requested = 0;
+  b->pending_events = 0;
+  b->stream_uses.clear();
+  --m->busy_blocks;
+  m->last_free_seq = std::max(m->last_free_seq, seq);
+  return MergeAndInsert(b);
+}
+
+void MappingStore::ReturnHome(Chunk* c) {
+  Mapping* h = c->home;
+  Block* a = h->absent[c->home_slot];
+  h->absent[c->home_slot] = nullptr;
+  a->state = BlockState::kFree;
+  a->freed_at = 0;  // the borrower's stream was fenced before it let go
+  --h->lent_home;
+  ++h->present;
+  c->owner = h;
+  c->owner_slot = c->home_slot;
+  MergeAndInsert(a);
+}
+
+absl::Status MappingStore::UnmapSlot(Mapping* m, std::uint32_t slot) {
+  ++stats_.num_unmap_calls;
+  absl::Status s = driver_.Unmap(m->slot_address(slot), m->chunk_size);
+  m->slots[slot] = nullptr;
+  return s;
+}
+
+absl::Status MappingStore::ReleasePhysical(Chunk* c) {
+  STITCHALLOC_NVTX_RANGE("release chunk");
+  absl::Status first;
+  for (auto [view, slot] : c->stale) Note(first, UnmapSlot(view, slot));
+  Mapping* h = c->home;
+  Note(first, UnmapSlot(h, c->home_slot));
+  --h->present;
+  Note(first, driver_.ReleaseChunk(c->handle));
+  stats_.reserved_bytes.Add(static_cast<int>(h->kind), -static_cast<std::int64_t>(c->size));
+  ++stats_.num_device_free;
+  chunks_.erase(c);
+  return first;
+}
+
+absl::Status MappingStore::Trim(Mapping* m) {
+  std::vector<SlotRun> runs;
+  for (Block* b = m->head; b != nullptr; b = b->next) {
+    if (!b->is_free()) continue;
+    if (auto r = FreeSlots(b)) runs.push_back(*r);
+  }
+  if (runs.empty()) return absl::OkStatus();
+  STITCHALLOC_NVTX_RANGE("trim mapping");
+  absl::Status first;
+  for (const SlotRun& r : runs) {
+    CarveRun(r);
+    for (std::uint32_t k = 0; k < r.count; ++k) {
+      const std::uint32_t slot = r.first_slot + k;
+      Chunk* c = m->slots[slot];
+      if (c->home == m) {
+        Note(first, ReleasePhysical(c));
+      } else {
+        Note(first, UnmapSlot(m, slot));
+        --m->present;
+        ReturnHome(c);
+      }
+    }
+  }
+  return first;
+}
+
+absl::Status MappingStore::Dissolve(Mapping* m) {
+  if (!m->idle() || m->lent_home > 0) {
+    return absl::FailedPreconditionError(
+        "stitchalloc internal: dissolving a mapping that is busy or has chunks lent out");
+  }
+  STITCHALLOC_NVTX_RANGE("dissolve mapping");
+  absl::Status first;
+  for (std::uint32_t s = 0; s < m->slots.size(); ++s) {
+    Chunk* c = m->slots[s];
+    if (c == nullptr) continue;
+    if (c->owner == m) {
+      if (c->home == m) {
+        // Blocks are about to go; ReleasePhysical unmaps this slot and every stale view.
+        Note(first, ReleasePhysical(c));
+      } else {
+        Note(first, UnmapSlot(m, s));
+        ReturnHome(c);
+      }
+    } else {
+      // A stale view (home chunks are never lent out from a dissolving mapping).
+      Note(first, UnmapSlot(m, s));
+      auto& st = c->stale;
+      st.erase(std::remove(st.begin(), st.end(), std::make_pair(m, s)), st.end());
+    }
+  }
+  for (Block* b = m->head; b != nullptr;) {
+    Block* next = b->next;
+    if (b->is_free()) EraseFree(b);
+    DeleteBlock(b);
+    b = next;
+  }
+  Note(first, driver_.FreeReservation(m->va, m->size));
+  const int pool_index = static_cast<int>(m->kind);
+  stats_.segment.Add(pool_index, -1);
+  if (m->size >= max_split_size_) stats_.oversize_segments.Add(-1);
+  if (m->stitched) stats_.stitched_segment.Add(-1);
+  ++stats_.num_dissolves;
+  emptied_.erase(std::remove(emptied_.begin(), emptied_.end(), m), emptied_.end());
+  mappings_.erase(m->va);
+  return first;
+}
+
+void MappingStore::MoveToPool(Mapping* m, StreamPool* to) {
+  std::vector<Block*> free_blocks;
+  for (Block* b = m->head; b != nullptr; b = b->next) {
+    if (b->is_free()) free_blocks.push_back(b);
+  }
+  for (Block* b : free_blocks) EraseFree(b);
+  m->pool = to;
+  m->last_free_seq = 0;
+  for (Block* b : free_blocks) {
+    b->freed_at = 0;
+    InsertFree(b);
+  }
+}
+
+std::vector<Mapping*> MappingStore::TakeEmptied() {
+  std::vector<Mapping*> out;
+  out.swap(emptied_);
+  return out;
+}
+
+Mapping* MappingStore::Find(DevicePtr p) const {
+  auto it = mappings_.upper_bound(p);
+  if (it == mappings_.begin()) return nullptr;
+  --it;
+  Mapping* m = it->second.get();
+  return p < m->va + m->size ? m : nullptr;
+}
+
+}  // namespace stitchalloc

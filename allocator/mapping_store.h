@@ -1,0 +1,103 @@
+// MappingStore: the mechanism under the caching allocator. It owns every Chunk, Mapping and
+// Block (see block.h for their invariants) and performs the driver work: creating mappings
+// from new and borrowed chunks (stitching), splitting and merging blocks, lending chunks,
+// returning them home, trimming free chunks and dissolving mappings. It makes no decisions:
+// which block, which chunks and when are the policy's and the CachingAllocator's.
+//
+// It keeps these statistics in step: segment, reserved_bytes, inactive_split(_bytes),
+// oversize_segments, stitched_segment, num_device_alloc/free, num_map/unmap_calls,
+// num_stitches, stitched_bytes, num_dissolves.
+//
+// Not thread-safe: the CachingAllocator calls it under its mutex.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/block.h"
+#include "allocator/stats.h"
+#include "vmm/driver.h"
+
+namespace stitchalloc {
+
+// Whole chunk slots [first_slot, first_slot + count) lying inside the free block `block`.
+struct SlotRun {
+  Block* block = nullptr;
+  std::uint32_t first_slot = 0;
+  std::uint32_t count = 0;
+};
+
+class MappingStore {
+ public:
+  MappingStore(Driver& driver, Stats& stats, std::size_t max_split_size);
+  ~MappingStore();  // unmaps and releases everything, live allocations included
+  MappingStore(const MappingStore&) = delete;
+  MappingStore& operator=(const MappingStore&) = delete;
+
+  // Maps a new range for `pool`: first the chunks of `borrow` (each run inside a free block;
+  // the runs must lie in distinct blocks), lent by their current owners, then `fresh` new
+  // chunks of `chunk_size`. The new mapping holds one free block covering it, in the pool's
+  // free set. On failure nothing changes (created chunks are released, the range is freed).
+  absl::StatusOr<Mapping*> Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
+                                  const std::vector<SlotRun>& borrow, std::size_t fresh);
+
+  // The whole chunk slots inside free block `b`, if any.
+  static std::optional<SlotRun> FreeSlots(Block* b);
+
+  // Hands out the first `size` bytes of free block `b`; the rest becomes a free block when
+  // `split`, else stays part of the allocation.
+  Block* Allocate(Block* b, std::size_t size, bool split);
+  // Marks an allocated or pending block free at pool sequence `seq`, merges it with free
+  // neighbours and files it in its pool's free set. Returns the merged block.
+  Block* Free(Block* b, std::uint64_t seq);
+
+  // Unmaps an idle mapping none of whose home chunks is lent out: borrowed chunks go home,
+  // home chunks are released, stale views are dropped, the range is freed.
+  absl::Status Dissolve(Mapping* m);
+  // Keeps `m` but gives up its free whole chunks: borrowed ones go home, home ones not lent
+  // out are released (their slots become unmapped holes).
+  absl::Status Trim(Mapping* m);
+  // Moves an idle mapping to another stream's pool (the caller checked the fence).
+  void MoveToPool(Mapping* m, StreamPool* to);
+
+  // Mappings that lending left with no chunk of their own, nothing busy and no chunk lent out:
+  // the caller retires them. Cleared by the call.
+  std::vector<Mapping*> TakeEmptied();
+
+  // The mapping whose range contains `p`, or nullptr.
+  Mapping* Find(DevicePtr p) const;
+  const absl::btree_map<DevicePtr, std::unique_ptr<Mapping>>& mappings() const { return mappings_; }
+  std::size_t chunk_count() const { return chunks_.size(); }
+
+ private:
+  Block* NewBlock();
+  void DeleteBlock(Block* b);
+  void InsertFree(Block* b);
+  void EraseFree(Block* b);
+  Block* MergeAndInsert(Block* b);
+  // Replaces the run's slots by absent blocks (the free remainder stays free).
+  void CarveRun(const SlotRun& run);
+  void ReturnHome(Chunk* c);
+  absl::Status UnmapSlot(Mapping* m, std::uint32_t slot);
+  absl::Status ReleasePhysical(Chunk* c);
+  void Note(absl::Status& first, absl::Status s) {
+    if (first.ok() && !s.ok()) first = std::move(s);
+  }
+
+  Driver& driver_;
+  Stats& stats_;
+  const std::size_t max_split_size_;
+  absl::btree_map<DevicePtr, std::unique_ptr<Mapping>> mappings_;
+  absl::flat_hash_map<Chunk*, std::unique_ptr<Chunk>> chunks_;
+  std::vector<Block*> spare_blocks_;
+  std::vector<Mapping*> emptied_;
+};
+
+}  // namespace stitchalloc

@@ -1,0 +1,73 @@
+// Policy: the allocator's decisions, apart from the mechanism (MappingStore) that carries
+// them out, so that policies can be compared. The sizes follow PyTorch's caching allocator:
+// requests are rounded up to 512 bytes; requests up to 1 MiB use the small pool (one-chunk
+// mappings of the driver granularity); larger ones use the large pool, whose mappings are made
+// of chunk_size chunks. A free block is split when the remainder is at least 512 bytes (small
+// pool) or more than 1 MiB (large pool), never when it is max_split_size or larger.
+//
+// Stitching: when no free block fits a large request, whole free chunks of other mappings are
+// borrowed, the requesting stream's own first, then the smallest free runs first (fragments
+// are used up, large free blocks are kept whole for large requests). New chunks make up any
+// shortfall.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "allocator/block.h"
+#include "allocator/config.h"
+#include "allocator/mapping_store.h"
+
+namespace stitchalloc {
+
+class Policy {
+ public:
+  static constexpr std::size_t kMinBlockSize = 512;
+  static constexpr std::size_t kSmallSize = 1 * kMiB;
+  static constexpr std::size_t kLargeBuffer = 20 * kMiB;
+  // Requests above this are rejected as impossible before any work (1 PiB).
+  static constexpr std::size_t kMaxRequest = std::size_t{1} << 50;
+
+  Policy(const Config& config, std::size_t granularity, std::size_t chunk_size)
+      : stitching_(config.stitching),
+        max_split_size_(config.max_split_size),
+        granularity_(granularity),
+        chunk_size_(chunk_size) {}
+
+  static std::size_t RoundSize(std::size_t n) { return n < kMinBlockSize ? kMinBlockSize : RoundUp(n, kMinBlockSize); }
+  static PoolKind PoolFor(std::size_t rounded) { return rounded <= kSmallSize ? PoolKind::kSmall : PoolKind::kLarge; }
+
+  // PyTorch's max_split_size rules for serving `rounded` from a free block of `block_size`.
+  bool Acceptable(std::size_t block_size, std::size_t rounded) const {
+    if (max_split_size_ == SIZE_MAX) return true;
+    if (rounded < max_split_size_ && block_size >= max_split_size_) return false;
+    if (rounded >= max_split_size_ && block_size >= rounded + kLargeBuffer) return false;
+    return true;
+  }
+  bool ShouldSplit(std::size_t block_size, std::size_t rounded, PoolKind kind) const {
+    if (block_size >= max_split_size_) return false;
+    const std::size_t rest = block_size - rounded;
+    return kind == PoolKind::kSmall ? rest >= kMinBlockSize : rest > kSmallSize;
+  }
+  std::size_t ChunkSize(PoolKind kind) const { return kind == PoolKind::kSmall ? granularity_ : chunk_size_; }
+  std::size_t SlotsFor(std::size_t rounded, PoolKind kind) const {
+    return kind == PoolKind::kSmall ? 1 : (rounded + chunk_size_ - 1) / chunk_size_;
+  }
+  bool MayStitch(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge; }
+  std::size_t max_split_size() const { return max_split_size_; }
+
+  struct Candidate {
+    SlotRun run;
+    bool same_stream = false;
+  };
+  // Picks at most `needed` slots from the candidates (see the file comment for the order).
+  std::vector<SlotRun> ChooseStitch(std::vector<Candidate> candidates, std::size_t needed) const;
+
+ private:
+  bool stitching_;
+  std::size_t max_split_size_;
+  std::size_t granularity_;
+  std::size_t chunk_size_;
+};
+
+}  // namespace stitchalloc

@@ -1,0 +1,94 @@
+#include "allocator/stats.h"
+
+namespace stitchalloc {
+namespace {
+
+// Visits every named value of `s` in the fixed order. F: void(std::string name, T& value).
+template <typename S, typename F>
+void Visit(S& s, F&& f) {
+  static constexpr const char* kPools[] = {"all", "small_pool", "large_pool"};
+  auto arr = [&](const char* name, auto& a) {
+    for (int p = 0; p < 3; ++p) {
+      const std::string base = std::string(name) + "." + kPools[p] + ".";
+      f(base + "current", a.pools[p].current);
+      f(base + "peak", a.pools[p].peak);
+      f(base + "allocated", a.pools[p].allocated);
+      f(base + "freed", a.pools[p].freed);
+    }
+  };
+  auto one = [&](const char* name, auto& st) {
+    const std::string base = std::string(name) + ".";
+    f(base + "current", st.current);
+    f(base + "peak", st.peak);
+    f(base + "allocated", st.allocated);
+    f(base + "freed", st.freed);
+  };
+  arr("allocation", s.allocation);
+  arr("segment", s.segment);
+  arr("active", s.active);
+  arr("inactive_split", s.inactive_split);
+  arr("allocated_bytes", s.allocated_bytes);
+  arr("reserved_bytes", s.reserved_bytes);
+  arr("active_bytes", s.active_bytes);
+  arr("inactive_split_bytes", s.inactive_split_bytes);
+  arr("requested_bytes", s.requested_bytes);
+  one("oversize_allocations", s.oversize_allocations);
+  one("oversize_segments", s.oversize_segments);
+  one("stitched_segment", s.stitched_segment);
+  f(std::string("num_alloc_retries"), s.num_alloc_retries);
+  f(std::string("num_ooms"), s.num_ooms);
+  f(std::string("num_sync_all_streams"), s.num_sync_all_streams);
+  f(std::string("num_device_alloc"), s.num_device_alloc);
+  f(std::string("num_device_free"), s.num_device_free);
+  f(std::string("max_split_size"), s.max_split_size);
+  f(std::string("num_stitches"), s.num_stitches);
+  f(std::string("stitched_bytes"), s.stitched_bytes);
+  f(std::string("num_map_calls"), s.num_map_calls);
+  f(std::string("num_unmap_calls"), s.num_unmap_calls);
+  f(std::string("num_dissolves"), s.num_dissolves);
+  f(std::string("num_cross_stream_reuses"), s.num_cross_stream_reuses);
+}
+
+}  // namespace
+
+void Stats::ResetPeak() {
+  for (StatArray* a : {&allocation, &segment, &active, &inactive_split, &allocated_bytes, &reserved_bytes,
+                       &active_bytes, &inactive_split_bytes, &requested_bytes}) {
+    for (Stat& st : a->pools) st.ResetPeak();
+  }
+  oversize_allocations.ResetPeak();
+  oversize_segments.ResetPeak();
+  stitched_segment.ResetPeak();
+}
+
+void Stats::ResetAccumulated() {
+  for (StatArray* a : {&allocation, &segment, &active, &inactive_split, &allocated_bytes, &reserved_bytes,
+                       &active_bytes, &inactive_split_bytes, &requested_bytes}) {
+    for (Stat& st : a->pools) st.ResetAccumulated();
+  }
+  oversize_allocations.ResetAccumulated();
+  oversize_segments.ResetAccumulated();
+  stitched_segment.ResetAccumulated();
+  num_alloc_retries = num_ooms = num_sync_all_streams = num_device_alloc = num_device_free = 0;
+  num_stitches = stitched_bytes = num_map_calls = num_unmap_calls = num_dissolves = 0;
+  num_cross_stream_reuses = 0;
+}
+
+const std::vector<std::string>& StatNames() {
+  static const std::vector<std::string>* names = [] {
+    auto* v = new std::vector<std::string>();
+    Stats s;
+    Visit(s, [&](const std::string& n, std::int64_t&) { v->push_back(n); });
+    return v;
+  }();
+  return *names;
+}
+
+std::vector<std::int64_t> StatValues(const Stats& stats) {
+  std::vector<std::int64_t> out;
+  out.reserve(StatNames().size());
+  Visit(stats, [&](const std::string&, const std::int64_t& v) { out.push_back(v); });
+  return out;
+}
+
+}  // namespace stitchalloc

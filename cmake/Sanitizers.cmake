@@ -1,0 +1,12 @@
+# Applies STITCHALLOC_SANITIZER to every target of the project.
+if(STITCHALLOC_SANITIZER STREQUAL "address-undefined")
+  set(_san -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+elseif(STITCHALLOC_SANITIZER STREQUAL "thread")
+  set(_san -fsanitize=thread -fno-omit-frame-pointer)
+elseif(NOT STITCHALLOC_SANITIZER STREQUAL "")
+  message(FATAL_ERROR "STITCHALLOC_SANITIZER must be '', 'address-undefined' or 'thread', got '${STITCHALLOC_SANITIZER}'")
+endif()
+if(DEFINED _san)
+  add_compile_options(${_san})
+  add_link_options(${_san})
+endif()

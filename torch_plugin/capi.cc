@@ -1,0 +1,163 @@
+// The C API (include/stitchalloc/stitchalloc.h) over CachingAllocator: status translation,
+// per-thread error messages, and argument checks. No torch header is involved.
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
+#include "stitchalloc/stitchalloc.h"
+
+struct stitchalloc_allocator {
+  std::unique_ptr<stitchalloc::CachingAllocator> impl;
+  std::string driver_name;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+stitchalloc_status Fail(stitchalloc_status code, std::string message) {
+  last_error = std::move(message);
+  return code;
+}
+
+stitchalloc_status Translate(const absl::Status& s) {
+  if (s.ok()) return STITCHALLOC_OK;
+  stitchalloc_status code = STITCHALLOC_ERROR_INTERNAL;
+  switch (s.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kOutOfRange: code = STITCHALLOC_ERROR_INVALID_ARGUMENT; break;
+    case absl::StatusCode::kResourceExhausted: code = STITCHALLOC_ERROR_OUT_OF_MEMORY; break;
+    case absl::StatusCode::kUnavailable: code = STITCHALLOC_ERROR_UNAVAILABLE; break;
+    case absl::StatusCode::kInternal: code = STITCHALLOC_ERROR_DRIVER; break;
+    default: break;
+  }
+  return Fail(code, std::string(s.message()));
+}
+
+#define STITCHALLOC_CHECK_HANDLE(a)                                                        \
+  if ((a) == nullptr || (a)->impl == nullptr)                                              \
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, std::string(__func__) + ": null allocator handle")
+
+const absl::flat_hash_map<std::string, std::size_t>& StatIndex() {
+  static const auto* index = [] {
+    auto* m = new absl::flat_hash_map<std::string, std::size_t>();
+    const auto& names = stitchalloc::StatNames();
+    for (std::size_t i = 0; i < names.size(); ++i) m->emplace(names[i], i);
+    return m;
+  }();
+  return *index;
+}
+
+}  // namespace
+
+extern "C" {
+
+int stitchalloc_abi_version(void) { return STITCHALLOC_ABI_VERSION; }
+const char* stitchalloc_version(void) { return STITCHALLOC_VERSION; }
+const char* stitchalloc_last_error(void) { return last_error.c_str(); }
+
+stitchalloc_status stitchalloc_create(const char* config, stitchalloc_allocator** out) {
+  if (out == nullptr) return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_create: null output pointer");
+  *out = nullptr;
+  auto cfg = stitchalloc::ConfigFromEnvironment(config == nullptr ? "" : config);
+  if (!cfg.ok()) return Translate(cfg.status());
+  auto impl = stitchalloc::CachingAllocator::Create(*cfg);
+  if (!impl.ok()) return Translate(impl.status());
+  auto* a = new stitchalloc_allocator();
+  a->impl = *std::move(impl);
+  a->driver_name = a->impl->driver().name();
+  *out = a;
+  return STITCHALLOC_OK;
+}
+
+void stitchalloc_destroy(stitchalloc_allocator* a) { delete a; }
+
+stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, size_t size, uintptr_t stream, void** out) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (out == nullptr) return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_malloc: null output pointer");
+  *out = nullptr;
+  auto p = a->impl->Malloc(size, stream);
+  if (!p.ok()) return Translate(p.status());
+  *out = *p;
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->impl->Free(ptr));
+}
+
+stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->impl->RecordStream(ptr, stream));
+}
+
+stitchalloc_status stitchalloc_empty_cache(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->impl->EmptyCache());
+}
+
+stitchalloc_status stitchalloc_set_memory_fraction(stitchalloc_allocator* a, double fraction) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->impl->SetMemoryFraction(fraction));
+}
+
+size_t stitchalloc_stat_count(void) { return stitchalloc::StatNames().size(); }
+
+const char* stitchalloc_stat_name(size_t index) {
+  const auto& names = stitchalloc::StatNames();
+  return index < names.size() ? names[index].c_str() : nullptr;
+}
+
+stitchalloc_status stitchalloc_stats(stitchalloc_allocator* a, int64_t* values, size_t capacity, size_t* written) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (values == nullptr && capacity > 0) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_stats: null values with a non-zero capacity");
+  }
+  const auto v = stitchalloc::StatValues(a->impl->GetStats());
+  const size_t n = capacity < v.size() ? capacity : v.size();
+  if (n > 0) std::memcpy(values, v.data(), n * sizeof(int64_t));
+  if (written != nullptr) *written = n;
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_get_stat(stitchalloc_allocator* a, const char* name, int64_t* out) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (name == nullptr || out == nullptr) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_get_stat: null name or output pointer");
+  }
+  auto it = StatIndex().find(name);
+  if (it == StatIndex().end()) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
+                absl::StrFormat("stitchalloc_get_stat: unknown statistic '%s'", name));
+  }
+  *out = stitchalloc::StatValues(a->impl->GetStats())[it->second];
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_reset_peak_stats(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  a->impl->ResetPeakStats();
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_reset_accumulated_stats(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  a->impl->ResetAccumulatedStats();
+  return STITCHALLOC_OK;
+}
+
+const char* stitchalloc_driver_name(stitchalloc_allocator* a) {
+  if (a == nullptr || a->impl == nullptr) return "";
+  return a->driver_name.c_str();
+}
+
+}  // extern "C"

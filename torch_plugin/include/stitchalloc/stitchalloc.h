@@ -1,0 +1,88 @@
+/* stitchalloc C API: a stable ABI over the caching allocator, for the PyTorch plugin and any
+ * other binding (ctypes, JAX, CuPy, C programs).
+ *
+ * Conventions:
+ * - Every function returns a stitchalloc_status (0 on success) unless it is a pure getter.
+ * - On failure, stitchalloc_last_error() returns a message for the calling thread that names
+ *   the problem (valid until the thread's next failing call).
+ * - Handles are opaque; streams are passed as uintptr_t (a CUstream / cudaStream_t value on
+ *   CUDA, 0 for the default stream).
+ * - ABI: functions are only ever added; existing signatures and enum values never change.
+ *   Statistics are addressed by name (see stitchalloc_stat_name), never by struct layout.
+ * - Thread-safe: any thread may call any function on a live allocator.
+ */
+#ifndef STITCHALLOC_STITCHALLOC_H_
+#define STITCHALLOC_STITCHALLOC_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define STITCHALLOC_ABI_VERSION 1
+
+#if defined(__GNUC__)
+#define STITCHALLOC_API __attribute__((visibility("default")))
+#else
+#define STITCHALLOC_API
+#endif
+
+typedef enum stitchalloc_status {
+  STITCHALLOC_OK = 0,
+  STITCHALLOC_ERROR_INVALID_ARGUMENT = 1, /* bad size, pointer, handle or configuration */
+  STITCHALLOC_ERROR_OUT_OF_MEMORY = 2,    /* the message carries the out-of-memory report */
+  STITCHALLOC_ERROR_UNAVAILABLE = 3,      /* the requested driver cannot be used here */
+  STITCHALLOC_ERROR_DRIVER = 4,           /* the driver failed */
+  STITCHALLOC_ERROR_INTERNAL = 5
+} stitchalloc_status;
+
+typedef struct stitchalloc_allocator stitchalloc_allocator;
+
+/* The ABI version the library was built with (STITCHALLOC_ABI_VERSION). */
+STITCHALLOC_API int stitchalloc_abi_version(void);
+/* The library version, e.g. "0.1.0". */
+STITCHALLOC_API const char* stitchalloc_version(void);
+/* The calling thread's last error message ("" if none). */
+STITCHALLOC_API const char* stitchalloc_last_error(void);
+
+/* Creates an allocator. `config` is "key:value,..." (docs/configuration.md) applied on top of
+ * the STITCHALLOC_CONF environment variable; NULL or "" means the environment alone. */
+STITCHALLOC_API stitchalloc_status stitchalloc_create(const char* config, stitchalloc_allocator** out);
+/* Releases all memory of the allocator, allocations included. NULL is a no-op. */
+STITCHALLOC_API void stitchalloc_destroy(stitchalloc_allocator* a);
+
+/* Allocates `size` bytes (> 0) usable in order on `stream`. */
+STITCHALLOC_API stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, size_t size, uintptr_t stream,
+                                                      void** out);
+/* Frees a pointer stitchalloc_malloc returned; NULL is a no-op. */
+STITCHALLOC_API stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr);
+/* Records that `stream` also uses the allocation at `ptr` (torch's record_stream). */
+STITCHALLOC_API stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream);
+/* Returns all cached, unused memory to the device (waits for pending stream work first). */
+STITCHALLOC_API stitchalloc_status stitchalloc_empty_cache(stitchalloc_allocator* a);
+/* Caps reserved memory at `fraction` (0, 1] of device memory. */
+STITCHALLOC_API stitchalloc_status stitchalloc_set_memory_fraction(stitchalloc_allocator* a, double fraction);
+
+/* Statistics, named as torch.cuda.memory_stats() ("allocated_bytes.all.current", ...). */
+STITCHALLOC_API size_t stitchalloc_stat_count(void);
+/* The name of statistic `index` (< stitchalloc_stat_count()), or NULL. Static storage. */
+STITCHALLOC_API const char* stitchalloc_stat_name(size_t index);
+/* Writes min(capacity, stitchalloc_stat_count()) values, in name order, taken atomically. */
+STITCHALLOC_API stitchalloc_status stitchalloc_stats(stitchalloc_allocator* a, int64_t* values, size_t capacity,
+                                                     size_t* written);
+/* One statistic by name. */
+STITCHALLOC_API stitchalloc_status stitchalloc_get_stat(stitchalloc_allocator* a, const char* name, int64_t* out);
+STITCHALLOC_API stitchalloc_status stitchalloc_reset_peak_stats(stitchalloc_allocator* a);
+STITCHALLOC_API stitchalloc_status stitchalloc_reset_accumulated_stats(stitchalloc_allocator* a);
+
+/* Describes the driver in use, e.g. "cuda:0 NVIDIA H100 ..." or "host (capacity ...)". The
+ * string lives as long as the allocator. */
+STITCHALLOC_API const char* stitchalloc_driver_name(stitchalloc_allocator* a);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STITCHALLOC_STITCHALLOC_H_ */

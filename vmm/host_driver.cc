@@ -1,0 +1,497 @@
+// HostDriver implementation; see host_driver.h for the data structures and invariants.
+#include "vmm/host_driver.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "vmm/format.h"
+#include "vmm/nvtx.h"
+
+namespace stitchalloc {
+
+struct HostDriver::Token {
+  bool done = false;  // guarded by HostDriver::done_mu_
+};
+
+struct HostDriver::HostEvent {
+  std::shared_ptr<Token> last;  // guarded by HostDriver::events_mu_; null: never recorded
+};
+
+struct HostDriver::HostStream {
+  Mutex mu;
+  absl::CondVar cv;
+  std::deque<absl::AnyInvocable<void() &&>> queue ABSL_GUARDED_BY(mu);
+  bool stopping ABSL_GUARDED_BY(mu) = false;
+  std::thread worker;
+};
+
+namespace {
+
+absl::Status Errno(const char* what) {
+  return absl::InternalError(absl::StrFormat("host driver: %s failed: %s", what, std::strerror(errno)));
+}
+
+std::string Hex(DevicePtr p) { return absl::StrFormat("0x%x", p); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<HostDriver>> HostDriver::Create(const HostDriverOptions& options) {
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  if (options.granularity == 0 || options.granularity % page != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: granularity %d is not a positive multiple of the page size %d",
+        options.granularity, page));
+  }
+  if (options.capacity == 0 || options.capacity % options.granularity != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: capacity %d is not a positive multiple of the granularity %d",
+        options.capacity, options.granularity));
+  }
+  int fd = memfd_create("stitchalloc-host-device", MFD_CLOEXEC);
+  if (fd < 0) return Errno("memfd_create");
+  // Twice the capacity, sparse: see the header.
+  if (ftruncate(fd, static_cast<off_t>(2 * options.capacity)) != 0) {
+    absl::Status s = Errno("ftruncate of the device memfd");
+    close(fd);
+    return s;
+  }
+  return std::unique_ptr<HostDriver>(new HostDriver(options, fd));
+}
+
+HostDriver::HostDriver(const HostDriverOptions& options, int fd) : options_(options), fd_(fd) {
+  {
+    MutexLock l(&mem_mu_);
+    free_phys_.emplace(0, 2 * options.capacity);
+  }
+  MutexLock l(&streams_mu_);
+  streams_.emplace(kDefaultStream, StartStream());
+}
+
+HostDriver::~HostDriver() {
+  absl::flat_hash_map<Stream, std::unique_ptr<HostStream>> streams;
+  {
+    MutexLock l(&streams_mu_);
+    streams.swap(streams_);
+  }
+  for (auto& [id, s] : streams) {
+    {
+      MutexLock l(&s->mu);
+      s->stopping = true;
+      s->cv.Signal();
+    }
+    s->worker.join();
+  }
+  MutexLock l(&mem_mu_);
+  for (const auto& [va, size] : reservations_) munmap(reinterpret_cast<void*>(va), size);
+  close(fd_);
+}
+
+std::string HostDriver::name() const {
+  return absl::StrFormat("host (capacity %s, granularity %s)", FormatBytes(options_.capacity),
+                         FormatBytes(options_.granularity));
+}
+
+absl::Status HostDriver::CheckAligned(const char* what, DevicePtr va, std::size_t bytes) const {
+  if (bytes == 0 || bytes % options_.granularity != 0 || va % options_.granularity != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: %s(%s, %d): address and size must be non-zero multiples of the granularity %d",
+        what, Hex(va), bytes, options_.granularity));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PhysHandle> HostDriver::CreateChunk(std::size_t bytes) {
+  if (bytes == 0 || bytes % options_.granularity != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: CreateChunk(%d): size must be a non-zero multiple of the granularity %d",
+        bytes, options_.granularity));
+  }
+  MutexLock l(&mem_mu_);
+  if (bytes > options_.capacity - used_) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "host driver: out of device memory: chunk of %s requested, %s of %s in use",
+        FormatBytes(bytes), FormatBytes(used_), FormatBytes(options_.capacity)));
+  }
+  for (auto it = free_phys_.begin(); it != free_phys_.end(); ++it) {
+    if (it->second < bytes) continue;
+    const std::size_t offset = it->first;
+    const std::size_t rest = it->second - bytes;
+    free_phys_.erase(it);
+    if (rest > 0) free_phys_.emplace(offset + bytes, rest);
+    const PhysHandle h = next_handle_++;
+    chunks_.emplace(h, ChunkRec{offset, bytes, 0, false});
+    used_ += bytes;
+    return h;
+  }
+  return absl::ResourceExhaustedError("host driver: no contiguous range left in the device memfd");
+}
+
+void HostDriver::FreePhysical(const ChunkRec& chunk) {
+  // Return the pages to the system; the range reads as zeros if reused.
+  fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
+            static_cast<off_t>(chunk.size));
+  std::size_t offset = chunk.offset;
+  std::size_t size = chunk.size;
+  auto next = free_phys_.lower_bound(offset);
+  if (next != free_phys_.end() && offset + size == next->first) {
+    size += next->second;
+    next = free_phys_.erase(next);
+  }
+  if (next != free_phys_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == offset) {
+      prev->second += size;
+      used_ -= chunk.size;
+      return;
+    }
+  }
+  free_phys_.emplace(offset, size);
+  used_ -= chunk.size;
+}
+
+absl::Status HostDriver::ReleaseChunk(PhysHandle handle) {
+  MutexLock l(&mem_mu_);
+  auto it = chunks_.find(handle);
+  if (it == chunks_.end() || it->second.released) {
+    return absl::NotFoundError(absl::StrFormat("host driver: ReleaseChunk(%d): no such chunk", handle));
+  }
+  if (it->second.map_count > 0) {
+    it->second.released = true;  // freed by the last Unmap, as cuMemRelease
+    return absl::OkStatus();
+  }
+  FreePhysical(it->second);
+  chunks_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DevicePtr> HostDriver::Reserve(std::size_t bytes) {
+  if (auto s = CheckAligned("Reserve", 0, bytes); !s.ok()) return s;
+  const std::size_t gran = options_.granularity;
+  void* raw = mmap(nullptr, bytes + gran, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) {
+    if (errno == ENOMEM) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "host driver: no virtual address space left for a %s reservation", FormatBytes(bytes)));
+    }
+    return Errno("mmap of a reservation");
+  }
+  const DevicePtr base = reinterpret_cast<DevicePtr>(raw);
+  const DevicePtr aligned = RoundUp(base, gran);
+  if (aligned > base) munmap(raw, aligned - base);
+  const DevicePtr end = base + bytes + gran;
+  if (end > aligned + bytes) munmap(reinterpret_cast<void*>(aligned + bytes), end - (aligned + bytes));
+  MutexLock l(&mem_mu_);
+  reservations_.emplace(aligned, bytes);
+  return aligned;
+}
+
+bool HostDriver::InsideReservation(DevicePtr va, std::size_t bytes) const {
+  auto it = reservations_.upper_bound(va);
+  if (it == reservations_.begin()) return false;
+  --it;
+  return va >= it->first && va + bytes <= it->first + it->second;
+}
+
+absl::Status HostDriver::FreeReservation(DevicePtr va, std::size_t bytes) {
+  MutexLock l(&mem_mu_);
+  auto it = reservations_.find(va);
+  if (it == reservations_.end() || it->second != bytes) {
+    return absl::NotFoundError(absl::StrFormat(
+        "host driver: FreeReservation(%s, %d): not a reservation made by Reserve", Hex(va), bytes));
+  }
+  auto m = maps_.lower_bound(va);
+  if (m != maps_.end() && m->first < va + bytes) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "host driver: FreeReservation(%s, %d): chunk still mapped at %s", Hex(va), bytes, Hex(m->first)));
+  }
+  munmap(reinterpret_cast<void*>(va), bytes);
+  reservations_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::Map(DevicePtr va, std::size_t bytes, PhysHandle handle) {
+  if (auto s = CheckAligned("Map", va, bytes); !s.ok()) return s;
+  STITCHALLOC_NVTX_RANGE("host map");
+  MutexLock l(&mem_mu_);
+  auto c = chunks_.find(handle);
+  if (c == chunks_.end() || c->second.released) {
+    return absl::NotFoundError(absl::StrFormat("host driver: Map: no such chunk %d", handle));
+  }
+  if (c->second.size != bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: Map: size %d differs from the chunk's size %d (chunks map whole)", bytes,
+        c->second.size));
+  }
+  if (!InsideReservation(va, bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: Map(%s, %d): range is not inside a reservation", Hex(va), bytes));
+  }
+  auto next = maps_.lower_bound(va);
+  bool overlaps = next != maps_.end() && next->first < va + bytes;
+  if (next != maps_.begin()) {
+    auto prev = std::prev(next);
+    overlaps = overlaps || prev->first + prev->second.size > va;
+  }
+  if (overlaps) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "host driver: Map(%s, %d): range is already mapped", Hex(va), bytes));
+  }
+  void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED, fd_,
+                 static_cast<off_t>(c->second.offset));
+  if (p == MAP_FAILED) return Errno("mmap of a chunk");
+  maps_.emplace(va, MapRec{bytes, handle});
+  ++c->second.map_count;
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::CheckCovered(const char* what, DevicePtr va, std::size_t bytes,
+                                      bool exact) const {
+  auto it = maps_.upper_bound(va);
+  if (it == maps_.begin()) {
+    return absl::FailedPreconditionError(absl::StrFormat("host driver: %s(%s, %d): not mapped", what, Hex(va), bytes));
+  }
+  --it;
+  if (it->first + it->second.size <= va || (exact && it->first != va)) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "host driver: %s(%s, %d): range does not start at a mapped chunk", what, Hex(va), bytes));
+  }
+  DevicePtr cursor = it->first;
+  while (cursor < va + bytes) {
+    if (it == maps_.end() || it->first != cursor) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "host driver: %s(%s, %d): range has an unmapped gap at %s", what, Hex(va), bytes, Hex(cursor)));
+    }
+    cursor += it->second.size;
+    ++it;
+  }
+  if (exact && cursor != va + bytes) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "host driver: %s(%s, %d): range ends inside a mapped chunk", what, Hex(va), bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::SetAccess(DevicePtr va, std::size_t bytes) {
+  if (auto s = CheckAligned("SetAccess", va, bytes); !s.ok()) return s;
+  MutexLock l(&mem_mu_);
+  if (auto s = CheckCovered("SetAccess", va, bytes, /*exact=*/false); !s.ok()) return s;
+  if (mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) != 0) return Errno("mprotect");
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::Unmap(DevicePtr va, std::size_t bytes) {
+  if (auto s = CheckAligned("Unmap", va, bytes); !s.ok()) return s;
+  STITCHALLOC_NVTX_RANGE("host unmap");
+  MutexLock l(&mem_mu_);
+  if (auto s = CheckCovered("Unmap", va, bytes, /*exact=*/true); !s.ok()) return s;
+  // Put the reservation's PROT_NONE placeholder back over the whole range at once.
+  void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return Errno("mmap of an unmap placeholder");
+  auto it = maps_.find(va);
+  while (it != maps_.end() && it->first < va + bytes) {
+    auto c = chunks_.find(it->second.handle);
+    if (--c->second.map_count == 0 && c->second.released) {
+      FreePhysical(c->second);
+      chunks_.erase(c);
+    }
+    it = maps_.erase(it);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<MemInfo> HostDriver::GetMemInfo() {
+  MutexLock l(&mem_mu_);
+  return MemInfo{options_.capacity - used_, options_.capacity};
+}
+
+std::size_t HostDriver::physical_bytes_in_use() const {
+  MutexLock l(&mem_mu_);
+  return used_;
+}
+std::size_t HostDriver::live_chunks() const {
+  MutexLock l(&mem_mu_);
+  return chunks_.size();
+}
+std::size_t HostDriver::live_mappings() const {
+  MutexLock l(&mem_mu_);
+  return maps_.size();
+}
+std::size_t HostDriver::live_reservations() const {
+  MutexLock l(&mem_mu_);
+  return reservations_.size();
+}
+
+// ---- streams and events ----------------------------------------------------------------
+
+std::unique_ptr<HostDriver::HostStream> HostDriver::StartStream() {
+  auto s = std::make_unique<HostStream>();
+  s->worker = std::thread(&HostDriver::WorkerLoop, s.get());
+  return s;
+}
+
+void HostDriver::WorkerLoop(HostStream* s) {
+  for (;;) {
+    absl::AnyInvocable<void() &&> op;
+    {
+      MutexLock l(&s->mu);
+      while (s->queue.empty() && !s->stopping) s->mu.Wait(&s->cv);
+      if (s->queue.empty()) return;  // stopping, and drained
+      op = std::move(s->queue.front());
+      s->queue.pop_front();
+    }
+    std::move(op)();
+  }
+}
+
+absl::Status HostDriver::Submit(Stream stream, absl::AnyInvocable<void() &&> op) {
+  MutexLock l(&streams_mu_);
+  auto it = streams_.find(stream);
+  if (it == streams_.end()) {
+    return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
+  }
+  HostStream* s = it->second.get();
+  MutexLock sl(&s->mu);
+  s->queue.push_back(std::move(op));
+  s->cv.Signal();
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::Enqueue(Stream stream, absl::AnyInvocable<void() &&> fn) {
+  return Submit(stream, std::move(fn));
+}
+
+absl::StatusOr<Stream> HostDriver::CreateStream() {
+  auto s = StartStream();
+  MutexLock l(&streams_mu_);
+  const Stream id = next_stream_++;
+  streams_.emplace(id, std::move(s));
+  return id;
+}
+
+absl::Status HostDriver::DestroyStream(Stream stream) {
+  if (stream == kDefaultStream) {
+    return absl::InvalidArgumentError("host driver: the default stream cannot be destroyed");
+  }
+  std::unique_ptr<HostStream> s;
+  {
+    MutexLock l(&streams_mu_);
+    auto it = streams_.find(stream);
+    if (it == streams_.end()) {
+      return absl::NotFoundError(absl::StrFormat("host driver: DestroyStream: no such stream %d", stream));
+    }
+    s = std::move(it->second);
+    streams_.erase(it);
+  }
+  {
+    MutexLock l(&s->mu);
+    s->stopping = true;  // the worker drains the queue first, as cuStreamDestroy lets work finish
+    s->cv.Signal();
+  }
+  s->worker.join();
+  return absl::OkStatus();
+}
+
+void HostDriver::Complete(const std::shared_ptr<Token>& token) {
+  MutexLock l(&done_mu_);
+  token->done = true;
+  done_cv_.SignalAll();
+}
+
+void HostDriver::WaitToken(const std::shared_ptr<Token>& token) {
+  MutexLock l(&done_mu_);
+  while (!token->done) done_mu_.Wait(&done_cv_);
+}
+
+absl::Status HostDriver::SynchronizeStream(Stream stream) {
+  auto token = std::make_shared<Token>();
+  if (auto s = Submit(stream, [this, token]() { Complete(token); }); !s.ok()) return s;
+  WaitToken(token);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Event> HostDriver::CreateEvent() {
+  MutexLock l(&events_mu_);
+  const Event id = next_event_++;
+  events_.emplace(id, std::make_unique<HostEvent>());
+  return id;
+}
+
+absl::Status HostDriver::DestroyEvent(Event event) {
+  MutexLock l(&events_mu_);
+  if (events_.erase(event) == 0) {
+    return absl::NotFoundError(absl::StrFormat("host driver: DestroyEvent: no such event %d", event));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::RecordEvent(Event event, Stream stream) {
+  auto token = std::make_shared<Token>();
+  {
+    MutexLock l(&events_mu_);
+    if (!events_.contains(event)) {
+      return absl::NotFoundError(absl::StrFormat("host driver: RecordEvent: no such event %d", event));
+    }
+  }
+  if (auto s = Submit(stream, [this, token]() { Complete(token); }); !s.ok()) return s;
+  MutexLock l(&events_mu_);
+  auto it = events_.find(event);
+  if (it != events_.end()) it->second->last = std::move(token);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<HostDriver::Token>> HostDriver::LastToken(Event event) {
+  MutexLock l(&events_mu_);
+  auto it = events_.find(event);
+  if (it == events_.end()) {
+    return absl::NotFoundError(absl::StrFormat("host driver: no such event %d", event));
+  }
+  return it->second->last;
+}
+
+absl::StatusOr<bool> HostDriver::QueryEvent(Event event) {
+  auto token = LastToken(event);
+  if (!token.ok()) return token.status();
+  if (*token == nullptr) return true;
+  MutexLock l(&done_mu_);
+  return (*token)->done;
+}
+
+absl::Status HostDriver::SynchronizeEvent(Event event) {
+  auto token = LastToken(event);
+  if (!token.ok()) return token.status();
+  if (*token != nullptr) WaitToken(*token);
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::StreamWaitEvent(Stream stream, Event event) {
+  auto token = LastToken(event);
+  if (!token.ok()) return token.status();
+  if (*token == nullptr) {
+    MutexLock l(&streams_mu_);
+    if (!streams_.contains(stream)) {
+      return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
+    }
+    return absl::OkStatus();
+  }
+  return Submit(stream, [this, t = *std::move(token)]() { WaitToken(t); });
+}
+
+absl::Status HostDriver::MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) {
+  if (bytes == 0) return absl::OkStatus();
+  if (dst == nullptr || src == nullptr) {
+    return absl::InvalidArgumentError("host driver: MemcpyAsync with a null pointer");
+  }
+  return Submit(stream, [dst, src, bytes]() { std::memcpy(dst, src, bytes); });
+}
+
+}  // namespace stitchalloc

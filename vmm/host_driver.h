@@ -1,0 +1,142 @@
+// HostDriver: the Driver contract emulated on the CPU with real memory mappings, so that
+// stitching, aliasing and stream ordering are testable byte for byte without a GPU.
+//
+// Data structures (all under mem_mu_):
+// - One memfd is the device's physical memory. A chunk is a contiguous range of it
+//   (chunks_: handle -> offset, size, number of live mappings). free_phys_ holds the unused
+//   file ranges, coalesced. Releasing a chunk punches a hole (fallocate) so its pages really
+//   return to the system; a chunk released while mapped is kept until its last Unmap.
+// - A reservation is an mmap(PROT_NONE, MAP_NORESERVE) range aligned to the granularity
+//   (reservations_: base -> size).
+// - Map is mmap(MAP_SHARED | MAP_FIXED) of the chunk's file range over part of a reservation,
+//   so two mappings of one chunk alias the same pages. Mapped ranges stay PROT_NONE until
+//   SetAccess (as CUDA requires cuMemSetAccess). Unmap puts the PROT_NONE placeholder back.
+//   maps_: address -> size and chunk; entries never overlap.
+// - The file is twice the capacity (sparse) so that chunk placement never fails for lack of a
+//   contiguous file range while less than `capacity` bytes are in use; `used_` enforces the
+//   capacity.
+//
+// Streams are worker threads, each running its queue in order; an event record enqueues the
+// completion of a fresh token, so Query/Synchronize/StreamWaitEvent look at exactly the work
+// that preceded the most recent Record (as CUDA does).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "vmm/driver.h"
+#include "vmm/mutex.h"
+
+namespace stitchalloc {
+
+struct HostDriverOptions {
+  std::size_t capacity = 16 * kGiB;    // emulated device memory
+  std::size_t granularity = 2 * kMiB;  // a multiple of the system page size
+};
+
+class HostDriver final : public Driver {
+ public:
+  // Fails with InvalidArgument for a zero capacity, a granularity that is not a multiple of
+  // the page size, or a capacity that is not a multiple of the granularity.
+  static absl::StatusOr<std::unique_ptr<HostDriver>> Create(const HostDriverOptions& options);
+  ~HostDriver() override;
+
+  DriverKind kind() const override { return DriverKind::kHost; }
+  std::string name() const override;
+  int device() const override { return 0; }
+  std::size_t granularity() const override { return options_.granularity; }
+
+  absl::StatusOr<PhysHandle> CreateChunk(std::size_t bytes) override;
+  absl::Status ReleaseChunk(PhysHandle handle) override;
+  absl::StatusOr<DevicePtr> Reserve(std::size_t bytes) override;
+  absl::Status FreeReservation(DevicePtr va, std::size_t bytes) override;
+  absl::Status Map(DevicePtr va, std::size_t bytes, PhysHandle handle) override;
+  absl::Status Unmap(DevicePtr va, std::size_t bytes) override;
+  absl::Status SetAccess(DevicePtr va, std::size_t bytes) override;
+
+  absl::StatusOr<Stream> CreateStream() override;
+  absl::Status DestroyStream(Stream stream) override;
+  absl::Status SynchronizeStream(Stream stream) override;
+  absl::StatusOr<Event> CreateEvent() override;
+  absl::Status DestroyEvent(Event event) override;
+  absl::Status RecordEvent(Event event, Stream stream) override;
+  absl::StatusOr<bool> QueryEvent(Event event) override;
+  absl::Status SynchronizeEvent(Event event) override;
+  absl::Status StreamWaitEvent(Stream stream, Event event) override;
+  absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) override;
+  absl::StatusOr<MemInfo> GetMemInfo() override;
+
+  // Host driver only: runs `fn` on `stream`, in order with the stream's other work. Tests use
+  // it where a GPU program would launch a kernel.
+  absl::Status Enqueue(Stream stream, absl::AnyInvocable<void() &&> fn);
+
+  // Observability for tests.
+  std::size_t physical_bytes_in_use() const;  // chunks not yet returned to the system
+  std::size_t live_chunks() const;
+  std::size_t live_mappings() const;
+  std::size_t live_reservations() const;
+
+ private:
+  struct ChunkRec {
+    std::size_t offset = 0;
+    std::size_t size = 0;
+    int map_count = 0;
+    bool released = false;
+  };
+  struct MapRec {
+    std::size_t size = 0;
+    PhysHandle handle = 0;
+  };
+  struct Token;
+  struct HostEvent;
+  struct HostStream;
+
+  HostDriver(const HostDriverOptions& options, int fd);
+
+  absl::Status CheckAligned(const char* what, DevicePtr va, std::size_t bytes) const;
+  // True when [va, va+bytes) lies inside one reservation.
+  bool InsideReservation(DevicePtr va, std::size_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+  // OK when [va, va+bytes) is covered by mappings without gaps; with `exact`, it must also
+  // start and end on mapping boundaries.
+  absl::Status CheckCovered(const char* what, DevicePtr va, std::size_t bytes, bool exact) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+  void FreePhysical(const ChunkRec& chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+
+  absl::Status Submit(Stream stream, absl::AnyInvocable<void() &&> op);
+  absl::StatusOr<std::shared_ptr<Token>> LastToken(Event event);
+  void Complete(const std::shared_ptr<Token>& token);
+  void WaitToken(const std::shared_ptr<Token>& token);
+  static void WorkerLoop(HostStream* stream);
+  std::unique_ptr<HostStream> StartStream();
+
+  const HostDriverOptions options_;
+  const int fd_;
+
+  mutable Mutex mem_mu_;
+  absl::btree_map<std::size_t, std::size_t> free_phys_ ABSL_GUARDED_BY(mem_mu_);
+  absl::flat_hash_map<PhysHandle, ChunkRec> chunks_ ABSL_GUARDED_BY(mem_mu_);
+  absl::btree_map<DevicePtr, std::size_t> reservations_ ABSL_GUARDED_BY(mem_mu_);
+  absl::btree_map<DevicePtr, MapRec> maps_ ABSL_GUARDED_BY(mem_mu_);
+  std::size_t used_ ABSL_GUARDED_BY(mem_mu_) = 0;
+  PhysHandle next_handle_ ABSL_GUARDED_BY(mem_mu_) = 1;
+
+  Mutex streams_mu_;
+  absl::flat_hash_map<Stream, std::unique_ptr<HostStream>> streams_ ABSL_GUARDED_BY(streams_mu_);
+  Stream next_stream_ ABSL_GUARDED_BY(streams_mu_) = 1;
+
+  Mutex events_mu_;
+  absl::flat_hash_map<Event, std::unique_ptr<HostEvent>> events_ ABSL_GUARDED_BY(events_mu_);
+  Event next_event_ ABSL_GUARDED_BY(events_mu_) = 1;
+
+  Mutex done_mu_;  // guards Token::done
+  absl::CondVar done_cv_;
+};
+
+}  // namespace stitchalloc
