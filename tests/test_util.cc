@@ -1,0 +1,46 @@
+#include "tests/test_util.h"
+
+#include <utility>
+
+#include "vmm/host_driver.h"
+
+namespace stitchalloc::testing {
+
+absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeAllocator(std::unique_ptr<Driver> driver,
+                                                                const std::string& config) {
+  auto cfg = ParseConfig(config);
+  if (!cfg.ok()) return cfg.status();
+  return CachingAllocator::Create(*cfg, std::move(driver));
+}
+
+absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeHostAllocator(const std::string& config) {
+  auto cfg = ParseConfig(config);
+  if (!cfg.ok()) return cfg.status();
+  auto driver = HostDriver::Create(cfg->driver.host);
+  if (!driver.ok()) return driver.status();
+  return CachingAllocator::Create(*cfg, *std::move(driver));
+}
+
+std::vector<std::uint8_t> Pattern(std::size_t n, std::uint64_t seed) {
+  std::vector<std::uint8_t> v(n);
+  std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    v[i] = static_cast<std::uint8_t>(x);
+  }
+  return v;
+}
+
+absl::Status Upload(Driver& d, void* device_dst, const void* host_src, std::size_t n, Stream s) {
+  if (auto st = d.MemcpyAsync(device_dst, host_src, n, s); !st.ok()) return st;
+  return d.SynchronizeStream(s);
+}
+
+absl::Status Download(Driver& d, void* host_dst, const void* device_src, std::size_t n, Stream s) {
+  if (auto st = d.MemcpyAsync(host_dst, device_src, n, s); !st.ok()) return st;
+  return d.SynchronizeStream(s);
+}
+
+}  // namespace stitchalloc::testing
