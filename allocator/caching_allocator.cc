@@ -240,6 +240,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
     const FreeSet& set = p->large;
     for (auto it = set.LowerBound(chunk_size_); it != set.end(); ++it) {
       Block* b = it->second;
+      if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
       if (!same && !p->Fenced(b->freed_at)) continue;
       if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
     }

@@ -54,6 +54,8 @@ class Policy {
     return kind == PoolKind::kSmall ? 1 : (rounded + chunk_size_ - 1) / chunk_size_;
   }
   bool MayStitch(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge; }
+  // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
+  bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
   std::size_t max_split_size() const { return max_split_size_; }
 
   struct Candidate {

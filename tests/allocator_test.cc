@@ -1,0 +1,280 @@
+// CachingAllocator behaviour on the host driver: caching, split/merge, statistics, stream
+// semantics (record_stream, cross-stream reuse behind fences), the stitch cache, releasing memory.
+#include "allocator/caching_allocator.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <set>
+#include <thread>
+
+#include "bench/patterns.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+#include "vmm/host_driver.h"
+
+namespace stitchalloc::testing {
+namespace {
+
+struct Fixture {
+  std::unique_ptr<CachingAllocator> alloc;
+  HostDriver* host = nullptr;
+};
+
+Fixture MakeFixture(const std::string& config = "") {
+  auto a = MakeHostAllocator("host_capacity_mb:4096," + config);
+  EXPECT_TRUE(a.ok()) << a.status();
+  Fixture f;
+  f.alloc = *std::move(a);
+  f.host = dynamic_cast<HostDriver*>(&f.alloc->driver());
+  return f;
+}
+
+TEST(CachingAllocator, CachedSizeIsServedWithoutDriverCalls) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(p, f.alloc->Malloc(5 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(p));
+  const Stats before = f.alloc->GetStats();
+  const std::size_t mappings = f.host->live_mappings();
+  for (int i = 0; i < 1000; ++i) {
+    SA_ASSIGN_OR_FAIL(q, f.alloc->Malloc(5 * kMiB));
+    ASSERT_EQ(q, p);
+    SA_ASSERT_OK(f.alloc->Free(q));
+  }
+  const Stats after = f.alloc->GetStats();
+  EXPECT_EQ(after.num_map_calls, before.num_map_calls);
+  EXPECT_EQ(after.num_device_alloc, before.num_device_alloc);
+  EXPECT_EQ(f.host->live_mappings(), mappings);
+  EXPECT_EQ(after.allocation.all().allocated - before.allocation.all().allocated, 1000);
+}
+
+TEST(CachingAllocator, SplitsAndMergesInsideAMapping) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(1000));
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(1000));
+  SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(1000));
+  // One small mapping, consecutive 1024-byte blocks.
+  EXPECT_EQ(static_cast<char*>(b) - static_cast<char*>(a), 1024);
+  EXPECT_EQ(static_cast<char*>(c) - static_cast<char*>(b), 1024);
+  EXPECT_EQ(f.alloc->GetStats().segment.all().current, 1);
+  SA_ASSERT_OK(f.alloc->Free(b));
+  Stats s = f.alloc->GetStats();
+  EXPECT_EQ(s.inactive_split.pools[kPoolSmall].current, 2);  // the hole at b and the tail
+  EXPECT_EQ(s.inactive_split_bytes.all().current, static_cast<std::int64_t>(2 * kMiB - 2048));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  SA_ASSERT_OK(f.alloc->Free(c));
+  auto segs = f.alloc->Snapshot();
+  ASSERT_EQ(segs.size(), 1u);
+  ASSERT_EQ(segs[0].blocks.size(), 1u) << "free neighbours must merge back into one block";
+  EXPECT_EQ(segs[0].blocks[0].size, 2 * kMiB);
+  EXPECT_EQ(f.alloc->GetStats().inactive_split.all().current, 0);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+TEST(CachingAllocator, StatisticsFollowTorchMeaning) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(100));          // small pool, 512 bytes
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(3 * kMiB + 1));  // large pool, rounded to 512
+  Stats s = f.alloc->GetStats();
+  EXPECT_EQ(s.allocation.all().current, 2);
+  EXPECT_EQ(s.allocated_bytes.pools[kPoolSmall].current, 512);
+  EXPECT_EQ(s.requested_bytes.all().current, static_cast<std::int64_t>(100 + 3 * kMiB + 1));
+  EXPECT_EQ(s.reserved_bytes.pools[kPoolSmall].current, static_cast<std::int64_t>(2 * kMiB));
+  EXPECT_EQ(s.reserved_bytes.pools[kPoolLarge].current, static_cast<std::int64_t>(4 * kMiB));
+  EXPECT_EQ(s.segment.all().current, 2);
+  EXPECT_EQ(s.active_bytes.all().current, s.allocated_bytes.all().current);
+  EXPECT_EQ(s.num_device_alloc, 3);
+  SA_ASSERT_OK(f.alloc->Free(b));
+  s = f.alloc->GetStats();
+  EXPECT_EQ(s.allocated_bytes.all().current, 512);
+  EXPECT_GT(s.allocated_bytes.all().peak, static_cast<std::int64_t>(3 * kMiB));
+  EXPECT_EQ(s.allocated_bytes.all().freed, s.allocated_bytes.all().allocated - 512);
+  f.alloc->ResetPeakStats();
+  EXPECT_EQ(f.alloc->GetStats().allocated_bytes.all().peak, 512);
+  f.alloc->ResetAccumulatedStats();
+  EXPECT_EQ(f.alloc->GetStats().allocated_bytes.all().allocated, 0);
+  EXPECT_EQ(f.alloc->GetStats().num_device_alloc, 0);
+  EXPECT_EQ(f.alloc->GetStats().allocated_bytes.all().current, 512);
+  EXPECT_EQ(StatNames().size(), StatValues(f.alloc->GetStats()).size());
+  SA_ASSERT_OK(f.alloc->Free(a));
+}
+
+TEST(CachingAllocator, RecordStreamDelaysReuseUntilTheOtherStreamIsDone) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(side, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(p, f.alloc->Malloc(8 * kMiB));
+  std::atomic<bool> gate{false};
+  SA_ASSERT_OK(f.alloc->RecordStream(p, side));
+  SA_ASSERT_OK(f.host->Enqueue(side, [&]() {
+    while (!gate.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }));
+  SA_ASSERT_OK(f.alloc->Free(p));
+  Stats s = f.alloc->GetStats();
+  EXPECT_EQ(s.allocated_bytes.all().current, 0);
+  EXPECT_EQ(s.active_bytes.all().current, static_cast<std::int64_t>(8 * kMiB)) << "pending blocks stay active";
+  SA_ASSIGN_OR_FAIL(q, f.alloc->Malloc(8 * kMiB));
+  EXPECT_NE(q, p) << "reused while another stream still uses it";
+  gate = true;
+  SA_ASSERT_OK(f.host->SynchronizeStream(side));
+  SA_ASSIGN_OR_FAIL(r, f.alloc->Malloc(8 * kMiB));
+  EXPECT_EQ(r, p) << "available again once the event completed";
+  SA_ASSERT_OK(f.alloc->Free(q));
+  SA_ASSERT_OK(f.alloc->Free(r));
+  EXPECT_EQ(f.alloc->GetStats().active_bytes.all().current, 0);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  SA_ASSERT_OK(f.host->DestroyStream(side));
+}
+
+TEST(CachingAllocator, OtherStreamsReuseFreeMappingsOnlyAfterTheirFence) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(s1, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(s2, f.host->CreateStream());
+  std::atomic<bool> gate{false};
+  SA_ASSERT_OK(f.host->Enqueue(s1, [&]() {
+    while (!gate.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }));
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(8 * kMiB, s1));
+  SA_ASSERT_OK(f.alloc->Free(x));  // s1 may still be using x: its queue is blocked
+  SA_ASSIGN_OR_FAIL(y, f.alloc->Malloc(8 * kMiB, s2));
+  EXPECT_NE(y, x);
+  EXPECT_EQ(f.alloc->GetStats().num_cross_stream_reuses, 0);
+  gate = true;
+  SA_ASSERT_OK(f.host->SynchronizeStream(s1));  // the fence recorded at the last miss completes
+  const auto reserved = f.alloc->GetStats().reserved_bytes.all().current;
+  SA_ASSIGN_OR_FAIL(z, f.alloc->Malloc(8 * kMiB, s2));
+  EXPECT_EQ(z, x);
+  EXPECT_EQ(f.alloc->GetStats().num_cross_stream_reuses, 1);
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, reserved);
+  SA_ASSIGN_OR_FAIL(info, f.alloc->Describe(z));
+  EXPECT_EQ(info.stream, s2);
+  SA_ASSERT_OK(f.alloc->Free(y));
+  SA_ASSERT_OK(f.alloc->Free(z));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+TEST(CachingAllocator, IdleStitchedMappingIsReusedForTheSameRequest) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(4 * kMiB));
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(4 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  for (int iter = 0; iter < 10; ++iter) {  // a training loop asking for the same large buffer
+    SA_ASSIGN_OR_FAIL(s, f.alloc->Malloc(8 * kMiB));
+    SA_ASSERT_OK(f.alloc->Free(s));
+  }
+  const Stats st = f.alloc->GetStats();
+  EXPECT_EQ(st.num_stitches, 1);
+  EXPECT_EQ(st.num_map_calls, 4 + 4);  // two 2-chunk mappings, then one 4-chunk stitch
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(8 * kMiB));
+  EXPECT_EQ(st.stitched_segment.current, 1);
+}
+
+TEST(CachingAllocator, StitchCacheLimitUnmapsIdleStitchedMappings) {
+  auto f = MakeFixture("stitch_cache_mb:0");
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(4 * kMiB));
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(4 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  const std::size_t reservations = f.host->live_reservations();
+  for (int iter = 0; iter < 20; ++iter) {
+    SA_ASSIGN_OR_FAIL(s, f.alloc->Malloc(8 * kMiB));
+    SA_ASSERT_OK(f.alloc->Free(s));
+    SA_ASSERT_OK(f.host->SynchronizeStream(kDefaultStream));  // lets the fence complete
+  }
+  SA_ASSERT_OK(f.alloc->CheckInvariants());
+  // An over-limit stitched mapping is unmapped once its stream's fence completes; one that is
+  // asked for again before that is reused instead (cheaper than stitching anew).
+  const Stats st = f.alloc->GetStats();
+  EXPECT_GE(st.num_dissolves, 5);
+  EXPECT_EQ(st.num_stitches, st.num_dissolves + st.stitched_segment.current);
+  EXPECT_LE(st.stitched_segment.current, 1);
+  EXPECT_LE(f.host->live_reservations(), reservations + 1) << "stitched ranges leak virtual address space";
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(8 * kMiB));
+}
+
+TEST(CachingAllocator, EmptyCacheReturnsMemoryAndTrimsPartlyUsedMappings) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(big, f.alloc->Malloc(64 * kMiB - 3 * kMiB / 2));
+  SA_ASSIGN_OR_FAIL(tail, f.alloc->Malloc(3 * kMiB / 2));  // the last chunk of the same mapping
+  SA_ASSIGN_OR_FAIL(small, f.alloc->Malloc(4096));
+  SA_ASSERT_OK(f.alloc->Free(big));
+  EXPECT_EQ(f.host->physical_bytes_in_use(), 66 * kMiB);
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  // The large mapping keeps only the chunk under `tail`; the small mapping stays (busy).
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, static_cast<std::int64_t>(4 * kMiB));
+  EXPECT_EQ(f.host->physical_bytes_in_use(), 4 * kMiB);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  SA_ASSERT_OK(f.alloc->Free(tail));
+  SA_ASSERT_OK(f.alloc->Free(small));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->physical_bytes_in_use(), 0u);
+  EXPECT_EQ(f.host->live_reservations(), 0u);
+  EXPECT_EQ(f.alloc->GetStats().segment.all().current, 0);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+TEST(CachingAllocator, RepeatedPatternsDoNotLeakMappings) {
+  auto f = MakeFixture("stitch_cache_mb:0");
+  for (int round = 0; round < 5; ++round) {
+    SA_ASSIGN_OR_FAIL(r, RunAdversarial(*f.alloc, AdversarialOptions{}));
+    EXPECT_LE(r.ratio(), 1.10);
+    SA_ASSERT_OK(f.alloc->EmptyCache());
+    EXPECT_EQ(f.host->live_reservations(), 0u) << "round " << round;
+    EXPECT_EQ(f.host->live_chunks(), 0u);
+  }
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+TEST(CachingAllocator, MaxSplitSizeKeepsOversizeBlocksWhole) {
+  auto f = MakeFixture("max_split_size_mb:32");
+  SA_ASSIGN_OR_FAIL(big, f.alloc->Malloc(40 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(big));
+  SA_ASSIGN_OR_FAIL(mid, f.alloc->Malloc(4 * kMiB));  // must not carve the oversize block
+  EXPECT_NE(mid, big);
+  SA_ASSIGN_OR_FAIL(again, f.alloc->Malloc(36 * kMiB));  // an oversize request may use it whole
+  EXPECT_EQ(again, big);
+  SA_ASSIGN_OR_FAIL(info, f.alloc->Describe(again));
+  EXPECT_EQ(info.size, 40 * kMiB);
+  const Stats s = f.alloc->GetStats();
+  EXPECT_EQ(s.max_split_size, static_cast<std::int64_t>(32 * kMiB));
+  EXPECT_EQ(s.oversize_allocations.current, 1);
+  SA_ASSERT_OK(f.alloc->Free(mid));
+  SA_ASSERT_OK(f.alloc->Free(again));
+}
+
+TEST(CachingAllocator, ChunkSizeMustBeAMultipleOfTheGranularity) {
+  auto bad = MakeHostAllocator("host_granularity_kb:4096,chunk_size_mb:2");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("chunk_size_mb"), std::string::npos) << bad.status();
+  auto good = MakeHostAllocator("chunk_size_mb:8");
+  ASSERT_TRUE(good.ok()) << good.status();
+  SA_ASSIGN_OR_FAIL(p, (*good)->Malloc(3 * kMiB));
+  SA_ASSIGN_OR_FAIL(info, (*good)->Describe(p));
+  EXPECT_EQ(info.mapping_size, 8 * kMiB);
+  SA_ASSERT_OK((*good)->Free(p));
+}
+
+TEST(CachingAllocator, MemoryFractionCapsReserved) {
+  auto f = MakeFixture();
+  EXPECT_TRUE(absl::IsInvalidArgument(f.alloc->SetMemoryFraction(0)));
+  EXPECT_TRUE(absl::IsInvalidArgument(f.alloc->SetMemoryFraction(1.01)));
+  SA_ASSERT_OK(f.alloc->SetMemoryFraction(0.01));  // 40.96 MiB of 4 GiB
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(30 * kMiB));
+  auto b = f.alloc->Malloc(30 * kMiB);
+  ASSERT_TRUE(absl::IsResourceExhausted(b.status()));
+  EXPECT_NE(b.status().message().find("memory limit"), std::string::npos) << b.status();
+  SA_ASSERT_OK(f.alloc->Free(a));
+}
+
+TEST(CachingAllocator, AutoDriverFallsBackToHostWithAReason) {
+  auto cfg = ParseConfig("driver:auto,host_capacity_mb:64");
+  ASSERT_TRUE(cfg.ok());
+  auto a = CachingAllocator::Create(*cfg);
+  ASSERT_TRUE(a.ok()) << a.status();
+  if ((*a)->driver().kind() == DriverKind::kCuda) GTEST_SKIP() << "a CUDA device is present";
+  EXPECT_FALSE((*a)->driver_fallback_reason().empty());
+  EXPECT_EQ((*a)->driver().kind(), DriverKind::kHost);
+}
+
+}  // namespace
+}  // namespace stitchalloc::testing

@@ -1,0 +1,79 @@
+// The C API: round trips, errors with messages, statistics by name.
+#include "stitchalloc/stitchalloc.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace {
+
+TEST(CApi, MallocFreeStatsAndErrors) {
+  EXPECT_EQ(stitchalloc_abi_version(), STITCHALLOC_ABI_VERSION);
+  EXPECT_STRNE(stitchalloc_version(), "");
+  stitchalloc_allocator* a = nullptr;
+  ASSERT_EQ(stitchalloc_create("driver:host,host_capacity_mb:256", &a), STITCHALLOC_OK) << stitchalloc_last_error();
+  EXPECT_NE(std::string(stitchalloc_driver_name(a)).find("host"), std::string::npos);
+
+  void* p = nullptr;
+  ASSERT_EQ(stitchalloc_malloc(a, 3 << 20, 0, &p), STITCHALLOC_OK);
+  ASSERT_NE(p, nullptr);
+  int64_t v = -1;
+  ASSERT_EQ(stitchalloc_get_stat(a, "allocated_bytes.all.current", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 4 << 20);
+  ASSERT_EQ(stitchalloc_get_stat(a, "requested_bytes.all.current", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 3 << 20);
+
+  const size_t n = stitchalloc_stat_count();
+  ASSERT_GT(n, 100u);
+  std::vector<int64_t> values(n);
+  size_t written = 0;
+  ASSERT_EQ(stitchalloc_stats(a, values.data(), n, &written), STITCHALLOC_OK);
+  EXPECT_EQ(written, n);
+  bool found = false;
+  for (size_t i = 0; i < n; ++i) {
+    if (std::string(stitchalloc_stat_name(i)) == "reserved_bytes.all.current") {
+      found = true;
+      EXPECT_EQ(values[i], 4 << 20);
+    }
+  }
+  EXPECT_TRUE(found);
+  EXPECT_EQ(stitchalloc_stat_name(n), nullptr);
+
+  EXPECT_EQ(stitchalloc_get_stat(a, "no.such.stat", &v), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("no.such.stat"), std::string::npos);
+  EXPECT_EQ(stitchalloc_free(a, static_cast<char*>(p) + 512), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("interior pointer"), std::string::npos);
+  void* q = nullptr;
+  EXPECT_EQ(stitchalloc_malloc(a, size_t{1} << 40, 0, &q), STITCHALLOC_ERROR_OUT_OF_MEMORY);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("out of memory"), std::string::npos);
+  EXPECT_EQ(q, nullptr);
+  EXPECT_EQ(stitchalloc_malloc(a, 0, 0, &q), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_record_stream(a, p, 0), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_free(a, p), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_free(a, p), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_free(a, nullptr), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_set_memory_fraction(a, 2.0), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_reset_peak_stats(a), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_reset_accumulated_stats(a), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_empty_cache(a), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_get_stat(a, "reserved_bytes.all.current", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 0);
+  stitchalloc_destroy(a);
+}
+
+TEST(CApi, BadConfigurationAndNullHandles) {
+  stitchalloc_allocator* a = reinterpret_cast<stitchalloc_allocator*>(0x1);
+  EXPECT_EQ(stitchalloc_create("driver:host,chunk_size_mb:zero", &a), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(a, nullptr);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("chunk_size_mb"), std::string::npos);
+  EXPECT_EQ(stitchalloc_create("driver:host", nullptr), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  void* p = nullptr;
+  EXPECT_EQ(stitchalloc_malloc(nullptr, 16, 0, &p), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("null allocator"), std::string::npos);
+  EXPECT_EQ(stitchalloc_free(nullptr, p), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_empty_cache(nullptr), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  stitchalloc_destroy(nullptr);
+}
+
+}  // namespace

@@ -1,0 +1,81 @@
+#include "allocator/config.h"
+
+#include <cstdlib>
+
+#include "gtest/gtest.h"
+
+namespace stitchalloc {
+namespace {
+
+TEST(Config, DefaultsAndEveryKey) {
+  auto c = ParseConfig("");
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->stitching);
+  EXPECT_EQ(c->driver.choice, DriverChoice::kAuto);
+  auto all = ParseConfig(
+      " driver:host, device:1,host_capacity_mb:512,host_granularity_kb:64,chunk_size_mb:4,stitching:off,"
+      "stitch_cache_mb:128,max_split_size_mb:64,memory_fraction:0.5 ");
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->driver.choice, DriverChoice::kHost);
+  EXPECT_EQ(all->driver.cuda.device, 1);
+  EXPECT_EQ(all->driver.host.capacity, 512 * kMiB);
+  EXPECT_EQ(all->driver.host.granularity, 64 * kKiB);
+  EXPECT_EQ(all->chunk_size, 4 * kMiB);
+  EXPECT_FALSE(all->stitching);
+  EXPECT_EQ(all->stitch_cache_bytes, 128 * kMiB);
+  EXPECT_EQ(all->max_split_size, 64 * kMiB);
+  EXPECT_DOUBLE_EQ(all->memory_fraction, 0.5);
+  // The canonical form round-trips.
+  auto again = ParseConfig(ConfigToString(*all));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(ConfigToString(*again), ConfigToString(*all));
+}
+
+struct BadCase {
+  const char* text;
+  const char* must_mention;
+};
+
+TEST(Config, RejectionsNameTheKeyAndWhatIsAccepted) {
+  const BadCase cases[] = {
+      {"colour:blue", "unknown key 'colour'"},
+      {"colour:blue", "accepted keys: driver"},
+      {"driver:gpu", "key 'driver'"},
+      {"driver:gpu", "auto, cuda or host"},
+      {"device:-1", "key 'device'"},
+      {"host_capacity_mb:0", "key 'host_capacity_mb'"},
+      {"host_granularity_kb:48", "power of two"},
+      {"chunk_size_mb:two", "key 'chunk_size_mb'"},
+      {"stitching:maybe", "true or false"},
+      {"stitch_cache_mb:-5", "key 'stitch_cache_mb'"},
+      {"max_split_size_mb:20", "above 20"},
+      {"memory_fraction:1.5", "(0, 1]"},
+      {"memory_fraction:0", "(0, 1]"},
+      {"stitching", "expected key:value"},
+      {"stitching:", "must both be non-empty"},
+      {"stitching:true,stitching:false", "more than once"},
+  };
+  for (const BadCase& c : cases) {
+    auto r = ParseConfig(c.text);
+    ASSERT_FALSE(r.ok()) << c.text;
+    EXPECT_TRUE(absl::IsInvalidArgument(r.status()));
+    EXPECT_NE(r.status().message().find(c.must_mention), std::string::npos)
+        << "'" << c.text << "' gave: " << r.status().message();
+  }
+}
+
+TEST(Config, EnvironmentThenOverrides) {
+  setenv(kConfigEnvVar, "stitching:false,chunk_size_mb:4", 1);
+  auto c = ConfigFromEnvironment("chunk_size_mb:8");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->stitching);
+  EXPECT_EQ(c->chunk_size, 8 * kMiB);
+  setenv(kConfigEnvVar, "bogus:1", 1);
+  auto bad = ConfigFromEnvironment("");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("STITCHALLOC_CONF"), std::string::npos);
+  unsetenv(kConfigEnvVar);
+}
+
+}  // namespace
+}  // namespace stitchalloc

@@ -1,0 +1,157 @@
+// HostDriver: the emulation must behave like the CUDA VMM API where the allocator relies on it.
+#include "vmm/host_driver.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace stitchalloc::testing {
+namespace {
+
+constexpr std::size_t kGran = 64 * kKiB;
+
+std::unique_ptr<HostDriver> Make(std::size_t capacity = 16 * kMiB) {
+  auto d = HostDriver::Create({capacity, kGran});
+  EXPECT_TRUE(d.ok()) << d.status();
+  return *std::move(d);
+}
+
+TEST(HostDriver, RejectsBadOptions) {
+  EXPECT_TRUE(absl::IsInvalidArgument(HostDriver::Create({16 * kMiB, 1000}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(HostDriver::Create({0, kGran}).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(HostDriver::Create({kGran + 1, kGran}).status()));
+}
+
+TEST(HostDriver, TwoMappingsOfOneChunkAlias) {
+  auto d = Make();
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(kGran));
+  SA_ASSIGN_OR_FAIL(a, d->Reserve(kGran));
+  SA_ASSIGN_OR_FAIL(b, d->Reserve(2 * kGran));
+  SA_ASSERT_OK(d->Map(a, kGran, h));
+  SA_ASSERT_OK(d->Map(b + kGran, kGran, h));
+  SA_ASSERT_OK(d->SetAccess(a, kGran));
+  SA_ASSERT_OK(d->SetAccess(b + kGran, kGran));
+  std::memset(reinterpret_cast<void*>(a), 0x5a, kGran);
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(b + kGran)[kGran - 1], 0x5a);
+  reinterpret_cast<unsigned char*>(b + kGran)[7] = 0x11;
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(a)[7], 0x11);
+  SA_ASSERT_OK(d->Unmap(a, kGran));
+  SA_ASSERT_OK(d->Unmap(b + kGran, kGran));
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+  SA_ASSERT_OK(d->FreeReservation(a, kGran));
+  SA_ASSERT_OK(d->FreeReservation(b, 2 * kGran));
+  EXPECT_EQ(d->live_chunks(), 0u);
+  EXPECT_EQ(d->live_mappings(), 0u);
+  EXPECT_EQ(d->live_reservations(), 0u);
+}
+
+TEST(HostDriver, CapacityIsEnforcedAndReleaseReturnsMemory) {
+  auto d = Make(4 * kGran);
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(3 * kGran));
+  auto too_much = d->CreateChunk(2 * kGran);
+  EXPECT_TRUE(absl::IsResourceExhausted(too_much.status())) << too_much.status();
+  SA_ASSIGN_OR_FAIL(info, d->GetMemInfo());
+  EXPECT_EQ(info.free_bytes, kGran);
+  EXPECT_EQ(info.total_bytes, 4 * kGran);
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+  EXPECT_EQ(d->physical_bytes_in_use(), 0u);
+  SA_ASSIGN_OR_FAIL(h2, d->CreateChunk(4 * kGran));
+  SA_ASSERT_OK(d->ReleaseChunk(h2));
+}
+
+TEST(HostDriver, ReleaseWhileMappedTakesEffectAtUnmapAndZeroes) {
+  auto d = Make();
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(kGran));
+  SA_ASSIGN_OR_FAIL(va, d->Reserve(kGran));
+  SA_ASSERT_OK(d->Map(va, kGran, h));
+  SA_ASSERT_OK(d->SetAccess(va, kGran));
+  std::memset(reinterpret_cast<void*>(va), 0x7f, kGran);
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+  EXPECT_EQ(d->physical_bytes_in_use(), kGran);  // still mapped
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(va)[100], 0x7f);
+  SA_ASSERT_OK(d->Unmap(va, kGran));
+  EXPECT_EQ(d->physical_bytes_in_use(), 0u);
+  // The punched range is handed out again, zeroed.
+  SA_ASSIGN_OR_FAIL(h2, d->CreateChunk(kGran));
+  SA_ASSERT_OK(d->Map(va, kGran, h2));
+  SA_ASSERT_OK(d->SetAccess(va, kGran));
+  EXPECT_EQ(reinterpret_cast<unsigned char*>(va)[100], 0);
+  SA_ASSERT_OK(d->Unmap(va, kGran));
+  SA_ASSERT_OK(d->ReleaseChunk(h2));
+  SA_ASSERT_OK(d->FreeReservation(va, kGran));
+}
+
+TEST(HostDriver, RejectsInvalidMappings) {
+  auto d = Make();
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(kGran));
+  SA_ASSIGN_OR_FAIL(va, d->Reserve(2 * kGran));
+  EXPECT_TRUE(absl::IsInvalidArgument(d->Map(va + 1, kGran, h)));            // misaligned
+  EXPECT_TRUE(absl::IsInvalidArgument(d->Map(va, 2 * kGran, h)));            // size != chunk
+  EXPECT_TRUE(absl::IsNotFound(d->Map(va, kGran, h + 100)));                  // no such chunk
+  EXPECT_TRUE(absl::IsInvalidArgument(d->Map(va + 2 * kGran, kGran, h)));    // outside reservation
+  SA_ASSERT_OK(d->Map(va, kGran, h));
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->Map(va, kGran, h)));             // already mapped
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->SetAccess(va, 2 * kGran)));      // gap
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->Unmap(va + kGran, kGran)));      // not mapped
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->FreeReservation(va, 2 * kGran)));  // still mapped
+  EXPECT_TRUE(absl::IsNotFound(d->FreeReservation(va, kGran)));              // wrong size
+  SA_ASSERT_OK(d->Unmap(va, kGran));
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+  EXPECT_TRUE(absl::IsNotFound(d->ReleaseChunk(h)));
+  SA_ASSERT_OK(d->FreeReservation(va, 2 * kGran));
+}
+
+TEST(HostDriver, StreamsRunInOrderAndEventsTrackTheirRecord) {
+  auto d = Make();
+  SA_ASSIGN_OR_FAIL(s1, d->CreateStream());
+  SA_ASSIGN_OR_FAIL(s2, d->CreateStream());
+  SA_ASSIGN_OR_FAIL(e, d->CreateEvent());
+  SA_ASSIGN_OR_FAIL(never, d->QueryEvent(e));
+  EXPECT_TRUE(never) << "an event never recorded counts as complete";
+
+  std::atomic<bool> gate{false};
+  std::atomic<int> order{0};
+  int first = -1, second = -1;
+  SA_ASSERT_OK(d->Enqueue(s1, [&]() {
+    while (!gate.load()) std::this_thread::yield();
+    first = order.fetch_add(1);
+  }));
+  SA_ASSERT_OK(d->RecordEvent(e, s1));
+  SA_ASSERT_OK(d->StreamWaitEvent(s2, e));
+  SA_ASSERT_OK(d->Enqueue(s2, [&]() { second = order.fetch_add(1); }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  SA_ASSIGN_OR_FAIL(done_early, d->QueryEvent(e));
+  EXPECT_FALSE(done_early);
+  EXPECT_EQ(second, -1) << "s2 ran past its wait on s1's event";
+  gate = true;
+  SA_ASSERT_OK(d->SynchronizeEvent(e));
+  SA_ASSERT_OK(d->SynchronizeStream(s2));
+  EXPECT_EQ(first, 0);
+  EXPECT_EQ(second, 1);
+  SA_ASSIGN_OR_FAIL(done, d->QueryEvent(e));
+  EXPECT_TRUE(done);
+  SA_ASSERT_OK(d->DestroyEvent(e));
+  EXPECT_TRUE(absl::IsNotFound(d->QueryEvent(e).status()));
+  SA_ASSERT_OK(d->DestroyStream(s1));
+  SA_ASSERT_OK(d->DestroyStream(s2));
+  EXPECT_TRUE(absl::IsNotFound(d->SynchronizeStream(s1)));
+  EXPECT_TRUE(absl::IsInvalidArgument(d->DestroyStream(kDefaultStream)));
+}
+
+TEST(HostDriver, MemcpyAsyncCopiesInStreamOrder) {
+  auto d = Make();
+  std::vector<std::uint8_t> src = Pattern(4096, 3), mid(4096), dst(4096);
+  SA_ASSERT_OK(d->MemcpyAsync(mid.data(), src.data(), src.size(), kDefaultStream));
+  SA_ASSERT_OK(d->MemcpyAsync(dst.data(), mid.data(), mid.size(), kDefaultStream));
+  SA_ASSERT_OK(d->SynchronizeStream(kDefaultStream));
+  EXPECT_EQ(dst, src);
+  EXPECT_TRUE(absl::IsInvalidArgument(d->MemcpyAsync(nullptr, src.data(), 1, kDefaultStream)));
+  EXPECT_TRUE(absl::IsNotFound(d->MemcpyAsync(dst.data(), src.data(), 1, 12345)));
+}
+
+}  // namespace
+}  // namespace stitchalloc::testing
