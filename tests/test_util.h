@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,7 @@ struct DriverFactory {
   std::function<absl::StatusOr<std::unique_ptr<Driver>>()> make;
   bool direct_access = false;  // device memory is host-addressable (the host driver)
 };
+inline void PrintTo(const DriverFactory& f, std::ostream* os) { *os << f.name; }
 
 // An allocator over `driver` configured by `config` ("key:value,...").
 absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeAllocator(std::unique_ptr<Driver> driver,

@@ -1,0 +1,99 @@
+// Microbenchmarks of the allocator on the host driver (Google Benchmark). Raw output is committed
+// under bench/results/ and summarised in docs/results.md; see README for the command.
+//
+//   BM_CachedMallocFree/<bytes>   a malloc+free pair of a cached size on one stream (hot path)
+//   BM_SplitMerge                 16 blocks of mixed sizes carved from one mapping, freed in an
+//                                 interleaved order (every free merges), per iteration
+//   BM_Stitch8Chunks              stitch 8 free chunks from 8 mappings into one range, then
+//                                 unstitch (chunks return home): 8 maps + 8 unmaps + reserve/free
+//   BM_HostMapUnmap               the host driver's map + set-access + unmap of one 2 MiB chunk
+#include <memory>
+#include <vector>
+
+#include "allocator/caching_allocator.h"
+#include "allocator/mapping_store.h"
+#include "benchmark/benchmark.h"
+#include "vmm/host_driver.h"
+
+namespace stitchalloc {
+namespace {
+
+std::unique_ptr<CachingAllocator> MakeAllocator() {
+  auto driver = HostDriver::Create({16 * kGiB, 2 * kMiB});
+  auto alloc = CachingAllocator::Create(Config{}, *std::move(driver));
+  return *std::move(alloc);
+}
+
+void BM_CachedMallocFree(benchmark::State& state) {
+  auto alloc = MakeAllocator();
+  const auto size = static_cast<std::size_t>(state.range(0));
+  void* warm = *alloc->Malloc(size);
+  alloc->Free(warm).IgnoreError();
+  for (auto _ : state) {
+    void* p = *alloc->Malloc(size);
+    benchmark::DoNotOptimize(p);
+    alloc->Free(p).IgnoreError();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_CachedMallocFree)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
+
+void BM_SplitMerge(benchmark::State& state) {
+  auto alloc = MakeAllocator();
+  static constexpr std::size_t kSizes[16] = {4 << 20, 6 << 20, 2 << 20, 8 << 20, 3 << 20, 5 << 20, 2 << 20, 7 << 20,
+                                             4 << 20, 2 << 20, 3 << 20, 6 << 20, 2 << 20, 5 << 20, 4 << 20, 9 << 20};
+  std::size_t total = 0;
+  for (std::size_t s : kSizes) total += s;
+  void* big = *alloc->Malloc(total + (4 << 20));  // one mapping that all 16 blocks fit in
+  alloc->Free(big).IgnoreError();
+  std::vector<void*> ptrs(16);
+  for (auto _ : state) {
+    for (int i = 0; i < 16; ++i) ptrs[i] = *alloc->Malloc(kSizes[i]);
+    for (int i = 0; i < 16; i += 2) alloc->Free(ptrs[i]).IgnoreError();  // holes between live blocks
+    for (int i = 1; i < 16; i += 2) alloc->Free(ptrs[i]).IgnoreError();  // each free merges 2-3 blocks
+  }
+  state.SetItemsProcessed(state.iterations() * 16);
+}
+BENCHMARK(BM_SplitMerge);
+
+void BM_Stitch8Chunks(benchmark::State& state) {
+  auto driver = *HostDriver::Create({16 * kGiB, 2 * kMiB});
+  Stats stats;
+  StreamPool pool;
+  MappingStore store(*driver, stats, SIZE_MAX);
+  std::vector<Block*> holes;
+  for (int i = 0; i < 8; ++i) {
+    Mapping* m = *store.Create(&pool, PoolKind::kLarge, 2 * kMiB, {}, 2);
+    store.Allocate(m->head, 2 * kMiB, /*split=*/true);  // chunk 0 busy, chunk 1 free
+  }
+  for (auto _ : state) {
+    std::vector<SlotRun> runs;
+    for (const auto& [va, m] : store.mappings()) {
+      if (auto r = MappingStore::FreeSlots(m->head->next)) runs.push_back(*r);
+    }
+    Mapping* stitched = *store.Create(&pool, PoolKind::kLarge, 2 * kMiB, runs, 0);
+    benchmark::DoNotOptimize(stitched);
+    store.Dissolve(stitched).IgnoreError();
+  }
+  state.counters["maps_per_iter"] = 8;
+}
+BENCHMARK(BM_Stitch8Chunks)->Unit(benchmark::kMicrosecond);
+
+void BM_HostMapUnmap(benchmark::State& state) {
+  auto driver = *HostDriver::Create({16 * kGiB, 2 * kMiB});
+  PhysHandle h = *driver->CreateChunk(2 * kMiB);
+  DevicePtr va = *driver->Reserve(2 * kMiB);
+  for (auto _ : state) {
+    driver->Map(va, 2 * kMiB, h).IgnoreError();
+    driver->SetAccess(va, 2 * kMiB).IgnoreError();
+    driver->Unmap(va, 2 * kMiB).IgnoreError();
+  }
+  driver->ReleaseChunk(h).IgnoreError();
+  driver->FreeReservation(va, 2 * kMiB).IgnoreError();
+}
+BENCHMARK(BM_HostMapUnmap)->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace stitchalloc
+
+BENCHMARK_MAIN();
