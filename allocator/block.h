@@ -99,9 +99,16 @@ class FreeSet {
   using Map = absl::btree_map<Key, Block*>;
 
   void Insert(Block* b) { map_.emplace(Key{b->size, b->ptr}, b); }
-  void Erase(Block* b) { map_.erase(Key{b->size, b->ptr}); }
+  // Insertion next to `hint` is O(1) when the key belongs there (an erase just returned it: a
+  // split or merge changes a key only slightly), an ordinary insertion otherwise.
+  void Insert(Block* b, Map::iterator hint) { map_.emplace_hint(hint, Key{b->size, b->ptr}, b); }
+  // Both return the position after the erased entry, a hint for a following Insert.
+  Map::iterator Erase(Block* b) { return map_.erase(map_.find(Key{b->size, b->ptr})); }
+  Map::iterator Erase(Map::iterator it) { return map_.erase(it); }
   // The smallest block of at least `size` bytes (lowest address among equals), or end().
   Map::const_iterator LowerBound(std::size_t size) const { return map_.lower_bound(Key{size, 0}); }
+  Map::iterator LowerBound(std::size_t size) { return map_.lower_bound(Key{size, 0}); }
+  Map::iterator end() { return map_.end(); }
   Map::const_iterator end() const { return map_.end(); }
   Map::const_iterator begin() const { return map_.begin(); }
   std::size_t size() const { return map_.size(); }

@@ -98,9 +98,17 @@ Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t ro
 }
 
 void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) {
-  Mapping* m = b->mapping;
-  if (m->idle()) OnBusy(m);
-  b = store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind));
+  if (b->mapping->idle()) OnBusy(b->mapping);
+  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind)), kind, size);
+}
+
+void* CachingAllocator::Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded) {
+  Block* b = it->second;
+  if (b->mapping->idle()) OnBusy(b->mapping);
+  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind)), kind, size);
+}
+
+void* CachingAllocator::Account(Block* b, PoolKind kind, std::size_t size) {
   b->requested = size;
   allocated_.emplace(b->ptr, b);
   const int pool = static_cast<int>(kind);
@@ -126,14 +134,15 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
   const PoolKind kind = Policy::PoolFor(rounded);
   MutexLock l(&mu_);
   if (!pending_.empty()) ProcessPending(/*synchronize=*/false);
+  if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
   StreamPool* pool = GetPool(stream);
-  Block* b = BestFit(pool, kind, rounded);
-  if (b == nullptr) {
-    auto slow = MallocSlow(pool, kind, size, rounded);
-    if (!slow.ok()) return slow.status();
-    b = *slow;
+  FreeSet& set = pool->set(kind);
+  if (auto it = set.LowerBound(rounded); it != set.end() && policy_.Acceptable(it->second->size, rounded)) {
+    return Hand(it, kind, size, rounded);  // the hot path
   }
-  return Hand(b, kind, size, rounded);
+  auto slow = MallocSlow(pool, kind, size, rounded);
+  if (!slow.ok()) return slow.status();
+  return Hand(*slow, kind, size, rounded);
 }
 
 absl::Status CachingAllocator::Free(void* ptr) {
@@ -154,7 +163,11 @@ absl::Status CachingAllocator::Free(void* ptr) {
     b->state = BlockState::kPending;
     for (Stream s : b->stream_uses) {
       Event e = GetEvent();
-      if (e == 0) continue;
+      if (e == 0) {
+        // No event to wait with: wait for the stream itself (slow, but never unsafe).
+        driver_->SynchronizeStream(s).IgnoreError();
+        continue;
+      }
       if (driver_->RecordEvent(e, s).ok()) {
         pending_.push_back({e, b});
         ++b->pending_events;

@@ -3,7 +3,8 @@
 // into a new contiguous range instead of growing or failing.
 //
 // Hot path (a cached size on the same stream): one lock, a best-fit lookup in the stream's free
-// set, maybe a split, statistics; no driver call. Miss path, in order:
+// set, maybe a split, statistics; no driver call (only while record_stream frees or over-limit
+// stitched mappings wait on events are those events polled first). Miss path, in order:
 //   1. blocks whose record_stream events completed return to their pools; retry;
 //   2. a wholly free mapping of another stream whose fence event has completed moves over;
 //   3. large pool: a new mapping stitched from free whole chunks (own stream first, others
@@ -126,6 +127,10 @@ class CachingAllocator {
   StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void* Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void* Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Indexes an allocated block and updates the allocation statistics.
+  void* Account(Block* b, PoolKind kind, std::size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

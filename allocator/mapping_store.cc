@@ -43,24 +43,34 @@ void MappingStore::DeleteBlock(Block* b) {
   spare_blocks_.push_back(b);
 }
 
-void MappingStore::InsertFree(Block* b) {
+void MappingStore::InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint) {
   b->counted_split = b->is_split();
   const int pool = static_cast<int>(b->mapping->kind);
   if (b->counted_split) {
     stats_.inactive_split.Add(pool, 1);
     stats_.inactive_split_bytes.Add(pool, static_cast<std::int64_t>(b->size));
   }
-  b->mapping->pool->set(b->mapping->kind).Insert(b);
+  FreeSet& set = b->mapping->pool->set(b->mapping->kind);
+  if (hint.has_value()) {
+    set.Insert(b, *hint);
+  } else {
+    set.Insert(b);
+  }
 }
 
-void MappingStore::EraseFree(Block* b) {
-  b->mapping->pool->set(b->mapping->kind).Erase(b);
+void MappingStore::UncountSplit(Block* b) {
   if (b->counted_split) {
     const int pool = static_cast<int>(b->mapping->kind);
     stats_.inactive_split.Add(pool, -1);
     stats_.inactive_split_bytes.Add(pool, -static_cast<std::int64_t>(b->size));
     b->counted_split = false;
   }
+}
+
+FreeSet::Map::iterator MappingStore::EraseFree(Block* b) {
+  auto next = b->mapping->pool->set(b->mapping->kind).Erase(b);
+  UncountSplit(b);
+  return next;
 }
 
 std::optional<SlotRun> MappingStore::FreeSlots(Block* b) {
@@ -230,8 +240,19 @@ void MappingStore::CarveRun(const SlotRun& run) {
   }
 }
 
+Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split) {
+  Block* b = it->second;
+  auto hint = b->mapping->pool->set(b->mapping->kind).Erase(it);
+  UncountSplit(b);
+  return Carve(b, size, split, hint);
+}
+
 Block* MappingStore::Allocate(Block* b, std::size_t size, bool split) {
-  EraseFree(b);
+  auto hint = EraseFree(b);
+  return Carve(b, size, split, hint);
+}
+
+Block* MappingStore::Carve(Block* b, std::size_t size, bool split, FreeSet::Map::iterator hint) {
   if (split && b->size > size) {
     Block* rest = NewBlock();
     rest->ptr = b->ptr + size;
@@ -243,7 +264,7 @@ Block* MappingStore::Allocate(Block* b, std::size_t size, bool split) {
     if (b->next != nullptr) b->next->prev = rest;
     b->next = rest;
     b->size = size;
-    InsertFree(rest);
+    InsertFree(rest, hint);
   }
   b->state = BlockState::kAllocated;
   ++b->mapping->busy_blocks;
@@ -252,8 +273,9 @@ Block* MappingStore::Allocate(Block* b, std::size_t size, bool split) {
 
 Block* MappingStore::MergeAndInsert(Block* b) {
   Mapping* m = b->mapping;
+  std::optional<FreeSet::Map::iterator> hint;
   if (Block* p = b->prev; p != nullptr && p->is_free()) {
-    EraseFree(p);
+    hint = EraseFree(p);
     p->size += b->size;
     p->freed_at = std::max(p->freed_at, b->freed_at);
     p->next = b->next;
@@ -262,7 +284,7 @@ Block* MappingStore::MergeAndInsert(Block* b) {
     b = p;
   }
   if (Block* n = b->next; n != nullptr && n->is_free()) {
-    EraseFree(n);
+    hint = EraseFree(n);  // a later erase invalidates the earlier hint
     b->size += n->size;
     b->freed_at = std::max(b->freed_at, n->freed_at);
     b->next = n->next;
@@ -270,7 +292,7 @@ Block* MappingStore::MergeAndInsert(Block* b) {
     DeleteBlock(n);
   }
   if (b->prev == nullptr) m->head = b;
-  InsertFree(b);
+  InsertFree(b, hint);
   return b;
 }
 

@@ -54,6 +54,8 @@ class MappingStore {
   // Hands out the first `size` bytes of free block `b`; the rest becomes a free block when
   // `split`, else stays part of the allocation.
   Block* Allocate(Block* b, std::size_t size, bool split);
+  // The same, for the block at `it` in its pool's free set (saves a second search).
+  Block* Allocate(FreeSet::Map::iterator it, std::size_t size, bool split);
   // Marks an allocated or pending block free at pool sequence `seq`, merges it with free
   // neighbours and files it in its pool's free set. Returns the merged block.
   Block* Free(Block* b, std::uint64_t seq);
@@ -79,8 +81,11 @@ class MappingStore {
  private:
   Block* NewBlock();
   void DeleteBlock(Block* b);
-  void InsertFree(Block* b);
-  void EraseFree(Block* b);
+  void InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint = std::nullopt);
+  FreeSet::Map::iterator EraseFree(Block* b);
+  void UncountSplit(Block* b);
+  // Hands out the front of `b`, already out of its free set.
+  Block* Carve(Block* b, std::size_t size, bool split, FreeSet::Map::iterator hint);
   Block* MergeAndInsert(Block* b);
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);

@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/attributes.h"
+
 namespace stitchalloc {
 
 enum PoolIndex : int { kPoolAll = 0, kPoolSmall = 1, kPoolLarge = 2 };
@@ -39,7 +41,7 @@ struct Stat {
   std::int64_t allocated = 0;
   std::int64_t freed = 0;
 
-  void Add(std::int64_t delta) {
+  ABSL_ATTRIBUTE_ALWAYS_INLINE void Add(std::int64_t delta) {
     current += delta;
     if (delta >= 0) {
       allocated += delta;
@@ -55,7 +57,7 @@ struct Stat {
 struct StatArray {
   std::array<Stat, 3> pools;
   // Adds to "all" and to `pool` (kPoolSmall or kPoolLarge).
-  void Add(int pool, std::int64_t delta) {
+  ABSL_ATTRIBUTE_ALWAYS_INLINE void Add(int pool, std::int64_t delta) {
     pools[kPoolAll].Add(delta);
     pools[pool].Add(delta);
   }

@@ -1,7 +1,10 @@
 // Microbenchmarks of the allocator on the host driver (Google Benchmark). Raw output is committed
 // under bench/results/ and summarised in docs/results.md; see README for the command.
 //
-//   BM_CachedMallocFree/<bytes>   a malloc+free pair of a cached size on one stream (hot path)
+//   BM_CachedMallocFree/<bytes>   a malloc+free pair of a cached size on one stream (hot path),
+//                                 the pool holding nothing else (worst case: its free set empties)
+//   BM_CachedMallocFreeWarmPool/<bytes>  the same with 64 other cached blocks in each pool, as in a
+//                                 process that has run for a while
 //   BM_SplitMerge                 16 blocks of mixed sizes carved from one mapping, freed in an
 //                                 interleaved order (every free merges), per iteration
 //   BM_Stitch8Chunks              stitch 8 free chunks from 8 mappings into one range, then
@@ -37,6 +40,34 @@ void BM_CachedMallocFree(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_CachedMallocFree)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
+
+void BM_CachedMallocFreeWarmPool(benchmark::State& state) {
+  auto alloc = MakeAllocator();
+  // 128 blocks per pool, every other one freed: 64 cached free blocks that cannot merge.
+  std::vector<void*> keep;
+  for (int i = 0; i < 128; ++i) {
+    void* s = *alloc->Malloc(512 * (1 + i % 7));
+    void* l = *alloc->Malloc((2 + i % 5) * (1 << 20) + 4096);
+    if (i % 2 == 0) {
+      keep.push_back(s);
+      keep.push_back(l);
+    } else {
+      alloc->Free(s).IgnoreError();
+      alloc->Free(l).IgnoreError();
+    }
+  }
+  const auto size = static_cast<std::size_t>(state.range(0));
+  void* warm = *alloc->Malloc(size);
+  alloc->Free(warm).IgnoreError();
+  for (auto _ : state) {
+    void* p = *alloc->Malloc(size);
+    benchmark::DoNotOptimize(p);
+    alloc->Free(p).IgnoreError();
+  }
+  state.SetItemsProcessed(state.iterations());
+  for (void* p : keep) alloc->Free(p).IgnoreError();
+}
+BENCHMARK(BM_CachedMallocFreeWarmPool)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
 
 void BM_SplitMerge(benchmark::State& state) {
   auto alloc = MakeAllocator();

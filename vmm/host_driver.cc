@@ -28,7 +28,7 @@ struct HostDriver::HostEvent {
 
 struct HostDriver::HostStream {
   Mutex mu;
-  absl::CondVar cv;
+  CondVar cv;
   std::deque<absl::AnyInvocable<void() &&>> queue ABSL_GUARDED_BY(mu);
   bool stopping ABSL_GUARDED_BY(mu) = false;
   std::thread worker;

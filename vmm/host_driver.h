@@ -30,7 +30,6 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "vmm/driver.h"
 #include "vmm/mutex.h"
 
@@ -136,7 +135,7 @@ class HostDriver final : public Driver {
   Event next_event_ ABSL_GUARDED_BY(events_mu_) = 1;
 
   Mutex done_mu_;  // guards Token::done
-  absl::CondVar done_cv_;
+  CondVar done_cv_;
 };
 
 }  // namespace stitchalloc
