@@ -51,24 +51,26 @@ void Visit(S& s, F&& f) {
 
 }  // namespace
 
-void Stats::ResetPeak() {
-  for (StatArray* a : {&allocation, &segment, &active, &inactive_split, &allocated_bytes, &reserved_bytes,
-                       &active_bytes, &inactive_split_bytes, &requested_bytes}) {
-    for (Stat& st : a->pools) st.ResetPeak();
+namespace {
+
+// Applies `f` to every Stat of `s` (arrays and single ones).
+template <typename F>
+void ForEachStat(Stats& s, F&& f) {
+  for (StatArray* a : {&s.allocation, &s.segment, &s.active, &s.inactive_split, &s.allocated_bytes,
+                       &s.reserved_bytes, &s.active_bytes, &s.inactive_split_bytes, &s.requested_bytes}) {
+    for (Stat& st : a->pools) f(st);
   }
-  oversize_allocations.ResetPeak();
-  oversize_segments.ResetPeak();
-  stitched_segment.ResetPeak();
+  for (Stat* st : {&s.oversize_allocations, &s.oversize_segments, &s.stitched_segment}) f(*st);
+}
+
+}  // namespace
+
+void Stats::ResetPeak() {
+  ForEachStat(*this, [](Stat& st) { st.ResetPeak(); });
 }
 
 void Stats::ResetAccumulated() {
-  for (StatArray* a : {&allocation, &segment, &active, &inactive_split, &allocated_bytes, &reserved_bytes,
-                       &active_bytes, &inactive_split_bytes, &requested_bytes}) {
-    for (Stat& st : a->pools) st.ResetAccumulated();
-  }
-  oversize_allocations.ResetAccumulated();
-  oversize_segments.ResetAccumulated();
-  stitched_segment.ResetAccumulated();
+  ForEachStat(*this, [](Stat& st) { st.ResetAccumulated(); });
   num_alloc_retries = num_ooms = num_sync_all_streams = num_device_alloc = num_device_free = 0;
   num_stitches = stitched_bytes = num_map_calls = num_unmap_calls = num_dissolves = 0;
   num_cross_stream_reuses = 0;

@@ -1,10 +1,13 @@
 // Microbenchmarks of the allocator on the host driver (Google Benchmark). Raw output is committed
 // under bench/results/ and summarised in docs/results.md; see README for the command.
 //
-//   BM_CachedMallocFree/<bytes>   a malloc+free pair of a cached size on one stream (hot path),
-//                                 the pool holding nothing else (worst case: its free set empties)
+//   BM_CachedMallocFree/<bytes>   a malloc+free pair of a cached size on one stream (hot path):
+//                                 the freed block stays whole (a live neighbour keeps it from
+//                                 merging) and is handed out again; the pool holds nothing else
 //   BM_CachedMallocFreeWarmPool/<bytes>  the same with 64 other cached blocks in each pool, as in a
 //                                 process that has run for a while
+//   BM_SplitMergePair/<bytes>     a malloc+free pair carved from a larger free block and merged
+//                                 back into it on free
 //   BM_SplitMerge                 16 blocks of mixed sizes carved from one mapping, freed in an
 //                                 interleaved order (every free merges), per iteration
 //   BM_Stitch8Chunks              stitch 8 free chunks from 8 mappings into one range, then
@@ -27,17 +30,26 @@ std::unique_ptr<CachingAllocator> MakeAllocator() {
   return *std::move(alloc);
 }
 
-void BM_CachedMallocFree(benchmark::State& state) {
-  auto alloc = MakeAllocator();
+// The measured loop: malloc+free pairs of state.range(0) bytes after one warm-up pair. With
+// `pin`, a live block allocated right after the warm-up one keeps the freed block from merging
+// with the free rest of its mapping, so every pair reuses one cached block whole.
+void MallocFreePairs(benchmark::State& state, CachingAllocator& alloc, bool pin) {
   const auto size = static_cast<std::size_t>(state.range(0));
-  void* warm = *alloc->Malloc(size);
-  alloc->Free(warm).IgnoreError();
+  void* warm = *alloc.Malloc(size);
+  void* pinned = pin ? *alloc.Malloc(size) : nullptr;
+  alloc.Free(warm).IgnoreError();
   for (auto _ : state) {
-    void* p = *alloc->Malloc(size);
+    void* p = *alloc.Malloc(size);
     benchmark::DoNotOptimize(p);
-    alloc->Free(p).IgnoreError();
+    alloc.Free(p).IgnoreError();
   }
   state.SetItemsProcessed(state.iterations());
+  alloc.Free(pinned).IgnoreError();
+}
+
+void BM_CachedMallocFree(benchmark::State& state) {
+  auto alloc = MakeAllocator();
+  MallocFreePairs(state, *alloc, /*pin=*/true);
 }
 BENCHMARK(BM_CachedMallocFree)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
 
@@ -56,18 +68,16 @@ void BM_CachedMallocFreeWarmPool(benchmark::State& state) {
       alloc->Free(l).IgnoreError();
     }
   }
-  const auto size = static_cast<std::size_t>(state.range(0));
-  void* warm = *alloc->Malloc(size);
-  alloc->Free(warm).IgnoreError();
-  for (auto _ : state) {
-    void* p = *alloc->Malloc(size);
-    benchmark::DoNotOptimize(p);
-    alloc->Free(p).IgnoreError();
-  }
-  state.SetItemsProcessed(state.iterations());
+  MallocFreePairs(state, *alloc, /*pin=*/true);
   for (void* p : keep) alloc->Free(p).IgnoreError();
 }
 BENCHMARK(BM_CachedMallocFreeWarmPool)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
+
+void BM_SplitMergePair(benchmark::State& state) {
+  auto alloc = MakeAllocator();
+  MallocFreePairs(state, *alloc, /*pin=*/false);
+}
+BENCHMARK(BM_SplitMergePair)->Arg(512)->Arg(64 << 10);
 
 void BM_SplitMerge(benchmark::State& state) {
   auto alloc = MakeAllocator();
