@@ -11,12 +11,6 @@
 #include "vmm/nvtx.h"
 
 namespace stitchalloc {
-namespace {
-
-std::string Hex(DevicePtr p) { return absl::StrFormat("0x%x", p); }
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<CachingAllocator>> CachingAllocator::Create(const Config& config) {
   auto created = CreateDriver(config.driver);
   if (!created.ok()) return created.status();
@@ -482,7 +476,7 @@ absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
   Mapping* m = store_->Find(p);
   if (m == nullptr) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "stitchalloc: %s(%s): foreign pointer: it was not allocated by this allocator", op, Hex(p)));
+        "stitchalloc: %s(%s): foreign pointer: it was not allocated by this allocator", op, FormatAddress(p)));
   }
   const Block* b = m->head;
   while (b != nullptr && !(p >= b->ptr && p < b->ptr + b->size)) b = b->next;
@@ -490,10 +484,10 @@ absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
     switch (b->state) {
       case BlockState::kFree:
         return absl::InvalidArgumentError(absl::StrFormat(
-            "stitchalloc: %s(%s): double free: the block is already free", op, Hex(p)));
+            "stitchalloc: %s(%s): double free: the block is already free", op, FormatAddress(p)));
       case BlockState::kPending:
         return absl::InvalidArgumentError(absl::StrFormat(
-            "stitchalloc: %s(%s): double free: the block was freed and waits for stream events", op, Hex(p)));
+            "stitchalloc: %s(%s): double free: the block was freed and waits for stream events", op, FormatAddress(p)));
       default:
         break;
     }
@@ -502,12 +496,12 @@ absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
     return absl::InvalidArgumentError(absl::StrFormat(
         "stitchalloc: %s(%s): interior pointer: it lies %d bytes into the allocation at %s (%s); pass "
         "the address malloc returned",
-        op, Hex(p), p - b->ptr, Hex(b->ptr), FormatBytes(b->size)));
+        op, FormatAddress(p), p - b->ptr, FormatAddress(b->ptr), FormatBytes(b->size)));
   }
   return absl::InvalidArgumentError(absl::StrFormat(
       "stitchalloc: %s(%s): not a live allocation: the address lies in memory this allocator holds free "
       "(double free, or a pointer malloc never returned)",
-      op, Hex(p)));
+      op, FormatAddress(p)));
 }
 
 std::string CachingAllocator::OutOfMemoryReport(std::size_t size, std::size_t rounded, Stream stream,
@@ -612,7 +606,7 @@ absl::Status CachingAllocator::CheckInvariants() const {
     const Block* prev = nullptr;
     for (const Block* b = m->head; b != nullptr; prev = b, b = b->next) {
       if (b->mapping != m.get() || b->prev != prev || b->ptr != cursor || b->size == 0) {
-        return fail(absl::StrFormat("block chain of mapping %s broken at %s", Hex(m->va), Hex(cursor)));
+        return fail(absl::StrFormat("block chain of mapping %s broken at %s", FormatAddress(m->va), FormatAddress(cursor)));
       }
       if (prev != nullptr && prev->is_free() && b->is_free()) return fail("two adjacent free blocks");
       cursor += b->size;
@@ -673,7 +667,7 @@ absl::Status CachingAllocator::CheckInvariants() const {
       }
     }
     if (busy != m->busy_blocks || present != m->present || lent_home != m->lent_home) {
-      return fail(absl::StrFormat("mapping %s counters: busy %d/%d present %d/%d lent_home %d/%d", Hex(m->va), busy,
+      return fail(absl::StrFormat("mapping %s counters: busy %d/%d present %d/%d lent_home %d/%d", FormatAddress(m->va), busy,
                                   m->busy_blocks, present, m->present, lent_home, m->lent_home));
     }
   }

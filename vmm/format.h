@@ -1,7 +1,8 @@
-// Byte-count formatting for messages: "1.50 GiB", "512.00 KiB", "12 B".
+// Formatting for messages: byte counts ("1.50 GiB", "512.00 KiB", "12 B") and addresses.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/strings/str_format.h"
@@ -19,5 +20,8 @@ inline std::string FormatBytes(std::size_t bytes) {
   }
   return absl::StrFormat("%.2f %s", v, kUnits[unit]);
 }
+
+// An address for messages: "0x7f3a00000000".
+inline std::string FormatAddress(std::uintptr_t p) { return absl::StrFormat("0x%x", p); }
 
 }  // namespace stitchalloc

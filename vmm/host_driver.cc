@@ -40,7 +40,6 @@ absl::Status Errno(const char* what) {
   return absl::InternalError(absl::StrFormat("host driver: %s failed: %s", what, std::strerror(errno)));
 }
 
-std::string Hex(DevicePtr p) { return absl::StrFormat("0x%x", p); }
 
 }  // namespace
 
@@ -104,7 +103,7 @@ absl::Status HostDriver::CheckAligned(const char* what, DevicePtr va, std::size_
   if (bytes == 0 || bytes % options_.granularity != 0 || va % options_.granularity != 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "host driver: %s(%s, %d): address and size must be non-zero multiples of the granularity %d",
-        what, Hex(va), bytes, options_.granularity));
+        what, FormatAddress(va), bytes, options_.granularity));
   }
   return absl::OkStatus();
 }
@@ -206,12 +205,12 @@ absl::Status HostDriver::FreeReservation(DevicePtr va, std::size_t bytes) {
   auto it = reservations_.find(va);
   if (it == reservations_.end() || it->second != bytes) {
     return absl::NotFoundError(absl::StrFormat(
-        "host driver: FreeReservation(%s, %d): not a reservation made by Reserve", Hex(va), bytes));
+        "host driver: FreeReservation(%s, %d): not a reservation made by Reserve", FormatAddress(va), bytes));
   }
   auto m = maps_.lower_bound(va);
   if (m != maps_.end() && m->first < va + bytes) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "host driver: FreeReservation(%s, %d): chunk still mapped at %s", Hex(va), bytes, Hex(m->first)));
+        "host driver: FreeReservation(%s, %d): chunk still mapped at %s", FormatAddress(va), bytes, FormatAddress(m->first)));
   }
   munmap(reinterpret_cast<void*>(va), bytes);
   reservations_.erase(it);
@@ -233,7 +232,7 @@ absl::Status HostDriver::Map(DevicePtr va, std::size_t bytes, PhysHandle handle)
   }
   if (!InsideReservation(va, bytes)) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "host driver: Map(%s, %d): range is not inside a reservation", Hex(va), bytes));
+        "host driver: Map(%s, %d): range is not inside a reservation", FormatAddress(va), bytes));
   }
   auto next = maps_.lower_bound(va);
   bool overlaps = next != maps_.end() && next->first < va + bytes;
@@ -243,7 +242,7 @@ absl::Status HostDriver::Map(DevicePtr va, std::size_t bytes, PhysHandle handle)
   }
   if (overlaps) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "host driver: Map(%s, %d): range is already mapped", Hex(va), bytes));
+        "host driver: Map(%s, %d): range is already mapped", FormatAddress(va), bytes));
   }
   void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED, fd_,
                  static_cast<off_t>(c->second.offset));
@@ -257,25 +256,25 @@ absl::Status HostDriver::CheckCovered(const char* what, DevicePtr va, std::size_
                                       bool exact) const {
   auto it = maps_.upper_bound(va);
   if (it == maps_.begin()) {
-    return absl::FailedPreconditionError(absl::StrFormat("host driver: %s(%s, %d): not mapped", what, Hex(va), bytes));
+    return absl::FailedPreconditionError(absl::StrFormat("host driver: %s(%s, %d): not mapped", what, FormatAddress(va), bytes));
   }
   --it;
   if (it->first + it->second.size <= va || (exact && it->first != va)) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "host driver: %s(%s, %d): range does not start at a mapped chunk", what, Hex(va), bytes));
+        "host driver: %s(%s, %d): range does not start at a mapped chunk", what, FormatAddress(va), bytes));
   }
   DevicePtr cursor = it->first;
   while (cursor < va + bytes) {
     if (it == maps_.end() || it->first != cursor) {
       return absl::FailedPreconditionError(absl::StrFormat(
-          "host driver: %s(%s, %d): range has an unmapped gap at %s", what, Hex(va), bytes, Hex(cursor)));
+          "host driver: %s(%s, %d): range has an unmapped gap at %s", what, FormatAddress(va), bytes, FormatAddress(cursor)));
     }
     cursor += it->second.size;
     ++it;
   }
   if (exact && cursor != va + bytes) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "host driver: %s(%s, %d): range ends inside a mapped chunk", what, Hex(va), bytes));
+        "host driver: %s(%s, %d): range ends inside a mapped chunk", what, FormatAddress(va), bytes));
   }
   return absl::OkStatus();
 }
