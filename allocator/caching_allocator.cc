@@ -257,17 +257,25 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
 
 absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
   const std::size_t chunk = policy_.ChunkSize(kind);
-  const std::size_t need = policy_.SlotsFor(rounded, kind);
-  std::vector<SlotRun> borrow;
-  if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool), need);
-  std::size_t borrowed = 0;
-  for (const SlotRun& r : borrow) borrowed += r.count;
-  const std::size_t fresh = need - borrowed;
   const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
-  if (fresh > 0 && reserved + fresh * chunk > limit_) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "the memory limit of %s would be exceeded (%s reserved, %s more needed)", FormatBytes(limit_),
-        FormatBytes(reserved), FormatBytes(fresh * chunk)));
+  // The preferred mapping size first; near the limit, only what the request needs.
+  std::size_t need = policy_.GrowSlots(rounded, kind);
+  std::vector<SlotRun> borrow;
+  std::size_t fresh = 0;
+  for (;;) {
+    borrow.clear();
+    if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool), need);
+    std::size_t borrowed = 0;
+    for (const SlotRun& r : borrow) borrowed += r.count;
+    fresh = need - borrowed;
+    if (fresh == 0 || reserved + fresh * chunk <= limit_) break;
+    const std::size_t exact = policy_.SlotsFor(rounded, kind);
+    if (need == exact) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the memory limit of %s would be exceeded (%s reserved, %s more needed)", FormatBytes(limit_),
+          FormatBytes(reserved), FormatBytes(fresh * chunk)));
+    }
+    need = exact;
   }
   auto m = store_->Create(pool, kind, chunk, borrow, fresh);
   if (!m.ok()) return m.status();

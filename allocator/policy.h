@@ -2,7 +2,8 @@
 // them out, so that policies can be compared. The sizes follow PyTorch's caching allocator:
 // requests are rounded up to 512 bytes; requests up to 1 MiB use the small pool (one-chunk
 // mappings of the driver granularity); larger ones use the large pool, whose mappings are made
-// of chunk_size chunks. A free block is split when the remainder is at least 512 bytes (small
+// of chunk_size chunks: 20 MiB for 1-10 MiB requests that are no multiple of the chunk (so
+// that they pack), else the fewest chunks that hold the request. A free block is split when the remainder is at least 512 bytes (small
 // pool) or more than 1 MiB (large pool), never when it is max_split_size or larger.
 //
 // Stitching: when no free block fits a large request, whole free chunks of other mappings are
@@ -11,6 +12,7 @@
 // shortfall.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <vector>
 
@@ -25,6 +27,7 @@ class Policy {
   static constexpr std::size_t kMinBlockSize = 512;
   static constexpr std::size_t kSmallSize = 1 * kMiB;
   static constexpr std::size_t kLargeBuffer = 20 * kMiB;
+  static constexpr std::size_t kMinLargeAlloc = 10 * kMiB;
   // Requests above this are rejected as impossible before any work (1 PiB).
   static constexpr std::size_t kMaxRequest = std::size_t{1} << 50;
 
@@ -50,8 +53,20 @@ class Policy {
     return kind == PoolKind::kSmall ? rest >= kMinBlockSize : rest > kSmallSize;
   }
   std::size_t ChunkSize(PoolKind kind) const { return kind == PoolKind::kSmall ? granularity_ : chunk_size_; }
+  // The fewest chunks that hold `rounded`.
   std::size_t SlotsFor(std::size_t rounded, PoolKind kind) const {
     return kind == PoolKind::kSmall ? 1 : (rounded + chunk_size_ - 1) / chunk_size_;
+  }
+  // The chunks of a new mapping for `rounded`: as PyTorch's 20 MiB segments for 1-10 MiB
+  // requests, a medium request that is no multiple of the chunk size gets a mapping of
+  // kLargeBuffer, so that later medium requests pack into it instead of each leaving a tail
+  // (unsplittable up to 1 MiB, a sliver only other medium requests can use above).
+  std::size_t GrowSlots(std::size_t rounded, PoolKind kind) const {
+    const std::size_t exact = SlotsFor(rounded, kind);
+    if (kind == PoolKind::kSmall || rounded >= kMinLargeAlloc || chunk_size_ > kLargeBuffer) return exact;
+    const std::size_t tail = exact * chunk_size_ - rounded;
+    if (tail == 0) return exact;  // a whole number of chunks: nothing to pack
+    return std::max(exact, kLargeBuffer / chunk_size_);
   }
   bool MayStitch(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge; }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.

@@ -80,10 +80,12 @@ TEST(CachingAllocator, StatisticsFollowTorchMeaning) {
   EXPECT_EQ(s.allocated_bytes.pools[kPoolSmall].current, 512);
   EXPECT_EQ(s.requested_bytes.all().current, static_cast<std::int64_t>(100 + 3 * kMiB + 1));
   EXPECT_EQ(s.reserved_bytes.pools[kPoolSmall].current, static_cast<std::int64_t>(2 * kMiB));
-  EXPECT_EQ(s.reserved_bytes.pools[kPoolLarge].current, static_cast<std::int64_t>(4 * kMiB));
+  // A medium request that is no multiple of the chunk gets a 20 MiB mapping to pack into.
+  EXPECT_EQ(s.reserved_bytes.pools[kPoolLarge].current, static_cast<std::int64_t>(20 * kMiB));
+  EXPECT_EQ(s.allocated_bytes.pools[kPoolLarge].current, static_cast<std::int64_t>(3 * kMiB + 512));
   EXPECT_EQ(s.segment.all().current, 2);
   EXPECT_EQ(s.active_bytes.all().current, s.allocated_bytes.all().current);
-  EXPECT_EQ(s.num_device_alloc, 3);
+  EXPECT_EQ(s.num_device_alloc, 11);  // one small chunk, ten large ones
   SA_ASSERT_OK(f.alloc->Free(b));
   s = f.alloc->GetStats();
   EXPECT_EQ(s.allocated_bytes.all().current, 512);
@@ -251,7 +253,7 @@ TEST(CachingAllocator, ChunkSizeMustBeAMultipleOfTheGranularity) {
   ASSERT_TRUE(good.ok()) << good.status();
   SA_ASSIGN_OR_FAIL(p, (*good)->Malloc(3 * kMiB));
   SA_ASSIGN_OR_FAIL(info, (*good)->Describe(p));
-  EXPECT_EQ(info.mapping_size, 8 * kMiB);
+  EXPECT_EQ(info.mapping_size, 16 * kMiB);  // 20 MiB of packing space in whole 8 MiB chunks
   SA_ASSERT_OK((*good)->Free(p));
 }
 
@@ -265,6 +267,30 @@ TEST(CachingAllocator, MemoryFractionCapsReserved) {
   ASSERT_TRUE(absl::IsResourceExhausted(b.status()));
   EXPECT_NE(b.status().message().find("memory limit"), std::string::npos) << b.status();
   SA_ASSERT_OK(f.alloc->Free(a));
+}
+
+TEST(CachingAllocator, MediumRequestsPackIntoOneMapping) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(3 * kMiB + 100));
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(3 * kMiB + 100));
+  SA_ASSIGN_OR_FAIL(ia, f.alloc->Describe(a));
+  SA_ASSIGN_OR_FAIL(ib, f.alloc->Describe(b));
+  EXPECT_EQ(ia.mapping_va, ib.mapping_va) << "the second medium request packs into the first one's mapping";
+  EXPECT_EQ(ia.mapping_size, 20 * kMiB);
+  // A whole number of chunks needs no packing space.
+  SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(4 * kMiB));
+  SA_ASSIGN_OR_FAIL(ic, f.alloc->Describe(c));
+  EXPECT_TRUE(ic.mapping_va == ia.mapping_va || ic.mapping_size == 4 * kMiB) << ic.mapping_size;
+  for (void* p : {a, b, c}) SA_ASSERT_OK(f.alloc->Free(p));
+  // Near the limit the mapping shrinks to what the request needs instead of failing.
+  auto g = MakeFixture();
+  SA_ASSERT_OK(g.alloc->SetMemoryFraction(10.0 * kMiB / (4.0 * kGiB)));  // 10 MiB
+  SA_ASSIGN_OR_FAIL(d, g.alloc->Malloc(3 * kMiB + 100));                  // 20 MiB would exceed it
+  SA_ASSIGN_OR_FAIL(id, g.alloc->Describe(d));
+  EXPECT_EQ(id.mapping_size, 4 * kMiB);
+  SA_ASSERT_OK(g.alloc->Free(d));
+  SA_EXPECT_OK(g.alloc->CheckInvariants());
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 
 TEST(CachingAllocator, AutoDriverFallsBackToHostWithAReason) {

@@ -244,10 +244,9 @@ absl::Status HostDriver::Map(DevicePtr va, std::size_t bytes, PhysHandle handle)
     return absl::FailedPreconditionError(absl::StrFormat(
         "host driver: Map(%s, %d): range is already mapped", FormatAddress(va), bytes));
   }
-  void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED, fd_,
-                 static_cast<off_t>(c->second.offset));
-  if (p == MAP_FAILED) return Errno("mmap of a chunk");
-  maps_.emplace(va, MapRec{bytes, handle});
+  // The mmap itself waits for SetAccess (without which CUDA forbids access too), so that
+  // the chunks of one mapping with consecutive memfd offsets become one mmap call.
+  maps_.emplace(va, MapRec{bytes, handle, c->second.offset, false});
   ++c->second.map_count;
   return absl::OkStatus();
 }
@@ -283,7 +282,34 @@ absl::Status HostDriver::SetAccess(DevicePtr va, std::size_t bytes) {
   if (auto s = CheckAligned("SetAccess", va, bytes); !s.ok()) return s;
   MutexLock l(&mem_mu_);
   if (auto s = CheckCovered("SetAccess", va, bytes, /*exact=*/false); !s.ok()) return s;
-  if (mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) != 0) return Errno("mprotect");
+  // Materialize pending chunks, one MAP_SHARED mmap per run of chunks that are consecutive
+  // both in the address space and in the memfd; chunks mapped earlier only change protection.
+  bool any_materialized = false;
+  auto it = maps_.upper_bound(va);
+  --it;  // CheckCovered guarantees a chunk starting at or before va
+  while (it != maps_.end() && it->first < va + bytes) {
+    if (it->second.materialized) {
+      any_materialized = true;
+      ++it;
+      continue;
+    }
+    const DevicePtr run_va = it->first;
+    const std::size_t run_offset = it->second.offset;
+    std::size_t run_bytes = 0;
+    auto run_end = it;
+    while (run_end != maps_.end() && run_end->first == run_va + run_bytes && !run_end->second.materialized &&
+           run_end->second.offset == run_offset + run_bytes) {
+      run_bytes += run_end->second.size;
+      ++run_end;
+    }
+    void* p = mmap(reinterpret_cast<void*>(run_va), run_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
+                   static_cast<off_t>(run_offset));
+    if (p == MAP_FAILED) return Errno("mmap of a chunk");
+    for (; it != run_end; ++it) it->second.materialized = true;
+  }
+  if (any_materialized && mprotect(reinterpret_cast<void*>(va), bytes, PROT_READ | PROT_WRITE) != 0) {
+    return Errno("mprotect");
+  }
   return absl::OkStatus();
 }
 

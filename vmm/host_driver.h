@@ -8,10 +8,12 @@
 //   return to the system; a chunk released while mapped is kept until its last Unmap.
 // - A reservation is an mmap(PROT_NONE, MAP_NORESERVE) range aligned to the granularity
 //   (reservations_: base -> size).
-// - Map is mmap(MAP_SHARED | MAP_FIXED) of the chunk's file range over part of a reservation,
-//   so two mappings of one chunk alias the same pages. Mapped ranges stay PROT_NONE until
-//   SetAccess (as CUDA requires cuMemSetAccess). Unmap puts the PROT_NONE placeholder back.
-//   maps_: address -> size and chunk; entries never overlap.
+// - Map records the chunk at an address of a reservation (maps_: address -> size, chunk, file
+//   offset; entries never overlap); the range stays inaccessible (the reservation's PROT_NONE)
+//   until SetAccess, as CUDA requires cuMemSetAccess. SetAccess materializes the pending
+//   chunks with mmap(MAP_SHARED | MAP_FIXED) of their file ranges, one call per run of chunks
+//   consecutive in both the address space and the file, so two mappings of one chunk alias
+//   the same pages. Unmap puts the PROT_NONE placeholder back.
 // - The file is twice the capacity (sparse) so that chunk placement never fails for lack of a
 //   contiguous file range while less than `capacity` bytes are in use; `used_` enforces the
 //   capacity.
@@ -92,6 +94,8 @@ class HostDriver final : public Driver {
   struct MapRec {
     std::size_t size = 0;
     PhysHandle handle = 0;
+    std::size_t offset = 0;     // the chunk's offset in the device memfd
+    bool materialized = false;  // mmap'ed into the address space (done by SetAccess)
   };
   struct Token;
   struct HostEvent;

@@ -1,0 +1,205 @@
+#include "bench/replay/replay.h"
+
+#include <chrono>
+#include <cstdio>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
+
+namespace stitchalloc::bench {
+namespace {
+
+class StitchallocReplay final : public ReplayAllocator {
+ public:
+  explicit StitchallocReplay(std::unique_ptr<CachingAllocator> alloc) : alloc_(std::move(alloc)) {}
+  ~StitchallocReplay() override {
+    for (const auto& [trace_stream, stream] : streams_) {
+      if (stream != kDefaultStream) (void)alloc_->driver().DestroyStream(stream);
+    }
+  }
+
+  absl::StatusOr<std::uint64_t> Malloc(std::size_t size, std::uint64_t trace_stream) override {
+    Stream stream = kDefaultStream;
+    if (trace_stream != 0) {
+      auto it = streams_.find(trace_stream);
+      if (it == streams_.end()) {
+        absl::StatusOr<Stream> s = alloc_->driver().CreateStream();
+        if (!s.ok()) return s.status();
+        it = streams_.emplace(trace_stream, *s).first;
+      }
+      stream = it->second;
+    }
+    absl::StatusOr<void*> p = alloc_->Malloc(size, stream);
+    if (!p.ok()) return p.status();
+    return reinterpret_cast<std::uint64_t>(*p);
+  }
+  absl::Status Free(std::uint64_t handle) override { return alloc_->Free(reinterpret_cast<void*>(handle)); }
+  std::int64_t Reserved() const override { return alloc_->GetStats().reserved_bytes.pools[kPoolAll].current; }
+  void Report(ReplayResult& r) const override {
+    const Stats s = alloc_->GetStats();
+    r.peak_reserved = s.reserved_bytes.pools[kPoolAll].peak;
+    r.policy_peak_allocated = s.allocated_bytes.pools[kPoolAll].peak;
+    r.ooms = s.num_ooms;
+    r.retries = s.num_alloc_retries;
+    r.stitches = s.num_stitches;
+    r.map_calls = s.num_map_calls;
+    r.unmap_calls = s.num_unmap_calls;
+    r.segment_allocs = s.num_device_alloc;
+    if (getenv("SA_DEBUG")) fprintf(stderr, "small reserved peak %ld cur %ld, large peak %ld cur %ld; alloc small peak %ld large peak %ld; segments peak %ld; inactive split bytes cur %ld\n", s.reserved_bytes.pools[kPoolSmall].peak, s.reserved_bytes.pools[kPoolSmall].current, s.reserved_bytes.pools[kPoolLarge].peak, s.reserved_bytes.pools[kPoolLarge].current, s.allocated_bytes.pools[kPoolSmall].peak, s.allocated_bytes.pools[kPoolLarge].peak, s.segment.pools[kPoolAll].peak, s.inactive_split_bytes.pools[kPoolAll].current);
+  }
+  absl::Status CheckInvariants() const override { return alloc_->CheckInvariants(); }
+
+ private:
+  std::unique_ptr<CachingAllocator> alloc_;
+  absl::flat_hash_map<std::uint64_t, Stream> streams_;
+};
+
+class TorchReplay final : public ReplayAllocator {
+ public:
+  explicit TorchReplay(const TorchModelOptions& options) : model_(options), expandable_(options.expandable_segments) {}
+  absl::StatusOr<std::uint64_t> Malloc(std::size_t size, std::uint64_t stream) override {
+    return model_.Malloc(size, stream);
+  }
+  absl::Status Free(std::uint64_t handle) override { return model_.Free(handle); }
+  std::int64_t Reserved() const override { return model_.counters().reserved; }
+  void Report(ReplayResult& r) const override {
+    const TorchModelCounters& c = model_.counters();
+    r.peak_reserved = c.reserved_peak;
+    r.policy_peak_allocated = c.allocated_peak;
+    r.ooms = c.ooms;
+    r.retries = c.retries;
+    r.segment_allocs = c.segment_allocs;
+    if (expandable_) {
+      r.map_calls = c.segment_allocs;
+      r.unmap_calls = c.segment_frees;
+    }
+    r.segment_log = model_.segment_log();
+  }
+  absl::Status CheckInvariants() const override { return model_.CheckInvariants(); }
+
+ private:
+  TorchAllocatorModel model_;
+  const bool expandable_;
+};
+
+std::uint64_t Round512(std::uint64_t n) { return n < 512 ? 512 : (n + 511) / 512 * 512; }
+
+}  // namespace
+
+absl::StatusOr<PolicySpec> ParsePolicy(absl::string_view name) {
+  for (const PolicySpec& p : AllPolicies()) {
+    if (p.name == name) return p;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy \"", name, "\"; known: stitchalloc, stitchalloc-nostitch, native, expandable"));
+}
+
+std::vector<PolicySpec> AllPolicies() {
+  return {{PolicyKind::kStitchalloc, "stitchalloc"},
+          {PolicyKind::kStitchallocNoStitch, "stitchalloc-nostitch"},
+          {PolicyKind::kNative, "native"},
+          {PolicyKind::kExpandable, "expandable"}};
+}
+
+absl::StatusOr<std::unique_ptr<ReplayAllocator>> MakeReplayAllocator(const PolicySpec& policy,
+                                                                    const ReplayOptions& options) {
+  switch (policy.kind) {
+    case PolicyKind::kStitchalloc:
+    case PolicyKind::kStitchallocNoStitch: {
+      std::string text = options.cuda_driver
+                             ? std::string("driver:cuda")
+                             : absl::StrFormat("driver:host,host_capacity_mb:%d", options.device_memory >> 20);
+      absl::StrAppend(&text, ",stitching:", policy.kind == PolicyKind::kStitchalloc ? "true" : "false");
+      if (!options.stitchalloc_config.empty()) absl::StrAppend(&text, ",", options.stitchalloc_config);
+      absl::StatusOr<Config> config = ParseConfig(text);
+      if (!config.ok()) return config.status();
+      absl::StatusOr<std::unique_ptr<CachingAllocator>> alloc = CachingAllocator::Create(*config);
+      if (!alloc.ok()) return alloc.status();
+      return std::unique_ptr<ReplayAllocator>(new StitchallocReplay(*std::move(alloc)));
+    }
+    case PolicyKind::kNative:
+    case PolicyKind::kExpandable: {
+      TorchModelOptions o = options.torch;
+      o.device_memory = options.device_memory;
+      o.expandable_segments = policy.kind == PolicyKind::kExpandable;
+      return std::unique_ptr<ReplayAllocator>(new TorchReplay(o));
+    }
+  }
+  return absl::InternalError("unreachable policy kind");
+}
+
+absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy, const ReplayOptions& options) {
+  absl::StatusOr<std::unique_ptr<ReplayAllocator>> made = MakeReplayAllocator(policy, options);
+  if (!made.ok()) return made.status();
+  ReplayAllocator& alloc = **made;
+
+  ReplayResult r;
+  r.trace = trace.name;
+  r.policy = policy.name;
+  absl::flat_hash_map<std::uint64_t, std::pair<std::uint64_t, std::uint64_t>> live;  // id -> (handle, rounded)
+  live.reserve(1024);
+  std::int64_t allocated = 0;
+  const std::size_t n = trace.events.size();
+  const std::size_t stride =
+      options.timeline_points > 0 ? std::max<std::size_t>(1, n / options.timeline_points) : 0;
+  TimelinePoint window;
+
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point last_progress = start;
+  bool progress_shown = false;
+  for (std::size_t i = 0; i < n; ++i) {
+    const TraceEvent& e = trace.events[i];
+    if (e.op == TraceOp::kAlloc) {
+      ++r.events;
+      absl::StatusOr<std::uint64_t> h = alloc.Malloc(e.size, e.stream);
+      if (h.ok()) {
+        const std::uint64_t rounded = Round512(e.size);
+        live.emplace(e.id, std::make_pair(*h, rounded));
+        allocated += static_cast<std::int64_t>(rounded);
+        r.peak_allocated = std::max(r.peak_allocated, allocated);
+      } else if (!absl::IsResourceExhausted(h.status())) {
+        return absl::Status(h.status().code(), absl::StrFormat("replay of %s on %s, event %d: %s", trace.name,
+                                                               policy.name, i, h.status().message()));
+      }
+    } else if (e.op == TraceOp::kFree) {
+      ++r.events;
+      auto it = live.find(e.id);
+      if (it == live.end()) continue;  // its alloc ran out of memory
+      if (absl::Status s = alloc.Free(it->second.first); !s.ok()) {
+        return absl::Status(s.code(), absl::StrFormat("replay of %s on %s, event %d: %s", trace.name, policy.name, i,
+                                                      s.message()));
+      }
+      allocated -= static_cast<std::int64_t>(it->second.second);
+      live.erase(it);
+    }
+    if (stride > 0) {
+      window.allocated = std::max(window.allocated, allocated);
+      window.reserved = std::max(window.reserved, alloc.Reserved());
+      if ((i + 1) % stride == 0 || i + 1 == n) {
+        window.event = i + 1;
+        r.timeline.push_back(window);
+        window = TimelinePoint{};
+      }
+    }
+    if (options.progress && (i & 0xFFFF) == 0xFFFF) {
+      const Clock::time_point now = Clock::now();
+      if (now - start > std::chrono::seconds(2) && now - last_progress > std::chrono::milliseconds(500)) {
+        std::fprintf(stderr, "\r  replaying %s on %s: %5.1f%% of %zu events", trace.name.c_str(), policy.name.c_str(),
+                     100.0 * double(i + 1) / double(n), n);
+        last_progress = now;
+        progress_shown = true;
+      }
+    }
+  }
+  r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (progress_shown) std::fprintf(stderr, "\r%*s\r", 100, "");
+  alloc.Report(r);
+  if (options.check_invariants) r.check_status = alloc.CheckInvariants();
+  return r;
+}
+
+}  // namespace stitchalloc::bench
