@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine of the project's kind lacks to build stitchalloc:
-# compilers and build tools, Abseil, GoogleTest/GoogleMock and Google Benchmark from Debian.
+# compilers and build tools, Abseil, GoogleTest/GoogleMock, Google Benchmark, zlib, gnuplot (the
+# main job's plot) and python3-venv (the Python tests' virtual environment) from Debian.
 # The CUDA toolkit (headers, nvcc) is expected at /usr/local/cuda; libcuda is never needed.
 # Idempotent and non-interactive: packages already installed are not touched.
 set -euo pipefail
 
-packages=(build-essential cmake ninja-build pkg-config libabsl-dev googletest libgtest-dev libgmock-dev libbenchmark-dev)
+packages=(build-essential cmake ninja-build pkg-config libabsl-dev googletest libgtest-dev libgmock-dev libbenchmark-dev
+          zlib1g-dev gnuplot-nox python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,11 +1,32 @@
 #!/usr/bin/env bash
-# The main job: builds stitchalloc (Release) and runs the stitching demo on the host driver,
-# which prints reserved/allocated for the adversarial fragmentation pattern with and without
-# stitching. Extra arguments go to stitchalloc-demo (see --help).
+# The main job: the fragmentation comparison. Builds stitchalloc-replay (Release), replays the
+# built-in generated training traces (bench/trace/generators.h) against stitchalloc, stitchalloc
+# without stitching, and models of PyTorch's native and expandable_segments allocators on the
+# host driver, prints the table, and writes to build/main/:
+#   replay.json        every figure of the table (format: docs/trace-format.md)
+#   timeline.csv       allocated/reserved over time for the plotted trace
+#   fragmentation.png  the plot of that trace
+# Arguments go to stitchalloc-replay (e.g. a trace file converted from your own snapshot,
+# see README); PLOT_TRACE names the trace to plot (default llama-varlen-ckpt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 source scripts/env.sh
 cmake --preset default >/dev/null
-cmake --build --preset default -j "${JOBS}" --target stitchalloc-demo
-exec ./build/default/bench/stitchalloc-demo "$@"
+cmake --build --preset default -j "${JOBS}" --target stitchalloc-replay >/dev/null
+out=build/main
+mkdir -p "${out}"
+plot_trace="${PLOT_TRACE:-llama-varlen-ckpt}"
+inputs=("$@")
+((${#inputs[@]})) || inputs=(gen:all)
+./build/default/bench/stitchalloc-replay --compare --json "${out}/replay.json" \
+  --timeline "${out}/timeline.csv" --timeline_trace "${plot_trace}" "${inputs[@]}"
+rm -rf "${out}/timeline" && mkdir -p "${out}/timeline"
+awk -F, -v dir="${out}/timeline" 'NR > 1 { print $3, $4, $5 > (dir "/" $2 ".dat") }' "${out}/timeline.csv"
+if [[ -s "${out}/timeline/stitchalloc.dat" ]]; then
+  gnuplot -e "dir='${out}/timeline'; trace='${plot_trace}'; out='${out}/fragmentation.png'" bench/plot_timeline.gp
+  echo
+  echo "wrote ${out}/replay.json, ${out}/timeline.csv and the plot ${out}/fragmentation.png (trace ${plot_trace})"
+else
+  echo "no timeline for trace ${plot_trace} (PLOT_TRACE names a trace of this run); wrote ${out}/replay.json"
+fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs every test suite: plain (Release), ASan+UBSan and TSan.
+# Builds and runs every test suite: plain (Release), ASan+UBSan and TSan, then the Python tests.
 # Usage: scripts/test.sh [preset...]   (default: default asan-ubsan tsan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +15,9 @@ for preset in "${presets[@]}"; do
   echo "=== ${preset}: test ==="
   ctest --preset "${preset}" -j "${JOBS}" --timeout 900
 done
+
+echo "=== python: converter tests (pytest in .venv) ==="
+bash scripts/venv.sh
+replay=build/default/bench/stitchalloc-replay
+PYTHONPATH=python STITCHALLOC_REPLAY="$([[ -x ${replay} ]] && echo "${PWD}/${replay}")" \
+  .venv/bin/python -m pytest -q tests/python

@@ -48,7 +48,6 @@ class StitchallocReplay final : public ReplayAllocator {
     r.map_calls = s.num_map_calls;
     r.unmap_calls = s.num_unmap_calls;
     r.segment_allocs = s.num_device_alloc;
-    if (getenv("SA_DEBUG")) fprintf(stderr, "small reserved peak %ld cur %ld, large peak %ld cur %ld; alloc small peak %ld large peak %ld; segments peak %ld; inactive split bytes cur %ld\n", s.reserved_bytes.pools[kPoolSmall].peak, s.reserved_bytes.pools[kPoolSmall].current, s.reserved_bytes.pools[kPoolLarge].peak, s.reserved_bytes.pools[kPoolLarge].current, s.allocated_bytes.pools[kPoolSmall].peak, s.allocated_bytes.pools[kPoolLarge].peak, s.segment.pools[kPoolAll].peak, s.inactive_split_bytes.pools[kPoolAll].current);
   }
   absl::Status CheckInvariants() const override { return alloc_->CheckInvariants(); }
 
