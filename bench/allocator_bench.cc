@@ -13,12 +13,24 @@
 //   BM_Stitch8Chunks              stitch 8 free chunks from 8 mappings into one range, then
 //                                 unstitch (chunks return home): 8 maps + 8 unmaps + reserve/free
 //   BM_HostMapUnmap               the host driver's map + set-access + unmap of one 2 MiB chunk
+// stitchalloc side by side with the model of PyTorch's native allocator (bench/models; the
+// model takes a mutex per call as PyTorch does per device):
+//   BM_Pair_{Stitchalloc,Native}/<bytes>       cached malloc+free pair of one size
+//   BM_Mixed_{Stitchalloc,Native}/<streams>    steady state of 64 live blocks of mixed sizes
+//                                              (512 B to 64 MiB, log-uniform, fixed seed): each
+//                                              iteration frees one and allocates the next size,
+//                                              round-robin over 1 or 4 streams
+//   BM_Threads_{Stitchalloc,Native}/threads:N  cached pairs from N threads on one allocator
+#include <cmath>
 #include <memory>
+#include <mutex>
+#include <random>
 #include <vector>
 
 #include "allocator/caching_allocator.h"
 #include "allocator/mapping_store.h"
 #include "benchmark/benchmark.h"
+#include "bench/models/torch_model.h"
 #include "vmm/host_driver.h"
 
 namespace stitchalloc {
@@ -133,6 +145,110 @@ void BM_HostMapUnmap(benchmark::State& state) {
   driver->FreeReservation(va, 2 * kMiB).IgnoreError();
 }
 BENCHMARK(BM_HostMapUnmap)->Unit(benchmark::kMicrosecond);
+
+
+// ---- stitchalloc vs the native model ----------------------------------------------------------
+
+struct StitchallocSide {
+  StitchallocSide() : alloc(MakeAllocator()) {
+    streams.push_back(kDefaultStream);
+    for (int i = 0; i < 3; ++i) streams.push_back(*alloc->driver().CreateStream());
+  }
+  ~StitchallocSide() {
+    alloc.reset();  // frees every block before the streams go
+  }
+  std::uint64_t Malloc(std::size_t n, int stream) {
+    return reinterpret_cast<std::uint64_t>(*alloc->Malloc(n, streams[std::size_t(stream)]));
+  }
+  void Free(std::uint64_t p) { alloc->Free(reinterpret_cast<void*>(p)).IgnoreError(); }
+  std::unique_ptr<CachingAllocator> alloc;
+  std::vector<Stream> streams;
+};
+
+struct NativeSide {
+  NativeSide() : model(bench::TorchModelOptions{}) {}
+  std::uint64_t Malloc(std::size_t n, int stream) {
+    std::lock_guard<std::mutex> l(mu);
+    return *model.Malloc(n, std::uint64_t(stream));
+  }
+  void Free(std::uint64_t p) {
+    std::lock_guard<std::mutex> l(mu);
+    model.Free(p).IgnoreError();
+  }
+  std::mutex mu;
+  bench::TorchAllocatorModel model;
+};
+
+template <typename Side>
+void BM_Pair(benchmark::State& state) {
+  Side side;
+  const auto size = static_cast<std::size_t>(state.range(0));
+  std::uint64_t warm = side.Malloc(size, 0);
+  std::uint64_t pin = side.Malloc(size, 0);
+  side.Free(warm);
+  for (auto _ : state) {
+    std::uint64_t p = side.Malloc(size, 0);
+    benchmark::DoNotOptimize(p);
+    side.Free(p);
+  }
+  side.Free(pin);
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Pair<StitchallocSide>)->Name("BM_Pair_Stitchalloc")->Arg(512)->Arg(8 << 20);
+BENCHMARK(BM_Pair<NativeSide>)->Name("BM_Pair_Native")->Arg(512)->Arg(8 << 20);
+
+template <typename Side>
+void BM_Mixed(benchmark::State& state) {
+  Side side;
+  const int streams = static_cast<int>(state.range(0));
+  std::mt19937_64 rng(3);
+  std::vector<std::size_t> sizes(4096);
+  for (std::size_t& n : sizes) n = std::size_t(512.0 * std::pow(2.0, std::uniform_real_distribution<double>(0, 17)(rng)));
+  constexpr std::size_t kLive = 64;
+  std::vector<std::uint64_t> live(kLive);
+  std::vector<int> stream_of(kLive);
+  std::size_t next = 0;
+  for (std::size_t i = 0; i < kLive; ++i) {
+    stream_of[i] = int(i) % streams;
+    live[i] = side.Malloc(sizes[next++ % sizes.size()], stream_of[i]);
+  }
+  // One pass over every size first, so that the measured loop runs on cached memory.
+  for (std::size_t k = 0; k < sizes.size(); ++k) {
+    const std::size_t i = k % kLive;
+    side.Free(live[i]);
+    live[i] = side.Malloc(sizes[next++ % sizes.size()], stream_of[i]);
+  }
+  std::size_t i = 0;
+  for (auto _ : state) {
+    side.Free(live[i]);
+    live[i] = side.Malloc(sizes[next++ % sizes.size()], stream_of[i]);
+    if (++i == kLive) i = 0;
+  }
+  for (std::uint64_t p : live) side.Free(p);
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Mixed<StitchallocSide>)->Name("BM_Mixed_Stitchalloc")->Arg(1)->Arg(4);
+BENCHMARK(BM_Mixed<NativeSide>)->Name("BM_Mixed_Native")->Arg(1)->Arg(4);
+
+template <typename Side>
+void BM_Threads(benchmark::State& state) {
+  static Side* side = nullptr;
+  if (state.thread_index() == 0) side = new Side;
+  // Google Benchmark starts every thread's loop together, after thread 0's setup above.
+  const std::size_t size = (std::size_t(state.thread_index()) + 1) * (64 << 10);
+  for (auto _ : state) {
+    std::uint64_t p = side->Malloc(size, 0);
+    benchmark::DoNotOptimize(p);
+    side->Free(p);
+  }
+  state.SetItemsProcessed(state.iterations());
+  if (state.thread_index() == 0) {
+    delete side;
+    side = nullptr;
+  }
+}
+BENCHMARK(BM_Threads<StitchallocSide>)->Name("BM_Threads_Stitchalloc")->Threads(1)->Threads(2)->Threads(4)->UseRealTime();
+BENCHMARK(BM_Threads<NativeSide>)->Name("BM_Threads_Native")->Threads(1)->Threads(2)->Threads(4)->UseRealTime();
 
 }  // namespace
 }  // namespace stitchalloc
