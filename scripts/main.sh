@@ -7,7 +7,8 @@
 #   timeline.csv       allocated/reserved over time for the plotted trace
 #   fragmentation.png  the plot of that trace
 # Arguments go to stitchalloc-replay (e.g. a trace file converted from your own snapshot,
-# see README); PLOT_TRACE names the trace to plot (default llama-varlen-ckpt).
+# see README); PLOT_TRACE names the trace to plot (default llama-varlen-ckpt, or the first of
+# your own traces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -16,13 +17,19 @@ cmake --preset default >/dev/null
 cmake --build --preset default -j "${JOBS}" --target stitchalloc-replay >/dev/null
 out=build/main
 mkdir -p "${out}"
-plot_trace="${PLOT_TRACE:-llama-varlen-ckpt}"
 inputs=("$@")
-((${#inputs[@]})) || inputs=(gen:all)
+plot_trace="${PLOT_TRACE:-}"
+if ((${#inputs[@]} == 0)); then
+  inputs=(gen:all)
+  plot_trace="${plot_trace:-llama-varlen-ckpt}"
+fi
 ./build/default/bench/stitchalloc-replay --compare --json "${out}/replay.json" \
   --timeline "${out}/timeline.csv" --timeline_trace "${plot_trace}" "${inputs[@]}"
+# Without PLOT_TRACE, your own traces: plot the first one.
+[[ -n "${plot_trace}" ]] || plot_trace="$(awk -F, 'NR == 2 { print $1 }' "${out}/timeline.csv")"
 rm -rf "${out}/timeline" && mkdir -p "${out}/timeline"
-awk -F, -v dir="${out}/timeline" 'NR > 1 { print $3, $4, $5 > (dir "/" $2 ".dat") }' "${out}/timeline.csv"
+awk -F, -v dir="${out}/timeline" -v t="${plot_trace}" 'NR > 1 && $1 == t { print $3, $4, $5 > (dir "/" $2 ".dat") }' \
+  "${out}/timeline.csv"
 if [[ -s "${out}/timeline/stitchalloc.dat" ]]; then
   gnuplot -e "dir='${out}/timeline'; trace='${plot_trace}'; out='${out}/fragmentation.png'" bench/plot_timeline.gp
   echo
