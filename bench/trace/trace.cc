@@ -2,6 +2,7 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 
@@ -270,7 +271,12 @@ absl::Status WriteTrace(const Trace& trace, const std::string& path) {
   if (absl::EndsWith(path, ".gz")) {
     gzFile f = gzopen(path.c_str(), "wb6");
     if (f == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot create ", path));
-    const bool ok = gzwrite(f, text.data(), static_cast<unsigned>(text.size())) == static_cast<int>(text.size());
+    bool ok = true;
+    for (std::size_t at = 0; ok && at < text.size();) {  // gzwrite takes an unsigned length
+      const unsigned n = static_cast<unsigned>(std::min<std::size_t>(text.size() - at, 1u << 24));
+      ok = gzwrite(f, text.data() + at, n) == static_cast<int>(n);
+      at += n;
+    }
     if (gzclose(f) != Z_OK || !ok) return absl::DataLossError(absl::StrCat("writing ", path, " failed"));
     return absl::OkStatus();
   }
