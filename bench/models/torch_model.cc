@@ -56,8 +56,6 @@ TorchAllocatorModel::Block* TorchAllocatorModel::NewBlock(std::uint64_t stream, 
   return b;
 }
 
-void TorchAllocatorModel::DeleteBlock(Block* b) { delete b; }
-
 void TorchAllocatorModel::AddReserved(std::int64_t delta) {
   counters_.reserved += delta;
   counters_.reserved_peak = std::max(counters_.reserved_peak, counters_.reserved);
@@ -197,7 +195,7 @@ std::size_t TorchAllocatorModel::TryMerge(Block* dst, Block* src) {
   }
   const std::size_t merged = src->size;
   dst->size += merged;
-  DeleteBlock(src);
+  delete src;
   return merged;
 }
 
@@ -220,7 +218,7 @@ void TorchAllocatorModel::ReleaseBlock(Block* b) {
   AddReserved(-static_cast<std::int64_t>(b->size));
   ++counters_.segment_frees;
   segments_.erase(b->segment->base);
-  DeleteBlock(b);
+  delete b;
 }
 
 void TorchAllocatorModel::UnmapBlock(Block* b) {

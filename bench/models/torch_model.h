@@ -121,7 +121,6 @@ class TorchAllocatorModel {
   };
 
   Block* NewBlock(std::uint64_t stream, std::size_t size, std::uint64_t ptr, Pool* pool, Segment* segment);
-  void DeleteBlock(Block* b);
   Block* GetFreeBlock(Pool& pool, std::uint64_t stream, std::size_t rounded);
   Block* AllocBlock(Pool& pool, std::uint64_t stream, std::size_t rounded, std::size_t alloc_size, bool is_retry);
   bool Fits(std::size_t bytes) const;

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
+#include "allocator/policy.h"
 
 namespace stitchalloc::bench {
 namespace {
@@ -84,8 +85,6 @@ class TorchReplay final : public ReplayAllocator {
   const bool expandable_;
 };
 
-std::uint64_t Round512(std::uint64_t n) { return n < 512 ? 512 : (n + 511) / 512 * 512; }
-
 }  // namespace
 
 absl::StatusOr<PolicySpec> ParsePolicy(absl::string_view name) {
@@ -156,7 +155,7 @@ absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy
       ++r.events;
       absl::StatusOr<std::uint64_t> h = alloc.Malloc(e.size, e.stream);
       if (h.ok()) {
-        const std::uint64_t rounded = Round512(e.size);
+        const std::uint64_t rounded = Policy::RoundSize(e.size);
         live.emplace(e.id, std::make_pair(*h, rounded));
         allocated += static_cast<std::int64_t>(rounded);
         r.peak_allocated = std::max(r.peak_allocated, allocated);

@@ -15,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "allocator/policy.h"
 
 namespace stitchalloc::bench {
 namespace {
@@ -42,8 +43,6 @@ bool ParseOp(absl::string_view s, TraceOp* op) {
   }
   return false;
 }
-
-std::uint64_t Round512(std::uint64_t n) { return n < 512 ? 512 : (n + 511) / 512 * 512; }
 
 }  // namespace
 
@@ -148,7 +147,7 @@ TraceSummary Summarize(const Trace& trace) {
       streams.insert(e.stream);
       live[e.id] = e.size;
       requested += e.size;
-      rounded += Round512(e.size);
+      rounded += Policy::RoundSize(e.size);
       s.peak_requested_bytes = std::max(s.peak_requested_bytes, requested);
       s.peak_rounded_bytes = std::max(s.peak_rounded_bytes, rounded);
       s.largest_request = std::max(s.largest_request, e.size);
@@ -157,7 +156,7 @@ TraceSummary Summarize(const Trace& trace) {
       if (it == live.end()) continue;
       ++s.frees;
       requested -= it->second;
-      rounded -= Round512(it->second);
+      rounded -= Policy::RoundSize(it->second);
       live.erase(it);
     } else if (e.op == TraceOp::kSegmentAlloc) {
       ++s.segment_allocs;
