@@ -1,0 +1,228 @@
+// PlannedAllocator (see arena.h): recording, plan cache, O(1) slot lookup, overlap guard.
+#include "allocator/arena/arena.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "vmm/nvtx.h"
+
+namespace stitchalloc::arena {
+
+PlannedAllocator::PlannedAllocator(CachingAllocator* backing, ArenaOptions options)
+    : backing_(backing), options_(options) {}
+
+PlannedAllocator::~PlannedAllocator() {
+  MutexLock l(&mu_);
+  for (auto& [sig, p] : plans_) {
+    if (p->base != nullptr) (void)backing_->Free(p->base);
+  }
+  plans_.clear();
+}
+
+void PlannedAllocator::UpdateEngaged() {
+  engaged_.store(mode_ != Mode::kIdle || !plans_.empty() || !arena_live_.empty(), std::memory_order_release);
+}
+
+absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
+  MutexLock l(&mu_);
+  if (mode_ != Mode::kIdle) return absl::FailedPreconditionError("iteration_begin while an iteration is open");
+  signature_ = signature;
+  occurrences_.clear();
+  ordinal_ = outside_ordinal_ = 0;
+  in_layer_ = false;
+  iteration_missed_ = false;
+  auto it = plans_.find(signature);
+  if (it != plans_.end()) {
+    mode_ = Mode::kServing;
+    current_ = it->second.get();
+    slots_ = &current_->plan.outside;
+  } else {
+    mode_ = Mode::kRecording;
+    current_ = nullptr;
+    slots_ = nullptr;
+    recorder_.Begin();
+  }
+  UpdateEngaged();
+  return absl::OkStatus();
+}
+
+absl::Status PlannedAllocator::EndIteration() {
+  MutexLock l(&mu_);
+  if (mode_ == Mode::kIdle) return absl::FailedPreconditionError("iteration_end without iteration_begin");
+  if (in_layer_) return absl::FailedPreconditionError("iteration_end inside a layer");
+  const Mode mode = mode_;
+  mode_ = Mode::kIdle;
+  absl::Status result = absl::OkStatus();
+  if (mode == Mode::kServing) {
+    ++stats_.served_iterations;
+    if (iteration_missed_) {
+      if (++current_->missed_iterations >= options_.replan_after) {
+        ++stats_.replans;
+        // Re-plan: drop now if nothing of it is live; otherwise keep serving until it drains.
+        if (current_->live.empty()) result = DropLocked(signature_);
+      }
+    } else {
+      current_->missed_iterations = 0;
+    }
+  } else {
+    ++stats_.recorded_iterations;
+    STITCHALLOC_NVTX_RANGE("stitchalloc::arena::plan");
+    IterationRecording rec;
+    result = recorder_.Finish(&rec);
+    absl::StatusOr<ArenaPlan> plan = result.ok() ? PlanIteration(rec, options_.planning) : result;
+    if (!plan.ok()) {
+      ++stats_.plan_failures;
+      result = plan.status();
+    } else if (plan->arena_bytes > 0) {
+      auto cached = std::make_unique<CachedPlan>();
+      absl::StatusOr<void*> base = backing_->Malloc(static_cast<std::size_t>(plan->arena_bytes));
+      if (!base.ok()) {
+        ++stats_.plan_failures;  // no room for the arena: keep using the caching allocator
+      } else {
+        cached->base = *base;
+        stats_.arena_bytes += plan->arena_bytes;
+        stats_.last_plan_lower_bound = plan->lower_bound;
+        stats_.last_plan_arena_bytes = plan->arena_bytes;
+        stats_.last_plan_time_us = absl::ToInt64Microseconds(plan->plan_time);
+        cached->plan = *std::move(plan);
+        plans_[signature_] = std::move(cached);
+        ++stats_.plans_built;
+      }
+    }
+  }
+  current_ = nullptr;
+  slots_ = nullptr;
+  stats_.plans_cached = static_cast<std::int64_t>(plans_.size());
+  UpdateEngaged();
+  return result;
+}
+
+absl::Status PlannedAllocator::LayerBegin(absl::string_view kind, int index, Phase phase) {
+  MutexLock l(&mu_);
+  if (mode_ == Mode::kIdle) return absl::OkStatus();
+  if (in_layer_) return absl::FailedPreconditionError(absl::StrCat("layer_begin(", kind, ", ", index, ") inside a layer"));
+  in_layer_ = true;
+  if (mode_ == Mode::kRecording) return recorder_.LayerBegin(kind, index, phase);
+  const int occurrence = occurrences_[std::make_tuple(std::string(kind), index, phase)]++;
+  auto it = current_->plan.layers.find(LayerKey{std::string(kind), index, phase, occurrence});
+  slots_ = it == current_->plan.layers.end() ? nullptr : &it->second;
+  ordinal_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status PlannedAllocator::LayerEnd() {
+  MutexLock l(&mu_);
+  if (mode_ == Mode::kIdle) return absl::OkStatus();
+  if (!in_layer_) return absl::FailedPreconditionError("layer_end without layer_begin");
+  in_layer_ = false;
+  if (mode_ == Mode::kRecording) return recorder_.LayerEnd();
+  slots_ = &current_->plan.outside;
+  ordinal_ = outside_ordinal_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) {
+  if (!engaged_.load(std::memory_order_acquire)) return backing_->Malloc(size, stream);
+  MutexLock l(&mu_);
+  if (mode_ == Mode::kRecording) {
+    absl::StatusOr<void*> p = backing_->Malloc(size, stream);
+    if (p.ok()) recorder_.OnAlloc(reinterpret_cast<std::uintptr_t>(*p), size, stream);
+    return p;
+  }
+  if (mode_ == Mode::kServing && size > 0) {
+    const int ordinal = ordinal_++;
+    if (!in_layer_) outside_ordinal_ = ordinal_;
+    const Slot* slot = slots_ != nullptr && static_cast<std::size_t>(ordinal) < slots_->size() ? &(*slots_)[ordinal] : nullptr;
+    if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream) {
+      if (!slot->planned) {
+        ++stats_.unplanned;
+        return backing_->Malloc(size, stream);
+      }
+      // Guard: no live arena allocation may overlap [offset, offset + size).
+      auto& live = current_->live;
+      const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
+      auto next = live.lower_bound(lo);
+      const bool clash = (next != live.end() && next->first < hi) ||
+                         (next != live.begin() && std::prev(next)->second > lo);
+      if (!clash) {
+        live.emplace(lo, hi);
+        void* p = static_cast<char*>(current_->base) + lo;
+        arena_live_[reinterpret_cast<std::uintptr_t>(p)] = {current_, lo};
+        ++stats_.hits;
+        return p;
+      }
+    }
+    ++stats_.misses;
+    iteration_missed_ = true;
+  }
+  return backing_->Malloc(size, stream);
+}
+
+absl::Status PlannedAllocator::Free(void* ptr) {
+  if (ptr == nullptr) return absl::OkStatus();
+  if (!engaged_.load(std::memory_order_acquire)) return backing_->Free(ptr);
+  MutexLock l(&mu_);
+  auto it = arena_live_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (it != arena_live_.end()) {
+    CachedPlan* p = it->second.first;
+    p->live.erase(it->second.second);
+    arena_live_.erase(it);
+    UpdateEngaged();
+    return absl::OkStatus();
+  }
+  absl::Status s = backing_->Free(ptr);
+  if (s.ok() && mode_ == Mode::kRecording) recorder_.OnFree(reinterpret_cast<std::uintptr_t>(ptr));
+  return s;
+}
+
+absl::Status PlannedAllocator::DropLocked(std::uint64_t signature) {
+  auto it = plans_.find(signature);
+  if (it == plans_.end()) return absl::NotFoundError(absl::StrCat("no plan cached for signature ", signature));
+  if (!it->second->live.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("plan ", signature, " still has ", it->second->live.size(),
+                                                      " live arena allocations"));
+  }
+  if (mode_ == Mode::kServing && current_ == it->second.get()) {
+    return absl::FailedPreconditionError("the plan is serving the open iteration");
+  }
+  if (it->second->base != nullptr) {
+    if (absl::Status s = backing_->Free(it->second->base); !s.ok()) return s;
+  }
+  stats_.arena_bytes -= it->second->plan.arena_bytes;
+  plans_.erase(it);
+  stats_.plans_cached = static_cast<std::int64_t>(plans_.size());
+  UpdateEngaged();
+  return absl::OkStatus();
+}
+
+absl::Status PlannedAllocator::DropPlan(std::uint64_t signature) {
+  MutexLock l(&mu_);
+  return DropLocked(signature);
+}
+
+absl::Status PlannedAllocator::DropAllPlans() {
+  MutexLock l(&mu_);
+  std::vector<std::uint64_t> sigs;
+  for (const auto& [sig, p] : plans_) sigs.push_back(sig);
+  absl::Status result = absl::OkStatus();
+  for (std::uint64_t sig : sigs) result.Update(DropLocked(sig));
+  return result;
+}
+
+ArenaStats PlannedAllocator::GetStats() const {
+  MutexLock l(&mu_);
+  return stats_;
+}
+
+const ArenaPlan* PlannedAllocator::FindPlan(std::uint64_t signature) const {
+  MutexLock l(&mu_);
+  auto it = plans_.find(signature);
+  return it == plans_.end() ? nullptr : &it->second->plan;
+}
+
+bool PlannedAllocator::IsArenaPointer(const void* ptr) const {
+  MutexLock l(&mu_);
+  return arena_live_.contains(reinterpret_cast<std::uintptr_t>(ptr));
+}
+
+}  // namespace stitchalloc::arena

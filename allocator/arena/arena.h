@@ -1,0 +1,127 @@
+// PlannedAllocator: the plan-guided arena runtime in front of a CachingAllocator.
+//
+// Life cycle per plan signature (for example the sequence length), chosen by the caller at
+// BeginIteration:
+//   no plan      the iteration is recorded (requests served by the caching allocator); at
+//                EndIteration it is planned bi-level (bilevel.h), one arena of the plan's size
+//                is allocated from the caching allocator (VMM-backed) and the plan is cached;
+//   plan cached  each request is matched by (layer kind, index, phase, occurrence, ordinal) to
+//                its slot; when size and stream match and the planned range is free, it is
+//                served at arena base + offset (a hit) with no driver call. Anything else (an
+//                extra request, another size, another stream, a range still occupied because
+//                frees came in another order) is served by the caching allocator and counted
+//                as a miss. Requests recorded as outliving the iteration always go to the
+//                caching allocator (counted as unplanned). After `replan_after` consecutive
+//                iterations with misses, the plan is dropped and the next iteration records.
+// Plans of other signatures stay cached, so alternating shapes costs a lookup. Dropping a plan
+// frees its arena back to the caching pool.
+//
+// Safety: an arena range is handed out only if no live arena allocation overlaps it (an
+// offset-ordered map of live ranges per arena), so a changed order can cost a miss but never
+// aliases two live allocations.
+//
+// Thread-safe. While no iteration is open and no plan or arena allocation exists, Malloc and
+// Free pass straight through without taking the arena's lock.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/arena/bilevel.h"
+#include "allocator/arena/recording.h"
+#include "allocator/caching_allocator.h"
+#include "vmm/mutex.h"
+
+namespace stitchalloc::arena {
+
+struct ArenaOptions {
+  int replan_after = 2;  // consecutive iterations with misses before re-planning
+  BiLevelOptions planning;
+};
+
+struct ArenaStats {
+  std::int64_t hits = 0;
+  std::int64_t misses = 0;
+  std::int64_t unplanned = 0;       // requests planned to go to the caching allocator
+  std::int64_t replans = 0;         // plans dropped after repeated misses
+  std::int64_t plans_built = 0;
+  std::int64_t plans_cached = 0;    // current
+  std::int64_t plan_failures = 0;   // recordings that could not be planned or mapped
+  std::int64_t arena_bytes = 0;     // current, all cached plans
+  std::int64_t recorded_iterations = 0;
+  std::int64_t served_iterations = 0;
+  std::int64_t last_plan_lower_bound = 0;
+  std::int64_t last_plan_arena_bytes = 0;
+  std::int64_t last_plan_time_us = 0;
+};
+
+class PlannedAllocator {
+ public:
+  // `backing` must outlive this object.
+  explicit PlannedAllocator(CachingAllocator* backing, ArenaOptions options = {});
+  // Frees the arenas of all cached plans (arena allocations still live are lost with them).
+  ~PlannedAllocator();
+  PlannedAllocator(const PlannedAllocator&) = delete;
+  PlannedAllocator& operator=(const PlannedAllocator&) = delete;
+
+  absl::Status BeginIteration(std::uint64_t signature);
+  absl::Status EndIteration();
+  // Layer marks outside an iteration are accepted and ignored.
+  absl::Status LayerBegin(absl::string_view kind, int index, Phase phase);
+  absl::Status LayerEnd();
+
+  absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream);
+  absl::Status Free(void* ptr);
+
+  // Frees the arena of a cached plan; FailedPrecondition while its allocations are live.
+  absl::Status DropPlan(std::uint64_t signature);
+  absl::Status DropAllPlans();
+
+  ArenaStats GetStats() const;
+  // The plan cached for `signature`, if any (tests and tools).
+  const ArenaPlan* FindPlan(std::uint64_t signature) const;
+  bool IsArenaPointer(const void* ptr) const;
+
+ private:
+  struct CachedPlan {
+    ArenaPlan plan;
+    void* base = nullptr;
+    absl::btree_map<std::int64_t, std::int64_t> live;  // offset -> end, live arena allocations
+    int missed_iterations = 0;
+  };
+  enum class Mode { kIdle, kRecording, kServing };
+
+  void UpdateEngaged() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status DropLocked(std::uint64_t signature) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  CachingAllocator* const backing_;
+  const ArenaOptions options_;
+  std::atomic<bool> engaged_{false};
+
+  mutable Mutex mu_;
+  Mode mode_ ABSL_GUARDED_BY(mu_) = Mode::kIdle;
+  std::uint64_t signature_ ABSL_GUARDED_BY(mu_) = 0;
+  Recorder recorder_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::uint64_t, std::unique_ptr<CachedPlan>> plans_ ABSL_GUARDED_BY(mu_);
+  CachedPlan* current_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Serving context: the slots of the open layer (or outside), and the next ordinal.
+  const std::vector<Slot>* slots_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int ordinal_ ABSL_GUARDED_BY(mu_) = 0;
+  int outside_ordinal_ ABSL_GUARDED_BY(mu_) = 0;
+  bool in_layer_ ABSL_GUARDED_BY(mu_) = false;
+  bool iteration_missed_ ABSL_GUARDED_BY(mu_) = false;
+  absl::flat_hash_map<std::tuple<std::string, int, Phase>, int> occurrences_ ABSL_GUARDED_BY(mu_);
+  // Live arena allocations: pointer -> (plan, offset).
+  absl::flat_hash_map<std::uintptr_t, std::pair<CachedPlan*, std::int64_t>> arena_live_ ABSL_GUARDED_BY(mu_);
+  ArenaStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace stitchalloc::arena

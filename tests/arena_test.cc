@@ -1,0 +1,312 @@
+// Plan-guided arena on the host driver: a recorded-then-replayed synthetic training loop is
+// served from the arena with zero fallbacks and byte-exact contents; a changed loop falls back
+// and re-plans; shapes alternate without re-planning; plans return their memory.
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "allocator/arena/arena.h"
+#include "allocator/arena/bilevel.h"
+#include "allocator/plan/problem.h"
+#include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace stitchalloc::arena {
+namespace {
+
+using testing::MakeHostAllocator;
+using testing::Pattern;
+
+// Allocations carry a pattern written at malloc and checked at free: any aliasing of two live
+// allocations shows up as a mismatch.
+class Loop {
+ public:
+  Loop(PlannedAllocator* a, CachingAllocator* backing) : a_(a), backing_(backing) {}
+
+  void* Alloc(std::size_t size) {
+    auto p = a_->Malloc(size);
+    EXPECT_TRUE(p.ok()) << p.status();
+    if (!p.ok()) return nullptr;
+    const std::vector<std::uint8_t> bytes = Pattern(size, ++seed_);
+    EXPECT_TRUE(testing::Upload(backing_->driver(), *p, bytes.data(), size).ok());
+    live_[*p] = {size, seed_};
+    return *p;
+  }
+  void Free(void* p) {
+    auto it = live_.find(p);
+    ASSERT_NE(it, live_.end());
+    std::vector<std::uint8_t> got(it->second.first);
+    ASSERT_TRUE(testing::Download(backing_->driver(), got.data(), p, got.size()).ok());
+    EXPECT_EQ(got, Pattern(got.size(), it->second.second)) << "contents changed while allocated";
+    ++checked_;
+    live_.erase(it);
+    SA_EXPECT_OK(a_->Free(p));
+  }
+
+  // One training iteration: embedding, `layers` decoder layers forward (saving two tensors
+  // each, two temporaries), loss, backward in reverse, and a gradient buffer that lives into
+  // the next iteration. `extra` adds one request inside layer 1's forward.
+  void Iteration(std::uint64_t signature, std::size_t seq, bool extra = false) {
+    SA_EXPECT_OK(a_->BeginIteration(signature));
+    const std::size_t h = 4096;
+    void* x = Alloc(seq * h);
+    std::vector<std::vector<void*>> saved(kLayers);
+    for (int l = 0; l < kLayers; ++l) {
+      SA_EXPECT_OK(a_->LayerBegin("decoder", l, Phase::kForward));
+      void* t1 = Alloc(seq * 4 * h);
+      if (extra && l == 1) Free(Alloc(3 * seq * h + 512));
+      void* attn = Alloc(seq * h);
+      Free(t1);
+      void* t2 = Alloc(seq * 2 * h);
+      void* out = Alloc(seq * h);
+      Free(t2);
+      saved[l] = {x, attn};
+      x = out;
+      SA_EXPECT_OK(a_->LayerEnd());
+    }
+    void* loss = Alloc(512);
+    void* grad = Alloc(seq * h);
+    Free(x);
+    Free(loss);
+    for (int l = kLayers - 1; l >= 0; --l) {
+      SA_EXPECT_OK(a_->LayerBegin("decoder", l, Phase::kBackward));
+      void* g1 = Alloc(seq * 4 * h);
+      Free(saved[l][1]);
+      void* g2 = Alloc(seq * h);
+      Free(g1);
+      Free(saved[l][0]);
+      Free(grad);
+      grad = g2;
+      SA_EXPECT_OK(a_->LayerEnd());
+    }
+    Free(grad);
+    if (carry_ != nullptr) Free(carry_);
+    carry_ = Alloc(8192);  // outlives the iteration: never planned
+    SA_EXPECT_OK(a_->EndIteration());
+  }
+
+  void Finish() {
+    if (carry_ != nullptr) Free(carry_);
+    carry_ = nullptr;
+  }
+  std::int64_t checked() const { return checked_; }
+  static constexpr int kLayers = 4;
+
+ private:
+  PlannedAllocator* a_;
+  CachingAllocator* backing_;
+  absl::flat_hash_map<void*, std::pair<std::size_t, std::uint64_t>> live_;
+  std::uint64_t seed_ = 0;
+  std::int64_t checked_ = 0;
+  void* carry_ = nullptr;
+};
+
+TEST(Arena, RecordedLoopIsServedFromTheArena) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:2048"));
+  PlannedAllocator arena(backing.get());
+  Loop loop(&arena, backing.get());
+  loop.Iteration(128, 128);
+  ArenaStats s = arena.GetStats();
+  EXPECT_EQ(s.recorded_iterations, 1);
+  EXPECT_EQ(s.plans_built, 1);
+  EXPECT_EQ(s.hits, 0);
+  const ArenaPlan* plan = arena.FindPlan(128);
+  ASSERT_NE(plan, nullptr);
+  EXPECT_EQ(plan->layer_plans, 2);  // one per phase, shared by every layer
+  EXPECT_EQ(plan->layers_sharing, 2 * (Loop::kLayers - 1));
+  EXPECT_GE(plan->arena_bytes, plan->lower_bound);
+  EXPECT_LE(static_cast<double>(plan->arena_bytes), 1.01 * static_cast<double>(plan->lower_bound));
+  EXPECT_EQ(s.arena_bytes, plan->arena_bytes);
+
+  for (int i = 0; i < 3; ++i) loop.Iteration(128, 128);
+  s = arena.GetStats();
+  EXPECT_EQ(s.misses, 0);
+  EXPECT_EQ(s.hits, 3 * plan->planned_requests);
+  EXPECT_EQ(s.unplanned, 3 * plan->unplanned_requests);
+  EXPECT_EQ(s.plans_built, 1);
+  EXPECT_EQ(s.served_iterations, 3);
+  loop.Finish();
+  EXPECT_GT(loop.checked(), 100);
+  SA_ASSERT_OK(backing->CheckInvariants());
+}
+
+TEST(Arena, AlternatingShapesUseCachedPlans) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:2048"));
+  PlannedAllocator arena(backing.get());
+  Loop loop(&arena, backing.get());
+  loop.Iteration(128, 128);
+  loop.Iteration(256, 256);
+  for (int i = 0; i < 4; ++i) loop.Iteration(i % 2 ? 128 : 256, i % 2 ? 128 : 256);
+  const ArenaStats s = arena.GetStats();
+  EXPECT_EQ(s.plans_built, 2);
+  EXPECT_EQ(s.plans_cached, 2);
+  EXPECT_EQ(s.misses, 0);
+  EXPECT_EQ(s.served_iterations, 4);
+  EXPECT_EQ(s.arena_bytes, arena.FindPlan(128)->arena_bytes + arena.FindPlan(256)->arena_bytes);
+  loop.Finish();
+}
+
+TEST(Arena, ChangedLoopFallsBackThenReplans) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:2048"));
+  PlannedAllocator arena(backing.get(), {.replan_after = 2, .planning = {}});
+  Loop loop(&arena, backing.get());
+  loop.Iteration(128, 128);
+  loop.Iteration(128, 128, /*extra=*/true);
+  ArenaStats s = arena.GetStats();
+  EXPECT_GT(s.misses, 0);
+  EXPECT_GT(s.hits, 0);  // everything before the extra request still hit
+  EXPECT_EQ(s.replans, 0);
+  loop.Iteration(128, 128, true);
+  s = arena.GetStats();
+  EXPECT_EQ(s.replans, 1);
+  EXPECT_EQ(s.plans_cached, 0);
+  loop.Iteration(128, 128, true);  // recorded again with the extra request
+  const std::int64_t misses = arena.GetStats().misses;
+  loop.Iteration(128, 128, true);
+  s = arena.GetStats();
+  EXPECT_EQ(s.recorded_iterations, 2);
+  EXPECT_EQ(s.misses, misses);  // the new plan fits the new loop
+  loop.Finish();
+  SA_ASSERT_OK(backing->CheckInvariants());
+}
+
+TEST(Arena, WrongSizeOrStreamFallsBack) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
+  PlannedAllocator arena(backing.get());
+  auto run = [&](std::size_t size, Stream stream) {
+    SA_ASSERT_OK(arena.BeginIteration(1));
+    auto a = arena.Malloc(size, stream);
+    ASSERT_TRUE(a.ok());
+    auto b = arena.Malloc(4096, stream);
+    ASSERT_TRUE(b.ok());
+    SA_ASSERT_OK(arena.Free(*a));
+    SA_ASSERT_OK(arena.Free(*b));
+    SA_ASSERT_OK(arena.EndIteration());
+  };
+  run(1 << 20, 0);
+  run(1 << 20, 0);
+  EXPECT_EQ(arena.GetStats().hits, 2);
+  run(2 << 20, 0);  // another size: the first misses, the second still matches its slot
+  EXPECT_EQ(arena.GetStats().misses, 1);
+  EXPECT_EQ(arena.GetStats().hits, 3);
+  auto s = backing->driver().CreateStream();
+  ASSERT_TRUE(s.ok());
+  run(1 << 20, *s);  // another stream: both miss
+  EXPECT_EQ(arena.GetStats().misses, 3);
+  SA_EXPECT_OK(backing->driver().DestroyStream(*s));
+}
+
+TEST(Arena, FreeInAnotherOrderNeverAliases) {
+  // Recorded: a freed before b is allocated, so the plan may put b on a's bytes. Replayed with
+  // a still live when b is requested: b must not be served on top of a.
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
+  PlannedAllocator arena(backing.get());
+  SA_ASSERT_OK(arena.BeginIteration(7));
+  auto a = arena.Malloc(1 << 20);
+  ASSERT_TRUE(a.ok());
+  SA_ASSERT_OK(arena.Free(*a));
+  auto b = arena.Malloc(1 << 20);
+  ASSERT_TRUE(b.ok());
+  SA_ASSERT_OK(arena.Free(*b));
+  SA_ASSERT_OK(arena.EndIteration());
+  const ArenaPlan* plan = arena.FindPlan(7);
+  ASSERT_NE(plan, nullptr);
+  ASSERT_EQ(plan->outside[0].offset, plan->outside[1].offset);  // the plan reuses the bytes
+  SA_ASSERT_OK(arena.BeginIteration(7));
+  auto a2 = arena.Malloc(1 << 20);
+  auto b2 = arena.Malloc(1 << 20);
+  ASSERT_TRUE(a2.ok() && b2.ok());
+  EXPECT_NE(*a2, *b2);
+  EXPECT_TRUE(arena.IsArenaPointer(*a2));
+  EXPECT_FALSE(arena.IsArenaPointer(*b2));
+  EXPECT_EQ(arena.GetStats().misses, 1);
+  SA_ASSERT_OK(arena.Free(*a2));
+  SA_ASSERT_OK(arena.Free(*b2));
+  SA_ASSERT_OK(arena.EndIteration());
+}
+
+TEST(Arena, DroppingPlansReturnsMemory) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:2048"));
+  PlannedAllocator arena(backing.get());
+  Loop loop(&arena, backing.get());
+  loop.Iteration(128, 128);
+  loop.Finish();
+  const std::int64_t with_plan = backing->GetStats().allocated_bytes.all().current;
+  const std::int64_t arena_bytes = arena.GetStats().arena_bytes;
+  ASSERT_GT(arena_bytes, 0);
+  // While an arena allocation is live the plan cannot be dropped.
+  SA_ASSERT_OK(arena.BeginIteration(128));
+  auto p = arena.Malloc(128 * 4096);
+  ASSERT_TRUE(p.ok());
+  ASSERT_TRUE(arena.IsArenaPointer(*p));
+  SA_ASSERT_OK(arena.EndIteration());
+  EXPECT_EQ(arena.DropPlan(128).code(), absl::StatusCode::kFailedPrecondition);
+  SA_ASSERT_OK(arena.Free(*p));
+  SA_ASSERT_OK(arena.DropPlan(128));
+  EXPECT_EQ(arena.GetStats().arena_bytes, 0);
+  EXPECT_LE(backing->GetStats().allocated_bytes.all().current, with_plan - arena_bytes);
+  EXPECT_EQ(arena.DropPlan(128).code(), absl::StatusCode::kNotFound);
+  SA_ASSERT_OK(backing->CheckInvariants());
+}
+
+TEST(Arena, MarksAreValidated) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:256"));
+  PlannedAllocator arena(backing.get());
+  EXPECT_FALSE(arena.EndIteration().ok());
+  SA_EXPECT_OK(arena.LayerBegin("x", 0, Phase::kForward));  // outside an iteration: ignored
+  SA_EXPECT_OK(arena.LayerEnd());
+  SA_ASSERT_OK(arena.BeginIteration(1));
+  EXPECT_FALSE(arena.BeginIteration(2).ok());
+  EXPECT_FALSE(arena.LayerEnd().ok());
+  SA_ASSERT_OK(arena.LayerBegin("x", 0, Phase::kForward));
+  EXPECT_FALSE(arena.LayerBegin("x", 1, Phase::kForward).ok());
+  EXPECT_FALSE(arena.EndIteration().ok());
+  SA_ASSERT_OK(arena.LayerEnd());
+  int foreign = 0;
+  EXPECT_FALSE(arena.Free(&foreign).ok());
+  SA_EXPECT_OK(arena.EndIteration());
+}
+
+TEST(BiLevel, LayerLocalPlansAreReusedAndValid) {
+  // Two identical layers; every arena offset combination is validated as a flat solution.
+  Recorder r;
+  r.Begin();
+  std::uintptr_t next = 1;
+  std::vector<std::uintptr_t> saved;
+  for (int l = 0; l < 2; ++l) {
+    SA_ASSERT_OK(r.LayerBegin("block", l, Phase::kForward));
+    const std::uintptr_t a = next++, b = next++, c = next++;
+    r.OnAlloc(a, 1000, 0);
+    r.OnAlloc(b, 3000, 0);
+    r.OnFree(a);
+    r.OnAlloc(c, 2000, 0);
+    r.OnFree(b);
+    r.OnFree(c);
+    const std::uintptr_t keep = next++;
+    r.OnAlloc(keep, 5000, 0);
+    saved.push_back(keep);
+    SA_ASSERT_OK(r.LayerEnd());
+  }
+  for (std::uintptr_t s : saved) r.OnFree(s);
+  IterationRecording rec;
+  SA_ASSERT_OK(r.Finish(&rec));
+  SA_ASSIGN_OR_FAIL(plan, PlanIteration(rec));
+  EXPECT_EQ(plan.layer_plans, 1);
+  EXPECT_EQ(plan.layers_sharing, 1);
+  // Rebuild the flat solution from the slots and validate it independently.
+  plan::Problem flat = FlatProblem(rec);
+  std::vector<std::int64_t> offsets;
+  for (const RecordedRequest& q : rec.requests) {
+    const LayerSpan& span = rec.layers[q.layer];
+    const Slot& slot = plan.layers.at(LayerKey{span.kind, span.index, span.phase, span.occurrence})[q.ordinal];
+    ASSERT_TRUE(slot.planned);
+    offsets.push_back(slot.offset);
+  }
+  SA_EXPECT_OK(plan::CheckSolution(flat, offsets, plan.arena_bytes));
+  EXPECT_GE(plan.arena_bytes, plan.lower_bound);
+}
+
+}  // namespace
+}  // namespace stitchalloc::arena
