@@ -77,3 +77,53 @@ TEST(CApi, BadConfigurationAndNullHandles) {
 }
 
 }  // namespace
+
+namespace {
+
+// The arena through the C API: record one iteration, serve the next from the plan.
+TEST(CApi, ArenaIterationsAndLayerMarks) {
+  stitchalloc_allocator* a = nullptr;
+  ASSERT_EQ(stitchalloc_create("driver:host,host_capacity_mb:256", &a), STITCHALLOC_OK) << stitchalloc_last_error();
+  auto iteration = [&] {
+    ASSERT_EQ(stitchalloc_iteration_begin(a, 42), STITCHALLOC_OK) << stitchalloc_last_error();
+    for (int l = 0; l < 3; ++l) {
+      ASSERT_EQ(stitchalloc_layer_begin(a, "block", l, STITCHALLOC_PHASE_FORWARD), STITCHALLOC_OK);
+      void *x = nullptr, *y = nullptr;
+      ASSERT_EQ(stitchalloc_malloc(a, 1 << 20, 0, &x), STITCHALLOC_OK);
+      ASSERT_EQ(stitchalloc_malloc(a, 2 << 20, 0, &y), STITCHALLOC_OK);
+      ASSERT_EQ(stitchalloc_free(a, x), STITCHALLOC_OK);
+      ASSERT_EQ(stitchalloc_free(a, y), STITCHALLOC_OK);
+      ASSERT_EQ(stitchalloc_layer_end(a), STITCHALLOC_OK);
+    }
+    ASSERT_EQ(stitchalloc_iteration_end(a), STITCHALLOC_OK);
+  };
+  iteration();
+  iteration();
+  int64_t v = -1;
+  ASSERT_EQ(stitchalloc_arena_stat(a, "arena.hits", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 6);
+  ASSERT_EQ(stitchalloc_arena_stat(a, "arena.misses", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 0);
+  ASSERT_EQ(stitchalloc_arena_stat(a, "arena.arena_bytes", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 3 << 20);
+  EXPECT_EQ(stitchalloc_arena_stat(a, "arena.nope", &v), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("arena.nope"), std::string::npos);
+  EXPECT_EQ(stitchalloc_layer_begin(a, "", 0, STITCHALLOC_PHASE_FORWARD), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_layer_begin(a, "x", 0, static_cast<stitchalloc_phase>(7)), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_iteration_end(a), STITCHALLOC_ERROR_INVALID_ARGUMENT);  // none open
+  // Arena pointers are single-stream.
+  ASSERT_EQ(stitchalloc_iteration_begin(a, 42), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_layer_begin(a, "block", 0, STITCHALLOC_PHASE_FORWARD), STITCHALLOC_OK);
+  void* x = nullptr;
+  ASSERT_EQ(stitchalloc_malloc(a, 1 << 20, 0, &x), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_record_stream(a, x, 0), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  ASSERT_EQ(stitchalloc_free(a, x), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_layer_end(a), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_iteration_end(a), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_arena_drop_plans(a), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_arena_stat(a, "arena.arena_bytes", &v), STITCHALLOC_OK);
+  EXPECT_EQ(v, 0);
+  stitchalloc_destroy(a);
+}
+
+}  // namespace

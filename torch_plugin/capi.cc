@@ -8,12 +8,14 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "allocator/arena/arena.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
 #include "stitchalloc/stitchalloc.h"
 
 struct stitchalloc_allocator {
   std::unique_ptr<stitchalloc::CachingAllocator> impl;
+  std::unique_ptr<stitchalloc::arena::PlannedAllocator> arena;  // in front of impl
   std::string driver_name;
 };
 
@@ -73,18 +75,23 @@ stitchalloc_status stitchalloc_create(const char* config, stitchalloc_allocator*
   if (!impl.ok()) return Translate(impl.status());
   auto* a = new stitchalloc_allocator();
   a->impl = *std::move(impl);
+  a->arena = std::make_unique<stitchalloc::arena::PlannedAllocator>(a->impl.get());
   a->driver_name = a->impl->driver().name();
   *out = a;
   return STITCHALLOC_OK;
 }
 
-void stitchalloc_destroy(stitchalloc_allocator* a) { delete a; }
+void stitchalloc_destroy(stitchalloc_allocator* a) {
+  if (a == nullptr) return;
+  a->arena.reset();  // before the caching allocator it frees into
+  delete a;
+}
 
 stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, size_t size, uintptr_t stream, void** out) {
   STITCHALLOC_CHECK_HANDLE(a);
   if (out == nullptr) return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_malloc: null output pointer");
   *out = nullptr;
-  auto p = a->impl->Malloc(size, stream);
+  auto p = a->arena->Malloc(size, stream);
   if (!p.ok()) return Translate(p.status());
   *out = *p;
   return STITCHALLOC_OK;
@@ -92,11 +99,16 @@ stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, size_t size, uin
 
 stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr) {
   STITCHALLOC_CHECK_HANDLE(a);
-  return Translate(a->impl->Free(ptr));
+  return Translate(a->arena->Free(ptr));
 }
 
 stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream) {
   STITCHALLOC_CHECK_HANDLE(a);
+  if (a->arena->IsArenaPointer(ptr)) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
+                "stitchalloc_record_stream: the pointer was served from a plan-guided arena, whose allocations "
+                "are single-stream");
+  }
   return Translate(a->impl->RecordStream(ptr, stream));
 }
 
@@ -158,6 +170,70 @@ stitchalloc_status stitchalloc_reset_accumulated_stats(stitchalloc_allocator* a)
 const char* stitchalloc_driver_name(stitchalloc_allocator* a) {
   if (a == nullptr || a->impl == nullptr) return "";
   return a->driver_name.c_str();
+}
+
+stitchalloc_status stitchalloc_iteration_begin(stitchalloc_allocator* a, uint64_t signature) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->arena->BeginIteration(signature));
+}
+
+stitchalloc_status stitchalloc_iteration_end(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->arena->EndIteration());
+}
+
+stitchalloc_status stitchalloc_layer_begin(stitchalloc_allocator* a, const char* kind, int index,
+                                           stitchalloc_phase phase) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (kind == nullptr || *kind == '\0') return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_layer_begin: empty kind");
+  if (phase != STITCHALLOC_PHASE_FORWARD && phase != STITCHALLOC_PHASE_BACKWARD) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
+                absl::StrFormat("stitchalloc_layer_begin: phase %d is neither forward (0) nor backward (1)",
+                                static_cast<int>(phase)));
+  }
+  return Translate(a->arena->LayerBegin(kind, index,
+                                        phase == STITCHALLOC_PHASE_FORWARD ? stitchalloc::arena::Phase::kForward
+                                                                           : stitchalloc::arena::Phase::kBackward));
+}
+
+stitchalloc_status stitchalloc_layer_end(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->arena->LayerEnd());
+}
+
+stitchalloc_status stitchalloc_arena_drop_plans(stitchalloc_allocator* a) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  return Translate(a->arena->DropAllPlans());
+}
+
+stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* name, int64_t* out) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (name == nullptr || out == nullptr) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_arena_stat: null name or output pointer");
+  }
+  const stitchalloc::arena::ArenaStats s = a->arena->GetStats();
+  const std::pair<const char*, int64_t> table[] = {
+      {"arena.hits", s.hits},
+      {"arena.misses", s.misses},
+      {"arena.unplanned", s.unplanned},
+      {"arena.replans", s.replans},
+      {"arena.plans_built", s.plans_built},
+      {"arena.plans_cached", s.plans_cached},
+      {"arena.plan_failures", s.plan_failures},
+      {"arena.arena_bytes", s.arena_bytes},
+      {"arena.recorded_iterations", s.recorded_iterations},
+      {"arena.served_iterations", s.served_iterations},
+      {"arena.last_plan_lower_bound", s.last_plan_lower_bound},
+      {"arena.last_plan_arena_bytes", s.last_plan_arena_bytes},
+      {"arena.last_plan_time_us", s.last_plan_time_us},
+  };
+  for (const auto& [n, v] : table) {
+    if (std::strcmp(n, name) == 0) {
+      *out = v;
+      return STITCHALLOC_OK;
+    }
+  }
+  return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, absl::StrFormat("stitchalloc_arena_stat: unknown statistic '%s'", name));
 }
 
 }  // extern "C"

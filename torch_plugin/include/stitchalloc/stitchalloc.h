@@ -81,6 +81,26 @@ STITCHALLOC_API stitchalloc_status stitchalloc_reset_accumulated_stats(stitchall
  * string lives as long as the allocator. */
 STITCHALLOC_API const char* stitchalloc_driver_name(stitchalloc_allocator* a);
 
+/* Plan-guided arena (docs/arena.md). Between iteration_begin and iteration_end the first
+ * iteration of each `signature` (e.g. the sequence length) is recorded and planned; later
+ * iterations with that signature are served at planned offsets, falling back to the caching
+ * allocator on any mismatch. Layer marks name the context that requests are matched in; they
+ * do not nest, and outside an iteration they are accepted and ignored. Allocations served from
+ * the arena are single-stream: stitchalloc_record_stream on them fails. */
+typedef enum stitchalloc_phase { STITCHALLOC_PHASE_FORWARD = 0, STITCHALLOC_PHASE_BACKWARD = 1 } stitchalloc_phase;
+STITCHALLOC_API stitchalloc_status stitchalloc_iteration_begin(stitchalloc_allocator* a, uint64_t signature);
+STITCHALLOC_API stitchalloc_status stitchalloc_iteration_end(stitchalloc_allocator* a);
+STITCHALLOC_API stitchalloc_status stitchalloc_layer_begin(stitchalloc_allocator* a, const char* kind, int index,
+                                                           stitchalloc_phase phase);
+STITCHALLOC_API stitchalloc_status stitchalloc_layer_end(stitchalloc_allocator* a);
+/* Frees the arenas of all cached plans (fails while arena allocations are live). */
+STITCHALLOC_API stitchalloc_status stitchalloc_arena_drop_plans(stitchalloc_allocator* a);
+/* Arena statistics by name: "arena.hits", "arena.misses", "arena.unplanned", "arena.replans",
+ * "arena.plans_built", "arena.plans_cached", "arena.plan_failures", "arena.arena_bytes",
+ * "arena.recorded_iterations", "arena.served_iterations", "arena.last_plan_lower_bound",
+ * "arena.last_plan_arena_bytes", "arena.last_plan_time_us". */
+STITCHALLOC_API stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* name, int64_t* out);
+
 #ifdef __cplusplus
 }
 #endif
