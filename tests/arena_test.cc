@@ -1,6 +1,7 @@
 // Plan-guided arena on the host driver: a recorded-then-replayed synthetic training loop is
 // served from the arena with zero fallbacks and byte-exact contents; a changed loop falls back
 // and re-plans; shapes alternate without re-planning; plans return their memory.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -118,10 +119,11 @@ TEST(Arena, RecordedLoopIsServedFromTheArena) {
   EXPECT_EQ(plan->layers_sharing, 2 * (Loop::kLayers - 1));
   EXPECT_GE(plan->arena_bytes, plan->lower_bound);
   EXPECT_LE(static_cast<double>(plan->arena_bytes), 1.01 * static_cast<double>(plan->lower_bound));
-  EXPECT_EQ(s.arena_bytes, plan->arena_bytes);
+  EXPECT_EQ(s.arena_bytes, 0);  // taken when the first served iteration begins
 
   for (int i = 0; i < 3; ++i) loop.Iteration(128, 128);
   s = arena.GetStats();
+  EXPECT_EQ(s.arena_bytes, plan->arena_bytes);
   EXPECT_EQ(s.misses, 0);
   EXPECT_EQ(s.hits, 3 * plan->planned_requests);
   EXPECT_EQ(s.unplanned, 3 * plan->unplanned_requests);
@@ -144,7 +146,8 @@ TEST(Arena, AlternatingShapesUseCachedPlans) {
   EXPECT_EQ(s.plans_cached, 2);
   EXPECT_EQ(s.misses, 0);
   EXPECT_EQ(s.served_iterations, 4);
-  EXPECT_EQ(s.arena_bytes, arena.FindPlan(128)->arena_bytes + arena.FindPlan(256)->arena_bytes);
+  // One arena serves both shapes: as large as the larger plan.
+  EXPECT_EQ(s.arena_bytes, std::max(arena.FindPlan(128)->arena_bytes, arena.FindPlan(256)->arena_bytes));
   loop.Finish();
 }
 
@@ -232,6 +235,7 @@ TEST(Arena, DroppingPlansReturnsMemory) {
   PlannedAllocator arena(backing.get());
   Loop loop(&arena, backing.get());
   loop.Iteration(128, 128);
+  loop.Iteration(128, 128);  // served: the arena is taken
   loop.Finish();
   const std::int64_t with_plan = backing->GetStats().allocated_bytes.all().current;
   const std::int64_t arena_bytes = arena.GetStats().arena_bytes;
@@ -242,7 +246,7 @@ TEST(Arena, DroppingPlansReturnsMemory) {
   ASSERT_TRUE(p.ok());
   ASSERT_TRUE(arena.IsArenaPointer(*p));
   SA_ASSERT_OK(arena.EndIteration());
-  EXPECT_EQ(arena.DropPlan(128).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(arena.DropPlan(128).code(), absl::StatusCode::kFailedPrecondition);  // the last plan
   SA_ASSERT_OK(arena.Free(*p));
   SA_ASSERT_OK(arena.DropPlan(128));
   EXPECT_EQ(arena.GetStats().arena_bytes, 0);

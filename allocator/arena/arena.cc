@@ -1,6 +1,7 @@
 // PlannedAllocator (see arena.h): recording, plan cache, O(1) slot lookup, overlap guard.
 #include "allocator/arena/arena.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -13,10 +14,33 @@ PlannedAllocator::PlannedAllocator(CachingAllocator* backing, ArenaOptions optio
 
 PlannedAllocator::~PlannedAllocator() {
   MutexLock l(&mu_);
-  for (auto& [sig, p] : plans_) {
-    if (p->base != nullptr) (void)backing_->Free(p->base);
-  }
+  if (base_ != nullptr) (void)backing_->Free(base_);
   plans_.clear();
+}
+
+std::int64_t PlannedAllocator::LargestPlan() const {
+  std::int64_t m = 0;
+  for (const auto& [sig, p] : plans_) m = std::max(m, p->plan.arena_bytes);
+  return m;
+}
+
+bool PlannedAllocator::EnsureArena(std::int64_t bytes) {
+  if (bytes <= arena_size_) return true;
+  if (!live_.empty()) return false;
+  if (base_ != nullptr) {
+    if (!backing_->Free(base_).ok()) return false;
+    base_ = nullptr;
+    arena_size_ = 0;
+  }
+  absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(bytes));
+  if (!p.ok()) {
+    stats_.arena_bytes = 0;
+    return false;
+  }
+  base_ = *p;
+  arena_size_ = bytes;
+  stats_.arena_bytes = bytes;
+  return true;
 }
 
 void PlannedAllocator::UpdateEngaged() {
@@ -33,14 +57,27 @@ absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
   iteration_missed_ = false;
   auto it = plans_.find(signature);
   if (it != plans_.end()) {
-    mode_ = Mode::kServing;
-    current_ = it->second.get();
-    slots_ = &current_->plan.outside;
+    // Grow to the largest cached plan at once, so alternating shapes never re-allocate.
+    if (EnsureArena(LargestPlan()) || EnsureArena(it->second->plan.arena_bytes)) {
+      mode_ = Mode::kServing;
+      current_ = it->second.get();
+      slots_ = &current_->plan.outside;
+    } else {
+      mode_ = Mode::kPassThrough;
+      ++stats_.passthrough_iterations;
+    }
   } else {
     mode_ = Mode::kRecording;
     current_ = nullptr;
     slots_ = nullptr;
     recorder_.Begin();
+    // A recording iteration runs on the caching allocator: lend it the arena's memory (the
+    // block goes back to its pool; the next serving iteration takes a block again).
+    if (base_ != nullptr && live_.empty() && backing_->Free(base_).ok()) {
+      base_ = nullptr;
+      arena_size_ = 0;
+      stats_.arena_bytes = 0;
+    }
   }
   UpdateEngaged();
   return absl::OkStatus();
@@ -53,13 +90,16 @@ absl::Status PlannedAllocator::EndIteration() {
   const Mode mode = mode_;
   mode_ = Mode::kIdle;
   absl::Status result = absl::OkStatus();
-  if (mode == Mode::kServing) {
+  if (mode == Mode::kPassThrough) {
+    // nothing recorded, nothing served
+  } else if (mode == Mode::kServing) {
     ++stats_.served_iterations;
     if (iteration_missed_) {
       if (++current_->missed_iterations >= options_.replan_after) {
-        ++stats_.replans;
-        // Re-plan: drop now if nothing of it is live; otherwise keep serving until it drains.
-        if (current_->live.empty()) result = DropLocked(signature_);
+        // Re-plan: forget the plan; the next iteration with this signature records. If the
+        // arena cannot be released yet (live allocations), try again after the next one.
+        current_ = nullptr;
+        if (DropLocked(signature_).ok()) ++stats_.replans;
       }
     } else {
       current_->missed_iterations = 0;
@@ -75,19 +115,12 @@ absl::Status PlannedAllocator::EndIteration() {
       result = plan.status();
     } else if (plan->arena_bytes > 0) {
       auto cached = std::make_unique<CachedPlan>();
-      absl::StatusOr<void*> base = backing_->Malloc(static_cast<std::size_t>(plan->arena_bytes));
-      if (!base.ok()) {
-        ++stats_.plan_failures;  // no room for the arena: keep using the caching allocator
-      } else {
-        cached->base = *base;
-        stats_.arena_bytes += plan->arena_bytes;
-        stats_.last_plan_lower_bound = plan->lower_bound;
-        stats_.last_plan_arena_bytes = plan->arena_bytes;
-        stats_.last_plan_time_us = absl::ToInt64Microseconds(plan->plan_time);
-        cached->plan = *std::move(plan);
-        plans_[signature_] = std::move(cached);
-        ++stats_.plans_built;
-      }
+      stats_.last_plan_lower_bound = plan->lower_bound;
+      stats_.last_plan_arena_bytes = plan->arena_bytes;
+      stats_.last_plan_time_us = absl::ToInt64Microseconds(plan->plan_time);
+      cached->plan = *std::move(plan);
+      plans_[signature_] = std::move(cached);
+      ++stats_.plans_built;  // the arena is taken when an iteration of a cached plan starts
     }
   }
   current_ = nullptr;
@@ -139,15 +172,15 @@ absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) 
         return backing_->Malloc(size, stream);
       }
       // Guard: no live arena allocation may overlap [offset, offset + size).
-      auto& live = current_->live;
+      auto& live = live_;
       const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
       auto next = live.lower_bound(lo);
       const bool clash = (next != live.end() && next->first < hi) ||
                          (next != live.begin() && std::prev(next)->second > lo);
       if (!clash) {
         live.emplace(lo, hi);
-        void* p = static_cast<char*>(current_->base) + lo;
-        arena_live_[reinterpret_cast<std::uintptr_t>(p)] = {current_, lo};
+        void* p = static_cast<char*>(base_) + lo;
+        arena_live_[reinterpret_cast<std::uintptr_t>(p)] = lo;
         ++stats_.hits;
         return p;
       }
@@ -164,8 +197,7 @@ absl::Status PlannedAllocator::Free(void* ptr) {
   MutexLock l(&mu_);
   auto it = arena_live_.find(reinterpret_cast<std::uintptr_t>(ptr));
   if (it != arena_live_.end()) {
-    CachedPlan* p = it->second.first;
-    p->live.erase(it->second.second);
+    live_.erase(it->second);
     arena_live_.erase(it);
     UpdateEngaged();
     return absl::OkStatus();
@@ -178,17 +210,19 @@ absl::Status PlannedAllocator::Free(void* ptr) {
 absl::Status PlannedAllocator::DropLocked(std::uint64_t signature) {
   auto it = plans_.find(signature);
   if (it == plans_.end()) return absl::NotFoundError(absl::StrCat("no plan cached for signature ", signature));
-  if (!it->second->live.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat("plan ", signature, " still has ", it->second->live.size(),
-                                                      " live arena allocations"));
-  }
   if (mode_ == Mode::kServing && current_ == it->second.get()) {
     return absl::FailedPreconditionError("the plan is serving the open iteration");
   }
-  if (it->second->base != nullptr) {
-    if (absl::Status s = backing_->Free(it->second->base); !s.ok()) return s;
+  if (plans_.size() == 1 && base_ != nullptr) {
+    if (!live_.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("the arena still has ", live_.size(),
+                                                        " live allocations; free them before dropping the last plan"));
+    }
+    if (absl::Status s = backing_->Free(base_); !s.ok()) return s;
+    base_ = nullptr;
+    arena_size_ = 0;
+    stats_.arena_bytes = 0;
   }
-  stats_.arena_bytes -= it->second->plan.arena_bytes;
   plans_.erase(it);
   stats_.plans_cached = static_cast<std::int64_t>(plans_.size());
   UpdateEngaged();

@@ -13,12 +13,16 @@
 //                as a miss. Requests recorded as outliving the iteration always go to the
 //                caching allocator (counted as unplanned). After `replan_after` consecutive
 //                iterations with misses, the plan is dropped and the next iteration records.
-// Plans of other signatures stay cached, so alternating shapes costs a lookup. Dropping a plan
-// frees its arena back to the caching pool.
+// Plans of other signatures stay cached, so alternating shapes costs a lookup. Iterations never
+// overlap, so all plans share one arena, as large as the largest cached plan, taken from the
+// caching allocator (VMM-backed) when a serving iteration starts. A recording iteration lends
+// it back (freed to the caching pool, whose cache then serves the recording), so the arena
+// never sits idle beside a recording. Growing or taking it needs no arena allocation to be
+// live; until then the plan's iterations pass through. Dropping the last plan frees it too.
 //
 // Safety: an arena range is handed out only if no live arena allocation overlaps it (an
-// offset-ordered map of live ranges per arena), so a changed order can cost a miss but never
-// aliases two live allocations.
+// offset-ordered map of live ranges), so a changed order can cost a miss but never aliases two
+// live allocations, whichever plans they came from.
 //
 // Thread-safe. While no iteration is open and no plan or arena allocation exists, Malloc and
 // Free pass straight through without taking the arena's lock.
@@ -55,7 +59,8 @@ struct ArenaStats {
   std::int64_t plans_built = 0;
   std::int64_t plans_cached = 0;    // current
   std::int64_t plan_failures = 0;   // recordings that could not be planned or mapped
-  std::int64_t arena_bytes = 0;     // current, all cached plans
+  std::int64_t arena_bytes = 0;     // current size of the shared arena
+  std::int64_t passthrough_iterations = 0;  // a cached plan waited for the arena to grow
   std::int64_t recorded_iterations = 0;
   std::int64_t served_iterations = 0;
   std::int64_t last_plan_lower_bound = 0;
@@ -67,7 +72,7 @@ class PlannedAllocator {
  public:
   // `backing` must outlive this object.
   explicit PlannedAllocator(CachingAllocator* backing, ArenaOptions options = {});
-  // Frees the arenas of all cached plans (arena allocations still live are lost with them).
+  // Frees the arena (arena allocations still live are lost with it).
   ~PlannedAllocator();
   PlannedAllocator(const PlannedAllocator&) = delete;
   PlannedAllocator& operator=(const PlannedAllocator&) = delete;
@@ -81,7 +86,8 @@ class PlannedAllocator {
   absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream);
   absl::Status Free(void* ptr);
 
-  // Frees the arena of a cached plan; FailedPrecondition while its allocations are live.
+  // Forgets a cached plan; the arena is freed with the last plan. FailedPrecondition while
+  // arena allocations are live or the plan serves the open iteration.
   absl::Status DropPlan(std::uint64_t signature);
   absl::Status DropAllPlans();
 
@@ -93,14 +99,15 @@ class PlannedAllocator {
  private:
   struct CachedPlan {
     ArenaPlan plan;
-    void* base = nullptr;
-    absl::btree_map<std::int64_t, std::int64_t> live;  // offset -> end, live arena allocations
     int missed_iterations = 0;
   };
-  enum class Mode { kIdle, kRecording, kServing };
+  enum class Mode { kIdle, kRecording, kServing, kPassThrough };
 
   void UpdateEngaged() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DropLocked(std::uint64_t signature) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes the arena at least `bytes` large; false if it cannot now (live allocations, OOM).
+  bool EnsureArena(std::int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::int64_t LargestPlan() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   CachingAllocator* const backing_;
   const ArenaOptions options_;
@@ -119,8 +126,10 @@ class PlannedAllocator {
   bool in_layer_ ABSL_GUARDED_BY(mu_) = false;
   bool iteration_missed_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<std::tuple<std::string, int, Phase>, int> occurrences_ ABSL_GUARDED_BY(mu_);
-  // Live arena allocations: pointer -> (plan, offset).
-  absl::flat_hash_map<std::uintptr_t, std::pair<CachedPlan*, std::int64_t>> arena_live_ ABSL_GUARDED_BY(mu_);
+  void* base_ ABSL_GUARDED_BY(mu_) = nullptr;  // the shared arena
+  std::int64_t arena_size_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::btree_map<std::int64_t, std::int64_t> live_ ABSL_GUARDED_BY(mu_);  // offset -> end
+  absl::flat_hash_map<std::uintptr_t, std::int64_t> arena_live_ ABSL_GUARDED_BY(mu_);  // pointer -> offset
   ArenaStats stats_ ABSL_GUARDED_BY(mu_);
 };
 
