@@ -255,6 +255,25 @@ TEST(Arena, DroppingPlansReturnsMemory) {
   SA_ASSERT_OK(backing->CheckInvariants());
 }
 
+TEST(Arena, DoubleFreeOfAnArenaPointerIsRejected) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:256"));
+  PlannedAllocator arena(backing.get());
+  for (int i = 0; i < 2; ++i) {
+    SA_ASSERT_OK(arena.BeginIteration(3));
+    auto p = arena.Malloc(1 << 20);
+    ASSERT_TRUE(p.ok());
+    SA_ASSERT_OK(arena.Free(*p));
+    if (i == 1) {
+      const absl::Status twice = arena.Free(*p);
+      EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument) << twice;
+      EXPECT_NE(twice.message().find("double free"), absl::string_view::npos) << twice;
+      EXPECT_FALSE(arena.Free(static_cast<char*>(*p) + 512).ok());  // interior
+    }
+    SA_ASSERT_OK(arena.EndIteration());
+  }
+  EXPECT_EQ(arena.GetStats().hits, 1);
+}
+
 TEST(Arena, MarksAreValidated) {
   SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:256"));
   PlannedAllocator arena(backing.get());

@@ -44,7 +44,7 @@ bool PlannedAllocator::EnsureArena(std::int64_t bytes) {
 }
 
 void PlannedAllocator::UpdateEngaged() {
-  engaged_.store(mode_ != Mode::kIdle || !plans_.empty() || !arena_live_.empty(), std::memory_order_release);
+  engaged_.store(mode_ != Mode::kIdle || !plans_.empty() || !live_.empty(), std::memory_order_release);
 }
 
 absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
@@ -52,6 +52,8 @@ absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
   if (mode_ != Mode::kIdle) return absl::FailedPreconditionError("iteration_begin while an iteration is open");
   signature_ = signature;
   occurrences_.clear();
+  layer_pos_ = 0;
+  off_sequence_ = false;
   ordinal_ = outside_ordinal_ = 0;
   in_layer_ = false;
   iteration_missed_ = false;
@@ -119,6 +121,7 @@ absl::Status PlannedAllocator::EndIteration() {
       stats_.last_plan_arena_bytes = plan->arena_bytes;
       stats_.last_plan_time_us = absl::ToInt64Microseconds(plan->plan_time);
       cached->plan = *std::move(plan);
+      for (const LayerKey& k : cached->plan.layer_sequence) cached->sequence.push_back(&cached->plan.layers.at(k));
       plans_[signature_] = std::move(cached);
       ++stats_.plans_built;  // the arena is taken when an iteration of a cached plan starts
     }
@@ -136,10 +139,25 @@ absl::Status PlannedAllocator::LayerBegin(absl::string_view kind, int index, Pha
   if (in_layer_) return absl::FailedPreconditionError(absl::StrCat("layer_begin(", kind, ", ", index, ") inside a layer"));
   in_layer_ = true;
   if (mode_ == Mode::kRecording) return recorder_.LayerBegin(kind, index, phase);
+  ordinal_ = 0;
+  const std::vector<LayerKey>& seq = current_->plan.layer_sequence;
+  if (!off_sequence_ && layer_pos_ < seq.size()) {
+    const LayerKey& k = seq[layer_pos_];
+    if (std::get<0>(k) == kind && std::get<1>(k) == index && std::get<2>(k) == phase) {
+      slots_ = current_->sequence[layer_pos_++];
+      return absl::OkStatus();
+    }
+  }
+  if (!off_sequence_) {
+    // Leaving the recorded sequence: count the layers seen so far, then look up by key.
+    off_sequence_ = true;
+    for (std::size_t i = 0; i < layer_pos_; ++i) {
+      ++occurrences_[std::make_tuple(std::get<0>(seq[i]), std::get<1>(seq[i]), std::get<2>(seq[i]))];
+    }
+  }
   const int occurrence = occurrences_[std::make_tuple(std::string(kind), index, phase)]++;
   auto it = current_->plan.layers.find(LayerKey{std::string(kind), index, phase, occurrence});
   slots_ = it == current_->plan.layers.end() ? nullptr : &it->second;
-  ordinal_ = 0;
   return absl::OkStatus();
 }
 
@@ -180,7 +198,6 @@ absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) 
       if (!clash) {
         live.emplace(lo, hi);
         void* p = static_cast<char*>(base_) + lo;
-        arena_live_[reinterpret_cast<std::uintptr_t>(p)] = lo;
         ++stats_.hits;
         return p;
       }
@@ -195,10 +212,14 @@ absl::Status PlannedAllocator::Free(void* ptr) {
   if (ptr == nullptr) return absl::OkStatus();
   if (!engaged_.load(std::memory_order_acquire)) return backing_->Free(ptr);
   MutexLock l(&mu_);
-  auto it = arena_live_.find(reinterpret_cast<std::uintptr_t>(ptr));
-  if (it != arena_live_.end()) {
-    live_.erase(it->second);
-    arena_live_.erase(it);
+  // The arena is one block of ours: a pointer inside it is an arena allocation or invalid.
+  const std::int64_t off = static_cast<char*>(ptr) - static_cast<char*>(base_);
+  if (base_ != nullptr && off >= 0 && off < arena_size_) {
+    auto it = live_.find(off);
+    if (it == live_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("free of arena offset ", off, ": not a live arena allocation (double free or interior pointer)"));
+    }
+    live_.erase(it);
     UpdateEngaged();
     return absl::OkStatus();
   }
@@ -256,7 +277,8 @@ const ArenaPlan* PlannedAllocator::FindPlan(std::uint64_t signature) const {
 
 bool PlannedAllocator::IsArenaPointer(const void* ptr) const {
   MutexLock l(&mu_);
-  return arena_live_.contains(reinterpret_cast<std::uintptr_t>(ptr));
+  const std::int64_t off = static_cast<const char*>(ptr) - static_cast<const char*>(base_);
+  return base_ != nullptr && off >= 0 && off < arena_size_ && live_.contains(off);
 }
 
 }  // namespace stitchalloc::arena

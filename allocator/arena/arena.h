@@ -99,6 +99,7 @@ class PlannedAllocator {
  private:
   struct CachedPlan {
     ArenaPlan plan;
+    std::vector<const std::vector<Slot>*> sequence;  // slots of plan.layer_sequence[i]
     int missed_iterations = 0;
   };
   enum class Mode { kIdle, kRecording, kServing, kPassThrough };
@@ -125,11 +126,15 @@ class PlannedAllocator {
   int outside_ordinal_ ABSL_GUARDED_BY(mu_) = 0;
   bool in_layer_ ABSL_GUARDED_BY(mu_) = false;
   bool iteration_missed_ ABSL_GUARDED_BY(mu_) = false;
+  // Layers follow the recorded sequence (fast path) until one does not; from then on they are
+  // looked up by key with occurrences counted here.
+  std::size_t layer_pos_ ABSL_GUARDED_BY(mu_) = 0;
+  bool off_sequence_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<std::tuple<std::string, int, Phase>, int> occurrences_ ABSL_GUARDED_BY(mu_);
   void* base_ ABSL_GUARDED_BY(mu_) = nullptr;  // the shared arena
   std::int64_t arena_size_ ABSL_GUARDED_BY(mu_) = 0;
   absl::btree_map<std::int64_t, std::int64_t> live_ ABSL_GUARDED_BY(mu_);  // offset -> end
-  absl::flat_hash_map<std::uintptr_t, std::int64_t> arena_live_ ABSL_GUARDED_BY(mu_);  // pointer -> offset
+
   ArenaStats stats_ ABSL_GUARDED_BY(mu_);
 };
 

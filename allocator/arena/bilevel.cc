@@ -129,6 +129,10 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
     if (v->size() <= static_cast<std::size_t>(r.ordinal)) v->resize(r.ordinal + 1);
     (*v)[r.ordinal] = {r.free_time >= 0, r.size, r.stream, r.free_time >= 0 ? request_offset[i] : 0};
   }
+  for (const LayerSpan& span : rec.layers) {
+    out.layer_sequence.push_back(LayerKey{span.kind, span.index, span.phase, span.occurrence});
+    out.layers[out.layer_sequence.back()];  // every span has a table, even an empty one
+  }
   out.plan_time = absl::Now() - start;
   return out;
 }

@@ -47,6 +47,7 @@ struct ArenaPlan {
   bool optimal_layers = true; // every layer plan proven optimal
   absl::Duration plan_time;
   absl::flat_hash_map<LayerKey, std::vector<Slot>> layers;
+  std::vector<LayerKey> layer_sequence;  // layer spans in recorded order (the runtime's fast path)
   std::vector<Slot> outside;
 };
 
