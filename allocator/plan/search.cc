@@ -26,7 +26,7 @@ class Searcher {
   SearchResult Run() {
     SearchResult result;
     if (!Sweep()) {
-      result.outcome = SearchOutcome::kTooLarge;
+      result.outcome = timed_out_ ? SearchOutcome::kTimeout : SearchOutcome::kTooLarge;
       return result;
     }
     std::int64_t limit = std::max<std::int64_t>(2 * n_, 64);
@@ -95,7 +95,12 @@ class Searcher {
     int sections = 0;
     bool rising = false;
     std::int64_t pairs = 0;
+    std::size_t seen = 0;
     for (const Point& pt : pts) {
+      if ((++seen & 1023) == 0 && absl::Now() > opt_.deadline) {
+        timed_out_ = true;
+        return false;
+      }
       if (pt.start) {
         first_[pt.i] = sections;
         pairs += static_cast<std::int64_t>(live.size());
