@@ -129,6 +129,17 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
     if (v->size() <= static_cast<std::size_t>(r.ordinal)) v->resize(r.ordinal + 1);
     (*v)[r.ordinal] = {r.free_time >= 0, r.size, r.stream, r.free_time >= 0 ? request_offset[i] : 0};
   }
+  // The composed offsets must solve the flat problem: check with the independent validator.
+  {
+    const plan::Problem flat = FlatProblem(rec);
+    std::vector<std::int64_t> flat_offsets;
+    for (std::size_t i = 0; i < rec.requests.size(); ++i) {
+      if (rec.requests[i].free_time >= 0) flat_offsets.push_back(request_offset[i]);
+    }
+    if (absl::Status s = plan::CheckSolution(flat, flat_offsets, out.arena_bytes); !s.ok()) {
+      return absl::InternalError(absl::StrCat("bi-level plan is inconsistent: ", s.message()));
+    }
+  }
   for (const LayerSpan& span : rec.layers) {
     out.layer_sequence.push_back(LayerKey{span.kind, span.index, span.phase, span.occurrence});
     out.layers[out.layer_sequence.back()];  // every span has a table, even an empty one

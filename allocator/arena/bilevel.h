@@ -10,7 +10,8 @@
 // freed within the iteration is a top-level buffer. The arena offset of a local request is its
 // layer's pseudo-buffer offset plus its offset in the layer plan.
 //
-// The result is a lookup table for the runtime: per layer instance (kind, index, phase) and
+// The composed offsets are checked against the flat problem with plan::CheckSolution before a
+// plan is returned. The result is a lookup table for the runtime: per layer instance (kind, index, phase) and
 // for the iteration outside layers, a vector indexed by ordinal of the expected size, stream
 // and arena offset (or "not planned" for requests that outlive the iteration).
 #pragma once
