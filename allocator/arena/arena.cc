@@ -47,6 +47,12 @@ void PlannedAllocator::UpdateEngaged() {
   engaged_.store(mode_ != Mode::kIdle || !plans_.empty() || !live_.empty(), std::memory_order_release);
 }
 
+std::int64_t PlannedAllocator::ArenaOffset(const void* ptr) const {
+  if (base_ == nullptr) return -1;
+  const std::int64_t off = static_cast<const char*>(ptr) - static_cast<const char*>(base_);
+  return off >= 0 && off < arena_size_ ? off : -1;
+}
+
 absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
   MutexLock l(&mu_);
   if (mode_ != Mode::kIdle) return absl::FailedPreconditionError("iteration_begin while an iteration is open");
@@ -213,8 +219,7 @@ absl::Status PlannedAllocator::Free(void* ptr) {
   if (!engaged_.load(std::memory_order_acquire)) return backing_->Free(ptr);
   MutexLock l(&mu_);
   // The arena is one block of ours: a pointer inside it is an arena allocation or invalid.
-  const std::int64_t off = static_cast<char*>(ptr) - static_cast<char*>(base_);
-  if (base_ != nullptr && off >= 0 && off < arena_size_) {
+  if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
     auto it = live_.find(off);
     if (it == live_.end()) {
       return absl::InvalidArgumentError(absl::StrCat("free of arena offset ", off, ": not a live arena allocation (double free or interior pointer)"));
@@ -277,8 +282,8 @@ const ArenaPlan* PlannedAllocator::FindPlan(std::uint64_t signature) const {
 
 bool PlannedAllocator::IsArenaPointer(const void* ptr) const {
   MutexLock l(&mu_);
-  const std::int64_t off = static_cast<const char*>(ptr) - static_cast<const char*>(base_);
-  return base_ != nullptr && off >= 0 && off < arena_size_ && live_.contains(off);
+  const std::int64_t off = ArenaOffset(ptr);
+  return off >= 0 && live_.contains(off);
 }
 
 }  // namespace stitchalloc::arena

@@ -109,6 +109,8 @@ class PlannedAllocator {
   // Makes the arena at least `bytes` large; false if it cannot now (live allocations, OOM).
   bool EnsureArena(std::int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t LargestPlan() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The offset of `ptr` in the arena, or -1 when it lies outside it.
+  std::int64_t ArenaOffset(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   CachingAllocator* const backing_;
   const ArenaOptions options_;

@@ -106,7 +106,8 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
     out.arena_bytes = solved->peak;
     top_offset = std::move(solved->offsets);
   }
-  out.lower_bound = plan::LowerBound(FlatProblem(rec));
+  const plan::Problem flat = FlatProblem(rec);
+  out.lower_bound = plan::LowerBound(flat);
   // Lookup tables.
   std::vector<std::int64_t> layer_base(nl, 0);
   std::vector<std::int64_t> request_offset(rec.requests.size(), -1);
@@ -131,7 +132,6 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
   }
   // The composed offsets must solve the flat problem: check with the independent validator.
   {
-    const plan::Problem flat = FlatProblem(rec);
     std::vector<std::int64_t> flat_offsets;
     for (std::size_t i = 0; i < rec.requests.size(); ++i) {
       if (rec.requests[i].free_time >= 0) flat_offsets.push_back(request_offset[i]);

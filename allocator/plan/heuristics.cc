@@ -12,11 +12,16 @@ namespace {
 
 std::int64_t AlignUp(std::int64_t v, std::int64_t a) { return a <= 1 ? v : (v + a - 1) / a * a; }
 
+// The cell of instant t on the compressed time axis `times` (sorted distinct instants).
+std::size_t Cell(const std::vector<std::int64_t>& times, std::int64_t t) {
+  return static_cast<std::size_t>(std::lower_bound(times.begin(), times.end(), t) - times.begin());
+}
+
 // For each buffer, the maximum live load over its lifetime (computed on the compressed axis).
 std::vector<std::int64_t> LoadOverLifetime(const Problem& p, const std::vector<std::int64_t>& times) {
   const std::size_t m = times.size();
   std::vector<std::int64_t> delta(m + 1, 0);
-  auto idx = [&](std::int64_t t) { return std::lower_bound(times.begin(), times.end(), t) - times.begin(); };
+  auto idx = [&](std::int64_t t) { return Cell(times, t); };
   for (const Buffer& b : p.buffers) {
     delta[idx(b.lower)] += b.size;
     delta[idx(b.upper)] -= b.size;
@@ -110,9 +115,7 @@ class MaxTree {
 
 std::vector<std::int64_t> LowestFirst(const Problem& p, const std::vector<std::int64_t>& times, const char* order) {
   const std::size_t n = p.buffers.size();
-  auto cell = [&](std::int64_t t) {
-    return static_cast<std::size_t>(std::lower_bound(times.begin(), times.end(), t) - times.begin());
-  };
+  auto cell = [&](std::int64_t t) { return Cell(times, t); };
   const std::vector<std::int64_t> load = LoadOverLifetime(p, times);
   std::vector<std::uint32_t> by(n);
   std::iota(by.begin(), by.end(), 0u);
@@ -189,9 +192,7 @@ std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic) {
   }
   std::sort(times.begin(), times.end());
   times.erase(std::unique(times.begin(), times.end()), times.end());
-  auto cell = [&](std::int64_t t) {
-    return static_cast<std::size_t>(std::lower_bound(times.begin(), times.end(), t) - times.begin());
-  };
+  auto cell = [&](std::int64_t t) { return Cell(times, t); };
 
   switch (heuristic) {
     case Heuristic::kLowestFirstWAT: return LowestFirst(p, times, "WAT");

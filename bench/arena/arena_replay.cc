@@ -62,12 +62,20 @@ std::vector<Step> Steps(const Trace& t) {
   return steps;
 }
 
-bool ParseLabel(const Trace& t, const TraceEvent& e, std::string* kind, arena::Phase* phase) {
-  const std::string& label = t.labels[e.label];
-  std::vector<std::string> parts = absl::StrSplit(label, ':');
-  *kind = parts[0];
-  *phase = parts.size() > 1 && parts[1] == "backward" ? arena::Phase::kBackward : arena::Phase::kForward;
-  return true;
+// Forwards the outermost layer marks of a trace to `target` (a Recorder or a PlannedAllocator);
+// nested marks, such as a recompute inside backward, belong to the enclosing layer. Labels are
+// "<kind>:<phase>".
+template <typename Target>
+void ForwardMark(const Trace& t, const TraceEvent& e, int* depth, Target* target) {
+  if (e.op == TraceOp::kLayerBegin) {
+    if ((*depth)++ > 0) return;
+    std::vector<absl::string_view> parts = absl::StrSplit(t.labels[e.label], ':');
+    const arena::Phase phase =
+        parts.size() > 1 && parts[1] == "backward" ? arena::Phase::kBackward : arena::Phase::kForward;
+    (void)target->LayerBegin(parts[0], static_cast<int>(e.id), phase);
+  } else if (e.op == TraceOp::kLayerEnd) {
+    if (--*depth == 0) (void)target->LayerEnd();
+  }
 }
 
 int PlanSteps(const Trace& t, const std::vector<Step>& steps) {
@@ -79,20 +87,9 @@ int PlanSteps(const Trace& t, const std::vector<Step>& steps) {
     int depth = 0;
     for (std::size_t i = s.begin; i < s.end; ++i) {
       const TraceEvent& e = t.events[i];
-      std::string kind;
-      arena::Phase phase;
-      switch (e.op) {
-        case TraceOp::kAlloc: rec.OnAlloc(e.id + 1, e.size, e.stream); break;
-        case TraceOp::kFree: rec.OnFree(e.id + 1); break;
-        case TraceOp::kLayerBegin:
-          ParseLabel(t, e, &kind, &phase);
-          if (depth++ == 0) (void)rec.LayerBegin(kind, static_cast<int>(e.id), phase);
-          break;
-        case TraceOp::kLayerEnd:
-          if (--depth == 0) (void)rec.LayerEnd();
-          break;
-        default: break;
-      }
+      if (e.op == TraceOp::kAlloc) rec.OnAlloc(e.id + 1, e.size, e.stream);
+      else if (e.op == TraceOp::kFree) rec.OnFree(e.id + 1);
+      else ForwardMark(t, e, &depth, &rec);
     }
     arena::IterationRecording r;
     if (auto st = rec.Finish(&r); !st.ok()) {
@@ -145,8 +142,6 @@ int Serve(const Trace& t, const std::vector<Step>& steps, bool with_arena) {
       open = true;
       ++step;
     }
-    std::string kind;
-    arena::Phase phase;
     switch (e.op) {
       case TraceOp::kAlloc: {
         if (ptr.size() <= e.id) ptr.resize(e.id + 1, nullptr);
@@ -164,14 +159,7 @@ int Serve(const Trace& t, const std::vector<Step>& steps, bool with_arena) {
           ptr[e.id] = nullptr;
         }
         break;
-      case TraceOp::kLayerBegin:
-        ParseLabel(t, e, &kind, &phase);
-        if (depth++ == 0) (void)a.LayerBegin(kind, static_cast<int>(e.id), phase);
-        break;
-      case TraceOp::kLayerEnd:
-        if (--depth == 0) (void)a.LayerEnd();
-        break;
-      default: break;
+      default: ForwardMark(t, e, &depth, &a); break;
     }
   }
   if (open) (void)a.EndIteration();
