@@ -109,6 +109,13 @@ absl::Status Apply(absl::string_view key, absl::string_view value, Config& c) {
 
 }  // namespace
 
+bool IsConfigKey(absl::string_view key) {
+  for (const char* k : kKeys) {
+    if (key == k) return true;
+  }
+  return false;
+}
+
 absl::StatusOr<Config> ParseConfig(absl::string_view text, const Config& base) {
   Config c = base;
   absl::flat_hash_set<std::string> seen;

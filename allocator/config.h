@@ -40,6 +40,9 @@ absl::StatusOr<Config> ParseConfig(absl::string_view text, const Config& base = 
 // STITCHALLOC_CONF, then `overrides` (may be empty) on top of it.
 absl::StatusOr<Config> ConfigFromEnvironment(absl::string_view overrides = {});
 
+// Whether `key` is one of the settings ParseConfig accepts.
+bool IsConfigKey(absl::string_view key);
+
 // The canonical "key:value,..." form of every setting (round-trips through ParseConfig).
 std::string ConfigToString(const Config& config);
 

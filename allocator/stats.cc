@@ -53,20 +53,42 @@ void Visit(S& s, F&& f) {
 
 namespace {
 
-// Applies `f` to every Stat of `s` (arrays and single ones).
-template <typename F>
-void ForEachStat(Stats& s, F&& f) {
-  for (StatArray* a : {&s.allocation, &s.segment, &s.active, &s.inactive_split, &s.allocated_bytes,
-                       &s.reserved_bytes, &s.active_bytes, &s.inactive_split_bytes, &s.requested_bytes}) {
-    for (Stat& st : a->pools) f(st);
+// Applies `f` to every Stat of `s` (arrays and single ones), in a fixed order; `S` is Stats or
+// const Stats.
+template <typename S, typename F>
+void ForEachStat(S& s, F&& f) {
+  for (auto* a : {&s.allocation, &s.segment, &s.active, &s.inactive_split, &s.allocated_bytes,
+                  &s.reserved_bytes, &s.active_bytes, &s.inactive_split_bytes, &s.requested_bytes}) {
+    for (auto& st : a->pools) f(st);
   }
-  for (Stat* st : {&s.oversize_allocations, &s.oversize_segments, &s.stitched_segment}) f(*st);
+  for (auto* st : {&s.oversize_allocations, &s.oversize_segments, &s.stitched_segment}) f(*st);
 }
 
 }  // namespace
 
 void Stats::ResetPeak() {
   ForEachStat(*this, [](Stat& st) { st.ResetPeak(); });
+}
+
+void Stats::Accumulate(const Stats& other) {
+  std::vector<Stat*> mine;
+  ForEachStat(*this, [&](Stat& st) { mine.push_back(&st); });
+  std::size_t i = 0;
+  ForEachStat(other, [&](const Stat& st) {
+    Stat& m = *mine[i++];
+    m.current += st.current;
+    m.peak += st.peak;
+    m.allocated += st.allocated;
+    m.freed += st.freed;
+  });
+  for (auto [a, b] : {std::pair{&num_alloc_retries, other.num_alloc_retries}, {&num_ooms, other.num_ooms},
+                      {&num_sync_all_streams, other.num_sync_all_streams}, {&num_device_alloc, other.num_device_alloc},
+                      {&num_device_free, other.num_device_free}, {&num_stitches, other.num_stitches},
+                      {&stitched_bytes, other.stitched_bytes}, {&num_map_calls, other.num_map_calls},
+                      {&num_unmap_calls, other.num_unmap_calls}, {&num_dissolves, other.num_dissolves},
+                      {&num_cross_stream_reuses, other.num_cross_stream_reuses}}) {
+    *a += b;
+  }
 }
 
 void Stats::ResetAccumulated() {

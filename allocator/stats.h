@@ -83,6 +83,10 @@ struct Stats {
 
   void ResetPeak();
   void ResetAccumulated();
+  // Adds `other` in (currents, peaks, allocated/freed and counters summed; max_split_size
+  // kept): the statistics of several allocators seen as one. A summed peak is an upper bound
+  // of the peak of the sum.
+  void Accumulate(const Stats& other);
 };
 
 // The flat "name -> value" form of torch.cuda.memory_stats(), e.g.

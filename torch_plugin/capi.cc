@@ -9,9 +9,16 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "allocator/arena/arena.h"
+#include "absl/strings/str_join.h"
 #include "allocator/caching_allocator.h"
+#include "torch_plugin/alloc_conf.h"
 #include "allocator/config.h"
 #include "stitchalloc/stitchalloc.h"
+
+struct stitchalloc_conf_split {
+  stitchalloc::AllocConfSplit split;
+  std::string notes;
+};
 
 struct stitchalloc_allocator {
   std::unique_ptr<stitchalloc::CachingAllocator> impl;
@@ -235,5 +242,29 @@ stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* 
   }
   return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, absl::StrFormat("stitchalloc_arena_stat: unknown statistic '%s'", name));
 }
+
+stitchalloc_status stitchalloc_split_torch_conf(const char* text, stitchalloc_conf_split** out) {
+  if (out == nullptr) return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_split_torch_conf: null output pointer");
+  *out = nullptr;
+  auto split = stitchalloc::SplitTorchAllocConf(text == nullptr ? "" : text);
+  if (!split.ok()) return Translate(split.status());
+  auto* s = new stitchalloc_conf_split{*std::move(split), ""};
+  s->notes = absl::StrJoin(s->split.notes, "\n");
+  *out = s;
+  return STITCHALLOC_OK;
+}
+
+int stitchalloc_conf_split_enabled(const stitchalloc_conf_split* s) { return s != nullptr && s->split.enabled ? 1 : 0; }
+
+const char* stitchalloc_conf_split_part(const stitchalloc_conf_split* s, const char* part) {
+  if (s == nullptr || part == nullptr) return nullptr;
+  const std::string_view p(part);
+  if (p == "stitchalloc") return s->split.stitchalloc.c_str();
+  if (p == "torch") return s->split.torch.c_str();
+  if (p == "notes") return s->notes.c_str();
+  return nullptr;
+}
+
+void stitchalloc_conf_split_free(stitchalloc_conf_split* s) { delete s; }
 
 }  // extern "C"

@@ -101,6 +101,21 @@ STITCHALLOC_API stitchalloc_status stitchalloc_arena_drop_plans(stitchalloc_allo
  * "arena.last_plan_arena_bytes", "arena.last_plan_time_us". */
 STITCHALLOC_API stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* name, int64_t* out);
 
+/* PYTORCH_CUDA_ALLOC_CONF with backend:stitchalloc, split into stitchalloc's keys and what is
+ * left for PyTorch (docs/torch.md lists which PyTorch keys are kept, honoured or reported).
+ * Used by the Python startup hook and the preload library. On success *out holds the result
+ * (free it with stitchalloc_conf_split_free); without backend:stitchalloc it is returned with
+ * enabled = 0 and the text unchanged as the PyTorch part. A malformed or unknown entry fails
+ * with STITCHALLOC_ERROR_INVALID_ARGUMENT naming it. */
+typedef struct stitchalloc_conf_split stitchalloc_conf_split;
+STITCHALLOC_API stitchalloc_status stitchalloc_split_torch_conf(const char* text, stitchalloc_conf_split** out);
+STITCHALLOC_API int stitchalloc_conf_split_enabled(const stitchalloc_conf_split* s);
+/* `part` is "stitchalloc" (keys for stitchalloc), "torch" (the new PYTORCH_CUDA_ALLOC_CONF) or
+ * "notes" (one line per honoured or ignored PyTorch key, newline-separated); NULL otherwise.
+ * Valid until the split is freed. */
+STITCHALLOC_API const char* stitchalloc_conf_split_part(const stitchalloc_conf_split* s, const char* part);
+STITCHALLOC_API void stitchalloc_conf_split_free(stitchalloc_conf_split* s);
+
 #ifdef __cplusplus
 }
 #endif

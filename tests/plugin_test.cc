@@ -1,0 +1,273 @@
+// The torch-free parts of the PyTorch plugin on the host driver: the PYTORCH_CUDA_ALLOC_CONF
+// splitter (kept, moved, honoured, reported and rejected tokens) and the PoolSet (private pools
+// as CUDA graphs and torch.cuda.MemPool use them: routing by stream filter, isolation from the
+// default pool, release semantics, statistics, byte-exact contents, concurrency).
+#include <atomic>
+#include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+#include "torch_plugin/alloc_conf.h"
+#include "torch_plugin/pool_set.h"
+
+namespace stitchalloc {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing::Download;
+using testing::Pattern;
+using testing::Upload;
+
+TEST(AllocConf, WithoutBackendNothingChanges) {
+  SA_ASSIGN_OR_FAIL(s, SplitTorchAllocConf("expandable_segments:True,max_split_size_mb:128"));
+  EXPECT_FALSE(s.enabled);
+  EXPECT_EQ(s.torch, "expandable_segments:True,max_split_size_mb:128");
+  EXPECT_EQ(s.stitchalloc, "");
+  EXPECT_TRUE(s.notes.empty());
+  SA_ASSIGN_OR_FAIL(empty, SplitTorchAllocConf(""));
+  EXPECT_FALSE(empty.enabled);
+  EXPECT_EQ(empty.torch, "");
+}
+
+TEST(AllocConf, SplitsEveryClassOfToken) {
+  SA_ASSIGN_OR_FAIL(
+      s, SplitTorchAllocConf(" backend : stitchalloc , stitching:false,chunk_size_mb:4, expandable_segments:True,"
+                             "pinned_num_register_threads:8,max_split_size_mb:256,"
+                             "roundup_power2_divisions:[256:1,512:2,>:8],per_process_memory_fraction:0.5"));
+  EXPECT_TRUE(s.enabled);
+  EXPECT_EQ(s.stitchalloc, "stitching:false,chunk_size_mb:4,max_split_size_mb:256,memory_fraction:0.5");
+  EXPECT_EQ(s.torch, "pinned_num_register_threads:8");
+  ASSERT_EQ(s.notes.size(), 4u);
+  EXPECT_THAT(s.notes[0], HasSubstr("expandable_segments:True has no effect"));
+  EXPECT_THAT(s.notes[1], HasSubstr("max_split_size_mb:256 honoured"));
+  EXPECT_THAT(s.notes[2], HasSubstr("roundup_power2_divisions:[256:1,512:2,>:8] has no effect"));
+  EXPECT_THAT(s.notes[3], HasSubstr("per_process_memory_fraction:0.5 honoured as stitchalloc's memory_fraction"));
+  // What stitchalloc receives parses.
+  SA_ASSIGN_OR_FAIL(config, ParseConfig(s.stitchalloc));
+  EXPECT_FALSE(config.stitching);
+  EXPECT_EQ(config.memory_fraction, 0.5);
+}
+
+TEST(AllocConf, BackendAloneLeavesNothingForTorch) {
+  SA_ASSIGN_OR_FAIL(s, SplitTorchAllocConf("backend:stitchalloc"));
+  EXPECT_TRUE(s.enabled);
+  EXPECT_EQ(s.torch, "");
+  EXPECT_EQ(s.stitchalloc, "");
+}
+
+TEST(AllocConf, RejectsWithAMessageNamingTheProblem) {
+  struct Case {
+    const char* text;
+    const char* message;
+  } cases[] = {
+      {"backend:stitchalloc,foo:1", "unknown key 'foo'"},
+      {"backend:stitchalloc,stitching", "malformed entry 'stitching'"},
+      {"backend:stitchalloc,:1", "key and value must both be non-empty"},
+      {"backend:stitchalloc,stitching:", "key and value must both be non-empty"},
+      {"backend:stitchalloc,backend:native", "'backend' is given more than once"},
+      {"backend:stitchalloc,backend:stitchalloc", "'backend' is given more than once"},
+      {"backend:stitchalloc,stitching:maybe", "key 'stitching': invalid value 'maybe'"},
+      {"backend:stitchalloc,per_process_memory_fraction:2", "key 'memory_fraction'"},
+      {"backend:stitchalloc,device:1", "'device' is not accepted"},
+      {"backend:stitchalloc,stitching:true,stitching:false", "stitching"},
+  };
+  for (const Case& c : cases) {
+    auto s = SplitTorchAllocConf(c.text);
+    ASSERT_FALSE(s.ok()) << c.text;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr(c.message)) << c.text;
+  }
+}
+
+Config HostConfig() {
+  Config c;
+  c.driver.choice = DriverChoice::kHost;
+  c.driver.host.capacity = 256ull << 20;
+  return c;
+}
+
+std::unique_ptr<PoolSet> MakePoolSet() {
+  auto set = PoolSet::Create(HostConfig());
+  EXPECT_TRUE(set.ok()) << set.status();
+  return set.ok() ? *std::move(set) : nullptr;
+}
+
+constexpr Stream kCapture = 7;
+
+TEST(PoolSet, CaptureStreamAllocatesFromThePrivatePoolOnly) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{1, 0};
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  EXPECT_EQ(set->PoolUseCount(pool), 1);
+  SA_ASSIGN_OR_FAIL(in_pool, set->Malloc(4 << 20, kCapture));
+  SA_ASSIGN_OR_FAIL(outside, set->Malloc(4 << 20, kDefaultStream));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+
+  std::set<PoolId> owners;
+  for (const auto& seg : set->Snapshot()) {
+    for (const auto& b : seg.info.blocks) {
+      if (b.state != BlockState::kAllocated) continue;
+      if (reinterpret_cast<void*>(b.ptr) == in_pool) {
+        EXPECT_EQ(seg.pool, pool);
+      }
+      if (reinterpret_cast<void*>(b.ptr) == outside) {
+        EXPECT_EQ(seg.pool, kDefaultPool);
+      }
+      owners.insert(seg.pool);
+    }
+  }
+  EXPECT_EQ(owners.size(), 2u);
+  // Only the pool's segments when asked for the pool.
+  for (const auto& seg : set->Snapshot(pool)) EXPECT_EQ(seg.pool, pool);
+
+  // A block freed into the private pool is not reused by the default pool.
+  SA_ASSERT_OK(set->Free(in_pool));
+  SA_ASSIGN_OR_FAIL(again, set->Malloc(4 << 20, kCapture));
+  EXPECT_NE(again, in_pool);
+  SA_ASSERT_OK(set->Free(again));
+  SA_ASSERT_OK(set->Free(outside));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_EQ(set->PoolUseCount(pool), 0);
+  EXPECT_TRUE(set->PrivatePools().empty());
+}
+
+TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{3, 1};
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  SA_ASSIGN_OR_FAIL(p, set->Malloc(1 << 20, kDefaultStream));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_THAT(set->PrivatePools(), ElementsAre(pool));  // still holds p
+  EXPECT_GT(set->GetStats().reserved_bytes.all().current, 0);
+  SA_ASSERT_OK(set->Free(p));
+  EXPECT_TRUE(set->PrivatePools().empty());
+  const Stats s = set->GetStats();
+  EXPECT_EQ(s.allocated_bytes.all().current, 0);
+  EXPECT_EQ(s.reserved_bytes.all().current, 0);
+  EXPECT_GE(s.allocated_bytes.all().peak, 1 << 20);  // the erased pool's history is kept
+  EXPECT_GE(s.allocation.all().allocated, 1);
+}
+
+TEST(PoolSet, ContentsAreByteExactAcrossPools) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  Driver& driver = set->main().driver();
+  const PoolId pool{2, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(pool));
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  std::vector<std::pair<void*, std::vector<std::uint8_t>>> live;
+  for (int i = 0; i < 24; ++i) {
+    const std::size_t n = (static_cast<std::size_t>(i) * 37 + 1) << 14;
+    SA_ASSIGN_OR_FAIL(p, set->Malloc(n, i % 2 ? kCapture : kDefaultStream));
+    auto bytes = Pattern(n, static_cast<std::uint64_t>(i));
+    SA_ASSERT_OK(Upload(driver, p, bytes.data(), n));
+    live.emplace_back(p, std::move(bytes));
+  }
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  for (auto& [p, bytes] : live) {
+    std::vector<std::uint8_t> back(bytes.size());
+    SA_ASSERT_OK(Download(driver, back.data(), p, back.size()));
+    EXPECT_EQ(back, bytes);
+    SA_ASSERT_OK(set->Free(p));
+  }
+  EXPECT_EQ(set->PoolUseCount(pool), 2);
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_TRUE(set->PrivatePools().empty());
+}
+
+TEST(PoolSet, StatisticsSumAllPools) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{5, 0};
+  SA_ASSIGN_OR_FAIL(a, set->Malloc(3 << 20, kDefaultStream));
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  SA_ASSIGN_OR_FAIL(b, set->Malloc(5 << 20, kCapture));
+  const Stats s = set->GetStats();
+  EXPECT_EQ(s.allocated_bytes.all().current, (3 << 20) + (5 << 20));
+  EXPECT_EQ(s.allocation.all().current, 2);
+  auto per_pool = set->PrivatePoolStats();
+  ASSERT_EQ(per_pool.size(), 1u);
+  EXPECT_EQ(per_pool.at(pool).allocated_bytes.all().current, 5 << 20);
+  set->ResetPeakStats();
+  SA_ASSERT_OK(set->Free(b));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  SA_ASSERT_OK(set->Free(a));
+  EXPECT_EQ(set->GetStats().allocated_bytes.all().current, 0);
+  EXPECT_EQ(set->GetStats().allocated_bytes.all().peak, (3 << 20) + (5 << 20));
+}
+
+TEST(PoolSet, BadUseIsRejectedAndChangesNothing) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{9, 0};
+  EXPECT_EQ(set->ReleasePool(pool).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(set->EndAllocateToPool(pool).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(set->ReleasePool(kDefaultPool).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(set->BeginAllocateToPool(kDefaultPool, [](Stream) { return true; }).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(set->BeginAllocateToPool(pool, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  EXPECT_EQ(set->BeginAllocateToPool(pool, [](Stream) { return true; }).code(),
+            absl::StatusCode::kFailedPrecondition);
+  SA_ASSIGN_OR_FAIL(p, set->Malloc(1024, kDefaultStream));
+  SA_ASSERT_OK(set->Free(p));
+  EXPECT_EQ(set->Free(p).code(), absl::StatusCode::kInvalidArgument);  // double free
+  int foreign = 0;
+  EXPECT_EQ(set->Free(&foreign).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(set->SetMemoryFraction(0).code(), absl::StatusCode::kInvalidArgument);
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  // Still usable.
+  SA_ASSIGN_OR_FAIL(q, set->Malloc(1024, kDefaultStream));
+  SA_ASSERT_OK(set->Free(q));
+  SA_ASSERT_OK(set->main().CheckInvariants());
+}
+
+TEST(PoolSet, ConcurrentCapturesAndDefaultTraffic) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  constexpr int kThreads = 4;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      const Stream mine = 100 + static_cast<Stream>(t);
+      const PoolId pool{static_cast<std::uint64_t>(t + 1), 0};
+      for (int round = 0; round < 20; ++round) {
+        const bool capture = t % 2 == 0;
+        if (capture && !set->BeginAllocateToPool(pool, [mine](Stream s) { return s == mine; }).ok()) ++failures;
+        std::vector<void*> ptrs;
+        for (int i = 0; i < 16; ++i) {
+          auto p = set->Malloc(static_cast<std::size_t>(1 + (i * 7 + round) % 13) << 16, mine);
+          if (!p.ok()) {
+            ++failures;
+            continue;
+          }
+          ptrs.push_back(*p);
+        }
+        for (void* p : ptrs) {
+          if (!set->Free(p).ok()) ++failures;
+        }
+        if (capture && (!set->EndAllocateToPool(pool).ok() || !set->ReleasePool(pool).ok())) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_TRUE(set->PrivatePools().empty());
+  EXPECT_EQ(set->GetStats().allocated_bytes.all().current, 0);
+  SA_ASSERT_OK(set->main().CheckInvariants());
+}
+
+}  // namespace
+}  // namespace stitchalloc

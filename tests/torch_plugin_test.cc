@@ -1,0 +1,231 @@
+// The PyTorch allocator (libstitchalloc_torch.so) through c10's own interface, on the host
+// driver, without a GPU: installation where torch looks the allocator up, refusal after the
+// native allocator is initialised, statistics in torch's types, errors as torch exceptions
+// (torch.OutOfMemoryError with stitchalloc's report), memory history and snapshots, private
+// pools, cacheInfo and getBaseAllocation. Each test runs in its own process (ctest), since an
+// installation lasts for the process. Built only when a CUDA-enabled torch was found.
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+
+#include <string>
+#include <unordered_set>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "stitchalloc/torch.h"
+
+namespace {
+
+namespace cca = c10::cuda::CUDACachingAllocator;
+namespace cda = c10::CachingDeviceAllocator;
+using ::testing::HasSubstr;
+
+constexpr const char* kHost = "driver:host,host_capacity_mb:256";
+
+cudaStream_t StreamId(std::uintptr_t id) { return reinterpret_cast<cudaStream_t>(id); }
+
+void Install() {
+  ASSERT_EQ(stitchalloc_torch_install(kHost), 0) << stitchalloc_torch_last_error();
+  ASSERT_EQ(cca::get()->name(), "stitchalloc");
+}
+
+TEST(TorchPlugin, InstallsWhereTorchLooksForTheCudaAllocator) {
+  EXPECT_EQ(stitchalloc_torch_installed(), 0);
+  EXPECT_NE(cca::get()->name(), "stitchalloc");
+  Install();
+  EXPECT_EQ(stitchalloc_torch_installed(), 1);
+  EXPECT_EQ(c10::GetAllocator(c10::DeviceType::CUDA), cca::get());
+  EXPECT_EQ(c10::getDeviceAllocator(c10::DeviceType::CUDA), cca::get());
+  EXPECT_EQ(stitchalloc_torch_install(kHost), 0);  // same configuration: a no-op
+  EXPECT_EQ(stitchalloc_torch_install("driver:host,stitching:false"), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("already installed"));
+  EXPECT_EQ(stitchalloc_torch_install("driver:host,bogus:1"), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("unknown key 'bogus'"));
+  EXPECT_EQ(stitchalloc_torch_installed(), 1);
+}
+
+TEST(TorchPlugin, RefusesOnceTheCurrentAllocatorIsInitialised) {
+  // PyTorch's native allocator cannot be initialised without a GPU; torch's pluggable
+  // allocator stands in for it (its init is what torch.cuda's lazy initialisation calls).
+  auto other = torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [](size_t, int, cudaStream_t) -> void* { return nullptr; }, [](void*, size_t, int, cudaStream_t) {});
+  torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(other);  // initialises it, as CUDA use would
+  ASSERT_EQ(cca::get(), other.get());
+  ASSERT_TRUE(other->initialized());
+  EXPECT_EQ(stitchalloc_torch_install(kHost), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("too late"));
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("Nothing was changed"));
+  EXPECT_EQ(cca::get(), other.get());
+  EXPECT_EQ(stitchalloc_torch_installed(), 0);
+}
+
+TEST(TorchPlugin, StatisticsInTorchsTypes) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  a->init(1);
+  void* p = a->raw_alloc_with_stream(3 << 20, StreamId(0));
+  void* q = a->raw_alloc_with_stream(1000, StreamId(0));
+  cda::DeviceStats s = a->getDeviceStats(0);
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const auto small = static_cast<size_t>(c10::CachingAllocator::StatType::SMALL_POOL);
+  EXPECT_EQ(s.allocation[all].current, 2);
+  EXPECT_EQ(s.allocation[small].current, 1);
+  EXPECT_EQ(s.allocated_bytes[all].current, (3 << 20) + 1024);  // 512-byte rounding
+  EXPECT_EQ(s.requested_bytes[all].current, (3 << 20) + 1000);
+  EXPECT_GE(s.reserved_bytes[all].current, s.allocated_bytes[all].current);
+  EXPECT_EQ(s.max_split_size, -1);
+  a->raw_delete(q);
+  a->resetPeakStats(0);
+  s = a->getDeviceStats(0);
+  EXPECT_EQ(s.allocated_bytes[all].peak, 3 << 20);
+  a->raw_delete(p);
+  a->emptyCache({0, 0});
+  s = a->getDeviceStats(0);
+  EXPECT_EQ(s.allocated_bytes[all].current, 0);
+  EXPECT_EQ(s.reserved_bytes[all].current, 0);
+  a->resetAccumulatedStats(0);
+  EXPECT_EQ(a->getDeviceStats(0).allocation[all].allocated, 0);
+
+  a->setMemoryFraction(0.5, 0);
+  EXPECT_EQ(a->getMemoryFraction(0), 0.5);
+  EXPECT_THROW(a->setMemoryFraction(1.5, 0), c10::Error);
+  EXPECT_EQ(a->getMemoryFraction(0), 0.5);
+}
+
+TEST(TorchPlugin, OutOfMemoryRaisesTorchsErrorWithTheReport) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  int observed = 0;
+  a->attachOutOfMemoryObserver([&](int64_t device, size_t, size_t total, size_t) {
+    EXPECT_EQ(device, 0);
+    EXPECT_EQ(total, 256u << 20);
+    ++observed;
+  });
+  void* keep = a->raw_alloc_with_stream(200 << 20, StreamId(0));
+  try {
+    a->raw_alloc_with_stream(100 << 20, StreamId(0));
+    FAIL() << "expected an out-of-memory error";
+  } catch (const c10::OutOfMemoryError& e) {
+    const std::string msg = e.what();
+    EXPECT_THAT(msg, HasSubstr("CUDA out of memory. stitchalloc:"));
+    EXPECT_THAT(msg, HasSubstr("requested"));
+  }
+  EXPECT_EQ(observed, 1);
+  EXPECT_EQ(a->getDeviceStats(0).num_ooms, 1);
+  // Still usable.
+  void* small = a->raw_alloc_with_stream(1 << 20, StreamId(0));
+  a->raw_delete(small);
+  a->raw_delete(keep);
+  int foreign = 0;
+  try {
+    a->raw_delete(&foreign);
+    FAIL() << "expected an error for a foreign pointer";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(std::string(e.what()), HasSubstr("stitchalloc free"));
+  }
+}
+
+TEST(TorchPlugin, HistoryAndSnapshot) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  std::vector<cda::TraceEntry::Action> tracked;
+  a->attachAllocatorTraceTracker([&](const cda::TraceEntry& e) { tracked.push_back(e.action_); });
+  EXPECT_FALSE(a->isHistoryEnabled());
+  a->recordHistory(true, nullptr, 100, cda::RecordContext::ALL, false, {});
+  EXPECT_TRUE(a->isHistoryEnabled());
+  void* p = a->raw_alloc_with_stream(5 << 20, StreamId(0));
+  void* q = a->raw_alloc_with_stream(4096, StreamId(0));
+  a->raw_delete(p);
+
+  cca::SnapshotInfo snap = a->snapshot({0, 0}, true);
+  ASSERT_EQ(snap.device_traces.size(), 1u);
+  const auto& trace = snap.device_traces[0];
+  ASSERT_EQ(trace.size(), 4u);
+  EXPECT_EQ(trace[0].action_, cda::TraceEntry::ALLOC);
+  EXPECT_EQ(trace[0].addr_, reinterpret_cast<size_t>(p));
+  EXPECT_EQ(trace[0].size_, 5u << 20);
+  EXPECT_EQ(trace[1].action_, cda::TraceEntry::ALLOC);
+  EXPECT_EQ(trace[1].size_, 4096u);
+  EXPECT_EQ(trace[2].action_, cda::TraceEntry::FREE_REQUESTED);
+  EXPECT_EQ(trace[3].action_, cda::TraceEntry::FREE_COMPLETED);
+  EXPECT_EQ(trace[3].addr_, reinterpret_cast<size_t>(p));
+  EXPECT_LE(trace[0].time_.t_, trace[3].time_.t_);
+  EXPECT_EQ(tracked.size(), 4u);
+
+  size_t allocated = 0, total = 0;
+  for (const auto& seg : snap.segments) {
+    total += seg.total_size;
+    allocated += seg.allocated_size;
+    size_t blocks = 0;
+    for (const auto& b : seg.blocks) blocks += b.size;
+    EXPECT_EQ(blocks, seg.total_size);  // blocks tile their segment
+  }
+  EXPECT_EQ(allocated, 4096u);
+  EXPECT_GE(total, 5u << 20);
+
+  // max_entries keeps the newest; skip_actions drops an action; clear_history empties.
+  a->recordHistory(true, nullptr, 2, cda::RecordContext::ALLOC, false, {"free_requested"});
+  a->raw_delete(q);
+  const cca::SnapshotInfo after = a->snapshot({0, 0}, true);
+  const auto& kept = after.device_traces[0];
+  ASSERT_EQ(kept.size(), 2u);
+  EXPECT_EQ(kept[1].action_, cda::TraceEntry::FREE_COMPLETED);
+  EXPECT_EQ(kept[1].addr_, reinterpret_cast<size_t>(q));
+  a->recordHistory(true, nullptr, 10, cda::RecordContext::ALLOC, true, {});
+  EXPECT_TRUE(a->snapshot({0, 0}, true).device_traces[0].empty());
+  a->recordHistory(false, nullptr, 10, cda::RecordContext::NEVER, false, {});
+  void* r = a->raw_alloc_with_stream(1024, StreamId(0));
+  a->raw_delete(r);
+  EXPECT_TRUE(a->snapshot({0, 0}, true).device_traces[0].empty());
+}
+
+TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  const c10::MempoolId_t pool{1, 0};
+  a->beginAllocateToPool(0, pool, [](cudaStream_t s) { return s == StreamId(7); });
+  void* in_pool = a->raw_alloc_with_stream(2 << 20, StreamId(7));
+  void* outside = a->raw_alloc_with_stream(2 << 20, StreamId(0));
+  a->endAllocateToPool(0, pool);
+  EXPECT_EQ(a->getPoolUseCount(0, pool), 1);
+  EXPECT_TRUE(a->checkPoolLiveAllocations(0, pool, {in_pool}));
+  EXPECT_FALSE(a->checkPoolLiveAllocations(0, pool, {outside}));
+
+  bool seen = false;
+  for (const auto& seg : a->snapshot(pool, false).segments) {
+    EXPECT_EQ(seg.owner_private_pool_id, pool);
+    seen = seen || (seg.address <= reinterpret_cast<size_t>(in_pool) &&
+                    reinterpret_cast<size_t>(in_pool) < seg.address + seg.total_size);
+  }
+  EXPECT_TRUE(seen);
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 12
+  EXPECT_GT(a->getDeviceStats(0).reserved_bytes_by_private_pools.at(pool)[0].current, 0);
+#endif
+  a->releasePool(0, pool);
+  EXPECT_EQ(a->getPoolUseCount(0, pool), 0);
+  a->raw_delete(in_pool);  // the released pool goes with its last allocation
+  EXPECT_TRUE(a->snapshot(pool, false).segments.empty() || a->snapshot(pool, false).segments[0].owner_private_pool_id != pool);
+  a->raw_delete(outside);
+  EXPECT_THROW(a->releasePool(0, pool), c10::Error);
+}
+
+TEST(TorchPlugin, CacheInfoAndBaseAllocation) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  void* p = a->raw_alloc_with_stream(6 << 20, StreamId(0));
+  size_t base_size = 0;
+  void* base = a->getBaseAllocation(p, &base_size);
+  EXPECT_LE(reinterpret_cast<size_t>(base), reinterpret_cast<size_t>(p));
+  EXPECT_GE(reinterpret_cast<size_t>(base) + base_size, reinterpret_cast<size_t>(p) + (6 << 20));
+  a->raw_delete(p);
+  size_t largest = 0;
+  a->cacheInfo(0, &largest);
+  EXPECT_GE(largest, 6u << 20);
+  EXPECT_LE(largest, 256u << 20);
+  int foreign = 0;
+  EXPECT_THROW(a->getBaseAllocation(&foreign, &base_size), c10::Error);
+}
+
+}  // namespace

@@ -1,0 +1,269 @@
+#include "torch_plugin/pool_set.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "vmm/nvtx.h"
+
+namespace stitchalloc {
+namespace {
+
+std::string Name(PoolId id) { return absl::StrFormat("(%d, %d)", id.first, id.second); }
+
+absl::Status DefaultPoolError(const char* op) {
+  return absl::InvalidArgumentError(
+      absl::StrFormat("%s: pool (0, 0) is the default pool, not a private pool", op));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PoolSet>> PoolSet::Create(const Config& config) {
+  auto main = CachingAllocator::Create(config);
+  if (!main.ok()) return main.status();
+  return std::unique_ptr<PoolSet>(new PoolSet(config, *std::move(main)));
+}
+
+PoolSet::PoolSet(const Config& config, std::unique_ptr<CachingAllocator> main)
+    : config_(config),
+      main_(std::move(main)),
+      arena_(std::make_unique<arena::PlannedAllocator>(main_.get())),
+      fraction_(config.memory_fraction) {}
+
+PoolSet::~PoolSet() = default;
+
+absl::StatusOr<void*> PoolSet::Malloc(std::size_t size, Stream stream) {
+  if (routing_.load(std::memory_order_acquire) > 0) {
+    MutexLock lock(&mu_);
+    for (const Capture& c : captures_) {
+      if (!c.filter(stream)) continue;
+      Pool* pool = pools_.at(c.id).get();
+      auto p = pool->allocator->Malloc(size, stream);
+      if (!p.ok()) return p.status();
+      pool_of_.emplace(*p, c.id);
+      ++pool->live;
+      pooled_.fetch_add(1, std::memory_order_release);
+      return p;
+    }
+  }
+  return arena_->Malloc(size, stream);
+}
+
+CachingAllocator* PoolSet::OwnerOf(const void* ptr) const {
+  auto it = pool_of_.find(ptr);
+  if (it == pool_of_.end()) return nullptr;
+  return pools_.at(it->second)->allocator.get();
+}
+
+absl::Status PoolSet::Free(void* ptr) {
+  if (ptr != nullptr && pooled_.load(std::memory_order_acquire) > 0) {
+    MutexLock lock(&mu_);
+    auto it = pool_of_.find(ptr);
+    if (it != pool_of_.end()) {
+      const PoolId id = it->second;
+      Pool* pool = pools_.at(id).get();
+      absl::Status s = pool->allocator->Free(ptr);
+      if (!s.ok()) return s;
+      pool_of_.erase(it);
+      pooled_.fetch_sub(1, std::memory_order_release);
+      --pool->live;
+      MaybeErase(id);
+      return absl::OkStatus();
+    }
+  }
+  return arena_->Free(ptr);
+}
+
+absl::Status PoolSet::RecordStream(void* ptr, Stream stream) {
+  if (pooled_.load(std::memory_order_acquire) > 0) {
+    MutexLock lock(&mu_);
+    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->RecordStream(ptr, stream);
+  }
+  if (arena_->IsArenaPointer(ptr)) {
+    return absl::InvalidArgumentError(
+        "record_stream: the tensor was served from a plan-guided arena, whose allocations are single-stream");
+  }
+  return main_->RecordStream(ptr, stream);
+}
+
+absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
+  if (pooled_.load(std::memory_order_acquire) > 0) {
+    MutexLock lock(&mu_);
+    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->Describe(ptr);
+  }
+  return main_->Describe(ptr);
+}
+
+absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
+  if (id == kDefaultPool) return DefaultPoolError("private pool");
+  auto it = pools_.find(id);
+  if (it != pools_.end()) return it->second.get();
+  STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::CreatePool");
+  Config config = config_;
+  config.memory_fraction = fraction_.load(std::memory_order_relaxed);
+  auto allocator = CachingAllocator::Create(config);
+  if (!allocator.ok()) return allocator.status();
+  auto pool = std::make_unique<Pool>();
+  pool->allocator = *std::move(allocator);
+  return pools_.emplace(id, std::move(pool)).first->second.get();
+}
+
+void PoolSet::MaybeErase(PoolId id) {
+  auto it = pools_.find(id);
+  if (it == pools_.end() || it->second->users > 0 || it->second->live > 0) return;
+  for (const Capture& c : captures_) {
+    if (c.id == id) return;
+  }
+  Stats gone = it->second->allocator->GetStats();
+  for (auto* a : {&gone.allocation, &gone.segment, &gone.active, &gone.inactive_split, &gone.allocated_bytes,
+                  &gone.reserved_bytes, &gone.active_bytes, &gone.inactive_split_bytes, &gone.requested_bytes}) {
+    for (Stat& st : a->pools) {
+      st.freed += st.current;  // what destroying the allocator releases
+      st.current = 0;
+    }
+  }
+  retired_.Accumulate(gone);
+  pools_.erase(it);  // the allocator returns all its memory
+}
+
+absl::Status PoolSet::CreateOrIncrefPool(PoolId id) {
+  MutexLock lock(&mu_);
+  auto pool = GetOrCreate(id);
+  if (!pool.ok()) return pool.status();
+  ++(*pool)->users;
+  return absl::OkStatus();
+}
+
+absl::Status PoolSet::BeginAllocateToPool(PoolId id, StreamFilter filter) {
+  if (!filter) return absl::InvalidArgumentError("beginAllocateToPool: empty stream filter");
+  MutexLock lock(&mu_);
+  for (const Capture& c : captures_) {
+    if (c.id == id) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("beginAllocateToPool: pool ", Name(id), " is already being allocated to"));
+    }
+  }
+  auto pool = GetOrCreate(id);
+  if (!pool.ok()) return pool.status();
+  ++(*pool)->users;
+  captures_.push_back({id, std::move(filter)});
+  routing_.fetch_add(1, std::memory_order_release);
+  return absl::OkStatus();
+}
+
+absl::Status PoolSet::EndAllocateToPool(PoolId id) {
+  MutexLock lock(&mu_);
+  auto it = std::find_if(captures_.begin(), captures_.end(), [&](const Capture& c) { return c.id == id; });
+  if (it == captures_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("endAllocateToPool: pool ", Name(id), " is not being allocated to"));
+  }
+  captures_.erase(it);
+  routing_.fetch_sub(1, std::memory_order_release);
+  return absl::OkStatus();
+}
+
+absl::Status PoolSet::ReleasePool(PoolId id) {
+  if (id == kDefaultPool) return DefaultPoolError("releasePool");
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  if (it == pools_.end() || it->second->users == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("releasePool: pool ", Name(id), " has no users"));
+  }
+  Pool* pool = it->second.get();
+  if (--pool->users == 0) {
+    absl::Status s = pool->allocator->EmptyCache();
+    if (!s.ok()) return s;
+    MaybeErase(id);
+  }
+  return absl::OkStatus();
+}
+
+int PoolSet::PoolUseCount(PoolId id) const {
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  return it == pools_.end() ? 0 : it->second->users;
+}
+
+std::vector<PoolId> PoolSet::PrivatePools() const {
+  MutexLock lock(&mu_);
+  std::vector<PoolId> ids;
+  for (const auto& [id, pool] : pools_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+absl::Status PoolSet::EmptyCache(PoolId id) {
+  MutexLock lock(&mu_);
+  if (id != kDefaultPool) {
+    auto it = pools_.find(id);
+    if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("emptyCache: no private pool ", Name(id)));
+    return it->second->allocator->EmptyCache();
+  }
+  absl::Status s = main_->EmptyCache();
+  for (auto& [pid, pool] : pools_) s.Update(pool->allocator->EmptyCache());
+  return s;
+}
+
+absl::Status PoolSet::SetMemoryFraction(double fraction) {
+  MutexLock lock(&mu_);
+  absl::Status s = main_->SetMemoryFraction(fraction);
+  if (!s.ok()) return s;
+  for (auto& [id, pool] : pools_) s.Update(pool->allocator->SetMemoryFraction(fraction));
+  fraction_.store(fraction, std::memory_order_relaxed);
+  return s;
+}
+
+Stats PoolSet::GetStats() const {
+  Stats total = main_->GetStats();
+  MutexLock lock(&mu_);
+  for (const auto& [id, pool] : pools_) total.Accumulate(pool->allocator->GetStats());
+  total.Accumulate(retired_);
+  return total;
+}
+
+absl::flat_hash_map<PoolId, Stats> PoolSet::PrivatePoolStats() const {
+  MutexLock lock(&mu_);
+  absl::flat_hash_map<PoolId, Stats> out;
+  for (const auto& [id, pool] : pools_) out.emplace(id, pool->allocator->GetStats());
+  return out;
+}
+
+void PoolSet::ResetPeakStats() {
+  main_->ResetPeakStats();
+  MutexLock lock(&mu_);
+  for (auto& [id, pool] : pools_) pool->allocator->ResetPeakStats();
+  retired_.ResetPeak();
+}
+
+void PoolSet::ResetAccumulatedStats() {
+  main_->ResetAccumulatedStats();
+  MutexLock lock(&mu_);
+  for (auto& [id, pool] : pools_) pool->allocator->ResetAccumulatedStats();
+  retired_ = Stats{};
+}
+
+std::vector<PoolSet::Segment> PoolSet::Snapshot(std::optional<PoolId> only) const {
+  std::vector<Segment> out;
+  if (!only || *only == kDefaultPool) {
+    for (SegmentInfo& s : main_->Snapshot()) out.push_back({kDefaultPool, std::move(s)});
+  }
+  MutexLock lock(&mu_);
+  for (const auto& [id, pool] : pools_) {
+    if (only && *only != kDefaultPool && *only != id) continue;
+    for (SegmentInfo& s : pool->allocator->Snapshot()) out.push_back({id, std::move(s)});
+  }
+  return out;
+}
+
+std::size_t PoolSet::LargestFreeBlock() const {
+  std::size_t largest = 0;
+  for (const Segment& seg : Snapshot()) {
+    for (const auto& b : seg.info.blocks) {
+      if (b.state == BlockState::kFree) largest = std::max(largest, b.size);
+    }
+  }
+  return largest;
+}
+
+}  // namespace stitchalloc

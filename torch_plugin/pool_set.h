@@ -1,0 +1,112 @@
+// PoolSet: everything one device needs under PyTorch, without PyTorch: the default pool (a
+// CachingAllocator behind the plan-guided arena) and the private pools that CUDA graph capture
+// and torch.cuda.MemPool ask for, each its own CachingAllocator on the same device.
+//
+// Private pools follow PyTorch's semantics: CreateOrIncrefPool / BeginAllocateToPool add a
+// user; while a pool is being allocated to, requests on streams its filter accepts are served
+// from it (the first matching begin wins); ReleasePool drops a user, and a pool with no users
+// returns its cached memory at once and disappears when its last allocation is freed. Memory of
+// a private pool is never used for another pool's requests, which is what makes graph replay
+// safe.
+//
+// Invariants: pool_of_ holds exactly the live pointers served by private pools (so Free and
+// RecordStream route without asking every allocator); routing_ counts begun, not yet ended
+// captures and pooled_ the entries of pool_of_, so while both are zero the hot path takes no
+// lock of this class. Statistics are the sums over all pools: while private pools live, a
+// peak is the sum of per-pool peaks (an upper bound of the device peak).
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/arena/arena.h"
+#include "allocator/caching_allocator.h"
+#include "allocator/config.h"
+#include "vmm/mutex.h"
+
+namespace stitchalloc {
+
+// PyTorch's MempoolId_t: {0, 0} is the default pool.
+using PoolId = std::pair<std::uint64_t, std::uint64_t>;
+inline constexpr PoolId kDefaultPool{0, 0};
+
+class PoolSet {
+ public:
+  using StreamFilter = std::function<bool(Stream)>;
+  struct Segment {
+    PoolId pool = kDefaultPool;
+    SegmentInfo info;
+  };
+
+  static absl::StatusOr<std::unique_ptr<PoolSet>> Create(const Config& config);
+  ~PoolSet();
+
+  absl::StatusOr<void*> Malloc(std::size_t size, Stream stream);
+  absl::Status Free(void* ptr);
+  absl::Status RecordStream(void* ptr, Stream stream);
+  absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+
+  absl::Status CreateOrIncrefPool(PoolId id);
+  absl::Status BeginAllocateToPool(PoolId id, StreamFilter filter);
+  absl::Status EndAllocateToPool(PoolId id);
+  absl::Status ReleasePool(PoolId id);
+  // Users of the pool (0 for an unknown pool).
+  int PoolUseCount(PoolId id) const;
+  std::vector<PoolId> PrivatePools() const;
+
+  // kDefaultPool: the default pool and the cached memory of every private pool; otherwise
+  // that pool's cached memory only.
+  absl::Status EmptyCache(PoolId id = kDefaultPool);
+  absl::Status SetMemoryFraction(double fraction);
+  double memory_fraction() const { return fraction_.load(std::memory_order_relaxed); }
+
+  Stats GetStats() const;
+  absl::flat_hash_map<PoolId, Stats> PrivatePoolStats() const;
+  void ResetPeakStats();
+  void ResetAccumulatedStats();
+  // Segments of every pool, or of one private pool.
+  std::vector<Segment> Snapshot(std::optional<PoolId> only = std::nullopt) const;
+  // The largest free block in any pool's cache (torch's cacheInfo, used by cudnn.benchmark).
+  std::size_t LargestFreeBlock() const;
+  std::size_t memory_limit() const { return main_->memory_limit(); }
+
+  CachingAllocator& main() { return *main_; }
+  arena::PlannedAllocator& arena() { return *arena_; }
+  const Config& config() const { return config_; }
+
+ private:
+  struct Pool {
+    std::unique_ptr<CachingAllocator> allocator;
+    int users = 0;
+    std::int64_t live = 0;  // allocations not yet freed
+  };
+  struct Capture {
+    PoolId id;
+    StreamFilter filter;
+  };
+  explicit PoolSet(const Config& config, std::unique_ptr<CachingAllocator> main);
+  absl::StatusOr<Pool*> GetOrCreate(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeErase(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  CachingAllocator* OwnerOf(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const Config config_;
+  const std::unique_ptr<CachingAllocator> main_;
+  const std::unique_ptr<arena::PlannedAllocator> arena_;
+  std::atomic<double> fraction_;
+  std::atomic<int> routing_{0};
+  std::atomic<std::int64_t> pooled_{0};
+  mutable Mutex mu_;
+  absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
+  std::vector<Capture> captures_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<const void*, PoolId> pool_of_ ABSL_GUARDED_BY(mu_);
+  Stats retired_ ABSL_GUARDED_BY(mu_);  // accumulated counters of erased pools
+};
+
+}  // namespace stitchalloc

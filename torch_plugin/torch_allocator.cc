@@ -1,0 +1,571 @@
+// TorchAllocator: stitchalloc as PyTorch's CUDA allocator. A subclass of
+// c10::cuda::CUDACachingAllocator::CUDAAllocator that delegates every request to one PoolSet
+// per device (created when the device is first used) and translates statistics, snapshots,
+// history and errors into PyTorch's types, so torch.cuda.memory_* and torch.cuda.memory._*
+// keep working unchanged.
+//
+// Installed by stitchalloc_torch_install() (below): it refuses once PyTorch's current CUDA
+// allocator is initialised (torch.cuda has been used), otherwise it stores the instance where
+// c10 looks the CUDA allocator up (CUDACachingAllocator::allocator) and registers it as the
+// kCUDA device allocator (at::getAllocator, torch.accelerator). The instance lives for the
+// rest of the process, as PyTorch's own does.
+//
+// Invariants: devices_[d] is set once and never changes; history entries and pointer contexts
+// are guarded by history_mu_, which is never held while calling into a PoolSet or Python.
+// Errors: out-of-memory raises c10::OutOfMemoryError (torch.OutOfMemoryError) whose message
+// starts "CUDA out of memory." followed by stitchalloc's report; any other failure raises
+// c10::Error naming the operation.
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/ApproximateClock.h>
+#include <c10/util/Exception.h>
+#include <torch/headeronly/version.h>
+
+#include <array>
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/config.h"
+#include "torch_plugin/pool_set.h"
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
+#define STITCHALLOC_TORCH_HAS_OOM_REJECTION 1  // attachOomRejectionObserver, per-pool reserved stats
+#endif
+
+namespace stitchalloc {
+namespace {
+
+namespace cca = c10::cuda::CUDACachingAllocator;
+namespace cda = c10::CachingDeviceAllocator;
+using c10::DeviceIndex;
+
+constexpr int kMaxDevices = 64;
+
+void RawDelete(void* ptr);
+
+[[noreturn]] void Raise(const char* op, const absl::Status& s) {
+  if (s.code() == absl::StatusCode::kResourceExhausted) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory. stitchalloc: ", std::string(s.message()));
+  }
+  TORCH_CHECK(false, "stitchalloc ", op, ": ", std::string(s.message()));
+}
+
+void Check(const char* op, const absl::Status& s) {
+  if (!s.ok()) Raise(op, s);
+}
+
+void CopyStat(const Stat& from, c10::CachingAllocator::Stat& to) {
+  to.current = from.current;
+  to.peak = from.peak;
+  to.allocated = from.allocated;
+  to.freed = from.freed;
+}
+
+void CopyArray(const StatArray& from, c10::CachingAllocator::StatArray& to) {
+  for (int i = 0; i < 3; ++i) CopyStat(from.pools[i], to[i]);
+}
+
+class TorchAllocator final : public cca::CUDAAllocator {
+ public:
+  explicit TorchAllocator(Config base) : base_(std::move(base)) {}
+
+  // ---- c10::Allocator ------------------------------------------------------------------
+  c10::DataPtr allocate(size_t n) override {
+    const DeviceIndex device = CurrentDevice();
+    void* p = n == 0 ? nullptr : Malloc(device, n, c10::cuda::getCurrentCUDAStream(device).stream());
+    return {p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &RawDelete; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    C10_CUDA_CHECK(cudaMemcpy(dest, src, count, cudaMemcpyDeviceToDevice));
+  }
+
+  // ---- c10::DeviceAllocator --------------------------------------------------------------
+  bool initialized() override { return initialized_.load(); }
+  void emptyCache(c10::MempoolId_t mempool_id) override {
+    for (int d = 0; d < kMaxDevices; ++d) {
+      if (PoolSet* set = devices_[d].load()) Check("emptyCache", set->EmptyCache(ToPool(mempool_id)));
+    }
+  }
+  cda::DeviceStats getDeviceStats(DeviceIndex device) override {
+    cda::DeviceStats out;
+    PoolSet& set = Device(device);
+    const Stats s = set.GetStats();
+    CopyArray(s.allocation, out.allocation);
+    CopyArray(s.segment, out.segment);
+    CopyArray(s.active, out.active);
+    CopyArray(s.inactive_split, out.inactive_split);
+    CopyArray(s.allocated_bytes, out.allocated_bytes);
+    CopyArray(s.reserved_bytes, out.reserved_bytes);
+    CopyArray(s.active_bytes, out.active_bytes);
+    CopyArray(s.inactive_split_bytes, out.inactive_split_bytes);
+    CopyArray(s.requested_bytes, out.requested_bytes);
+    CopyStat(s.oversize_allocations, out.oversize_allocations);
+    CopyStat(s.oversize_segments, out.oversize_segments);
+    out.num_alloc_retries = s.num_alloc_retries;
+    out.num_ooms = s.num_ooms;
+    out.num_sync_all_streams = s.num_sync_all_streams;
+    out.num_device_alloc = s.num_device_alloc;
+    out.num_device_free = s.num_device_free;
+    out.max_split_size = s.max_split_size;
+#ifdef STITCHALLOC_TORCH_HAS_OOM_REJECTION
+    for (const auto& [id, ps] : set.PrivatePoolStats()) {
+      CopyArray(ps.reserved_bytes, out.reserved_bytes_by_private_pools[c10::MempoolId_t{id.first, id.second}]);
+    }
+#endif
+    return out;
+  }
+  void resetAccumulatedStats(DeviceIndex device) override { Device(device).ResetAccumulatedStats(); }
+  void resetPeakStats(DeviceIndex device) override { Device(device).ResetPeakStats(); }
+
+  // ---- CUDAAllocator ---------------------------------------------------------------------
+  void* raw_alloc(size_t nbytes) override {
+    if (nbytes == 0) return nullptr;
+    const DeviceIndex device = CurrentDevice();
+    return Malloc(device, nbytes, c10::cuda::getCurrentCUDAStream(device).stream());
+  }
+  void* raw_alloc_with_stream(size_t nbytes, cudaStream_t stream) override {
+    if (nbytes == 0) return nullptr;
+    return Malloc(CurrentDevice(), nbytes, stream);
+  }
+  void raw_delete(void* ptr) override { Free(ptr); }
+  void init(int device_count) override {
+    TORCH_CHECK(device_count >= 0 && device_count <= kMaxDevices, "stitchalloc: unsupported device count ",
+                device_count, " (at most ", kMaxDevices, ")");
+    device_count_ = device_count;
+    initialized_.store(true);
+  }
+  double getMemoryFraction(DeviceIndex device) override { return Device(device).memory_fraction(); }
+  void setMemoryFraction(double fraction, DeviceIndex device) override {
+    Check("setMemoryFraction", Device(device).SetMemoryFraction(fraction));
+  }
+  std::vector<cca::StreamSegmentSize> getExpandableSegmentSizes(DeviceIndex) override { return {}; }
+  void enable(bool value) override {
+    if (!value) {
+      TORCH_WARN_ONCE("stitchalloc: disabling the caching allocator is not supported; allocations stay cached");
+    }
+    enabled_ = value;
+  }
+  bool isEnabled() const override { return enabled_; }
+  void cacheInfo(DeviceIndex device, size_t* largest) override {
+    PoolSet& set = Device(device);
+    const Stats s = set.GetStats();
+    const std::int64_t fresh =
+        static_cast<std::int64_t>(set.memory_limit()) - s.reserved_bytes.all().current;
+    *largest = std::max({*largest, set.LargestFreeBlock(), static_cast<size_t>(std::max<std::int64_t>(fresh, 0))});
+  }
+  void* getBaseAllocation(void* ptr, size_t* size) override {
+    for (int d = 0; d < kMaxDevices; ++d) {
+      PoolSet* set = devices_[d].load();
+      if (set == nullptr) continue;
+      auto info = set->Describe(ptr);
+      if (!info.ok()) continue;
+      if (size != nullptr) *size = info->mapping_size;
+      return reinterpret_cast<void*>(info->mapping_va);
+    }
+    TORCH_CHECK(false, "stitchalloc getBaseAllocation: ", ptr, " is not an allocation of stitchalloc");
+  }
+  void recordStream(const c10::DataPtr& ptr, c10::cuda::CUDAStream stream) override {
+    if (ptr.get() == nullptr || ptr.get_deleter() != &RawDelete) return;
+    PoolSet& set = Device(ptr.device().index());
+    Check("recordStream", set.RecordStream(ptr.get(), ToStream(stream.stream())));
+  }
+  cca::SnapshotInfo snapshot(c10::MempoolId_t mempool_id, bool include_traces) override;
+  void beginAllocateToPool(DeviceIndex device, c10::MempoolId_t mempool_id,
+                           std::function<bool(cudaStream_t)> filter) override {
+    Check("beginAllocateToPool",
+          Device(device).BeginAllocateToPool(ToPool(mempool_id), [filter = std::move(filter)](Stream s) {
+            return filter(reinterpret_cast<cudaStream_t>(s));
+          }));
+    captures_.fetch_add(1);
+  }
+  void endAllocateToPool(DeviceIndex device, c10::MempoolId_t mempool_id) override {
+    Check("endAllocateToPool", Device(device).EndAllocateToPool(ToPool(mempool_id)));
+    captures_.fetch_sub(1);
+  }
+  void releasePool(DeviceIndex device, c10::MempoolId_t mempool_id) override {
+    Check("releasePool", Device(device).ReleasePool(ToPool(mempool_id)));
+  }
+  int getPoolUseCount(DeviceIndex device, c10::MempoolId_t mempool_id) override {
+    return Device(device).PoolUseCount(ToPool(mempool_id));
+  }
+  void createOrIncrefPool(DeviceIndex device, c10::MempoolId_t mempool_id,
+                          std::shared_ptr<cca::CUDAAllocator> allocator) override {
+    TORCH_CHECK(allocator == nullptr || allocator.get() == this,
+                "stitchalloc: a MemPool with its own allocator is not supported under stitchalloc");
+    Check("createOrIncrefPool", Device(device).CreateOrIncrefPool(ToPool(mempool_id)));
+  }
+  bool checkPoolLiveAllocations(DeviceIndex device, c10::MempoolId_t mempool_id,
+                                const std::unordered_set<void*>& expected_live_allocations) override {
+    std::unordered_set<void*> live;
+    for (const PoolSet::Segment& seg : Device(device).Snapshot(ToPool(mempool_id))) {
+      if (seg.pool != ToPool(mempool_id)) continue;
+      for (const auto& b : seg.info.blocks) {
+        if (b.state == BlockState::kAllocated) live.insert(reinterpret_cast<void*>(b.ptr));
+      }
+    }
+    return live == expected_live_allocations;
+  }
+  cca::ShareableHandle shareIpcHandle(void*) override {
+    TORCH_CHECK(false,
+                "stitchalloc: sharing CUDA tensors between processes (CUDA IPC) is not supported: its memory "
+                "is mapped with the VMM API, which cudaIpcGetMemHandle cannot export");
+  }
+  std::shared_ptr<void> getIpcDevPtr(std::string) override {
+    TORCH_CHECK(false, "stitchalloc: opening CUDA IPC handles is not supported");
+  }
+  bool isHistoryEnabled() override { return record_history_.load(); }
+  void recordHistory(bool enabled, cda::CreateContextFn context_recorder, size_t alloc_trace_max_entries,
+                     cda::RecordContext when, bool clear_history,
+                     const std::vector<std::string>& skip_actions) override {
+    std::lock_guard<std::mutex> lock(history_mu_);
+    context_recorder_ = enabled ? context_recorder : nullptr;
+    when_ = enabled ? when : cda::RecordContext::NEVER;
+    max_entries_ = std::max<size_t>(alloc_trace_max_entries, 1);
+    skip_.clear();
+    for (const std::string& a : skip_actions) skip_.insert(cda::parseTraceEntryAction(a));
+    if (clear_history) {
+      for (auto& t : traces_) t.clear();
+    }
+    while (true) {
+      bool trimmed = false;
+      for (auto& t : traces_) {
+        while (t.size() > max_entries_) {
+          t.pop_front();
+          trimmed = true;
+        }
+      }
+      if (!trimmed) break;
+    }
+    if (!enabled) contexts_.clear();
+    record_history_.store(enabled);
+  }
+  void recordAnnotation(const std::vector<std::pair<std::string, std::string>>& md) override {
+    if (!record_history_.load()) return;
+    cda::AnnotationEntry entry(CurrentDeviceOrZero(), c10::getApproximateTime());
+    for (const auto& [k, v] : md) entry.recordUserMetadata(k, v);
+    std::lock_guard<std::mutex> lock(history_mu_);
+    annotations_.push_back(std::move(entry));
+  }
+  void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {
+    std::lock_guard<std::mutex> lock(history_mu_);
+    oom_observers_.push_back(std::move(observer));
+  }
+#ifdef STITCHALLOC_TORCH_HAS_OOM_REJECTION
+  void attachOomRejectionObserver(cca::OomRejectionObserver) override {}  // stitchalloc never pre-empts
+#endif
+  void attachAllocatorTraceTracker(cda::AllocatorTraceTracker tracker) override {
+    std::lock_guard<std::mutex> lock(history_mu_);
+    trackers_.push_back(std::move(tracker));
+    has_trackers_.store(true);
+  }
+  void enablePeerAccess(DeviceIndex, DeviceIndex) override {
+    // VMM mappings are accessible from their own device only; copies between devices use the
+    // peer copy path (memcpyAsync below), which needs no access rights.
+  }
+  cudaError_t memcpyAsync(void* dst, int dstDevice, const void* src, int srcDevice, size_t count,
+                          cudaStream_t stream, bool /*p2p_enabled*/) override {
+    if (dstDevice == srcDevice) return cudaMemcpyAsync(dst, src, count, cudaMemcpyDeviceToDevice, stream);
+    return cudaMemcpyPeerAsync(dst, dstDevice, src, srcDevice, count, stream);
+  }
+  std::shared_ptr<cca::AllocatorState> getCheckpointState(DeviceIndex, c10::MempoolId_t) override {
+    TORCH_CHECK(false, "stitchalloc: CUDA graph trees' checkpointing (torch.compile mode='reduce-overhead') is "
+                       "not supported yet; use torch.cuda.graph / CUDAGraph directly");
+  }
+  cca::CheckpointDelta setCheckpointPoolState(DeviceIndex, std::shared_ptr<cca::AllocatorState>) override {
+    TORCH_CHECK(false, "stitchalloc: CUDA graph trees' checkpointing is not supported yet");
+  }
+  std::string name() override { return "stitchalloc"; }
+
+  // ---- used by RawDelete and the C entry points ----------------------------------------
+  void Free(void* ptr) {
+    if (ptr == nullptr) return;
+    DeviceIndex device = 0;
+    if (device_count_in_use_.load() > 1) device = DeviceOf(ptr);
+    PoolSet* set = devices_[device].load();
+    TORCH_CHECK(set != nullptr, "stitchalloc free: ", ptr, " was not allocated by stitchalloc");
+    const bool history = record_history_.load() || has_trackers_.load();
+    const std::size_t size = history ? SizeOf(*set, ptr) : 0;
+    Check("free", set->Free(ptr));
+    if (history) {
+      Trace(cda::TraceEntry::FREE_REQUESTED, device, ptr, size, 0, kDefaultPool, /*freeing=*/true);
+      Trace(cda::TraceEntry::FREE_COMPLETED, device, ptr, size, 0, kDefaultPool, /*freeing=*/true);
+    }
+  }
+  const Config& base() const { return base_; }
+
+ private:
+  static Stream ToStream(cudaStream_t s) { return reinterpret_cast<Stream>(s); }
+  static PoolId ToPool(c10::MempoolId_t id) {
+    return {static_cast<std::uint64_t>(id.first), static_cast<std::uint64_t>(id.second)};
+  }
+
+  bool HostDriver() const { return base_.driver.choice == DriverChoice::kHost; }
+
+  // The host driver (tests without a GPU) emulates one device and must not touch CUDA.
+  DeviceIndex CurrentDevice() const {
+    if (HostDriver()) return 0;
+    DeviceIndex device = 0;
+    C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
+    return device;
+  }
+  DeviceIndex CurrentDeviceOrZero() const {
+    if (HostDriver()) return 0;
+    DeviceIndex device = 0;
+    return c10::cuda::GetDevice(&device) == cudaSuccess ? device : 0;
+  }
+
+  PoolSet& Device(DeviceIndex device) {
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, "stitchalloc: invalid device index ", int(device));
+    if (PoolSet* set = devices_[device].load(std::memory_order_acquire)) return *set;
+    std::lock_guard<std::mutex> lock(create_mu_);
+    if (PoolSet* set = devices_[device].load()) return *set;
+    Config config = base_;
+    config.driver.cuda.device = device;
+    auto created = PoolSet::Create(config);
+    if (!created.ok()) Raise("device initialisation", created.status());
+    PoolSet* set = created->release();  // lives as long as the process, like the allocator
+    devices_[device].store(set, std::memory_order_release);
+    device_count_in_use_.fetch_add(1);
+    return *set;
+  }
+
+  DeviceIndex DeviceOf(void* ptr) {
+    for (int d = 0; d < kMaxDevices; ++d) {
+      PoolSet* set = devices_[d].load();
+      if (set != nullptr && set->Describe(ptr).ok()) return static_cast<DeviceIndex>(d);
+    }
+    TORCH_CHECK(false, "stitchalloc free: ", ptr, " was not allocated by stitchalloc");
+  }
+
+  static std::size_t SizeOf(PoolSet& set, void* ptr) {
+    auto info = set.Describe(ptr);
+    return info.ok() ? info->size : 0;
+  }
+
+  void* Malloc(DeviceIndex device, std::size_t n, cudaStream_t stream) {
+    PoolSet& set = Device(device);
+    absl::StatusOr<void*> p;
+    if (captures_.load() > 0 && !HostDriver()) {
+      // Mapping new memory while a graph is being captured: allowed, as PyTorch's allocator does.
+      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      p = set.Malloc(n, ToStream(stream));
+    } else {
+      p = set.Malloc(n, ToStream(stream));
+    }
+    if (!p.ok()) {
+      if (p.status().code() == absl::StatusCode::kResourceExhausted) OnOutOfMemory(device, set, n, stream);
+      Raise("malloc", p.status());
+    }
+    if (record_history_.load() || has_trackers_.load()) {
+      Trace(cda::TraceEntry::ALLOC, device, *p, SizeOf(set, *p), stream, kDefaultPool, /*freeing=*/false);
+    }
+    return *p;
+  }
+
+  void OnOutOfMemory(DeviceIndex device, PoolSet& set, std::size_t n, cudaStream_t stream) {
+    const Stats s = set.GetStats();
+    const std::size_t total = set.memory_limit();
+    const std::size_t reserved = static_cast<std::size_t>(s.reserved_bytes.all().current);
+    const std::size_t free_bytes = total > reserved ? total - reserved : 0;
+    Trace(cda::TraceEntry::OOM, device, reinterpret_cast<void*>(free_bytes), n, stream, kDefaultPool, false);
+    std::vector<cca::OutOfMemoryObserver> observers;
+    {
+      std::lock_guard<std::mutex> lock(history_mu_);
+      observers = oom_observers_;
+    }
+    for (const auto& o : observers) {
+      o(device, static_cast<std::size_t>(s.allocated_bytes.all().current), total, free_bytes);
+    }
+  }
+
+  void Trace(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
+             PoolId pool, bool freeing) {
+    // Contexts (Python and C++ stacks) are gathered outside every lock, as they may take the GIL.
+    cda::CreateContextFn recorder = nullptr;
+    cda::RecordContext when = cda::RecordContext::NEVER;
+    {
+      std::lock_guard<std::mutex> lock(history_mu_);
+      recorder = context_recorder_;
+      when = when_;
+    }
+    std::shared_ptr<c10::GatheredContext> context;
+    const bool keep_state = action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::STATE;
+    const bool in_trace = (action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::ALLOC) ||
+                          (freeing && when >= cda::RecordContext::ALL);
+    if (recorder != nullptr && (keep_state || in_trace)) context = recorder();
+    cda::TraceEntry entry(action, device, reinterpret_cast<std::size_t>(addr), size, stream,
+                          c10::MempoolId_t{static_cast<c10::CaptureId_t>(pool.first),
+                                           static_cast<c10::CaptureId_t>(pool.second)},
+                          c10::getApproximateTime(), in_trace ? context : nullptr);
+    std::vector<cda::AllocatorTraceTracker> trackers;
+    {
+      std::lock_guard<std::mutex> lock(history_mu_);
+      if (keep_state && context) contexts_[addr] = context;
+      if (freeing && action == cda::TraceEntry::FREE_COMPLETED) contexts_.erase(addr);
+      if (record_history_.load() && !skip_.count(action)) {
+        auto& trace = traces_[device];
+        trace.push_back(entry);
+        if (trace.size() > max_entries_) trace.pop_front();
+      }
+      trackers = trackers_;
+    }
+    for (const auto& t : trackers) t(entry);
+  }
+
+  const Config base_;
+  std::atomic<bool> initialized_{false};
+  std::atomic<int> device_count_{0};
+  std::atomic<int> device_count_in_use_{0};
+  std::atomic<int> captures_{0};
+  bool enabled_ = true;
+  std::array<std::atomic<PoolSet*>, kMaxDevices> devices_{};
+  std::mutex create_mu_;
+
+  std::atomic<bool> record_history_{false};
+  std::atomic<bool> has_trackers_{false};
+  std::mutex history_mu_;
+  cda::CreateContextFn context_recorder_ = nullptr;
+  cda::RecordContext when_ = cda::RecordContext::NEVER;
+  std::size_t max_entries_ = 1;
+  std::unordered_set<int> skip_;
+  std::array<std::deque<cda::TraceEntry>, kMaxDevices> traces_;
+  std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> contexts_;
+  std::vector<cda::AnnotationEntry> annotations_;
+  std::vector<cca::OutOfMemoryObserver> oom_observers_;
+  std::vector<cda::AllocatorTraceTracker> trackers_;
+  c10::ApproximateClockToUnixTimeConverter clock_;
+};
+
+cca::SnapshotInfo TorchAllocator::snapshot(c10::MempoolId_t mempool_id, bool include_traces) {
+  cca::SnapshotInfo info;
+  std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> contexts;
+  {
+    std::lock_guard<std::mutex> lock(history_mu_);
+    contexts = contexts_;
+  }
+  for (int d = 0; d < kMaxDevices; ++d) {
+    PoolSet* set = devices_[d].load();
+    if (set == nullptr) continue;
+    for (const PoolSet::Segment& seg : set->Snapshot(ToPool(mempool_id))) {
+      cda::SegmentInfo s;
+      s.device = static_cast<DeviceIndex>(d);
+      s.address = seg.info.va;
+      s.total_size = seg.info.size;
+      s.stream = reinterpret_cast<void*>(seg.info.stream);
+      s.is_large = !seg.info.small_pool;
+      s.is_expandable = false;
+      s.owner_private_pool_id = {static_cast<c10::CaptureId_t>(seg.pool.first),
+                                 static_cast<c10::CaptureId_t>(seg.pool.second)};
+      for (const auto& b : seg.info.blocks) {
+        if (b.state == BlockState::kAbsent) continue;
+        cda::BlockInfo bi;
+        bi.size = b.size;
+        bi.requested_size = b.requested;
+        bi.allocated = b.state == BlockState::kAllocated;
+        bi.active = b.state != BlockState::kFree;
+        if (bi.allocated) {
+          auto it = contexts.find(reinterpret_cast<void*>(b.ptr));
+          if (it != contexts.end()) bi.context_when_allocated = it->second;
+          s.allocated_size += b.size;
+          s.requested_size += b.requested;
+        }
+        if (bi.active) s.active_size += b.size;
+        s.blocks.push_back(std::move(bi));
+      }
+      info.segments.push_back(std::move(s));
+    }
+  }
+  std::lock_guard<std::mutex> lock(history_mu_);
+  if (include_traces) {
+    auto to_us = clock_.makeConverter();
+    int last = -1;
+    for (int d = 0; d < kMaxDevices; ++d) {
+      if (!traces_[d].empty() || devices_[d].load() != nullptr) last = d;
+    }
+    info.device_traces.resize(static_cast<std::size_t>(last + 1));
+    for (int d = 0; d <= last; ++d) {
+      for (const cda::TraceEntry& e : traces_[d]) {
+        cda::TraceEntry copy = e;
+        copy.time_.t_ = to_us(e.time_.approx_t_) / 1000;
+        info.device_traces[d].push_back(std::move(copy));
+      }
+    }
+  }
+  for (const cda::AnnotationEntry& a : annotations_) {
+    cda::AnnotationEntry copy = a;
+    info.external_annotations.push_back(std::move(copy));
+  }
+  info.config_metadata.max_split_size = base_.max_split_size;
+  info.config_metadata.last_allocator_settings = ConfigToString(base_);
+  return info;
+}
+
+std::atomic<TorchAllocator*> g_allocator{nullptr};
+std::mutex g_install_mu;
+thread_local std::string g_last_error;
+
+void RawDelete(void* ptr) { g_allocator.load()->Free(ptr); }
+
+}  // namespace
+}  // namespace stitchalloc
+
+extern "C" {
+
+// Installs stitchalloc as PyTorch's CUDA allocator with `config` ("key:value,...", on top of
+// STITCHALLOC_CONF). 0 on success; otherwise -1 and stitchalloc_torch_last_error() says why.
+// Installing again with the same configuration is a no-op.
+__attribute__((visibility("default"))) int stitchalloc_torch_install(const char* config) {
+  using namespace stitchalloc;
+  std::lock_guard<std::mutex> lock(g_install_mu);
+  auto parsed = ConfigFromEnvironment(config == nullptr ? "" : config);
+  if (!parsed.ok()) {
+    g_last_error = std::string(parsed.status().message());
+    return -1;
+  }
+  cca::CUDAAllocator* current = cca::allocator.load();
+  if (TorchAllocator* mine = g_allocator.load(); mine != nullptr && current == mine) {
+    if (ConfigToString(mine->base()) == ConfigToString(*parsed)) return 0;
+    g_last_error = absl::StrCat("stitchalloc is already installed with '", ConfigToString(mine->base()),
+                                "'; it cannot be reinstalled with '", ConfigToString(*parsed), "'");
+    return -1;
+  }
+  if (current != nullptr && current->initialized()) {
+    g_last_error = absl::StrCat(
+        "too late: PyTorch's CUDA allocator '", current->name(),
+        "' is already initialised (CUDA was used in this process before install); install stitchalloc before the "
+        "first CUDA tensor, torch.cuda call or CUDA initialisation. Nothing was changed.");
+    return -1;
+  }
+  auto* mine = new TorchAllocator(*parsed);  // never freed: PyTorch keeps raw pointers to it
+  g_allocator.store(mine);
+  cca::allocator.store(mine);
+  c10::SetAllocator(c10::DeviceType::CUDA, mine, /*priority=*/1);
+  return 0;
+}
+
+__attribute__((visibility("default"))) const char* stitchalloc_torch_last_error(void) {
+  return stitchalloc::g_last_error.c_str();
+}
+
+// 1 when stitchalloc is PyTorch's current CUDA allocator.
+__attribute__((visibility("default"))) int stitchalloc_torch_installed(void) {
+  auto* mine = stitchalloc::g_allocator.load();
+  return mine != nullptr && c10::cuda::CUDACachingAllocator::allocator.load() == mine ? 1 : 0;
+}
+
+// The PyTorch version the plugin was compiled against, e.g. "2.15.0".
+__attribute__((visibility("default"))) const char* stitchalloc_torch_built_for(void) { return TORCH_VERSION; }
+
+}  // extern "C"
