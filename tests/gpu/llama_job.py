@@ -1,0 +1,160 @@
+"""A randomly initialised Llama-style decoder (no downloads) trained for a few steps; prints one
+JSON line with what tests/gpu/test_torch_gpu.py compares across allocators.
+
+    python tests/gpu/llama_job.py --way native|install|env|preload [--steps N] [--vary-seq]
+                                  [--graph] [--snapshot FILE]
+
+`--way` only tells the job how it was started (the env and preload ways are set up by the
+caller); `install` calls stitchalloc.install() before any CUDA use. Deterministic: fixed seeds,
+deterministic algorithms, TF32 off.
+"""
+
+import argparse
+import json
+import math
+import os
+
+p = argparse.ArgumentParser()
+p.add_argument("--way", required=True, choices=["native", "install", "env", "preload"])
+p.add_argument("--steps", type=int, default=20)
+p.add_argument("--vary-seq", action="store_true", help="a different sequence length every step")
+p.add_argument("--graph", action="store_true", help="also capture and replay a CUDA graph")
+p.add_argument("--snapshot", help="record memory history and dump a snapshot here")
+args = p.parse_args()
+
+if args.way == "install":
+    import stitchalloc
+
+    stitchalloc.install(os.environ.get("STITCHALLOC_TEST_CONF", ""))
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+torch.manual_seed(0)
+torch.use_deterministic_algorithms(True)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+dev = torch.device("cuda")
+
+DIM, HEADS, LAYERS, FFN, VOCAB = 512, 8, 6, 1408, 8192
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def rope(x, pos):
+    d = x.shape[-1] // 2
+    freq = 1.0 / (10000 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
+    ang = pos[:, None].float() * freq[None]
+    cos, sin = ang.cos()[None, None], ang.sin()[None, None]
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2 = RMSNorm(DIM), RMSNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM, bias=False)
+        self.o = nn.Linear(DIM, DIM, bias=False)
+        self.gate = nn.Linear(DIM, FFN, bias=False)
+        self.up = nn.Linear(DIM, FFN, bias=False)
+        self.down = nn.Linear(FFN, DIM, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(b, t, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t, device=x.device)
+        q, k = rope(q, pos), rope(k, pos)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(DIM // HEADS)
+        att = att.masked_fill(torch.ones(t, t, device=x.device, dtype=torch.bool).triu(1), float("-inf"))
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, DIM)
+        x = x + self.o(y)
+        h = self.n2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = RMSNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+if args.snapshot:
+    torch.cuda.memory._record_memory_history(max_entries=100000)
+model = Llama().to(dev)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+gen = torch.Generator().manual_seed(1)
+losses, consistent = [], True
+for step in range(args.steps):
+    seq = 128 + 64 * ((step * 7) % 13) if args.vary_seq else 512
+    ids = torch.randint(0, VOCAB, (4, seq + 1), generator=gen).to(dev)
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    # Allocated bytes cover at least the parameters and optimizer state alive now.
+    live = sum(p.numel() * p.element_size() for p in model.parameters())
+    live += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    consistent = consistent and torch.cuda.memory_allocated() >= live
+    consistent = consistent and torch.cuda.memory_reserved() >= torch.cuda.memory_allocated()
+
+import stitchalloc  # noqa: E402  (never installs by itself)
+
+result = {
+    "way": args.way,
+    "stitchalloc": stitchalloc.installed(),
+    "losses": losses,
+    "stats_consistent": consistent,
+    "max_memory_reserved": torch.cuda.max_memory_reserved(),
+    "max_memory_allocated": torch.cuda.max_memory_allocated(),
+    "stats_keys": sorted(torch.cuda.memory_stats().keys()),
+}
+
+if args.graph:
+    static_in = torch.randn(64, DIM, device=dev)
+    lin = nn.Linear(DIM, DIM).to(dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            lin(static_in)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = lin(static_in).relu()
+    ok = True
+    for i in range(5):
+        static_in.copy_(torch.randn(64, DIM, device=dev))
+        g.replay()
+        ok = ok and torch.equal(static_out, lin(static_in).relu())
+    pool = g.pool()
+    del g, static_out
+    torch.cuda.synchronize()
+    result["graph_replay_equal"] = ok
+    result["graph_pool"] = list(pool)
+
+if args.snapshot:
+    torch.cuda.memory._dump_snapshot(args.snapshot)
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+print(json.dumps(result))
