@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#include <torch/headeronly/version.h>
 
 #include <string>
 #include <unordered_set>
@@ -200,7 +201,7 @@ TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {
                     reinterpret_cast<size_t>(in_pool) < seg.address + seg.total_size);
   }
   EXPECT_TRUE(seen);
-#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 12
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13
   EXPECT_GT(a->getDeviceStats(0).reserved_bytes_by_private_pools.at(pool)[0].current, 0);
 #endif
   a->releasePool(0, pool);

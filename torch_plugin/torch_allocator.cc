@@ -39,8 +39,12 @@
 #include "allocator/config.h"
 #include "torch_plugin/pool_set.h"
 
+// What differs between the torch versions the plugin supports (2.11 to 2.15, checked by compiling).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
-#define STITCHALLOC_TORCH_HAS_OOM_REJECTION 1  // attachOomRejectionObserver, per-pool reserved stats
+#define STITCHALLOC_TORCH_HAS_OOM_REJECTION 1  // CUDAAllocator::attachOomRejectionObserver
+#endif
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#define STITCHALLOC_TORCH_HAS_POOL_STATS 1  // DeviceStats::reserved_bytes_by_private_pools
 #endif
 
 namespace stitchalloc {
@@ -119,7 +123,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     out.num_device_alloc = s.num_device_alloc;
     out.num_device_free = s.num_device_free;
     out.max_split_size = s.max_split_size;
-#ifdef STITCHALLOC_TORCH_HAS_OOM_REJECTION
+#ifdef STITCHALLOC_TORCH_HAS_POOL_STATS
     for (const auto& [id, ps] : set.PrivatePoolStats()) {
       CopyArray(ps.reserved_bytes, out.reserved_bytes_by_private_pools[c10::MempoolId_t{id.first, id.second}]);
     }
