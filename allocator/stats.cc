@@ -91,6 +91,13 @@ void Stats::Accumulate(const Stats& other) {
   }
 }
 
+void Stats::ReleaseAll() {
+  ForEachStat(*this, [](Stat& st) {
+    st.freed += st.current;
+    st.current = 0;
+  });
+}
+
 void Stats::ResetAccumulated() {
   ForEachStat(*this, [](Stat& st) { st.ResetAccumulated(); });
   num_alloc_retries = num_ooms = num_sync_all_streams = num_device_alloc = num_device_free = 0;

@@ -87,6 +87,9 @@ struct Stats {
   // kept): the statistics of several allocators seen as one. A summed peak is an upper bound
   // of the peak of the sum.
   void Accumulate(const Stats& other);
+  // What destroying the allocator does to its statistics: every current goes to zero, counted
+  // as freed; peaks and counters stay.
+  void ReleaseAll();
 };
 
 // The flat "name -> value" form of torch.cuda.memory_stats(), e.g.

@@ -115,13 +115,7 @@ void PoolSet::MaybeErase(PoolId id) {
     if (c.id == id) return;
   }
   Stats gone = it->second->allocator->GetStats();
-  for (auto* a : {&gone.allocation, &gone.segment, &gone.active, &gone.inactive_split, &gone.allocated_bytes,
-                  &gone.reserved_bytes, &gone.active_bytes, &gone.inactive_split_bytes, &gone.requested_bytes}) {
-    for (Stat& st : a->pools) {
-      st.freed += st.current;  // what destroying the allocator releases
-      st.current = 0;
-    }
-  }
+  gone.ReleaseAll();
   retired_.Accumulate(gone);
   pools_.erase(it);  // the allocator returns all its memory
 }
