@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <functional>
 #include <numeric>
+#include <tuple>
+
+#include "absl/container/btree_set.h"
 
 namespace stitchalloc::plan {
 namespace {
@@ -39,43 +42,90 @@ std::vector<std::int64_t> LoadOverLifetime(const Problem& p, const std::vector<s
 }
 
 // Buffers placed so far, bucketed by the time cells of their lifetime in a segment tree: a
-// placed buffer is stored at O(log m) nodes covering its lifetime; a query collects those
-// stored on the paths covering the query lifetime, which include every overlapping buffer.
+// placed buffer is stored as its [offset, end) at the O(log m) canonical nodes covering its
+// lifetime, each node's list kept sorted by offset. A buffer stored at a node covers the node's
+// whole range, so every node intersecting a query lifetime holds only buffers that overlap it:
+// the query gathers those lists (no filtering) and merges them in offset order.
 class TimeIndex {
  public:
+  using Interval = std::pair<std::int64_t, std::int64_t>;  // [offset, end)
   explicit TimeIndex(std::size_t cells) : n_(1) {
     while (n_ < cells) n_ <<= 1;
     node_.resize(2 * n_);
     cover_.resize(2 * n_);
   }
-  void Insert(std::size_t lo, std::size_t hi, std::uint32_t id) { Insert(1, 0, n_, lo, hi, id); }
-  // Appends every id stored at a node intersecting [lo, hi) (candidates; caller filters).
-  void Query(std::size_t lo, std::size_t hi, std::vector<std::uint32_t>* out) const { Query(1, 0, n_, lo, hi, out); }
+  void Insert(std::size_t lo, std::size_t hi, Interval iv) {
+    Insert(1, 0, n_, lo, hi, iv);
+    all_.insert({iv.first, iv.second, lo, hi});
+  }
+  // Every interval of a buffer overlapping [lo, hi), in offset order, into *out.
+  void Query(std::size_t lo, std::size_t hi, std::vector<Interval>* out) {
+    if (hi - lo > kWide) {
+      // A long lifetime meets most placed buffers and most tree nodes: one pass over all
+      // placed buffers in offset order is cheaper than visiting and merging those nodes.
+      out->clear();
+      for (const Placed& q : all_) {
+        if (q.lo < hi && lo < q.hi) out->emplace_back(q.offset, q.end);
+      }
+      return;
+    }
+    lists_.clear();
+    Collect(1, 0, n_, lo, hi);
+    out->clear();
+    if (lists_.size() == 1) {
+      out->assign(lists_[0].first, lists_[0].second);
+      return;
+    }
+    // k-way merge through a min-heap of list cursors.
+    auto later = [](const Cursor& a, const Cursor& b) { return *a.first > *b.first; };
+    std::make_heap(lists_.begin(), lists_.end(), later);
+    while (!lists_.empty()) {
+      std::pop_heap(lists_.begin(), lists_.end(), later);
+      Cursor& c = lists_.back();
+      out->push_back(*c.first);
+      if (++c.first == c.second) {
+        lists_.pop_back();
+      } else {
+        std::push_heap(lists_.begin(), lists_.end(), later);
+      }
+    }
+  }
 
  private:
-  void Insert(std::size_t x, std::size_t l, std::size_t r, std::size_t lo, std::size_t hi, std::uint32_t id) {
+  using Cursor = std::pair<const Interval*, const Interval*>;
+  static constexpr std::size_t kWide = 256;  // cells
+  struct Placed {
+    std::int64_t offset, end;
+    std::size_t lo, hi;
+    bool operator<(const Placed& o) const {
+      return std::tie(offset, end, lo, hi) < std::tie(o.offset, o.end, o.lo, o.hi);
+    }
+  };
+  void Insert(std::size_t x, std::size_t l, std::size_t r, std::size_t lo, std::size_t hi, Interval iv) {
     if (hi <= l || r <= lo) return;
     cover_[x] = true;
     if (lo <= l && r <= hi) {
-      node_[x].push_back(id);
+      std::vector<Interval>& v = node_[x];
+      v.insert(std::upper_bound(v.begin(), v.end(), iv), iv);
       return;
     }
     const std::size_t mid = (l + r) / 2;
-    Insert(2 * x, l, mid, lo, hi, id);
-    Insert(2 * x + 1, mid, r, lo, hi, id);
+    Insert(2 * x, l, mid, lo, hi, iv);
+    Insert(2 * x + 1, mid, r, lo, hi, iv);
   }
-  void Query(std::size_t x, std::size_t l, std::size_t r, std::size_t lo, std::size_t hi,
-             std::vector<std::uint32_t>* out) const {
+  void Collect(std::size_t x, std::size_t l, std::size_t r, std::size_t lo, std::size_t hi) {
     if (hi <= l || r <= lo || !cover_[x]) return;
-    out->insert(out->end(), node_[x].begin(), node_[x].end());
+    if (!node_[x].empty()) lists_.emplace_back(node_[x].data(), node_[x].data() + node_[x].size());
     if (r - l == 1) return;
     const std::size_t mid = (l + r) / 2;
-    Query(2 * x, l, mid, lo, hi, out);
-    Query(2 * x + 1, mid, r, lo, hi, out);
+    Collect(2 * x, l, mid, lo, hi);
+    Collect(2 * x + 1, mid, r, lo, hi);
   }
   std::size_t n_;
-  std::vector<std::vector<std::uint32_t>> node_;
+  std::vector<std::vector<Interval>> node_;
   std::vector<bool> cover_;  // some buffer is stored at or below the node
+  std::vector<Cursor> lists_;
+  absl::btree_multiset<Placed> all_;
 };
 
 // Range "raise to at least x" and range maximum over time cells (lazy propagation).
@@ -113,7 +163,8 @@ class MaxTree {
   std::vector<std::int64_t> max_, tag_;
 };
 
-std::vector<std::int64_t> LowestFirst(const Problem& p, const std::vector<std::int64_t>& times, const char* order) {
+std::vector<std::int64_t> LowestFirst(const Problem& p, const std::vector<std::int64_t>& times, const char* order,
+                                      absl::Time deadline) {
   const std::size_t n = p.buffers.size();
   auto cell = [&](std::int64_t t) { return Cell(times, t); };
   const std::vector<std::int64_t> load = LoadOverLifetime(p, times);
@@ -149,7 +200,8 @@ std::vector<std::int64_t> LowestFirst(const Problem& p, const std::vector<std::i
   std::make_heap(heap.begin(), heap.end(), std::greater<>());
   MaxTree tree(std::max<std::size_t>(times.size(), 1));
   std::vector<std::int64_t> offsets(n, -1);
-  while (!heap.empty()) {
+  for (std::uint64_t steps = 1; !heap.empty(); ++steps) {
+    if (steps % 4096 == 0 && absl::Now() >= deadline) return {};
     std::pop_heap(heap.begin(), heap.end(), std::greater<>());
     const Entry e = heap.back();
     heap.pop_back();
@@ -182,7 +234,7 @@ absl::string_view HeuristicName(Heuristic h) {
   return "?";
 }
 
-std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic) {
+std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic, absl::Time deadline) {
   const std::size_t n = p.buffers.size();
   std::vector<std::int64_t> times;
   times.reserve(2 * n);
@@ -195,9 +247,9 @@ std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic) {
   auto cell = [&](std::int64_t t) { return Cell(times, t); };
 
   switch (heuristic) {
-    case Heuristic::kLowestFirstWAT: return LowestFirst(p, times, "WAT");
-    case Heuristic::kLowestFirstTAW: return LowestFirst(p, times, "TAW");
-    case Heuristic::kLowestFirstZTW: return LowestFirst(p, times, "ZTW");
+    case Heuristic::kLowestFirstWAT: return LowestFirst(p, times, "WAT", deadline);
+    case Heuristic::kLowestFirstTAW: return LowestFirst(p, times, "TAW", deadline);
+    case Heuristic::kLowestFirstZTW: return LowestFirst(p, times, "ZTW", deadline);
     default: break;
   }
   std::vector<std::uint32_t> order(n);
@@ -239,19 +291,13 @@ std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic) {
 
   std::vector<std::int64_t> offsets(n, -1);
   TimeIndex index(std::max<std::size_t>(times.size(), 1));
-  std::vector<std::uint32_t> candidates;
-  std::vector<std::pair<std::int64_t, std::int64_t>> busy;  // [offset, end) of overlapping buffers
-  for (std::uint32_t i : order) {
+  std::vector<TimeIndex::Interval> busy;  // [offset, end) of overlapping buffers, by offset
+  for (std::size_t placed = 0; placed < n; ++placed) {
+    if (placed % 1024 == 1023 && absl::Now() >= deadline) return {};
+    const std::uint32_t i = order[placed];
     const Buffer& b = p.buffers[i];
     const std::size_t lo = cell(b.lower), hi = cell(b.upper);
-    candidates.clear();
-    index.Query(lo, hi, &candidates);
-    busy.clear();
-    for (std::uint32_t j : candidates) {
-      const Buffer& o = p.buffers[j];
-      if (o.lower < b.upper && b.lower < o.upper) busy.emplace_back(offsets[j], offsets[j] + o.size);
-    }
-    std::sort(busy.begin(), busy.end());
+    index.Query(lo, hi, &busy);
     // Best fit: the smallest gap that holds the buffer; otherwise on top of everything.
     std::int64_t best = -1, best_gap = 0, top = 0;
     for (const auto& [start, end] : busy) {
@@ -266,7 +312,7 @@ std::vector<std::int64_t> PlaceGreedy(const Problem& p, Heuristic heuristic) {
       top = std::max(top, end);
     }
     offsets[i] = best >= 0 ? best : AlignUp(top, b.alignment);
-    index.Insert(lo, hi, i);
+    index.Insert(lo, hi, {offsets[i], offsets[i] + b.size});
   }
   return offsets;
 }

@@ -23,6 +23,7 @@
 #include "absl/strings/string_view.h"
 #include <vector>
 
+#include "absl/time/time.h"
 #include "allocator/plan/problem.h"
 
 namespace stitchalloc::plan {
@@ -37,17 +38,20 @@ enum class Heuristic {
   kLowestFirstZTW,
 };
 
-// The planner runs them in this order while time remains (greedy by size, the best on large
-// instances, first).
-inline constexpr Heuristic kAllHeuristics[] = {Heuristic::kGreedyBySize,   Heuristic::kLowestFirstWAT,
-                                               Heuristic::kLowestFirstTAW, Heuristic::kLowestFirstZTW,
+// The planner runs them in this order while time remains: greedy by size (fast everywhere)
+// first, then the dives, the one that re-queues long-lived buffers least (TAW, the best on
+// idealloc S_1) first and WAT (slowest on many long lifetimes) last of them.
+inline constexpr Heuristic kAllHeuristics[] = {Heuristic::kGreedyBySize,   Heuristic::kLowestFirstTAW,
+                                               Heuristic::kLowestFirstZTW, Heuristic::kLowestFirstWAT,
                                                Heuristic::kGreedyByConflict, Heuristic::kGreedyByArea,
                                                Heuristic::kBestFitInTime};
 
 absl::string_view HeuristicName(Heuristic h);
 
-// Offsets for every buffer (a valid solution with no capacity bound). The problem must pass
+// Offsets for every buffer (a valid solution with no capacity bound), or an empty vector when
+// `deadline` passed first (checked every few thousand placements). The problem must pass
 // CheckProblem.
-std::vector<std::int64_t> PlaceGreedy(const Problem& problem, Heuristic heuristic);
+std::vector<std::int64_t> PlaceGreedy(const Problem& problem, Heuristic heuristic,
+                                      absl::Time deadline = absl::InfiniteFuture());
 
 }  // namespace stitchalloc::plan

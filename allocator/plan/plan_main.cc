@@ -78,11 +78,11 @@ int main(int argc, char** argv) {
                 r.infeasible ? "INFEASIBLE (proven)" : "NOT SOLVED within the time limit", seconds);
     return 1;
   }
-  std::printf("buffers %zu  peak %lld  lower_bound %lld  peak/lb %.4f  %s  method %s  nodes %lld  time %.3f s\n",
+  std::printf("buffers %zu  peak %lld  lower_bound %lld  peak/lb %.4f  %s  method %s  nodes %lld  found at %.3f s  time %.3f s\n",
               problem->buffers.size(), static_cast<long long>(r.peak), static_cast<long long>(r.lower_bound),
               r.lower_bound > 0 ? static_cast<double>(r.peak) / static_cast<double>(r.lower_bound) : 1.0,
               r.optimal ? "optimal" : "not proven optimal", r.method.c_str(), static_cast<long long>(r.nodes),
-              seconds);
+              absl::ToDoubleSeconds(r.found_after), seconds);
   const std::string out = absl::GetFlag(FLAGS_output);
   if (!out.empty()) {
     if (auto s = stitchalloc::plan::WriteCsv(out, *problem, r.offsets); !s.ok()) {

@@ -61,21 +61,24 @@ absl::StatusOr<PlanResult> Plan(const Problem& problem, const PlanOptions& optio
     return finish();
   }
 
-  // Heuristics: keep the lowest peak.
-  absl::Duration last = absl::ZeroDuration();
+  // Heuristics: keep the lowest peak. The first always runs to the end (a first answer);
+  // the others stop at the deadline.
   for (Heuristic h : kAllHeuristics) {
-    // Stop when the next run would likely overrun (runs cost about the same).
-    if (result.solved && absl::Now() + last >= deadline) break;
+    if (result.solved && absl::Now() >= deadline) break;
     const absl::Time t0 = absl::Now();
-    std::vector<std::int64_t> offsets = PlaceGreedy(problem, h);
+    std::vector<std::int64_t> offsets = PlaceGreedy(problem, h, result.solved ? deadline : absl::InfiniteFuture());
+    if (offsets.empty()) {
+      result.attempts.push_back({std::string(HeuristicName(h)), 0, 0, "timeout", 0, absl::Now() - t0});
+      break;
+    }
     const std::int64_t peak = Peak(problem, offsets);
-    last = absl::Now() - t0;
-    result.attempts.push_back({std::string(HeuristicName(h)), 0, peak, "solution", 0, last});
+    result.attempts.push_back({std::string(HeuristicName(h)), 0, peak, "solution", 0, absl::Now() - t0});
     if (!result.solved || peak < result.peak) {
       result.solved = true;
       result.peak = peak;
       result.offsets = std::move(offsets);
       result.method = std::string(HeuristicName(h));
+      result.found_after = absl::Now() - start;
     }
     if (result.peak == result.lower_bound) break;
   }
@@ -96,6 +99,7 @@ absl::StatusOr<PlanResult> Plan(const Problem& problem, const PlanOptions& optio
       result.solved = true;
       result.offsets = std::move(r.offsets);
       result.method = "exact-search";
+      result.found_after = absl::Now() - start;
     } else if (r.outcome == SearchOutcome::kInfeasible) {
       result.infeasible = true;
     }
@@ -122,6 +126,7 @@ absl::StatusOr<PlanResult> Plan(const Problem& problem, const PlanOptions& optio
       result.offsets = std::move(r.offsets);
       result.peak = Peak(problem, result.offsets);
       result.method = "exact-search";
+      result.found_after = absl::Now() - start;
     } else {
       if (r.outcome != SearchOutcome::kInfeasible) proven = false;
       lo = probe + 1;

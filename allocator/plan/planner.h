@@ -47,6 +47,7 @@ struct PlanResult {
   std::string method;  // the heuristic or "exact-search" that produced the offsets
   std::int64_t nodes = 0;  // exact-search nodes visited
   absl::Duration elapsed;
+  absl::Duration found_after;  // when the returned offsets were found (<= elapsed)
   std::vector<PlanAttempt> attempts;  // in the order they ran
 };
 
