@@ -10,7 +10,9 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <torch/headeronly/version.h>
 
+#include <cstring>
 #include <string>
+#include <vector>
 #include <unordered_set>
 
 #include "gmock/gmock.h"
@@ -227,6 +229,75 @@ TEST(TorchPlugin, CacheInfoAndBaseAllocation) {
   EXPECT_LE(largest, 256u << 20);
   int foreign = 0;
   EXPECT_THROW(a->getBaseAllocation(&foreign, &base_size), c10::Error);
+}
+
+// The arena marks reach the installed allocator: the first iteration of a signature is
+// recorded, the second is served at planned offsets (the same addresses, counted as hits), a
+// mismatch is counted, and misuse fails with a reason instead of throwing across the C API.
+namespace arena_marks {
+
+std::int64_t Stat(const std::string& name) {
+  const char* text = stitchalloc_torch_arena_stats(-1);
+  EXPECT_NE(text, nullptr) << stitchalloc_torch_last_error();
+  if (text == nullptr) return -1;
+  const std::string all = text;
+  const std::size_t at = all.find(name + " ");
+  EXPECT_NE(at, std::string::npos) << name << " missing from:\n" << all;
+  return at == std::string::npos ? -1 : std::stoll(all.substr(at + name.size() + 1));
+}
+
+std::vector<void*> OneIteration(cca::CUDAAllocator* a, std::size_t extra) {
+  EXPECT_EQ(stitchalloc_torch_iteration_begin(-1, 42), 0) << stitchalloc_torch_last_error();
+  std::vector<void*> seen;
+  for (int layer = 0; layer < 4; ++layer) {
+    EXPECT_EQ(stitchalloc_torch_layer_begin(-1, "block", layer, 0), 0) << stitchalloc_torch_last_error();
+    void* x = a->raw_alloc_with_stream((3 << 20) + extra, StreamId(0));
+    void* y = a->raw_alloc_with_stream(1 << 20, StreamId(0));
+    std::memset(x, layer, (3 << 20) + extra);
+    a->raw_delete(y);
+    seen.push_back(x);
+    EXPECT_EQ(stitchalloc_torch_layer_end(-1), 0) << stitchalloc_torch_last_error();
+  }
+  for (void* x : seen) a->raw_delete(x);
+  EXPECT_EQ(stitchalloc_torch_iteration_end(-1), 0) << stitchalloc_torch_last_error();
+  return seen;
+}
+
+}  // namespace arena_marks
+
+TEST(TorchPlugin, ArenaMarksPlanAndServeThroughTheInstalledAllocator) {
+  using arena_marks::Stat;
+  EXPECT_EQ(stitchalloc_torch_iteration_begin(-1, 1), -1);  // not installed yet
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("not PyTorch's CUDA allocator"));
+  Install();
+  auto* a = cca::get();
+  arena_marks::OneIteration(a, 0);  // recorded and planned
+  EXPECT_EQ(Stat("arena.recorded_iterations"), 1);
+  EXPECT_EQ(Stat("arena.plans_built"), 1);
+  const std::vector<void*> second = arena_marks::OneIteration(a, 0);
+  const std::vector<void*> third = arena_marks::OneIteration(a, 0);
+  EXPECT_EQ(second, third);  // planned offsets: the same addresses every iteration
+  EXPECT_GT(Stat("arena.arena_bytes"), 0);
+  EXPECT_EQ(Stat("arena.served_iterations"), 2);
+  EXPECT_EQ(Stat("arena.hits"), 16);  // 4 layers x 2 requests x 2 iterations
+  EXPECT_EQ(Stat("arena.misses"), 0);
+  arena_marks::OneIteration(a, 4096);  // another size: falls back, counted
+  EXPECT_GT(Stat("arena.misses"), 0);
+
+  EXPECT_EQ(stitchalloc_torch_layer_begin(-1, "", 0, 0), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("empty layer kind"));
+  EXPECT_EQ(stitchalloc_torch_layer_begin(-1, "block", 0, 2), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("neither forward"));
+  EXPECT_EQ(stitchalloc_torch_iteration_end(-1), -1);  // no open iteration
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("stitchalloc_torch_iteration_end"));
+  EXPECT_EQ(stitchalloc_torch_iteration_begin(99, 1), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("invalid device index 99"));
+  EXPECT_EQ(stitchalloc_torch_arena_drop_plans(-1), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(Stat("arena.plans_cached"), 0);
+  // The allocator still works normally afterwards.
+  void* p = a->raw_alloc_with_stream(1 << 20, StreamId(0));
+  ASSERT_NE(p, nullptr);
+  a->raw_delete(p);
 }
 
 }  // namespace

@@ -218,28 +218,14 @@ stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* 
   if (name == nullptr || out == nullptr) {
     return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_arena_stat: null name or output pointer");
   }
-  const stitchalloc::arena::ArenaStats s = a->arena->GetStats();
-  const std::pair<const char*, int64_t> table[] = {
-      {"arena.hits", s.hits},
-      {"arena.misses", s.misses},
-      {"arena.unplanned", s.unplanned},
-      {"arena.replans", s.replans},
-      {"arena.plans_built", s.plans_built},
-      {"arena.plans_cached", s.plans_cached},
-      {"arena.plan_failures", s.plan_failures},
-      {"arena.arena_bytes", s.arena_bytes},
-      {"arena.recorded_iterations", s.recorded_iterations},
-      {"arena.served_iterations", s.served_iterations},
-      {"arena.last_plan_lower_bound", s.last_plan_lower_bound},
-      {"arena.last_plan_arena_bytes", s.last_plan_arena_bytes},
-      {"arena.last_plan_time_us", s.last_plan_time_us},
-  };
-  for (const auto& [n, v] : table) {
+  bool found = false;
+  stitchalloc::arena::ForEachArenaStat(a->arena->GetStats(), [&](const char* n, std::int64_t v) {
     if (std::strcmp(n, name) == 0) {
       *out = v;
-      return STITCHALLOC_OK;
+      found = true;
     }
-  }
+  });
+  if (found) return STITCHALLOC_OK;
   return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, absl::StrFormat("stitchalloc_arena_stat: unknown statistic '%s'", name));
 }
 

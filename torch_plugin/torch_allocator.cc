@@ -36,6 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "allocator/arena/arena.h"
 #include "allocator/config.h"
 #include "torch_plugin/pool_set.h"
 
@@ -308,6 +309,8 @@ class TorchAllocator final : public cca::CUDAAllocator {
     }
   }
   const Config& base() const { return base_; }
+  // The PoolSet that arena marks address: `device`, or the current device when it is -1.
+  PoolSet& MarkTarget(int device) { return Device(static_cast<DeviceIndex>(device < 0 ? CurrentDeviceOrZero() : device)); }
 
  private:
   static Stream ToStream(cudaStream_t s) { return reinterpret_cast<Stream>(s); }
@@ -567,6 +570,90 @@ __attribute__((visibility("default"))) const char* stitchalloc_torch_last_error(
 __attribute__((visibility("default"))) int stitchalloc_torch_installed(void) {
   auto* mine = stitchalloc::g_allocator.load();
   return mine != nullptr && c10::cuda::CUDACachingAllocator::allocator.load() == mine ? 1 : 0;
+}
+
+}  // extern "C"
+
+namespace stitchalloc {
+namespace {
+
+// Runs fn(PoolSet&) on the installed allocator's device; 0, or -1 with the reason kept for
+// stitchalloc_torch_last_error() (no exception crosses the C boundary).
+template <typename Fn>
+int OnDevice(const char* what, int device, Fn&& fn) {
+  TorchAllocator* mine = g_allocator.load();
+  if (mine == nullptr || c10::cuda::CUDACachingAllocator::allocator.load() != mine) {
+    g_last_error = absl::StrCat(what, ": stitchalloc is not PyTorch's CUDA allocator (call stitchalloc.install() first)");
+    return -1;
+  }
+  if (device < -1 || device >= kMaxDevices) {
+    g_last_error = absl::StrCat(what, ": invalid device index ", device);
+    return -1;
+  }
+  try {
+    const absl::Status status = fn(mine->MarkTarget(device));
+    if (status.ok()) return 0;
+    g_last_error = absl::StrCat(what, ": ", status.message());
+  } catch (const std::exception& e) {
+    g_last_error = absl::StrCat(what, ": ", e.what());
+  }
+  return -1;
+}
+
+}  // namespace
+}  // namespace stitchalloc
+
+extern "C" {
+
+// Plan-guided arena marks on the installed allocator (docs/arena.md); device -1 is the current one.
+__attribute__((visibility("default"))) int stitchalloc_torch_iteration_begin(int device, uint64_t signature) {
+  return stitchalloc::OnDevice("stitchalloc_torch_iteration_begin", device,
+                  [&](stitchalloc::PoolSet& set) { return set.arena().BeginIteration(signature); });
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_iteration_end(int device) {
+  return stitchalloc::OnDevice("stitchalloc_torch_iteration_end", device,
+                  [](stitchalloc::PoolSet& set) { return set.arena().EndIteration(); });
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_layer_begin(int device, const char* kind, int index,
+                                                                         int phase) {
+  if (kind == nullptr || *kind == '\0') {
+    stitchalloc::g_last_error = "stitchalloc_torch_layer_begin: empty layer kind";
+    return -1;
+  }
+  if (phase != 0 && phase != 1) {
+    stitchalloc::g_last_error =
+        absl::StrCat("stitchalloc_torch_layer_begin: phase ", phase, " is neither forward (0) nor backward (1)");
+    return -1;
+  }
+  return stitchalloc::OnDevice("stitchalloc_torch_layer_begin", device, [&](stitchalloc::PoolSet& set) {
+    return set.arena().LayerBegin(kind, index,
+                                  phase == 0 ? stitchalloc::arena::Phase::kForward : stitchalloc::arena::Phase::kBackward);
+  });
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_layer_end(int device) {
+  return stitchalloc::OnDevice("stitchalloc_torch_layer_end", device, [](stitchalloc::PoolSet& set) { return set.arena().LayerEnd(); });
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_arena_drop_plans(int device) {
+  return stitchalloc::OnDevice("stitchalloc_torch_arena_drop_plans", device,
+                  [](stitchalloc::PoolSet& set) { return set.arena().DropAllPlans(); });
+}
+
+// "name value" lines, one per arena statistic; NULL on error. Valid until the calling thread's
+// next call.
+__attribute__((visibility("default"))) const char* stitchalloc_torch_arena_stats(int device) {
+  thread_local std::string text;
+  text.clear();
+  const int rc = stitchalloc::OnDevice("stitchalloc_torch_arena_stats", device, [](stitchalloc::PoolSet& set) {
+    stitchalloc::arena::ForEachArenaStat(set.arena().GetStats(), [](const char* name, std::int64_t value) {
+      absl::StrAppend(&text, name, " ", value, "\n");
+    });
+    return absl::OkStatus();
+  });
+  return rc == 0 ? text.c_str() : nullptr;
 }
 
 // The PyTorch version the plugin was compiled against, e.g. "2.15.0".

@@ -68,6 +68,26 @@ struct ArenaStats {
   std::int64_t last_plan_time_us = 0;
 };
 
+// Calls fn(name, value) for every statistic, named as the C API and the Python package show
+// them ("arena.hits", ...), in a fixed order.
+template <typename Fn>
+void ForEachArenaStat(const ArenaStats& s, Fn&& fn) {
+  fn("arena.hits", s.hits);
+  fn("arena.misses", s.misses);
+  fn("arena.unplanned", s.unplanned);
+  fn("arena.replans", s.replans);
+  fn("arena.plans_built", s.plans_built);
+  fn("arena.plans_cached", s.plans_cached);
+  fn("arena.plan_failures", s.plan_failures);
+  fn("arena.arena_bytes", s.arena_bytes);
+  fn("arena.passthrough_iterations", s.passthrough_iterations);
+  fn("arena.recorded_iterations", s.recorded_iterations);
+  fn("arena.served_iterations", s.served_iterations);
+  fn("arena.last_plan_lower_bound", s.last_plan_lower_bound);
+  fn("arena.last_plan_arena_bytes", s.last_plan_arena_bytes);
+  fn("arena.last_plan_time_us", s.last_plan_time_us);
+}
+
 class PlannedAllocator {
  public:
   // `backing` must outlive this object.

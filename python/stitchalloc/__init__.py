@@ -17,7 +17,10 @@ import os
 
 __version__ = "0.1.0"
 
-__all__ = ["install", "installed", "library_path", "split_alloc_conf", "InstallError"]
+__all__ = [
+    "install", "installed", "library_path", "split_alloc_conf", "InstallError",
+    "iteration", "layer", "arena_stats", "drop_plans",
+]
 
 
 class InstallError(RuntimeError):
@@ -127,3 +130,6 @@ def installed() -> bool:
             return False
         return bool(lib.stitchalloc_torch_installed())
     return bool(_torch_lib.stitchalloc_torch_installed())
+
+
+from .arena import arena_stats, drop_plans, iteration, layer  # noqa: E402  (needs _torch_plugin above)

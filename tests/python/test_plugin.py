@@ -297,3 +297,65 @@ def test_stats_snapshot_render_and_out_of_memory():
     assert out["peak_after_reset"] == 1024
     assert out["reserved_after_empty"] == 0
     assert out["fraction_enforced"]
+
+
+@needs_plugin
+def test_arena_marks_from_python():
+    r = run_python(f"""
+        import json, torch, stitchalloc
+        C = torch._C
+        out = {{}}
+        try:
+            with stitchalloc.iteration(1):
+                pass
+        except RuntimeError as e:
+            out["before_install"] = str(e)
+        stitchalloc.install("{HOST}")
+        addresses = []
+        for step in range(3):
+            with stitchalloc.iteration(signature=128):
+                seen = []
+                for i in range(3):
+                    with stitchalloc.layer("decoder", i, "forward"):
+                        x = C._cuda_cudaCachingAllocator_raw_alloc(2 << 20, 0)
+                        y = C._cuda_cudaCachingAllocator_raw_alloc(1 << 20, 0)
+                        C._cuda_cudaCachingAllocator_raw_delete(y)
+                        seen.append(x)
+                for x in seen:
+                    C._cuda_cudaCachingAllocator_raw_delete(x)
+            addresses.append(seen)
+        out["stats"] = stitchalloc.arena_stats()
+        out["same_addresses"] = addresses[1] == addresses[2]
+        try:
+            with stitchalloc.layer("decoder", 0, "sideways"):
+                pass
+        except ValueError as e:
+            out["bad_phase"] = str(e)
+        try:
+            with stitchalloc.iteration(signature="long"):
+                pass
+        except TypeError as e:
+            out["bad_signature"] = str(e)
+        try:
+            stitchalloc.arena._check(stitchalloc.arena._lib().stitchalloc_torch_iteration_end(-1))
+        except RuntimeError as e:
+            out["unbalanced"] = str(e)
+        stitchalloc.drop_plans()
+        out["cached_after_drop"] = stitchalloc.arena_stats()["arena.plans_cached"]
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, r.stderr
+    import json
+    out = json.loads(r.stdout)
+    assert "not PyTorch's CUDA allocator" in out["before_install"]
+    s = out["stats"]
+    assert s["arena.recorded_iterations"] == 1
+    assert s["arena.served_iterations"] == 2
+    assert s["arena.hits"] == 12  # 3 layers x 2 requests x 2 served iterations
+    assert s["arena.misses"] == 0
+    assert s["arena.arena_bytes"] > 0
+    assert out["same_addresses"]
+    assert "phase must be" in out["bad_phase"]
+    assert "must be an int" in out["bad_signature"]
+    assert "stitchalloc_torch_iteration_end" in out["unbalanced"]
+    assert out["cached_after_drop"] == 0

@@ -97,8 +97,8 @@ STITCHALLOC_API stitchalloc_status stitchalloc_layer_end(stitchalloc_allocator* 
 STITCHALLOC_API stitchalloc_status stitchalloc_arena_drop_plans(stitchalloc_allocator* a);
 /* Arena statistics by name: "arena.hits", "arena.misses", "arena.unplanned", "arena.replans",
  * "arena.plans_built", "arena.plans_cached", "arena.plan_failures", "arena.arena_bytes",
- * "arena.recorded_iterations", "arena.served_iterations", "arena.last_plan_lower_bound",
- * "arena.last_plan_arena_bytes", "arena.last_plan_time_us". */
+ * "arena.passthrough_iterations", "arena.recorded_iterations", "arena.served_iterations",
+ * "arena.last_plan_lower_bound", "arena.last_plan_arena_bytes", "arena.last_plan_time_us". */
 STITCHALLOC_API stitchalloc_status stitchalloc_arena_stat(stitchalloc_allocator* a, const char* name, int64_t* out);
 
 /* PYTORCH_CUDA_ALLOC_CONF with backend:stitchalloc, split into stitchalloc's keys and what is

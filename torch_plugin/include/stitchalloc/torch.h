@@ -5,6 +5,8 @@
 #ifndef STITCHALLOC_TORCH_H_
 #define STITCHALLOC_TORCH_H_
 
+#include <stdint.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -20,6 +22,21 @@ int stitchalloc_torch_install(const char* config);
 const char* stitchalloc_torch_last_error(void);
 /* 1 when stitchalloc is PyTorch's current CUDA allocator, 0 otherwise. */
 int stitchalloc_torch_installed(void);
+/* Plan-guided arena marks on the installed allocator (docs/arena.md), `device` -1 meaning the
+ * current device. Between iteration_begin and iteration_end, the first iteration of each
+ * signature (for example the sequence length) is recorded and planned and later ones are served
+ * at planned offsets; layer marks name the layer kind, its index and the phase (0 forward,
+ * 1 backward). Each returns 0, or -1 with stitchalloc_torch_last_error() saying why (not
+ * installed, marks out of order, bad argument). */
+int stitchalloc_torch_iteration_begin(int device, uint64_t signature);
+int stitchalloc_torch_iteration_end(int device);
+int stitchalloc_torch_layer_begin(int device, const char* kind, int index, int phase);
+int stitchalloc_torch_layer_end(int device);
+/* Frees the arenas of all cached plans (fails while arena allocations are live). */
+int stitchalloc_torch_arena_drop_plans(int device);
+/* One "name value" line per arena statistic ("arena.hits 12"), or NULL on error; valid until
+ * the calling thread's next call. */
+const char* stitchalloc_torch_arena_stats(int device);
 /* The PyTorch version the library was compiled against, e.g. "2.15.0". */
 const char* stitchalloc_torch_built_for(void);
 
