@@ -338,4 +338,39 @@ TEST_P(Conformance, StressThreadsStreamsContents) {
   for (std::size_t i = 1; i < streams.size(); ++i) SA_EXPECT_OK(d.DestroyStream(streams[i]));
 }
 
+// Pinned host memory and timing events (the swap layer's needs): a round trip device -> pinned
+// host -> device keeps every byte, the elapsed time between two timing events around it is
+// non-negative once both completed, and foreign pointers are refused.
+TEST_P(Conformance, PinnedHostRoundTripAndTimingEvents) {
+  SA_ASSIGN_OR_FAIL(alloc, Make(""));
+  Driver& drv = alloc->driver();
+  constexpr std::size_t kBytes = 3 << 20;
+  SA_ASSIGN_OR_FAIL(host, drv.AllocateHostPinned(kBytes));
+  SA_ASSIGN_OR_FAIL(back, drv.AllocateHostPinned(kBytes));
+  SA_ASSIGN_OR_FAIL(dev, alloc->Malloc(kBytes));
+  SA_ASSIGN_OR_FAIL(stream, drv.CreateStream());
+  SA_ASSIGN_OR_FAIL(start, drv.CreateTimingEvent());
+  SA_ASSIGN_OR_FAIL(end, drv.CreateTimingEvent());
+  auto* h = static_cast<unsigned char*>(host);
+  for (std::size_t i = 0; i < kBytes; ++i) h[i] = static_cast<unsigned char>(i * 131 + 7);
+  SA_ASSERT_OK(drv.RecordEvent(start, stream));
+  SA_ASSERT_OK(drv.MemcpyAsync(dev, host, kBytes, stream));
+  SA_ASSERT_OK(drv.MemcpyAsync(back, dev, kBytes, stream));
+  SA_ASSERT_OK(drv.RecordEvent(end, stream));
+  SA_ASSERT_OK(drv.SynchronizeEvent(end));
+  EXPECT_EQ(std::memcmp(host, back, kBytes), 0);
+  SA_ASSIGN_OR_FAIL(seconds, drv.ElapsedSeconds(start, end));
+  EXPECT_GE(seconds, 0.0);
+  SA_ASSIGN_OR_FAIL(never, drv.CreateTimingEvent());
+  EXPECT_FALSE(drv.ElapsedSeconds(start, never).ok());  // never recorded
+  int on_stack = 0;
+  EXPECT_FALSE(drv.FreeHostPinned(&on_stack).ok());
+  EXPECT_FALSE(drv.AllocateHostPinned(0).ok());
+  SA_ASSERT_OK(alloc->Free(dev));
+  SA_ASSERT_OK(drv.FreeHostPinned(host));
+  SA_ASSERT_OK(drv.FreeHostPinned(back));
+  for (Event e : {start, end, never}) SA_ASSERT_OK(drv.DestroyEvent(e));
+  SA_ASSERT_OK(drv.DestroyStream(stream));
+}
+
 }  // namespace stitchalloc::testing

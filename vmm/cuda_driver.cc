@@ -48,6 +48,9 @@ struct CudaDriver::Api {
   PFN_cuEventSynchronize_v2000 cuEventSynchronize = nullptr;
   PFN_cuMemcpyAsync_v4000 cuMemcpyAsync = nullptr;
   PFN_cuMemGetInfo_v3020 cuMemGetInfo = nullptr;
+  PFN_cuEventElapsedTime_v2000 cuEventElapsedTime = nullptr;
+  PFN_cuMemHostAlloc_v2020 cuMemHostAlloc = nullptr;
+  PFN_cuMemFreeHost_v2000 cuMemFreeHost = nullptr;
 };
 
 namespace {
@@ -178,6 +181,9 @@ absl::StatusOr<std::unique_ptr<CudaDriver>> CudaDriver::Create(const CudaDriverO
   STITCHALLOC_LOAD(cuEventSynchronize, 2000);
   STITCHALLOC_LOAD(cuMemcpyAsync, 4000);
   STITCHALLOC_LOAD(cuMemGetInfo, 3020);
+  STITCHALLOC_LOAD(cuEventElapsedTime, 2000);
+  STITCHALLOC_LOAD(cuMemHostAlloc, 2020);
+  STITCHALLOC_LOAD(cuMemFreeHost, 2000);
 #undef STITCHALLOC_LOAD
 
   if (auto s = d->Check(a.cuInit(0), "cuInit"); !s.ok()) {
@@ -350,6 +356,42 @@ absl::Status CudaDriver::StreamWaitEvent(Stream stream, Event event) {
   ContextScope scope(*this);
   return Check(api_->cuStreamWaitEvent(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUevent>(event), 0),
                "cuStreamWaitEvent");
+}
+
+absl::StatusOr<Event> CudaDriver::CreateTimingEvent() {
+  ContextScope scope(*this);
+  CUevent e = nullptr;
+  if (auto s = Check(api_->cuEventCreate(&e, CU_EVENT_DEFAULT), "cuEventCreate"); !s.ok()) return s;
+  return reinterpret_cast<Event>(e);
+}
+
+absl::StatusOr<double> CudaDriver::ElapsedSeconds(Event start, Event end) {
+  ContextScope scope(*this);
+  float ms = 0;
+  const CUresult r =
+      api_->cuEventElapsedTime(&ms, reinterpret_cast<CUevent>(start), reinterpret_cast<CUevent>(end));
+  if (r == CUDA_ERROR_NOT_READY) {
+    return absl::FailedPreconditionError("CUDA driver: ElapsedSeconds on an event that has not completed");
+  }
+  if (auto s = Check(r, "cuEventElapsedTime"); !s.ok()) return s;
+  return static_cast<double>(ms) / 1000.0;
+}
+
+absl::StatusOr<void*> CudaDriver::AllocateHostPinned(std::size_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("CUDA driver: AllocateHostPinned of 0 bytes");
+  ContextScope scope(*this);
+  void* p = nullptr;
+  // Portable: usable from every context, as PyTorch's pinned memory is.
+  if (auto s = Check(api_->cuMemHostAlloc(&p, bytes, CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"); !s.ok()) {
+    return s;
+  }
+  return p;
+}
+
+absl::Status CudaDriver::FreeHostPinned(void* ptr) {
+  if (ptr == nullptr) return absl::InvalidArgumentError("CUDA driver: FreeHostPinned(nullptr)");
+  ContextScope scope(*this);
+  return Check(api_->cuMemFreeHost(ptr), "cuMemFreeHost");
 }
 
 absl::Status CudaDriver::MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) {

@@ -54,6 +54,10 @@ class CudaDriver final : public Driver {
   absl::StatusOr<bool> QueryEvent(Event event) override;
   absl::Status SynchronizeEvent(Event event) override;
   absl::Status StreamWaitEvent(Stream stream, Event event) override;
+  absl::StatusOr<Event> CreateTimingEvent() override;
+  absl::StatusOr<double> ElapsedSeconds(Event start, Event end) override;
+  absl::StatusOr<void*> AllocateHostPinned(std::size_t bytes) override;
+  absl::Status FreeHostPinned(void* ptr) override;
   absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) override;
   absl::StatusOr<MemInfo> GetMemInfo() override;
 

@@ -64,6 +64,18 @@ class Driver {
   virtual absl::Status SynchronizeEvent(Event event) = 0;
   virtual absl::Status StreamWaitEvent(Stream stream, Event event) = 0;
 
+  // Events whose completion time is kept, for ElapsedSeconds (slightly costlier to record).
+  virtual absl::StatusOr<Event> CreateTimingEvent() = 0;
+  // Seconds of stream time from `start` to `end`, both timing events that have completed;
+  // FailedPrecondition while either is pending or was never recorded.
+  virtual absl::StatusOr<double> ElapsedSeconds(Event start, Event end) = 0;
+
+  // Page-locked host memory that copies to and from the device run at full bandwidth
+  // (cuMemHostAlloc). Slow (milliseconds per call): pin large slabs once and sub-allocate.
+  virtual absl::StatusOr<void*> AllocateHostPinned(std::size_t bytes) = 0;
+  // `ptr` must come from AllocateHostPinned of this driver (InvalidArgument otherwise).
+  virtual absl::Status FreeHostPinned(void* ptr) = 0;
+
   // Copies `bytes` from `src` to `dst` in stream order (any direction: device or host memory).
   virtual absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes,
                                    Stream stream) = 0;

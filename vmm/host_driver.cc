@@ -20,6 +20,7 @@ namespace stitchalloc {
 
 struct HostDriver::Token {
   bool done = false;  // guarded by HostDriver::done_mu_
+  absl::Time when;    // completion time, set with done
 };
 
 struct HostDriver::HostEvent {
@@ -91,6 +92,7 @@ HostDriver::~HostDriver() {
   }
   MutexLock l(&mem_mu_);
   for (const auto& [va, size] : reservations_) munmap(reinterpret_cast<void*>(va), size);
+  for (const auto& [ptr, size] : pinned_) munmap(ptr, size);
   close(fd_);
 }
 
@@ -356,6 +358,39 @@ std::size_t HostDriver::live_reservations() const {
   return reservations_.size();
 }
 
+std::size_t HostDriver::pinned_host_bytes() const {
+  MutexLock l(&mem_mu_);
+  std::size_t total = 0;
+  for (const auto& [ptr, size] : pinned_) total += size;
+  return total;
+}
+
+// ---- pinned host memory: plain anonymous mappings (the CPU is the "device" here) ----------
+
+absl::StatusOr<void*> HostDriver::AllocateHostPinned(std::size_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("host driver: AllocateHostPinned of 0 bytes");
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("host driver: AllocateHostPinned(%s): %s", FormatBytes(bytes), std::strerror(errno)));
+  }
+  MutexLock l(&mem_mu_);
+  pinned_.emplace(p, bytes);
+  return p;
+}
+
+absl::Status HostDriver::FreeHostPinned(void* ptr) {
+  MutexLock l(&mem_mu_);
+  auto it = pinned_.find(ptr);
+  if (it == pinned_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("host driver: FreeHostPinned(%p): not pinned host memory of this driver", ptr));
+  }
+  munmap(ptr, it->second);
+  pinned_.erase(it);
+  return absl::OkStatus();
+}
+
 // ---- streams and events ----------------------------------------------------------------
 
 std::unique_ptr<HostDriver::HostStream> HostDriver::StartStream() {
@@ -428,6 +463,7 @@ absl::Status HostDriver::DestroyStream(Stream stream) {
 
 void HostDriver::Complete(const std::shared_ptr<Token>& token) {
   MutexLock l(&done_mu_);
+  token->when = absl::Now();
   token->done = true;
   done_cv_.SignalAll();
 }
@@ -509,6 +545,21 @@ absl::Status HostDriver::StreamWaitEvent(Stream stream, Event event) {
     return absl::OkStatus();
   }
   return Submit(stream, [this, t = *std::move(token)]() { WaitToken(t); });
+}
+
+absl::StatusOr<double> HostDriver::ElapsedSeconds(Event start, Event end) {
+  auto a = LastToken(start);
+  if (!a.ok()) return a.status();
+  auto b = LastToken(end);
+  if (!b.ok()) return b.status();
+  if (*a == nullptr || *b == nullptr) {
+    return absl::FailedPreconditionError("host driver: ElapsedSeconds on an event that was never recorded");
+  }
+  MutexLock l(&done_mu_);
+  if (!(*a)->done || !(*b)->done) {
+    return absl::FailedPreconditionError("host driver: ElapsedSeconds on an event that has not completed");
+  }
+  return absl::ToDoubleSeconds((*b)->when - (*a)->when);
 }
 
 absl::Status HostDriver::MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) {

@@ -71,6 +71,10 @@ class HostDriver final : public Driver {
   absl::StatusOr<bool> QueryEvent(Event event) override;
   absl::Status SynchronizeEvent(Event event) override;
   absl::Status StreamWaitEvent(Stream stream, Event event) override;
+  absl::StatusOr<Event> CreateTimingEvent() override { return CreateEvent(); }
+  absl::StatusOr<double> ElapsedSeconds(Event start, Event end) override;
+  absl::StatusOr<void*> AllocateHostPinned(std::size_t bytes) override;
+  absl::Status FreeHostPinned(void* ptr) override;
   absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, Stream stream) override;
   absl::StatusOr<MemInfo> GetMemInfo() override;
 
@@ -83,6 +87,7 @@ class HostDriver final : public Driver {
   std::size_t live_chunks() const;
   std::size_t live_mappings() const;
   std::size_t live_reservations() const;
+  std::size_t pinned_host_bytes() const;  // AllocateHostPinned not yet freed
 
  private:
   struct ChunkRec {
@@ -129,6 +134,7 @@ class HostDriver final : public Driver {
   absl::btree_map<DevicePtr, MapRec> maps_ ABSL_GUARDED_BY(mem_mu_);
   std::size_t used_ ABSL_GUARDED_BY(mem_mu_) = 0;
   PhysHandle next_handle_ ABSL_GUARDED_BY(mem_mu_) = 1;
+  absl::flat_hash_map<void*, std::size_t> pinned_ ABSL_GUARDED_BY(mem_mu_);  // host "pinned" mmaps
 
   Mutex streams_mu_;
   absl::flat_hash_map<Stream, std::unique_ptr<HostStream>> streams_ ABSL_GUARDED_BY(streams_mu_);

@@ -209,6 +209,24 @@ CUresult CUDAAPI fMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstre
   return Translate(g_driver->MemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n,
                                          reinterpret_cast<stitchalloc::Stream>(s)));
 }
+CUresult CUDAAPI fEventElapsedTime(float* ms, CUevent a, CUevent b) {
+  FAKE_READY();
+  auto r = g_driver->ElapsedSeconds(reinterpret_cast<stitchalloc::Event>(a), reinterpret_cast<stitchalloc::Event>(b));
+  if (!r.ok()) return r.status().code() == absl::StatusCode::kFailedPrecondition ? CUDA_ERROR_NOT_READY : Translate(r.status());
+  *ms = static_cast<float>(*r * 1000.0);
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI fMemHostAlloc(void** p, size_t n, unsigned int) {
+  FAKE_READY();
+  auto r = g_driver->AllocateHostPinned(n);
+  if (!r.ok()) return Translate(r.status());
+  *p = *r;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI fMemFreeHost(void* p) {
+  FAKE_READY();
+  return Translate(g_driver->FreeHostPinned(p));
+}
 CUresult CUDAAPI fMemGetInfo(size_t* free_b, size_t* total_b) {
   FAKE_READY();
   auto r = g_driver->GetMemInfo();
@@ -264,6 +282,9 @@ const absl::flat_hash_map<std::string, void*>& Table() {
       {"cuEventSynchronize", reinterpret_cast<void*>(&fEventSynchronize)},
       {"cuMemcpyAsync", reinterpret_cast<void*>(&fMemcpyAsync)},
       {"cuMemGetInfo", reinterpret_cast<void*>(&fMemGetInfo)},
+      {"cuEventElapsedTime", reinterpret_cast<void*>(&fEventElapsedTime)},
+      {"cuMemHostAlloc", reinterpret_cast<void*>(&fMemHostAlloc)},
+      {"cuMemFreeHost", reinterpret_cast<void*>(&fMemFreeHost)},
       {"cuGetErrorName", reinterpret_cast<void*>(&fGetErrorName)},
       {"cuGetErrorString", reinterpret_cast<void*>(&fGetErrorString)},
   };
