@@ -126,15 +126,43 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
   }
   const std::size_t rounded = Policy::RoundSize(size);
   const PoolKind kind = Policy::PoolFor(rounded);
-  MutexLock l(&mu_);
-  if (!pending_.empty()) ProcessPending(/*synchronize=*/false);
-  if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
-  StreamPool* pool = GetPool(stream);
-  FreeSet& set = pool->set(kind);
-  if (auto it = set.LowerBound(rounded); it != set.end() && policy_.Acceptable(it->second->size, rounded)) {
-    return Hand(it, kind, size, rounded);  // the hot path
+  {
+    MutexLock l(&mu_);
+    if (!pending_.empty()) ProcessPending(/*synchronize=*/false);
+    if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
+    StreamPool* pool = GetPool(stream);
+    FreeSet& set = pool->set(kind);
+    if (auto it = set.LowerBound(rounded); it != set.end() && policy_.Acceptable(it->second->size, rounded)) {
+      return Hand(it, kind, size, rounded);  // the hot path
+    }
+    const bool last_resort = !has_pressure_handler_.load(std::memory_order_relaxed);
+    auto slow = MallocSlow(pool, kind, size, rounded, last_resort);
+    if (slow.ok()) return Hand(*slow, kind, size, rounded);
+    if (last_resort || !absl::IsResourceExhausted(slow.status())) return slow.status();
   }
-  auto slow = MallocSlow(pool, kind, size, rounded);
+  return MallocUnderPressure(size, rounded, kind, stream);
+}
+
+void CachingAllocator::SetPressureHandler(PressureHandler handler) {
+  MutexLock l(&pressure_mu_);
+  has_pressure_handler_.store(static_cast<bool>(handler));
+  pressure_ = handler ? std::make_shared<const PressureHandler>(std::move(handler)) : nullptr;
+}
+
+absl::StatusOr<void*> CachingAllocator::MallocUnderPressure(std::size_t size, std::size_t rounded, PoolKind kind,
+                                                            Stream stream) {
+  STITCHALLOC_NVTX_RANGE("malloc under pressure");
+  std::shared_ptr<const PressureHandler> handler;
+  {
+    MutexLock l(&pressure_mu_);
+    handler = pressure_;
+  }
+  const std::size_t freed = handler ? (*handler)(rounded, stream) : 0;
+  MutexLock l(&mu_);
+  // Blocks the handler freed may wait for copies (event-deferred frees): out of memory is
+  // the moment to wait for them.
+  if (freed > 0 && !pending_.empty()) ProcessPending(/*synchronize=*/true);
+  auto slow = MallocSlow(GetPool(stream), kind, size, rounded, /*last_resort=*/true);
   if (!slow.ok()) return slow.status();
   return Hand(*slow, kind, size, rounded);
 }
@@ -201,7 +229,7 @@ absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
 // ---- miss path -----------------------------------------------------------------------------
 
 absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size,
-                                                    std::size_t rounded) {
+                                                    std::size_t rounded, bool last_resort) {
   STITCHALLOC_NVTX_RANGE("malloc miss");
   if (pools_.size() > 1) PollFences();
   if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
@@ -211,6 +239,7 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
     auto grown = Grow(pool, kind, rounded);
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
+    if (attempt > 0 && !last_resort) return grown.status();
     if (attempt > 0) {
       STITCHALLOC_NVTX_RANGE("out of memory");
       ++stats_.num_ooms;

@@ -21,7 +21,9 @@
 // change nothing.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
+#include <functional>
 #include <list>
 #include <memory>
 #include <string>
@@ -100,6 +102,14 @@ class CachingAllocator {
   // Caps reserved memory at `fraction` of the device's total memory, in (0, 1].
   absl::Status SetMemoryFraction(double fraction);
 
+  // Called when a request would otherwise fail with out-of-memory, after cached memory was
+  // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
+  // wait for their backward to host memory) and returns how many bytes it freed; when that is
+  // more than zero the request is tried once more. Runs without the allocator's lock (the
+  // handler may call Free), so it must be thread-safe. An empty function removes the handler.
+  using PressureHandler = std::function<std::size_t(std::size_t bytes, Stream stream)>;
+  void SetPressureHandler(PressureHandler handler);
+
   Stats GetStats() const;
   void ResetPeakStats();
   void ResetAccumulatedStats();
@@ -131,8 +141,13 @@ class CachingAllocator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Indexes an allocated block and updates the allocation statistics.
   void* Account(Block* b, PoolKind kind, std::size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Asks the pressure handler for room, then tries once more (final).
+  absl::StatusOr<void*> MallocUnderPressure(std::size_t size, std::size_t rounded, PoolKind kind, Stream stream)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // `last_resort`: an out-of-memory here is final (counted and reported); otherwise it returns
+  // ResourceExhausted uncounted, for the pressure handler to act on.
+  absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded,
+                                    bool last_resort) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -160,6 +175,9 @@ class CachingAllocator {
   const Policy policy_;
   std::string fallback_reason_;
 
+  Mutex pressure_mu_;
+  std::shared_ptr<const PressureHandler> pressure_ ABSL_GUARDED_BY(pressure_mu_);
+  std::atomic<bool> has_pressure_handler_{false};
   mutable Mutex mu_;
   std::size_t limit_ ABSL_GUARDED_BY(mu_);
   std::size_t stitch_cache_limit_ ABSL_GUARDED_BY(mu_);

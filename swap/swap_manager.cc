@@ -1,0 +1,342 @@
+// SwapManager: tickets, the layer-boundary schedule, event-deferred frees and eviction under
+// pressure (see swap_manager.h).
+#include "swap/swap_manager.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "vmm/nvtx.h"
+
+namespace stitchalloc::swap {
+
+absl::StatusOr<std::unique_ptr<SwapManager>> SwapManager::Create(CachingAllocator* allocator, PinnedPool* pool,
+                                                                 CopyEngine* engine, Stream compute,
+                                                                 const SwapOptions& options) {
+  if (allocator == nullptr || pool == nullptr || engine == nullptr) {
+    return absl::InvalidArgumentError("swap manager: allocator, pinned pool and copy engine are required");
+  }
+  if (&allocator->driver() != &engine->driver()) {
+    return absl::InvalidArgumentError("swap manager: the allocator and the copy engine use different drivers");
+  }
+  if (options.lookahead < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat("swap manager: lookahead %d must be at least 1", options.lookahead));
+  }
+  if (options.keep_last_layers < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("swap manager: keep_last_layers %d must not be negative", options.keep_last_layers));
+  }
+  std::unique_ptr<SwapManager> m(new SwapManager(allocator, pool, engine, compute, options));
+  SwapManager* raw = m.get();
+  allocator->SetPressureHandler([raw](std::size_t bytes, Stream) { return raw->Evict(bytes); });
+  return m;
+}
+
+SwapManager::~SwapManager() {
+  alloc_->SetPressureHandler(nullptr);
+  MutexLock l(&mu_);
+  for (auto& [t, e] : tickets_) {
+    if (e.copy != 0) engine_->Synchronize(e.copy).IgnoreError();
+    if (e.device != nullptr) alloc_->Free(e.device).IgnoreError();
+    if (e.host != nullptr) pool_->Free(e.host).IgnoreError();
+    if (e.copy != 0) engine_->Release(e.copy).IgnoreError();
+  }
+  tickets_.clear();
+  for (const Deferred& d : deferred_) {
+    engine_->Release(d.copy).IgnoreError();  // waits for the copy first
+    pool_->Free(d.host).IgnoreError();
+  }
+  deferred_.clear();
+  for (CopyEngine::CopyId c : finished_) engine_->Release(c).IgnoreError();
+  finished_.clear();
+}
+
+absl::Status SwapManager::BeginIteration(int num_layers) {
+  if (num_layers < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat("swap manager: %d layers; at least 1 is needed", num_layers));
+  }
+  MutexLock l(&mu_);
+  PollLocked();
+  num_layers_ = num_layers;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer) {
+  if (device_ptr == nullptr) return absl::InvalidArgumentError("swap manager: offload of a null pointer");
+  if (bytes == 0) return absl::InvalidArgumentError("swap manager: offload of 0 bytes");
+  MutexLock l(&mu_);
+  if (layer < 0 || layer >= num_layers_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "swap manager: layer %d is outside the iteration's %d layers (call BeginIteration first)", layer, num_layers_));
+  }
+  const Ticket t = next_++;
+  Entry e;
+  e.layer = layer;
+  e.bytes = bytes;
+  e.device = device_ptr;
+  if (bytes < options_.min_bytes) {
+    e.state = TicketState::kKept;
+    ++stats_.kept_small;
+  }
+  tickets_.emplace(t, e);
+  ++stats_.registered;
+  return t;
+}
+
+absl::Status SwapManager::OffloadLocked(Ticket t, Entry& e) {
+  auto host = pool_->Allocate(e.bytes);
+  if (!host.ok()) {
+    e.state = TicketState::kKept;  // no pinned memory left: the tensor stays where it is
+    ++stats_.kept_no_host_memory;
+    return absl::OkStatus();
+  }
+  auto copy = engine_->Issue(Direction::kDeviceToHost, *host, e.device, e.bytes, compute_);
+  if (!copy.ok()) {
+    pool_->Free(*host).IgnoreError();
+    e.state = TicketState::kKept;
+    return copy.status();
+  }
+  // The device block goes back to the allocator now, reusable once the copy has read it.
+  if (auto s = alloc_->RecordStream(e.device, engine_->stream(Direction::kDeviceToHost)); !s.ok()) {
+    engine_->Synchronize(*copy).IgnoreError();
+  }
+  if (auto s = alloc_->Free(e.device); !s.ok()) {
+    DeferHostFree(*copy, *host);
+    tickets_.erase(t);
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "swap manager: ticket %d: the device block was not the allocator's (%s); ticket dropped", t, s.message()));
+  }
+  e.device = nullptr;
+  e.host = *host;
+  e.copy = *copy;
+  e.state = TicketState::kOffloading;
+  ++stats_.offloads;
+  stats_.bytes_offloaded += static_cast<std::int64_t>(e.bytes);
+  return absl::OkStatus();
+}
+
+absl::Status SwapManager::ForwardEnd(int layer) {
+  STITCHALLOC_NVTX_RANGE("swap: forward end, offload");
+  MutexLock l(&mu_);
+  PollLocked();
+  if (layer < 0 || layer >= num_layers_) {
+    return absl::InvalidArgumentError(absl::StrFormat("swap manager: ForwardEnd(%d) outside %d layers", layer, num_layers_));
+  }
+  const bool keep = layer >= num_layers_ - options_.keep_last_layers;
+  absl::Status first = absl::OkStatus();
+  std::vector<Ticket> todo;
+  for (auto& [t, e] : tickets_) {
+    if (e.layer == layer && e.state == TicketState::kRegistered) todo.push_back(t);
+  }
+  for (Ticket t : todo) {
+    Entry& e = tickets_[t];
+    if (keep) {
+      e.state = TicketState::kKept;
+      ++stats_.kept_last_layers;
+      continue;
+    }
+    if (auto s = OffloadLocked(t, e); !s.ok() && first.ok()) first = s;
+  }
+  return first;
+}
+
+absl::Status SwapManager::Prefetch(Ticket t) {
+  std::size_t bytes = 0;
+  {
+    MutexLock l(&mu_);
+    auto it = tickets_.find(t);
+    if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
+    if (it->second.state != TicketState::kOffloading && it->second.state != TicketState::kOnHost) return absl::OkStatus();
+    bytes = it->second.bytes;
+  }
+  // Allocated on the copy stream, so the copy needs to wait for nothing on the compute stream.
+  const Stream h2d = engine_->stream(Direction::kHostToDevice);
+  auto device = alloc_->Malloc(bytes, h2d);
+  MutexLock l(&mu_);
+  auto it = tickets_.find(t);
+  const bool still = it != tickets_.end() &&
+                     (it->second.state == TicketState::kOffloading || it->second.state == TicketState::kOnHost);
+  if (!device.ok()) {
+    ++stats_.prefetch_failures;
+    return device.status();
+  }
+  if (!still) {  // cancelled or prefetched meanwhile
+    alloc_->Free(*device).IgnoreError();
+    return absl::OkStatus();
+  }
+  STITCHALLOC_NVTX_RANGE("swap: prefetch");
+  Entry& e = it->second;
+  if (e.state == TicketState::kOffloading) {
+    // Still leaving: the copy back waits for the copy out, on the device.
+    if (auto s = engine_->StreamWait(h2d, e.copy); !s.ok()) {
+      alloc_->Free(*device).IgnoreError();
+      return s;
+    }
+    finished_.push_back(e.copy);
+  }
+  auto copy = engine_->Issue(Direction::kHostToDevice, *device, e.host, e.bytes, h2d);
+  if (!copy.ok()) {
+    alloc_->Free(*device).IgnoreError();
+    return copy.status();
+  }
+  e.device = *device;
+  e.copy = *copy;
+  e.state = TicketState::kPrefetching;
+  ++stats_.prefetches;
+  stats_.bytes_prefetched += static_cast<std::int64_t>(e.bytes);
+  return absl::OkStatus();
+}
+
+absl::Status SwapManager::BackwardBegin(int layer) {
+  std::vector<Ticket> todo;
+  {
+    MutexLock l(&mu_);
+    PollLocked();
+    if (layer < 0 || layer >= num_layers_) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("swap manager: BackwardBegin(%d) outside %d layers", layer, num_layers_));
+    }
+    for (auto& [t, e] : tickets_) {
+      if (e.layer < layer && e.layer >= layer - options_.lookahead &&
+          (e.state == TicketState::kOffloading || e.state == TicketState::kOnHost)) {
+        todo.push_back(t);
+      }
+    }
+  }
+  absl::Status first = absl::OkStatus();
+  for (Ticket t : todo) {
+    if (auto s = Prefetch(t); !s.ok() && first.ok()) first = s;
+  }
+  return first;
+}
+
+absl::StatusOr<void*> SwapManager::Wait(Ticket t) {
+  STITCHALLOC_NVTX_RANGE("swap: wait");
+  for (int attempt = 0;; ++attempt) {
+    {
+      MutexLock l(&mu_);
+      auto it = tickets_.find(t);
+      if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
+      Entry& e = it->second;
+      if (e.state == TicketState::kRegistered || e.state == TicketState::kKept) {
+        void* p = e.device;
+        tickets_.erase(it);
+        ++stats_.waits;
+        return p;
+      }
+      if (e.state == TicketState::kPrefetching) {
+        if (auto s = engine_->StreamWait(compute_, e.copy); !s.ok()) return s;
+        void* p = e.device;
+        // The compute stream uses a block of the copy stream's pool: its frees wait for that use.
+        alloc_->RecordStream(p, compute_).IgnoreError();
+        DeferHostFree(e.copy, e.host);
+        tickets_.erase(it);
+        ++stats_.waits;
+        PollLocked();
+        return p;
+      }
+      if (attempt > 0) return absl::InternalError("swap manager: prefetch did not take effect");
+      ++stats_.late_prefetches;
+    }
+    if (auto s = Prefetch(t); !s.ok()) return s;
+  }
+}
+
+absl::Status SwapManager::Cancel(Ticket t) {
+  MutexLock l(&mu_);
+  auto it = tickets_.find(t);
+  if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
+  Entry& e = it->second;
+  switch (e.state) {
+    case TicketState::kRegistered:
+    case TicketState::kKept:
+      alloc_->Free(e.device).IgnoreError();
+      break;
+    case TicketState::kOffloading:
+      DeferHostFree(e.copy, e.host);
+      break;
+    case TicketState::kOnHost:
+      pool_->Free(e.host).IgnoreError();
+      break;
+    case TicketState::kPrefetching:
+      // The block belongs to the copy stream's pool: reuse there is ordered after the copy.
+      alloc_->Free(e.device).IgnoreError();
+      DeferHostFree(e.copy, e.host);
+      break;
+  }
+  tickets_.erase(it);
+  ++stats_.cancelled;
+  PollLocked();
+  return absl::OkStatus();
+}
+
+std::size_t SwapManager::Evict(std::size_t bytes) {
+  STITCHALLOC_NVTX_RANGE("swap: evict under pressure");
+  MutexLock l(&mu_);
+  PollLocked();
+  std::vector<std::pair<int, Ticket>> candidates;  // earliest layer first: its backward is last
+  for (auto& [t, e] : tickets_) {
+    if (e.state == TicketState::kRegistered) candidates.emplace_back(e.layer, t);
+  }
+  std::sort(candidates.begin(), candidates.end());
+  std::size_t freed = 0;
+  for (const auto& [layer, t] : candidates) {
+    if (freed >= bytes) break;
+    Entry& e = tickets_[t];
+    const std::size_t n = e.bytes;
+    if (!OffloadLocked(t, e).ok()) continue;
+    if (e.state != TicketState::kOffloading) continue;  // no pinned memory for it
+    freed += n;
+    ++stats_.evicted;
+    stats_.evicted_bytes += static_cast<std::int64_t>(n);
+  }
+  return freed;
+}
+
+void SwapManager::DeferHostFree(CopyEngine::CopyId copy, void* host) { deferred_.push_back({copy, host}); }
+
+void SwapManager::PollLocked() {
+  for (auto& [t, e] : tickets_) {
+    if (e.state != TicketState::kOffloading) continue;
+    auto done = engine_->Done(e.copy);
+    if (done.ok() && *done) {
+      e.state = TicketState::kOnHost;
+      finished_.push_back(e.copy);
+      e.copy = 0;
+    }
+  }
+  std::erase_if(deferred_, [&](const Deferred& d) {
+    auto done = engine_->Done(d.copy);
+    if (!done.ok() || !*done) return false;
+    pool_->Free(d.host).IgnoreError();
+    finished_.push_back(d.copy);
+    return true;
+  });
+  std::erase_if(finished_, [&](CopyEngine::CopyId c) {
+    auto done = engine_->Done(c);
+    if (done.ok() && !*done) return false;
+    engine_->Release(c).IgnoreError();  // completed (or unknown): returns at once
+    return true;
+  });
+}
+
+void SwapManager::Poll() {
+  MutexLock l(&mu_);
+  PollLocked();
+}
+
+absl::StatusOr<TicketState> SwapManager::State(Ticket t) const {
+  MutexLock l(&mu_);
+  auto it = tickets_.find(t);
+  if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
+  return it->second.state;
+}
+
+SwapStats SwapManager::GetStats() const {
+  MutexLock l(&mu_);
+  SwapStats s = stats_;
+  s.live_tickets = static_cast<std::int64_t>(tickets_.size());
+  return s;
+}
+
+}  // namespace stitchalloc::swap

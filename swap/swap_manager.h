@@ -1,0 +1,141 @@
+// SwapManager: moves saved activations to pinned host memory at layer boundaries and brings
+// them back before their layer's backward (design.md, swap and recompute).
+//
+// A ticket is one saved tensor: a device block the manager owns from Offload() until Wait()
+// hands a (possibly different) device block back. States:
+//   kRegistered   on the device, waiting for its layer's forward to end
+//   kKept         stays on the device: one of the last `keep_last_layers` layers (their backward
+//                 follows at once), smaller than `min_bytes`, or no pinned memory was left
+//   kOffloading   device-to-host copy in flight; the device block was freed with a stream use
+//                 on the copy stream, so the allocator reuses it only once the copy completed
+//   kOnHost       in pinned memory only
+//   kPrefetching  host-to-device copy in flight into a block allocated on the copy stream
+// Schedule: ForwardEnd(i) issues layer i's offloads (after the work queued on the compute
+// stream); BackwardBegin(j) issues the prefetches of layers j-1 .. j-lookahead; Wait(t) makes
+// the compute stream wait for the tensor (prefetching it first if that never happened) and
+// returns its device address; Cancel(t) (the tensor was freed) drops whatever is pending.
+// Host blocks whose copy may still be running go to deferred_ and are freed once it completed.
+// Under memory pressure the allocator calls Evict(): registered tensors of the earliest layers
+// (the latest backward) are offloaded at once, waited for, and their device blocks freed.
+//
+// Locking: mu_ guards the tickets; it is never held across CachingAllocator::Malloc (which may
+// call Evict through the pressure handler).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/caching_allocator.h"
+#include "swap/copy_engine.h"
+#include "swap/pinned_pool.h"
+#include "vmm/mutex.h"
+
+namespace stitchalloc::swap {
+
+struct SwapOptions {
+  int lookahead = 1;          // layers prefetched ahead of the backward
+  int keep_last_layers = 1;   // the last layers keep their tensors on the device
+  std::size_t min_bytes = 0;  // smaller tensors stay on the device
+};
+
+enum class TicketState : std::uint8_t { kRegistered, kKept, kOffloading, kOnHost, kPrefetching };
+
+struct SwapStats {
+  std::int64_t registered = 0;
+  std::int64_t offloads = 0;            // device-to-host copies issued
+  std::int64_t prefetches = 0;          // host-to-device copies issued
+  std::int64_t kept_last_layers = 0;
+  std::int64_t kept_small = 0;
+  std::int64_t kept_no_host_memory = 0;  // pinned pool exhausted: stayed on the device
+  std::int64_t prefetch_failures = 0;    // no device memory for a prefetch (retried at Wait)
+  std::int64_t waits = 0;
+  std::int64_t late_prefetches = 0;      // Wait found the tensor still on the host
+  std::int64_t cancelled = 0;
+  std::int64_t evicted = 0;              // offloaded under memory pressure
+  std::int64_t evicted_bytes = 0;
+  std::int64_t bytes_offloaded = 0;
+  std::int64_t bytes_prefetched = 0;
+  std::int64_t live_tickets = 0;
+};
+
+class SwapManager {
+ public:
+  using Ticket = std::uint64_t;
+
+  // The allocator, pool and engine must outlive the manager and share one driver. `compute`
+  // is the stream the model runs on. Registers Evict as the allocator's pressure handler.
+  static absl::StatusOr<std::unique_ptr<SwapManager>> Create(CachingAllocator* allocator, PinnedPool* pool,
+                                                             CopyEngine* engine, Stream compute,
+                                                             const SwapOptions& options);
+  // Removes the pressure handler, waits for copies and frees what the manager still owns.
+  ~SwapManager();
+  SwapManager(const SwapManager&) = delete;
+  SwapManager& operator=(const SwapManager&) = delete;
+
+  // Starts a forward pass over `num_layers` layers (fixes which layers are "last").
+  absl::Status BeginIteration(int num_layers);
+  // Hands a device block (from the allocator, `bytes` long) saved by layer `layer` to the
+  // manager. InvalidArgument for a null pointer, zero bytes or a layer outside the iteration.
+  absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer);
+  // Layer `layer`'s forward ended: issues its offloads.
+  absl::Status ForwardEnd(int layer);
+  // Backward reached layer `layer`: issues the prefetches of the `lookahead` layers below it.
+  absl::Status BackwardBegin(int layer);
+  // The tensor's device address, usable on the compute stream in order (the stream waits for
+  // the prefetch; the host never blocks unless the tensor is still being offloaded and has to
+  // come straight back). The ticket ends; the caller owns the block (free it with the allocator).
+  absl::StatusOr<void*> Wait(Ticket ticket);
+  // The tensor was freed before its backward: pending copies are dropped, memory returned.
+  absl::Status Cancel(Ticket ticket);
+  // Pressure handler: frees at least `bytes` of device memory if it can; returns bytes freed.
+  std::size_t Evict(std::size_t bytes);
+  // Frees host blocks whose copies have completed (also done by every other call).
+  void Poll();
+
+  absl::StatusOr<TicketState> State(Ticket ticket) const;
+  SwapStats GetStats() const;
+
+ private:
+  struct Entry {
+    TicketState state = TicketState::kRegistered;
+    int layer = 0;
+    std::size_t bytes = 0;
+    void* device = nullptr;  // owned while kRegistered / kKept / kPrefetching
+    void* host = nullptr;    // pinned copy while kOffloading / kOnHost / kPrefetching
+    CopyEngine::CopyId copy = 0;  // the copy in flight (or the last one)
+  };
+  struct Deferred {
+    CopyEngine::CopyId copy;
+    void* host;
+  };
+  SwapManager(CachingAllocator* a, PinnedPool* p, CopyEngine* e, Stream compute, const SwapOptions& o)
+      : alloc_(a), pool_(p), engine_(e), compute_(compute), options_(o) {}
+
+  absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Issues the prefetch of one ticket; takes mu_ itself (allocates without it).
+  absl::Status Prefetch(Ticket t);
+  void PollLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DeferHostFree(CopyEngine::CopyId copy, void* host) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  CachingAllocator* const alloc_;
+  PinnedPool* const pool_;
+  CopyEngine* const engine_;
+  const Stream compute_;
+  const SwapOptions options_;
+
+  mutable Mutex mu_;
+  int num_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  Ticket next_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::btree_map<Ticket, Entry> tickets_ ABSL_GUARDED_BY(mu_);
+  std::vector<Deferred> deferred_ ABSL_GUARDED_BY(mu_);
+  std::vector<CopyEngine::CopyId> finished_ ABSL_GUARDED_BY(mu_);  // copies to release when done
+  SwapStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace stitchalloc::swap

@@ -1,0 +1,422 @@
+// The swap layer on the host driver: the pinned pool (best fit, coalescing, growth by slabs,
+// exhaustion, bad frees), the copy engine (chunked copies bit-exact, bandwidth accounting), and
+// the swap manager (round trips bit-exact with both directions in flight and from several
+// threads, exhaustion keeping tensors on the device, cancel on free, the layer-boundary schedule
+// for an 8-layer forward/backward, eviction under memory pressure).
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "swap/copy_engine.h"
+#include "swap/pinned_pool.h"
+#include "swap/swap_manager.h"
+#include "tests/test_util.h"
+#include "vmm/host_driver.h"
+
+namespace stitchalloc::swap {
+namespace {
+
+using stitchalloc::testing::MakeHostAllocator;
+using stitchalloc::testing::Pattern;
+
+constexpr std::size_t kMiB = std::size_t{1} << 20;
+
+// ---- pinned pool -------------------------------------------------------------------------
+
+TEST(PinnedPool, BestFitCoalescesAndGrowsBySlabs) {
+  SA_ASSIGN_OR_FAIL(driver, HostDriver::Create({.capacity = 64 * kMiB}));
+  SA_ASSIGN_OR_FAIL(pool, PinnedPool::Create(driver.get(), {.slab_bytes = 4 * kMiB, .capacity = 16 * kMiB}));
+  SA_ASSIGN_OR_FAIL(a, pool->Allocate(1 * kMiB));
+  SA_ASSIGN_OR_FAIL(b, pool->Allocate(1 * kMiB));
+  SA_ASSIGN_OR_FAIL(c, pool->Allocate(1 * kMiB));
+  EXPECT_EQ(pool->GetStats().pin_calls, 1);  // one slab serves all three
+  SA_ASSERT_OK(pool->Free(b));
+  SA_ASSIGN_OR_FAIL(small, pool->Allocate(512 * 1024));
+  EXPECT_EQ(small, b);  // best fit: the 1 MiB hole, not the 1 MiB tail... lowest address on ties
+  SA_ASSERT_OK(pool->Free(small));
+  SA_ASSERT_OK(pool->Free(a));
+  SA_ASSERT_OK(pool->Free(c));
+  SA_ASSERT_OK(pool->CheckInvariants());
+  SA_ASSIGN_OR_FAIL(whole, pool->Allocate(4 * kMiB));  // coalesced back into one range
+  EXPECT_EQ(pool->GetStats().pin_calls, 1);
+  SA_ASSIGN_OR_FAIL(big, pool->Allocate(6 * kMiB));  // larger than a slab: a slab of its own
+  PinnedPoolStats s = pool->GetStats();
+  EXPECT_EQ(s.pin_calls, 2);
+  EXPECT_EQ(s.pinned_bytes, 10 * kMiB);
+  EXPECT_EQ(s.in_use_bytes, 10 * kMiB);
+  ASSERT_EQ(s.slabs.size(), 2u);
+  EXPECT_EQ(s.slabs[0].high_water, 4 * kMiB);
+  // Capacity: 10 of 16 MiB pinned; another 8 MiB would exceed it.
+  auto refused = pool->Allocate(8 * kMiB);
+  EXPECT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  EXPECT_EQ(pool->GetStats().exhausted, 1);
+  SA_ASSERT_OK(pool->Free(whole));
+  SA_ASSERT_OK(pool->Free(big));
+  EXPECT_EQ(pool->ReleaseEmptySlabs(), 10 * kMiB);
+  EXPECT_EQ(driver->pinned_host_bytes(), 0u);
+  SA_ASSERT_OK(pool->CheckInvariants());
+}
+
+TEST(PinnedPool, RejectsBadInputAndBadFrees) {
+  SA_ASSIGN_OR_FAIL(driver, HostDriver::Create({.capacity = 64 * kMiB}));
+  EXPECT_FALSE(PinnedPool::Create(driver.get(), {.slab_bytes = 0}).ok());
+  EXPECT_FALSE(PinnedPool::Create(driver.get(), {.capacity = 0}).ok());
+  EXPECT_FALSE(PinnedPool::Create(driver.get(), {.alignment = 3}).ok());
+  EXPECT_FALSE(PinnedPool::Create(nullptr, {}).ok());
+  SA_ASSIGN_OR_FAIL(pool, PinnedPool::Create(driver.get(), {.slab_bytes = 2 * kMiB, .capacity = 8 * kMiB}));
+  EXPECT_FALSE(pool->Allocate(0).ok());
+  EXPECT_TRUE(absl::IsResourceExhausted(pool->Allocate(9 * kMiB).status()));
+  SA_ASSIGN_OR_FAIL(p, pool->Allocate(1000));
+  int on_stack = 0;
+  EXPECT_TRUE(absl::IsInvalidArgument(pool->Free(&on_stack)));
+  SA_ASSERT_OK(pool->Free(p));
+  const absl::Status twice = pool->Free(p);
+  EXPECT_TRUE(absl::IsInvalidArgument(twice));
+  EXPECT_NE(twice.message().find("double free"), std::string::npos) << twice;
+  SA_ASSERT_OK(pool->CheckInvariants());
+}
+
+TEST(PinnedPool, RandomOperationsKeepTheInvariants) {
+  SA_ASSIGN_OR_FAIL(driver, HostDriver::Create({.capacity = 64 * kMiB}));
+  SA_ASSIGN_OR_FAIL(pool, PinnedPool::Create(driver.get(), {.slab_bytes = 1 * kMiB, .capacity = 6 * kMiB}));
+  std::mt19937 rng(11);
+  std::vector<std::pair<void*, std::size_t>> live;
+  for (int i = 0; i < 3000; ++i) {
+    if (live.empty() || rng() % 2 == 0) {
+      const std::size_t n = 1 + rng() % (300 * 1024);
+      auto p = pool->Allocate(n);
+      if (p.ok()) {
+        std::memset(*p, static_cast<int>(i), n);
+        live.emplace_back(*p, n);
+      } else {
+        ASSERT_TRUE(absl::IsResourceExhausted(p.status())) << p.status();
+      }
+    } else {
+      const std::size_t k = rng() % live.size();
+      SA_ASSERT_OK(pool->Free(live[k].first));
+      live[k] = live.back();
+      live.pop_back();
+    }
+    if (i % 250 == 0) SA_ASSERT_OK(pool->CheckInvariants());
+  }
+  EXPECT_LE(pool->GetStats().pinned_bytes, 6 * kMiB);
+  for (auto& [p, n] : live) SA_ASSERT_OK(pool->Free(p));
+  EXPECT_EQ(pool->GetStats().in_use_bytes, 0u);
+  SA_ASSERT_OK(pool->CheckInvariants());
+}
+
+// ---- copy engine -------------------------------------------------------------------------
+
+TEST(CopyEngine, ChunkedCopiesAreBitExactAndAccounted) {
+  SA_ASSIGN_OR_FAIL(alloc, MakeHostAllocator("host_capacity_mb:64"));
+  Driver& d = alloc->driver();
+  SA_ASSIGN_OR_FAIL(engine, CopyEngine::Create(&d, {.chunk_bytes = 64 * 1024}));
+  SA_ASSIGN_OR_FAIL(host, d.AllocateHostPinned(3 * kMiB + 77));
+  SA_ASSIGN_OR_FAIL(back, d.AllocateHostPinned(3 * kMiB + 77));
+  SA_ASSIGN_OR_FAIL(dev, alloc->Malloc(3 * kMiB + 77));
+  const std::vector<std::uint8_t> bytes = Pattern(3 * kMiB + 77, 5);
+  std::memcpy(host, bytes.data(), bytes.size());
+  SA_ASSIGN_OR_FAIL(up, engine->Issue(Direction::kHostToDevice, dev, host, bytes.size(), kDefaultStream));
+  SA_ASSERT_OK(engine->StreamWait(engine->stream(Direction::kDeviceToHost), up));
+  SA_ASSIGN_OR_FAIL(down, engine->Issue(Direction::kDeviceToHost, back, dev, bytes.size(), kDefaultStream));
+  SA_ASSERT_OK(engine->Synchronize(down));
+  EXPECT_EQ(std::memcmp(back, bytes.data(), bytes.size()), 0);
+  SA_ASSIGN_OR_FAIL(done, engine->Done(up));
+  EXPECT_TRUE(done);
+  const CopyEngineStats s = engine->GetStats();
+  EXPECT_EQ(s.h2d.copies, 1);
+  EXPECT_EQ(s.h2d.chunks, 49);  // ceil((3 MiB + 77) / 64 KiB)
+  EXPECT_EQ(s.d2h.completed_bytes, static_cast<std::int64_t>(bytes.size()));
+  EXPECT_GT(s.d2h.bandwidth(), 0.0);
+  EXPECT_FALSE(engine->Issue(Direction::kDeviceToHost, nullptr, dev, 10, kDefaultStream).ok());
+  EXPECT_FALSE(engine->Issue(Direction::kDeviceToHost, back, dev, 0, kDefaultStream).ok());
+  SA_ASSERT_OK(engine->Release(up));
+  SA_ASSERT_OK(engine->Release(down));
+  EXPECT_TRUE(absl::IsNotFound(engine->Done(up).status()));
+  SA_ASSERT_OK(alloc->Free(dev));
+  SA_ASSERT_OK(d.FreeHostPinned(host));
+  SA_ASSERT_OK(d.FreeHostPinned(back));
+}
+
+// ---- swap manager ------------------------------------------------------------------------
+
+struct Rig {
+  std::unique_ptr<CachingAllocator> alloc;
+  std::unique_ptr<PinnedPool> pool;
+  std::unique_ptr<CopyEngine> engine;
+  std::unique_ptr<SwapManager> swap;
+  Stream compute = 0;
+  HostDriver* host = nullptr;
+};
+
+Rig MakeRig(const std::string& config, PinnedPoolOptions pinned, SwapOptions options) {
+  Rig r;
+  auto alloc = MakeHostAllocator(config);
+  EXPECT_TRUE(alloc.ok()) << alloc.status();
+  r.alloc = *std::move(alloc);
+  r.host = dynamic_cast<HostDriver*>(&r.alloc->driver());
+  r.compute = *r.alloc->driver().CreateStream();
+  r.pool = *PinnedPool::Create(&r.alloc->driver(), pinned);
+  r.engine = *CopyEngine::Create(&r.alloc->driver(), {.chunk_bytes = 256 * 1024});
+  auto swap = SwapManager::Create(r.alloc.get(), r.pool.get(), r.engine.get(), r.compute, options);
+  EXPECT_TRUE(swap.ok()) << swap.status();
+  r.swap = *std::move(swap);
+  return r;
+}
+
+// Holds the device-to-host stream busy for `ms`, so that copies queue behind it.
+void Stall(Rig& r, Direction d, int ms) {
+  SA_EXPECT_OK(r.host->Enqueue(r.engine->stream(d), [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }));
+}
+
+struct Saved {
+  SwapManager::Ticket ticket;
+  int layer;
+  std::size_t bytes;
+  std::uint64_t seed;
+};
+
+void ForwardLayer(Rig& r, int layer, int tensors, std::mt19937& rng, std::vector<Saved>* saved) {
+  for (int k = 0; k < tensors; ++k) {
+    const std::size_t n = 4096 + rng() % (3 * kMiB);
+    auto p = r.alloc->Malloc(n, r.compute);
+    ASSERT_TRUE(p.ok()) << p.status();
+    const std::uint64_t seed = rng();
+    const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+    std::memcpy(*p, bytes.data(), n);  // the host driver's device memory is host-addressable
+    auto t = r.swap->Offload(*p, n, layer);
+    ASSERT_TRUE(t.ok()) << t.status();
+    saved->push_back({*t, layer, n, seed});
+  }
+  SA_EXPECT_OK(r.swap->ForwardEnd(layer));
+}
+
+void CheckAndFree(Rig& r, const Saved& s) {
+  auto p = r.swap->Wait(s.ticket);
+  ASSERT_TRUE(p.ok()) << p.status();
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.compute));  // the test reads on the host
+  const std::vector<std::uint8_t> bytes = Pattern(s.bytes, s.seed);
+  EXPECT_EQ(std::memcmp(*p, bytes.data(), s.bytes), 0) << "layer " << s.layer << " ticket " << s.ticket;
+  SA_ASSERT_OK(r.alloc->Free(*p));
+}
+
+TEST(SwapManager, RoundTripsAreBitExactWithBothDirectionsInFlight) {
+  Rig r = MakeRig("host_capacity_mb:512", {.slab_bytes = 16 * kMiB, .capacity = 256 * kMiB},
+                  {.lookahead = 2, .keep_last_layers = 0});
+  constexpr int kLayers = 8;
+  SA_ASSERT_OK(r.swap->BeginIteration(kLayers));
+  std::mt19937 rng(3);
+  std::vector<Saved> saved;
+  Stall(r, Direction::kDeviceToHost, 50);  // every offload queues behind this
+  for (int i = 0; i < kLayers; ++i) ForwardLayer(r, i, 6, rng, &saved);
+  // Backward starts while the offloads are still queued: prefetches of layers 6 and 5 must wait
+  // for their offloads on the device, not on the host.
+  SA_ASSERT_OK(r.swap->BackwardBegin(7));
+  SA_ASSIGN_OR_FAIL(state, r.swap->State(saved[6 * 6].ticket));
+  EXPECT_EQ(state, TicketState::kPrefetching);
+  for (int j = kLayers - 1; j >= 0; --j) {
+    SA_ASSERT_OK(r.swap->BackwardBegin(j));
+    for (const Saved& s : saved) {
+      if (s.layer == j) CheckAndFree(r, s);
+    }
+  }
+  const SwapStats st = r.swap->GetStats();
+  EXPECT_EQ(st.offloads, 48);
+  EXPECT_EQ(st.prefetches, 48);
+  EXPECT_EQ(st.live_tickets, 0);
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(Direction::kHostToDevice)));
+  r.swap->Poll();
+  EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  const CopyEngineStats cs = r.engine->GetStats();
+  EXPECT_EQ(cs.d2h.copies, 48);
+  EXPECT_EQ(cs.h2d.copies, 48);
+  EXPECT_GT(r.pool->GetStats().peak_in_use_bytes, 0u);
+}
+
+TEST(SwapManager, ConcurrentLayersFromSeveralThreads) {
+  Rig r = MakeRig("host_capacity_mb:512", {.slab_bytes = 8 * kMiB, .capacity = 256 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 1});
+  constexpr int kThreads = 4, kLayers = 8;
+  SA_ASSERT_OK(r.swap->BeginIteration(kLayers));
+  std::vector<std::vector<Saved>> saved(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(100 + t);
+      for (int layer = 2 * t; layer < 2 * t + 2; ++layer) ForwardLayer(r, layer, 5, rng, &saved[t]);
+    });
+  }
+  for (auto& th : threads) th.join();
+  threads.clear();
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int layer = 2 * t + 1; layer >= 2 * t; --layer) {
+        SA_EXPECT_OK(r.swap->BackwardBegin(layer));
+        for (const Saved& s : saved[t]) {
+          if (s.layer == layer) CheckAndFree(r, s);
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  const SwapStats st = r.swap->GetStats();
+  EXPECT_EQ(st.registered, 40);
+  EXPECT_EQ(st.kept_last_layers, 5);  // layer 7
+  EXPECT_EQ(st.offloads, 35);
+  EXPECT_EQ(st.live_tickets, 0);
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+}
+
+TEST(SwapManager, PinnedPoolExhaustionKeepsTheTensorOnTheDevice) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 1 * kMiB, .capacity = 2 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(2));
+  std::vector<Saved> saved;
+  SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(3 * kMiB, r.compute));
+  const std::vector<std::uint8_t> bytes = Pattern(3 * kMiB, 9);
+  std::memcpy(p, bytes.data(), bytes.size());
+  SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 3 * kMiB, 0));
+  SA_ASSERT_OK(r.swap->ForwardEnd(0));
+  SA_ASSIGN_OR_FAIL(state, r.swap->State(t));
+  EXPECT_EQ(state, TicketState::kKept);
+  EXPECT_EQ(r.swap->GetStats().kept_no_host_memory, 1);
+  EXPECT_EQ(r.swap->GetStats().offloads, 0);
+  SA_ASSIGN_OR_FAIL(back, r.swap->Wait(t));
+  EXPECT_EQ(back, p);  // never moved
+  EXPECT_EQ(std::memcmp(back, bytes.data(), bytes.size()), 0);
+  SA_ASSERT_OK(r.alloc->Free(back));
+}
+
+TEST(SwapManager, FreedTensorCancelsItsPendingCopy) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 32 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(3));
+  Stall(r, Direction::kDeviceToHost, 30);
+  SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(2 * kMiB, r.compute));
+  SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 2 * kMiB, 0));
+  SA_ASSIGN_OR_FAIL(q, r.alloc->Malloc(kMiB, r.compute));
+  SA_ASSIGN_OR_FAIL(u, r.swap->Offload(q, kMiB, 1));  // cancelled before its layer ends
+  SA_ASSERT_OK(r.swap->ForwardEnd(0));
+  SA_ASSIGN_OR_FAIL(state, r.swap->State(t));
+  EXPECT_EQ(state, TicketState::kOffloading);
+  SA_ASSERT_OK(r.swap->Cancel(t));  // the copy is still queued behind the stall
+  SA_ASSERT_OK(r.swap->Cancel(u));
+  EXPECT_TRUE(absl::IsNotFound(r.swap->Wait(t).status()));
+  EXPECT_TRUE(absl::IsNotFound(r.swap->Cancel(t)));
+  EXPECT_GT(r.pool->GetStats().in_use_bytes, 0u);  // held until the copy has completed
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(Direction::kDeviceToHost)));
+  r.swap->Poll();
+  EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
+  EXPECT_EQ(r.swap->GetStats().cancelled, 2);
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  SA_ASSERT_OK(r.alloc->CheckInvariants());
+}
+
+// An 8-layer forward/backward, one tensor per layer, lookahead 1, the last layer kept: each
+// layer's offload is issued at its forward end (not before), and BackwardBegin(j) prefetches
+// exactly layer j-1.
+TEST(SwapManager, ScheduleIssuesOffloadsAndPrefetchesInOrder) {
+  Rig r = MakeRig("host_capacity_mb:128", {.slab_bytes = 8 * kMiB, .capacity = 64 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 1});
+  constexpr int kLayers = 8;
+  SA_ASSERT_OK(r.swap->BeginIteration(kLayers));
+  std::vector<SwapManager::Ticket> t(kLayers);
+  std::vector<void*> ptr(kLayers);
+  for (int i = 0; i < kLayers; ++i) {
+    SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(kMiB, r.compute));
+    std::memset(p, i + 1, kMiB);
+    ptr[i] = p;
+    SA_ASSIGN_OR_FAIL(ticket, r.swap->Offload(p, kMiB, i));
+    t[i] = ticket;
+    SA_ASSIGN_OR_FAIL(before, r.swap->State(t[i]));
+    EXPECT_EQ(before, TicketState::kRegistered) << i;
+    SA_ASSERT_OK(r.swap->ForwardEnd(i));
+    SA_ASSIGN_OR_FAIL(after, r.swap->State(t[i]));
+    if (i < kLayers - 1) {
+      EXPECT_TRUE(after == TicketState::kOffloading || after == TicketState::kOnHost) << i;
+      EXPECT_EQ(r.swap->GetStats().offloads, i + 1);
+    } else {
+      EXPECT_EQ(after, TicketState::kKept);
+    }
+  }
+  for (int j = kLayers - 1; j >= 0; --j) {
+    SA_ASSERT_OK(r.swap->BackwardBegin(j));
+    for (int i = 0; i < j; ++i) {
+      SA_ASSIGN_OR_FAIL(s, r.swap->State(t[i]));
+      if (i == j - 1) {
+        EXPECT_EQ(s, TicketState::kPrefetching) << "layer " << i << " at backward " << j;
+      } else {
+        EXPECT_NE(s, TicketState::kPrefetching) << "layer " << i << " too early at backward " << j;
+      }
+    }
+    EXPECT_EQ(r.swap->GetStats().prefetches, j >= 1 ? kLayers - j : kLayers - 1);  // layers j-1 .. 6
+    SA_ASSIGN_OR_FAIL(p, r.swap->Wait(t[j]));
+    SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.compute));
+    EXPECT_EQ(static_cast<unsigned char*>(p)[kMiB - 1], j + 1);
+    SA_ASSERT_OK(r.alloc->Free(p));
+  }
+  EXPECT_EQ(r.swap->GetStats().late_prefetches, 0);  // every prefetch came from the schedule
+}
+
+// Under memory pressure the allocator asks the manager to evict tensors waiting for their
+// backward before it reports out of memory; they come back intact.
+TEST(SwapManager, EvictsWaitingTensorsInsteadOfRunningOutOfMemory) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 16 * kMiB, .capacity = 128 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(4));
+  std::vector<Saved> saved;
+  std::mt19937 rng(8);
+  for (int layer = 0; layer < 3; ++layer) {
+    for (int k = 0; k < 2; ++k) {
+      SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(8 * kMiB, r.compute));
+      const std::uint64_t seed = rng();
+      const std::vector<std::uint8_t> bytes = Pattern(8 * kMiB, seed);
+      std::memcpy(p, bytes.data(), bytes.size());
+      SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 8 * kMiB, layer));
+      saved.push_back({t, layer, 8 * kMiB, seed});
+    }
+  }
+  // 48 of 64 MiB are held by registered tensors (no forward end yet): 40 MiB more cannot fit.
+  SA_ASSIGN_OR_FAIL(big, r.alloc->Malloc(40 * kMiB, r.compute));
+  const SwapStats st = r.swap->GetStats();
+  EXPECT_GE(st.evicted_bytes, 24 * static_cast<std::int64_t>(kMiB));
+  EXPECT_EQ(r.alloc->GetStats().num_ooms, 0);
+  // The earliest layer went first.
+  SA_ASSIGN_OR_FAIL(first, r.swap->State(saved[0].ticket));
+  EXPECT_NE(first, TicketState::kRegistered);
+  SA_ASSERT_OK(r.alloc->Free(big));
+  for (int j = 2; j >= 0; --j) {
+    for (const Saved& s : saved) {
+      if (s.layer == j) CheckAndFree(r, s);
+    }
+  }
+  // With nothing left to evict, a request that cannot fit is a real out-of-memory error.
+  auto too_big = r.alloc->Malloc(80 * kMiB, r.compute);
+  EXPECT_TRUE(absl::IsResourceExhausted(too_big.status()));
+  EXPECT_EQ(r.alloc->GetStats().num_ooms, 1);
+}
+
+TEST(SwapManager, RejectsBadInput) {
+  Rig r = MakeRig("host_capacity_mb:64", {}, {});
+  SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(kMiB, r.compute));
+  EXPECT_TRUE(absl::IsInvalidArgument(r.swap->Offload(p, kMiB, 0).status()));  // no iteration yet
+  EXPECT_FALSE(r.swap->BeginIteration(0).ok());
+  SA_ASSERT_OK(r.swap->BeginIteration(2));
+  EXPECT_FALSE(r.swap->Offload(nullptr, kMiB, 0).ok());
+  EXPECT_FALSE(r.swap->Offload(p, 0, 0).ok());
+  EXPECT_FALSE(r.swap->Offload(p, kMiB, 2).ok());
+  EXPECT_FALSE(r.swap->ForwardEnd(5).ok());
+  EXPECT_FALSE(r.swap->BackwardBegin(-1).ok());
+  EXPECT_TRUE(absl::IsNotFound(r.swap->Wait(12345).status()));
+  EXPECT_FALSE(SwapManager::Create(r.alloc.get(), r.pool.get(), r.engine.get(), r.compute, {.lookahead = 0}).ok());
+  EXPECT_FALSE(SwapManager::Create(nullptr, r.pool.get(), r.engine.get(), r.compute, {}).ok());
+  SA_ASSERT_OK(r.alloc->Free(p));
+}
+
+}  // namespace
+}  // namespace stitchalloc::swap
