@@ -124,11 +124,11 @@ absl::Status SwapManager::ForwardEnd(int layer) {
   }
   const bool keep = layer >= num_layers_ - options_.keep_last_layers;
   absl::Status first = absl::OkStatus();
-  std::vector<Ticket> todo;
+  std::vector<Ticket> due;
   for (auto& [t, e] : tickets_) {
-    if (e.layer == layer && e.state == TicketState::kRegistered) todo.push_back(t);
+    if (e.layer == layer && e.state == TicketState::kRegistered) due.push_back(t);
   }
-  for (Ticket t : todo) {
+  for (Ticket t : due) {
     Entry& e = tickets_[t];
     if (keep) {
       e.state = TicketState::kKept;
@@ -188,7 +188,7 @@ absl::Status SwapManager::Prefetch(Ticket t) {
 }
 
 absl::Status SwapManager::BackwardBegin(int layer) {
-  std::vector<Ticket> todo;
+  std::vector<Ticket> due;
   {
     MutexLock l(&mu_);
     PollLocked();
@@ -199,12 +199,12 @@ absl::Status SwapManager::BackwardBegin(int layer) {
     for (auto& [t, e] : tickets_) {
       if (e.layer < layer && e.layer >= layer - options_.lookahead &&
           (e.state == TicketState::kOffloading || e.state == TicketState::kOnHost)) {
-        todo.push_back(t);
+        due.push_back(t);
       }
     }
   }
   absl::Status first = absl::OkStatus();
-  for (Ticket t : todo) {
+  for (Ticket t : due) {
     if (auto s = Prefetch(t); !s.ok() && first.ok()) first = s;
   }
   return first;
