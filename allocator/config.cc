@@ -18,7 +18,9 @@ namespace {
 
 constexpr const char* kKeys[] = {"driver",          "device",          "host_capacity_mb",
                                  "host_granularity_kb", "chunk_size_mb", "stitching",
-                                 "stitch_cache_mb", "max_split_size_mb", "memory_fraction"};
+                                 "stitch_cache_mb", "max_split_size_mb", "memory_fraction",
+                                 "swap_host_limit_mb", "swap_slab_mb", "swap_copy_chunk_mb",
+                                 "swap_lookahead", "swap_keep_last_layers", "swap_min_kb"};
 
 std::string Lower(absl::string_view v) {
   std::string s(v);
@@ -100,6 +102,30 @@ absl::Status Apply(absl::string_view key, absl::string_view value, Config& c) {
       return Bad(key, value, "a number in (0, 1]");
     }
     c.memory_fraction = v;
+  } else if (key == "swap_host_limit_mb") {
+    auto v = ParseInt(key, value, 1, std::int64_t{1} << 24);
+    if (!v.ok()) return v.status();
+    c.swap.host_limit = static_cast<std::size_t>(*v) * kMiB;
+  } else if (key == "swap_slab_mb") {
+    auto v = ParseInt(key, value, 1, 1 << 16);
+    if (!v.ok()) return v.status();
+    c.swap.slab = static_cast<std::size_t>(*v) * kMiB;
+  } else if (key == "swap_copy_chunk_mb") {
+    auto v = ParseInt(key, value, 1, 1 << 12);
+    if (!v.ok()) return v.status();
+    c.swap.copy_chunk = static_cast<std::size_t>(*v) * kMiB;
+  } else if (key == "swap_lookahead") {
+    auto v = ParseInt(key, value, 1, 64);
+    if (!v.ok()) return v.status();
+    c.swap.lookahead = static_cast<int>(*v);
+  } else if (key == "swap_keep_last_layers") {
+    auto v = ParseInt(key, value, 0, 4096);
+    if (!v.ok()) return v.status();
+    c.swap.keep_last_layers = static_cast<int>(*v);
+  } else if (key == "swap_min_kb") {
+    auto v = ParseInt(key, value, 0, std::int64_t{1} << 30);
+    if (!v.ok()) return v.status();
+    c.swap.min_bytes = static_cast<std::size_t>(*v) * kKiB;
   } else {
     return absl::InvalidArgumentError(absl::StrFormat(
         "stitchalloc config: unknown key '%s' (accepted keys: %s)", key, absl::StrJoin(kKeys, ", ")));
@@ -159,11 +185,14 @@ std::string ConfigToString(const Config& c) {
                                                                 : "host";
   return absl::StrFormat(
       "driver:%s,device:%d,host_capacity_mb:%d,host_granularity_kb:%d,chunk_size_mb:%d,stitching:%s,"
-      "stitch_cache_mb:%s,max_split_size_mb:%s,memory_fraction:%g",
+      "stitch_cache_mb:%s,max_split_size_mb:%s,memory_fraction:%g,swap_host_limit_mb:%d,swap_slab_mb:%d,"
+      "swap_copy_chunk_mb:%d,swap_lookahead:%d,swap_keep_last_layers:%d,swap_min_kb:%d",
       driver, c.driver.cuda.device, c.driver.host.capacity / kMiB, c.driver.host.granularity / kKiB,
       c.chunk_size / kMiB, c.stitching ? "true" : "false",
       c.stitch_cache_bytes ? absl::StrCat(*c.stitch_cache_bytes / kMiB) : "auto",
-      c.max_split_size == SIZE_MAX ? "unlimited" : absl::StrCat(c.max_split_size / kMiB), c.memory_fraction);
+      c.max_split_size == SIZE_MAX ? "unlimited" : absl::StrCat(c.max_split_size / kMiB), c.memory_fraction,
+      c.swap.host_limit / kMiB, c.swap.slab / kMiB, c.swap.copy_chunk / kMiB, c.swap.lookahead,
+      c.swap.keep_last_layers, c.swap.min_bytes / kKiB);
 }
 
 }  // namespace stitchalloc

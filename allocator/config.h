@@ -16,6 +16,17 @@
 
 namespace stitchalloc {
 
+// Offload to pinned host memory (swap/, docs/offload.md). Plain numbers here so that one
+// string configures every layer; the swap layer turns them into its options.
+struct SwapSettings {
+  std::size_t host_limit = std::size_t{64} << 30;  // most host memory pinned per device
+  std::size_t slab = std::size_t{256} << 20;       // pinned per growth step
+  std::size_t copy_chunk = std::size_t{8} << 20;   // largest single copy call
+  int lookahead = 1;                               // layers prefetched ahead of the backward
+  int keep_last_layers = 1;                        // their tensors never leave the device
+  std::size_t min_bytes = std::size_t{1} << 20;    // smaller saved tensors stay on the device
+};
+
 struct Config {
   DriverOptions driver;  // driver, device, host_capacity_mb, host_granularity_kb
   // Physical chunk size of the large pool: the unit of mapping and of stitching.
@@ -29,6 +40,7 @@ struct Config {
   std::size_t max_split_size = SIZE_MAX;
   // Upper bound of reserved memory as a fraction of the device's total memory.
   double memory_fraction = 1.0;
+  SwapSettings swap;
 };
 
 // The environment variable read by ConfigFromEnvironment.

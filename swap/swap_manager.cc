@@ -37,7 +37,8 @@ SwapManager::~SwapManager() {
   MutexLock l(&mu_);
   for (auto& [t, e] : tickets_) {
     if (e.copy != 0) engine_->Synchronize(e.copy).IgnoreError();
-    if (e.device != nullptr) alloc_->Free(e.device).IgnoreError();
+    if (e.release) ReturnBlock(e, std::nullopt).IgnoreError();
+    else if (e.device != nullptr) alloc_->Free(e.device).IgnoreError();
     if (e.host != nullptr) pool_->Free(e.host).IgnoreError();
     if (e.copy != 0) engine_->Release(e.copy).IgnoreError();
   }
@@ -61,7 +62,7 @@ absl::Status SwapManager::BeginIteration(int num_layers) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer) {
+absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer, Release release) {
   if (device_ptr == nullptr) return absl::InvalidArgumentError("swap manager: offload of a null pointer");
   if (bytes == 0) return absl::InvalidArgumentError("swap manager: offload of 0 bytes");
   MutexLock l(&mu_);
@@ -74,6 +75,7 @@ absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::
   e.layer = layer;
   e.bytes = bytes;
   e.device = device_ptr;
+  e.release = std::move(release);
   if (bytes < options_.min_bytes) {
     e.state = TicketState::kKept;
     ++stats_.kept_small;
@@ -96,11 +98,9 @@ absl::Status SwapManager::OffloadLocked(Ticket t, Entry& e) {
     e.state = TicketState::kKept;
     return copy.status();
   }
-  // The device block goes back to the allocator now, reusable once the copy has read it.
-  if (auto s = alloc_->RecordStream(e.device, engine_->stream(Direction::kDeviceToHost)); !s.ok()) {
-    engine_->Synchronize(*copy).IgnoreError();
-  }
-  if (auto s = alloc_->Free(e.device); !s.ok()) {
+  e.copy = *copy;
+  // The device block goes back now, reusable once the copy has read it.
+  if (auto s = ReturnBlock(e, engine_->stream(Direction::kDeviceToHost)); !s.ok()) {
     DeferHostFree(*copy, *host);
     tickets_.erase(t);
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -210,7 +210,29 @@ absl::Status SwapManager::BackwardBegin(int layer) {
   return first;
 }
 
+absl::Status SwapManager::ReturnBlock(Entry& e, std::optional<Stream> in_use_by) {
+  if (e.release) {
+    Release release = std::move(e.release);
+    e.release = nullptr;
+    release(in_use_by);
+    return absl::OkStatus();
+  }
+  if (in_use_by.has_value()) {
+    if (auto s = alloc_->RecordStream(e.device, *in_use_by); !s.ok()) {
+      // Not recorded: the block must not be reused before the copy read it.
+      if (e.copy != 0) engine_->Synchronize(e.copy).IgnoreError();
+    }
+  }
+  return alloc_->Free(e.device);
+}
+
 absl::StatusOr<void*> SwapManager::Wait(Ticket t) {
+  auto c = Claim(t);
+  if (!c.ok()) return c.status();
+  return c->ptr;
+}
+
+absl::StatusOr<SwapManager::Claimed> SwapManager::Claim(Ticket t) {
   STITCHALLOC_NVTX_RANGE("swap: wait");
   for (int attempt = 0;; ++attempt) {
     {
@@ -219,10 +241,10 @@ absl::StatusOr<void*> SwapManager::Wait(Ticket t) {
       if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
       Entry& e = it->second;
       if (e.state == TicketState::kRegistered || e.state == TicketState::kKept) {
-        void* p = e.device;
+        Claimed c{e.device, true};
         tickets_.erase(it);
         ++stats_.waits;
-        return p;
+        return c;
       }
       if (e.state == TicketState::kPrefetching) {
         if (auto s = engine_->StreamWait(compute_, e.copy); !s.ok()) return s;
@@ -233,7 +255,7 @@ absl::StatusOr<void*> SwapManager::Wait(Ticket t) {
         tickets_.erase(it);
         ++stats_.waits;
         PollLocked();
-        return p;
+        return Claimed{p, false};
       }
       if (attempt > 0) return absl::InternalError("swap manager: prefetch did not take effect");
       ++stats_.late_prefetches;
@@ -250,7 +272,7 @@ absl::Status SwapManager::Cancel(Ticket t) {
   switch (e.state) {
     case TicketState::kRegistered:
     case TicketState::kKept:
-      alloc_->Free(e.device).IgnoreError();
+      ReturnBlock(e, std::nullopt).IgnoreError();
       break;
     case TicketState::kOffloading:
       DeferHostFree(e.copy, e.host);

@@ -18,13 +18,21 @@
 // Under memory pressure the allocator calls Evict(): registered tensors of the earliest layers
 // (the latest backward) are offloaded at once, waited for, and their device blocks freed.
 //
+// Borrowed blocks: Offload() with a `release` callback leaves the block with its owner (a
+// PyTorch storage): wherever the manager would free it, it calls release(stream) instead, with
+// the stream whose queued work still reads the block (the device-to-host copy) or nullopt; the
+// owner records that use with the allocator and drops its reference. Claim() says whether the
+// block handed back is the one offloaded (never released) or a new one the caller now owns.
+//
 // Locking: mu_ guards the tickets; it is never held across CachingAllocator::Malloc (which may
 // call Evict through the pressure handler).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/container/btree_map.h"
@@ -67,6 +75,11 @@ struct SwapStats {
 class SwapManager {
  public:
   using Ticket = std::uint64_t;
+  using Release = std::function<void(std::optional<Stream> in_use_by)>;
+  struct Claimed {
+    void* ptr = nullptr;
+    bool same_block = false;  // the block given to Offload (it never left the device)
+  };
 
   // The allocator, pool and engine must outlive the manager and share one driver. `compute`
   // is the stream the model runs on. Registers Evict as the allocator's pressure handler.
@@ -82,7 +95,8 @@ class SwapManager {
   absl::Status BeginIteration(int num_layers);
   // Hands a device block (from the allocator, `bytes` long) saved by layer `layer` to the
   // manager. InvalidArgument for a null pointer, zero bytes or a layer outside the iteration.
-  absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer);
+  // With `release`, the block is borrowed (see the top of this file) and called at most once.
+  absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr);
   // Layer `layer`'s forward ended: issues its offloads.
   absl::Status ForwardEnd(int layer);
   // Backward reached layer `layer`: issues the prefetches of the `lookahead` layers below it.
@@ -91,6 +105,8 @@ class SwapManager {
   // the prefetch; the host never blocks unless the tensor is still being offloaded and has to
   // come straight back). The ticket ends; the caller owns the block (free it with the allocator).
   absl::StatusOr<void*> Wait(Ticket ticket);
+  // Wait() that also says whether the block is the one offloaded.
+  absl::StatusOr<Claimed> Claim(Ticket ticket);
   // The tensor was freed before its backward: pending copies are dropped, memory returned.
   absl::Status Cancel(Ticket ticket);
   // Pressure handler: frees at least `bytes` of device memory if it can; returns bytes freed.
@@ -100,6 +116,7 @@ class SwapManager {
 
   absl::StatusOr<TicketState> State(Ticket ticket) const;
   SwapStats GetStats() const;
+  Stream compute_stream() const { return compute_; }
 
  private:
   struct Entry {
@@ -109,6 +126,7 @@ class SwapManager {
     void* device = nullptr;  // owned while kRegistered / kKept / kPrefetching
     void* host = nullptr;    // pinned copy while kOffloading / kOnHost / kPrefetching
     CopyEngine::CopyId copy = 0;  // the copy in flight (or the last one)
+    Release release;              // set while a borrowed block is still the owner's
   };
   struct Deferred {
     CopyEngine::CopyId copy;
@@ -121,6 +139,8 @@ class SwapManager {
   // Issues the prefetch of one ticket; takes mu_ itself (allocates without it).
   absl::Status Prefetch(Ticket t);
   void PollLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives the original device block back: release() for a borrowed block, Free otherwise.
+  absl::Status ReturnBlock(Entry& e, std::optional<Stream> in_use_by) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DeferHostFree(CopyEngine::CopyId copy, void* host) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   CachingAllocator* const alloc_;

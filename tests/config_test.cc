@@ -14,7 +14,8 @@ TEST(Config, DefaultsAndEveryKey) {
   EXPECT_EQ(c->driver.choice, DriverChoice::kAuto);
   auto all = ParseConfig(
       " driver:host, device:1,host_capacity_mb:512,host_granularity_kb:64,chunk_size_mb:4,stitching:off,"
-      "stitch_cache_mb:128,max_split_size_mb:64,memory_fraction:0.5 ");
+      "stitch_cache_mb:128,max_split_size_mb:64,memory_fraction:0.5,swap_host_limit_mb:4096,swap_slab_mb:64,"
+      "swap_copy_chunk_mb:4,swap_lookahead:2,swap_keep_last_layers:0,swap_min_kb:256 ");
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_EQ(all->driver.choice, DriverChoice::kHost);
   EXPECT_EQ(all->driver.cuda.device, 1);
@@ -25,6 +26,12 @@ TEST(Config, DefaultsAndEveryKey) {
   EXPECT_EQ(all->stitch_cache_bytes, 128 * kMiB);
   EXPECT_EQ(all->max_split_size, 64 * kMiB);
   EXPECT_DOUBLE_EQ(all->memory_fraction, 0.5);
+  EXPECT_EQ(all->swap.host_limit, 4096 * kMiB);
+  EXPECT_EQ(all->swap.slab, 64 * kMiB);
+  EXPECT_EQ(all->swap.copy_chunk, 4 * kMiB);
+  EXPECT_EQ(all->swap.lookahead, 2);
+  EXPECT_EQ(all->swap.keep_last_layers, 0);
+  EXPECT_EQ(all->swap.min_bytes, 256 * kKiB);
   // The canonical form round-trips.
   auto again = ParseConfig(ConfigToString(*all));
   ASSERT_TRUE(again.ok()) << again.status();
@@ -50,6 +57,10 @@ TEST(Config, RejectionsNameTheKeyAndWhatIsAccepted) {
       {"stitch_cache_mb:-5", "key 'stitch_cache_mb'"},
       {"max_split_size_mb:20", "above 20"},
       {"memory_fraction:1.5", "(0, 1]"},
+      {"swap_lookahead:0", "key 'swap_lookahead'"},
+      {"swap_lookahead:0", "from 1 to 64"},
+      {"swap_keep_last_layers:-1", "from 0 to 4096"},
+      {"swap_slab_mb:0", "key 'swap_slab_mb'"},
       {"memory_fraction:0", "(0, 1]"},
       {"stitching", "expected key:value"},
       {"stitching:", "must both be non-empty"},

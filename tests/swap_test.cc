@@ -5,6 +5,7 @@
 // for an 8-layer forward/backward, eviction under memory pressure).
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -314,6 +315,69 @@ TEST(SwapManager, FreedTensorCancelsItsPendingCopy) {
   EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
   EXPECT_EQ(r.swap->GetStats().cancelled, 2);
   EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  SA_ASSERT_OK(r.alloc->CheckInvariants());
+}
+
+// Borrowed blocks (PyTorch storages): the manager never frees them itself. release() comes once,
+// with the copy stream while the offload still reads the block, and the owner frees it then; a
+// kept block comes back as the same block and is never released; a cancelled registered block
+// is released with no stream. The bytes that come back are the bytes that left.
+TEST(SwapManager, BorrowedBlocksAreReleasedToTheirOwnerNeverFreed) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 32 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 1});
+  SA_ASSERT_OK(r.swap->BeginIteration(2));
+  struct Owner {
+    void* block = nullptr;
+    int releases = 0;
+    std::optional<Stream> stream;
+  };
+  Owner a, b, c;
+  auto releaser = [&r](Owner* o) {
+    return [&r, o](std::optional<Stream> s) {
+      ++o->releases;
+      o->stream = s;
+      if (s.has_value()) SA_EXPECT_OK(r.alloc->RecordStream(o->block, *s));
+      SA_EXPECT_OK(r.alloc->Free(o->block));  // the owner's reference was the last one
+    };
+  };
+  const std::vector<std::uint8_t> pattern = Pattern(3 * kMiB, 11);
+  SA_ASSIGN_OR_FAIL(pa, r.alloc->Malloc(3 * kMiB, r.compute));
+  std::memcpy(pa, pattern.data(), pattern.size());
+  a.block = pa;
+  SA_ASSIGN_OR_FAIL(ta, r.swap->Offload(pa, 3 * kMiB, 0, releaser(&a)));
+  SA_ASSIGN_OR_FAIL(pb, r.alloc->Malloc(kMiB, r.compute));
+  b.block = pb;
+  SA_ASSIGN_OR_FAIL(tb, r.swap->Offload(pb, kMiB, 1, releaser(&b)));  // last layer: kept
+  SA_ASSIGN_OR_FAIL(pc, r.alloc->Malloc(kMiB, r.compute));
+  c.block = pc;
+  SA_ASSIGN_OR_FAIL(tc, r.swap->Offload(pc, kMiB, 0, releaser(&c)));
+  SA_ASSERT_OK(r.swap->Cancel(tc));
+  EXPECT_EQ(c.releases, 1);
+  EXPECT_FALSE(c.stream.has_value());
+
+  Stall(r, Direction::kDeviceToHost, 20);
+  SA_ASSERT_OK(r.swap->ForwardEnd(0));
+  EXPECT_EQ(a.releases, 1);
+  ASSERT_TRUE(a.stream.has_value());
+  EXPECT_EQ(*a.stream, r.engine->stream(Direction::kDeviceToHost));
+  SA_ASSERT_OK(r.swap->ForwardEnd(1));
+  EXPECT_EQ(b.releases, 0);
+
+  SA_ASSERT_OK(r.swap->BackwardBegin(1));
+  SA_ASSIGN_OR_FAIL(cb, r.swap->Claim(tb));
+  EXPECT_TRUE(cb.same_block);
+  EXPECT_EQ(cb.ptr, pb);
+  SA_ASSIGN_OR_FAIL(ca, r.swap->Claim(ta));
+  EXPECT_FALSE(ca.same_block);
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.compute));
+  EXPECT_EQ(std::memcmp(ca.ptr, pattern.data(), pattern.size()), 0);
+  EXPECT_EQ(a.releases + b.releases + c.releases, 2);  // never twice, never for the kept block
+  SA_ASSERT_OK(r.alloc->Free(ca.ptr));
+  SA_ASSERT_OK(r.alloc->Free(cb.ptr));
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(Direction::kHostToDevice)));
+  r.swap->Poll();
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
   SA_ASSERT_OK(r.alloc->CheckInvariants());
 }
 

@@ -39,6 +39,7 @@
 #include "allocator/arena/arena.h"
 #include "allocator/config.h"
 #include "torch_plugin/pool_set.h"
+#include "torch_plugin/torch_internal.h"
 
 // What differs between the torch versions the plugin supports (2.11 to 2.15, checked by compiling).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
@@ -88,7 +89,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
   // ---- c10::Allocator ------------------------------------------------------------------
   c10::DataPtr allocate(size_t n) override {
     const DeviceIndex device = CurrentDevice();
-    void* p = n == 0 ? nullptr : Malloc(device, n, c10::cuda::getCurrentCUDAStream(device).stream());
+    void* p = n == 0 ? nullptr : Malloc(device, n, reinterpret_cast<cudaStream_t>(CurrentStreamOf(device)));
     return {p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &RawDelete; }
@@ -138,7 +139,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
   void* raw_alloc(size_t nbytes) override {
     if (nbytes == 0) return nullptr;
     const DeviceIndex device = CurrentDevice();
-    return Malloc(device, nbytes, c10::cuda::getCurrentCUDAStream(device).stream());
+    return Malloc(device, nbytes, reinterpret_cast<cudaStream_t>(CurrentStreamOf(device)));
   }
   void* raw_alloc_with_stream(size_t nbytes, cudaStream_t stream) override {
     if (nbytes == 0) return nullptr;
@@ -311,6 +312,11 @@ class TorchAllocator final : public cca::CUDAAllocator {
   const Config& base() const { return base_; }
   // The PoolSet that arena marks address: `device`, or the current device when it is -1.
   PoolSet& MarkTarget(int device) { return Device(static_cast<DeviceIndex>(device < 0 ? CurrentDeviceOrZero() : device)); }
+  int Resolve(int device) const { return device < 0 ? CurrentDeviceOrZero() : device; }
+  Stream CurrentStreamOf(int device) const {
+    if (HostDriver()) return 0;
+    return ToStream(c10::cuda::getCurrentCUDAStream(static_cast<DeviceIndex>(device)).stream());
+  }
 
  private:
   static Stream ToStream(cudaStream_t s) { return reinterpret_cast<Stream>(s); }
@@ -573,6 +579,31 @@ __attribute__((visibility("default"))) int stitchalloc_torch_installed(void) {
 }
 
 }  // extern "C"
+
+namespace stitchalloc::torch_internal {
+
+absl::StatusOr<PoolSet*> InstalledPoolSet(int device, int* resolved) {
+  TorchAllocator* mine = g_allocator.load();
+  if (mine == nullptr || c10::cuda::CUDACachingAllocator::allocator.load() != mine) {
+    return absl::FailedPreconditionError("stitchalloc is not PyTorch's CUDA allocator (call stitchalloc.install() first)");
+  }
+  if (device < -1 || device >= kMaxDevices) return absl::InvalidArgumentError(absl::StrCat("invalid device index ", device));
+  try {
+    const int d = mine->Resolve(device);
+    if (resolved != nullptr) *resolved = d;
+    return &mine->MarkTarget(d);
+  } catch (const std::exception& e) {
+    return absl::InternalError(e.what());
+  }
+}
+
+void FreeThroughTorch(void* ptr) { RawDelete(ptr); }
+
+void SetLastError(std::string message) { g_last_error = std::move(message); }
+
+Stream CurrentStream(int device) { return g_allocator.load()->CurrentStreamOf(device); }
+
+}  // namespace stitchalloc::torch_internal
 
 namespace stitchalloc {
 namespace {

@@ -37,6 +37,38 @@ int stitchalloc_torch_arena_drop_plans(int device);
 /* One "name value" line per arena statistic ("arena.hits 12"), or NULL on error; valid until
  * the calling thread's next call. */
 const char* stitchalloc_torch_arena_stats(int device);
+/* Offload to pinned host memory at layer boundaries (docs/offload.md). One swap session per
+ * device, created by the first swap_begin with the installed configuration's swap_* keys and
+ * PyTorch's current stream as the compute stream. Each returns 0, or -1 with
+ * stitchalloc_torch_last_error() saying why.
+ *   swap_begin            starts a forward pass over `num_layers` layers.
+ *   swap_offload          hands a stitchalloc allocation saved by layer `layer` to the manager
+ *                         and sets *ticket. With `release`, the block stays the caller's: when the
+ *                         manager is done with it (its copy is queued, or the ticket was
+ *                         cancelled) it records the copy stream's use and calls
+ *                         release(context); the caller then drops its reference. Without, the
+ *                         manager frees the block itself as PyTorch's deleter would.
+ *   swap_forward_end      layer `layer`'s forward ended: its offloads are issued.
+ *   swap_backward_begin   backward reached `layer`: the layers below it (lookahead) come back.
+ *   swap_wait             the block to use on the compute stream, in stream order. *same_block
+ *                         is 1 when it is the block given to swap_offload (it never left; the
+ *                         caller's reference is still valid), 0 when it is a new allocation
+ *                         the caller now owns (free it through PyTorch's CUDA allocator).
+ *   swap_cancel           the tensor died before its backward: pending copies are dropped.
+ *   swap_synchronize      blocks until the compute stream and both copy streams are idle.
+ *   swap_state            0 registered, 1 kept, 2 offloading, 3 on host, 4 prefetching; -1 on error.
+ *   swap_stats            "name value" lines (swap.*, pinned.*, copy.*), NULL on error; valid
+ *                         until the calling thread's next call. */
+int stitchalloc_torch_swap_begin(int device, int num_layers);
+int stitchalloc_torch_swap_offload(int device, void* ptr, uint64_t bytes, int layer, void (*release)(void*),
+                                   void* context, uint64_t* ticket);
+int stitchalloc_torch_swap_forward_end(int device, int layer);
+int stitchalloc_torch_swap_backward_begin(int device, int layer);
+int stitchalloc_torch_swap_wait(int device, uint64_t ticket, void** ptr, int* same_block);
+int stitchalloc_torch_swap_cancel(int device, uint64_t ticket);
+int stitchalloc_torch_swap_synchronize(int device);
+int stitchalloc_torch_swap_state(int device, uint64_t ticket);
+const char* stitchalloc_torch_swap_stats(int device);
 /* The PyTorch version the library was compiled against, e.g. "2.15.0". */
 const char* stitchalloc_torch_built_for(void);
 

@@ -1,0 +1,150 @@
+"""The swap manager from Python: saved tensors to pinned host memory at layer boundaries
+(docs/offload.md). ``stitchalloc.offload(model)`` drives it for a whole model; these calls are
+the layer-boundary API underneath, for custom training loops::
+
+    stitchalloc.swap.begin_iteration(num_layers)
+    t = stitchalloc.swap.offload(tensor, layer)   # a Ticket; drop your own reference afterwards
+    stitchalloc.swap.forward_end(layer)           # layer's offloads are issued
+    ...
+    stitchalloc.swap.backward_begin(layer)        # the layers below come back (lookahead)
+    x = stitchalloc.swap.wait(t)                  # the same dtype, shape and strides, usable in stream order
+    stitchalloc.swap.cancel(t)                    # the tensor is no longer needed
+
+A ticket stands for the tensor's whole storage; several views of one storage should share a
+ticket (``restore`` rebuilds any view from the storage ``wait_storage`` returns). Settings are the
+swap_* keys of the installed configuration (docs/configuration.md). Every call needs stitchalloc
+installed as PyTorch's CUDA allocator; errors raise RuntimeError with the manager's reason.
+"""
+
+import ctypes
+import dataclasses
+import os
+
+from .arena import _device
+
+_STATES = ("registered", "kept", "offloading", "on_host", "prefetching")
+_configured = None
+_ops_loaded = False
+
+
+def _lib():
+    global _configured
+    from . import _torch_plugin
+
+    lib = _torch_plugin()
+    if _configured is not lib:
+        lib.stitchalloc_torch_swap_begin.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.stitchalloc_torch_swap_forward_end.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.stitchalloc_torch_swap_backward_begin.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.stitchalloc_torch_swap_synchronize.argtypes = [ctypes.c_int]
+        lib.stitchalloc_torch_swap_state.argtypes = [ctypes.c_int, ctypes.c_uint64]
+        lib.stitchalloc_torch_swap_stats.argtypes = [ctypes.c_int]
+        lib.stitchalloc_torch_swap_stats.restype = ctypes.c_char_p
+        _configured = lib
+    return lib
+
+
+def _ops():
+    """torch.ops.stitchalloc, loading libstitchalloc_torch_ops.so on first use."""
+    global _ops_loaded
+    import torch
+
+    from . import InstallError, library_path
+
+    if not _ops_loaded:
+        _lib()  # the allocator library first: the operators link against it
+        path = library_path("stitchalloc_torch_ops")
+        if not os.path.exists(path):
+            raise InstallError(f"the stitchalloc PyTorch operators are missing: {path} (built without torch?)")
+        torch.ops.load_library(path)
+        _ops_loaded = True
+    return torch.ops.stitchalloc
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Ticket:
+    """One offloaded storage: its id in the device's swap manager and the device index."""
+
+    id: int
+    device: int
+    nbytes: int
+
+
+def begin_iteration(num_layers: int, device=None) -> None:
+    """Starts a forward pass over ``num_layers`` layers (fixes which layers are the last)."""
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+        raise TypeError(f"num_layers must be an int, not {type(num_layers).__name__}")
+    _check(_lib().stitchalloc_torch_swap_begin(_device(device), num_layers))
+
+
+def offload(tensor, layer: int) -> Ticket:
+    """Hands ``tensor``'s storage, saved by layer ``layer``, to the swap manager."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, not {type(layer).__name__}")
+    ops = _ops()
+    ticket = ops.swap_offload(tensor, layer)
+    return Ticket(int(ticket), tensor.device.index or 0, tensor.untyped_storage().nbytes())
+
+
+def forward_end(layer: int, device=None) -> None:
+    _check(_lib().stitchalloc_torch_swap_forward_end(_device(device), layer))
+
+
+def backward_begin(layer: int, device=None) -> None:
+    _check(_lib().stitchalloc_torch_swap_backward_begin(_device(device), layer))
+
+
+def wait_storage(ticket: Ticket):
+    """The storage back on the device as a flat uint8 tensor (the ticket ends)."""
+    return _ops().swap_wait(ticket.id, ticket.device)
+
+
+def restore(storage_bytes, dtype, size, stride, storage_offset):
+    """A view of the given dtype, shape, strides and offset over ``wait_storage``'s result."""
+    return storage_bytes.view(dtype).as_strided(size, stride, storage_offset)
+
+
+def wait(ticket: Ticket, like):
+    """The offloaded tensor back: ``like`` gives dtype, shape, strides and storage offset
+    (the tensor that was offloaded, or its metadata as (dtype, size, stride, offset))."""
+    if isinstance(like, tuple):
+        dtype, size, stride, offset = like
+    else:
+        dtype, size, stride, offset = like.dtype, like.size(), like.stride(), like.storage_offset()
+    return restore(wait_storage(ticket), dtype, size, stride, offset)
+
+
+def cancel(ticket: Ticket) -> None:
+    """The tensor is not needed any more: pending copies are dropped, memory returned."""
+    _ops().swap_cancel(ticket.id, ticket.device)
+
+
+def synchronize(device=None) -> None:
+    """Blocks until the compute stream and both copy streams are idle (tests, shutdown)."""
+    _check(_lib().stitchalloc_torch_swap_synchronize(_device(device)))
+
+
+def state(ticket: Ticket) -> str:
+    """'registered', 'kept', 'offloading', 'on_host' or 'prefetching'."""
+    s = _lib().stitchalloc_torch_swap_state(ticket.device, ticket.id)
+    if s < 0:
+        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
+    return _STATES[s]
+
+
+def swap_stats(device=None) -> dict:
+    """Counters of the device's swap session: swap.* (tickets, copies, evictions), pinned.*
+    (pinned host pool) and copy.* (completed bytes, seconds, bytes per second per direction)."""
+    text = _lib().stitchalloc_torch_swap_stats(_device(device))
+    if text is None:
+        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
+    out = {}
+    for line in text.decode().splitlines():
+        name, _, value = line.partition(" ")
+        out[name] = float(value) if "." in value or "e" in value else int(value)
+    return out
