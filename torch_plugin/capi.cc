@@ -13,6 +13,8 @@
 #include "allocator/caching_allocator.h"
 #include "torch_plugin/alloc_conf.h"
 #include "allocator/config.h"
+#include "recompute/policy.h"
+#include <algorithm>
 #include "stitchalloc/stitchalloc.h"
 
 struct stitchalloc_conf_split {
@@ -254,3 +256,24 @@ const char* stitchalloc_conf_split_part(const stitchalloc_conf_split* s, const c
 void stitchalloc_conf_split_free(stitchalloc_conf_split* s) { delete s; }
 
 }  // extern "C"
+
+stitchalloc_status stitchalloc_plan_offload(int layers, double input_bytes, double attention_bytes, double other_bytes,
+                                            double copy_bytes_per_second, double layer_forward_seconds,
+                                            double host_bytes, double* alpha, char* text, size_t capacity,
+                                            size_t* needed) {
+  if (alpha == nullptr) return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_plan_offload: alpha is NULL");
+  const stitchalloc::recompute::LayerShape shape{layers, input_bytes, attention_bytes, other_bytes};
+  const stitchalloc::recompute::Hardware hw{copy_bytes_per_second, layer_forward_seconds, host_bytes};
+  auto plan = stitchalloc::recompute::PlanOffload(shape, hw);
+  if (!plan.ok()) return Translate(plan.status());
+  *alpha = plan->alpha;
+  const std::string formatted = stitchalloc::recompute::FormatPlan(shape, hw, *plan);
+  if (needed != nullptr) *needed = formatted.size() + 1;
+  if (text != nullptr && capacity > 0) {
+    const std::size_t n = std::min(capacity - 1, formatted.size());
+    std::memcpy(text, formatted.data(), n);
+    text[n] = '\0';
+  }
+  return STITCHALLOC_OK;
+}
+

@@ -116,6 +116,18 @@ STITCHALLOC_API int stitchalloc_conf_split_enabled(const stitchalloc_conf_split*
 STITCHALLOC_API const char* stitchalloc_conf_split_part(const stitchalloc_conf_split* s, const char* part);
 STITCHALLOC_API void stitchalloc_conf_split_free(stitchalloc_conf_split* s);
 
+/* The token-wise offload plan (docs/offload.md): alpha, the fraction of each "other" saved
+ * tensor's tokens that is swapped (the rest is recomputed), for `layers` layers whose per-layer
+ * input, attention output and other saved tensors take the given bytes, with the measured copy
+ * bandwidth (bytes/s), layer forward time (s) and the host memory available to this GPU.
+ * Sets *alpha and, when `text` is not NULL, writes the formatted plan (truncated to `capacity`
+ * bytes including the terminating NUL); *needed (if not NULL) is the full length + 1. */
+STITCHALLOC_API stitchalloc_status stitchalloc_plan_offload(int layers, double input_bytes, double attention_bytes,
+                                                            double other_bytes, double copy_bytes_per_second,
+                                                            double layer_forward_seconds, double host_bytes,
+                                                            double* alpha, char* text, size_t capacity,
+                                                            size_t* needed);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,430 @@
+"""``stitchalloc.offload(model)``: saved activations leave for pinned host memory at layer
+boundaries, with a fraction of tokens recomputed instead of copied (docs/offload.md).
+
+How it hooks in (nothing in the training loop changes):
+
+- each layer's ``forward`` runs under ``torch.autograd.graph.saved_tensors_hooks``: a tensor
+  autograd saves is handed to the swap manager (``stitchalloc.swap``) as a ticket, one ticket per
+  storage, parameters excluded; the first layer's forward starts the iteration;
+- when a layer's forward returns, its offloads are issued (the copy runs while the next layer
+  computes) and its own references are dropped, so the device memory returns to the allocator
+  once the copy has read it;
+- a gradient hook on the layer's output marks the start of its backward: the layers below come
+  back (lookahead from the swap_lookahead key); ``unpack`` waits for its tensor in stream order;
+- a saved tensor that dies without being used (no backward) cancels its ticket.
+
+Token-wise split for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
+recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``): the
+attention block's saved tensors, the layer input among them, are swapped whole; the token-local
+block after it (``mlp(post_attention_layernorm(h))``, h being the attention output plus the
+residual) runs in two token ranges: the first ``alpha`` of the tokens with their saved tensors
+swapped, the rest saving only their slice of h (swapped too) and recomputed from it, token by
+token, when the layer's backward needs them. Layers of any other structure have their saved
+tensors swapped whole.
+
+Policies: ``"swap"`` (alpha 1: everything swapped), ``"recompute"`` (alpha 0 for Llama-family
+layers; other layers run under torch.utils.checkpoint, which keeps their inputs on the device),
+a number alpha in [0, 1] (Llama-family layers only, unless 1), or ``"auto"``: the first
+iteration swaps everything and measures the per-layer bytes, the layer forward time and the copy
+bandwidth; alpha then comes from the MEMO formula (``stitchalloc.offload_plan``).
+"""
+
+import os
+import time
+import weakref
+
+_LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def offload_plan(layers, input_bytes, attention_bytes, other_bytes, copy_bytes_per_second, layer_forward_seconds,
+                 host_bytes):
+    """The token-wise plan (alpha and its table) for a model shape and hardware figures.
+
+    Returns ``(alpha, text)``; ``print(text)`` shows alpha, the binding limit, bytes swapped and
+    recomputed per layer, predicted copy time against the layer time, and warnings."""
+    import ctypes
+
+    from . import _c_api
+
+    lib = _c_api()
+    lib.stitchalloc_plan_offload.argtypes = [ctypes.c_int] + [ctypes.c_double] * 6 + [
+        ctypes.POINTER(ctypes.c_double), ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+    alpha = ctypes.c_double()
+    needed = ctypes.c_size_t()
+    buf = ctypes.create_string_buffer(8192)
+    if lib.stitchalloc_plan_offload(int(layers), float(input_bytes), float(attention_bytes), float(other_bytes),
+                                    float(copy_bytes_per_second), float(layer_forward_seconds), float(host_bytes),
+                                    ctypes.byref(alpha), buf, len(buf), ctypes.byref(needed)) != 0:
+        raise ValueError(lib.stitchalloc_last_error().decode())
+    return alpha.value, buf.value.decode()
+
+
+class _StitchallocBackend:
+    """The swap manager of the installed allocator (stitchalloc.swap)."""
+
+    def __init__(self):
+        from . import installed, swap
+
+        if not installed():
+            raise RuntimeError("stitchalloc.offload needs stitchalloc as PyTorch's CUDA allocator "
+                               "(stitchalloc.install(), PYTORCH_CUDA_ALLOC_CONF=backend:stitchalloc or LD_PRELOAD)")
+        self._swap = swap
+
+    def accepts(self, t):
+        return t.is_cuda
+
+    def begin(self, num_layers, device):
+        self._swap.begin_iteration(num_layers, device)
+
+    def offload(self, t, layer):
+        return self._swap.offload(t, layer)
+
+    def forward_end(self, layer, device):
+        self._swap.forward_end(layer, device)
+
+    def backward_begin(self, layer, device):
+        self._swap.backward_begin(layer, device)
+
+    def wait_storage(self, ticket):
+        return self._swap.wait_storage(ticket)
+
+    def cancel(self, ticket):
+        self._swap.cancel(ticket)
+
+    def copy_bytes_per_second(self, device):
+        return float(self._swap.swap_stats(device).get("copy.d2h_bytes_per_second", 0.0))
+
+    def host_bytes(self, device):
+        import torch
+
+        count = max(1, torch.cuda.device_count())
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return physical / count
+
+
+class _Storage:
+    """One offloaded storage of one iteration, shared by every saved view of it."""
+
+    __slots__ = ("owner", "ticket", "layer", "tensor", "version", "restored", "__weakref__")
+
+    def __init__(self, owner, ticket, layer, tensor):
+        self.owner = owner
+        self.ticket = ticket
+        self.layer = layer
+        self.tensor = tensor  # until the layer's forward ends (in-place check)
+        self.version = tensor._version
+        self.restored = None  # the storage back on the device, as flat bytes
+
+    def bytes(self):
+        if self.restored is None:
+            self.restored = self.owner._backend.wait_storage(self.ticket)
+            self.owner._waited += 1
+        return self.restored
+
+    def __del__(self):
+        # Died before any unpack (no backward, or the graph was freed): drop the pending copy.
+        if self.restored is None and self.ticket is not None:
+            try:
+                self.owner._backend.cancel(self.ticket)
+                self.owner._cancelled += 1
+            except Exception:  # interpreter shutdown, allocator gone: nothing left to return
+                pass
+
+
+class _Saved:
+    """What autograd keeps instead of a swapped tensor: its storage and its view."""
+
+    __slots__ = ("storage", "dtype", "size", "stride", "offset")
+
+    def __init__(self, storage, t):
+        self.storage = storage
+        self.dtype = t.dtype
+        self.size = tuple(t.size())
+        self.stride = tuple(t.stride())
+        self.offset = t.storage_offset()
+
+
+class Offload:
+    """The hooks ``offload()`` installed; ``remove()`` (or leaving a ``with`` block) undoes them."""
+
+    def __init__(self, model, layers, policy, backend):
+        import torch
+
+        self._torch = torch
+        self._layers = list(layers)
+        if not self._layers:
+            raise ValueError("stitchalloc.offload: no layers to offload")
+        self._backend = backend
+        self._policy = policy
+        self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
+                                                     else float(policy))
+        self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS) for layer in self._layers]
+        if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
+            raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
+                             "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
+                             "policy='swap' or 'recompute' for other layers")
+        self._param_storages = set()
+        for p in model.parameters():
+            self._param_storages.add(p.untyped_storage().data_ptr())
+        self._device = None
+        self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
+        self._pending = {}  # layer -> [_Storage] whose forward has not ended
+        self._undo = []
+        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "attn": 0.0, "seconds": 0.0,
+                                                               "layers": 0}
+        self.plan_text = None
+        # Counters (also what the tests look at).
+        self.offloaded = 0
+        self._waited = 0
+        self._cancelled = 0
+        self.iterations = 0
+        for i, layer in enumerate(self._layers):
+            self._wrap(i, layer)
+
+    # ---- public ---------------------------------------------------------------------------
+    @property
+    def alpha(self):
+        """The fraction of token-local saved tensors swapped (None until "auto" has measured)."""
+        return self._alpha
+
+    def stats(self):
+        return {"iterations": self.iterations, "offloaded": self.offloaded, "waited": self._waited,
+                "cancelled": self._cancelled, "alpha": self._alpha}
+
+    def remove(self):
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def _pack(self, layer):
+        torch = self._torch
+
+        def pack(t):
+            if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
+                    or t.untyped_storage().data_ptr() in self._param_storages or t.untyped_storage().nbytes() == 0):
+                return t
+            if self._device is None:
+                self._device = t.device.index if t.device.index is not None else 0
+                self._backend.begin(len(self._layers), self._device)
+            ptr = t.untyped_storage().data_ptr()
+            s = self._by_ptr.get(ptr)
+            if s is None:
+                s = _Storage(self, self._backend.offload(t, layer), layer, t)
+                self._by_ptr[ptr] = s
+                self._pending.setdefault(layer, []).append(s)
+                self.offloaded += 1
+                if self._measure is not None:
+                    self._measure["bytes"] += t.untyped_storage().nbytes()
+            return _Saved(s, t)
+
+        return pack
+
+    def _unpack(self, saved):
+        if not isinstance(saved, _Saved):
+            return saved
+        return saved.storage.bytes().view(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
+
+    def _forward_end(self, layer):
+        pending = self._pending.pop(layer, [])
+        for s in pending:
+            if s.tensor._version != s.version:
+                raise RuntimeError(
+                    f"stitchalloc.offload: a tensor saved for backward in layer {layer} was modified in place "
+                    "before the layer's forward ended; its copy would not match what autograd saved")
+            s.tensor = None
+        self._by_ptr.clear()
+        if self._device is not None:
+            self._backend.forward_end(layer, self._device)
+
+    def _backward_begin(self, layer):
+        if self._device is not None:
+            self._backend.backward_begin(layer, self._device)
+        if layer == 0:
+            self._iteration_done()
+
+    def _iteration_done(self):
+        self.iterations += 1
+        device = self._device_or_zero()
+        self._device = None
+        m = self._measure
+        if m is None or m["layers"] == 0:
+            return
+        self._measure = None
+        n = len(self._layers)
+        per_layer = m["bytes"] / m["layers"]
+        s_in, s_attn = m["input"] / m["layers"], m["attn"] / m["layers"]
+        other = max(per_layer - s_in - s_attn, 1.0)
+        bandwidth = self._backend.copy_bytes_per_second(device)
+        seconds = m["seconds"] / m["layers"]
+        if bandwidth <= 0 or seconds <= 0 or n < 3 or not all(self._llama):
+            self._alpha = 1.0
+            self.plan_text = (f"alpha 1 (swap everything): measured bandwidth {bandwidth:.3g} B/s, layer time "
+                              f"{seconds:.3g} s, {n} layers, Llama-family: {all(self._llama)}")
+            return
+        self._alpha, self.plan_text = offload_plan(n, s_in, s_attn, other, bandwidth, seconds,
+                                                   self._backend.host_bytes(device))
+
+    def _device_or_zero(self):
+        return self._device if self._device is not None else 0
+
+    # ---- wrapping -------------------------------------------------------------------------
+    def _wrap(self, i, layer):
+        torch = self._torch
+        original = layer.forward
+        pack = self._pack(i)
+        owner = weakref.ref(self)
+        llama = self._llama[i]
+        checkpoint_whole = self._alpha == 0.0 and not llama
+
+        if llama:
+            self._wrap_token_local(i, layer)
+
+        def forward(*args, **kwargs):
+            me = owner()
+            if me is None or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            start = time.perf_counter() if me._measure is not None else None
+            if start is not None and args and torch.is_tensor(args[0]):
+                me._measure["input"] += args[0].untyped_storage().nbytes()
+            with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack):
+                if checkpoint_whole:
+                    import torch.utils.checkpoint as cp
+
+                    out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
+                else:
+                    out = original(*args, **kwargs)
+            me._forward_end(i)
+            if start is not None:
+                if me._device is not None and torch.cuda.is_available():
+                    torch.cuda.synchronize(me._device)
+                me._measure["seconds"] += time.perf_counter() - start
+                me._measure["layers"] += 1
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if torch.is_tensor(first) and first.requires_grad:
+                def on_grad(grad, me_ref=owner):
+                    m = me_ref()
+                    if m is not None:
+                        m._backward_begin(i)
+                    return grad
+
+                first.register_hook(on_grad)
+            return out
+
+        layer.forward = forward
+        self._undo.append(lambda: layer.__dict__.pop("forward", None))
+
+    def _wrap_token_local(self, i, layer):
+        """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
+        torch = self._torch
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        norm_forward, mlp_forward = norm.forward, mlp.forward
+        owner = weakref.ref(self)
+        params = tuple(p for p in list(norm.parameters()) + list(mlp.parameters()))
+
+        def block(h):
+            return mlp_forward(norm_forward(h))
+
+        def fused(h):
+            me = owner()
+            if me is None or not torch.is_grad_enabled() or h.dim() < 2:
+                return block(h)
+            if me._measure is not None:
+                me._measure["attn"] += h.untyped_storage().nbytes()
+            alpha = 1.0 if me._alpha is None else me._alpha
+            tokens = h.shape[-2]
+            k = min(tokens, max(0, round(alpha * tokens)))
+            if k == tokens:
+                return block(h)
+            parts = []
+            if k > 0:
+                parts.append(block(h.narrow(-2, 0, k).contiguous()))
+            rest = h.narrow(-2, k, tokens - k).contiguous()
+            parts.append(_TokenLocal.apply(block, rest, *params))
+            return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+        norm.forward = fused
+        mlp.forward = lambda x: x  # already applied inside fused
+        self._undo.append(lambda: norm.__dict__.pop("forward", None))
+        self._undo.append(lambda: mlp.__dict__.pop("forward", None))
+
+
+class _LazyTokenLocal:
+    """torch.autograd.Function y = block(x), built on first use (torch is imported lazily)."""
+
+    _fn = None
+
+    def apply(self, block, x, *params):
+        if _LazyTokenLocal._fn is None:
+            _LazyTokenLocal._fn = _token_local_function()
+        return _LazyTokenLocal._fn.apply(block, x, *params)
+
+
+def _token_local_function():
+    import torch
+
+    class TokenLocal(torch.autograd.Function):
+        """Saves only x (through the swap hooks, so it is swapped); block re-runs on x in backward.
+        The block's parameters are inputs, so their gradients flow through this node."""
+
+        @staticmethod
+        def forward(ctx, block, x, *params):
+            ctx.block = block
+            ctx.params = params  # alive anyway; not saved tensors
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                return block(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = ctx.block(x)
+            trainable = [p for p in ctx.params if p.requires_grad]
+            grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
+            gx = next(grads)
+            return (None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
+
+    return TokenLocal
+
+
+_TokenLocal = _LazyTokenLocal()
+
+
+def _find_layers(model):
+    import torch
+
+    best = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ValueError("stitchalloc.offload: found no nn.ModuleList of layers in the model; pass layers=[...]")
+    return list(best)
+
+
+def offload(model, layers=None, policy="auto", *, backend=None):
+    """Offloads ``model``'s saved activations layer by layer (see the module docstring).
+
+    ``layers``: the modules whose boundaries drive the schedule (default: the model's longest
+    nn.ModuleList). ``policy``: "auto", "swap", "recompute" or an alpha in [0, 1]. Needs
+    stitchalloc installed as PyTorch's CUDA allocator (``backend`` replaces the swap manager, for
+    tests). Returns an ``Offload`` whose ``remove()`` restores the model."""
+    if isinstance(policy, str):
+        if policy not in ("auto", "swap", "recompute"):
+            raise ValueError(f"stitchalloc.offload: policy must be 'auto', 'swap', 'recompute' or a number in [0, 1], "
+                             f"not {policy!r}")
+    elif isinstance(policy, bool) or not isinstance(policy, (int, float)) or not 0.0 <= float(policy) <= 1.0:
+        raise ValueError(f"stitchalloc.offload: alpha must be a number in [0, 1], not {policy!r}")
+    if layers is None:
+        layers = _find_layers(model)
+    return Offload(model, layers, policy, backend if backend is not None else _StitchallocBackend())

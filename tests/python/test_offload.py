@@ -1,0 +1,373 @@
+"""stitchalloc.offload and stitchalloc.swap without a GPU.
+
+The hooks (saved_tensors_hooks, layer boundaries, token-wise split, recompute, cancel on free,
+the "auto" measurement) run on CPU tensors against RecordingBackend, a stand-in for the swap
+manager that really moves each storage through separate buffers and logs every call. The swap
+manager itself runs through torch.ops.stitchalloc on the host driver (subprocess): round trips
+byte-exact, the kept last layer, cancel, statistics and errors.
+"""
+
+import gc
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+import tiny_llama  # noqa: E402
+
+import stitchalloc  # noqa: E402
+
+from test_plugin import HOST, needs_plugin, run_python  # noqa: E402
+
+
+class RecordingBackend:
+    """Copies a storage out at its layer's forward end and back at wait, logging every call."""
+
+    def __init__(self, bandwidth=1e12, host=float(1 << 40)):
+        self.log = []
+        self.live = {}
+        self.next = 1
+        self.bytes_out = 0
+        self.bandwidth = bandwidth
+        self.host = host
+
+    def accepts(self, t):
+        return True
+
+    def begin(self, num_layers, device):
+        self.log.append(("begin", num_layers))
+
+    def offload(self, t, layer):
+        ticket = self.next
+        self.next += 1
+        self.live[ticket] = {"tensor": t, "layer": layer, "host": None}
+        self.log.append(("offload", layer, ticket))
+        return ticket
+
+    @staticmethod
+    def _flat(storage):
+        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+
+    def forward_end(self, layer, device):
+        for e in self.live.values():
+            if e["layer"] == layer and e["tensor"] is not None:
+                e["host"] = self._flat(e["tensor"].untyped_storage()).clone()
+                self.bytes_out += e["host"].numel()
+                e["tensor"] = None
+        self.log.append(("forward_end", layer))
+
+    def backward_begin(self, layer, device):
+        self.log.append(("backward_begin", layer))
+
+    def wait_storage(self, ticket):
+        e = self.live.pop(ticket)
+        self.log.append(("wait", e["layer"], ticket))
+        return e["host"].clone() if e["host"] is not None else self._flat(e["tensor"].untyped_storage())
+
+    def cancel(self, ticket):
+        e = self.live.pop(ticket)
+        self.log.append(("cancel", e["layer"], ticket))
+
+    def copy_bytes_per_second(self, device):
+        return self.bandwidth
+
+    def host_bytes(self, device):
+        return self.host
+
+
+def make_model(seed=0, layers=6):
+    torch.manual_seed(seed)
+    return tiny_llama.TinyLlama(layers=layers).double()
+
+
+def tokens(seed=1, batch=2, seq=33):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, seq), generator=g)
+
+
+def grads_of(model, batch, offload=None):
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_swap_gives_bitwise_equal_gradients_and_follows_the_layer_schedule():
+    model, batch = make_model(), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=backend) as off:
+        loss, got = grads_of(model, batch)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    log = backend.log
+    assert log[0] == ("begin", 6)
+    ends = [log.index(("forward_end", i)) for i in range(6)]
+    assert ends == sorted(ends)
+    for i in range(6):
+        offloads = [k for k, e in enumerate(log) if e[0] == "offload" and e[1] == i]
+        assert offloads, f"layer {i} saved nothing"
+        assert all((ends[i - 1] if i else 0) < k < ends[i] for k in offloads)
+    starts = [k for k, e in enumerate(log) if e[0] == "backward_begin"]
+    assert [log[k][1] for k in starts] == [5, 4, 3, 2, 1, 0]
+    for j in range(6):
+        waits = [k for k, e in enumerate(log) if e[0] == "wait" and e[1] == j]
+        assert waits, f"layer {j}'s tensors never came back"
+        lo = log.index(("backward_begin", j))
+        hi = log.index(("backward_begin", j - 1)) if j else len(log)
+        assert all(lo < k < hi for k in waits), f"layer {j} waited outside its backward"
+    assert backend.live == {}
+    assert off.stats()["cancelled"] == 0 and off.stats()["iterations"] == 1
+    assert off.stats()["offloaded"] == sum(1 for e in log if e[0] == "offload")
+
+
+@pytest.mark.parametrize("policy", [0.5, 0.25, "recompute"])
+def test_token_wise_split_recomputes_the_rest_and_swaps_less(policy):
+    model, batch = make_model(), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    whole = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=whole):
+        grads_of(model, batch)
+        grads_of(model, batch)
+    split = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=split) as off:
+        loss, got = grads_of(model, batch)
+        loss2, got2 = grads_of(model, batch)  # a second iteration on the same hooks
+    assert off.alpha == (0.0 if policy == "recompute" else policy)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b, c in zip(ref, got, got2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    assert split.bytes_out < whole.bytes_out
+    assert split.live == {} and off.stats()["iterations"] == 2
+
+
+def test_other_layers_swap_whole_and_reject_a_token_split():
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(tiny_llama.PlainBlock(16) for _ in range(4)).double()
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = run()
+    with pytest.raises(ValueError, match="Llama-family"):
+        stitchalloc.offload(model, layers=list(layers), policy=0.5, backend=RecordingBackend())
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, layers=list(layers), policy="swap", backend=backend):
+        got = run()
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert backend.bytes_out > 0 and backend.live == {}
+    with stitchalloc.offload(model, layers=list(layers), policy="recompute", backend=RecordingBackend()):
+        got = run()
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_saved_tensors_that_die_without_backward_cancel_their_tickets():
+    model, batch = make_model(), tokens()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=backend) as off:
+        loss = model.loss(batch)
+        issued = sum(1 for e in backend.log if e[0] == "offload")
+        assert issued > 0 and len(backend.live) == issued
+        del loss
+        gc.collect()
+    assert backend.live == {}
+    assert sum(1 for e in backend.log if e[0] == "cancel") == issued
+    assert off.stats()["cancelled"] == issued
+
+
+def test_in_place_change_after_saving_is_an_error_not_a_wrong_gradient():
+    class Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = h * h  # saves h
+            h.add_(1.0)  # changes what was saved
+            return out
+
+    layers = [Sneaky(), Sneaky()]
+    model = torch.nn.Sequential(*layers)
+    with stitchalloc.offload(model, layers=layers, policy="swap", backend=RecordingBackend()):
+        with pytest.raises(RuntimeError, match="modified in place"):
+            model(torch.randn(2, 8))
+
+
+def test_remove_restores_the_model_and_state_dict_never_changes():
+    model = make_model(layers=3)
+    keys = list(model.state_dict())
+    off = stitchalloc.offload(model, policy=0.5, backend=RecordingBackend())
+    assert list(model.state_dict()) == keys
+    assert "forward" in model.layers[0].__dict__ and "forward" in model.layers[0].mlp.__dict__
+    off.remove()
+    for layer in model.layers:
+        assert "forward" not in layer.__dict__
+        assert "forward" not in layer.post_attention_layernorm.__dict__
+        assert "forward" not in layer.mlp.__dict__
+    backend = RecordingBackend()
+    stitchalloc.offload(model, policy="swap", backend=backend).remove()
+    grads_of(model, tokens())
+    assert backend.log == []  # removed hooks do nothing
+    with torch.no_grad(), stitchalloc.offload(model, policy="swap", backend=backend):
+        model(tokens()[:, :-1])
+    assert backend.log == []  # nothing is saved without autograd
+
+
+def test_auto_measures_one_iteration_then_plans_alpha():
+    model, batch = make_model(), tokens(seq=65)
+    ref_loss, ref = grads_of(model, batch)
+    plenty = RecordingBackend(bandwidth=1e15, host=1e15)
+    with stitchalloc.offload(model, policy="auto", backend=plenty) as off:
+        assert off.alpha is None
+        grads_of(model, batch)
+        assert off.alpha == 1.0 and "alpha 1" in off.plan_text
+    starved = RecordingBackend(bandwidth=1e3, host=1e15)  # copies cannot hide: recompute all it can
+    with stitchalloc.offload(model, policy="auto", backend=starved) as off:
+        grads_of(model, batch)
+        assert off.alpha == 0.0 and "bandwidth" in off.plan_text
+        loss, got = grads_of(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["fast", -0.1, 1.5, True, None])
+def test_bad_policies_are_rejected(policy):
+    with pytest.raises(ValueError, match="policy|alpha"):
+        stitchalloc.offload(make_model(layers=2), policy=policy, backend=RecordingBackend())
+
+
+def test_no_layer_list_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError, match="layers="):
+        stitchalloc.offload(torch.nn.Linear(4, 4), backend=RecordingBackend())
+
+
+def test_offload_plan_worked_example():
+    alpha, text = stitchalloc.offload_plan(32, 1 << 30, 1 << 30, 14 << 30, 1e12, 1.0, 256 << 30)
+    assert abs(alpha - 7 / 15) < 1e-12
+    assert "host-bound" in text
+    with pytest.raises(ValueError, match="layers"):
+        stitchalloc.offload_plan(0, 1, 1, 1, 1, 1, 1)
+
+
+# ---- the swap manager through torch.ops.stitchalloc on the host driver ---------------------
+
+
+@needs_plugin
+def test_swap_manager_round_trips_bit_exact_through_pytorch_operators():
+    r = run_python(f"""
+        import ctypes, json, random, torch, stitchalloc
+        from stitchalloc import swap
+        stitchalloc.install("{HOST},swap_min_kb:0,swap_keep_last_layers:1,swap_lookahead:2")
+        ops = swap._ops()
+        out = {{}}
+        try:
+            swap.offload(torch.zeros(4), 0)
+        except RuntimeError as e:
+            out["cpu"] = str(e)
+        rng = random.Random(5)
+        layers = 6
+        swap.begin_iteration(layers)
+        saved = []
+        for layer in range(layers):
+            for k in range(4):
+                n = rng.randrange(1, 3 << 20)
+                raw = ops.raw_empty(n)
+                data = bytes(rng.getrandbits(8) for _ in range(64)) * (n // 64 + 1)
+                ctypes.memmove(raw.data_ptr(), data, n)
+                t = swap.offload(raw, layer)
+                saved.append((t, layer, data[:n]))
+                del raw
+            swap.forward_end(layer)
+        out["states"] = sorted(set(swap.state(t) for t, _, _ in saved))
+        cancelled = saved.pop(0)[0]
+        swap.cancel(cancelled)
+        ok = 0
+        for layer in reversed(range(layers)):
+            swap.backward_begin(layer)
+            for t, l, data in saved:
+                if l != layer:
+                    continue
+                back = swap.wait_storage(t)
+                swap.synchronize()
+                ok += ctypes.string_at(back.data_ptr(), len(data)) == data
+                del back
+        out["ok"], out["n"] = ok, len(saved)
+        try:
+            swap.wait_storage(cancelled)
+        except RuntimeError as e:
+            out["gone"] = str(e)
+        swap.synchronize()
+        out["stats"] = swap.swap_stats()
+        out["allocated"] = torch.cuda.memory_allocated()
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    assert "CUDA tensor" in out["cpu"]
+    assert out["states"] == ["kept", "offloading"] or out["states"] == ["kept", "on_host"] or \
+        set(out["states"]) <= {"kept", "offloading", "on_host"}
+    assert "kept" in out["states"]
+    assert out["ok"] == out["n"] == 23
+    assert "no ticket" in out["gone"]
+    s = out["stats"]
+    assert s["swap.offloads"] == 20  # 5 layers x 4; the last layer's 4 stay (swap_keep_last_layers:1)
+    assert s["swap.kept_last_layers"] == 4
+    assert s["swap.cancelled"] == 1 and s["swap.live_tickets"] == 0
+    assert s["pinned.in_use_bytes"] == 0 and s["pinned.peak_in_use_bytes"] > 0
+    assert s["copy.d2h_bytes"] > 0 and s["copy.h2d_bytes"] > 0
+    assert out["allocated"] == 0
+
+
+@needs_plugin
+def test_swap_calls_fail_clearly_before_install_and_before_begin():
+    r = run_python(f"""
+        import json, torch, stitchalloc
+        from stitchalloc import swap
+        out = {{}}
+        try:
+            swap.begin_iteration(2)
+        except RuntimeError as e:
+            out["not_installed"] = str(e)
+        stitchalloc.install("{HOST}")
+        try:
+            swap.forward_end(0)
+        except RuntimeError as e:
+            out["no_session"] = str(e)
+        swap.begin_iteration(2)
+        try:
+            swap.forward_end(7)
+        except RuntimeError as e:
+            out["bad_layer"] = str(e)
+        try:
+            swap.begin_iteration(0)
+        except RuntimeError as e:
+            out["no_layers"] = str(e)
+        try:
+            stitchalloc.offload(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2))
+            out["offload"] = "ok"
+        except Exception as e:
+            out["offload"] = repr(e)
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    assert "not PyTorch's CUDA allocator" in out["not_installed"]
+    assert "stitchalloc_torch_swap_begin first" in out["no_session"]
+    assert "ForwardEnd(7)" in out["bad_layer"]
+    assert "at least 1" in out["no_layers"]
+    assert out["offload"] == "ok"
