@@ -11,8 +11,8 @@ deterministic algorithms, TF32 off.
 
 import argparse
 import json
-import math
 import os
+import sys
 
 p = argparse.ArgumentParser()
 p.add_argument("--way", required=True, choices=["native", "install", "env", "preload"])
@@ -41,60 +41,12 @@ dev = torch.device("cuda")
 DIM, HEADS, LAYERS, FFN, VOCAB = 512, 8, 6, 1408, 8192
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return self.w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models"))
+import tiny_llama  # noqa: E402  (Llama-family layers, transformers' module names)
 
 
-def rope(x, pos):
-    d = x.shape[-1] // 2
-    freq = 1.0 / (10000 ** (torch.arange(d, device=x.device, dtype=torch.float32) / d))
-    ang = pos[:, None].float() * freq[None]
-    cos, sin = ang.cos()[None, None], ang.sin()[None, None]
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n1, self.n2 = RMSNorm(DIM), RMSNorm(DIM)
-        self.qkv = nn.Linear(DIM, 3 * DIM, bias=False)
-        self.o = nn.Linear(DIM, DIM, bias=False)
-        self.gate = nn.Linear(DIM, FFN, bias=False)
-        self.up = nn.Linear(DIM, FFN, bias=False)
-        self.down = nn.Linear(FFN, DIM, bias=False)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(b, t, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-        pos = torch.arange(t, device=x.device)
-        q, k = rope(q, pos), rope(k, pos)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(DIM // HEADS)
-        att = att.masked_fill(torch.ones(t, t, device=x.device, dtype=torch.bool).triu(1), float("-inf"))
-        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, DIM)
-        x = x + self.o(y)
-        h = self.n2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class Llama(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
-        self.norm = RMSNorm(DIM)
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x))
+def Llama():
+    return tiny_llama.TinyLlama(vocab=VOCAB, dim=DIM, heads=HEADS, hidden=FFN, layers=LAYERS)
 
 
 if args.snapshot:

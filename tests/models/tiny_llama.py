@@ -29,9 +29,13 @@ def rope(x, pos):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    """Causal self-attention with RoPE. sdpa=False spells attention out (matmul, mask, softmax:
+    deterministic on every device); sdpa=True uses F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads, sdpa=False):
         super().__init__()
         self.heads = heads
+        self.sdpa = sdpa
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -45,7 +49,12 @@ class Attention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         pos = torch.arange(t, device=hidden_states.device)
         q, k = rope(q, pos), rope(k, pos)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            mask = torch.ones(t, t, device=q.device, dtype=torch.bool).triu(1)
+            y = att.masked_fill(mask, float("-inf")).softmax(-1) @ v
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -61,10 +70,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, dim, heads, hidden):
+    def __init__(self, dim, heads, hidden, sdpa=False):
         super().__init__()
         self.input_layernorm = RMSNorm(dim)
-        self.self_attn = Attention(dim, heads)
+        self.self_attn = Attention(dim, heads, sdpa)
         self.post_attention_layernorm = RMSNorm(dim)
         self.mlp = MLP(dim, hidden)
 
@@ -79,10 +88,10 @@ class DecoderLayer(nn.Module):
 
 
 class TinyLlama(nn.Module):
-    def __init__(self, vocab=256, dim=64, heads=4, hidden=172, layers=6):
+    def __init__(self, vocab=256, dim=64, heads=4, hidden=172, layers=6, sdpa=False):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, hidden, sdpa) for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         for p in self.parameters():
