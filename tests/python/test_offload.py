@@ -371,3 +371,24 @@ def test_swap_calls_fail_clearly_before_install_and_before_begin():
     assert "ForwardEnd(7)" in out["bad_layer"]
     assert "at least 1" in out["no_layers"]
     assert out["offload"] == "ok"
+
+
+def test_longest_sequence_bench_runs_on_cpu(tmp_path):
+    """bench/offload_seq.py's plumbing (probes in subprocesses, doubling, table, JSON) with tiny
+    shapes on the CPU, where nothing runs out of memory: every mode reaches the limit."""
+    import json
+    import subprocess
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "offload_seq.py")
+    out = tmp_path / "seq.json"
+    r = subprocess.run([sys.executable, bench, "search", "--device", "cpu", "--modes", "native,checkpoint",
+                        "--dim", "32", "--layers", "2", "--heads", "2", "--hidden", "64", "--vocab", "64",
+                        "--steps", "1", "--start", "16", "--limit", "64", "--resolution", "16", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for mode in ("native", "checkpoint"):
+        best = result["longest"][mode]
+        assert best["ok"] and best["seq"] == 64 and best["tokens_per_second"] > 0
+    assert [p["seq"] for p in result["probes"]] == [16, 32, 64, 16, 32, 64]
+    assert "native" in r.stdout and "checkpoint" in r.stdout
