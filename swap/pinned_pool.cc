@@ -55,10 +55,11 @@ void PinnedPool::RemoveFree(std::uintptr_t at, std::size_t bytes) {
 }
 
 std::size_t PinnedPool::SlabOf(std::uintptr_t at) const {
-  for (std::size_t i = 0; i < slabs_.size(); ++i) {
-    if (slabs_[i].bytes > 0 && at >= slabs_[i].base && at < slabs_[i].base + slabs_[i].bytes) return i;
-  }
-  return slabs_.size();
+  auto it = slab_at_.upper_bound(at);  // the first slab above `at`
+  if (it == slab_at_.begin()) return slabs_.size();
+  --it;
+  const Slab& s = slabs_[it->second];
+  return at < s.base + s.bytes ? it->second : slabs_.size();
 }
 
 absl::StatusOr<void*> PinnedPool::Allocate(std::size_t bytes) {
@@ -90,6 +91,7 @@ absl::StatusOr<void*> PinnedPool::Allocate(std::size_t bytes) {
     }
     ++pin_calls_;
     pinned_ += slab_bytes;
+    slab_at_[reinterpret_cast<std::uintptr_t>(*p)] = slabs_.size();
     slabs_.push_back({reinterpret_cast<std::uintptr_t>(*p), slab_bytes, 0, 0});
     AddFree(reinterpret_cast<std::uintptr_t>(*p), slab_bytes);
     fit = free_by_size_.lower_bound({rounded, 0});
@@ -130,6 +132,7 @@ std::size_t PinnedPool::ReleaseEmptySlabs() {
     if (s.bytes == 0 || s.in_use > 0) continue;
     RemoveFree(s.base, s.bytes);  // an empty slab is one coalesced free range
     driver_->FreeHostPinned(reinterpret_cast<void*>(s.base)).IgnoreError();
+    slab_at_.erase(s.base);
     pinned_ -= s.bytes;
     released += s.bytes;
     s.bytes = 0;

@@ -3,7 +3,8 @@
 // (cuMemHostAlloc), so it never happens per tensor.
 //
 // Data structures (all under mu_):
-// - slabs_: every pinned slab (base, size, bytes in use, high-water mark). A request larger
+// - slabs_: every pinned slab (base, size, bytes in use, high-water mark); slab_at_ maps the base
+//   of each pinned slab to its index (SlabOf: one ordered lookup). A request larger
 //   than the slab size gets a slab of its own, rounded up to the alignment.
 // - free_by_addr_: the free ranges of all slabs, address -> size, coalesced (two free ranges
 //   are never adjacent within one slab); free_by_size_: the same ranges as (size, address), for
@@ -95,6 +96,7 @@ class PinnedPool {
   const PinnedPoolOptions options_;
   mutable Mutex mu_;
   std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);  // an unpinned slab keeps its entry with bytes 0
+  absl::btree_map<std::uintptr_t, std::size_t> slab_at_ ABSL_GUARDED_BY(mu_);  // base -> index, pinned slabs
   absl::btree_map<std::uintptr_t, std::size_t> free_by_addr_ ABSL_GUARDED_BY(mu_);
   absl::btree_set<std::pair<std::size_t, std::uintptr_t>> free_by_size_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::uintptr_t, Used> used_ ABSL_GUARDED_BY(mu_);
