@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -103,15 +104,12 @@ at::Tensor SwapWait(int64_t ticket, int64_t device) {
   if (stitchalloc_torch_swap_wait(static_cast<int>(device), static_cast<uint64_t>(ticket), &ptr, &same) != 0) {
     Raise("swap_wait");
   }
-  Holder* h = Take(device, ticket);
+  // The ticket has ended: the manager will not call ReleaseHolder for it any more, so the
+  // holder is ours alone once taken out of the map.
+  std::unique_ptr<Holder> h(Take(device, ticket));
   TORCH_CHECK(h != nullptr, "stitchalloc.swap_wait: ticket ", ticket, " was not issued by swap_offload");
-  c10::Storage storage;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    storage = std::move(h->storage);
-  }
+  c10::Storage storage = std::move(h->storage);
   const int64_t nbytes = static_cast<int64_t>(h->nbytes);
-  delete h;
   if (!same) {
     // A new block from stitchalloc: PyTorch frees it through the installed allocator.
     c10::Allocator* alloc = c10::cuda::CUDACachingAllocator::get();

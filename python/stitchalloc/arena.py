@@ -93,16 +93,20 @@ def layer(kind: str, index: int, phase: str = "forward", device=None):
         _check(_lib().stitchalloc_torch_layer_end(dev))
 
 
-def arena_stats(device=None) -> dict:
-    """The arena's statistics: hits, misses, plans, arena bytes, ... (name -> int)."""
-    text = _lib().stitchalloc_torch_arena_stats(_device(device))
+def _parse_stats(text) -> dict:
+    """The "name value" lines of the plugin's statistics entry points (NULL: raise its error)."""
     if text is None:
         _check(-1)
     out = {}
     for line in text.decode().splitlines():
         name, _, value = line.partition(" ")
-        out[name] = int(value)
+        out[name] = float(value) if "." in value or "e" in value else int(value)
     return out
+
+
+def arena_stats(device=None) -> dict:
+    """The arena's statistics: hits, misses, plans, arena bytes, ... (name -> int)."""
+    return _parse_stats(_lib().stitchalloc_torch_arena_stats(_device(device)))
 
 
 def drop_plans(device=None) -> None:

@@ -230,7 +230,9 @@ class Offload:
     def _unpack(self, saved):
         if not isinstance(saved, _Saved):
             return saved
-        return saved.storage.bytes().view(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
+        from .swap import restore
+
+        return restore(saved.storage.bytes(), saved.dtype, saved.size, saved.stride, saved.offset)
 
     def _forward_end(self, layer):
         pending = self._pending.pop(layer, [])

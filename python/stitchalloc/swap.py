@@ -20,7 +20,7 @@ import ctypes
 import dataclasses
 import os
 
-from .arena import _device
+from .arena import _check, _device, _parse_stats
 
 _STATES = ("registered", "kept", "offloading", "on_host", "prefetching")
 _configured = None
@@ -59,11 +59,6 @@ def _ops():
         torch.ops.load_library(path)
         _ops_loaded = True
     return torch.ops.stitchalloc
-
-
-def _check(rc: int) -> None:
-    if rc != 0:
-        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +128,11 @@ def state(ticket: Ticket) -> str:
     """'registered', 'kept', 'offloading', 'on_host' or 'prefetching'."""
     s = _lib().stitchalloc_torch_swap_state(ticket.device, ticket.id)
     if s < 0:
-        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
+        _check(s)
     return _STATES[s]
 
 
 def swap_stats(device=None) -> dict:
     """Counters of the device's swap session: swap.* (tickets, copies, evictions), pinned.*
     (pinned host pool) and copy.* (completed bytes, seconds, bytes per second per direction)."""
-    text = _lib().stitchalloc_torch_swap_stats(_device(device))
-    if text is None:
-        raise RuntimeError(_lib().stitchalloc_torch_last_error().decode())
-    out = {}
-    for line in text.decode().splitlines():
-        name, _, value = line.partition(" ")
-        out[name] = float(value) if "." in value or "e" in value else int(value)
-    return out
+    return _parse_stats(_lib().stitchalloc_torch_swap_stats(_device(device)))
