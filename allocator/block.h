@@ -2,8 +2,11 @@
 //
 // Physical memory is a set of Chunks, each one driver allocation of a fixed size (the large
 // pool's chunk size, or the granularity for the small pool). Virtual memory is a set of
-// Mappings: one reserved range with a slot per chunk-sized piece. Blocks are byte ranges of a
-// mapping, linked in address order; they cover the mapping without gaps or overlap.
+// Mappings: one reserved range with a slot per chunk-sized piece. A large-pool mapping may
+// reserve more virtual space than it maps (headroom) and grow in place: new slots are appended
+// at its end, so that a free tail shorter than a chunk joins the new chunks in one block.
+// Blocks are byte ranges of a mapping, linked in address order; they cover the mapped part
+// [va, va + size) without gaps or overlap.
 //
 // Ownership of physical memory (the invariant that makes stitching safe):
 // - Every chunk has exactly one owner: the mapping whose blocks hand its bytes out. In the
@@ -74,6 +77,7 @@ struct Block {
 struct Mapping {
   DevicePtr va = 0;
   std::size_t size = 0;
+  std::size_t reserved = 0;          // virtual bytes reserved at va (>= size): room to grow in place
   std::size_t chunk_size = 0;
   PoolKind kind = PoolKind::kLarge;
   StreamPool* pool = nullptr;
@@ -81,6 +85,7 @@ struct Mapping {
   std::vector<Chunk*> slots;         // slot i covers [va + i*chunk_size, +chunk_size)
   std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr
   Block* head = nullptr;
+  Block* tail = nullptr;             // the last block (the one with next == nullptr)
   int busy_blocks = 0;               // allocated or pending blocks
   int present = 0;                   // slots whose chunk this mapping owns
   int lent_home = 0;                 // chunks homed here but owned elsewhere
@@ -89,6 +94,7 @@ struct Mapping {
   bool retiring = false;             // queued for dissolution once its stream is fenced
 
   DevicePtr slot_address(std::size_t i) const { return va + i * chunk_size; }
+  std::size_t headroom_slots() const { return (reserved - size) / chunk_size; }
   bool idle() const { return busy_blocks == 0; }
 };
 

@@ -91,15 +91,22 @@ Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t ro
   return policy_.Acceptable(b->size, rounded) ? b : nullptr;
 }
 
+namespace {
+// The block ends a mapping that can still grow in place.
+bool GrowableTail(const Block* b) { return b->next == nullptr && b->mapping->reserved > b->mapping->size; }
+}  // namespace
+
 void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) {
   if (b->mapping->idle()) OnBusy(b->mapping);
-  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind)), kind, size);
+  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b))), kind,
+                 size);
 }
 
 void* CachingAllocator::Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded) {
   Block* b = it->second;
   if (b->mapping->idle()) OnBusy(b->mapping);
-  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind)), kind, size);
+  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b))), kind,
+                 size);
 }
 
 void* CachingAllocator::Account(Block* b, PoolKind kind, std::size_t size) {
@@ -269,14 +276,23 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, const Mapping* exclude) const {
   std::vector<Policy::Candidate> out;
+  const bool small_chunks_fit = driver_->granularity() == chunk_size_;
   for (const auto& [stream, p] : pools_) {
     const bool same = p.get() == pool;
     const FreeSet& set = p->large;
     for (auto it = set.LowerBound(chunk_size_); it != set.end(); ++it) {
       Block* b = it->second;
       if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
+      if (b->mapping == exclude || (!same && !p->Fenced(b->freed_at))) continue;
+      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
+    }
+    // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
+    // mapping, whose chunk serves the large pool as well when the chunk sizes agree.
+    if (!small_chunks_fit) continue;
+    for (auto it = p->small.LowerBound(chunk_size_); it != p->small.end(); ++it) {
+      Block* b = it->second;
       if (!same && !p->Fenced(b->freed_at)) continue;
       if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
     }
@@ -284,16 +300,73 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
   return out;
 }
 
+Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const {
+  // The longest free tail shorter than the request that its mapping's headroom can extend:
+  // walk the free set downwards from the request's size.
+  const FreeSet& set = pool->large;
+  for (auto it = set.LowerBound(rounded); it != set.begin();) {
+    --it;
+    const Block* b = it->second;
+    if (!GrowableTail(b)) continue;
+    const std::size_t need = (rounded - b->size + chunk_size_ - 1) / chunk_size_;
+    if (need <= b->mapping->headroom_slots()) {
+      *slots = need;
+      return b->mapping;
+    }
+  }
+  // No free tail: the mapping of the stream with the least headroom that still holds the
+  // request grows, so that the stream's memory stays in few contiguous ranges whose free
+  // blocks can merge.
+  const std::size_t need = (rounded + chunk_size_ - 1) / chunk_size_;
+  Mapping* best = nullptr;
+  for (const auto& [va, m] : store_->mappings()) {
+    if (m->pool != pool || m->kind != PoolKind::kLarge || m->tail->is_free()) continue;
+    const std::size_t room = m->headroom_slots();
+    if (room >= need && (best == nullptr || room < best->headroom_slots())) best = m.get();
+  }
+  *slots = need;
+  return best;
+}
+
 absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
   const std::size_t chunk = policy_.ChunkSize(kind);
   const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  if (policy_.Headroom(kind) > 0) {
+    std::size_t need = 0;
+    if (Mapping* m = GrowableMapping(pool, rounded, &need)) {
+      // Growing cannot borrow the mapping's own free chunks: when a new stitched mapping
+      // would need fewer new chunks, that is made instead.
+      std::vector<Policy::Candidate> candidates = StitchCandidates(pool, nullptr);
+      auto owns = [m](const Policy::Candidate& c) {
+        const Mapping* from = c.run.block->mapping;
+        for (std::uint32_t k = 0; k < c.run.count; ++k) {
+          if (MappingStore::MapsChunk(m, from->slots[c.run.first_slot + k])) return true;
+        }
+        return false;
+      };
+      std::size_t lendable = 0, own = 0;
+      for (const Policy::Candidate& c : candidates) (owns(c) ? own : lendable) += c.run.count;
+      std::erase_if(candidates, owns);
+      const std::size_t fresh = need - std::min(need, lendable);
+      const std::size_t exact = policy_.SlotsFor(rounded, kind);
+      const std::size_t fresh_if_new = exact - std::min(exact, lendable + own);
+      if (fresh <= fresh_if_new && (fresh == 0 || reserved + fresh * chunk <= limit_)) {
+        std::vector<SlotRun> borrow = policy_.ChooseStitch(std::move(candidates), need);
+        auto tail = store_->Extend(m, borrow, fresh);
+        if (!tail.ok()) return tail.status();
+        ++stats_.num_grows_in_place;
+        for (Mapping* e : store_->TakeEmptied()) Retire(e);
+        return *tail;
+      }
+    }
+  }
   // The preferred mapping size first; near the limit, only what the request needs.
   std::size_t need = policy_.GrowSlots(rounded, kind);
   std::vector<SlotRun> borrow;
   std::size_t fresh = 0;
   for (;;) {
     borrow.clear();
-    if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool), need);
+    if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool, nullptr), need);
     std::size_t borrowed = 0;
     for (const SlotRun& r : borrow) borrowed += r.count;
     fresh = need - borrowed;
@@ -306,7 +379,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
     }
     need = exact;
   }
-  auto m = store_->Create(pool, kind, chunk, borrow, fresh);
+  auto m = store_->Create(pool, kind, chunk, borrow, fresh, policy_.Headroom(kind));
   if (!m.ok()) return m.status();
   for (Mapping* e : store_->TakeEmptied()) Retire(e);
   return (*m)->head;
@@ -680,6 +753,8 @@ absl::Status CachingAllocator::CheckInvariants() const {
       }
     }
     if (cursor != m->va + m->size) return fail("blocks do not cover the mapping");
+    if (m->tail != prev) return fail("mapping's tail is not its last block");
+    if (m->reserved < m->size || m->reserved % m->chunk_size != 0) return fail("mapping's reserved range");
     for (std::size_t s = 0; s < m->slots.size(); ++s) {
       const Chunk* c = m->slots[s];
       const bool is_present = c != nullptr && c->owner == m.get();

@@ -7,9 +7,10 @@
 // stitched mappings wait on events are those events polled first). Miss path, in order:
 //   1. blocks whose record_stream events completed return to their pools; retry;
 //   2. a wholly free mapping of another stream whose fence event has completed moves over;
-//   3. large pool: a new mapping stitched from free whole chunks (own stream first, others
-//      once fenced), topped up with new chunks when they are not enough; small pool, or
-//      stitching off: a new mapping of new chunks;
+//   3. large pool: a mapping of the stream whose last block is free grows in place by the
+//      chunks the request still lacks; else a new mapping stitched from free whole chunks
+//      (own stream first, others once fenced), topped up with new chunks when they are not
+//      enough; small pool, or stitching off: a new mapping of new chunks;
 //   4. all cached memory is released (after synchronizing pending events) and 1-3 retried;
 //   5. ResourceExhausted, with a message stating requested, allocated, reserved,
 //      free-but-fragmented and largest free contiguous bytes.
@@ -150,7 +151,12 @@ class CachingAllocator {
                                     bool last_resort) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Free whole chunks other mappings can lend (none of `exclude`'s).
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, const Mapping* exclude) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
+  Mapping* GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FreeBlock(Block* b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ProcessPending(bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PollFences() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -18,7 +18,7 @@ namespace {
 
 constexpr const char* kKeys[] = {"driver",          "device",          "host_capacity_mb",
                                  "host_granularity_kb", "chunk_size_mb", "stitching",
-                                 "stitch_cache_mb", "max_split_size_mb", "memory_fraction",
+                                 "stitch_cache_mb", "mapping_headroom_mb", "max_split_size_mb", "memory_fraction",
                                  "swap_host_limit_mb", "swap_slab_mb", "swap_copy_chunk_mb",
                                  "swap_lookahead", "swap_keep_last_layers", "swap_min_kb"};
 
@@ -87,6 +87,10 @@ absl::Status Apply(absl::string_view key, absl::string_view value, Config& c) {
       }
       c.stitch_cache_bytes = static_cast<std::size_t>(v) * kMiB;
     }
+  } else if (key == "mapping_headroom_mb") {
+    auto v = ParseInt(key, value, 0, std::int64_t{1} << 20);
+    if (!v.ok()) return v.status();
+    c.mapping_headroom = static_cast<std::size_t>(*v) * kMiB;
   } else if (key == "max_split_size_mb") {
     if (Lower(value) == "unlimited") {
       c.max_split_size = SIZE_MAX;
@@ -185,11 +189,11 @@ std::string ConfigToString(const Config& c) {
                                                                 : "host";
   return absl::StrFormat(
       "driver:%s,device:%d,host_capacity_mb:%d,host_granularity_kb:%d,chunk_size_mb:%d,stitching:%s,"
-      "stitch_cache_mb:%s,max_split_size_mb:%s,memory_fraction:%g,swap_host_limit_mb:%d,swap_slab_mb:%d,"
+      "stitch_cache_mb:%s,mapping_headroom_mb:%d,max_split_size_mb:%s,memory_fraction:%g,swap_host_limit_mb:%d,swap_slab_mb:%d,"
       "swap_copy_chunk_mb:%d,swap_lookahead:%d,swap_keep_last_layers:%d,swap_min_kb:%d",
       driver, c.driver.cuda.device, c.driver.host.capacity / kMiB, c.driver.host.granularity / kKiB,
       c.chunk_size / kMiB, c.stitching ? "true" : "false",
-      c.stitch_cache_bytes ? absl::StrCat(*c.stitch_cache_bytes / kMiB) : "auto",
+      c.stitch_cache_bytes ? absl::StrCat(*c.stitch_cache_bytes / kMiB) : "auto", c.mapping_headroom / kMiB,
       c.max_split_size == SIZE_MAX ? "unlimited" : absl::StrCat(c.max_split_size / kMiB), c.memory_fraction,
       c.swap.host_limit / kMiB, c.swap.slab / kMiB, c.swap.copy_chunk / kMiB, c.swap.lookahead,
       c.swap.keep_last_layers, c.swap.min_bytes / kKiB);

@@ -36,6 +36,9 @@ struct Config {
   // Virtual bytes of idle stitched mappings kept for reuse; beyond it the least recently used
   // are unmapped and their chunks go back to their home mappings. nullopt: device capacity.
   std::optional<std::size_t> stitch_cache_bytes;
+  // Virtual bytes reserved behind each large-pool mapping so that it can grow in place
+  // (with stitching on). 0: mappings never grow.
+  std::size_t mapping_headroom = std::size_t{1} << 30;
   // As PyTorch's max_split_size_mb: blocks at least this large are never split.
   std::size_t max_split_size = SIZE_MAX;
   // Upper bound of reserved memory as a fraction of the device's total memory.

@@ -25,7 +25,7 @@ MappingStore::~MappingStore() {
       delete b;
       b = next;
     }
-    driver_.FreeReservation(m->va, m->size).IgnoreError();
+    driver_.FreeReservation(m->va, m->reserved).IgnoreError();
   }
   for (Block* b : spare_blocks_) delete b;
 }
@@ -82,22 +82,8 @@ std::optional<SlotRun> MappingStore::FreeSlots(Block* b) {
   return SlotRun{b, static_cast<std::uint32_t>(first), static_cast<std::uint32_t>(end - first)};
 }
 
-absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
-                                              const std::vector<SlotRun>& borrow, std::size_t fresh) {
-  STITCHALLOC_NVTX_RANGE(borrow.empty() ? "map new chunks" : "stitch");
-  std::vector<Chunk*> chunks;
-  for (const SlotRun& r : borrow) {
-    for (std::uint32_t k = 0; k < r.count; ++k) chunks.push_back(r.block->mapping->slots[r.first_slot + k]);
-  }
-  const std::size_t borrowed = chunks.size();
-  const std::size_t n = borrowed + fresh;
-  const std::size_t bytes = n * chunk_size;
-
-  auto va_or = driver_.Reserve(bytes);
-  if (!va_or.ok()) return va_or.status();
-  const DevicePtr va = *va_or;
-
-  std::vector<std::unique_ptr<Chunk>> created;
+absl::Status MappingStore::MapChunks(DevicePtr va, std::size_t chunk_size, std::vector<Chunk*>& chunks,
+                                     std::size_t fresh, std::vector<std::unique_ptr<Chunk>>& created) {
   absl::Status st;
   for (std::size_t i = 0; i < fresh && st.ok(); ++i) {
     auto h = driver_.CreateChunk(chunk_size);
@@ -111,38 +97,28 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
     chunks.push_back(c.get());
     created.push_back(std::move(c));
   }
+  const std::size_t n = chunks.size();
   std::size_t mapped = 0;
   for (; st.ok() && mapped < n; ++mapped) {
     ++stats_.num_map_calls;
     st = driver_.Map(va + mapped * chunk_size, chunk_size, chunks[mapped]->handle);
     if (!st.ok()) break;
   }
-  if (st.ok()) st = driver_.SetAccess(va, bytes);
-  if (!st.ok()) {
-    for (std::size_t i = 0; i < mapped; ++i) {
-      ++stats_.num_unmap_calls;
-      driver_.Unmap(va + i * chunk_size, chunk_size).IgnoreError();
-    }
-    for (auto& c : created) driver_.ReleaseChunk(c->handle).IgnoreError();
-    driver_.FreeReservation(va, bytes).IgnoreError();
-    return st;
+  if (st.ok()) st = driver_.SetAccess(va, n * chunk_size);
+  if (st.ok()) return st;
+  for (std::size_t i = 0; i < mapped; ++i) {
+    ++stats_.num_unmap_calls;
+    driver_.Unmap(va + i * chunk_size, chunk_size).IgnoreError();
   }
+  for (auto& c : created) driver_.ReleaseChunk(c->handle).IgnoreError();
+  created.clear();
+  return st;
+}
 
-  // Commit: nothing below can fail.
-  auto owned = std::make_unique<Mapping>();
-  Mapping* m = owned.get();
-  m->va = va;
-  m->size = bytes;
-  m->chunk_size = chunk_size;
-  m->kind = kind;
-  m->pool = pool;
-  m->stitched = borrowed > 0;
-  m->slots = chunks;
-  m->absent.assign(n, nullptr);
-  m->present = static_cast<int>(n);
-
+void MappingStore::Adopt(Mapping* m, std::uint32_t first_slot, const std::vector<SlotRun>& borrow,
+                         std::vector<std::unique_ptr<Chunk>>& created) {
   std::vector<Mapping*> sources;
-  std::uint32_t slot = 0;
+  std::uint32_t slot = first_slot;
   for (const SlotRun& r : borrow) {
     Mapping* from = r.block->mapping;
     CarveRun(r);
@@ -159,30 +135,22 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
     }
     sources.push_back(from);
   }
-  const int pool_index = static_cast<int>(kind);
+  const int pool_index = static_cast<int>(m->kind);
   for (auto& c : created) {
     c->home = c->owner = m;
     c->home_slot = c->owner_slot = slot++;
-    stats_.reserved_bytes.Add(pool_index, static_cast<std::int64_t>(chunk_size));
+    stats_.reserved_bytes.Add(pool_index, static_cast<std::int64_t>(c->size));
     ++stats_.num_device_alloc;
     Chunk* raw = c.get();
     chunks_.emplace(raw, std::move(c));
   }
-
-  Block* b = NewBlock();
-  b->ptr = va;
-  b->size = bytes;
-  b->mapping = m;
-  m->head = b;
-  mappings_.emplace(va, std::move(owned));
-  InsertFree(b);
-
-  stats_.segment.Add(pool_index, 1);
-  if (bytes >= max_split_size_) stats_.oversize_segments.Add(1);
-  if (borrowed > 0) {
+  if (!borrow.empty()) {
+    std::size_t borrowed = 0;
+    for (const SlotRun& r : borrow) borrowed += r.count;
     ++stats_.num_stitches;
-    stats_.stitched_bytes += static_cast<std::int64_t>(borrowed * chunk_size);
-    stats_.stitched_segment.Add(1);
+    stats_.stitched_bytes += static_cast<std::int64_t>(borrowed * m->chunk_size);
+    if (!m->stitched) stats_.stitched_segment.Add(1);
+    m->stitched = true;
   }
   for (Mapping* from : sources) {
     if (from->present == 0 && from->lent_home == 0 && from->idle() &&
@@ -190,7 +158,105 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
       emptied_.push_back(from);
     }
   }
+}
+
+absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
+                                              const std::vector<SlotRun>& borrow, std::size_t fresh,
+                                              std::size_t headroom) {
+  STITCHALLOC_NVTX_RANGE(borrow.empty() ? "map new chunks" : "stitch");
+  std::vector<Chunk*> chunks;
+  for (const SlotRun& r : borrow) {
+    for (std::uint32_t k = 0; k < r.count; ++k) chunks.push_back(r.block->mapping->slots[r.first_slot + k]);
+  }
+  const std::size_t n = chunks.size() + fresh;
+  const std::size_t bytes = n * chunk_size;
+  headroom = headroom / chunk_size * chunk_size;
+
+  auto va_or = driver_.Reserve(bytes + headroom);
+  if (!va_or.ok() && headroom > 0 && absl::IsResourceExhausted(va_or.status())) {
+    headroom = 0;  // no room in the address space for growing in place; a plain mapping will do
+    va_or = driver_.Reserve(bytes);
+  }
+  if (!va_or.ok()) return va_or.status();
+  const DevicePtr va = *va_or;
+
+  std::vector<std::unique_ptr<Chunk>> created;
+  if (absl::Status st = MapChunks(va, chunk_size, chunks, fresh, created); !st.ok()) {
+    driver_.FreeReservation(va, bytes + headroom).IgnoreError();
+    return st;
+  }
+
+  // Commit: nothing below can fail.
+  auto owned = std::make_unique<Mapping>();
+  Mapping* m = owned.get();
+  m->va = va;
+  m->size = bytes;
+  m->reserved = bytes + headroom;
+  m->chunk_size = chunk_size;
+  m->kind = kind;
+  m->pool = pool;
+  m->slots = chunks;
+  m->absent.assign(n, nullptr);
+  m->present = static_cast<int>(n);
+
+  Block* b = NewBlock();
+  b->ptr = va;
+  b->size = bytes;
+  b->mapping = m;
+  m->head = m->tail = b;
+  mappings_.emplace(va, std::move(owned));
+  Adopt(m, 0, borrow, created);
+  InsertFree(b);
+
+  stats_.segment.Add(static_cast<int>(kind), 1);
+  if (bytes >= max_split_size_) stats_.oversize_segments.Add(1);
   return m;
+}
+
+bool MappingStore::MapsChunk(const Mapping* m, const Chunk* c) {
+  if (c->home == m || c->owner == m) return true;
+  return std::any_of(c->stale.begin(), c->stale.end(), [m](const auto& view) { return view.first == m; });
+}
+
+absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRun>& borrow, std::size_t fresh) {
+  STITCHALLOC_NVTX_RANGE("grow mapping in place");
+  std::vector<Chunk*> chunks;
+  for (const SlotRun& r : borrow) {
+    for (std::uint32_t k = 0; k < r.count; ++k) {
+      Chunk* c = r.block->mapping->slots[r.first_slot + k];
+      if (MapsChunk(m, c)) {
+        // It cannot appear at a second place of the same mapping (its home slot or a stale
+        // view keeps it there).
+        return absl::InternalError("stitchalloc internal: a mapping cannot grow with its own chunks");
+      }
+      chunks.push_back(c);
+    }
+  }
+  const std::size_t n = chunks.size() + fresh;
+  if (n == 0 || n > m->headroom_slots()) {
+    return absl::InternalError("stitchalloc internal: growing a mapping beyond its reserved range");
+  }
+  const DevicePtr at = m->va + m->size;
+  std::vector<std::unique_ptr<Chunk>> created;
+  if (absl::Status st = MapChunks(at, m->chunk_size, chunks, fresh, created); !st.ok()) return st;
+
+  // Commit: nothing below can fail.
+  const bool was_oversize = m->size >= max_split_size_;
+  const auto first_slot = static_cast<std::uint32_t>(m->slots.size());
+  m->slots.insert(m->slots.end(), chunks.begin(), chunks.end());
+  m->absent.resize(m->slots.size(), nullptr);
+  m->present += static_cast<int>(n);
+  m->size += n * m->chunk_size;
+  Block* b = NewBlock();
+  b->ptr = at;
+  b->size = n * m->chunk_size;
+  b->mapping = m;
+  b->prev = m->tail;
+  m->tail->next = b;
+  m->tail = b;
+  Adopt(m, first_slot, borrow, created);
+  if (!was_oversize && m->size >= max_split_size_) stats_.oversize_segments.Add(1);
+  return MergeAndInsert(b);
 }
 
 void MappingStore::CarveRun(const SlotRun& run) {
@@ -233,7 +299,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
     prev = p;
   }
   prev->next = next;
-  if (next != nullptr) next->prev = prev;
+  if (next != nullptr) next->prev = prev; else m->tail = prev;
   DeleteBlock(b);
   for (Block* p : pieces) {
     if (p->is_free()) InsertFree(p);
@@ -261,7 +327,7 @@ Block* MappingStore::Carve(Block* b, std::size_t size, bool split, FreeSet::Map:
     rest->freed_at = b->freed_at;
     rest->prev = b;
     rest->next = b->next;
-    if (b->next != nullptr) b->next->prev = rest;
+    if (b->next != nullptr) b->next->prev = rest; else b->mapping->tail = rest;
     b->next = rest;
     b->size = size;
     InsertFree(rest, hint);
@@ -292,6 +358,7 @@ Block* MappingStore::MergeAndInsert(Block* b) {
     DeleteBlock(n);
   }
   if (b->prev == nullptr) m->head = b;
+  if (b->next == nullptr) m->tail = b;
   InsertFree(b, hint);
   return b;
 }
@@ -399,7 +466,7 @@ absl::Status MappingStore::Dissolve(Mapping* m) {
     DeleteBlock(b);
     b = next;
   }
-  Note(first, driver_.FreeReservation(m->va, m->size));
+  Note(first, driver_.FreeReservation(m->va, m->reserved));
   const int pool_index = static_cast<int>(m->kind);
   stats_.segment.Add(pool_index, -1);
   if (m->size >= max_split_size_) stats_.oversize_segments.Add(-1);

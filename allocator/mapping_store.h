@@ -45,8 +45,18 @@ class MappingStore {
   // the runs must lie in distinct blocks), lent by their current owners, then `fresh` new
   // chunks of `chunk_size`. The new mapping holds one free block covering it, in the pool's
   // free set. On failure nothing changes (created chunks are released, the range is freed).
+  // `headroom` more virtual bytes are reserved behind the range for Extend (best effort: when
+  // the address space cannot hold them, the mapping gets none).
   absl::StatusOr<Mapping*> Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
-                                  const std::vector<SlotRun>& borrow, std::size_t fresh);
+                                  const std::vector<SlotRun>& borrow, std::size_t fresh,
+                                  std::size_t headroom = 0);
+  // Grows `m` in place: maps the chunks of `borrow` (runs of other mappings, as for Create),
+  // then `fresh` new chunks, at its end, inside its headroom. The new range becomes free and
+  // merges with a free tail; returns that free block. On failure nothing changes.
+  absl::StatusOr<Block*> Extend(Mapping* m, const std::vector<SlotRun>& borrow, std::size_t fresh);
+
+  // Whether `m` maps chunk `c` anywhere (home, owner or stale view): then `m` cannot grow with it.
+  static bool MapsChunk(const Mapping* m, const Chunk* c);
 
   // The whole chunk slots inside free block `b`, if any.
   static std::optional<SlotRun> FreeSlots(Block* b);
@@ -90,6 +100,13 @@ class MappingStore {
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);
   void ReturnHome(Chunk* c);
+  // Driver work shared by Create and Extend: creates `fresh` chunks, maps `chunks` followed by
+  // them at va, sets access. On failure undoes all of it (the reservation stays).
+  absl::Status MapChunks(DevicePtr va, std::size_t chunk_size, std::vector<Chunk*>& chunks, std::size_t fresh,
+                         std::vector<std::unique_ptr<Chunk>>& created);
+  // Commit of borrowed runs and created chunks into slots [first_slot, ...) of `m`.
+  void Adopt(Mapping* m, std::uint32_t first_slot, const std::vector<SlotRun>& borrow,
+             std::vector<std::unique_ptr<Chunk>>& created);
   absl::Status UnmapSlot(Mapping* m, std::uint32_t slot);
   absl::Status ReleasePhysical(Chunk* c);
   void Note(absl::Status& first, absl::Status s) {

@@ -8,8 +8,12 @@
 //
 // Stitching: when no free block fits a large request, whole free chunks of other mappings are
 // borrowed, the requesting stream's own first, then the smallest free runs first (fragments
-// are used up, large free blocks are kept whole for large requests). New chunks make up any
-// shortfall.
+// are used up, large free blocks are kept whole for large requests). Wholly free small-pool
+// chunks count too when their size is the large pool's chunk size. New chunks make up any
+// shortfall. Before a new mapping is made, a mapping of the stream whose last block is free
+// grows in place (Headroom) by just the chunks the request still lacks, so a tail shorter
+// than a chunk is not left behind: the large pool then packs like PyTorch's
+// expandable_segments, while the chunks still come from anywhere.
 #pragma once
 
 #include <algorithm>
@@ -34,6 +38,7 @@ class Policy {
   Policy(const Config& config, std::size_t granularity, std::size_t chunk_size)
       : stitching_(config.stitching),
         max_split_size_(config.max_split_size),
+        headroom_(config.mapping_headroom / chunk_size * chunk_size),
         granularity_(granularity),
         chunk_size_(chunk_size) {}
 
@@ -47,10 +52,13 @@ class Policy {
     if (rounded >= max_split_size_ && block_size >= rounded + kLargeBuffer) return false;
     return true;
   }
-  bool ShouldSplit(std::size_t block_size, std::size_t rounded, PoolKind kind) const {
+  // `growable_tail`: the block ends its mapping and the mapping can grow in place, so a
+  // remainder of any size stays useful (the next growth joins it) and is split off.
+  bool ShouldSplit(std::size_t block_size, std::size_t rounded, PoolKind kind, bool growable_tail = false) const {
     if (block_size >= max_split_size_) return false;
     const std::size_t rest = block_size - rounded;
-    return kind == PoolKind::kSmall ? rest >= kMinBlockSize : rest > kSmallSize;
+    if (kind == PoolKind::kSmall) return rest >= kMinBlockSize;
+    return rest > kSmallSize || (growable_tail && rest >= kMinBlockSize);
   }
   std::size_t ChunkSize(PoolKind kind) const { return kind == PoolKind::kSmall ? granularity_ : chunk_size_; }
   // The fewest chunks that hold `rounded`.
@@ -68,7 +76,16 @@ class Policy {
     if (tail == 0) return exact;  // a whole number of chunks: nothing to pack
     return std::max(exact, kLargeBuffer / chunk_size_);
   }
-  bool MayStitch(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge; }
+  // The small pool stitches too (a one-chunk mapping of a borrowed chunk) when its chunks are
+  // the large pool's size: then no pool keeps free whole chunks while the other makes new ones.
+  bool MayStitch(PoolKind kind) const {
+    return stitching_ && (kind == PoolKind::kLarge || granularity_ == chunk_size_);
+  }
+  // Virtual headroom reserved behind a new mapping so that it can grow in place (part of
+  // stitching: off with it, and with max_split_size, whose oversize blocks never split).
+  std::size_t Headroom(PoolKind kind) const {
+    return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX ? headroom_ : 0;
+  }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
   bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
   std::size_t max_split_size() const { return max_split_size_; }
@@ -83,6 +100,7 @@ class Policy {
  private:
   bool stitching_;
   std::size_t max_split_size_;
+  std::size_t headroom_;
   std::size_t granularity_;
   std::size_t chunk_size_;
 };

@@ -21,6 +21,7 @@
 //   num_map_calls / num_unmap_calls   driver map/unmap calls
 //   num_dissolves                     stitched or emptied mappings unmapped
 //   num_cross_stream_reuses           free mappings moved to another stream after its events
+//   num_grows_in_place                mappings grown at their end instead of a new mapping
 #pragma once
 
 #include <array>
@@ -80,6 +81,7 @@ struct Stats {
   std::int64_t num_unmap_calls = 0;
   std::int64_t num_dissolves = 0;
   std::int64_t num_cross_stream_reuses = 0;
+  std::int64_t num_grows_in_place = 0;
 
   void ResetPeak();
   void ResetAccumulated();

@@ -155,7 +155,7 @@ TEST(CachingAllocator, OtherStreamsReuseFreeMappingsOnlyAfterTheirFence) {
 }
 
 TEST(CachingAllocator, IdleStitchedMappingIsReusedForTheSameRequest) {
-  auto f = MakeFixture();
+  auto f = MakeFixture("mapping_headroom_mb:0");  // two separate mappings to stitch from
   SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(4 * kMiB));
   SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(4 * kMiB));
   SA_ASSERT_OK(f.alloc->Free(a));
@@ -172,7 +172,7 @@ TEST(CachingAllocator, IdleStitchedMappingIsReusedForTheSameRequest) {
 }
 
 TEST(CachingAllocator, StitchCacheLimitUnmapsIdleStitchedMappings) {
-  auto f = MakeFixture("stitch_cache_mb:0");
+  auto f = MakeFixture("stitch_cache_mb:0,mapping_headroom_mb:0");
   SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(4 * kMiB));
   SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(4 * kMiB));
   SA_ASSERT_OK(f.alloc->Free(a));
@@ -290,6 +290,122 @@ TEST(CachingAllocator, MediumRequestsPackIntoOneMapping) {
   EXPECT_EQ(id.mapping_size, 4 * kMiB);
   SA_ASSERT_OK(g.alloc->Free(d));
   SA_EXPECT_OK(g.alloc->CheckInvariants());
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+// A 25 MiB request maps 13 chunks and leaves a 1 MiB free tail. The next one grows the same
+// mapping by 12 chunks that join the tail: two blocks back to back, 25 chunks for 50 MiB, where
+// a new mapping per request needs 26 (and PyTorch's 26 MiB segments as well).
+TEST(CachingAllocator, MappingGrowsInPlaceSoItsTailIsNotLost) {
+  for (const bool grow : {true, false}) {
+    auto f = MakeFixture(grow ? "" : "mapping_headroom_mb:0");
+    SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(25 * kMiB));
+    SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(25 * kMiB));
+    SA_ASSIGN_OR_FAIL(ia, f.alloc->Describe(a));
+    SA_ASSIGN_OR_FAIL(ib, f.alloc->Describe(b));
+    const Stats st = f.alloc->GetStats();
+    if (grow) {
+      EXPECT_EQ(ia.size, 25 * kMiB) << "the tail is split off: the next growth joins it";
+      EXPECT_EQ(ib.mapping_va, ia.mapping_va);
+      EXPECT_EQ(reinterpret_cast<std::uintptr_t>(b), reinterpret_cast<std::uintptr_t>(a) + 25 * kMiB);
+      EXPECT_EQ(ib.mapping_size, 50 * kMiB);
+      EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(50 * kMiB));
+      EXPECT_EQ(st.num_grows_in_place, 1);
+      EXPECT_EQ(st.segment.all().current, 1);
+    } else {
+      EXPECT_EQ(ia.size, 26 * kMiB) << "a 1 MiB remainder is not split (PyTorch's rule)";
+      EXPECT_NE(ib.mapping_va, ia.mapping_va);
+      EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(52 * kMiB));
+      EXPECT_EQ(st.num_grows_in_place, 0);
+    }
+    // Contents across the old end of the mapping survive, and every byte is in one block.
+    const auto bytes = Pattern(50 * kMiB, 3);
+    if (grow) {
+      SA_ASSERT_OK(Upload(f.alloc->driver(), a, bytes.data(), bytes.size()));
+      std::vector<std::uint8_t> back(bytes.size());
+      SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), a, back.size()));
+      EXPECT_EQ(back, bytes);
+    }
+    SA_EXPECT_OK(f.alloc->CheckInvariants());
+    SA_ASSERT_OK(f.alloc->Free(a));
+    SA_ASSERT_OK(f.alloc->Free(b));
+    SA_ASSERT_OK(f.alloc->EmptyCache());
+    EXPECT_EQ(f.host->live_reservations(), 0u) << "the headroom is released with its mapping";
+    EXPECT_EQ(f.host->physical_bytes_in_use(), 0u);
+    SA_EXPECT_OK(f.alloc->CheckInvariants());
+  }
+}
+
+// Growing in place borrows whole free chunks of other mappings like a stitch: the grown range
+// aliases them, bytes written through it read back through their home mapping.
+TEST(CachingAllocator, GrowingInPlaceBorrowsFreeChunksOfOtherMappings) {
+  auto f = MakeFixture("mapping_headroom_mb:24");  // 12 chunks of headroom per mapping
+  SA_ASSIGN_OR_FAIL(y1, f.alloc->Malloc(8 * kMiB));   // mapping B: 4 chunks
+  SA_ASSIGN_OR_FAIL(y2, f.alloc->Malloc(24 * kMiB));  // B grows by 12: its headroom is used up
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(25 * kMiB));   // mapping A: 13 chunks, a 1 MiB free tail
+  SA_ASSIGN_OR_FAIL(ix, f.alloc->Describe(x));
+  SA_ASSIGN_OR_FAIL(iy, f.alloc->Describe(y2));
+  ASSERT_NE(ix.mapping_va, iy.mapping_va);
+  SA_ASSERT_OK(f.alloc->Free(y1));  // B's first 4 chunks are free
+  const std::int64_t reserved = f.alloc->GetStats().reserved_bytes.all().current;
+  EXPECT_EQ(reserved, static_cast<std::int64_t>(58 * kMiB));
+  SA_ASSIGN_OR_FAIL(z, f.alloc->Malloc(9 * kMiB));  // A's tail + 4 chunks borrowed from B
+  SA_ASSIGN_OR_FAIL(iz, f.alloc->Describe(z));
+  EXPECT_EQ(iz.mapping_va, ix.mapping_va);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(z), reinterpret_cast<std::uintptr_t>(x) + 25 * kMiB);
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, reserved) << "no new chunk";
+  EXPECT_EQ(f.alloc->GetStats().num_stitches, 1);
+  EXPECT_TRUE(iz.stitched);
+  ASSERT_EQ(iz.chunks.size(), 5u);
+  EXPECT_FALSE(iz.chunks[0].borrowed);
+  const auto bytes = Pattern(9 * kMiB, 5);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), z, bytes.data(), bytes.size()));
+  for (std::size_t i = 1; i < 5; ++i) {
+    const ChunkView& v = iz.chunks[i];
+    EXPECT_TRUE(v.borrowed);
+    EXPECT_GE(v.home_address, iy.mapping_va);
+    EXPECT_LT(v.home_address, iy.mapping_va + iy.mapping_size);
+    const std::size_t offset = v.address - reinterpret_cast<std::uintptr_t>(z);
+    const std::size_t n = std::min<std::size_t>(v.size, bytes.size() - offset);
+    std::vector<std::uint8_t> got(n);
+    SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), reinterpret_cast<void*>(v.home_address), n));
+    EXPECT_EQ(0, std::memcmp(got.data(), bytes.data() + offset, n)) << "chunk " << i << " read through its home";
+  }
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  for (void* p : {x, y2, z}) SA_ASSERT_OK(f.alloc->Free(p));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->live_reservations(), 0u);
+  EXPECT_EQ(f.host->live_chunks(), 0u);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+// With the small pool's chunks the size of the large pool's, neither pool makes a new chunk
+// while the other holds a wholly free one.
+TEST(CachingAllocator, PoolsLendEachOtherWhollyFreeChunks) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(big, f.alloc->Malloc(4 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(big));
+  SA_ASSIGN_OR_FAIL(small, f.alloc->Malloc(4096));  // borrows a free chunk of the large mapping
+  Stats st = f.alloc->GetStats();
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(4 * kMiB));
+  EXPECT_EQ(st.num_stitches, 1);
+  SA_ASSIGN_OR_FAIL(is, f.alloc->Describe(small));
+  ASSERT_EQ(is.chunks.size(), 1u);
+  EXPECT_TRUE(is.chunks[0].borrowed);
+  SA_ASSERT_OK(f.alloc->Free(small));
+  // And back: the small pool's free chunk serves a large request with the large pool's other one.
+  SA_ASSIGN_OR_FAIL(big2, f.alloc->Malloc(4 * kMiB));
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, static_cast<std::int64_t>(4 * kMiB));
+  const auto bytes = Pattern(4 * kMiB, 9);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), big2, bytes.data(), bytes.size()));
+  std::vector<std::uint8_t> back(bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), big2, back.size()));
+  EXPECT_EQ(back, bytes);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  SA_ASSERT_OK(f.alloc->Free(big2));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->live_chunks(), 0u);
+  EXPECT_EQ(f.host->live_reservations(), 0u);
   SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 

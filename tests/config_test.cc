@@ -14,7 +14,7 @@ TEST(Config, DefaultsAndEveryKey) {
   EXPECT_EQ(c->driver.choice, DriverChoice::kAuto);
   auto all = ParseConfig(
       " driver:host, device:1,host_capacity_mb:512,host_granularity_kb:64,chunk_size_mb:4,stitching:off,"
-      "stitch_cache_mb:128,max_split_size_mb:64,memory_fraction:0.5,swap_host_limit_mb:4096,swap_slab_mb:64,"
+      "stitch_cache_mb:128,mapping_headroom_mb:256,max_split_size_mb:64,memory_fraction:0.5,swap_host_limit_mb:4096,swap_slab_mb:64,"
       "swap_copy_chunk_mb:4,swap_lookahead:2,swap_keep_last_layers:0,swap_min_kb:256 ");
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_EQ(all->driver.choice, DriverChoice::kHost);
@@ -24,6 +24,7 @@ TEST(Config, DefaultsAndEveryKey) {
   EXPECT_EQ(all->chunk_size, 4 * kMiB);
   EXPECT_FALSE(all->stitching);
   EXPECT_EQ(all->stitch_cache_bytes, 128 * kMiB);
+  EXPECT_EQ(all->mapping_headroom, 256 * kMiB);
   EXPECT_EQ(all->max_split_size, 64 * kMiB);
   EXPECT_DOUBLE_EQ(all->memory_fraction, 0.5);
   EXPECT_EQ(all->swap.host_limit, 4096 * kMiB);
@@ -55,6 +56,8 @@ TEST(Config, RejectionsNameTheKeyAndWhatIsAccepted) {
       {"chunk_size_mb:two", "key 'chunk_size_mb'"},
       {"stitching:maybe", "true or false"},
       {"stitch_cache_mb:-5", "key 'stitch_cache_mb'"},
+      {"mapping_headroom_mb:-1", "key 'mapping_headroom_mb'"},
+      {"mapping_headroom_mb:2000000", "from 0 to 1048576"},
       {"max_split_size_mb:20", "above 20"},
       {"memory_fraction:1.5", "(0, 1]"},
       {"swap_lookahead:0", "key 'swap_lookahead'"},

@@ -32,9 +32,10 @@ absl::StatusOr<std::unique_ptr<CachingAllocator>> Conformance::Make(const std::s
 }
 
 // Two 2-chunk mappings freed, then a 3-chunk request: stitched from both. Bytes written through
-// the stitched range read back through the chunks' home mappings, and the reverse.
+// the stitched range read back through the chunks' home mappings, and the reverse. (Without
+// headroom: growing in place would put the second block behind the first, in one mapping.)
 TEST_P(Conformance, StitchedRangeAliasesItsChunksBothWays) {
-  SA_ASSIGN_OR_FAIL(alloc, Make(""));
+  SA_ASSIGN_OR_FAIL(alloc, Make("mapping_headroom_mb:0"));
   Driver& d = alloc->driver();
   const std::size_t c = alloc->chunk_size();
   SA_ASSIGN_OR_FAIL(a, alloc->Malloc(2 * c));

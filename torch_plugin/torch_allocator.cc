@@ -472,17 +472,31 @@ cca::SnapshotInfo TorchAllocator::snapshot(c10::MempoolId_t mempool_id, bool inc
     PoolSet* set = devices_[d].load();
     if (set == nullptr) continue;
     for (const PoolSet::Segment& seg : set->Snapshot(ToPool(mempool_id))) {
+      // PyTorch's segments have no holes (blocks tile them from their address): a mapping
+      // with absent slots (chunks lent to another mapping, or trimmed) is reported as one
+      // segment per run of present blocks, so that the segments sum to reserved memory.
       cda::SegmentInfo s;
-      s.device = static_cast<DeviceIndex>(d);
-      s.address = seg.info.va;
-      s.total_size = seg.info.size;
-      s.stream = reinterpret_cast<void*>(seg.info.stream);
-      s.is_large = !seg.info.small_pool;
-      s.is_expandable = false;
-      s.owner_private_pool_id = {static_cast<c10::CaptureId_t>(seg.pool.first),
-                                 static_cast<c10::CaptureId_t>(seg.pool.second)};
+      bool open = false;
+      auto flush = [&] {
+        if (open) info.segments.push_back(std::move(s));
+        s = cda::SegmentInfo{};
+        open = false;
+      };
       for (const auto& b : seg.info.blocks) {
-        if (b.state == BlockState::kAbsent) continue;
+        if (b.state == BlockState::kAbsent) {
+          flush();
+          continue;
+        }
+        if (!open) {
+          open = true;
+          s.device = static_cast<DeviceIndex>(d);
+          s.address = b.ptr;
+          s.stream = reinterpret_cast<void*>(seg.info.stream);
+          s.is_large = !seg.info.small_pool;
+          s.is_expandable = false;
+          s.owner_private_pool_id = {static_cast<c10::CaptureId_t>(seg.pool.first),
+                                      static_cast<c10::CaptureId_t>(seg.pool.second)};
+        }
         cda::BlockInfo bi;
         bi.size = b.size;
         bi.requested_size = b.requested;
@@ -495,9 +509,10 @@ cca::SnapshotInfo TorchAllocator::snapshot(c10::MempoolId_t mempool_id, bool inc
           s.requested_size += b.requested;
         }
         if (bi.active) s.active_size += b.size;
+        s.total_size += b.size;
         s.blocks.push_back(std::move(bi));
       }
-      info.segments.push_back(std::move(s));
+      flush();
     }
   }
   std::lock_guard<std::mutex> lock(history_mu_);

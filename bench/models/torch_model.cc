@@ -365,6 +365,7 @@ absl::StatusOr<std::uint64_t> TorchAllocatorModel::Malloc(std::size_t size, std:
     pool.blocks.insert(rest);
   }
   b->allocated = true;
+  b->requested = size;
   active_.emplace(b->ptr, b);
   counters_.allocated += static_cast<std::int64_t>(b->size);
   counters_.allocated_peak = std::max(counters_.allocated_peak, counters_.allocated);
@@ -431,6 +432,24 @@ absl::Status TorchAllocatorModel::CheckInvariants() const {
     if (at != base + seg->size) return absl::InternalError(absl::StrFormat("segment %#x not fully tiled", base));
   }
   return absl::OkStatus();
+}
+
+TorchModelMemory TorchAllocatorModel::Memory() const {
+  TorchModelMemory m;
+  for (const auto& [ptr, b] : active_) {
+    m.requested += static_cast<std::int64_t>(b->requested);
+    m.rounding += static_cast<std::int64_t>(b->size - b->requested);
+  }
+  for (const Block* b : small_.blocks) m.free_small += static_cast<std::int64_t>(b->size);
+  for (const Block* b : large_.blocks) {
+    const std::uint64_t first = (b->ptr + kRoundLarge - 1) / kRoundLarge * kRoundLarge;
+    const std::uint64_t last = (b->ptr + b->size) / kRoundLarge * kRoundLarge;
+    const std::int64_t pages = last > first ? static_cast<std::int64_t>(last - first) : 0;
+    m.free_pages += pages;
+    m.free_pieces += static_cast<std::int64_t>(b->size) - pages;
+  }
+  m.segments = static_cast<std::int64_t>(segments_.size());
+  return m;
 }
 
 }  // namespace stitchalloc::bench

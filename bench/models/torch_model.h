@@ -56,6 +56,11 @@ struct TorchModelCounters {
   std::int64_t retries = 0;  // num_alloc_retries: mallocs that released all cached blocks and retried
 };
 
+// Where the model's reserved bytes sit (see MemoryBreakdown in bench/replay/replay.h).
+struct TorchModelMemory {
+  std::int64_t requested = 0, rounding = 0, free_small = 0, free_pages = 0, free_pieces = 0, segments = 0;
+};
+
 class TorchAllocatorModel {
  public:
   static constexpr std::size_t kMinBlockSize = 512;
@@ -85,6 +90,8 @@ class TorchAllocatorModel {
   // Sizes of the segments allocated (cudaMalloc) or pages mapped (expandable), in order.
   const std::vector<std::size_t>& segment_log() const { return segment_log_; }
   absl::Status CheckInvariants() const;
+  // Reserved bytes by use; free large-pool bytes split into whole 2 MiB pages and the rest.
+  TorchModelMemory Memory() const;
 
  private:
   struct Pool;
@@ -99,6 +106,7 @@ class TorchAllocatorModel {
     Block* next = nullptr;
     bool allocated = false;
     bool mapped = true;
+    std::size_t requested = 0;
     std::uint64_t gc_base = 0;
   };
   struct BySize {

@@ -51,6 +51,31 @@ class StitchallocReplay final : public ReplayAllocator {
     r.segment_allocs = s.num_device_alloc;
   }
   absl::Status CheckInvariants() const override { return alloc_->CheckInvariants(); }
+  MemoryBreakdown Breakdown() const override {
+    MemoryBreakdown m;
+    m.reserved = alloc_->GetStats().reserved_bytes.pools[kPoolAll].current;
+    const std::size_t chunk = alloc_->chunk_size();
+    for (const SegmentInfo& seg : alloc_->Snapshot()) {
+      ++m.segments;
+      for (const SegmentInfo::BlockSummary& b : seg.blocks) {
+        const auto size = static_cast<std::int64_t>(b.size);
+        if (b.state == BlockState::kAllocated || b.state == BlockState::kPending) {
+          m.requested += static_cast<std::int64_t>(b.requested);
+          m.rounding += size - static_cast<std::int64_t>(b.requested);
+        } else if (b.state == BlockState::kFree && seg.small_pool) {
+          m.free_small += size;
+        } else if (b.state == BlockState::kFree) {
+          // Whole chunk slots inside the block, counted from the mapping's base.
+          const DevicePtr first = seg.va + (b.ptr - seg.va + chunk - 1) / chunk * chunk;
+          const DevicePtr last = seg.va + (b.ptr + b.size - seg.va) / chunk * chunk;
+          const std::int64_t whole = last > first ? static_cast<std::int64_t>(last - first) : 0;
+          m.free_chunks += whole;
+          m.free_pieces += size - whole;
+        }
+      }
+    }
+    return m;
+  }
 
  private:
   std::unique_ptr<CachingAllocator> alloc_;
@@ -79,6 +104,18 @@ class TorchReplay final : public ReplayAllocator {
     r.segment_log = model_.segment_log();
   }
   absl::Status CheckInvariants() const override { return model_.CheckInvariants(); }
+  MemoryBreakdown Breakdown() const override {
+    const TorchModelMemory t = model_.Memory();
+    MemoryBreakdown m;
+    m.reserved = model_.counters().reserved;
+    m.requested = t.requested;
+    m.rounding = t.rounding;
+    m.free_small = t.free_small;
+    m.free_chunks = t.free_pages;
+    m.free_pieces = t.free_pieces;
+    m.segments = t.segments;
+    return m;
+  }
 
  private:
   TorchAllocatorModel model_;
@@ -140,7 +177,8 @@ absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy
   absl::flat_hash_map<std::uint64_t, std::pair<std::uint64_t, std::uint64_t>> live;  // id -> (handle, rounded)
   live.reserve(1024);
   std::int64_t allocated = 0;
-  const std::size_t n = trace.events.size();
+  const std::size_t n = options.stop_after > 0 ? std::min(options.stop_after, trace.events.size()) : trace.events.size();
+  std::int64_t peak_seen = -1;
   const std::size_t stride =
       options.timeline_points > 0 ? std::max<std::size_t>(1, n / options.timeline_points) : 0;
   TimelinePoint window;
@@ -174,6 +212,18 @@ absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy
       allocated -= static_cast<std::int64_t>(it->second.second);
       live.erase(it);
     }
+    if (options.check_every_event) {
+      if (absl::Status s = alloc.CheckInvariants(); !s.ok()) {
+        return absl::Status(s.code(), absl::StrFormat("replay of %s on %s, after event %d: %s", trace.name, policy.name,
+                                                      i, s.message()));
+      }
+    }
+    if (options.track_peak_event) {
+      if (const std::int64_t reserved = alloc.Reserved(); reserved > peak_seen) {
+        peak_seen = reserved;
+        r.peak_reserved_event = i + 1;
+      }
+    }
     if (stride > 0) {
       window.allocated = std::max(window.allocated, allocated);
       window.reserved = std::max(window.reserved, alloc.Reserved());
@@ -197,7 +247,31 @@ absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy
   if (progress_shown) std::fprintf(stderr, "\r%*s\r", 100, "");
   alloc.Report(r);
   if (options.check_invariants) r.check_status = alloc.CheckInvariants();
+  if (options.stop_after > 0) r.breakdown = alloc.Breakdown();
   return r;
+}
+
+absl::StatusOr<MemoryBreakdown> ExplainPeak(const Trace& trace, const PolicySpec& policy, const ReplayOptions& options) {
+  ReplayOptions o = options;
+  o.timeline_points = 0;
+  o.check_invariants = false;
+  o.stop_after = 0;
+  o.track_peak_event = true;
+  absl::StatusOr<ReplayResult> full = Replay(trace, policy, o);
+  if (!full.ok()) return full.status();
+  if (full->peak_reserved_event == 0) return MemoryBreakdown{};
+  o.track_peak_event = false;
+  o.stop_after = full->peak_reserved_event;
+  absl::StatusOr<ReplayResult> paused = Replay(trace, policy, o);
+  if (!paused.ok()) return paused.status();
+  MemoryBreakdown m = paused->breakdown;
+  m.event = full->peak_reserved_event;
+  if (m.reserved != full->peak_reserved) {
+    return absl::InternalError(absl::StrFormat(
+        "replay of %s on %s is not repeatable: reserved %d at event %d, %d the first time", trace.name, policy.name,
+        m.reserved, m.event, full->peak_reserved));
+  }
+  return m;
 }
 
 }  // namespace stitchalloc::bench

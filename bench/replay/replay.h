@@ -47,6 +47,24 @@ struct ReplayOptions {
   std::size_t timeline_points = 0;                     // 0: no timeline
   bool progress = true;                                // progress on stderr past 2 s
   bool check_invariants = false;                       // CheckInvariants after the replay
+  bool check_every_event = false;                      // ... and after every event (slow; tests)
+  // Stop after this many events (0: the whole trace). With it a replay can be paused at a
+  // chosen moment and the policy's memory inspected (ExplainPeak).
+  std::size_t stop_after = 0;
+  bool track_peak_event = false;                       // find the event of peak reserved
+};
+
+// Where a policy's reserved bytes sit at one moment. Every reserved byte is in exactly one
+// field: requested + rounding + free_* == reserved.
+struct MemoryBreakdown {
+  std::size_t event = 0;           // after this many events
+  std::int64_t reserved = 0;
+  std::int64_t requested = 0;      // bytes the live allocations asked for
+  std::int64_t rounding = 0;       // allocated blocks beyond the request (512 B rounding, unsplit tails)
+  std::int64_t free_small = 0;     // cached in the small pool
+  std::int64_t free_chunks = 0;    // large pool: free whole chunks (stitchalloc may borrow them)
+  std::int64_t free_pieces = 0;    // large pool: free bytes in chunks that are partly in use
+  std::int64_t segments = 0;
 };
 
 struct TimelinePoint {
@@ -71,6 +89,8 @@ struct ReplayResult {
   double seconds = 0;
   std::vector<TimelinePoint> timeline;
   std::vector<std::size_t> segment_log;  // torch models: sizes of their segment allocations
+  std::size_t peak_reserved_event = 0;
+  MemoryBreakdown breakdown;             // with stop_after: the policy's memory where it stopped   // with track_peak_event: events replayed when the peak was reached
   absl::Status check_status;             // CheckInvariants' verdict when asked for
 
   double ratio() const { return peak_allocated > 0 ? double(peak_reserved) / double(peak_allocated) : 0.0; }
@@ -87,11 +107,17 @@ class ReplayAllocator {
   // Fills the counters of `result` (everything but the trace-level fields).
   virtual void Report(ReplayResult& result) const = 0;
   virtual absl::Status CheckInvariants() const = 0;
+  // The current breakdown of reserved memory (event left 0).
+  virtual MemoryBreakdown Breakdown() const = 0;
 };
 
 absl::StatusOr<std::unique_ptr<ReplayAllocator>> MakeReplayAllocator(const PolicySpec& policy,
                                                                     const ReplayOptions& options);
 
 absl::StatusOr<ReplayResult> Replay(const Trace& trace, const PolicySpec& policy, const ReplayOptions& options);
+
+// Replays the trace twice: once to find the event at which reserved memory peaks, once up to
+// that event, and returns the breakdown of reserved memory there.
+absl::StatusOr<MemoryBreakdown> ExplainPeak(const Trace& trace, const PolicySpec& policy, const ReplayOptions& options);
 
 }  // namespace stitchalloc::bench

@@ -39,6 +39,9 @@ ABSL_FLAG(std::string, write_traces, "", "write every generated trace to this di
 ABSL_FLAG(std::uint64_t, seed, 1, "seed of the generated traces");
 ABSL_FLAG(int, gen_steps, 0, "training steps of the generated traces (0: each trace's default)");
 ABSL_FLAG(bool, check, false, "check the allocator's invariants after each replay");
+ABSL_FLAG(bool, check_every_event, false, "check the allocator's invariants after every event (slow)");
+ABSL_FLAG(bool, explain_peak, false,
+          "after each replay, say where the policy's reserved bytes sit at its peak (replays twice)");
 ABSL_FLAG(bool, validate_segments, false,
           "compare the native model's segment allocations with the trace's segment_alloc events");
 
@@ -108,7 +111,8 @@ int Run(const std::vector<char*>& args) {
   const std::string driver = absl::GetFlag(FLAGS_driver);
   if (driver != "host" && driver != "cuda") return Fail(absl::InvalidArgumentError("--driver must be host or cuda"));
   options.cuda_driver = driver == "cuda";
-  options.check_invariants = absl::GetFlag(FLAGS_check);
+  options.check_invariants = absl::GetFlag(FLAGS_check) || absl::GetFlag(FLAGS_check_every_event);
+  options.check_every_event = absl::GetFlag(FLAGS_check_every_event);
 
   std::vector<std::string> inputs;
   for (std::size_t i = 1; i < args.size(); ++i) {
@@ -150,6 +154,16 @@ int Run(const std::vector<char*>& args) {
                   r->ratio(), static_cast<long long>(r->ooms), static_cast<long long>(r->retries),
                   static_cast<long long>(r->stitches), static_cast<long long>(r->map_calls),
                   static_cast<long long>(r->unmap_calls), r->events_per_second());
+      if (absl::GetFlag(FLAGS_explain_peak)) {
+        absl::StatusOr<MemoryBreakdown> m = ExplainPeak(*trace, policy, o);
+        if (!m.ok()) return Fail(m.status());
+        std::printf("  peak at event %zu: %s reserved = %s requested + %s rounding + free: %s small pool, %s whole "
+                    "chunks, %s pieces of partly used chunks (%lld segments)\n",
+                    m->event, FormatBytes(m->reserved).c_str(), FormatBytes(m->requested).c_str(),
+                    FormatBytes(m->rounding).c_str(), FormatBytes(m->free_small).c_str(),
+                    FormatBytes(m->free_chunks).c_str(), FormatBytes(m->free_pieces).c_str(),
+                    static_cast<long long>(m->segments));
+      }
       std::fflush(stdout);
       if (absl::GetFlag(FLAGS_validate_segments) && policy.kind == PolicyKind::kNative) {
         std::vector<std::size_t> recorded;

@@ -202,3 +202,50 @@ def test_converted_real_trace_replays(tmp_path):
     assert peak / 2**30 == pytest.approx(12.97, abs=0.006)
     for p in policies.values():
         assert p["ooms"] == 0 and p["peak_reserved_bytes"] >= peak
+
+
+EVENT_CSVS = ["cs336_Wedsonlin_medium_128_inference", "cs336_Wedsonlin_medium_512_inference",
+              "cs336_notHanmin_memory_snapshot_forward",
+              "cs336_notHanmin_memory_snapshot_forward_without_mixed"]
+# Where stitchalloc's peak reserved is still above the expandable_segments model's (docs/results.md):
+# sub-chunk pieces left around borrowed chunks. Guarded so that it cannot get worse unnoticed.
+ABOVE_EXPANDABLE = {"cs336_notHanmin_memory_snapshot": 1.005,
+                    "cs336_notHanmin_memory_snapshot_forward": 1.005,
+                    "cs336_notHanmin_memory_snapshot_forward_without_mixed": 1.016}
+
+
+def test_every_shared_trace_meets_the_fragmentation_bound(tmp_path):
+    """The bench issue's target on the eight shared traces: stitchalloc reserves at most 5% above
+    the live bytes and never more than the native model; the expandable model is beaten except
+    where ABOVE_EXPANDABLE says by how much it may lead. The allocator's invariants are checked
+    after the replay, and after every event on the two short inference traces."""
+    replay = os.environ.get("STITCHALLOC_REPLAY")
+    if not replay or not os.path.isdir(DATA):
+        pytest.skip("set STITCHALLOC_REPLAY to the stitchalloc-replay binary (scripts/test.sh does)")
+    paths = []
+    for name in RAW:
+        path = tmp_path / (name + ".trace.gz")
+        convert_snapshot(load_snapshot(os.path.join(DATA, "raw", name + ".pickle")), name).write(str(path))
+        paths.append(path)
+    for name in EVENT_CSVS:
+        path = tmp_path / (name + ".trace.gz")
+        convert_events_csv(os.path.join(DATA, "converted", name + ".events.csv.gz"), name).write(str(path))
+        paths.append(path)
+    js = tmp_path / "r.json"
+    r = subprocess.run([replay, "--compare", "--check", "--json", str(js)] + [str(p) for p in paths],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+    traces = json.loads(js.read_text())["traces"]
+    assert len(traces) == 8
+    for t in traces:
+        policies = {p["policy"]: p for p in t["policies"]}
+        ours = policies["stitchalloc"]
+        assert ours["ooms"] == 0
+        assert ours["ratio"] <= 1.05, (t["trace"], ours["ratio"])
+        assert ours["peak_reserved_bytes"] <= policies["native"]["peak_reserved_bytes"], t["trace"]
+        lead = ABOVE_EXPANDABLE.get(t["trace"], 1.0)
+        assert ours["peak_reserved_bytes"] <= lead * policies["expandable"]["peak_reserved_bytes"], t["trace"]
+    r = subprocess.run([replay, "--check_every_event", str(paths[4]), str(paths[5])],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
