@@ -352,8 +352,13 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
       const std::size_t fresh_if_new = exact - std::min(exact, lendable + own);
       if (fresh <= fresh_if_new && (fresh == 0 || reserved + fresh * chunk <= limit_)) {
         std::vector<SlotRun> borrow = policy_.ChooseStitch(std::move(candidates), need);
+        // An idle mapping leaves the idle cache first: that accounts for it by its size.
+        if (m->idle()) OnBusy(m);
         auto tail = store_->Extend(m, borrow, fresh);
-        if (!tail.ok()) return tail.status();
+        if (!tail.ok()) {
+          if (m->idle()) OnIdle(m);
+          return tail.status();
+        }
         ++stats_.num_grows_in_place;
         for (Mapping* e : store_->TakeEmptied()) Retire(e);
         return *tail;
@@ -795,6 +800,12 @@ absl::Status CachingAllocator::CheckInvariants() const {
   if (active_bytes != stats_.active_bytes.all().current) return fail("active_bytes statistic");
   if (reserved != stats_.reserved_bytes.all().current) return fail("reserved_bytes statistic");
   if (split_bytes != stats_.inactive_split_bytes.all().current) return fail("inactive_split_bytes statistic");
+  std::size_t idle_bytes = 0;
+  for (const Mapping* m : idle_lru_) {
+    if (!m->idle() || !m->stitched) return fail("a busy or unstitched mapping in the idle stitch cache");
+    idle_bytes += m->size;
+  }
+  if (idle_bytes != idle_stitched_bytes_) return fail("idle stitch cache bytes");
   if (static_cast<std::int64_t>(store_->mappings().size()) != stats_.segment.all().current) {
     return fail("segment statistic");
   }

@@ -372,7 +372,16 @@ TEST(CachingAllocator, GrowingInPlaceBorrowsFreeChunksOfOtherMappings) {
     EXPECT_EQ(0, std::memcmp(got.data(), bytes.data() + offset, n)) << "chunk " << i << " read through its home";
   }
   SA_EXPECT_OK(f.alloc->CheckInvariants());
-  for (void* p : {x, y2, z}) SA_ASSERT_OK(f.alloc->Free(p));
+  // A, now stitched, goes idle (the idle stitch cache holds it) and then grows again.
+  SA_ASSERT_OK(f.alloc->Free(x));
+  SA_ASSERT_OK(f.alloc->Free(z));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  SA_ASSIGN_OR_FAIL(w, f.alloc->Malloc(40 * kMiB));
+  EXPECT_EQ(w, x) << "the idle mapping grows in place";
+  EXPECT_EQ(f.alloc->GetStats().num_grows_in_place, 3);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  for (void* p : {w, y2}) SA_ASSERT_OK(f.alloc->Free(p));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
   SA_ASSERT_OK(f.alloc->EmptyCache());
   EXPECT_EQ(f.host->live_reservations(), 0u);
   EXPECT_EQ(f.host->live_chunks(), 0u);
