@@ -276,7 +276,7 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, const Mapping* exclude) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
   for (const auto& [stream, p] : pools_) {
@@ -285,7 +285,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
     for (auto it = set.LowerBound(chunk_size_); it != set.end(); ++it) {
       Block* b = it->second;
       if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
-      if (b->mapping == exclude || (!same && !p->Fenced(b->freed_at))) continue;
+      if (!same && !p->Fenced(b->freed_at)) continue;
       if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
     }
     // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
@@ -331,12 +331,15 @@ Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded
 absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
   const std::size_t chunk = policy_.ChunkSize(kind);
   const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  // Lendable chunks, gathered once for growing in place and for a new mapping.
+  const std::vector<Policy::Candidate> all =
+      policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
   if (policy_.Headroom(kind) > 0) {
     std::size_t need = 0;
     if (Mapping* m = GrowableMapping(pool, rounded, &need)) {
       // Growing cannot borrow the mapping's own free chunks: when a new stitched mapping
       // would need fewer new chunks, that is made instead.
-      std::vector<Policy::Candidate> candidates = StitchCandidates(pool, nullptr);
+      std::vector<Policy::Candidate> candidates = all;
       auto owns = [m](const Policy::Candidate& c) {
         const Mapping* from = c.run.block->mapping;
         for (std::uint32_t k = 0; k < c.run.count; ++k) {
@@ -371,7 +374,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
   std::size_t fresh = 0;
   for (;;) {
     borrow.clear();
-    if (policy_.MayStitch(kind)) borrow = policy_.ChooseStitch(StitchCandidates(pool, nullptr), need);
+    if (!all.empty()) borrow = policy_.ChooseStitch(all, need);
     std::size_t borrowed = 0;
     for (const SlotRun& r : borrow) borrowed += r.count;
     fresh = need - borrowed;
