@@ -145,7 +145,9 @@ absl::Status SwapManager::Prefetch(Ticket t) {
   {
     MutexLock l(&mu_);
     auto it = tickets_.find(t);
-    if (it == tickets_.end()) return absl::NotFoundError(absl::StrFormat("swap manager: no ticket %d", t));
+    // Gone (another thread claimed or cancelled it after the caller saw it), already coming
+    // back, or never left: nothing to prefetch. Claim reports a missing ticket itself.
+    if (it == tickets_.end()) return absl::OkStatus();
     if (it->second.state != TicketState::kOffloading && it->second.state != TicketState::kOnHost) return absl::OkStatus();
     bytes = it->second.bytes;
   }

@@ -136,7 +136,8 @@ class SwapManager {
       : alloc_(a), pool_(p), engine_(e), compute_(compute), options_(o) {}
 
   absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Issues the prefetch of one ticket; takes mu_ itself (allocates without it).
+  // Issues the prefetch of one ticket; takes mu_ itself (allocates without it). A ticket that
+  // is gone meanwhile (claimed or cancelled by another thread) is no error: nothing to do.
   absl::Status Prefetch(Ticket t);
   void PollLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives the original device block back: release() for a borrowed block, Free otherwise.
