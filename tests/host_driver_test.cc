@@ -153,5 +153,103 @@ TEST(HostDriver, MemcpyAsyncCopiesInStreamOrder) {
   EXPECT_TRUE(absl::IsNotFound(d->MemcpyAsync(dst.data(), src.data(), 1, 12345)));
 }
 
+
+TEST(HostDriver, ReservationsGetTheSameAddressesInEveryRun) {
+  // Two drivers given the same calls place every reservation at the same offset from the first
+  // one, lowest address first, and a freed range is the first reused: replays repeat exactly.
+  std::vector<std::size_t> offsets[2];
+  for (int run = 0; run < 2; ++run) {
+    auto d = Make();
+    SA_ASSIGN_OR_FAIL(a, d->Reserve(3 * kGran));
+    SA_ASSIGN_OR_FAIL(b, d->Reserve(kGran));
+    SA_ASSIGN_OR_FAIL(c, d->Reserve(5 * kGran));
+    EXPECT_EQ(b, a + 3 * kGran);
+    EXPECT_EQ(c, b + kGran);
+    SA_ASSERT_OK(d->FreeReservation(b, kGran));
+    SA_ASSIGN_OR_FAIL(b2, d->Reserve(kGran));
+    EXPECT_EQ(b2, b) << "the freed range is the lowest fit";
+    SA_ASSERT_OK(d->FreeReservation(a, 3 * kGran));
+    SA_ASSERT_OK(d->FreeReservation(b2, kGran));
+    SA_ASSIGN_OR_FAIL(big, d->Reserve(4 * kGran));
+    EXPECT_EQ(big, a) << "freed neighbours coalesce";
+    // The recycled range works like a new one: map, write, read back through an alias.
+    SA_ASSIGN_OR_FAIL(h, d->CreateChunk(kGran));
+    SA_ASSERT_OK(d->Map(big + 3 * kGran, kGran, h));
+    SA_ASSERT_OK(d->Map(c, kGran, h));
+    SA_ASSERT_OK(d->SetAccess(big + 3 * kGran, kGran));
+    SA_ASSERT_OK(d->SetAccess(c, kGran));
+    reinterpret_cast<unsigned char*>(big + 3 * kGran)[5] = 0x77;
+    EXPECT_EQ(reinterpret_cast<unsigned char*>(c)[5], 0x77);
+    SA_ASSERT_OK(d->Unmap(big + 3 * kGran, kGran));
+    SA_ASSERT_OK(d->Unmap(c, kGran));
+    SA_ASSERT_OK(d->ReleaseChunk(h));
+    offsets[run] = {b - a, c - a, b2 - a, big - a};
+    SA_ASSERT_OK(d->FreeReservation(big, 4 * kGran));
+    SA_ASSERT_OK(d->FreeReservation(c, 5 * kGran));
+    EXPECT_EQ(d->live_reservations(), 0u);
+  }
+  EXPECT_EQ(offsets[0], offsets[1]);
+}
+
+TEST(HostDriver, UnbackedKeepsEveryCheckButHoldsNoBytes) {
+  HostDriverOptions o{4 * kGran, kGran};
+  o.backed = false;
+  SA_ASSIGN_OR_FAIL(d, HostDriver::Create(o));
+  EXPECT_NE(d->name().find("unbacked"), std::string::npos) << d->name();
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(3 * kGran));
+  EXPECT_TRUE(absl::IsResourceExhausted(d->CreateChunk(2 * kGran).status())) << "capacity is still enforced";
+  SA_ASSIGN_OR_FAIL(va, d->Reserve(4 * kGran));
+  SA_ASSERT_OK(d->Map(va, 3 * kGran, h));
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->Map(va + kGran, 3 * kGran, h))) << "overlap is still rejected";
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->SetAccess(va, 4 * kGran))) << "the unmapped gap is still seen";
+  SA_ASSERT_OK(d->SetAccess(va, 3 * kGran));
+  // Device memory holds nothing: copies in or out are refused, host-to-host copies still run.
+  std::vector<std::uint8_t> src = Pattern(256, 9), dst(256);
+  absl::Status in = d->MemcpyAsync(reinterpret_cast<void*>(va + 100), src.data(), src.size(), kDefaultStream);
+  EXPECT_TRUE(absl::IsFailedPrecondition(in)) << in;
+  EXPECT_NE(std::string(in.message()).find("unbacked"), std::string::npos) << in;
+  EXPECT_TRUE(absl::IsFailedPrecondition(
+      d->MemcpyAsync(dst.data(), reinterpret_cast<void*>(va + 3 * kGran - 1), 1, kDefaultStream)));
+  SA_ASSERT_OK(d->MemcpyAsync(dst.data(), src.data(), src.size(), kDefaultStream));
+  SA_ASSERT_OK(d->SynchronizeStream(kDefaultStream));
+  EXPECT_EQ(dst, src);
+  // Release while mapped still waits for the last Unmap.
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+  EXPECT_EQ(d->physical_bytes_in_use(), 3 * kGran);
+  SA_ASSERT_OK(d->Unmap(va, 3 * kGran));
+  EXPECT_EQ(d->physical_bytes_in_use(), 0u);
+  EXPECT_EQ(d->live_chunks(), 0u);
+  SA_ASSERT_OK(d->FreeReservation(va, 4 * kGran));
+}
+
+TEST(HostDriver, InlineStreamsFinishWorkBeforeSubmissionReturns) {
+  HostDriverOptions o{16 * kMiB, kGran};
+  o.inline_streams = true;
+  SA_ASSIGN_OR_FAIL(d, HostDriver::Create(o));
+  SA_ASSIGN_OR_FAIL(s, d->CreateStream());
+  SA_ASSIGN_OR_FAIL(e, d->CreateEvent());
+  const std::thread::id caller = std::this_thread::get_id();
+  std::vector<int> order;
+  std::thread::id ran_on;
+  SA_ASSERT_OK(d->Enqueue(s, [&]() {
+    order.push_back(1);
+    ran_on = std::this_thread::get_id();
+  }));
+  EXPECT_EQ(order, std::vector<int>{1}) << "work ran at submission";
+  EXPECT_EQ(ran_on, caller);
+  SA_ASSERT_OK(d->RecordEvent(e, s));
+  SA_ASSIGN_OR_FAIL(done, d->QueryEvent(e));
+  EXPECT_TRUE(done);
+  SA_ASSERT_OK(d->StreamWaitEvent(kDefaultStream, e));
+  SA_ASSERT_OK(d->Enqueue(kDefaultStream, [&]() { order.push_back(2); }));
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
+  std::vector<std::uint8_t> src = Pattern(64, 4), dst(64);
+  SA_ASSERT_OK(d->MemcpyAsync(dst.data(), src.data(), src.size(), s));
+  EXPECT_EQ(dst, src);
+  SA_ASSERT_OK(d->DestroyStream(s));
+  EXPECT_TRUE(absl::IsNotFound(d->Enqueue(s, []() {})));
+  EXPECT_TRUE(absl::IsNotFound(d->RecordEvent(e, s)));
+}
+
 }  // namespace
 }  // namespace stitchalloc::testing

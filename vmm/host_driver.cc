@@ -56,6 +56,7 @@ absl::StatusOr<std::unique_ptr<HostDriver>> HostDriver::Create(const HostDriverO
         "host driver: capacity %d is not a positive multiple of the granularity %d",
         options.capacity, options.granularity));
   }
+  if (!options.backed) return std::unique_ptr<HostDriver>(new HostDriver(options, -1));
   int fd = memfd_create("stitchalloc-host-device", MFD_CLOEXEC);
   if (fd < 0) return Errno("memfd_create");
   // Twice the capacity, sparse: see the header.
@@ -71,6 +72,22 @@ HostDriver::HostDriver(const HostDriverOptions& options, int fd) : options_(opti
   {
     MutexLock l(&mem_mu_);
     free_phys_.emplace(0, 2 * options.capacity);
+    // The device's own address space (see the header); halve until the process can map it.
+    const std::size_t gran = options.granularity;
+    std::size_t want = std::min(std::max(16 * options.capacity, kTiB), 64 * kTiB);
+    for (; want >= 2 * options.capacity && want >= 64 * gran; want /= 2) {
+      void* raw = mmap(nullptr, want + gran, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (raw == MAP_FAILED) continue;
+      const DevicePtr base = reinterpret_cast<DevicePtr>(raw);
+      const DevicePtr aligned = RoundUp(base, gran);
+      if (aligned > base) munmap(raw, aligned - base);
+      const DevicePtr end = base + want + gran;
+      if (end > aligned + want) munmap(reinterpret_cast<void*>(aligned + want), end - (aligned + want));
+      va_base_ = aligned;
+      va_size_ = want;
+      free_va_.emplace(aligned, want);
+      break;
+    }
   }
   MutexLock l(&streams_mu_);
   streams_.emplace(kDefaultStream, StartStream());
@@ -83,6 +100,7 @@ HostDriver::~HostDriver() {
     streams.swap(streams_);
   }
   for (auto& [id, s] : streams) {
+    if (!s->worker.joinable()) continue;  // inline streams
     {
       MutexLock l(&s->mu);
       s->stopping = true;
@@ -91,14 +109,17 @@ HostDriver::~HostDriver() {
     s->worker.join();
   }
   MutexLock l(&mem_mu_);
-  for (const auto& [va, size] : reservations_) munmap(reinterpret_cast<void*>(va), size);
+  for (const auto& [va, size] : reservations_) {
+    if (!InRegion(va)) munmap(reinterpret_cast<void*>(va), size);
+  }
+  if (va_size_ > 0) munmap(reinterpret_cast<void*>(va_base_), va_size_);
   for (const auto& [ptr, size] : pinned_) munmap(ptr, size);
-  close(fd_);
+  if (fd_ >= 0) close(fd_);
 }
 
 std::string HostDriver::name() const {
-  return absl::StrFormat("host (capacity %s, granularity %s)", FormatBytes(options_.capacity),
-                         FormatBytes(options_.granularity));
+  return absl::StrFormat("host (capacity %s, granularity %s%s)", FormatBytes(options_.capacity),
+                         FormatBytes(options_.granularity), options_.backed ? "" : ", unbacked");
 }
 
 absl::Status HostDriver::CheckAligned(const char* what, DevicePtr va, std::size_t bytes) const {
@@ -138,7 +159,7 @@ absl::StatusOr<PhysHandle> HostDriver::CreateChunk(std::size_t bytes) {
 
 void HostDriver::FreePhysical(const ChunkRec& chunk) {
   // Return the pages to the system; the range reads as zeros if reused.
-  fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
+  if (fd_ >= 0) fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
             static_cast<off_t>(chunk.size));
   std::size_t offset = chunk.offset;
   std::size_t size = chunk.size;
@@ -174,8 +195,43 @@ absl::Status HostDriver::ReleaseChunk(PhysHandle handle) {
   return absl::OkStatus();
 }
 
+DevicePtr HostDriver::TakeVa(std::size_t bytes) {
+  for (auto it = free_va_.begin(); it != free_va_.end(); ++it) {
+    if (it->second < bytes) continue;
+    const DevicePtr va = it->first;
+    const std::size_t rest = it->second - bytes;
+    free_va_.erase(it);
+    if (rest > 0) free_va_.emplace(va + bytes, rest);
+    return va;
+  }
+  return 0;
+}
+
+void HostDriver::ReturnVa(DevicePtr va, std::size_t bytes) {
+  auto next = free_va_.lower_bound(va);
+  if (next != free_va_.end() && va + bytes == next->first) {
+    bytes += next->second;
+    next = free_va_.erase(next);
+  }
+  if (next != free_va_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == va) {
+      prev->second += bytes;
+      return;
+    }
+  }
+  free_va_.emplace(va, bytes);
+}
+
 absl::StatusOr<DevicePtr> HostDriver::Reserve(std::size_t bytes) {
   if (auto s = CheckAligned("Reserve", 0, bytes); !s.ok()) return s;
+  {
+    MutexLock l(&mem_mu_);
+    if (const DevicePtr va = TakeVa(bytes); va != 0) {
+      reservations_.emplace(va, bytes);
+      return va;  // already PROT_NONE: the region's, or the placeholder a previous Unmap left
+    }
+  }
   const std::size_t gran = options_.granularity;
   void* raw = mmap(nullptr, bytes + gran, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) {
@@ -214,7 +270,11 @@ absl::Status HostDriver::FreeReservation(DevicePtr va, std::size_t bytes) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "host driver: FreeReservation(%s, %d): chunk still mapped at %s", FormatAddress(va), bytes, FormatAddress(m->first)));
   }
-  munmap(reinterpret_cast<void*>(va), bytes);
+  if (InRegion(va)) {
+    ReturnVa(va, bytes);
+  } else {
+    munmap(reinterpret_cast<void*>(va), bytes);
+  }
   reservations_.erase(it);
   return absl::OkStatus();
 }
@@ -284,6 +344,7 @@ absl::Status HostDriver::SetAccess(DevicePtr va, std::size_t bytes) {
   if (auto s = CheckAligned("SetAccess", va, bytes); !s.ok()) return s;
   MutexLock l(&mem_mu_);
   if (auto s = CheckCovered("SetAccess", va, bytes, /*exact=*/false); !s.ok()) return s;
+  if (!options_.backed) return absl::OkStatus();
   // Materialize pending chunks, one MAP_SHARED mmap per run of chunks that are consecutive
   // both in the address space and in the memfd; chunks mapped earlier only change protection.
   bool any_materialized = false;
@@ -321,9 +382,11 @@ absl::Status HostDriver::Unmap(DevicePtr va, std::size_t bytes) {
   MutexLock l(&mem_mu_);
   if (auto s = CheckCovered("Unmap", va, bytes, /*exact=*/true); !s.ok()) return s;
   // Put the reservation's PROT_NONE placeholder back over the whole range at once.
-  void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) return Errno("mmap of an unmap placeholder");
+  if (options_.backed) {
+    void* p = mmap(reinterpret_cast<void*>(va), bytes, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return Errno("mmap of an unmap placeholder");
+  }
   auto it = maps_.find(va);
   while (it != maps_.end() && it->first < va + bytes) {
     auto c = chunks_.find(it->second.handle);
@@ -395,7 +458,7 @@ absl::Status HostDriver::FreeHostPinned(void* ptr) {
 
 std::unique_ptr<HostDriver::HostStream> HostDriver::StartStream() {
   auto s = std::make_unique<HostStream>();
-  s->worker = std::thread(&HostDriver::WorkerLoop, s.get());
+  if (!options_.inline_streams) s->worker = std::thread(&HostDriver::WorkerLoop, s.get());
   return s;
 }
 
@@ -414,6 +477,16 @@ void HostDriver::WorkerLoop(HostStream* s) {
 }
 
 absl::Status HostDriver::Submit(Stream stream, absl::AnyInvocable<void() &&> op) {
+  if (options_.inline_streams) {
+    {
+      MutexLock l(&streams_mu_);
+      if (!streams_.contains(stream)) {
+        return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
+      }
+    }
+    std::move(op)();
+    return absl::OkStatus();
+  }
   MutexLock l(&streams_mu_);
   auto it = streams_.find(stream);
   if (it == streams_.end()) {
@@ -452,6 +525,7 @@ absl::Status HostDriver::DestroyStream(Stream stream) {
     s = std::move(it->second);
     streams_.erase(it);
   }
+  if (!s->worker.joinable()) return absl::OkStatus();  // inline: its work is done
   {
     MutexLock l(&s->mu);
     s->stopping = true;  // the worker drains the queue first, as cuStreamDestroy lets work finish
@@ -566,6 +640,19 @@ absl::Status HostDriver::MemcpyAsync(void* dst, const void* src, std::size_t byt
   if (bytes == 0) return absl::OkStatus();
   if (dst == nullptr || src == nullptr) {
     return absl::InvalidArgumentError("host driver: MemcpyAsync with a null pointer");
+  }
+  if (!options_.backed) {
+    MutexLock l(&mem_mu_);
+    for (const void* p : {static_cast<const void*>(dst), src}) {
+      const DevicePtr a = reinterpret_cast<DevicePtr>(p);
+      auto it = reservations_.upper_bound(a + bytes - 1);
+      if (it != reservations_.begin() && std::prev(it)->first + std::prev(it)->second > a) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "host driver: MemcpyAsync(%p <- %p, %d): device memory of an unbacked host driver (host_backing:false) "
+            "holds no bytes",
+            dst, src, bytes));
+      }
+    }
   }
   return Submit(stream, [dst, src, bytes]() { std::memcpy(dst, src, bytes); });
 }

@@ -6,8 +6,14 @@
 //   (chunks_: handle -> offset, size, number of live mappings). free_phys_ holds the unused
 //   file ranges, coalesced. Releasing a chunk punches a hole (fallocate) so its pages really
 //   return to the system; a chunk released while mapped is kept until its last Unmap.
-// - A reservation is an mmap(PROT_NONE, MAP_NORESERVE) range aligned to the granularity
-//   (reservations_: base -> size).
+// - The device's address space is one mmap(PROT_NONE, MAP_NORESERVE) region made at creation
+//   (va_base_, va_size_: 16x the capacity, at least 1 TiB, at most 64 TiB; smaller where the
+//   process cannot map that much, e.g. under a sanitizer). A reservation is a range of it
+//   chosen first-fit from the lowest address (free_va_: coalesced free ranges), so a program
+//   that makes the same calls gets the same addresses relative to va_base_ in every run, as on
+//   a GPU whose virtual address space is its own; replays are then repeatable. Should the
+//   region run out, a reservation falls back to its own mmap outside it.
+//   reservations_: base -> size of every reservation, in or outside the region.
 // - Map records the chunk at an address of a reservation (maps_: address -> size, chunk, file
 //   offset; entries never overlap); the range stays inaccessible (the reservation's PROT_NONE)
 //   until SetAccess, as CUDA requires cuMemSetAccess. SetAccess materializes the pending
@@ -18,9 +24,20 @@
 //   contiguous file range while less than `capacity` bytes are in use; `used_` enforces the
 //   capacity.
 //
+// Unbacked mode (HostDriverOptions::backed = false) keeps every structure and check above but
+// creates no memfd and materializes nothing: reservations are still real PROT_NONE ranges (so
+// addresses are unique and never collide with process memory), chunks are offsets of a file
+// that does not exist, SetAccess and Unmap only update maps_. Device memory is then neither
+// readable nor writable and MemcpyAsync refuses any range inside a reservation. It serves
+// stitchalloc-replay, whose traces never touch bytes and whose speed should measure the
+// allocator rather than the kernel's mmap.
+//
 // Streams are worker threads, each running its queue in order; an event record enqueues the
 // completion of a fresh token, so Query/Synchronize/StreamWaitEvent look at exactly the work
-// that preceded the most recent Record (as CUDA does).
+// that preceded the most recent Record (as CUDA does). With inline_streams there are no
+// threads: work runs when it is submitted, so every event has completed when Record returns,
+// as on a GPU with no kernels queued. A replay (no kernels) is then deterministic: the
+// allocator's event-gated steps no longer depend on when a worker thread got scheduled.
 #pragma once
 
 #include <cstddef>
@@ -40,6 +57,8 @@ namespace stitchalloc {
 struct HostDriverOptions {
   std::size_t capacity = 16 * kGiB;    // emulated device memory
   std::size_t granularity = 2 * kMiB;  // a multiple of the system page size
+  bool backed = true;                  // false: bookkeeping only, no memory behind the chunks
+  bool inline_streams = false;         // true: stream work runs at submission, on the caller's thread
 };
 
 class HostDriver final : public Driver {
@@ -116,6 +135,10 @@ class HostDriver final : public Driver {
   absl::Status CheckCovered(const char* what, DevicePtr va, std::size_t bytes, bool exact) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
   void FreePhysical(const ChunkRec& chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+  // A granularity-aligned range of `bytes` from the region (first fit, lowest address), or 0.
+  DevicePtr TakeVa(std::size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+  void ReturnVa(DevicePtr va, std::size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
+  bool InRegion(DevicePtr va) const { return va >= va_base_ && va < va_base_ + va_size_; }
 
   absl::Status Submit(Stream stream, absl::AnyInvocable<void() &&> op);
   absl::StatusOr<std::shared_ptr<Token>> LastToken(Event event);
@@ -131,6 +154,9 @@ class HostDriver final : public Driver {
   absl::btree_map<std::size_t, std::size_t> free_phys_ ABSL_GUARDED_BY(mem_mu_);
   absl::flat_hash_map<PhysHandle, ChunkRec> chunks_ ABSL_GUARDED_BY(mem_mu_);
   absl::btree_map<DevicePtr, std::size_t> reservations_ ABSL_GUARDED_BY(mem_mu_);
+  DevicePtr va_base_ = 0;  // the address-space region; 0 when none could be mapped
+  std::size_t va_size_ = 0;
+  absl::btree_map<DevicePtr, std::size_t> free_va_ ABSL_GUARDED_BY(mem_mu_);  // free ranges of the region
   absl::btree_map<DevicePtr, MapRec> maps_ ABSL_GUARDED_BY(mem_mu_);
   std::size_t used_ ABSL_GUARDED_BY(mem_mu_) = 0;
   PhysHandle next_handle_ ABSL_GUARDED_BY(mem_mu_) = 1;

@@ -23,6 +23,7 @@ inline constexpr Stream kDefaultStream = 0;
 inline constexpr std::size_t kKiB = std::size_t{1} << 10;
 inline constexpr std::size_t kMiB = std::size_t{1} << 20;
 inline constexpr std::size_t kGiB = std::size_t{1} << 30;
+inline constexpr std::size_t kTiB = std::size_t{1} << 40;
 
 struct MemInfo {
   std::size_t free_bytes = 0;   // physical memory the driver could still hand out

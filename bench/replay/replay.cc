@@ -151,7 +151,19 @@ absl::StatusOr<std::unique_ptr<ReplayAllocator>> MakeReplayAllocator(const Polic
       if (!options.stitchalloc_config.empty()) absl::StrAppend(&text, ",", options.stitchalloc_config);
       absl::StatusOr<Config> config = ParseConfig(text);
       if (!config.ok()) return config.status();
-      absl::StatusOr<std::unique_ptr<CachingAllocator>> alloc = CachingAllocator::Create(*config);
+      absl::StatusOr<std::unique_ptr<CachingAllocator>> alloc;
+      if (config->driver.choice == DriverChoice::kHost) {
+        // The replay launches no kernels and touches no bytes: streams complete at once
+        // (deterministic) and, unless asked for, no memory backs the chunks (host_driver.h).
+        HostDriverOptions host = config->driver.host;
+        host.backed = options.host_backing;
+        host.inline_streams = true;
+        absl::StatusOr<std::unique_ptr<HostDriver>> driver = HostDriver::Create(host);
+        if (!driver.ok()) return driver.status();
+        alloc = CachingAllocator::Create(*config, *std::move(driver));
+      } else {
+        alloc = CachingAllocator::Create(*config);
+      }
       if (!alloc.ok()) return alloc.status();
       return std::unique_ptr<ReplayAllocator>(new StitchallocReplay(*std::move(alloc)));
     }

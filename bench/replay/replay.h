@@ -44,6 +44,7 @@ struct ReplayOptions {
   std::string stitchalloc_config;                     // extra "key:value,..." for stitchalloc
   TorchModelOptions torch;                             // settings of the torch models (device_memory overridden)
   bool cuda_driver = false;                            // stitchalloc on the real CUDA driver
+  bool host_backing = false;                           // host driver with real memory behind the chunks
   std::size_t timeline_points = 0;                     // 0: no timeline
   bool progress = true;                                // progress on stderr past 2 s
   bool check_invariants = false;                       // CheckInvariants after the replay

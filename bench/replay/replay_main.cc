@@ -35,6 +35,13 @@ ABSL_FLAG(std::string, stitchalloc_config, "", "extra stitchalloc configuration 
 ABSL_FLAG(std::string, torch_config, "",
           "settings of the torch models: max_split_size_mb:N,garbage_collection_threshold:F,memory_fraction:F");
 ABSL_FLAG(std::string, driver, "host", "driver of the stitchalloc policies: host or cuda");
+ABSL_FLAG(bool, host_backing, false,
+          "host driver: put real memory (a memfd, one mmap per run of chunks) behind the stitchalloc policies' "
+          "chunks; off, the driver keeps all its bookkeeping and checks but maps nothing (replays never touch "
+          "bytes), so events/s measures the allocator rather than the kernel's mmap");
+ABSL_FLAG(int, repeat, 1,
+          "replay each trace on each policy this many times (1-100): the figures must be identical every time "
+          "(the replay is deterministic) and events/s is the median run's");
 ABSL_FLAG(std::string, write_traces, "", "write every generated trace to this directory (as NAME.trace.gz)");
 ABSL_FLAG(std::uint64_t, seed, 1, "seed of the generated traces");
 ABSL_FLAG(int, gen_steps, 0, "training steps of the generated traces (0: each trace's default)");
@@ -111,6 +118,9 @@ int Run(const std::vector<char*>& args) {
   const std::string driver = absl::GetFlag(FLAGS_driver);
   if (driver != "host" && driver != "cuda") return Fail(absl::InvalidArgumentError("--driver must be host or cuda"));
   options.cuda_driver = driver == "cuda";
+  options.host_backing = absl::GetFlag(FLAGS_host_backing);
+  const int repeat = absl::GetFlag(FLAGS_repeat);
+  if (repeat < 1 || repeat > 100) return Fail(absl::InvalidArgumentError("--repeat must be in [1, 100]"));
   options.check_invariants = absl::GetFlag(FLAGS_check) || absl::GetFlag(FLAGS_check_every_event);
   options.check_every_event = absl::GetFlag(FLAGS_check_every_event);
 
@@ -149,6 +159,27 @@ int Run(const std::vector<char*>& args) {
       absl::StatusOr<ReplayResult> r = Replay(*trace, policy, o);
       if (!r.ok()) return Fail(r.status());
       if (!r->check_status.ok()) return Fail(r->check_status);
+      if (repeat > 1) {
+        std::vector<double> seconds = {r->seconds};
+        ReplayOptions again = o;
+        again.timeline_points = 0;
+        again.check_invariants = false;
+        for (int k = 1; k < repeat; ++k) {
+          absl::StatusOr<ReplayResult> r2 = Replay(*trace, policy, again);
+          if (!r2.ok()) return Fail(r2.status());
+          if (r2->peak_reserved != r->peak_reserved || r2->peak_allocated != r->peak_allocated ||
+              r2->ooms != r->ooms || r2->map_calls != r->map_calls) {
+            return Fail(absl::InternalError(absl::StrFormat(
+                "replay of %s on %s is not repeatable: run %d reserved %d (allocated %d, %d OOMs, %d maps), "
+                "run 1 reserved %d (allocated %d, %d OOMs, %d maps)",
+                trace->name, policy.name, k + 1, r2->peak_reserved, r2->peak_allocated, r2->ooms, r2->map_calls,
+                r->peak_reserved, r->peak_allocated, r->ooms, r->map_calls)));
+          }
+          seconds.push_back(r2->seconds);
+        }
+        std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+        r->seconds = seconds[seconds.size() / 2];
+      }
       std::printf("%-36s %-21s %12s %12s %9.3f %5lld %7lld %8lld %8lld %8lld %12.0f\n", trace->name.c_str(),
                   policy.name.c_str(), FormatBytes(r->peak_allocated).c_str(), FormatBytes(r->peak_reserved).c_str(),
                   r->ratio(), static_cast<long long>(r->ooms), static_cast<long long>(r->retries),
@@ -192,6 +223,7 @@ int Run(const std::vector<char*>& args) {
     std::ofstream out(path);
     if (!out) return Fail(absl::PermissionDeniedError(absl::StrCat("cannot create ", path)));
     out << "{\"device_memory_bytes\":" << options.device_memory << ",\"driver\":" << JsonString(driver)
+        << ",\"host_backing\":" << (options.host_backing ? "true" : "false") << ",\"repeat\":" << repeat
         << ",\"traces\":[";
     for (std::size_t t = 0; t < results.size(); ++t) {
       const TraceSummary sum = Summarize(traces[t]);
