@@ -243,7 +243,11 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
   for (int attempt = 0;; ++attempt) {
     if (Block* b = BestFit(pool, kind, rounded)) return b;
     if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
-    auto grown = Grow(pool, kind, rounded);
+    // Holes between live blocks lend chunks when much is free, and always before giving up.
+    const bool lend_holes =
+        Policy::HolesMayLend(stats_.reserved_bytes.all().current, stats_.allocated_bytes.all().current);
+    auto grown = Grow(pool, kind, rounded, lend_holes);
+    if (!lend_holes && absl::IsResourceExhausted(grown.status())) grown = Grow(pool, kind, rounded, true);
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
     if (attempt > 0 && !last_resort) return grown.status();
@@ -276,7 +280,7 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, bool lend_holes) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
   for (const auto& [stream, p] : pools_) {
@@ -286,7 +290,11 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
       Block* b = it->second;
       if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
       if (!same && !p->Fenced(b->freed_at)) continue;
-      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
+      auto run = MappingStore::FreeSlots(b);
+      if (!run) continue;
+      const bool hole = b->size != run->count * b->mapping->chunk_size;
+      if (hole && !lend_holes) continue;
+      out.push_back({*run, same});
     }
     // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
     // mapping, whose chunk serves the large pool as well when the chunk sizes agree.
@@ -328,12 +336,13 @@ Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded
   return best;
 }
 
-absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
+absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded,
+                                              bool lend_holes) {
   const std::size_t chunk = policy_.ChunkSize(kind);
   const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
   // Lendable chunks, gathered once for growing in place and for a new mapping.
   const std::vector<Policy::Candidate> all =
-      policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
+      policy_.MayStitch(kind) ? StitchCandidates(pool, lend_holes) : std::vector<Policy::Candidate>{};
   if (policy_.Headroom(kind) > 0) {
     std::size_t need = 0;
     if (Mapping* m = GrowableMapping(pool, rounded, &need)) {

@@ -150,9 +150,12 @@ class CachingAllocator {
   absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded,
                                     bool last_resort) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `lend_holes`: free blocks that are holes between live blocks lend chunks too (policy.h).
+  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded, bool lend_holes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free whole chunks that can be lent to a new or growing mapping of `pool`.
-  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, bool lend_holes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
   Mapping* GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

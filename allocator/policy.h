@@ -10,7 +10,20 @@
 // borrowed, the requesting stream's own first, then the smallest free runs first (fragments
 // are used up, large free blocks are kept whole for large requests). Wholly free small-pool
 // chunks count too when their size is the large pool's chunk size. New chunks make up any
-// shortfall. Before a new mapping is made, a mapping of the stream whose last block is free
+// shortfall.
+//
+// A free block whose whole chunks do not cover it (it starts or ends inside a chunk) is a
+// hole between live blocks: lending its chunks leaves pieces smaller than a chunk on either
+// side, and the hole can no longer take a request of its old size. In a training step such a
+// hole is typically refilled by the next layer's temporary of the same size, which would then
+// need new memory. So such blocks lend only while the cache holds much free memory (free
+// bytes >= reserved / kFragmentingLendDivisor: a pattern that leaves holes it never refills,
+// where stitching is what keeps memory compact); below that, new chunks are mapped instead,
+// which keeps reserved / allocated under about 24/23 (1.044) at that point. Under memory
+// pressure (the limit or the device is reached) every block lends. Blocks that are whole
+// chunks (mapping tails, wholly free mappings, stitched ranges) always lend.
+//
+// Before a new mapping is made, a mapping of the stream whose last block is free
 // grows in place (Headroom) by just the chunks the request still lacks, so a tail shorter
 // than a chunk is not left behind: the large pool then packs like PyTorch's
 // expandable_segments, while the chunks still come from anywhere.
@@ -88,6 +101,12 @@ class Policy {
   }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
   bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
+  // Whether free blocks that are holes (see the file comment) lend their chunks, given the
+  // device's reserved and allocated bytes.
+  static constexpr std::int64_t kFragmentingLendDivisor = 24;
+  static bool HolesMayLend(std::int64_t reserved, std::int64_t allocated) {
+    return (reserved - allocated) * kFragmentingLendDivisor >= reserved;
+  }
   std::size_t max_split_size() const { return max_split_size_; }
 
   struct Candidate {

@@ -418,6 +418,58 @@ TEST(CachingAllocator, PoolsLendEachOtherWhollyFreeChunks) {
   SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 
+// A free block between live blocks that does not start and end on chunk boundaries (a hole)
+// lends its chunks only when much of the cache is free or memory is short (policy.h): while
+// little is free, it is kept whole for the next request of its size.
+TEST(CachingAllocator, HolesLendChunksOnlyWhenMuchIsFreeOrMemoryIsShort) {
+  auto f = MakeFixture("mapping_headroom_mb:0");
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(300 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(x));
+  // One 300 MiB mapping: p1 [0, 3.5) h1 [3.5, 8.5) p2 [8.5, 12) h2 [12, 17) p3 [17, 300) MiB.
+  SA_ASSIGN_OR_FAIL(p1, f.alloc->Malloc(3 * kMiB + 512 * kKiB));
+  SA_ASSIGN_OR_FAIL(h1, f.alloc->Malloc(5 * kMiB));
+  SA_ASSIGN_OR_FAIL(p2, f.alloc->Malloc(3 * kMiB + 512 * kKiB));
+  SA_ASSIGN_OR_FAIL(h2, f.alloc->Malloc(5 * kMiB));
+  SA_ASSIGN_OR_FAIL(p3, f.alloc->Malloc(283 * kMiB));
+  ASSERT_EQ(h1, static_cast<char*>(x) + 3 * kMiB + 512 * kKiB);
+  ASSERT_EQ(p3, static_cast<char*>(x) + 17 * kMiB);
+  SA_ASSERT_OK(f.alloc->Free(h1));
+  SA_ASSERT_OK(f.alloc->Free(h2));
+  // 10 MiB free of 300 MiB reserved (< 1/24): an 8 MiB request, which no hole holds, gets new
+  // chunks although the holes hold four whole ones between them.
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(8 * kMiB));
+  Stats st = f.alloc->GetStats();
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
+  EXPECT_EQ(st.num_stitches, 0);
+  // So the next request of a hole's size still fits in one, without new memory.
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(5 * kMiB));
+  EXPECT_EQ(b, h1);
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+
+  // With the limit at what is reserved, the holes lend before the request fails.
+  SA_ASSERT_OK(f.alloc->SetMemoryFraction(308.0 / 4096.0));
+  SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(8 * kMiB));
+  st = f.alloc->GetStats();
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
+  EXPECT_EQ(st.num_stitches, 1);
+  EXPECT_EQ(st.num_ooms, 0);
+  SA_ASSIGN_OR_FAIL(ic, f.alloc->Describe(c));
+  ASSERT_EQ(ic.chunks.size(), 4u);
+  for (const ChunkView& v : ic.chunks) EXPECT_TRUE(v.borrowed);
+  const auto bytes = Pattern(8 * kMiB, 21);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), c, bytes.data(), bytes.size()));
+  std::vector<std::uint8_t> back(bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), c, back.size()));
+  EXPECT_EQ(back, bytes);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  for (void* p : {a, c, p1, p2, p3}) SA_ASSERT_OK(f.alloc->Free(p));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->live_chunks(), 0u);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
 TEST(CachingAllocator, AutoDriverFallsBackToHostWithAReason) {
   auto cfg = ParseConfig("driver:auto,host_capacity_mb:64");
   ASSERT_TRUE(cfg.ok());
