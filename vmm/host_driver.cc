@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -39,6 +40,39 @@ namespace {
 
 absl::Status Errno(const char* what) {
   return absl::InternalError(absl::StrFormat("host driver: %s failed: %s", what, std::strerror(errno)));
+}
+
+// Free ranges (start -> length, coalesced) of the memfd and of the address-space region.
+using FreeRanges = absl::btree_map<std::size_t, std::size_t>;
+
+// The lowest range start of `bytes` (first fit), taken out of `free`; nullopt if none fits.
+std::optional<std::size_t> TakeFirstFit(FreeRanges& free, std::size_t bytes) {
+  for (auto it = free.begin(); it != free.end(); ++it) {
+    if (it->second < bytes) continue;
+    const std::size_t start = it->first;
+    const std::size_t rest = it->second - bytes;
+    free.erase(it);
+    if (rest > 0) free.emplace(start + bytes, rest);
+    return start;
+  }
+  return std::nullopt;
+}
+
+// Puts [start, start + bytes) back, merged with its free neighbours.
+void ReturnRange(FreeRanges& free, std::size_t start, std::size_t bytes) {
+  auto next = free.lower_bound(start);
+  if (next != free.end() && start + bytes == next->first) {
+    bytes += next->second;
+    next = free.erase(next);
+  }
+  if (next != free.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == start) {
+      prev->second += bytes;
+      return;
+    }
+  }
+  free.emplace(start, bytes);
 }
 
 
@@ -143,40 +177,21 @@ absl::StatusOr<PhysHandle> HostDriver::CreateChunk(std::size_t bytes) {
         "host driver: out of device memory: chunk of %s requested, %s of %s in use",
         FormatBytes(bytes), FormatBytes(used_), FormatBytes(options_.capacity)));
   }
-  for (auto it = free_phys_.begin(); it != free_phys_.end(); ++it) {
-    if (it->second < bytes) continue;
-    const std::size_t offset = it->first;
-    const std::size_t rest = it->second - bytes;
-    free_phys_.erase(it);
-    if (rest > 0) free_phys_.emplace(offset + bytes, rest);
-    const PhysHandle h = next_handle_++;
-    chunks_.emplace(h, ChunkRec{offset, bytes, 0, false});
-    used_ += bytes;
-    return h;
-  }
-  return absl::ResourceExhaustedError("host driver: no contiguous range left in the device memfd");
+  const std::optional<std::size_t> offset = TakeFirstFit(free_phys_, bytes);
+  if (!offset) return absl::ResourceExhaustedError("host driver: no contiguous range left in the device memfd");
+  const PhysHandle h = next_handle_++;
+  chunks_.emplace(h, ChunkRec{*offset, bytes, 0, false});
+  used_ += bytes;
+  return h;
 }
 
 void HostDriver::FreePhysical(const ChunkRec& chunk) {
   // Return the pages to the system; the range reads as zeros if reused.
-  if (fd_ >= 0) fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
-            static_cast<off_t>(chunk.size));
-  std::size_t offset = chunk.offset;
-  std::size_t size = chunk.size;
-  auto next = free_phys_.lower_bound(offset);
-  if (next != free_phys_.end() && offset + size == next->first) {
-    size += next->second;
-    next = free_phys_.erase(next);
+  if (fd_ >= 0) {
+    fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
+              static_cast<off_t>(chunk.size));
   }
-  if (next != free_phys_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == offset) {
-      prev->second += size;
-      used_ -= chunk.size;
-      return;
-    }
-  }
-  free_phys_.emplace(offset, size);
+  ReturnRange(free_phys_, chunk.offset, chunk.size);
   used_ -= chunk.size;
 }
 
@@ -195,41 +210,13 @@ absl::Status HostDriver::ReleaseChunk(PhysHandle handle) {
   return absl::OkStatus();
 }
 
-DevicePtr HostDriver::TakeVa(std::size_t bytes) {
-  for (auto it = free_va_.begin(); it != free_va_.end(); ++it) {
-    if (it->second < bytes) continue;
-    const DevicePtr va = it->first;
-    const std::size_t rest = it->second - bytes;
-    free_va_.erase(it);
-    if (rest > 0) free_va_.emplace(va + bytes, rest);
-    return va;
-  }
-  return 0;
-}
-
-void HostDriver::ReturnVa(DevicePtr va, std::size_t bytes) {
-  auto next = free_va_.lower_bound(va);
-  if (next != free_va_.end() && va + bytes == next->first) {
-    bytes += next->second;
-    next = free_va_.erase(next);
-  }
-  if (next != free_va_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == va) {
-      prev->second += bytes;
-      return;
-    }
-  }
-  free_va_.emplace(va, bytes);
-}
-
 absl::StatusOr<DevicePtr> HostDriver::Reserve(std::size_t bytes) {
   if (auto s = CheckAligned("Reserve", 0, bytes); !s.ok()) return s;
   {
     MutexLock l(&mem_mu_);
-    if (const DevicePtr va = TakeVa(bytes); va != 0) {
-      reservations_.emplace(va, bytes);
-      return va;  // already PROT_NONE: the region's, or the placeholder a previous Unmap left
+    if (const std::optional<std::size_t> va = TakeFirstFit(free_va_, bytes)) {
+      reservations_.emplace(*va, bytes);
+      return *va;  // already PROT_NONE: the region's, or the placeholder a previous Unmap left
     }
   }
   const std::size_t gran = options_.granularity;
@@ -271,7 +258,7 @@ absl::Status HostDriver::FreeReservation(DevicePtr va, std::size_t bytes) {
         "host driver: FreeReservation(%s, %d): chunk still mapped at %s", FormatAddress(va), bytes, FormatAddress(m->first)));
   }
   if (InRegion(va)) {
-    ReturnVa(va, bytes);
+    ReturnRange(free_va_, va, bytes);
   } else {
     munmap(reinterpret_cast<void*>(va), bytes);
   }

@@ -135,9 +135,6 @@ class HostDriver final : public Driver {
   absl::Status CheckCovered(const char* what, DevicePtr va, std::size_t bytes, bool exact) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
   void FreePhysical(const ChunkRec& chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
-  // A granularity-aligned range of `bytes` from the region (first fit, lowest address), or 0.
-  DevicePtr TakeVa(std::size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
-  void ReturnVa(DevicePtr va, std::size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mem_mu_);
   bool InRegion(DevicePtr va) const { return va >= va_base_ && va < va_base_ + va_size_; }
 
   absl::Status Submit(Stream stream, absl::AnyInvocable<void() &&> op);
@@ -156,7 +153,7 @@ class HostDriver final : public Driver {
   absl::btree_map<DevicePtr, std::size_t> reservations_ ABSL_GUARDED_BY(mem_mu_);
   DevicePtr va_base_ = 0;  // the address-space region; 0 when none could be mapped
   std::size_t va_size_ = 0;
-  absl::btree_map<DevicePtr, std::size_t> free_va_ ABSL_GUARDED_BY(mem_mu_);  // free ranges of the region
+  absl::btree_map<std::size_t, std::size_t> free_va_ ABSL_GUARDED_BY(mem_mu_);  // free ranges of the region
   absl::btree_map<DevicePtr, MapRec> maps_ ABSL_GUARDED_BY(mem_mu_);
   std::size_t used_ ABSL_GUARDED_BY(mem_mu_) = 0;
   PhysHandle next_handle_ ABSL_GUARDED_BY(mem_mu_) = 1;
