@@ -103,6 +103,23 @@ def _torch_plugin() -> ctypes.CDLL:
     return _torch_lib
 
 
+_declared = set()
+
+
+def _torch_plugin_with(signatures: dict) -> ctypes.CDLL:
+    """The plugin, with the ctypes signatures of ``signatures`` (function name -> (argtypes,
+    restype or None for int)) declared on first use. Modules pass a table of their own."""
+    lib = _torch_plugin()
+    if id(signatures) not in _declared:
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            if restype is not None:
+                fn.restype = restype
+        _declared.add(id(signatures))
+    return lib
+
+
 def install(config: str = "") -> None:
     """Makes stitchalloc PyTorch's CUDA allocator for this process.
 

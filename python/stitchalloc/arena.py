@@ -21,24 +21,20 @@ import contextlib
 import ctypes
 
 _PHASES = {"forward": 0, "backward": 1}
-_configured = None
+_SIGNATURES = {
+    "stitchalloc_torch_iteration_begin": ([ctypes.c_int, ctypes.c_uint64], None),
+    "stitchalloc_torch_iteration_end": ([ctypes.c_int], None),
+    "stitchalloc_torch_layer_begin": ([ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int], None),
+    "stitchalloc_torch_layer_end": ([ctypes.c_int], None),
+    "stitchalloc_torch_arena_drop_plans": ([ctypes.c_int], None),
+    "stitchalloc_torch_arena_stats": ([ctypes.c_int], ctypes.c_char_p),
+}
 
 
 def _lib():
-    global _configured
-    from . import _torch_plugin
+    from . import _torch_plugin_with
 
-    lib = _torch_plugin()
-    if _configured is not lib:
-        lib.stitchalloc_torch_iteration_begin.argtypes = [ctypes.c_int, ctypes.c_uint64]
-        lib.stitchalloc_torch_iteration_end.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_layer_begin.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
-        lib.stitchalloc_torch_layer_end.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_arena_drop_plans.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_arena_stats.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_arena_stats.restype = ctypes.c_char_p
-        _configured = lib
-    return lib
+    return _torch_plugin_with(_SIGNATURES)
 
 
 def _device(device) -> int:

@@ -23,25 +23,21 @@ import os
 from .arena import _check, _device, _parse_stats
 
 _STATES = ("registered", "kept", "offloading", "on_host", "prefetching")
-_configured = None
 _ops_loaded = False
+_SIGNATURES = {
+    "stitchalloc_torch_swap_begin": ([ctypes.c_int, ctypes.c_int], None),
+    "stitchalloc_torch_swap_forward_end": ([ctypes.c_int, ctypes.c_int], None),
+    "stitchalloc_torch_swap_backward_begin": ([ctypes.c_int, ctypes.c_int], None),
+    "stitchalloc_torch_swap_synchronize": ([ctypes.c_int], None),
+    "stitchalloc_torch_swap_state": ([ctypes.c_int, ctypes.c_uint64], None),
+    "stitchalloc_torch_swap_stats": ([ctypes.c_int], ctypes.c_char_p),
+}
 
 
 def _lib():
-    global _configured
-    from . import _torch_plugin
+    from . import _torch_plugin_with
 
-    lib = _torch_plugin()
-    if _configured is not lib:
-        lib.stitchalloc_torch_swap_begin.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.stitchalloc_torch_swap_forward_end.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.stitchalloc_torch_swap_backward_begin.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.stitchalloc_torch_swap_synchronize.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_swap_state.argtypes = [ctypes.c_int, ctypes.c_uint64]
-        lib.stitchalloc_torch_swap_stats.argtypes = [ctypes.c_int]
-        lib.stitchalloc_torch_swap_stats.restype = ctypes.c_char_p
-        _configured = lib
-    return lib
+    return _torch_plugin_with(_SIGNATURES)
 
 
 def _ops():
