@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Run ON THE LENT GPU MACHINE (the device tool), after scripts/gpu_kit.sh ran here and with
+# `.gpukit` carried: builds stitchalloc there against its PyTorch and runs the GPU work of every
+# landed feature. Each phase fits one device call (10 minutes); run them in one warm lease:
+#   bash scripts/gpu.sh build          # unpack the kit, configure + build build/gpu (2-4 min)
+#   bash scripts/gpu.sh test           # ctest (GPU tests run), pip install ., pytest python + gpu
+#   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, trace capture
+#   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
+# Several phases may share one call (`bash scripts/gpu.sh build test`). Every phase writes its raw
+# output into $OUT/<phase>.log (and <phase>.tar.gz for its files) when $OUT is set (the device
+# tool), else into bench/results/gpu/<date>-<device>/: commit them from there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/cuda/bin:${PATH}"
+export PYTHONUNBUFFERED=1
+PY="${PY:-$(command -v python3)}"
+JOBS="${JOBS:-$(nproc)}"
+kit=/tmp/gpukit
+today=$(date +%F)
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' |
+         sed 's/-$//' || true)
+dest="${OUT:-bench/results/gpu/${today}-${device:-nodevice}}"
+mkdir -p "${dest}"
+work=$(mktemp -d)
+
+unpack_kit() {
+  [[ -d "${kit}/usr" ]] && return 0
+  if [[ ! -d .gpukit/debs ]]; then
+    echo "gpu: no .gpukit (run scripts/gpu_kit.sh here and carry .gpukit); using the system's packages"
+    return 0
+  fi
+  mkdir -p "${kit}"
+  for f in .gpukit/debs/*.deb; do dpkg -x "${f}" "${kit}"; done
+  # Debian's libz.so points at Debian's runtime name; use the runtime of this system.
+  local z="${kit}/usr/lib/x86_64-linux-gnu/libz.so"
+  if [[ ! -e "${z}" ]]; then
+    ln -sf "$(ls /lib/x86_64-linux-gnu/libz.so.1 /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)" "${z}"
+  fi
+}
+
+use_kit() {
+  if [[ -d "${kit}/usr" ]]; then
+    export CMAKE_PREFIX_PATH="${kit}/usr${CMAKE_PREFIX_PATH:+:${CMAKE_PREFIX_PATH}}"
+    export LD_LIBRARY_PATH="${kit}/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
+  fi
+}
+
+phase_build() {
+  echo "== machine"
+  nvidia-smi || true
+  grep PRETTY_NAME /etc/os-release || true
+  c++ --version | head -1; nvcc --version | tail -2; cmake --version | head -1
+  "${PY}" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  unpack_kit
+  use_kit
+  echo "== configure + build build/gpu"
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTITCHALLOC_PYTHON="${PY}" -DSTITCHALLOC_TORCH=ON \
+    -DSTITCHALLOC_WERROR=OFF
+  cmake --build build/gpu -j "${JOBS}"
+}
+
+phase_test() {
+  use_kit
+  echo "== ctest (build/gpu; the CUDA tests run on the device)"
+  ctest --test-dir build/gpu -j "$((JOBS / 2))" --timeout 600 --output-on-failure || echo "gpu: CTEST FAILED"
+  echo "== pip install . (against this machine's torch, no package index)"
+  "${PY}" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall \
+    --config-settings=cmake.define.STITCHALLOC_WERROR=OFF .
+  echo "== pytest python gpu"
+  (cd tests && STITCHALLOC_REPLAY="${PWD}/../build/gpu/bench/stitchalloc-replay" \
+    "${PY}" -m pytest -v -s -rs python gpu) || echo "gpu: PYTEST FAILED"
+}
+
+phase_bench() {
+  use_kit
+  echo "== torch hot path: native vs stitchalloc (bench/torch_hotpath.py)"
+  "${PY}" bench/torch_hotpath.py --json "${work}/torch-hotpath.json" || echo "gpu: HOTPATH FAILED"
+  echo "== replay of the generated traces with stitchalloc on the CUDA driver"
+  build/gpu/bench/stitchalloc-replay --compare --check --driver cuda --json "${work}/replay-cuda-generated.json" \
+    gen:all || echo "gpu: REPLAY FAILED"
+  echo "== allocator microbenchmarks (host driver, this machine's CPU)"
+  build/gpu/bench/stitchalloc-bench --benchmark_out="${work}/allocator-bench.json" --benchmark_out_format=json \
+    --benchmark_repetitions=3 --benchmark_report_aggregates_only=true || echo "gpu: BENCH FAILED"
+  echo "== traces captured from process start, 3 settings x 3 allocators (bench/capture_traces.py)"
+  "${PY}" bench/capture_traces.py all --out "${work}/capture" --replay build/gpu/bench/stitchalloc-replay ||
+    echo "gpu: CAPTURE FAILED"
+}
+
+phase_offload() {
+  use_kit
+  echo "== longest trainable sequence: native, checkpoint, offload (bench/offload_seq.py)"
+  timeout 560 "${PY}" bench/offload_seq.py search --json "${work}/offload-seq.json" || echo "gpu: OFFLOAD SEARCH FAILED"
+}
+
+((${#@})) || set -- build test bench
+for phase in "$@"; do
+  case "${phase}" in
+    build | test | bench | offload) ;;
+    *) echo "gpu: unknown phase ${phase} (build, test, bench, offload)" >&2; exit 2 ;;
+  esac
+  echo "##### ${phase} ($(date -Is))"
+  "phase_${phase}" 2>&1 | tee "${dest}/${phase}.log"
+  if [[ -n "$(ls -A "${work}")" ]]; then
+    tar -czf "${dest}/${phase}.tar.gz" -C "${work}" . && rm -rf "${work:?}"/*
+  fi
+done
