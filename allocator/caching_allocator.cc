@@ -243,11 +243,7 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
   for (int attempt = 0;; ++attempt) {
     if (Block* b = BestFit(pool, kind, rounded)) return b;
     if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
-    // Holes between live blocks lend chunks when much is free, and always before giving up.
-    const bool lend_holes =
-        Policy::HolesMayLend(stats_.reserved_bytes.all().current, stats_.allocated_bytes.all().current);
-    auto grown = Grow(pool, kind, rounded, lend_holes);
-    if (!lend_holes && absl::IsResourceExhausted(grown.status())) grown = Grow(pool, kind, rounded, true);
+    auto grown = Grow(pool, kind, rounded);
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
     if (attempt > 0 && !last_resort) return grown.status();
@@ -280,7 +276,7 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, bool lend_holes) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
   for (const auto& [stream, p] : pools_) {
@@ -292,8 +288,6 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
       if (!same && !p->Fenced(b->freed_at)) continue;
       auto run = MappingStore::FreeSlots(b);
       if (!run) continue;
-      const bool hole = b->size != run->count * b->mapping->chunk_size;
-      if (hole && !lend_holes) continue;
       out.push_back({*run, same});
     }
     // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
@@ -336,26 +330,178 @@ Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded
   return best;
 }
 
-absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded,
-                                              bool lend_holes) {
+namespace {
+// Whether `m` maps any chunk of the candidate run (then it cannot take the run).
+bool MapsAnyOf(const Mapping* m, const Policy::Candidate& c) {
+  const Mapping* from = c.run.block->mapping;
+  for (std::uint32_t k = 0; k < c.run.count; ++k) {
+    if (MappingStore::MapsChunk(m, from->slots[c.run.first_slot + k])) return true;
+  }
+  return false;
+}
+}  // namespace
+
+namespace {
+// The free block of its owner that holds chunk `c`'s whole slot, or nullptr.
+Block* FreeAtOwner(const Chunk* c) {
+  const Mapping* owner = c->owner;
+  const DevicePtr at = owner->slot_address(c->owner_slot);
+  Block* b = owner->head;
+  while (b != nullptr && b->ptr + b->size <= at) b = b->next;
+  if (b == nullptr || !b->is_free() || b->ptr > at || b->ptr + b->size < at + owner->chunk_size) return nullptr;
+  return b;
+}
+}  // namespace
+
+Block* CachingAllocator::Recallable(const Mapping* m, std::uint32_t s) const {
+  const Chunk* c = m->slots[s];
+  if (c == nullptr || c->home != m || c->owner == m) return nullptr;
+  const Mapping* owner = c->owner;
+  Block* b = FreeAtOwner(c);
+  if (b == nullptr) return nullptr;
+  if (!policy_.MayBorrowFrom(b->size)) return nullptr;
+  if (owner->pool != m->pool && !owner->pool->Fenced(b->freed_at)) return nullptr;
+  return b;
+}
+
+std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamPool* pool,
+                                                                          std::size_t rounded) const {
+  std::optional<RefillPlan> best;
+  for (const auto& [va, m] : store_->mappings()) {
+    if (m->pool != pool || m->kind != PoolKind::kLarge || static_cast<std::size_t>(m->present) == m->slots.size()) {
+      continue;
+    }
+    // Windows: maximal runs of free and absent blocks.
+    for (const Block* w = m->head; w != nullptr;) {
+      if (!w->is_free() && w->state != BlockState::kAbsent) {
+        w = w->next;
+        continue;
+      }
+      const Block* end = w;
+      std::vector<const Block*> absent;
+      DevicePtr window_end = w->ptr;
+      for (; end != nullptr && (end->is_free() || end->state == BlockState::kAbsent); end = end->next) {
+        if (end->state == BlockState::kAbsent) absent.push_back(end);
+        window_end = end->ptr + end->size;
+      }
+      const std::size_t window = window_end - w->ptr;
+      if (!absent.empty() && window >= rounded) {
+        // The request starts at the window's start or right after an absent slot (that stays
+        // absent), so that the refilled free block starts where the request does.
+        std::vector<DevicePtr> starts{w->ptr};
+        for (const Block* a : absent) starts.push_back(a->ptr + a->size);
+        for (DevicePtr at : starts) {
+          if (at + rounded > window_end) continue;
+          RefillPlan plan{m.get(), at, {}, {}, window};
+          for (const Block* a : absent) {
+            if (a->ptr < at + rounded && a->ptr + a->size > at) {
+              const auto s = static_cast<std::uint32_t>((a->ptr - m->va) / m->chunk_size);
+              if (Block* back = Recallable(m.get(), s)) {
+                plan.recall.emplace_back(s, back);
+              } else {
+                plan.slots.push_back(s);
+              }
+            }
+          }
+          if (plan.slots.empty() && plan.recall.empty()) continue;  // a free block holds it: best fit's
+          const auto cost = [](const RefillPlan& p) { return std::make_pair(p.slots.size(), p.recall.size()); };
+          if (!best || cost(plan) < cost(*best) || (cost(plan) == cost(*best) && window < best->window)) {
+            best = std::move(plan);
+          }
+        }
+      }
+      w = end;
+    }
+  }
+  return best;
+}
+
+absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vector<Policy::Candidate> candidates) {
+  Mapping* m = plan.mapping;
+  const std::size_t need = plan.slots.size();
+  std::vector<SlotRun> borrow;
+  std::size_t fresh = 0;
+  if (need > 0) {
+    // Recalled chunks are not lent to the refill a second time.
+    std::erase_if(candidates, [&](const Policy::Candidate& c) {
+      if (MapsAnyOf(m, c)) return true;
+      for (const auto& [s, back] : plan.recall) {
+        if (c.run.block == back) return true;
+      }
+      return false;
+    });
+    borrow = policy_.ChooseStitch(std::move(candidates), need);
+    std::size_t borrowed = 0;
+    for (const SlotRun& r : borrow) borrowed += r.count;
+    fresh = need - borrowed;
+    const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+    if (fresh > 0 && reserved + fresh * m->chunk_size > limit_) {
+      return absl::ResourceExhaustedError("refilling a hole would exceed the memory limit");
+    }
+  }
+  if (m->idle()) OnBusy(m);
+  Block* last = nullptr;
+  // Recalls first: they make no driver call and cannot fail.
+  // (Found again: an earlier recall from the same block of the owner split it.)
+  for (const auto& [s, back] : plan.recall) last = store_->Recall(m, s, FreeAtOwner(m->slots[s]));
+  if (need > 0) {
+    auto b = store_->Refill(m, plan.slots, borrow, fresh);
+    if (!b.ok()) {
+      for (Mapping* e : store_->TakeEmptied()) Retire(e);
+      if (m->idle()) OnIdle(m);
+      return b.status();
+    }
+    last = *b;
+  }
+  ++stats_.num_refills;
+  for (Mapping* e : store_->TakeEmptied()) Retire(e);
+  // The refilled block starts where the request goes (FindRefill's choice of `at`).
+  Block* start = last;
+  while (start != nullptr && start->ptr > plan.at) start = start->prev;
+  if (start == nullptr || start->ptr != plan.at || !start->is_free()) {
+    return absl::InternalError("stitchalloc internal: a refilled hole does not start where planned");
+  }
+  return start;
+}
+
+absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
   const std::size_t chunk = policy_.ChunkSize(kind);
   const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
-  // Lendable chunks, gathered once for growing in place and for a new mapping.
+  // Lendable chunks, gathered once for refilling, growing in place and for a new mapping.
   const std::vector<Policy::Candidate> all =
-      policy_.MayStitch(kind) ? StitchCandidates(pool, lend_holes) : std::vector<Policy::Candidate>{};
+      policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
+  std::size_t need = 0;
+  Mapping* growable = policy_.Headroom(kind) > 0 ? GrowableMapping(pool, rounded, &need) : nullptr;
+  // A hole that lent its chunks takes the request back when that maps fewer chunks than
+  // growing would (policy.h).
+  if (policy_.MayRefill(kind)) {
+    if (std::optional<RefillPlan> plan = FindRefill(pool, rounded)) {
+      // New chunks each way, after borrowing what may be borrowed.
+      const auto lendable_to = [&all](const Mapping* m) {
+        std::size_t n = 0;
+        for (const Policy::Candidate& c : all) n += m != nullptr && MapsAnyOf(m, c) ? 0 : c.run.count;
+        return n;
+      };
+      const auto fresh_for = [](std::size_t slots, std::size_t lendable) { return slots - std::min(slots, lendable); };
+      const std::size_t exact = policy_.SlotsFor(rounded, kind);
+      std::size_t grow_fresh = fresh_for(exact, lendable_to(nullptr)), grow_slots = exact;
+      if (growable != nullptr && fresh_for(need, lendable_to(growable)) <= grow_fresh) {
+        grow_fresh = fresh_for(need, lendable_to(growable));
+        grow_slots = need;
+      }
+      const std::size_t refill_fresh = fresh_for(plan->slots.size(), lendable_to(plan->mapping));
+      if (Policy::RefillBeatsGrowing(refill_fresh, plan->slots.size(), grow_fresh, grow_slots)) {
+        auto b = Refill(*plan, all);
+        if (b.ok() || !absl::IsResourceExhausted(b.status())) return b;
+      }
+    }
+  }
   if (policy_.Headroom(kind) > 0) {
-    std::size_t need = 0;
-    if (Mapping* m = GrowableMapping(pool, rounded, &need)) {
+    if (Mapping* m = growable) {
       // Growing cannot borrow the mapping's own free chunks: when a new stitched mapping
       // would need fewer new chunks, that is made instead.
       std::vector<Policy::Candidate> candidates = all;
-      auto owns = [m](const Policy::Candidate& c) {
-        const Mapping* from = c.run.block->mapping;
-        for (std::uint32_t k = 0; k < c.run.count; ++k) {
-          if (MappingStore::MapsChunk(m, from->slots[c.run.first_slot + k])) return true;
-        }
-        return false;
-      };
+      auto owns = [m](const Policy::Candidate& c) { return MapsAnyOf(m, c); };
       std::size_t lendable = 0, own = 0;
       for (const Policy::Candidate& c : candidates) (owns(c) ? own : lendable) += c.run.count;
       std::erase_if(candidates, owns);
@@ -378,7 +524,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
     }
   }
   // The preferred mapping size first; near the limit, only what the request needs.
-  std::size_t need = policy_.GrowSlots(rounded, kind);
+  need = policy_.GrowSlots(rounded, kind);
   std::vector<SlotRun> borrow;
   std::size_t fresh = 0;
   for (;;) {

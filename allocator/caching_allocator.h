@@ -150,11 +150,28 @@ class CachingAllocator {
   absl::StatusOr<Block*> MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size, std::size_t rounded,
                                     bool last_resort) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // `lend_holes`: free blocks that are holes between live blocks lend chunks too (policy.h).
-  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded, bool lend_holes)
+  // Maps memory for a request no free block holds: a refilled hole, a mapping grown in place
+  // or a new (stitched) mapping, whichever needs the fewest new chunks (policy.h).
+  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A hole of `pool` whose chunks were lent out and that holds `rounded` again once `slots` are
+  // refilled (the fewest such slots; see policy.h).
+  struct RefillPlan {
+    Mapping* mapping = nullptr;
+    DevicePtr at = 0;                   // where the request goes: a window start or just after an absent slot
+    std::vector<std::uint32_t> slots;   // the absent slots inside [at, at + rounded) that need a chunk
+    std::vector<std::pair<std::uint32_t, Block*>> recall;  // absent slots whose chunk comes home (Recall)
+    std::size_t window = 0;             // bytes of the free-or-absent run around it (best fit among equals)
+  };
+  std::optional<RefillPlan> FindRefill(StreamPool* pool, std::size_t rounded) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The free block of its owner that holds the whole slot of the chunk homed at absent slot `s`
+  // of `m`, when the chunk may come home now (as StitchCandidates would lend it), else nullptr.
+  Block* Recallable(const Mapping* m, std::uint32_t s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Block*> Refill(const RefillPlan& plan, std::vector<Policy::Candidate> candidates)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free whole chunks that can be lent to a new or growing mapping of `pool`.
-  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, bool lend_holes) const
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
   Mapping* GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const

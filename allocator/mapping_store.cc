@@ -82,8 +82,9 @@ std::optional<SlotRun> MappingStore::FreeSlots(Block* b) {
   return SlotRun{b, static_cast<std::uint32_t>(first), static_cast<std::uint32_t>(end - first)};
 }
 
-absl::Status MappingStore::MapChunks(DevicePtr va, std::size_t chunk_size, std::vector<Chunk*>& chunks,
-                                     std::size_t fresh, std::vector<std::unique_ptr<Chunk>>& created) {
+absl::Status MappingStore::MapChunks(const std::vector<DevicePtr>& at, std::size_t chunk_size,
+                                     std::vector<Chunk*>& chunks, std::size_t fresh,
+                                     std::vector<std::unique_ptr<Chunk>>& created) {
   absl::Status st;
   for (std::size_t i = 0; i < fresh && st.ok(); ++i) {
     auto h = driver_.CreateChunk(chunk_size);
@@ -101,28 +102,49 @@ absl::Status MappingStore::MapChunks(DevicePtr va, std::size_t chunk_size, std::
   std::size_t mapped = 0;
   for (; st.ok() && mapped < n; ++mapped) {
     ++stats_.num_map_calls;
-    st = driver_.Map(va + mapped * chunk_size, chunk_size, chunks[mapped]->handle);
+    st = driver_.Map(at[mapped], chunk_size, chunks[mapped]->handle);
     if (!st.ok()) break;
   }
-  if (st.ok()) st = driver_.SetAccess(va, n * chunk_size);
+  // Access is granted once per run of consecutive addresses.
+  for (std::size_t i = 0; st.ok() && i < n;) {
+    std::size_t j = i + 1;
+    while (j < n && at[j] == at[j - 1] + chunk_size) ++j;
+    st = driver_.SetAccess(at[i], (j - i) * chunk_size);
+    i = j;
+  }
   if (st.ok()) return st;
   for (std::size_t i = 0; i < mapped; ++i) {
     ++stats_.num_unmap_calls;
-    driver_.Unmap(va + i * chunk_size, chunk_size).IgnoreError();
+    driver_.Unmap(at[i], chunk_size).IgnoreError();
   }
+  chunks.resize(n - created.size());
   for (auto& c : created) driver_.ReleaseChunk(c->handle).IgnoreError();
   created.clear();
   return st;
 }
 
-void MappingStore::Adopt(Mapping* m, std::uint32_t first_slot, const std::vector<SlotRun>& borrow,
+namespace {
+std::vector<DevicePtr> Consecutive(DevicePtr va, std::size_t n, std::size_t chunk_size) {
+  std::vector<DevicePtr> at(n);
+  for (std::size_t i = 0; i < n; ++i) at[i] = va + i * chunk_size;
+  return at;
+}
+std::vector<std::uint32_t> SlotRange(std::uint32_t first, std::size_t n) {
+  std::vector<std::uint32_t> slots(n);
+  for (std::size_t i = 0; i < n; ++i) slots[i] = first + static_cast<std::uint32_t>(i);
+  return slots;
+}
+}  // namespace
+
+void MappingStore::Adopt(Mapping* m, const std::vector<std::uint32_t>& slots, const std::vector<SlotRun>& borrow,
                          std::vector<std::unique_ptr<Chunk>>& created) {
   std::vector<Mapping*> sources;
-  std::uint32_t slot = first_slot;
+  std::size_t next = 0;
   for (const SlotRun& r : borrow) {
     Mapping* from = r.block->mapping;
     CarveRun(r);
-    for (std::uint32_t k = 0; k < r.count; ++k, ++slot) {
+    for (std::uint32_t k = 0; k < r.count; ++k) {
+      const std::uint32_t slot = slots[next++];
       Chunk* c = m->slots[slot];
       if (c->home == from) {
         ++from->lent_home;
@@ -138,7 +160,7 @@ void MappingStore::Adopt(Mapping* m, std::uint32_t first_slot, const std::vector
   const int pool_index = static_cast<int>(m->kind);
   for (auto& c : created) {
     c->home = c->owner = m;
-    c->home_slot = c->owner_slot = slot++;
+    c->home_slot = c->owner_slot = slots[next++];
     stats_.reserved_bytes.Add(pool_index, static_cast<std::int64_t>(c->size));
     ++stats_.num_device_alloc;
     Chunk* raw = c.get();
@@ -181,7 +203,7 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
   const DevicePtr va = *va_or;
 
   std::vector<std::unique_ptr<Chunk>> created;
-  if (absl::Status st = MapChunks(va, chunk_size, chunks, fresh, created); !st.ok()) {
+  if (absl::Status st = MapChunks(Consecutive(va, n, chunk_size), chunk_size, chunks, fresh, created); !st.ok()) {
     driver_.FreeReservation(va, bytes + headroom).IgnoreError();
     return st;
   }
@@ -205,7 +227,7 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
   b->mapping = m;
   m->head = m->tail = b;
   mappings_.emplace(va, std::move(owned));
-  Adopt(m, 0, borrow, created);
+  Adopt(m, SlotRange(0, n), borrow, created);
   InsertFree(b);
 
   stats_.segment.Add(static_cast<int>(kind), 1);
@@ -238,7 +260,9 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
   }
   const DevicePtr at = m->va + m->size;
   std::vector<std::unique_ptr<Chunk>> created;
-  if (absl::Status st = MapChunks(at, m->chunk_size, chunks, fresh, created); !st.ok()) return st;
+  if (absl::Status st = MapChunks(Consecutive(at, n, m->chunk_size), m->chunk_size, chunks, fresh, created); !st.ok()) {
+    return st;
+  }
 
   // Commit: nothing below can fail.
   const bool was_oversize = m->size >= max_split_size_;
@@ -254,9 +278,101 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
   b->prev = m->tail;
   m->tail->next = b;
   m->tail = b;
-  Adopt(m, first_slot, borrow, created);
+  Adopt(m, SlotRange(first_slot, n), borrow, created);
   if (!was_oversize && m->size >= max_split_size_) stats_.oversize_segments.Add(1);
   return MergeAndInsert(b);
+}
+
+absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::uint32_t>& slots,
+                                             const std::vector<SlotRun>& borrow, std::size_t fresh) {
+  STITCHALLOC_NVTX_RANGE("refill absent slots");
+  std::vector<Chunk*> chunks;
+  for (const SlotRun& r : borrow) {
+    for (std::uint32_t k = 0; k < r.count; ++k) {
+      Chunk* c = r.block->mapping->slots[r.first_slot + k];
+      if (MapsChunk(m, c)) return absl::InternalError("stitchalloc internal: a mapping cannot refill with its own chunks");
+      chunks.push_back(c);
+    }
+  }
+  if (slots.empty() || slots.size() != chunks.size() + fresh) {
+    return absl::InternalError("stitchalloc internal: refill needs one chunk per slot");
+  }
+  std::vector<DevicePtr> at;
+  for (std::uint32_t s : slots) {
+    if (s >= m->slots.size() || m->absent[s] == nullptr) {
+      return absl::InternalError("stitchalloc internal: refilling a slot that is not absent");
+    }
+    at.push_back(m->slot_address(s));
+  }
+  // The views still mapped there (a lent home chunk, a stale view) make way first; on failure
+  // they are mapped back.
+  std::vector<std::uint32_t> unmapped;
+  absl::Status st;
+  for (std::uint32_t s : slots) {
+    if (m->slots[s] == nullptr) continue;
+    ++stats_.num_unmap_calls;
+    st = driver_.Unmap(m->slot_address(s), m->chunk_size);
+    if (!st.ok()) break;
+    unmapped.push_back(s);
+  }
+  std::vector<std::unique_ptr<Chunk>> created;
+  if (st.ok()) st = MapChunks(at, m->chunk_size, chunks, fresh, created);
+  if (!st.ok()) {
+    for (std::uint32_t s : unmapped) {
+      ++stats_.num_map_calls;
+      if (driver_.Map(m->slot_address(s), m->chunk_size, m->slots[s]->handle).ok()) {
+        driver_.SetAccess(m->slot_address(s), m->chunk_size).IgnoreError();
+      }
+    }
+    return st;
+  }
+
+  // Commit: nothing below can fail. A home chunk lent out moves its home to its owner, which
+  // maps it; a stale view is forgotten.
+  for (std::uint32_t s : unmapped) {
+    Chunk* c = m->slots[s];
+    if (c->home == m) {
+      c->home = c->owner;
+      c->home_slot = c->owner_slot;
+      --m->lent_home;
+    } else {
+      auto& views = c->stale;
+      views.erase(std::remove(views.begin(), views.end(), std::make_pair(m, s)), views.end());
+    }
+  }
+  for (std::size_t i = 0; i < slots.size(); ++i) m->slots[slots[i]] = chunks[i];
+  m->present += static_cast<int>(slots.size());
+  Adopt(m, slots, borrow, created);
+  Block* merged = nullptr;
+  for (std::uint32_t s : slots) {
+    Block* a = m->absent[s];
+    m->absent[s] = nullptr;
+    a->state = BlockState::kFree;
+    a->freed_at = 0;  // new to the mapping: chunks of other streams are lent only once fenced
+    merged = MergeAndInsert(a);
+  }
+  return merged;
+}
+
+Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
+  Chunk* c = m->slots[slot];
+  Mapping* owner = c->owner;
+  CarveRun(SlotRun{at_owner, c->owner_slot, 1});
+  c->stale.emplace_back(owner, c->owner_slot);
+  --owner->present;
+  Block* a = m->absent[slot];
+  m->absent[slot] = nullptr;
+  a->state = BlockState::kFree;
+  a->freed_at = 0;  // the owner's stream was fenced before it lends
+  --m->lent_home;
+  ++m->present;
+  c->owner = m;
+  c->owner_slot = slot;
+  if (owner->present == 0 && owner->lent_home == 0 && owner->idle() &&
+      std::find(emptied_.begin(), emptied_.end(), owner) == emptied_.end()) {
+    emptied_.push_back(owner);
+  }
+  return MergeAndInsert(a);
 }
 
 void MappingStore::CarveRun(const SlotRun& run) {

@@ -55,6 +55,21 @@ class MappingStore {
   // merges with a free tail; returns that free block. On failure nothing changes.
   absl::StatusOr<Block*> Extend(Mapping* m, const std::vector<SlotRun>& borrow, std::size_t fresh);
 
+  // Maps chunks again at absent slots of `m` (each behind an absent block: its chunk lent out,
+  // its view stale, or trimmed): the chunks of `borrow` (as for Create), then `fresh` new ones,
+  // one per slot in order. The views still mapped at those slots are unmapped first; a home
+  // chunk that was lent out makes its owner (which maps it) its home. The slots become free and
+  // merge with free neighbours; returns the block holding the last slot. On failure nothing
+  // changes.
+  absl::StatusOr<Block*> Refill(Mapping* m, const std::vector<std::uint32_t>& slots,
+                                const std::vector<SlotRun>& borrow, std::size_t fresh);
+
+  // The chunk homed at absent slot `slot` of `m`, lent out, comes back home from the free block
+  // `at_owner` of its owner, which holds the chunk's whole slot: its home view is still mapped,
+  // so no driver call is made. The owner's slot becomes absent (its view stale); the home's
+  // slot becomes free and merges. Returns the merged block.
+  Block* Recall(Mapping* m, std::uint32_t slot, Block* at_owner);
+
   // Whether `m` maps chunk `c` anywhere (home, owner or stale view): then `m` cannot grow with it.
   static bool MapsChunk(const Mapping* m, const Chunk* c);
 
@@ -100,12 +115,14 @@ class MappingStore {
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);
   void ReturnHome(Chunk* c);
-  // Driver work shared by Create and Extend: creates `fresh` chunks, maps `chunks` followed by
-  // them at va, sets access. On failure undoes all of it (the reservation stays).
-  absl::Status MapChunks(DevicePtr va, std::size_t chunk_size, std::vector<Chunk*>& chunks, std::size_t fresh,
-                         std::vector<std::unique_ptr<Chunk>>& created);
-  // Commit of borrowed runs and created chunks into slots [first_slot, ...) of `m`.
-  void Adopt(Mapping* m, std::uint32_t first_slot, const std::vector<SlotRun>& borrow,
+  // Driver work shared by Create, Extend and Refill: creates `fresh` chunks, maps `chunks`
+  // followed by them (chunk i at at[i]), sets access. On failure undoes all of it (the
+  // reservation stays, `chunks` is as it was).
+  absl::Status MapChunks(const std::vector<DevicePtr>& at, std::size_t chunk_size, std::vector<Chunk*>& chunks,
+                         std::size_t fresh, std::vector<std::unique_ptr<Chunk>>& created);
+  // Commit of borrowed runs and created chunks into `slots` of `m` (in that order), whose
+  // m->slots entries already name the chunks.
+  void Adopt(Mapping* m, const std::vector<std::uint32_t>& slots, const std::vector<SlotRun>& borrow,
              std::vector<std::unique_ptr<Chunk>>& created);
   absl::Status UnmapSlot(Mapping* m, std::uint32_t slot);
   absl::Status ReleasePhysical(Chunk* c);

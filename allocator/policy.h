@@ -3,8 +3,10 @@
 // requests are rounded up to 512 bytes; requests up to 1 MiB use the small pool (one-chunk
 // mappings of the driver granularity); larger ones use the large pool, whose mappings are made
 // of chunk_size chunks: 20 MiB for 1-10 MiB requests that are no multiple of the chunk (so
-// that they pack), else the fewest chunks that hold the request. A free block is split when the remainder is at least 512 bytes (small
-// pool) or more than 1 MiB (large pool), never when it is max_split_size or larger.
+// that they pack), else the fewest chunks that hold the request. A free block is split when
+// the remainder is at least 512 bytes (small pool) or more than 1 MiB (large pool; with
+// stitching and growing in place, at least 512 bytes as in expandable_segments), never when it
+// is max_split_size or larger.
 //
 // Stitching: when no free block fits a large request, whole free chunks of other mappings are
 // borrowed, the requesting stream's own first, then the smallest free runs first (fragments
@@ -12,16 +14,15 @@
 // chunks count too when their size is the large pool's chunk size. New chunks make up any
 // shortfall.
 //
-// A free block whose whole chunks do not cover it (it starts or ends inside a chunk) is a
-// hole between live blocks: lending its chunks leaves pieces smaller than a chunk on either
-// side, and the hole can no longer take a request of its old size. In a training step such a
-// hole is typically refilled by the next layer's temporary of the same size, which would then
-// need new memory. So such blocks lend only while the cache holds much free memory (free
-// bytes >= reserved / kFragmentingLendDivisor: a pattern that leaves holes it never refills,
-// where stitching is what keeps memory compact); below that, new chunks are mapped instead,
-// which keeps reserved / allocated under about 24/23 (1.044) at that point. Under memory
-// pressure (the limit or the device is reached) every block lends. Blocks that are whole
-// chunks (mapping tails, wholly free mappings, stitched ranges) always lend.
+// Refilling holes: a free block between live blocks that lent chunks keeps its address range
+// (the lent slots stay behind absent blocks). When a later request no free block holds would
+// fit such a hole again, chunks are mapped back at its absent slots instead: the lent chunk
+// itself when it is free again at its borrower (it comes home with no driver call, its home
+// view is still mapped), else borrowed or new ones. The refill is taken when it needs fewer new
+// chunks than growing in place or a new mapping, or as many and fewer mapped chunks. So lending
+// a hole's chunks never costs more than keeping them: the chunks go back when the hole is
+// wanted, and the hole's layout (and the partly used chunks at its ends) is what it was. In a
+// training step such a hole is typically the next layer's temporary of the same size.
 //
 // Before a new mapping is made, a mapping of the stream whose last block is free
 // grows in place (Headroom) by just the chunks the request still lacks, so a tail shorter
@@ -53,7 +54,8 @@ class Policy {
         max_split_size_(config.max_split_size),
         headroom_(config.mapping_headroom / chunk_size * chunk_size),
         granularity_(granularity),
-        chunk_size_(chunk_size) {}
+        chunk_size_(chunk_size),
+        split_all_large_(MayRefill(PoolKind::kLarge)) {}
 
   static std::size_t RoundSize(std::size_t n) { return n < kMinBlockSize ? kMinBlockSize : RoundUp(n, kMinBlockSize); }
   static PoolKind PoolFor(std::size_t rounded) { return rounded <= kSmallSize ? PoolKind::kSmall : PoolKind::kLarge; }
@@ -65,13 +67,15 @@ class Policy {
     if (rounded >= max_split_size_ && block_size >= rounded + kLargeBuffer) return false;
     return true;
   }
-  // `growable_tail`: the block ends its mapping and the mapping can grow in place, so a
-  // remainder of any size stays useful (the next growth joins it) and is split off.
+  // Large-pool remainders of 1 MiB or less split off (as in PyTorch's expandable_segments) when
+  // the mapping can grow in place (`growable_tail`: the next growth joins the remainder) and
+  // whenever holes are refilled (stitching without max_split_size): a remainder then merges with
+  // its free neighbours while the block lives, so holes keep their full size (MayRefill).
   bool ShouldSplit(std::size_t block_size, std::size_t rounded, PoolKind kind, bool growable_tail = false) const {
     if (block_size >= max_split_size_) return false;
     const std::size_t rest = block_size - rounded;
     if (kind == PoolKind::kSmall) return rest >= kMinBlockSize;
-    return rest > kSmallSize || (growable_tail && rest >= kMinBlockSize);
+    return rest > kSmallSize || ((growable_tail || split_all_large_) && rest >= kMinBlockSize);
   }
   std::size_t ChunkSize(PoolKind kind) const { return kind == PoolKind::kSmall ? granularity_ : chunk_size_; }
   // The fewest chunks that hold `rounded`.
@@ -99,13 +103,18 @@ class Policy {
   std::size_t Headroom(PoolKind kind) const {
     return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX ? headroom_ : 0;
   }
+  // Holes that lent chunks are refilled (the file comment) in the large pool with stitching,
+  // unless max_split_size is set (its oversize blocks never split).
+  bool MayRefill(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX; }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
   bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
-  // Whether free blocks that are holes (see the file comment) lend their chunks, given the
-  // device's reserved and allocated bytes.
-  static constexpr std::int64_t kFragmentingLendDivisor = 24;
-  static bool HolesMayLend(std::int64_t reserved, std::int64_t allocated) {
-    return (reserved - allocated) * kFragmentingLendDivisor >= reserved;
+  // Whether a hole that lent chunks is refilled for a request it would hold (`refill_fresh` new
+  // chunks, `refill_slots` chunks mapped in all at its absent slots; chunks that come home cost
+  // nothing) rather than a mapping grown or made (`grow_fresh`, `grow_slots`): when it needs
+  // fewer new chunks, or as many and fewer mapped chunks.
+  static bool RefillBeatsGrowing(std::size_t refill_fresh, std::size_t refill_slots, std::size_t grow_fresh,
+                                 std::size_t grow_slots) {
+    return refill_fresh < grow_fresh || (refill_fresh == grow_fresh && refill_slots < grow_slots);
   }
   std::size_t max_split_size() const { return max_split_size_; }
 
@@ -122,6 +131,7 @@ class Policy {
   std::size_t headroom_;
   std::size_t granularity_;
   std::size_t chunk_size_;
+  bool split_all_large_;  // after the other members: MayRefill reads them
 };
 
 }  // namespace stitchalloc

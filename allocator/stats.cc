@@ -48,6 +48,7 @@ void Visit(S& s, F&& f) {
   f(std::string("num_dissolves"), s.num_dissolves);
   f(std::string("num_cross_stream_reuses"), s.num_cross_stream_reuses);
   f(std::string("num_grows_in_place"), s.num_grows_in_place);
+  f(std::string("num_refills"), s.num_refills);
 }
 
 }  // namespace
@@ -88,7 +89,7 @@ void Stats::Accumulate(const Stats& other) {
                       {&stitched_bytes, other.stitched_bytes}, {&num_map_calls, other.num_map_calls},
                       {&num_unmap_calls, other.num_unmap_calls}, {&num_dissolves, other.num_dissolves},
                       {&num_cross_stream_reuses, other.num_cross_stream_reuses},
-                      {&num_grows_in_place, other.num_grows_in_place}}) {
+                      {&num_grows_in_place, other.num_grows_in_place}, {&num_refills, other.num_refills}}) {
     *a += b;
   }
 }
@@ -104,7 +105,7 @@ void Stats::ResetAccumulated() {
   ForEachStat(*this, [](Stat& st) { st.ResetAccumulated(); });
   num_alloc_retries = num_ooms = num_sync_all_streams = num_device_alloc = num_device_free = 0;
   num_stitches = stitched_bytes = num_map_calls = num_unmap_calls = num_dissolves = 0;
-  num_cross_stream_reuses = num_grows_in_place = 0;
+  num_cross_stream_reuses = num_grows_in_place = num_refills = 0;
 }
 
 const std::vector<std::string>& StatNames() {

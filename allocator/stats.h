@@ -22,6 +22,7 @@
 //   num_dissolves                     stitched or emptied mappings unmapped
 //   num_cross_stream_reuses           free mappings moved to another stream after its events
 //   num_grows_in_place                mappings grown at their end instead of a new mapping
+//   num_refills                       holes made whole again by mapping chunks at their lent slots
 #pragma once
 
 #include <array>
@@ -82,6 +83,7 @@ struct Stats {
   std::int64_t num_dissolves = 0;
   std::int64_t num_cross_stream_reuses = 0;
   std::int64_t num_grows_in_place = 0;
+  std::int64_t num_refills = 0;
 
   void ResetPeak();
   void ResetAccumulated();

@@ -2,6 +2,7 @@
 // semantics (record_stream, cross-stream reuse behind fences), the stitch cache, releasing memory.
 #include "allocator/caching_allocator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -313,7 +314,8 @@ TEST(CachingAllocator, MappingGrowsInPlaceSoItsTailIsNotLost) {
       EXPECT_EQ(st.num_grows_in_place, 1);
       EXPECT_EQ(st.segment.all().current, 1);
     } else {
-      EXPECT_EQ(ia.size, 26 * kMiB) << "a 1 MiB remainder is not split (PyTorch's rule)";
+      EXPECT_EQ(ia.size, 25 * kMiB) << "with stitching a 1 MiB remainder splits off (expandable_segments' rule)";
+      EXPECT_EQ(ia.mapping_size, 26 * kMiB);
       EXPECT_NE(ib.mapping_va, ia.mapping_va);
       EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(52 * kMiB));
       EXPECT_EQ(st.num_grows_in_place, 0);
@@ -418,11 +420,11 @@ TEST(CachingAllocator, PoolsLendEachOtherWhollyFreeChunks) {
   SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 
-// A free block between live blocks that does not start and end on chunk boundaries (a hole)
-// lends its chunks only when much of the cache is free or memory is short (policy.h): while
-// little is free, it is kept whole for the next request of its size.
-TEST(CachingAllocator, HolesLendChunksOnlyWhenMuchIsFreeOrMemoryIsShort) {
-  auto f = MakeFixture("mapping_headroom_mb:0");
+// A hole (a free block between live blocks) lends its chunks like any free block; when a later
+// request would fit it again, chunks are mapped back at its lent slots (policy.h: refilling):
+// new ones while the borrower lives, the lent chunks themselves (no driver call) once it is free.
+TEST(CachingAllocator, HolesLendAndAreRefilledForTheirOldSize) {
+  auto f = MakeFixture("mapping_headroom_mb:0,stitch_cache_mb:1024");
   SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(300 * kMiB));
   SA_ASSERT_OK(f.alloc->Free(x));
   // One 300 MiB mapping: p1 [0, 3.5) h1 [3.5, 8.5) p2 [8.5, 12) h2 [12, 17) p3 [17, 300) MiB.
@@ -435,39 +437,75 @@ TEST(CachingAllocator, HolesLendChunksOnlyWhenMuchIsFreeOrMemoryIsShort) {
   ASSERT_EQ(p3, static_cast<char*>(x) + 17 * kMiB);
   SA_ASSERT_OK(f.alloc->Free(h1));
   SA_ASSERT_OK(f.alloc->Free(h2));
-  // 10 MiB free of 300 MiB reserved (< 1/24): an 8 MiB request, which no hole holds, gets new
-  // chunks although the holes hold four whole ones between them.
+  // An 8 MiB request no hole holds: the two holes lend their four whole chunks.
   SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(8 * kMiB));
   Stats st = f.alloc->GetStats();
-  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
-  EXPECT_EQ(st.num_stitches, 0);
-  // So the next request of a hole's size still fits in one, without new memory.
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(300 * kMiB));
+  EXPECT_EQ(st.num_stitches, 1);
+  const auto a_bytes = Pattern(8 * kMiB, 20);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), a, a_bytes.data(), a_bytes.size()));
+
+  // A request of a hole's size: h1 is refilled with two new chunks, where a new mapping would
+  // need three (without refilling: a 20 MiB mapping, 320 MiB reserved).
   SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(5 * kMiB));
   EXPECT_EQ(b, h1);
-  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
-  SA_ASSERT_OK(f.alloc->Free(b));
-  SA_EXPECT_OK(f.alloc->CheckInvariants());
-
-  // With the limit at what is reserved, the holes lend before the request fails.
-  SA_ASSERT_OK(f.alloc->SetMemoryFraction(308.0 / 4096.0));
-  SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(8 * kMiB));
   st = f.alloc->GetStats();
-  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
-  EXPECT_EQ(st.num_stitches, 1);
-  EXPECT_EQ(st.num_ooms, 0);
-  SA_ASSIGN_OR_FAIL(ic, f.alloc->Describe(c));
-  ASSERT_EQ(ic.chunks.size(), 4u);
-  for (const ChunkView& v : ic.chunks) EXPECT_TRUE(v.borrowed);
-  const auto bytes = Pattern(8 * kMiB, 21);
-  SA_ASSERT_OK(Upload(f.alloc->driver(), c, bytes.data(), bytes.size()));
-  std::vector<std::uint8_t> back(bytes.size());
-  SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), c, back.size()));
-  EXPECT_EQ(back, bytes);
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(304 * kMiB));
+  EXPECT_EQ(st.num_refills, 1);
   SA_EXPECT_OK(f.alloc->CheckInvariants());
-  for (void* p : {a, c, p1, p2, p3}) SA_ASSERT_OK(f.alloc->Free(p));
+  const auto b_bytes = Pattern(5 * kMiB, 21);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), b, b_bytes.data(), b_bytes.size()));
+
+  // Once the borrower is free, h2's lent chunks come home: no new chunk, no map call. (A 4 MiB
+  // block takes the borrower's first half, h1's old chunks, so that no free block holds 5 MiB.)
+  SA_ASSERT_OK(f.alloc->Free(a));
+  SA_ASSIGN_OR_FAIL(d, f.alloc->Malloc(4 * kMiB));
+  EXPECT_EQ(d, a);
+  const std::int64_t maps = f.alloc->GetStats().num_map_calls;
+  SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(5 * kMiB));
+  EXPECT_EQ(c, h2);
+  st = f.alloc->GetStats();
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(304 * kMiB));
+  EXPECT_EQ(st.num_refills, 2);
+  EXPECT_EQ(st.num_map_calls, maps);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  // The chunks that came home hold what was written through the borrower's range (the same
+  // physical memory): h2's whole slots [12, 14) and [14, 16) MiB were a's last 4 MiB.
+  std::vector<std::uint8_t> back(4 * kMiB);
+  SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), static_cast<char*>(x) + 12 * kMiB, back.size()));
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), a_bytes.begin() + 4 * kMiB));
+  // Writing through one range does not disturb the other.
+  const auto c_bytes = Pattern(5 * kMiB, 22);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), c, c_bytes.data(), c_bytes.size()));
+  std::vector<std::uint8_t> got(5 * kMiB);
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), b, got.size()));
+  EXPECT_EQ(got, b_bytes);
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), c, got.size()));
+  EXPECT_EQ(got, c_bytes);
+  for (void* p : {b, c, d, p1, p2, p3}) SA_ASSERT_OK(f.alloc->Free(p));
   SA_ASSERT_OK(f.alloc->EmptyCache());
   EXPECT_EQ(f.host->live_chunks(), 0u);
   SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+// With stitching, large-pool remainders of 1 MiB or less split off (as in expandable_segments);
+// without it, PyTorch's rule (more than 1 MiB) holds.
+TEST(Policy, LargeRemaindersSplitLikeExpandableSegmentsWithStitching) {
+  Config with;
+  Config without;
+  without.stitching = false;
+  Config capped;
+  capped.max_split_size = 64 * kMiB;
+  const Policy p(with, 2 * kMiB, 2 * kMiB), q(without, 2 * kMiB, 2 * kMiB), r(capped, 2 * kMiB, 2 * kMiB);
+  EXPECT_TRUE(p.ShouldSplit(4 * kMiB, 3 * kMiB + 512 * kKiB, PoolKind::kLarge));
+  EXPECT_FALSE(p.ShouldSplit(4 * kMiB, 4 * kMiB, PoolKind::kLarge));
+  EXPECT_FALSE(q.ShouldSplit(4 * kMiB, 3 * kMiB + 512 * kKiB, PoolKind::kLarge));
+  EXPECT_TRUE(q.ShouldSplit(6 * kMiB, 3 * kMiB, PoolKind::kLarge));
+  EXPECT_FALSE(r.ShouldSplit(4 * kMiB, 3 * kMiB + 512 * kKiB, PoolKind::kLarge));
+  EXPECT_TRUE(p.MayRefill(PoolKind::kLarge));
+  EXPECT_FALSE(p.MayRefill(PoolKind::kSmall));
+  EXPECT_FALSE(q.MayRefill(PoolKind::kLarge));
+  EXPECT_FALSE(r.MayRefill(PoolKind::kLarge));
 }
 
 TEST(CachingAllocator, AutoDriverFallsBackToHostWithAReason) {
