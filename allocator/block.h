@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "absl/container/btree_map.h"
+#include "absl/container/btree_set.h"
 #include "absl/container/inlined_vector.h"
 #include "vmm/types.h"
 
@@ -83,7 +84,15 @@ struct Mapping {
   StreamPool* pool = nullptr;
   bool stitched = false;             // made by a stitch: counts towards the idle stitch cache
   std::vector<Chunk*> slots;         // slot i covers [va + i*chunk_size, +chunk_size)
-  std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr
+  std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr (change with SetAbsent)
+  absl::btree_set<std::uint32_t> absent_slots;  // the slots i whose absent[i] is set, in order
+  // Bumped by every change of the mapping's free blocks (MappingStore), so that the caching
+  // allocator's refill search can reuse what it found in a mapping it has seen unchanged: the
+  // runs of free and absent blocks holding an absent one (first block, bytes), as of
+  // refill_version.
+  std::uint64_t version = 0;
+  std::uint64_t refill_version = ~std::uint64_t{0};
+  std::vector<std::pair<const Block*, std::size_t>> refill_windows;
   Block* head = nullptr;
   Block* tail = nullptr;             // the last block (the one with next == nullptr)
   int busy_blocks = 0;               // allocated or pending blocks
@@ -94,6 +103,14 @@ struct Mapping {
   bool retiring = false;             // queued for dissolution once its stream is fenced
 
   DevicePtr slot_address(std::size_t i) const { return va + i * chunk_size; }
+  void SetAbsent(std::uint32_t i, Block* a) {
+    absent[i] = a;
+    if (a != nullptr) {
+      absent_slots.insert(i);
+    } else {
+      absent_slots.erase(i);
+    }
+  }
   std::size_t headroom_slots() const { return (reserved - size) / chunk_size; }
   bool idle() const { return busy_blocks == 0; }
 };

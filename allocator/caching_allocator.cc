@@ -342,75 +342,104 @@ bool MapsAnyOf(const Mapping* m, const Policy::Candidate& c) {
 }  // namespace
 
 namespace {
-// The free block of its owner that holds chunk `c`'s whole slot, or nullptr.
-Block* FreeAtOwner(const Chunk* c) {
+// The free block of its owner that holds chunk `c`'s whole slot, or nullptr. The walk along the
+// owner's blocks starts at `*hint` when that is one of them (consecutive lookups in one owner
+// then cost one walk together), else at the nearer end; `*hint` becomes the block reached.
+Block* FreeAtOwner(const Chunk* c, Block** hint = nullptr) {
   const Mapping* owner = c->owner;
   const DevicePtr at = owner->slot_address(c->owner_slot);
-  Block* b = owner->head;
-  while (b != nullptr && b->ptr + b->size <= at) b = b->next;
-  if (b == nullptr || !b->is_free() || b->ptr > at || b->ptr + b->size < at + owner->chunk_size) return nullptr;
+  Block* b = hint != nullptr && *hint != nullptr && (*hint)->mapping == owner ? *hint
+             : at - owner->va < owner->size / 2                                ? owner->head
+                                                                               : owner->tail;
+  while (b->ptr > at) b = b->prev;
+  while (b->ptr + b->size <= at) b = b->next;
+  if (hint != nullptr) *hint = b;
+  if (!b->is_free() || b->ptr + b->size < at + owner->chunk_size) return nullptr;
   return b;
 }
 }  // namespace
 
-Block* CachingAllocator::Recallable(const Mapping* m, std::uint32_t s) const {
+bool CachingAllocator::Recallable(const Mapping* m, std::uint32_t s, Block** hint) const {
   const Chunk* c = m->slots[s];
-  if (c == nullptr || c->home != m || c->owner == m) return nullptr;
+  if (c == nullptr || c->home != m || c->owner == m) return false;
   const Mapping* owner = c->owner;
-  Block* b = FreeAtOwner(c);
-  if (b == nullptr) return nullptr;
-  if (!policy_.MayBorrowFrom(b->size)) return nullptr;
-  if (owner->pool != m->pool && !owner->pool->Fenced(b->freed_at)) return nullptr;
-  return b;
+  // An idle owner of the same stream holds the chunk in a free block (no walk needed).
+  if (owner->idle() && owner->pool == m->pool && policy_.MayBorrowFrom(0)) return true;
+  const Block* b = FreeAtOwner(c, hint);
+  if (b == nullptr || !policy_.MayBorrowFrom(b->size)) return false;
+  return owner->pool == m->pool || owner->pool->Fenced(b->freed_at);
 }
 
 std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamPool* pool,
                                                                           std::size_t rounded) const {
   std::optional<RefillPlan> best;
+  const auto cost = [](const RefillPlan& p) { return std::make_pair(p.slots.size(), p.recall.size()); };
+  std::vector<const Block*> absent;
+  std::vector<bool> back;  // per absent block of the window: whether its chunk can be recalled
+  const auto is_window = [](const Block* b) { return b->is_free() || b->state == BlockState::kAbsent; };
   for (const auto& [va, m] : store_->mappings()) {
-    if (m->pool != pool || m->kind != PoolKind::kLarge || static_cast<std::size_t>(m->present) == m->slots.size()) {
+    if (m->pool != pool || m->kind != PoolKind::kLarge || m->size < rounded ||
+        static_cast<std::size_t>(m->present) == m->slots.size()) {
       continue;
     }
-    // Windows: maximal runs of free and absent blocks.
-    for (const Block* w = m->head; w != nullptr;) {
-      if (!w->is_free() && w->state != BlockState::kAbsent) {
-        w = w->next;
+    if (m->refill_version != m->version) {
+      // Windows (maximal runs of free and absent blocks) around the absent slots, each once.
+      m->refill_windows.clear();
+      DevicePtr covered = m->va;
+      for (const std::uint32_t slot : m->absent_slots) {
+        const Block* first = m->absent[slot];
+        if (first->ptr < covered) continue;
+        while (first->prev != nullptr && is_window(first->prev)) first = first->prev;
+        const Block* last = m->absent[slot];
+        while (last->next != nullptr && is_window(last->next)) last = last->next;
+        covered = last->ptr + last->size;
+        m->refill_windows.emplace_back(first, covered - first->ptr);
+      }
+      m->refill_version = m->version;
+    }
+    for (const auto& [first, window] : m->refill_windows) {
+      if (window < rounded) continue;
+      absent.clear();
+      const DevicePtr window_end = first->ptr + window;
+      for (const Block* b = first; b != nullptr && b->ptr < window_end; b = b->next) {
+        if (b->state == BlockState::kAbsent) absent.push_back(b);
+      }
+      back.clear();
+      Block* hint = nullptr;
+      for (const Block* x : absent) {
+        back.push_back(Recallable(m.get(), static_cast<std::uint32_t>((x->ptr - m->va) / m->chunk_size), &hint));
+      }
+      // The request starts at the window's start or right after an absent slot (that stays
+      // absent), so that the refilled free block starts where the request does. A sweep keeps
+      // the absent slots inside [at, at + rounded) as the index range [lo, hi).
+      std::size_t lo = 0, hi = 0, slots = 0, recalls = 0, best_k = absent.size() + 1;
+      std::pair<std::size_t, std::size_t> best_cost;
+      for (std::size_t k = 0; k <= absent.size(); ++k) {
+        const DevicePtr at = k == 0 ? first->ptr : absent[k - 1]->ptr + absent[k - 1]->size;
+        if (at + rounded > window_end) break;
+        for (; lo < hi && absent[lo]->ptr + absent[lo]->size <= at; ++lo) (back[lo] ? recalls : slots) -= 1;
+        lo = std::max(lo, k);
+        hi = std::max(hi, lo);
+        for (; hi < absent.size() && absent[hi]->ptr < at + rounded; ++hi) (back[hi] ? recalls : slots) += 1;
+        if (slots + recalls == 0) continue;  // a free block holds it: best fit's
+        const auto c = std::make_pair(slots, recalls);
+        if (best_k > absent.size() || c < best_cost) best_k = k, best_cost = c;
+      }
+      if (best_k > absent.size() ||
+          (best && (best_cost > cost(*best) || (best_cost == cost(*best) && window >= best->window)))) {
         continue;
       }
-      const Block* end = w;
-      std::vector<const Block*> absent;
-      DevicePtr window_end = w->ptr;
-      for (; end != nullptr && (end->is_free() || end->state == BlockState::kAbsent); end = end->next) {
-        if (end->state == BlockState::kAbsent) absent.push_back(end);
-        window_end = end->ptr + end->size;
-      }
-      const std::size_t window = window_end - w->ptr;
-      if (!absent.empty() && window >= rounded) {
-        // The request starts at the window's start or right after an absent slot (that stays
-        // absent), so that the refilled free block starts where the request does.
-        std::vector<DevicePtr> starts{w->ptr};
-        for (const Block* a : absent) starts.push_back(a->ptr + a->size);
-        for (DevicePtr at : starts) {
-          if (at + rounded > window_end) continue;
-          RefillPlan plan{m.get(), at, {}, {}, window};
-          for (const Block* a : absent) {
-            if (a->ptr < at + rounded && a->ptr + a->size > at) {
-              const auto s = static_cast<std::uint32_t>((a->ptr - m->va) / m->chunk_size);
-              if (Block* back = Recallable(m.get(), s)) {
-                plan.recall.emplace_back(s, back);
-              } else {
-                plan.slots.push_back(s);
-              }
-            }
-          }
-          if (plan.slots.empty() && plan.recall.empty()) continue;  // a free block holds it: best fit's
-          const auto cost = [](const RefillPlan& p) { return std::make_pair(p.slots.size(), p.recall.size()); };
-          if (!best || cost(plan) < cost(*best) || (cost(plan) == cost(*best) && window < best->window)) {
-            best = std::move(plan);
-          }
+      const DevicePtr at = best_k == 0 ? first->ptr : absent[best_k - 1]->ptr + absent[best_k - 1]->size;
+      RefillPlan plan{m.get(), at, {}, {}, window};
+      for (std::size_t q = best_k; q < absent.size() && absent[q]->ptr < at + rounded; ++q) {
+        const auto s = static_cast<std::uint32_t>((absent[q]->ptr - m->va) / m->chunk_size);
+        if (back[q]) {
+          plan.recall.push_back(s);
+        } else {
+          plan.slots.push_back(s);
         }
       }
-      w = end;
+      best = std::move(plan);
     }
   }
   return best;
@@ -422,14 +451,8 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
   std::vector<SlotRun> borrow;
   std::size_t fresh = 0;
   if (need > 0) {
-    // Recalled chunks are not lent to the refill a second time.
-    std::erase_if(candidates, [&](const Policy::Candidate& c) {
-      if (MapsAnyOf(m, c)) return true;
-      for (const auto& [s, back] : plan.recall) {
-        if (c.run.block == back) return true;
-      }
-      return false;
-    });
+    // (Recalled chunks are homed in m, so their runs are not lent to the refill a second time.)
+    std::erase_if(candidates, [m](const Policy::Candidate& c) { return MapsAnyOf(m, c); });
     borrow = policy_.ChooseStitch(std::move(candidates), need);
     std::size_t borrowed = 0;
     for (const SlotRun& r : borrow) borrowed += r.count;
@@ -442,8 +465,12 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
   if (m->idle()) OnBusy(m);
   Block* last = nullptr;
   // Recalls first: they make no driver call and cannot fail.
-  // (Found again: an earlier recall from the same block of the owner split it.)
-  for (const auto& [s, back] : plan.recall) last = store_->Recall(m, s, FreeAtOwner(m->slots[s]));
+  // (Each one's block at its owner is found now: an earlier recall from the same block split it.)
+  for (const std::uint32_t s : plan.recall) {
+    Block* at_owner = FreeAtOwner(m->slots[s]);
+    if (at_owner == nullptr) return absl::InternalError("stitchalloc internal: a recalled chunk is not free at its owner");
+    last = store_->Recall(m, s, at_owner);
+  }
   if (need > 0) {
     auto b = store_->Refill(m, plan.slots, borrow, fresh);
     if (!b.ok()) {
@@ -926,7 +953,7 @@ absl::Status CachingAllocator::CheckInvariants() const {
         ++owners[c];
         if (c->owner_slot != s) return fail("owner slot index");
         if (m->absent[s] != nullptr) return fail("present slot has an absent block");
-      } else if (m->absent[s] == nullptr) {
+      } else if (m->absent[s] == nullptr || !m->absent_slots.contains(static_cast<std::uint32_t>(s))) {
         return fail("slot without chunk or owner lacks an absent block");
       }
       if (c != nullptr && c->home == m.get()) {
@@ -940,6 +967,9 @@ absl::Status CachingAllocator::CheckInvariants() const {
           return fail("stale view not recorded by its chunk");
         }
       }
+    }
+    if (m->absent_slots.size() != m->slots.size() - static_cast<std::size_t>(present)) {
+      return fail("the index of absent slots");
     }
     if (busy != m->busy_blocks || present != m->present || lent_home != m->lent_home) {
       return fail(absl::StrFormat("mapping %s counters: busy %d/%d present %d/%d lent_home %d/%d", FormatAddress(m->va), busy,

@@ -160,14 +160,15 @@ class CachingAllocator {
     Mapping* mapping = nullptr;
     DevicePtr at = 0;                   // where the request goes: a window start or just after an absent slot
     std::vector<std::uint32_t> slots;   // the absent slots inside [at, at + rounded) that need a chunk
-    std::vector<std::pair<std::uint32_t, Block*>> recall;  // absent slots whose chunk comes home (Recall)
+    std::vector<std::uint32_t> recall;  // absent slots whose chunk comes home (MappingStore::Recall)
     std::size_t window = 0;             // bytes of the free-or-absent run around it (best fit among equals)
   };
   std::optional<RefillPlan> FindRefill(StreamPool* pool, std::size_t rounded) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The free block of its owner that holds the whole slot of the chunk homed at absent slot `s`
-  // of `m`, when the chunk may come home now (as StitchCandidates would lend it), else nullptr.
-  Block* Recallable(const Mapping* m, std::uint32_t s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the chunk homed at absent slot `s` of `m` may come home now: free at its owner, as
+  // StitchCandidates would lend it.
+  // `hint`: see FreeAtOwner (caching_allocator.cc).
+  bool Recallable(const Mapping* m, std::uint32_t s, Block** hint) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Block*> Refill(const RefillPlan& plan, std::vector<Policy::Candidate> candidates)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free whole chunks that can be lent to a new or growing mapping of `pool`.

@@ -44,6 +44,7 @@ void MappingStore::DeleteBlock(Block* b) {
 }
 
 void MappingStore::InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint) {
+  ++b->mapping->version;
   b->counted_split = b->is_split();
   const int pool = static_cast<int>(b->mapping->kind);
   if (b->counted_split) {
@@ -68,6 +69,7 @@ void MappingStore::UncountSplit(Block* b) {
 }
 
 FreeSet::Map::iterator MappingStore::EraseFree(Block* b) {
+  ++b->mapping->version;
   auto next = b->mapping->pool->set(b->mapping->kind).Erase(b);
   UncountSplit(b);
   return next;
@@ -346,7 +348,7 @@ absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::u
   Block* merged = nullptr;
   for (std::uint32_t s : slots) {
     Block* a = m->absent[s];
-    m->absent[s] = nullptr;
+    m->SetAbsent(s, nullptr);
     a->state = BlockState::kFree;
     a->freed_at = 0;  // new to the mapping: chunks of other streams are lent only once fenced
     merged = MergeAndInsert(a);
@@ -361,7 +363,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   c->stale.emplace_back(owner, c->owner_slot);
   --owner->present;
   Block* a = m->absent[slot];
-  m->absent[slot] = nullptr;
+  m->SetAbsent(slot, nullptr);
   a->state = BlockState::kFree;
   a->freed_at = 0;  // the owner's stream was fenced before it lends
   --m->lent_home;
@@ -396,7 +398,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
     a->ptr = m->slot_address(run.first_slot + k);
     a->size = m->chunk_size;
     a->state = BlockState::kAbsent;
-    m->absent[run.first_slot + k] = a;
+    m->SetAbsent(run.first_slot + k, a);
     pieces.push_back(a);
   }
   if (end < b_end) {
@@ -424,6 +426,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
 
 Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split) {
   Block* b = it->second;
+  ++b->mapping->version;
   auto hint = b->mapping->pool->set(b->mapping->kind).Erase(it);
   UncountSplit(b);
   return Carve(b, size, split, hint);
@@ -494,7 +497,7 @@ Block* MappingStore::Free(Block* b, std::uint64_t seq) {
 void MappingStore::ReturnHome(Chunk* c) {
   Mapping* h = c->home;
   Block* a = h->absent[c->home_slot];
-  h->absent[c->home_slot] = nullptr;
+  h->SetAbsent(c->home_slot, nullptr);
   a->state = BlockState::kFree;
   a->freed_at = 0;  // the borrower's stream was fenced before it let go
   --h->lent_home;
