@@ -54,6 +54,10 @@ struct Chunk {
   std::uint32_t owner_slot = 0;
   // Stitched mappings (not the home) that still map this chunk behind an absent block.
   absl::InlinedVector<std::pair<Mapping*, std::uint32_t>, 1> stale;
+  // The caching allocator's refill search found this chunk busy at `owner` while the owner's
+  // free blocks were at version `busy_at_version` (valid while owner and version are the same).
+  const Mapping* busy_at_owner = nullptr;
+  std::uint64_t busy_at_version = 0;
 };
 
 enum class BlockState : std::uint8_t { kFree, kAllocated, kPending, kAbsent };
@@ -84,15 +88,19 @@ struct Mapping {
   StreamPool* pool = nullptr;
   bool stitched = false;             // made by a stitch: counts towards the idle stitch cache
   std::vector<Chunk*> slots;         // slot i covers [va + i*chunk_size, +chunk_size)
-  std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr (change with SetAbsent)
+  std::vector<Block*> absent;        // the kAbsent block of slot i, or nullptr (change with MappingStore::SetAbsent)
   absl::btree_set<std::uint32_t> absent_slots;  // the slots i whose absent[i] is set, in order
-  // Bumped by every change of the mapping's free blocks (MappingStore), so that the caching
+  // Renewed by every change of the mapping's free blocks (MappingStore::Touch), so that the caching
   // allocator's refill search can reuse what it found in a mapping it has seen unchanged: the
-  // runs of free and absent blocks holding an absent one (first block, bytes), as of
-  // refill_version.
+  // runs of free and absent blocks holding an absent one, as of refill_version.
+  struct Window {
+    const Block* first = nullptr;
+    std::size_t size = 0;
+    std::vector<const Block*> absent;  // its absent blocks, in address order
+  };
   std::uint64_t version = 0;
   std::uint64_t refill_version = ~std::uint64_t{0};
-  std::vector<std::pair<const Block*, std::size_t>> refill_windows;
+  std::vector<Window> refill_windows;
   Block* head = nullptr;
   Block* tail = nullptr;             // the last block (the one with next == nullptr)
   int busy_blocks = 0;               // allocated or pending blocks

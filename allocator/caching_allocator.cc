@@ -360,13 +360,20 @@ Block* FreeAtOwner(const Chunk* c, Block** hint = nullptr) {
 }  // namespace
 
 bool CachingAllocator::Recallable(const Mapping* m, std::uint32_t s, Block** hint) const {
-  const Chunk* c = m->slots[s];
+  Chunk* c = m->slots[s];
   if (c == nullptr || c->home != m || c->owner == m) return false;
   const Mapping* owner = c->owner;
   // An idle owner of the same stream holds the chunk in a free block (no walk needed).
   if (owner->idle() && owner->pool == m->pool && policy_.MayBorrowFrom(0)) return true;
+  // Found busy before, and the owner's free blocks have not changed since.
+  if (c->busy_at_owner == owner && c->busy_at_version == owner->version) return false;
   const Block* b = FreeAtOwner(c, hint);
-  if (b == nullptr || !policy_.MayBorrowFrom(b->size)) return false;
+  if (b == nullptr) {
+    c->busy_at_owner = owner;
+    c->busy_at_version = owner->version;
+    return false;
+  }
+  if (!policy_.MayBorrowFrom(b->size)) return false;
   return owner->pool == m->pool || owner->pool->Fenced(b->freed_at);
 }
 
@@ -374,14 +381,10 @@ std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamP
                                                                           std::size_t rounded) const {
   std::optional<RefillPlan> best;
   const auto cost = [](const RefillPlan& p) { return std::make_pair(p.slots.size(), p.recall.size()); };
-  std::vector<const Block*> absent;
   std::vector<bool> back;  // per absent block of the window: whether its chunk can be recalled
   const auto is_window = [](const Block* b) { return b->is_free() || b->state == BlockState::kAbsent; };
-  for (const auto& [va, m] : store_->mappings()) {
-    if (m->pool != pool || m->kind != PoolKind::kLarge || m->size < rounded ||
-        static_cast<std::size_t>(m->present) == m->slots.size()) {
-      continue;
-    }
+  for (const auto& [va, m] : store_->mappings_with_absent()) {
+    if (m->pool != pool || m->kind != PoolKind::kLarge || m->size < rounded) continue;
     if (m->refill_version != m->version) {
       // Windows (maximal runs of free and absent blocks) around the absent slots, each once.
       m->refill_windows.clear();
@@ -390,24 +393,27 @@ std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamP
         const Block* first = m->absent[slot];
         if (first->ptr < covered) continue;
         while (first->prev != nullptr && is_window(first->prev)) first = first->prev;
-        const Block* last = m->absent[slot];
-        while (last->next != nullptr && is_window(last->next)) last = last->next;
-        covered = last->ptr + last->size;
-        m->refill_windows.emplace_back(first, covered - first->ptr);
+        Mapping::Window w{first, 0, {}};
+        const Block* b = first;
+        for (; b != nullptr && is_window(b); b = b->next) {
+          if (b->state == BlockState::kAbsent) w.absent.push_back(b);
+          covered = b->ptr + b->size;
+        }
+        w.size = covered - first->ptr;
+        m->refill_windows.push_back(std::move(w));
       }
       m->refill_version = m->version;
     }
-    for (const auto& [first, window] : m->refill_windows) {
-      if (window < rounded) continue;
-      absent.clear();
+    for (const Mapping::Window& w : m->refill_windows) {
+      if (w.size < rounded) continue;
+      const Block* first = w.first;
+      const std::size_t window = w.size;
+      const std::vector<const Block*>& absent = w.absent;
       const DevicePtr window_end = first->ptr + window;
-      for (const Block* b = first; b != nullptr && b->ptr < window_end; b = b->next) {
-        if (b->state == BlockState::kAbsent) absent.push_back(b);
-      }
       back.clear();
       Block* hint = nullptr;
       for (const Block* x : absent) {
-        back.push_back(Recallable(m.get(), static_cast<std::uint32_t>((x->ptr - m->va) / m->chunk_size), &hint));
+        back.push_back(Recallable(m, static_cast<std::uint32_t>((x->ptr - m->va) / m->chunk_size), &hint));
       }
       // The request starts at the window's start or right after an absent slot (that stays
       // absent), so that the refilled free block starts where the request does. A sweep keeps
@@ -430,7 +436,7 @@ std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamP
         continue;
       }
       const DevicePtr at = best_k == 0 ? first->ptr : absent[best_k - 1]->ptr + absent[best_k - 1]->size;
-      RefillPlan plan{m.get(), at, {}, {}, window};
+      RefillPlan plan{m, at, {}, {}, window};
       for (std::size_t q = best_k; q < absent.size() && absent[q]->ptr < at + rounded; ++q) {
         const auto s = static_cast<std::uint32_t>((absent[q]->ptr - m->va) / m->chunk_size);
         if (back[q]) {
@@ -967,6 +973,9 @@ absl::Status CachingAllocator::CheckInvariants() const {
           return fail("stale view not recorded by its chunk");
         }
       }
+    }
+    if (store_->mappings_with_absent().contains(m->va) == m->absent_slots.empty()) {
+      return fail("the index of mappings with absent slots");
     }
     if (m->absent_slots.size() != m->slots.size() - static_cast<std::size_t>(present)) {
       return fail("the index of absent slots");

@@ -44,7 +44,7 @@ void MappingStore::DeleteBlock(Block* b) {
 }
 
 void MappingStore::InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint) {
-  ++b->mapping->version;
+  Touch(b->mapping);
   b->counted_split = b->is_split();
   const int pool = static_cast<int>(b->mapping->kind);
   if (b->counted_split) {
@@ -69,7 +69,7 @@ void MappingStore::UncountSplit(Block* b) {
 }
 
 FreeSet::Map::iterator MappingStore::EraseFree(Block* b) {
-  ++b->mapping->version;
+  Touch(b->mapping);
   auto next = b->mapping->pool->set(b->mapping->kind).Erase(b);
   UncountSplit(b);
   return next;
@@ -348,7 +348,7 @@ absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::u
   Block* merged = nullptr;
   for (std::uint32_t s : slots) {
     Block* a = m->absent[s];
-    m->SetAbsent(s, nullptr);
+    SetAbsent(m, s, nullptr);
     a->state = BlockState::kFree;
     a->freed_at = 0;  // new to the mapping: chunks of other streams are lent only once fenced
     merged = MergeAndInsert(a);
@@ -363,7 +363,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   c->stale.emplace_back(owner, c->owner_slot);
   --owner->present;
   Block* a = m->absent[slot];
-  m->SetAbsent(slot, nullptr);
+  SetAbsent(m, slot, nullptr);
   a->state = BlockState::kFree;
   a->freed_at = 0;  // the owner's stream was fenced before it lends
   --m->lent_home;
@@ -375,6 +375,15 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
     emptied_.push_back(owner);
   }
   return MergeAndInsert(a);
+}
+
+void MappingStore::SetAbsent(Mapping* m, std::uint32_t slot, Block* a) {
+  m->SetAbsent(slot, a);
+  if (m->absent_slots.empty()) {
+    with_absent_.erase(m->va);
+  } else {
+    with_absent_.emplace(m->va, m);
+  }
 }
 
 void MappingStore::CarveRun(const SlotRun& run) {
@@ -398,7 +407,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
     a->ptr = m->slot_address(run.first_slot + k);
     a->size = m->chunk_size;
     a->state = BlockState::kAbsent;
-    m->SetAbsent(run.first_slot + k, a);
+    SetAbsent(m, run.first_slot + k, a);
     pieces.push_back(a);
   }
   if (end < b_end) {
@@ -426,7 +435,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
 
 Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split) {
   Block* b = it->second;
-  ++b->mapping->version;
+  Touch(b->mapping);
   auto hint = b->mapping->pool->set(b->mapping->kind).Erase(it);
   UncountSplit(b);
   return Carve(b, size, split, hint);
@@ -497,7 +506,7 @@ Block* MappingStore::Free(Block* b, std::uint64_t seq) {
 void MappingStore::ReturnHome(Chunk* c) {
   Mapping* h = c->home;
   Block* a = h->absent[c->home_slot];
-  h->SetAbsent(c->home_slot, nullptr);
+  SetAbsent(h, c->home_slot, nullptr);
   a->state = BlockState::kFree;
   a->freed_at = 0;  // the borrower's stream was fenced before it let go
   --h->lent_home;
@@ -592,6 +601,7 @@ absl::Status MappingStore::Dissolve(Mapping* m) {
   if (m->stitched) stats_.stitched_segment.Add(-1);
   ++stats_.num_dissolves;
   emptied_.erase(std::remove(emptied_.begin(), emptied_.end(), m), emptied_.end());
+  with_absent_.erase(m->va);
   mappings_.erase(m->va);
   return first;
 }

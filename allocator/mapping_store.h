@@ -101,6 +101,8 @@ class MappingStore {
   // The mapping whose range contains `p`, or nullptr.
   Mapping* Find(DevicePtr p) const;
   const absl::btree_map<DevicePtr, std::unique_ptr<Mapping>>& mappings() const { return mappings_; }
+  // The mappings with absent slots (lent, stale or trimmed), by address.
+  const absl::btree_map<DevicePtr, Mapping*>& mappings_with_absent() const { return with_absent_; }
   std::size_t chunk_count() const { return chunks_.size(); }
 
  private:
@@ -115,6 +117,11 @@ class MappingStore {
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);
   void ReturnHome(Chunk* c);
+  // Marks a change of m's free blocks: a version no mapping ever had (so a cached version
+  // never matches a later mapping at the same address).
+  void Touch(Mapping* m) { m->version = ++last_version_; }
+  // Sets or clears the absent block of a slot (Mapping::SetAbsent) and keeps with_absent_.
+  void SetAbsent(Mapping* m, std::uint32_t slot, Block* a);
   // Driver work shared by Create, Extend and Refill: creates `fresh` chunks, maps `chunks`
   // followed by them (chunk i at at[i]), sets access. On failure undoes all of it (the
   // reservation stays, `chunks` is as it was).
@@ -134,6 +141,8 @@ class MappingStore {
   Stats& stats_;
   const std::size_t max_split_size_;
   absl::btree_map<DevicePtr, std::unique_ptr<Mapping>> mappings_;
+  absl::btree_map<DevicePtr, Mapping*> with_absent_;
+  std::uint64_t last_version_ = 0;
   absl::flat_hash_map<Chunk*, std::unique_ptr<Chunk>> chunks_;
   std::vector<Block*> spare_blocks_;
   std::vector<Mapping*> emptied_;

@@ -4,7 +4,8 @@
 # landed feature. Each phase fits one device call (10 minutes); run them in one warm lease:
 #   bash scripts/gpu.sh build          # unpack the kit, configure + build build/gpu (2-4 min)
 #   bash scripts/gpu.sh test           # ctest (GPU tests run), pip install ., pytest python + gpu
-#   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, trace capture
+#   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, microbenchmarks
+#   bash scripts/gpu.sh capture        # traces from process start, 3 settings x 3 allocators, replayed
 #   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
 # Several phases may share one call (`bash scripts/gpu.sh build test`). Every phase writes its raw
 # output into $OUT/<phase>.log (and <phase>.tar.gz for its files) when $OUT is set (the device
@@ -81,8 +82,12 @@ phase_bench() {
   echo "== allocator microbenchmarks (host driver, this machine's CPU)"
   build/gpu/bench/stitchalloc-bench --benchmark_out="${work}/allocator-bench.json" --benchmark_out_format=json \
     --benchmark_repetitions=3 --benchmark_report_aggregates_only=true || echo "gpu: BENCH FAILED"
+}
+
+phase_capture() {
+  use_kit
   echo "== traces captured from process start, 3 settings x 3 allocators (bench/capture_traces.py)"
-  "${PY}" bench/capture_traces.py all --out "${work}/capture" --replay build/gpu/bench/stitchalloc-replay ||
+  timeout 560 "${PY}" bench/capture_traces.py all --out "${work}/capture" --replay build/gpu/bench/stitchalloc-replay ||
     echo "gpu: CAPTURE FAILED"
 }
 
@@ -92,11 +97,11 @@ phase_offload() {
   timeout 560 "${PY}" bench/offload_seq.py search --json "${work}/offload-seq.json" || echo "gpu: OFFLOAD SEARCH FAILED"
 }
 
-((${#@})) || set -- build test bench
+((${#@})) || set -- build test
 for phase in "$@"; do
   case "${phase}" in
-    build | test | bench | offload) ;;
-    *) echo "gpu: unknown phase ${phase} (build, test, bench, offload)" >&2; exit 2 ;;
+    build | test | bench | capture | offload) ;;
+    *) echo "gpu: unknown phase ${phase} (build, test, bench, capture, offload)" >&2; exit 2 ;;
   esac
   echo "##### ${phase} ($(date -Is))"
   "phase_${phase}" 2>&1 | tee "${dest}/${phase}.log"
