@@ -111,14 +111,6 @@ struct Mapping {
   bool retiring = false;             // queued for dissolution once its stream is fenced
 
   DevicePtr slot_address(std::size_t i) const { return va + i * chunk_size; }
-  void SetAbsent(std::uint32_t i, Block* a) {
-    absent[i] = a;
-    if (a != nullptr) {
-      absent_slots.insert(i);
-    } else {
-      absent_slots.erase(i);
-    }
-  }
   std::size_t headroom_slots() const { return (reserved - size) / chunk_size; }
   bool idle() const { return busy_blocks == 0; }
 };

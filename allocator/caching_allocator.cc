@@ -286,9 +286,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
       Block* b = it->second;
       if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
       if (!same && !p->Fenced(b->freed_at)) continue;
-      auto run = MappingStore::FreeSlots(b);
-      if (!run) continue;
-      out.push_back({*run, same});
+      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
     }
     // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
     // mapping, whose chunk serves the large pool as well when the chunk sizes agree.
@@ -339,9 +337,7 @@ bool MapsAnyOf(const Mapping* m, const Policy::Candidate& c) {
   }
   return false;
 }
-}  // namespace
 
-namespace {
 // The free block of its owner that holds chunk `c`'s whole slot, or nullptr. The walk along the
 // owner's blocks starts at `*hint` when that is one of them (consecutive lookups in one owner
 // then cost one walk together), else at the nearer end; `*hint` becomes the block reached.
@@ -364,7 +360,7 @@ bool CachingAllocator::Recallable(const Mapping* m, std::uint32_t s, Block** hin
   if (c == nullptr || c->home != m || c->owner == m) return false;
   const Mapping* owner = c->owner;
   // An idle owner of the same stream holds the chunk in a free block (no walk needed).
-  if (owner->idle() && owner->pool == m->pool && policy_.MayBorrowFrom(0)) return true;
+  if (owner->idle() && owner->pool == m->pool) return true;
   // Found busy before, and the owner's free blocks have not changed since.
   if (c->busy_at_owner == owner && c->busy_at_version == owner->version) return false;
   const Block* b = FreeAtOwner(c, hint);
@@ -518,9 +514,11 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
       const auto fresh_for = [](std::size_t slots, std::size_t lendable) { return slots - std::min(slots, lendable); };
       const std::size_t exact = policy_.SlotsFor(rounded, kind);
       std::size_t grow_fresh = fresh_for(exact, lendable_to(nullptr)), grow_slots = exact;
-      if (growable != nullptr && fresh_for(need, lendable_to(growable)) <= grow_fresh) {
-        grow_fresh = fresh_for(need, lendable_to(growable));
-        grow_slots = need;
+      if (growable != nullptr) {
+        if (const std::size_t in_place = fresh_for(need, lendable_to(growable)); in_place <= grow_fresh) {
+          grow_fresh = in_place;
+          grow_slots = need;
+        }
       }
       const std::size_t refill_fresh = fresh_for(plan->slots.size(), lendable_to(plan->mapping));
       if (Policy::RefillBeatsGrowing(refill_fresh, plan->slots.size(), grow_fresh, grow_slots)) {

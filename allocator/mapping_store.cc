@@ -378,7 +378,12 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
 }
 
 void MappingStore::SetAbsent(Mapping* m, std::uint32_t slot, Block* a) {
-  m->SetAbsent(slot, a);
+  m->absent[slot] = a;
+  if (a != nullptr) {
+    m->absent_slots.insert(slot);
+  } else {
+    m->absent_slots.erase(slot);
+  }
   if (m->absent_slots.empty()) {
     with_absent_.erase(m->va);
   } else {

@@ -120,7 +120,7 @@ class MappingStore {
   // Marks a change of m's free blocks: a version no mapping ever had (so a cached version
   // never matches a later mapping at the same address).
   void Touch(Mapping* m) { m->version = ++last_version_; }
-  // Sets or clears the absent block of a slot (Mapping::SetAbsent) and keeps with_absent_.
+  // Sets or clears the absent block of a slot, keeping Mapping::absent_slots and with_absent_.
   void SetAbsent(Mapping* m, std::uint32_t slot, Block* a);
   // Driver work shared by Create, Extend and Refill: creates `fresh` chunks, maps `chunks`
   // followed by them (chunk i at at[i]), sets access. On failure undoes all of it (the

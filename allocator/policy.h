@@ -4,9 +4,9 @@
 // mappings of the driver granularity); larger ones use the large pool, whose mappings are made
 // of chunk_size chunks: 20 MiB for 1-10 MiB requests that are no multiple of the chunk (so
 // that they pack), else the fewest chunks that hold the request. A free block is split when
-// the remainder is at least 512 bytes (small pool) or more than 1 MiB (large pool; with
-// stitching and growing in place, at least 512 bytes as in expandable_segments), never when it
-// is max_split_size or larger.
+// the remainder is at least 512 bytes (small pool) or more than 1 MiB (large pool; while holes
+// are refilled, at least 512 bytes as in expandable_segments), never when it is
+// max_split_size or larger.
 //
 // Stitching: when no free block fits a large request, whole free chunks of other mappings are
 // borrowed, the requesting stream's own first, then the smallest free runs first (fragments
@@ -54,8 +54,7 @@ class Policy {
         max_split_size_(config.max_split_size),
         headroom_(config.mapping_headroom / chunk_size * chunk_size),
         granularity_(granularity),
-        chunk_size_(chunk_size),
-        split_all_large_(MayRefill(PoolKind::kLarge)) {}
+        chunk_size_(chunk_size) {}
 
   static std::size_t RoundSize(std::size_t n) { return n < kMinBlockSize ? kMinBlockSize : RoundUp(n, kMinBlockSize); }
   static PoolKind PoolFor(std::size_t rounded) { return rounded <= kSmallSize ? PoolKind::kSmall : PoolKind::kLarge; }
@@ -75,7 +74,7 @@ class Policy {
     if (block_size >= max_split_size_) return false;
     const std::size_t rest = block_size - rounded;
     if (kind == PoolKind::kSmall) return rest >= kMinBlockSize;
-    return rest > kSmallSize || ((growable_tail || split_all_large_) && rest >= kMinBlockSize);
+    return rest > kSmallSize || ((growable_tail || MayRefill(kind)) && rest >= kMinBlockSize);
   }
   std::size_t ChunkSize(PoolKind kind) const { return kind == PoolKind::kSmall ? granularity_ : chunk_size_; }
   // The fewest chunks that hold `rounded`.
@@ -100,9 +99,7 @@ class Policy {
   }
   // Virtual headroom reserved behind a new mapping so that it can grow in place (part of
   // stitching: off with it, and with max_split_size, whose oversize blocks never split).
-  std::size_t Headroom(PoolKind kind) const {
-    return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX ? headroom_ : 0;
-  }
+  std::size_t Headroom(PoolKind kind) const { return MayRefill(kind) ? headroom_ : 0; }
   // Holes that lent chunks are refilled (the file comment) in the large pool with stitching,
   // unless max_split_size is set (its oversize blocks never split).
   bool MayRefill(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX; }
@@ -131,7 +128,6 @@ class Policy {
   std::size_t headroom_;
   std::size_t granularity_;
   std::size_t chunk_size_;
-  bool split_all_large_;  // after the other members: MayRefill reads them
 };
 
 }  // namespace stitchalloc

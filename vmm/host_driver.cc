@@ -75,7 +75,6 @@ void ReturnRange(FreeRanges& free, std::size_t start, std::size_t bytes) {
   free.emplace(start, bytes);
 }
 
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<HostDriver>> HostDriver::Create(const HostDriverOptions& options) {
