@@ -2,7 +2,7 @@
 //
 // Physical memory is a set of Chunks, each one driver allocation of a fixed size (the large
 // pool's chunk size, or the granularity for the small pool). Virtual memory is a set of
-// Mappings: one reserved range with a slot per chunk-sized piece. A large-pool mapping may
+// Mappings: one reserved range with a slot per chunk-sized piece. A mapping (either pool) may
 // reserve more virtual space than it maps (headroom) and grow in place: new slots are appended
 // at its end, so that a free tail shorter than a chunk joins the new chunks in one block.
 // Blocks are byte ranges of a mapping, linked in address order; they cover the mapped part

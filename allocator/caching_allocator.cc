@@ -83,30 +83,49 @@ StreamPool* CachingAllocator::GetPool(Stream stream) {
   return last_pool_;
 }
 
-Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const {
-  const FreeSet& set = pool->set(kind);
-  auto it = set.LowerBound(rounded);
-  if (it == set.end()) return nullptr;
-  Block* b = it->second;
-  return policy_.Acceptable(b->size, rounded) ? b : nullptr;
-}
-
 namespace {
 // The block ends a mapping that can still grow in place.
 bool GrowableTail(const Block* b) { return b->next == nullptr && b->mapping->reserved > b->mapping->size; }
+// A free block's size together with the headroom it could grow into.
+std::size_t GrowableSize(const Block* b) {
+  return GrowableTail(b) ? b->size + (b->mapping->reserved - b->mapping->size) : b->size;
+}
 }  // namespace
+
+FreeSet::Map::iterator CachingAllocator::Fit(FreeSet& set, std::size_t rounded) const {
+  auto it = set.LowerBound(rounded);
+  if (it == set.end()) return it;
+  // Small pool, as PyTorch's expandable segments (get_free_block): a best fit that could grow
+  // in place is passed over for the next larger blocks while they could grow less, so that the
+  // tail is used last and small requests fill holes first. (In the large pool the same rule
+  // measured worse: holes there lend their chunks and are refilled instead.)
+  if (it->second->mapping->kind == PoolKind::kSmall && GrowableTail(it->second)) {
+    for (auto next = std::next(it); next != set.end() && GrowableSize(next->second) < GrowableSize(it->second);) {
+      it = next++;
+    }
+  }
+  return policy_.Acceptable(it->second->size, rounded) ? it : set.end();
+}
+
+Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const {
+  FreeSet& set = pool->set(kind);
+  auto it = Fit(set, rounded);
+  return it == set.end() ? nullptr : it->second;
+}
 
 void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) {
   if (b->mapping->idle()) OnBusy(b->mapping);
-  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b))), kind,
-                 size);
+  const bool back = policy_.TakesBack(b, rounded, kind);
+  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b)), back),
+                 kind, size);
 }
 
 void* CachingAllocator::Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded) {
   Block* b = it->second;
   if (b->mapping->idle()) OnBusy(b->mapping);
-  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b))), kind,
-                 size);
+  const bool back = policy_.TakesBack(b, rounded, kind);
+  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b)), back),
+                 kind, size);
 }
 
 void* CachingAllocator::Account(Block* b, PoolKind kind, std::size_t size) {
@@ -139,9 +158,7 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
     if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
     StreamPool* pool = GetPool(stream);
     FreeSet& set = pool->set(kind);
-    if (auto it = set.LowerBound(rounded); it != set.end() && policy_.Acceptable(it->second->size, rounded)) {
-      return Hand(it, kind, size, rounded);  // the hot path
-    }
+    if (auto it = Fit(set, rounded); it != set.end()) return Hand(it, kind, size, rounded);  // the hot path
     const bool last_resort = !has_pressure_handler_.load(std::memory_order_relaxed);
     auto slow = MallocSlow(pool, kind, size, rounded, last_resort);
     if (slow.ok()) return Hand(*slow, kind, size, rounded);
@@ -288,8 +305,8 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
       if (!same && !p->Fenced(b->freed_at)) continue;
       if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
     }
-    // Small-pool mappings are one chunk each: a free block of a whole chunk is a wholly free
-    // mapping, whose chunk serves the large pool as well when the chunk sizes agree.
+    // Whole free chunks of small-pool mappings serve the large pool as well when the chunk
+    // sizes agree.
     if (!small_chunks_fit) continue;
     for (auto it = p->small.LowerBound(chunk_size_); it != p->small.end(); ++it) {
       Block* b = it->second;
@@ -300,15 +317,17 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
   return out;
 }
 
-Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const {
+Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, PoolKind kind, std::size_t rounded,
+                                           std::size_t* slots) const {
   // The longest free tail shorter than the request that its mapping's headroom can extend:
   // walk the free set downwards from the request's size.
-  const FreeSet& set = pool->large;
+  const std::size_t chunk = policy_.ChunkSize(kind);
+  const FreeSet& set = pool->set(kind);
   for (auto it = set.LowerBound(rounded); it != set.begin();) {
     --it;
     const Block* b = it->second;
     if (!GrowableTail(b)) continue;
-    const std::size_t need = (rounded - b->size + chunk_size_ - 1) / chunk_size_;
+    const std::size_t need = (rounded - b->size + chunk - 1) / chunk;
     if (need <= b->mapping->headroom_slots()) {
       *slots = need;
       return b->mapping;
@@ -317,10 +336,10 @@ Mapping* CachingAllocator::GrowableMapping(StreamPool* pool, std::size_t rounded
   // No free tail: the mapping of the stream with the least headroom that still holds the
   // request grows, so that the stream's memory stays in few contiguous ranges whose free
   // blocks can merge.
-  const std::size_t need = (rounded + chunk_size_ - 1) / chunk_size_;
+  const std::size_t need = (rounded + chunk - 1) / chunk;
   Mapping* best = nullptr;
   for (const auto& [va, m] : store_->mappings()) {
-    if (m->pool != pool || m->kind != PoolKind::kLarge || m->tail->is_free()) continue;
+    if (m->pool != pool || m->kind != kind || m->tail->is_free()) continue;
     const std::size_t room = m->headroom_slots();
     if (room >= need && (best == nullptr || room < best->headroom_slots())) best = m.get();
   }
@@ -500,7 +519,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
   const std::vector<Policy::Candidate> all =
       policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
   std::size_t need = 0;
-  Mapping* growable = policy_.Headroom(kind) > 0 ? GrowableMapping(pool, rounded, &need) : nullptr;
+  Mapping* growable = policy_.Headroom(kind) > 0 ? GrowableMapping(pool, kind, rounded, &need) : nullptr;
   // A hole that lent its chunks takes the request back when that maps fewer chunks than
   // growing would (policy.h).
   if (policy_.MayRefill(kind)) {

@@ -7,10 +7,12 @@
 // stitched mappings wait on events are those events polled first). Miss path, in order:
 //   1. blocks whose record_stream events completed return to their pools; retry;
 //   2. a wholly free mapping of another stream whose fence event has completed moves over;
-//   3. large pool: a mapping of the stream whose last block is free grows in place by the
-//      chunks the request still lacks; else a new mapping stitched from free whole chunks
-//      (own stream first, others once fenced), topped up with new chunks when they are not
-//      enough; small pool, or stitching off: a new mapping of new chunks;
+//   3. large pool: a hole that lent chunks is refilled, or a mapping of the stream whose last
+//      block is free grows in place by the chunks the request still lacks; else a new mapping
+//      stitched from free whole chunks (own stream first, others once fenced), topped up with
+//      new chunks when they are not enough; the small pool grows in place the same way (its
+//      chunks borrowed when they have the large pool's size); stitching off: a new mapping of
+//      new chunks;
 //   4. all cached memory is released (after synchronizing pending events) and 1-3 retried;
 //   5. ResourceExhausted, with a message stating requested, allocated, reserved,
 //      free-but-fragmented and largest free contiguous bytes.
@@ -136,7 +138,10 @@ class CachingAllocator {
                    std::size_t total_memory);
 
   StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The free block of `set` that serves `rounded` (best fit, growable tails last), or end().
+  FreeSet::Map::iterator Fit(FreeSet& set, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   Block* BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Hands out the front of `b`, or its back (Policy::TakesBack).
   void* Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void* Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -175,7 +180,7 @@ class CachingAllocator {
   std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
-  Mapping* GrowableMapping(StreamPool* pool, std::size_t rounded, std::size_t* slots) const
+  Mapping* GrowableMapping(StreamPool* pool, PoolKind kind, std::size_t rounded, std::size_t* slots) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FreeBlock(Block* b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ProcessPending(bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -438,20 +438,36 @@ void MappingStore::CarveRun(const SlotRun& run) {
   }
 }
 
-Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split) {
+Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split, bool back) {
   Block* b = it->second;
   Touch(b->mapping);
   auto hint = b->mapping->pool->set(b->mapping->kind).Erase(it);
   UncountSplit(b);
-  return Carve(b, size, split, hint);
+  return Carve(b, size, split, back, hint);
 }
 
-Block* MappingStore::Allocate(Block* b, std::size_t size, bool split) {
+Block* MappingStore::Allocate(Block* b, std::size_t size, bool split, bool back) {
   auto hint = EraseFree(b);
-  return Carve(b, size, split, hint);
+  return Carve(b, size, split, back, hint);
 }
 
-Block* MappingStore::Carve(Block* b, std::size_t size, bool split, FreeSet::Map::iterator hint) {
+Block* MappingStore::Carve(Block* b, std::size_t size, bool split, bool back, FreeSet::Map::iterator hint) {
+  if (split && back && b->size > size) {
+    // The allocation is a new block behind b; b keeps the front and stays free.
+    Block* a = NewBlock();
+    a->ptr = b->ptr + b->size - size;
+    a->size = size;
+    a->mapping = b->mapping;
+    a->prev = b;
+    a->next = b->next;
+    if (b->next != nullptr) b->next->prev = a; else b->mapping->tail = a;
+    b->next = a;
+    b->size -= size;
+    InsertFree(b, hint);
+    a->state = BlockState::kAllocated;
+    ++a->mapping->busy_blocks;
+    return a;
+  }
   if (split && b->size > size) {
     Block* rest = NewBlock();
     rest->ptr = b->ptr + size;

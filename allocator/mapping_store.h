@@ -76,11 +76,11 @@ class MappingStore {
   // The whole chunk slots inside free block `b`, if any.
   static std::optional<SlotRun> FreeSlots(Block* b);
 
-  // Hands out the first `size` bytes of free block `b`; the rest becomes a free block when
-  // `split`, else stays part of the allocation.
-  Block* Allocate(Block* b, std::size_t size, bool split);
+  // Hands out the first `size` bytes of free block `b` (the last ones when `back`); the rest
+  // becomes a free block when `split`, else stays part of the allocation.
+  Block* Allocate(Block* b, std::size_t size, bool split, bool back = false);
   // The same, for the block at `it` in its pool's free set (saves a second search).
-  Block* Allocate(FreeSet::Map::iterator it, std::size_t size, bool split);
+  Block* Allocate(FreeSet::Map::iterator it, std::size_t size, bool split, bool back = false);
   // Marks an allocated or pending block free at pool sequence `seq`, merges it with free
   // neighbours and files it in its pool's free set. Returns the merged block.
   Block* Free(Block* b, std::uint64_t seq);
@@ -111,8 +111,8 @@ class MappingStore {
   void InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint = std::nullopt);
   FreeSet::Map::iterator EraseFree(Block* b);
   void UncountSplit(Block* b);
-  // Hands out the front of `b`, already out of its free set.
-  Block* Carve(Block* b, std::size_t size, bool split, FreeSet::Map::iterator hint);
+  // Hands out the front (or back) of `b`, already out of its free set.
+  Block* Carve(Block* b, std::size_t size, bool split, bool back, FreeSet::Map::iterator hint);
   Block* MergeAndInsert(Block* b);
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);

@@ -19,7 +19,9 @@
 // fit such a hole again, chunks are mapped back at its absent slots instead: the lent chunk
 // itself when it is free again at its borrower (it comes home with no driver call, its home
 // view is still mapped), else borrowed or new ones. The refill is taken when it needs fewer new
-// chunks than growing in place or a new mapping, or as many and fewer mapped chunks. So lending
+// chunks than growing in place or a new mapping, or as many and no more mapped chunks. A
+// request served from the piece that follows lent slots takes the piece's back when less than
+// a chunk would remain, so the remainder stays in the hole's window (TakesBack). So lending
 // a hole's chunks never costs more than keeping them: the chunks go back when the hole is
 // wanted, and the hole's layout (and the partly used chunks at its ends) is what it was. In a
 // training step such a hole is typically the next layer's temporary of the same size.
@@ -99,7 +101,7 @@ class Policy {
   }
   // Virtual headroom reserved behind a new mapping so that it can grow in place (part of
   // stitching: off with it, and with max_split_size, whose oversize blocks never split).
-  std::size_t Headroom(PoolKind kind) const { return MayRefill(kind) ? headroom_ : 0; }
+  std::size_t Headroom(PoolKind /*kind*/) const { return stitching_ && max_split_size_ == SIZE_MAX ? headroom_ : 0; }
   // Holes that lent chunks are refilled (the file comment) in the large pool with stitching,
   // unless max_split_size is set (its oversize blocks never split).
   bool MayRefill(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX; }
@@ -108,10 +110,20 @@ class Policy {
   // Whether a hole that lent chunks is refilled for a request it would hold (`refill_fresh` new
   // chunks, `refill_slots` chunks mapped in all at its absent slots; chunks that come home cost
   // nothing) rather than a mapping grown or made (`grow_fresh`, `grow_slots`): when it needs
-  // fewer new chunks, or as many and fewer mapped chunks.
+  // fewer new chunks, or as many and no more mapped chunks (a tie restores the hole, whose
+  // pieces next to the absent slots are used again; growing would leave them idle).
   static bool RefillBeatsGrowing(std::size_t refill_fresh, std::size_t refill_slots, std::size_t grow_fresh,
                                  std::size_t grow_slots) {
-    return refill_fresh < grow_fresh || (refill_fresh == grow_fresh && refill_slots < grow_slots);
+    return refill_fresh < grow_fresh || (refill_fresh == grow_fresh && refill_slots <= grow_slots);
+  }
+  // Whether a request served from free block `b` takes its back rather than its front: when
+  // holes are refilled, `b` follows absent (lent) slots, is no mapping's end, and would keep
+  // less than a chunk. The remainder then stays next to the absent slots, in the window a
+  // refill maps chunks back into, instead of becoming a sliver between live blocks that no
+  // large request fits and no stitch can borrow.
+  bool TakesBack(const Block* b, std::size_t rounded, PoolKind kind) const {
+    return MayRefill(kind) && b->prev != nullptr && b->prev->state == BlockState::kAbsent && b->next != nullptr &&
+           b->next->state != BlockState::kAbsent && b->size - rounded < b->mapping->chunk_size;
   }
   std::size_t max_split_size() const { return max_split_size_; }
 

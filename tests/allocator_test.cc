@@ -338,6 +338,60 @@ TEST(CachingAllocator, MappingGrowsInPlaceSoItsTailIsNotLost) {
   }
 }
 
+// The small pool packs like PyTorch's expandable segments: a request that no free block holds
+// grows the stream's small mapping in place by one chunk (the block spans the old end), and a
+// best fit at a growable tail is passed over for a larger hole, so the tail is used last.
+TEST(CachingAllocator, SmallPoolGrowsInPlaceAndUsesItsTailLast) {
+  for (const bool grow : {true, false}) {
+    SCOPED_TRACE(grow ? "growing in place" : "mapping_headroom_mb:0");
+    auto f = MakeFixture(grow ? "" : "mapping_headroom_mb:0");
+    // One 2 MiB chunk: a (512 KiB), b (768 KiB), c (512 KiB), a free tail of 256 KiB.
+    SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(512 * kKiB));
+    SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(768 * kKiB));
+    SA_ASSIGN_OR_FAIL(c, f.alloc->Malloc(512 * kKiB));
+    SA_ASSIGN_OR_FAIL(ia, f.alloc->Describe(a));
+    SA_ASSIGN_OR_FAIL(ic, f.alloc->Describe(c));
+    ASSERT_EQ(ic.mapping_va, ia.mapping_va);
+    ASSERT_EQ(ia.mapping_size, 2 * kMiB);
+    const auto at = [](void* p, std::size_t off) { return reinterpret_cast<std::uintptr_t>(p) + off; };
+    SA_ASSERT_OK(f.alloc->Free(b));  // a 768 KiB hole; the tail (256 KiB) is the best fit below
+    SA_ASSIGN_OR_FAIL(d, f.alloc->Malloc(256 * kKiB));
+    if (grow) {
+      EXPECT_EQ(d, b) << "the growable tail is passed over for the hole";
+    } else {
+      EXPECT_EQ(reinterpret_cast<std::uintptr_t>(d), at(c, 512 * kKiB)) << "plain best fit: the tail";
+    }
+    // 1 MiB fits no free block: the mapping grows in place, or a new one is made.
+    SA_ASSIGN_OR_FAIL(e, f.alloc->Malloc(1 * kMiB));
+    SA_ASSIGN_OR_FAIL(ie, f.alloc->Describe(e));
+    const Stats st = f.alloc->GetStats();
+    EXPECT_EQ(st.reserved_bytes.pools[kPoolSmall].current, static_cast<std::int64_t>(4 * kMiB));
+    if (grow) {
+      EXPECT_EQ(reinterpret_cast<std::uintptr_t>(e), at(c, 512 * kKiB)) << "the tail joins the new chunk";
+      EXPECT_EQ(ie.mapping_va, ia.mapping_va);
+      EXPECT_EQ(ie.mapping_size, 4 * kMiB);
+      EXPECT_EQ(st.segment.pools[kPoolSmall].current, 1);
+      EXPECT_EQ(st.num_grows_in_place, 1);
+    } else {
+      EXPECT_NE(ie.mapping_va, ia.mapping_va);
+      EXPECT_EQ(st.segment.pools[kPoolSmall].current, 2);
+      EXPECT_EQ(st.num_grows_in_place, 0);
+    }
+    // Bytes written across the old end of the mapping read back.
+    const auto bytes = Pattern(1 * kMiB, 5);
+    SA_ASSERT_OK(Upload(f.alloc->driver(), e, bytes.data(), bytes.size()));
+    std::vector<std::uint8_t> back(bytes.size());
+    SA_ASSERT_OK(Download(f.alloc->driver(), back.data(), e, back.size()));
+    EXPECT_EQ(back, bytes);
+    SA_EXPECT_OK(f.alloc->CheckInvariants());
+    for (void* p : {a, c, d, e}) SA_ASSERT_OK(f.alloc->Free(p));
+    SA_ASSERT_OK(f.alloc->EmptyCache());
+    EXPECT_EQ(f.host->physical_bytes_in_use(), 0u);
+    EXPECT_EQ(f.host->live_reservations(), 0u);
+    SA_EXPECT_OK(f.alloc->CheckInvariants());
+  }
+}
+
 // Growing in place borrows whole free chunks of other mappings like a stitch: the grown range
 // aliases them, bytes written through it read back through their home mapping.
 TEST(CachingAllocator, GrowingInPlaceBorrowsFreeChunksOfOtherMappings) {
@@ -490,6 +544,68 @@ TEST(CachingAllocator, HolesLendAndAreRefilledForTheirOldSize) {
 
 // With stitching, large-pool remainders of 1 MiB or less split off (as in expandable_segments);
 // without it, PyTorch's rule (more than 1 MiB) holds.
+// A request served from the piece that follows a hole's lent slots takes the piece's back when
+// less than a chunk would remain: the remainder stays next to the absent slots, so a later
+// refill maps chunks back under it and uses it, instead of a sliver between live blocks.
+TEST(CachingAllocator, PiecesAfterLentSlotsAreServedFromTheBack) {
+  auto f = MakeFixture("mapping_headroom_mb:0,stitch_cache_mb:1024");
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(300 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(x));
+  char* base = static_cast<char*>(x);
+  // One 300 MiB mapping: q0 [0, 2) A [2, 6) q1 [6, 8) B [8, 18.5) p [18.5, 300) MiB.
+  SA_ASSIGN_OR_FAIL(q0, f.alloc->Malloc(2 * kMiB));
+  SA_ASSIGN_OR_FAIL(ha, f.alloc->Malloc(4 * kMiB));
+  SA_ASSIGN_OR_FAIL(q1, f.alloc->Malloc(2 * kMiB));
+  SA_ASSIGN_OR_FAIL(hb, f.alloc->Malloc(10 * kMiB + 512 * kKiB));
+  SA_ASSIGN_OR_FAIL(p, f.alloc->Malloc(281 * kMiB + 512 * kKiB));
+  ASSERT_EQ(hb, base + 8 * kMiB);
+  ASSERT_EQ(p, base + 18 * kMiB + 512 * kKiB);
+  SA_ASSERT_OK(f.alloc->Free(ha));
+  SA_ASSERT_OK(f.alloc->Free(hb));
+  // 11 MiB fits neither hole: it borrows A's two chunks and B's first four ([8, 16) MiB).
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(11 * kMiB));
+  Stats st = f.alloc->GetStats();
+  ASSERT_EQ(st.num_stitches, 1);
+  ASSERT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(300 * kMiB));
+  const auto a_bytes = Pattern(11 * kMiB, 30);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), a, a_bytes.data(), a_bytes.size()));
+  // 2 MiB from B's remainder [16, 18.5): its back, leaving [16, 16.5) next to the lent slots.
+  SA_ASSIGN_OR_FAIL(r, f.alloc->Malloc(2 * kMiB));
+  EXPECT_EQ(r, base + 16 * kMiB + 512 * kKiB);
+  // 8.5 MiB: the window [8, 16.5) is refilled with four new chunks, the remainder used again
+  // (served from the front, it would have been stranded at [18, 18.5) and the window too short:
+  // a new 20 MiB mapping).
+  SA_ASSIGN_OR_FAIL(e, f.alloc->Malloc(8 * kMiB + 512 * kKiB));
+  EXPECT_EQ(e, base + 8 * kMiB);
+  st = f.alloc->GetStats();
+  EXPECT_EQ(st.num_refills, 1);
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(308 * kMiB));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  // Every live range keeps its own bytes.
+  const auto r_bytes = Pattern(2 * kMiB, 31);
+  const auto e_bytes = Pattern(8 * kMiB + 512 * kKiB, 32);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), r, r_bytes.data(), r_bytes.size()));
+  SA_ASSERT_OK(Upload(f.alloc->driver(), e, e_bytes.data(), e_bytes.size()));
+  for (const auto& [ptr, bytes] : {std::pair{a, &a_bytes}, std::pair{r, &r_bytes}, std::pair{e, &e_bytes}}) {
+    std::vector<std::uint8_t> got(bytes->size());
+    SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), ptr, got.size()));
+    EXPECT_EQ(got, *bytes);
+  }
+  for (void* q : {a, r, e, q0, q1, p}) SA_ASSERT_OK(f.alloc->Free(q));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->live_chunks(), 0u);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+}
+
+TEST(Policy, RefillWinsTiesWithGrowing) {
+  // (refill new chunks, refill mapped chunks, growth new chunks, growth mapped chunks)
+  EXPECT_TRUE(Policy::RefillBeatsGrowing(1, 5, 2, 2)) << "fewer new chunks";
+  EXPECT_FALSE(Policy::RefillBeatsGrowing(3, 1, 2, 2)) << "more new chunks";
+  EXPECT_TRUE(Policy::RefillBeatsGrowing(2, 2, 2, 2)) << "a tie restores the hole";
+  EXPECT_TRUE(Policy::RefillBeatsGrowing(2, 1, 2, 2));
+  EXPECT_FALSE(Policy::RefillBeatsGrowing(2, 3, 2, 2)) << "as many new chunks, more mapped";
+}
+
 TEST(Policy, LargeRemaindersSplitLikeExpandableSegmentsWithStitching) {
   Config with;
   Config without;
