@@ -67,10 +67,7 @@ TEST(Replay, GeneratedTracesMeetTheFragmentationTargets) {
     std::int64_t ours = 0, peak_allocated = 0;
     for (const PolicySpec& p : AllPolicies()) {
       SA_ASSIGN_OR_FAIL(r, Replay(t, p, o));
-      {
-      const absl::Status st = r.check_status;
-      ASSERT_TRUE(st.ok()) << st << " " << name << " " << p.name;
-    }
+      ASSERT_TRUE(r.check_status.ok()) << r.check_status << " " << name << " " << p.name;
       EXPECT_EQ(r.ooms, 0) << name << " " << p.name;
       EXPECT_GE(r.peak_reserved, r.peak_allocated) << name << " " << p.name;
       if (p.kind == PolicyKind::kStitchalloc) {
