@@ -92,14 +92,14 @@ std::size_t GrowableSize(const Block* b) {
 }
 }  // namespace
 
-FreeSet::Map::iterator CachingAllocator::Fit(FreeSet& set, std::size_t rounded) const {
+FreeSet::Map::iterator CachingAllocator::Fit(FreeSet& set, PoolKind kind, std::size_t rounded) const {
   auto it = set.LowerBound(rounded);
   if (it == set.end()) return it;
   // Small pool, as PyTorch's expandable segments (get_free_block): a best fit that could grow
   // in place is passed over for the next larger blocks while they could grow less, so that the
   // tail is used last and small requests fill holes first. (In the large pool the same rule
   // measured worse: holes there lend their chunks and are refilled instead.)
-  if (it->second->mapping->kind == PoolKind::kSmall && GrowableTail(it->second)) {
+  if (kind == PoolKind::kSmall && GrowableTail(it->second)) {
     for (auto next = std::next(it); next != set.end() && GrowableSize(next->second) < GrowableSize(it->second);) {
       it = next++;
     }
@@ -109,23 +109,15 @@ FreeSet::Map::iterator CachingAllocator::Fit(FreeSet& set, std::size_t rounded) 
 
 Block* CachingAllocator::BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const {
   FreeSet& set = pool->set(kind);
-  auto it = Fit(set, rounded);
+  auto it = Fit(set, kind, rounded);
   return it == set.end() ? nullptr : it->second;
 }
 
-void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) {
+void* CachingAllocator::Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded,
+                             std::optional<FreeSet::Map::iterator> at) {
   if (b->mapping->idle()) OnBusy(b->mapping);
-  const bool back = policy_.TakesBack(b, rounded, kind);
-  return Account(store_->Allocate(b, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b)), back),
-                 kind, size);
-}
-
-void* CachingAllocator::Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded) {
-  Block* b = it->second;
-  if (b->mapping->idle()) OnBusy(b->mapping);
-  const bool back = policy_.TakesBack(b, rounded, kind);
-  return Account(store_->Allocate(it, rounded, policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b)), back),
-                 kind, size);
+  const bool split = policy_.ShouldSplit(b->size, rounded, kind, GrowableTail(b));
+  return Account(store_->Allocate(b, rounded, split, policy_.TakesBack(b, rounded, kind), at), kind, size);
 }
 
 void* CachingAllocator::Account(Block* b, PoolKind kind, std::size_t size) {
@@ -158,7 +150,7 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
     if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
     StreamPool* pool = GetPool(stream);
     FreeSet& set = pool->set(kind);
-    if (auto it = Fit(set, rounded); it != set.end()) return Hand(it, kind, size, rounded);  // the hot path
+    if (auto it = Fit(set, kind, rounded); it != set.end()) return Hand(it->second, kind, size, rounded, it);  // hot path
     const bool last_resort = !has_pressure_handler_.load(std::memory_order_relaxed);
     auto slow = MallocSlow(pool, kind, size, rounded, last_resort);
     if (slow.ok()) return Hand(*slow, kind, size, rounded);
@@ -519,7 +511,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
   const std::vector<Policy::Candidate> all =
       policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
   std::size_t need = 0;
-  Mapping* growable = policy_.Headroom(kind) > 0 ? GrowableMapping(pool, kind, rounded, &need) : nullptr;
+  Mapping* growable = policy_.Headroom() > 0 ? GrowableMapping(pool, kind, rounded, &need) : nullptr;
   // A hole that lent its chunks takes the request back when that maps fewer chunks than
   // growing would (policy.h).
   if (policy_.MayRefill(kind)) {
@@ -546,31 +538,29 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
       }
     }
   }
-  if (policy_.Headroom(kind) > 0) {
-    if (Mapping* m = growable) {
-      // Growing cannot borrow the mapping's own free chunks: when a new stitched mapping
-      // would need fewer new chunks, that is made instead.
-      std::vector<Policy::Candidate> candidates = all;
-      auto owns = [m](const Policy::Candidate& c) { return MapsAnyOf(m, c); };
-      std::size_t lendable = 0, own = 0;
-      for (const Policy::Candidate& c : candidates) (owns(c) ? own : lendable) += c.run.count;
-      std::erase_if(candidates, owns);
-      const std::size_t fresh = need - std::min(need, lendable);
-      const std::size_t exact = policy_.SlotsFor(rounded, kind);
-      const std::size_t fresh_if_new = exact - std::min(exact, lendable + own);
-      if (fresh <= fresh_if_new && (fresh == 0 || reserved + fresh * chunk <= limit_)) {
-        std::vector<SlotRun> borrow = policy_.ChooseStitch(std::move(candidates), need);
-        // An idle mapping leaves the idle cache first: that accounts for it by its size.
-        if (m->idle()) OnBusy(m);
-        auto tail = store_->Extend(m, borrow, fresh);
-        if (!tail.ok()) {
-          if (m->idle()) OnIdle(m);
-          return tail.status();
-        }
-        ++stats_.num_grows_in_place;
-        for (Mapping* e : store_->TakeEmptied()) Retire(e);
-        return *tail;
+  if (Mapping* m = growable) {
+    // Growing cannot borrow the mapping's own free chunks: when a new stitched mapping
+    // would need fewer new chunks, that is made instead.
+    std::vector<Policy::Candidate> candidates = all;
+    auto owns = [m](const Policy::Candidate& c) { return MapsAnyOf(m, c); };
+    std::size_t lendable = 0, own = 0;
+    for (const Policy::Candidate& c : candidates) (owns(c) ? own : lendable) += c.run.count;
+    std::erase_if(candidates, owns);
+    const std::size_t fresh = need - std::min(need, lendable);
+    const std::size_t exact = policy_.SlotsFor(rounded, kind);
+    const std::size_t fresh_if_new = exact - std::min(exact, lendable + own);
+    if (fresh <= fresh_if_new && (fresh == 0 || reserved + fresh * chunk <= limit_)) {
+      std::vector<SlotRun> borrow = policy_.ChooseStitch(std::move(candidates), need);
+      // An idle mapping leaves the idle cache first: that accounts for it by its size.
+      if (m->idle()) OnBusy(m);
+      auto tail = store_->Extend(m, borrow, fresh);
+      if (!tail.ok()) {
+        if (m->idle()) OnIdle(m);
+        return tail.status();
       }
+      ++stats_.num_grows_in_place;
+      for (Mapping* e : store_->TakeEmptied()) Retire(e);
+      return *tail;
     }
   }
   // The preferred mapping size first; near the limit, only what the request needs.
@@ -592,7 +582,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
     }
     need = exact;
   }
-  auto m = store_->Create(pool, kind, chunk, borrow, fresh, policy_.Headroom(kind));
+  auto m = store_->Create(pool, kind, chunk, borrow, fresh, policy_.Headroom());
   if (!m.ok()) return m.status();
   for (Mapping* e : store_->TakeEmptied()) Retire(e);
   return (*m)->head;

@@ -138,13 +138,15 @@ class CachingAllocator {
                    std::size_t total_memory);
 
   StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The free block of `set` that serves `rounded` (best fit, growable tails last), or end().
-  FreeSet::Map::iterator Fit(FreeSet& set, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  Block* BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Hands out the front of `b`, or its back (Policy::TakesBack).
-  void* Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void* Hand(FreeSet::Map::iterator it, PoolKind kind, std::size_t size, std::size_t rounded)
+  // The free block of `set` (the `kind` pool) that serves `rounded` (best fit, growable small
+  // tails last), or end().
+  FreeSet::Map::iterator Fit(FreeSet& set, PoolKind kind, std::size_t rounded) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Block* BestFit(StreamPool* pool, PoolKind kind, std::size_t rounded) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Hands out the front of free block `b`, or its back (Policy::TakesBack); `at`: its free-set
+  // entry when the caller has it.
+  void* Hand(Block* b, PoolKind kind, std::size_t size, std::size_t rounded,
+             std::optional<FreeSet::Map::iterator> at = std::nullopt) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Indexes an allocated block and updates the allocation statistics.
   void* Account(Block* b, PoolKind kind, std::size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Asks the pressure handler for room, then tries once more (final).

@@ -68,9 +68,10 @@ void MappingStore::UncountSplit(Block* b) {
   }
 }
 
-FreeSet::Map::iterator MappingStore::EraseFree(Block* b) {
+FreeSet::Map::iterator MappingStore::EraseFree(Block* b, std::optional<FreeSet::Map::iterator> at) {
   Touch(b->mapping);
-  auto next = b->mapping->pool->set(b->mapping->kind).Erase(b);
+  FreeSet& set = b->mapping->pool->set(b->mapping->kind);
+  auto next = at.has_value() ? set.Erase(*at) : set.Erase(b);
   UncountSplit(b);
   return next;
 }
@@ -438,52 +439,32 @@ void MappingStore::CarveRun(const SlotRun& run) {
   }
 }
 
-Block* MappingStore::Allocate(FreeSet::Map::iterator it, std::size_t size, bool split, bool back) {
-  Block* b = it->second;
-  Touch(b->mapping);
-  auto hint = b->mapping->pool->set(b->mapping->kind).Erase(it);
-  UncountSplit(b);
-  return Carve(b, size, split, back, hint);
-}
-
-Block* MappingStore::Allocate(Block* b, std::size_t size, bool split, bool back) {
-  auto hint = EraseFree(b);
-  return Carve(b, size, split, back, hint);
-}
-
-Block* MappingStore::Carve(Block* b, std::size_t size, bool split, bool back, FreeSet::Map::iterator hint) {
-  if (split && back && b->size > size) {
-    // The allocation is a new block behind b; b keeps the front and stays free.
-    Block* a = NewBlock();
-    a->ptr = b->ptr + b->size - size;
-    a->size = size;
-    a->mapping = b->mapping;
-    a->prev = b;
-    a->next = b->next;
-    if (b->next != nullptr) b->next->prev = a; else b->mapping->tail = a;
-    b->next = a;
-    b->size -= size;
-    InsertFree(b, hint);
-    a->state = BlockState::kAllocated;
-    ++a->mapping->busy_blocks;
-    return a;
-  }
+Block* MappingStore::Allocate(Block* b, std::size_t size, bool split, bool back,
+                              std::optional<FreeSet::Map::iterator> at) {
+  const FreeSet::Map::iterator hint = EraseFree(b, at);
+  Block* out = b;
   if (split && b->size > size) {
-    Block* rest = NewBlock();
-    rest->ptr = b->ptr + size;
-    rest->size = b->size - size;
-    rest->mapping = b->mapping;
-    rest->freed_at = b->freed_at;
-    rest->prev = b;
-    rest->next = b->next;
-    if (b->next != nullptr) b->next->prev = rest; else b->mapping->tail = rest;
-    b->next = rest;
-    b->size = size;
-    InsertFree(rest, hint);
+    Block* rest = SplitAfter(b, back ? b->size - size : size);
+    if (back) out = rest;
+    InsertFree(back ? b : rest, hint);  // the part not handed out stays free
   }
-  b->state = BlockState::kAllocated;
-  ++b->mapping->busy_blocks;
-  return b;
+  out->state = BlockState::kAllocated;
+  ++out->mapping->busy_blocks;
+  return out;
+}
+
+Block* MappingStore::SplitAfter(Block* b, std::size_t front) {
+  Block* rest = NewBlock();
+  rest->ptr = b->ptr + front;
+  rest->size = b->size - front;
+  rest->mapping = b->mapping;
+  rest->freed_at = b->freed_at;
+  rest->prev = b;
+  rest->next = b->next;
+  if (b->next != nullptr) b->next->prev = rest; else b->mapping->tail = rest;
+  b->next = rest;
+  b->size = front;
+  return rest;
 }
 
 Block* MappingStore::MergeAndInsert(Block* b) {

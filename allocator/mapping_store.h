@@ -77,10 +77,10 @@ class MappingStore {
   static std::optional<SlotRun> FreeSlots(Block* b);
 
   // Hands out the first `size` bytes of free block `b` (the last ones when `back`); the rest
-  // becomes a free block when `split`, else stays part of the allocation.
-  Block* Allocate(Block* b, std::size_t size, bool split, bool back = false);
-  // The same, for the block at `it` in its pool's free set (saves a second search).
-  Block* Allocate(FreeSet::Map::iterator it, std::size_t size, bool split, bool back = false);
+  // becomes a free block when `split`, else stays part of the allocation. `at`: b's entry in its
+  // pool's free set, when the caller has it (saves a second search).
+  Block* Allocate(Block* b, std::size_t size, bool split, bool back = false,
+                  std::optional<FreeSet::Map::iterator> at = std::nullopt);
   // Marks an allocated or pending block free at pool sequence `seq`, merges it with free
   // neighbours and files it in its pool's free set. Returns the merged block.
   Block* Free(Block* b, std::uint64_t seq);
@@ -109,10 +109,12 @@ class MappingStore {
   Block* NewBlock();
   void DeleteBlock(Block* b);
   void InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint = std::nullopt);
-  FreeSet::Map::iterator EraseFree(Block* b);
+  // `at`: b's entry in the free set, if known.
+  FreeSet::Map::iterator EraseFree(Block* b, std::optional<FreeSet::Map::iterator> at = std::nullopt);
   void UncountSplit(Block* b);
-  // Hands out the front (or back) of `b`, already out of its free set.
-  Block* Carve(Block* b, std::size_t size, bool split, bool back, FreeSet::Map::iterator hint);
+  // Splits `b` after its first `front` bytes: b keeps them, a new block linked after it (not
+  // in any free set) the rest.
+  Block* SplitAfter(Block* b, std::size_t front);
   Block* MergeAndInsert(Block* b);
   // Replaces the run's slots by absent blocks (the free remainder stays free).
   void CarveRun(const SlotRun& run);

@@ -1,7 +1,7 @@
 // Policy: the allocator's decisions, apart from the mechanism (MappingStore) that carries
 // them out, so that policies can be compared. The sizes follow PyTorch's caching allocator:
-// requests are rounded up to 512 bytes; requests up to 1 MiB use the small pool (one-chunk
-// mappings of the driver granularity); larger ones use the large pool, whose mappings are made
+// requests are rounded up to 512 bytes; requests up to 1 MiB use the small pool (mappings of
+// driver-granularity chunks); larger ones use the large pool, whose mappings are made
 // of chunk_size chunks: 20 MiB for 1-10 MiB requests that are no multiple of the chunk (so
 // that they pack), else the fewest chunks that hold the request. A free block is split when
 // the remainder is at least 512 bytes (small pool) or more than 1 MiB (large pool; while holes
@@ -28,8 +28,9 @@
 //
 // Before a new mapping is made, a mapping of the stream whose last block is free
 // grows in place (Headroom) by just the chunks the request still lacks, so a tail shorter
-// than a chunk is not left behind: the large pool then packs like PyTorch's
-// expandable_segments, while the chunks still come from anywhere.
+// than a chunk is not left behind: both pools then pack like PyTorch's expandable_segments
+// (the small pool into one growing range per stream whose blocks span chunks), while the
+// chunks still come from anywhere.
 #pragma once
 
 #include <algorithm>
@@ -94,17 +95,19 @@ class Policy {
     if (tail == 0) return exact;  // a whole number of chunks: nothing to pack
     return std::max(exact, kLargeBuffer / chunk_size_);
   }
-  // The small pool stitches too (a one-chunk mapping of a borrowed chunk) when its chunks are
+  // The small pool stitches too (borrowed chunks in its mappings) when its chunks are
   // the large pool's size: then no pool keeps free whole chunks while the other makes new ones.
   bool MayStitch(PoolKind kind) const {
     return stitching_ && (kind == PoolKind::kLarge || granularity_ == chunk_size_);
   }
-  // Virtual headroom reserved behind a new mapping so that it can grow in place (part of
-  // stitching: off with it, and with max_split_size, whose oversize blocks never split).
-  std::size_t Headroom(PoolKind /*kind*/) const { return stitching_ && max_split_size_ == SIZE_MAX ? headroom_ : 0; }
-  // Holes that lent chunks are refilled (the file comment) in the large pool with stitching,
-  // unless max_split_size is set (its oversize blocks never split).
-  bool MayRefill(PoolKind kind) const { return stitching_ && kind == PoolKind::kLarge && max_split_size_ == SIZE_MAX; }
+  // Mappings of either pool grow in place (the file comment) with stitching, unless
+  // max_split_size is set (its oversize blocks never split); Headroom is the virtual space
+  // reserved behind a new mapping for that.
+  bool MayGrowInPlace() const { return stitching_ && max_split_size_ == SIZE_MAX; }
+  std::size_t Headroom() const { return MayGrowInPlace() ? headroom_ : 0; }
+  // Holes that lent chunks are refilled (the file comment) in the large pool, when mappings
+  // grow in place.
+  bool MayRefill(PoolKind kind) const { return kind == PoolKind::kLarge && MayGrowInPlace(); }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
   bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
   // Whether a hole that lent chunks is refilled for a request it would hold (`refill_fresh` new

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <initializer_list>
 #include <set>
 #include <thread>
 
@@ -29,6 +30,14 @@ Fixture MakeFixture(const std::string& config = "") {
   f.alloc = *std::move(a);
   f.host = dynamic_cast<HostDriver*>(&f.alloc->driver());
   return f;
+}
+
+// Frees `live`, empties the cache, and expects every chunk released and the invariants intact.
+void FreeAllAndExpectNothingLeft(Fixture& f, std::initializer_list<void*> live) {
+  for (void* p : live) SA_ASSERT_OK(f.alloc->Free(p));
+  SA_ASSERT_OK(f.alloc->EmptyCache());
+  EXPECT_EQ(f.host->live_chunks(), 0u);
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 
 TEST(CachingAllocator, CachedSizeIsServedWithoutDriverCalls) {
@@ -536,10 +545,7 @@ TEST(CachingAllocator, HolesLendAndAreRefilledForTheirOldSize) {
   EXPECT_EQ(got, b_bytes);
   SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), c, got.size()));
   EXPECT_EQ(got, c_bytes);
-  for (void* p : {b, c, d, p1, p2, p3}) SA_ASSERT_OK(f.alloc->Free(p));
-  SA_ASSERT_OK(f.alloc->EmptyCache());
-  EXPECT_EQ(f.host->live_chunks(), 0u);
-  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  FreeAllAndExpectNothingLeft(f, {b, c, d, p1, p2, p3});
 }
 
 // With stitching, large-pool remainders of 1 MiB or less split off (as in expandable_segments);
@@ -591,10 +597,7 @@ TEST(CachingAllocator, PiecesAfterLentSlotsAreServedFromTheBack) {
     SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), ptr, got.size()));
     EXPECT_EQ(got, *bytes);
   }
-  for (void* q : {a, r, e, q0, q1, p}) SA_ASSERT_OK(f.alloc->Free(q));
-  SA_ASSERT_OK(f.alloc->EmptyCache());
-  EXPECT_EQ(f.host->live_chunks(), 0u);
-  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  FreeAllAndExpectNothingLeft(f, {a, r, e, q0, q1, p});
 }
 
 TEST(Policy, RefillWinsTiesWithGrowing) {
