@@ -30,7 +30,9 @@
 // grows in place (Headroom) by just the chunks the request still lacks, so a tail shorter
 // than a chunk is not left behind: both pools then pack like PyTorch's expandable_segments
 // (the small pool into one growing range per stream whose blocks span chunks), while the
-// chunks still come from anywhere.
+// chunks still come from anywhere. A request that leaves more than 1 MiB but less than a chunk
+// of a whole growable mapping takes its back (TakesBack): freed, it is the growable tail, so a
+// larger request after it grows the mapping instead of stitching all its chunks anew.
 #pragma once
 
 #include <algorithm>
@@ -119,14 +121,26 @@ class Policy {
                                  std::size_t grow_slots) {
     return refill_fresh < grow_fresh || (refill_fresh == grow_fresh && refill_slots <= grow_slots);
   }
-  // Whether a request served from free block `b` takes its back rather than its front: when
-  // holes are refilled, `b` follows absent (lent) slots, is no mapping's end, and would keep
-  // less than a chunk. The remainder then stays next to the absent slots, in the window a
-  // refill maps chunks back into, instead of becoming a sliver between live blocks that no
-  // large request fits and no stitch can borrow.
+  // Whether a request served from free block `b` takes its back rather than its front, when
+  // holes are refilled and less than a chunk would remain:
+  // - `b` follows absent (lent) slots and is no mapping's end: the remainder then stays next to
+  //   the absent slots, in the window a refill maps chunks back into, instead of becoming a
+  //   sliver between live blocks that no large request fits and no stitch can borrow;
+  // - `b` is the whole of a mapping that can grow in place (a new one, typically) and the
+  //   remainder is more than kSmallSize: the remainder, a large-pool piece on its own, serves a
+  //   later request at the front, and the block, once freed, is the growable tail, so that a
+  //   larger request after it grows the mapping by the chunks it lacks instead of stitching
+  //   every chunk anew. (A remainder of kSmallSize or less stays at the end, where only growth
+  //   can use it: no large-pool request is that small.)
   bool TakesBack(const Block* b, std::size_t rounded, PoolKind kind) const {
-    return MayRefill(kind) && b->prev != nullptr && b->prev->state == BlockState::kAbsent && b->next != nullptr &&
-           b->next->state != BlockState::kAbsent && b->size - rounded < b->mapping->chunk_size;
+    if (!MayRefill(kind)) return false;
+    const std::size_t rest = b->size - rounded;
+    if (rest >= b->mapping->chunk_size) return false;
+    if (b->prev == nullptr && b->next == nullptr) {
+      return rest > kSmallSize && b->mapping->reserved > b->mapping->size;
+    }
+    return b->prev != nullptr && b->prev->state == BlockState::kAbsent && b->next != nullptr &&
+           b->next->state != BlockState::kAbsent;
   }
   std::size_t max_split_size() const { return max_split_size_; }
 

@@ -600,6 +600,54 @@ TEST(CachingAllocator, PiecesAfterLentSlotsAreServedFromTheBack) {
   FreeAllAndExpectNothingLeft(f, {a, r, e, q0, q1, p});
 }
 
+// A request that leaves more than 1 MiB (a large-pool piece) but less than a chunk of a new
+// growable mapping takes its back: the remainder serves a later request at the front, and the
+// block, freed, is the growable tail, so a larger request grows the mapping by the chunks it
+// lacks. That turns the adversarial pattern (each large block freed behind a live small one,
+// the next one larger) from a stitch of every chunk per cycle into a few new chunks per cycle.
+// A remainder of 1 MiB or less (no large request is that small) stays at the end.
+TEST(CachingAllocator, NewMappingsServeFromTheBackWhenTheRemainderIsALargePiece) {
+  auto f = MakeFixture();
+  // 62.5 MiB: a 64 MiB mapping [0, 64) whose back [1.5, 64) it takes.
+  SA_ASSIGN_OR_FAIL(l0, f.alloc->Malloc(62 * kMiB + 512 * kKiB));
+  // The 1.5 MiB remainder at the front serves the next 1.5 MiB request: no new chunk.
+  SA_ASSIGN_OR_FAIL(s0, f.alloc->Malloc(kMiB + 512 * kKiB));
+  EXPECT_EQ(static_cast<char*>(s0) + kMiB + 512 * kKiB, l0);
+  Stats st = f.alloc->GetStats();
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(64 * kMiB));
+  const auto s0_bytes = Pattern(kMiB + 512 * kKiB, 40);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), s0, s0_bytes.data(), s0_bytes.size()));
+  SA_ASSERT_OK(f.alloc->Free(l0));
+  // 70.5 MiB after the freed block: the mapping grows in place by four new chunks at the same
+  // address (four map calls, no stitch; from the front, every chunk would be stitched anew).
+  const std::int64_t maps = st.num_map_calls;
+  SA_ASSIGN_OR_FAIL(l1, f.alloc->Malloc(70 * kMiB + 512 * kKiB));
+  EXPECT_EQ(l1, l0);
+  st = f.alloc->GetStats();
+  EXPECT_EQ(st.num_stitches, 0);
+  EXPECT_EQ(st.num_map_calls, maps + 4);
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(72 * kMiB));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  // Bytes written across the old end of the mapping read back; the small block keeps its own.
+  const auto l1_bytes = Pattern(70 * kMiB + 512 * kKiB, 41);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), l1, l1_bytes.data(), l1_bytes.size()));
+  std::vector<std::uint8_t> got(l1_bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), l1, got.size()));
+  EXPECT_EQ(got, l1_bytes);
+  got.resize(s0_bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), s0, got.size()));
+  EXPECT_EQ(got, s0_bytes);
+  FreeAllAndExpectNothingLeft(f, {s0, l1});
+
+  // 63 MiB leaves 1 MiB: served from the front. Freed and asked for the whole 64 MiB, the
+  // mapping hands out the same address.
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(63 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(x));
+  SA_ASSIGN_OR_FAIL(y, f.alloc->Malloc(64 * kMiB));
+  EXPECT_EQ(y, x);
+  FreeAllAndExpectNothingLeft(f, {y});
+}
+
 TEST(Policy, RefillWinsTiesWithGrowing) {
   // (refill new chunks, refill mapped chunks, growth new chunks, growth mapped chunks)
   EXPECT_TRUE(Policy::RefillBeatsGrowing(1, 5, 2, 2)) << "fewer new chunks";
