@@ -267,13 +267,15 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
 }
 
 Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) {
+  // The smallest fitting whole block of any other stream, the lowest address among equals (so
+  // that the choice does not depend on the pools' hash order).
   Block* best = nullptr;
   for (auto& [stream, other] : pools_) {
     if (other.get() == pool) continue;
     const FreeSet& set = other->set(kind);
     for (auto it = set.LowerBound(rounded); it != set.end(); ++it) {
       Block* b = it->second;
-      if (best != nullptr && b->size >= best->size) break;
+      if (best != nullptr && std::pair(b->size, b->ptr) >= std::pair(best->size, best->ptr)) break;
       if (b->is_split() || !other->Fenced(b->freed_at) || !policy_.Acceptable(b->size, rounded)) continue;
       best = b;
       break;
