@@ -14,7 +14,8 @@
 // - Every chunk has a home: the mapping it was created for. The home always maps it. When
 //   the chunk is owned elsewhere (lent to a stitched mapping), the home's slot is covered by
 //   one kAbsent block, so no byte is handed out twice. A home is never dissolved while any of
-//   its chunks is lent out (lent_home > 0).
+//   its chunks is lent out (lent_home > 0): a retiring home first hands the home of each lent
+//   chunk to its owner, which maps it, and unmaps its own view (MappingStore::Disown).
 // - A stitched mapping that lends a borrowed chunk onward keeps its (now stale) view mapped,
 //   also behind a kAbsent block; the chunk records it in `stale` so that the view can be
 //   unmapped before the chunk is released. Chunks return to their home, never to a stale view.

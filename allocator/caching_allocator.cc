@@ -634,15 +634,22 @@ void CachingAllocator::RequestFence(StreamPool* p) {
 }
 
 void CachingAllocator::PollFences() {
-  for (auto& [stream, p] : pools_) {
-    if (p->fence_pending) {
-      auto q = driver_->QueryEvent(p->fence_event);
-      if (!q.ok() || *q) {
-        p->fence_pending = false;
-        p->fence_done_seq = p->fence_pending_seq;
-      }
+  const auto poll = [this](StreamPool* p) {
+    if (!p->fence_pending) return;
+    auto q = driver_->QueryEvent(p->fence_event);
+    if (!q.ok() || *q) {
+      p->fence_pending = false;
+      p->fence_done_seq = p->fence_pending_seq;
     }
+  };
+  for (auto& [stream, p] : pools_) {
+    poll(p.get());
+    const bool idle_fence = !p->fence_pending;
     RequestFence(p.get());
+    // A fence recorded on a stream with no work left completes at once: the blocks it freed
+    // since its last fence then serve this very miss, not only the next one (a stream that
+    // frees and moves on would otherwise leave its memory idle while others make new chunks).
+    if (idle_fence && p->fence_pending) poll(p.get());
   }
 }
 
@@ -706,7 +713,7 @@ void CachingAllocator::ProcessRetiring(bool synchronize) {
     progress = false;
     for (std::size_t i = 0; i < retiring_.size(); ++i) {
       Mapping* m = retiring_[i];
-      if (!m->idle() || m->lent_home > 0) continue;  // waits for its chunks to come home
+      if (!m->idle()) continue;
       StreamPool* p = m->pool;
       if (synchronize) {
         SyncFence(p);
@@ -720,6 +727,10 @@ void CachingAllocator::ProcessRetiring(bool synchronize) {
         RequestFence(p);
         if (!p->Fenced(m->last_free_seq)) continue;
       }
+      // Chunks it lent out stay with their borrowers, which become their homes: waiting for
+      // them to come home could take forever (a borrower lends them on), and would keep the
+      // range, its views and its place in this list meanwhile.
+      if (m->lent_home > 0) store_->Disown(m).IgnoreError();
       ForgetMapping(m);
       store_->Dissolve(m).IgnoreError();
       progress = true;

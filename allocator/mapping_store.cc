@@ -565,6 +565,20 @@ absl::Status MappingStore::Trim(Mapping* m) {
   return first;
 }
 
+absl::Status MappingStore::Disown(Mapping* m) {
+  absl::Status first;
+  for (std::uint32_t s = 0; s < m->slots.size() && m->lent_home > 0; ++s) {
+    Chunk* c = m->slots[s];
+    if (c == nullptr || c->home != m || c->owner == m) continue;
+    Note(first, UnmapSlot(m, s));
+    c->home = c->owner;
+    c->home_slot = c->owner_slot;
+    --m->lent_home;
+  }
+  Touch(m);
+  return first;
+}
+
 absl::Status MappingStore::Dissolve(Mapping* m) {
   if (!m->idle() || m->lent_home > 0) {
     return absl::FailedPreconditionError(

@@ -88,6 +88,10 @@ class MappingStore {
   // Unmaps an idle mapping none of whose home chunks is lent out: borrowed chunks go home,
   // home chunks are released, stale views are dropped, the range is freed.
   absl::Status Dissolve(Mapping* m);
+  // Gives up being the home of m's chunks that are lent out: each one's owner, which maps it,
+  // becomes its home, and m's view of it is unmapped (the slot becomes an unmapped hole). Then
+  // nothing keeps m from being dissolved. The caller checked m's fence (unmapping is immediate).
+  absl::Status Disown(Mapping* m);
   // Keeps `m` but gives up its free whole chunks: borrowed ones go home, home ones not lent
   // out are released (their slots become unmapped holes).
   absl::Status Trim(Mapping* m);

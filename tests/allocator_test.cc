@@ -203,6 +203,82 @@ TEST(CachingAllocator, ReuseFromOtherStreamsDoesNotDependOnHashOrder) {
   }
 }
 
+// A miss records a fence on the other streams and queries it at once: a stream with no work
+// left completes it immediately, so the blocks it freed serve this miss (before, they were
+// fenced only at the next miss, and this one made new chunks instead).
+TEST(CachingAllocator, IdleStreamsLendTheirFreeChunksToTheNextMiss) {
+  auto driver = HostDriver::Create({.capacity = 4 * kGiB, .granularity = 2 * kMiB, .inline_streams = true});
+  ASSERT_TRUE(driver.ok()) << driver.status();
+  HostDriver* host = driver->get();
+  auto alloc = CachingAllocator::Create(Config{}, *std::move(driver));
+  ASSERT_TRUE(alloc.ok()) << alloc.status();
+  CachingAllocator& a = **alloc;
+  SA_ASSIGN_OR_FAIL(s1, host->CreateStream());
+  SA_ASSIGN_OR_FAIL(s2, host->CreateStream());
+  SA_ASSIGN_OR_FAIL(x, a.Malloc(12 * kMiB, s1));
+  const auto x_bytes = Pattern(12 * kMiB, 50);
+  SA_ASSERT_OK(Upload(a.driver(), x, x_bytes.data(), x_bytes.size()));
+  SA_ASSERT_OK(a.Free(x));
+  // s1 has nothing queued: its 6 free chunks join the 24 MiB block of s2 (6 new chunks).
+  SA_ASSIGN_OR_FAIL(y, a.Malloc(24 * kMiB, s2));
+  Stats st = a.GetStats();
+  EXPECT_EQ(st.num_stitches, 1);
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(24 * kMiB));
+  // The borrowed chunks are x's memory: its bytes show through y's range.
+  std::vector<std::uint8_t> got(12 * kMiB);
+  SA_ASSERT_OK(Download(a.driver(), got.data(), y, got.size()));
+  EXPECT_EQ(got, x_bytes);
+  SA_EXPECT_OK(a.CheckInvariants());
+  SA_ASSERT_OK(a.Free(y));
+  SA_ASSERT_OK(a.EmptyCache());
+  EXPECT_EQ(host->live_chunks(), 0u);
+  SA_EXPECT_OK(a.CheckInvariants());
+}
+
+// A stitched mapping retired while chunks it is home to are lent out (here to a live block)
+// does not wait for them: their borrower becomes their home, and the retired mapping is
+// dissolved once its stream is fenced (before, it stayed, with its range and views, as long as
+// the borrower kept the chunks, which in a long run can be forever).
+TEST(CachingAllocator, RetiredMappingsHandLentChunksToTheirBorrowers) {
+  auto f = MakeFixture("mapping_headroom_mb:0,stitch_cache_mb:0");
+  SA_ASSIGN_OR_FAIL(s, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(12 * kMiB, s));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  // S: a's 6 chunks and 6 new ones (homed in S).
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(24 * kMiB, s));
+  ASSERT_EQ(f.alloc->GetStats().num_stitches, 1);
+  // While the stream is held up, S, freed, is retired (no stitch cache) but cannot go yet.
+  std::atomic<bool> gate{false};
+  SA_ASSERT_OK(f.host->Enqueue(s, [&]() {
+    while (!gate.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  // T borrows S's 12 free chunks (same stream: no fence needed) and 6 new ones.
+  SA_ASSIGN_OR_FAIL(t, f.alloc->Malloc(36 * kMiB, s));
+  ASSERT_EQ(f.alloc->GetStats().num_stitches, 2);
+  const auto t_bytes = Pattern(36 * kMiB, 51);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), t, t_bytes.data(), t_bytes.size()));
+  const std::size_t reservations = f.host->live_reservations();  // A, S, T
+  ASSERT_EQ(reservations, 3u);
+  gate = true;
+  SA_ASSERT_OK(f.host->SynchronizeStream(s));
+  // The next call finds S fenced: it is dissolved although T still holds its 6 home chunks.
+  SA_ASSIGN_OR_FAIL(small, f.alloc->Malloc(4 * kKiB, s));
+  EXPECT_EQ(f.host->live_reservations(), reservations) << "S dissolved, a small-pool mapping made for the 4 KiB";
+  EXPECT_EQ(f.alloc->GetStats().reserved_bytes.all().current, static_cast<std::int64_t>(38 * kMiB));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  std::vector<std::uint8_t> got(t_bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), t, got.size()));
+  EXPECT_EQ(got, t_bytes);
+  // T, freed and retired, releases the chunks it is now home to; a's chunks go home to A.
+  SA_ASSERT_OK(f.alloc->Free(t));
+  SA_ASSERT_OK(f.host->SynchronizeStream(s));
+  SA_ASSERT_OK(f.alloc->Free(small));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  FreeAllAndExpectNothingLeft(f, {});
+  SA_ASSERT_OK(f.host->DestroyStream(s));
+}
+
 TEST(CachingAllocator, IdleStitchedMappingIsReusedForTheSameRequest) {
   auto f = MakeFixture("mapping_headroom_mb:0");  // two separate mappings to stitch from
   SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(4 * kMiB));
