@@ -153,7 +153,12 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
     if (auto it = Fit(set, kind, rounded); it != set.end()) return Hand(it->second, kind, size, rounded, it);  // hot path
     const bool last_resort = !has_pressure_handler_.load(std::memory_order_relaxed);
     auto slow = MallocSlow(pool, kind, size, rounded, last_resort);
-    if (slow.ok()) return Hand(*slow, kind, size, rounded);
+    if (slow.ok()) {
+      void* p = Hand(*slow, kind, size, rounded);
+      // Mappings the miss emptied (lending all their chunks) go now, not at the next call.
+      if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
+      return p;
+    }
     if (last_resort || !absl::IsResourceExhausted(slow.status())) return slow.status();
   }
   return MallocUnderPressure(size, rounded, kind, stream);

@@ -178,7 +178,7 @@ void MappingStore::Adopt(Mapping* m, const std::vector<std::uint32_t>& slots, co
     m->stitched = true;
   }
   for (Mapping* from : sources) {
-    if (from->present == 0 && from->lent_home == 0 && from->idle() &&
+    if (Emptied(from) &&
         std::find(emptied_.begin(), emptied_.end(), from) == emptied_.end()) {
       emptied_.push_back(from);
     }
@@ -371,7 +371,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   ++m->present;
   c->owner = m;
   c->owner_slot = slot;
-  if (owner->present == 0 && owner->lent_home == 0 && owner->idle() &&
+  if (Emptied(owner) &&
       std::find(emptied_.begin(), emptied_.end(), owner) == emptied_.end()) {
     emptied_.push_back(owner);
   }

@@ -98,8 +98,8 @@ class MappingStore {
   // Moves an idle mapping to another stream's pool (the caller checked the fence).
   void MoveToPool(Mapping* m, StreamPool* to);
 
-  // Mappings that lending left with no chunk of their own, nothing busy and no chunk lent out:
-  // the caller retires them. Cleared by the call.
+  // Mappings that lending left with no chunk of their own and nothing busy, and either no chunk
+  // lent out or made by a stitch (see Emptied): the caller retires them. Cleared by the call.
   std::vector<Mapping*> TakeEmptied();
 
   // The mapping whose range contains `p`, or nullptr.
@@ -110,6 +110,15 @@ class MappingStore {
   std::size_t chunk_count() const { return chunks_.size(); }
 
  private:
+  // Whether idle `m` has nothing left to hand out: no chunk of its own and, unless it was made
+  // by a stitch, none lent out. A stitched range whose chunks all went on to other mappings
+  // only costs every later refill search a walk through it (in a multi-stream steady state,
+  // dozens of such ranges per miss), so it goes; the chunks it is home to get their borrowers
+  // as homes (Disown). A mapping of new chunks that lent them all stays, as before, a refill
+  // target (retiring those too changed nothing measurable on the 13 traces).
+  static bool Emptied(const Mapping* m) {
+    return m->present == 0 && m->idle() && (m->lent_home == 0 || m->stitched);
+  }
   Block* NewBlock();
   void DeleteBlock(Block* b);
   void InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint = std::nullopt);

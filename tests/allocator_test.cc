@@ -32,6 +32,23 @@ Fixture MakeFixture(const std::string& config = "") {
   return f;
 }
 
+// The same with a host driver whose streams run their work at submission (an idle GPU): fences
+// complete as soon as they are recorded, so fence-gated steps happen deterministically.
+Fixture MakeInlineFixture(const std::string& config = "") {
+  auto cfg = ParseConfig("host_capacity_mb:4096," + config);
+  EXPECT_TRUE(cfg.ok()) << cfg.status();
+  HostDriverOptions options = cfg->driver.host;
+  options.inline_streams = true;
+  auto driver = HostDriver::Create(options);
+  EXPECT_TRUE(driver.ok()) << driver.status();
+  Fixture f;
+  f.host = driver->get();
+  auto a = CachingAllocator::Create(*cfg, *std::move(driver));
+  EXPECT_TRUE(a.ok()) << a.status();
+  f.alloc = *std::move(a);
+  return f;
+}
+
 // Frees `live`, empties the cache, and expects every chunk released and the invariants intact.
 void FreeAllAndExpectNothingLeft(Fixture& f, std::initializer_list<void*> live) {
   for (void* p : live) SA_ASSERT_OK(f.alloc->Free(p));
@@ -207,32 +224,52 @@ TEST(CachingAllocator, ReuseFromOtherStreamsDoesNotDependOnHashOrder) {
 // left completes it immediately, so the blocks it freed serve this miss (before, they were
 // fenced only at the next miss, and this one made new chunks instead).
 TEST(CachingAllocator, IdleStreamsLendTheirFreeChunksToTheNextMiss) {
-  auto driver = HostDriver::Create({.capacity = 4 * kGiB, .granularity = 2 * kMiB, .inline_streams = true});
-  ASSERT_TRUE(driver.ok()) << driver.status();
-  HostDriver* host = driver->get();
-  auto alloc = CachingAllocator::Create(Config{}, *std::move(driver));
-  ASSERT_TRUE(alloc.ok()) << alloc.status();
-  CachingAllocator& a = **alloc;
-  SA_ASSIGN_OR_FAIL(s1, host->CreateStream());
-  SA_ASSIGN_OR_FAIL(s2, host->CreateStream());
-  SA_ASSIGN_OR_FAIL(x, a.Malloc(12 * kMiB, s1));
+  auto f = MakeInlineFixture();
+  SA_ASSIGN_OR_FAIL(s1, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(s2, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(x, f.alloc->Malloc(12 * kMiB, s1));
   const auto x_bytes = Pattern(12 * kMiB, 50);
-  SA_ASSERT_OK(Upload(a.driver(), x, x_bytes.data(), x_bytes.size()));
-  SA_ASSERT_OK(a.Free(x));
+  SA_ASSERT_OK(Upload(f.alloc->driver(), x, x_bytes.data(), x_bytes.size()));
+  SA_ASSERT_OK(f.alloc->Free(x));
   // s1 has nothing queued: its 6 free chunks join the 24 MiB block of s2 (6 new chunks).
-  SA_ASSIGN_OR_FAIL(y, a.Malloc(24 * kMiB, s2));
-  Stats st = a.GetStats();
+  SA_ASSIGN_OR_FAIL(y, f.alloc->Malloc(24 * kMiB, s2));
+  Stats st = f.alloc->GetStats();
   EXPECT_EQ(st.num_stitches, 1);
   EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(24 * kMiB));
   // The borrowed chunks are x's memory: its bytes show through y's range.
   std::vector<std::uint8_t> got(12 * kMiB);
-  SA_ASSERT_OK(Download(a.driver(), got.data(), y, got.size()));
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), y, got.size()));
   EXPECT_EQ(got, x_bytes);
-  SA_EXPECT_OK(a.CheckInvariants());
-  SA_ASSERT_OK(a.Free(y));
-  SA_ASSERT_OK(a.EmptyCache());
-  EXPECT_EQ(host->live_chunks(), 0u);
-  SA_EXPECT_OK(a.CheckInvariants());
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  FreeAllAndExpectNothingLeft(f, {y});
+}
+
+// An idle stitched mapping whose chunks all went on to another stitch is dissolved at once: it
+// holds no memory, and kept (in the stitch cache) it would only lengthen every refill search.
+// The chunks it was home to get their borrower as home.
+TEST(CachingAllocator, StitchedMappingsThatLentAllTheirChunksGo) {
+  auto f = MakeInlineFixture("mapping_headroom_mb:0");
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(12 * kMiB));
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(12 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  // S: the 12 chunks of A and B and 2 new ones (homed in S); freed, it stays in the stitch cache.
+  SA_ASSIGN_OR_FAIL(s, f.alloc->Malloc(28 * kMiB));
+  SA_ASSERT_OK(f.alloc->Free(s));
+  ASSERT_EQ(f.host->live_reservations(), 3u);
+  // T: S's 14 chunks and 6 new ones. S is left with none of its own.
+  SA_ASSIGN_OR_FAIL(t, f.alloc->Malloc(40 * kMiB));
+  Stats st = f.alloc->GetStats();
+  ASSERT_EQ(st.num_stitches, 2);
+  EXPECT_EQ(f.host->live_reservations(), 3u) << "A, B and T; S dissolved";
+  EXPECT_EQ(st.reserved_bytes.all().current, static_cast<std::int64_t>(40 * kMiB));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  const auto t_bytes = Pattern(40 * kMiB, 52);
+  SA_ASSERT_OK(Upload(f.alloc->driver(), t, t_bytes.data(), t_bytes.size()));
+  std::vector<std::uint8_t> got(t_bytes.size());
+  SA_ASSERT_OK(Download(f.alloc->driver(), got.data(), t, got.size()));
+  EXPECT_EQ(got, t_bytes);
+  FreeAllAndExpectNothingLeft(f, {t});
 }
 
 // A stitched mapping retired while chunks it is home to are lent out (here to a live block)
