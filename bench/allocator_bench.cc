@@ -14,7 +14,8 @@
 //                                 unstitch (chunks return home): 8 maps + 8 unmaps + reserve/free
 //   BM_HostMapUnmap               the host driver's map + set-access + unmap of one 2 MiB chunk
 // stitchalloc side by side with the model of PyTorch's native allocator (bench/models; the
-// model takes a mutex per call as PyTorch does per device):
+// model takes a mutex per call as PyTorch does per device; stitchalloc's host driver maps no
+// memory and runs stream work inline, see StitchallocSide):
 //   BM_Pair_{Stitchalloc,Native}/<bytes>       cached malloc+free pair of one size
 //   BM_Mixed_{Stitchalloc,Native}/<streams>    steady state of 64 live blocks of mixed sizes
 //                                              (512 B to 64 MiB, log-uniform, fixed seed): each
@@ -38,8 +39,8 @@
 namespace stitchalloc {
 namespace {
 
-std::unique_ptr<CachingAllocator> MakeAllocator() {
-  auto driver = HostDriver::Create({16 * kGiB, 2 * kMiB});
+std::unique_ptr<CachingAllocator> MakeAllocator(const HostDriverOptions& options = {16 * kGiB, 2 * kMiB}) {
+  auto driver = HostDriver::Create(options);
   auto alloc = CachingAllocator::Create(Config{}, *std::move(driver));
   return *std::move(alloc);
 }
@@ -151,8 +152,13 @@ BENCHMARK(BM_HostMapUnmap)->Unit(benchmark::kMicrosecond);
 
 // ---- stitchalloc vs the native model ----------------------------------------------------------
 
+// As in stitchalloc-replay: the host driver keeps all its bookkeeping and checks but maps no
+// memory behind the chunks and completes stream work at submission (no worker threads), so
+// that the comparison with the model (which has no driver) measures the allocators, not the
+// host's mmap and thread wake-ups. (What those cost: BM_HostMapUnmap, BM_Stitch8Chunks.)
 struct StitchallocSide {
-  StitchallocSide() : alloc(MakeAllocator()) {
+  StitchallocSide()
+      : alloc(MakeAllocator({.capacity = 16 * kGiB, .granularity = 2 * kMiB, .backed = false, .inline_streams = true})) {
     streams.push_back(kDefaultStream);
     for (int i = 0; i < 3; ++i) streams.push_back(*alloc->driver().CreateStream());
   }
