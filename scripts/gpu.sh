@@ -7,6 +7,11 @@
 #   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, microbenchmarks
 #   bash scripts/gpu.sh capture        # traces from process start, 3 settings x 3 allocators, replayed
 #   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
+#   bash scripts/gpu.sh diag           # the way-in crash of 2026-11-22 (after test: needs the pip install)
+# CAPTURE_TIMEOUT / OFFLOAD_TIMEOUT (seconds, default 560) bound those phases. The machine goes
+# back after 30 s idle: a later call on a fresh one needs `build` again (about 1 minute).
+# Measured on 2026-11-22 (H100): build 48-61 s, build+test 307 s, capture 158 s, offload > 470 s
+# (the native and checkpoint searches alone; run `--modes` separately, see bench/offload_seq.py).
 # Several phases may share one call (`bash scripts/gpu.sh build test`). Every phase writes its raw
 # output into $OUT/<phase>.log (and <phase>.tar.gz for its files) when $OUT is set (the device
 # tool), else into bench/results/gpu/<date>-<device>/: commit them from there.
@@ -40,6 +45,12 @@ unpack_kit() {
 }
 
 use_kit() {
+  # The phases after build use this tree's libraries (a pip install of the package is the test
+  # phase's business; a fresh machine need not repeat it for the benchmarks).
+  if [[ -f build/gpu/torch_plugin/libstitchalloc_torch.so ]] && ! "${PY}" -c "import stitchalloc" 2>/dev/null; then
+    export PYTHONPATH="${PWD}/python${PYTHONPATH:+:${PYTHONPATH}}"
+    export STITCHALLOC_LIBRARY_DIR="${PWD}/build/gpu/torch_plugin"
+  fi
   if [[ -d "${kit}/usr" ]]; then
     export CMAKE_PREFIX_PATH="${kit}/usr${CMAKE_PREFIX_PATH:+:${CMAKE_PREFIX_PATH}}"
     export LD_LIBRARY_PATH="${kit}/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
@@ -56,7 +67,7 @@ phase_build() {
   use_kit
   echo "== configure + build build/gpu"
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTITCHALLOC_PYTHON="${PY}" -DSTITCHALLOC_TORCH=ON \
-    -DSTITCHALLOC_WERROR=OFF
+    -DSTITCHALLOC_WERROR=OFF -DCMAKE_GTEST_DISCOVER_TESTS_DISCOVERY_MODE=PRE_TEST
   cmake --build build/gpu -j "${JOBS}"
 }
 
@@ -84,23 +95,44 @@ phase_bench() {
     --benchmark_repetitions=3 --benchmark_report_aggregates_only=true || echo "gpu: BENCH FAILED"
 }
 
+phase_diag() {
+  use_kit
+  echo "== the startup hook's way in, with faulthandler (free(): invalid pointer seen on 2026-11-22;"
+  echo "   the hook runs only where the package is pip-installed: run after the test phase)"
+  local hook_env=(env STITCHALLOC_CONF= PYTORCH_CUDA_ALLOC_CONF=backend:stitchalloc)
+  "${hook_env[@]}" "${PY}" -X faulthandler -c "import torch, stitchalloc; print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
+  echo "-- the same, calling install() in the script"
+  "${PY}" -X faulthandler -c "import torch, stitchalloc; stitchalloc.install(''); print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
+  echo "-- import torch + the plugin library only, no install"
+  "${PY}" -X faulthandler -c "import torch, ctypes, stitchalloc; ctypes.CDLL(stitchalloc.library_path('stitchalloc_torch')); print('loaded', flush=True)" || echo "rc=$?"
+  echo "-- STITCHALLOC_AUTO_INSTALL set, install() in the script"
+  STITCHALLOC_AUTO_INSTALL= "${PY}" -X faulthandler -c "import torch, stitchalloc; print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
+  echo "-- gtest binary"
+  build/gpu/tests/torch_plugin_test --gtest_list_tests > /dev/null || echo "rc=$? (crashed)"
+  if command -v gdb > /dev/null; then
+    "${hook_env[@]}" gdb -q -batch -ex run -ex bt --args "${PY}" -c "import torch, stitchalloc" 2>&1 | tail -40 || true
+  else
+    echo "(no gdb)"
+  fi
+}
+
 phase_capture() {
   use_kit
   echo "== traces captured from process start, 3 settings x 3 allocators (bench/capture_traces.py)"
-  timeout 560 "${PY}" bench/capture_traces.py all --out "${work}/capture" --replay build/gpu/bench/stitchalloc-replay ||
+  timeout "${CAPTURE_TIMEOUT:-560}" "${PY}" bench/capture_traces.py all --out "${work}/capture" --replay build/gpu/bench/stitchalloc-replay ||
     echo "gpu: CAPTURE FAILED"
 }
 
 phase_offload() {
   use_kit
   echo "== longest trainable sequence: native, checkpoint, offload (bench/offload_seq.py)"
-  timeout 560 "${PY}" bench/offload_seq.py search --json "${work}/offload-seq.json" || echo "gpu: OFFLOAD SEARCH FAILED"
+  timeout "${OFFLOAD_TIMEOUT:-560}" "${PY}" bench/offload_seq.py search --json "${work}/offload-seq.json" || echo "gpu: OFFLOAD SEARCH FAILED"
 }
 
 ((${#@})) || set -- build test
 for phase in "$@"; do
   case "${phase}" in
-    build | test | bench | capture | offload) ;;
+    build | test | bench | capture | offload | diag) ;;
     *) echo "gpu: unknown phase ${phase} (build, test, bench, capture, offload)" >&2; exit 2 ;;
   esac
   echo "##### ${phase} ($(date -Is))"
