@@ -25,11 +25,13 @@ tensors swapped whole.
 Policies: ``"swap"`` (alpha 1: everything swapped), ``"recompute"`` (alpha 0 for Llama-family
 layers; other layers run under torch.utils.checkpoint, which keeps their inputs on the device),
 a number alpha in [0, 1] (Llama-family layers only, unless 1), or ``"auto"``: the first
-iteration swaps everything and measures the per-layer bytes, the layer forward time and the copy
-bandwidth; alpha then comes from the MEMO formula (``stitchalloc.offload_plan``).
+iteration swaps everything and measures the per-layer bytes, the layer forward time (the median
+layer's compute, timed before its offloads are issued) and the copy bandwidth; alpha then comes
+from the MEMO formula (``stitchalloc.offload_plan``).
 """
 
 import os
+import statistics
 import time
 import weakref
 
@@ -170,8 +172,9 @@ class Offload:
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
-        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "attn": 0.0, "seconds": 0.0,
+        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "attn": 0.0, "times": [],
                                                                "layers": 0}
+        self.layer_forward_seconds = None  # measured by policy "auto": the median layer's forward
         self.plan_text = None
         # Counters (also what the tests look at).
         self.offloaded = 0
@@ -265,7 +268,10 @@ class Offload:
         s_in, s_attn = m["input"] / m["layers"], m["attn"] / m["layers"]
         other = max(per_layer - s_in - s_attn, 1.0)
         bandwidth = self._backend.copy_bytes_per_second(device)
-        seconds = m["seconds"] / m["layers"]
+        # The median layer: the first layers of the first iteration also pay one-time costs
+        # (library handles, kernel selection, the first mappings).
+        seconds = statistics.median(m["times"])
+        self.layer_forward_seconds = seconds
         if bandwidth <= 0 or seconds <= 0 or n < 3 or not all(self._llama):
             self._alpha = 1.0
             self.plan_text = (f"alpha 1 (swap everything): measured bandwidth {bandwidth:.3g} B/s, layer time "
@@ -303,12 +309,14 @@ class Offload:
                     out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
                 else:
                     out = original(*args, **kwargs)
-            me._forward_end(i)
             if start is not None:
+                # The layer's own compute: timed before its offloads are issued (their copies, and
+                # the pinned pool growing for them, are what the compute must hide, not part of it).
                 if me._device is not None and torch.cuda.is_available():
                     torch.cuda.synchronize(me._device)
-                me._measure["seconds"] += time.perf_counter() - start
+                me._measure["times"].append(time.perf_counter() - start)
                 me._measure["layers"] += 1
+            me._forward_end(i)
             first = out[0] if isinstance(out, (tuple, list)) else out
             if torch.is_tensor(first) and first.requires_grad:
                 def on_grad(grad, me_ref=owner):

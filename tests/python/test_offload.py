@@ -10,6 +10,7 @@ byte-exact, the kept last layer, cancel, statistics and errors.
 import gc
 import os
 import sys
+import time
 
 import pytest
 
@@ -239,6 +240,26 @@ def test_auto_measures_one_iteration_then_plans_alpha():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+class SlowIssueBackend(RecordingBackend):
+    """Issuing a layer's offloads takes 50 ms (as growing the pinned pool can on a GPU)."""
+
+    def forward_end(self, layer, device):
+        time.sleep(0.05)
+        super().forward_end(layer, device)
+
+
+def test_auto_times_the_layers_compute_not_the_issue_of_its_offloads():
+    # On the H100 the measured "layer forward" was the whole step's time (2.85 s a layer), which
+    # left alpha unbound: the timing ran past the layer's forward into its offloads' issue.
+    model, batch = make_model(), tokens(seq=65)
+    backend = SlowIssueBackend(bandwidth=1e9, host=1e15)
+    with stitchalloc.offload(model, policy="auto", backend=backend) as off:
+        grads_of(model, batch)
+        assert off.layer_forward_seconds is not None
+        assert off.layer_forward_seconds < 0.04, off.layer_forward_seconds
+        assert "layer forward" in off.plan_text
 
 
 @pytest.mark.parametrize("policy", ["fast", -0.1, 1.5, True, None])
