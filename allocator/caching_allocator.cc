@@ -638,23 +638,24 @@ void CachingAllocator::RequestFence(StreamPool* p) {
   }
 }
 
+void CachingAllocator::PollFence(StreamPool* p) {
+  if (!p->fence_pending) return;
+  auto q = driver_->QueryEvent(p->fence_event);
+  if (!q.ok() || *q) {
+    p->fence_pending = false;
+    p->fence_done_seq = p->fence_pending_seq;
+  }
+}
+
 void CachingAllocator::PollFences() {
-  const auto poll = [this](StreamPool* p) {
-    if (!p->fence_pending) return;
-    auto q = driver_->QueryEvent(p->fence_event);
-    if (!q.ok() || *q) {
-      p->fence_pending = false;
-      p->fence_done_seq = p->fence_pending_seq;
-    }
-  };
   for (auto& [stream, p] : pools_) {
-    poll(p.get());
+    PollFence(p.get());
     const bool idle_fence = !p->fence_pending;
     RequestFence(p.get());
     // A fence recorded on a stream with no work left completes at once: the blocks it freed
     // since its last fence then serve this very miss, not only the next one (a stream that
     // frees and moves on would otherwise leave its memory idle while others make new chunks).
-    if (idle_fence && p->fence_pending) poll(p.get());
+    if (idle_fence && p->fence_pending) PollFence(p.get());
   }
 }
 
@@ -723,12 +724,8 @@ void CachingAllocator::ProcessRetiring(bool synchronize) {
       if (synchronize) {
         SyncFence(p);
       } else if (!p->Fenced(m->last_free_seq)) {
-        if (p->fence_pending) {
-          auto q = driver_->QueryEvent(p->fence_event);
-          if (q.ok() && !*q) continue;
-          p->fence_pending = false;
-          p->fence_done_seq = p->fence_pending_seq;
-        }
+        PollFence(p);
+        if (p->fence_pending) continue;
         RequestFence(p);
         if (!p->Fenced(m->last_free_seq)) continue;
       }

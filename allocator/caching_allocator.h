@@ -186,6 +186,8 @@ class CachingAllocator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FreeBlock(Block* b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ProcessPending(bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks the pool's pending fence done if its event has completed.
+  void PollFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PollFences() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SyncFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequestFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

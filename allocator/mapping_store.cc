@@ -177,12 +177,7 @@ void MappingStore::Adopt(Mapping* m, const std::vector<std::uint32_t>& slots, co
     if (!m->stitched) stats_.stitched_segment.Add(1);
     m->stitched = true;
   }
-  for (Mapping* from : sources) {
-    if (Emptied(from) &&
-        std::find(emptied_.begin(), emptied_.end(), from) == emptied_.end()) {
-      emptied_.push_back(from);
-    }
-  }
+  for (Mapping* from : sources) NoteIfEmptied(from);
 }
 
 absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, std::size_t chunk_size,
@@ -371,10 +366,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   ++m->present;
   c->owner = m;
   c->owner_slot = slot;
-  if (Emptied(owner) &&
-      std::find(emptied_.begin(), emptied_.end(), owner) == emptied_.end()) {
-    emptied_.push_back(owner);
-  }
+  NoteIfEmptied(owner);
   return MergeAndInsert(a);
 }
 
@@ -563,6 +555,10 @@ absl::Status MappingStore::Trim(Mapping* m) {
     }
   }
   return first;
+}
+
+void MappingStore::NoteIfEmptied(Mapping* m) {
+  if (Emptied(m) && std::find(emptied_.begin(), emptied_.end(), m) == emptied_.end()) emptied_.push_back(m);
 }
 
 absl::Status MappingStore::Disown(Mapping* m) {

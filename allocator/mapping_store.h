@@ -119,6 +119,8 @@ class MappingStore {
   static bool Emptied(const Mapping* m) {
     return m->present == 0 && m->idle() && (m->lent_home == 0 || m->stitched);
   }
+  // Queues `m` for TakeEmptied when Emptied (once).
+  void NoteIfEmptied(Mapping* m);
   Block* NewBlock();
   void DeleteBlock(Block* b);
   void InsertFree(Block* b, std::optional<FreeSet::Map::iterator> hint = std::nullopt);

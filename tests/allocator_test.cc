@@ -23,22 +23,14 @@ struct Fixture {
   HostDriver* host = nullptr;
 };
 
-Fixture MakeFixture(const std::string& config = "") {
-  auto a = MakeHostAllocator("host_capacity_mb:4096," + config);
-  EXPECT_TRUE(a.ok()) << a.status();
-  Fixture f;
-  f.alloc = *std::move(a);
-  f.host = dynamic_cast<HostDriver*>(&f.alloc->driver());
-  return f;
-}
-
-// The same with a host driver whose streams run their work at submission (an idle GPU): fences
-// complete as soon as they are recorded, so fence-gated steps happen deterministically.
-Fixture MakeInlineFixture(const std::string& config = "") {
+// A host allocator with 4 GiB of device memory; `inline_streams`: streams run their work at
+// submission (an idle GPU), so fences complete as soon as they are recorded and fence-gated
+// steps happen deterministically.
+Fixture MakeFixture(const std::string& config = "", bool inline_streams = false) {
   auto cfg = ParseConfig("host_capacity_mb:4096," + config);
   EXPECT_TRUE(cfg.ok()) << cfg.status();
   HostDriverOptions options = cfg->driver.host;
-  options.inline_streams = true;
+  options.inline_streams = inline_streams;
   auto driver = HostDriver::Create(options);
   EXPECT_TRUE(driver.ok()) << driver.status();
   Fixture f;
@@ -48,6 +40,7 @@ Fixture MakeInlineFixture(const std::string& config = "") {
   f.alloc = *std::move(a);
   return f;
 }
+Fixture MakeInlineFixture(const std::string& config = "") { return MakeFixture(config, true); }
 
 // Frees `live`, empties the cache, and expects every chunk released and the invariants intact.
 void FreeAllAndExpectNothingLeft(Fixture& f, std::initializer_list<void*> live) {
