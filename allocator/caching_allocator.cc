@@ -660,14 +660,18 @@ void CachingAllocator::PollFences() {
 }
 
 void CachingAllocator::SyncFence(StreamPool* p) {
-  RequestFence(p);
-  if (p->fence_pending) {
+  // A fence already pending covers only the frees before it: wait for it, then fence the frees
+  // since (the work queued before them may still be running).
+  for (int round = 0; round < 2 && !p->Fenced(p->free_seq); ++round) {
+    RequestFence(p);
+    if (!p->fence_pending) break;  // no event could be recorded
     driver_->SynchronizeEvent(p->fence_event).IgnoreError();
     p->fence_pending = false;
     p->fence_done_seq = p->fence_pending_seq;
   }
-  if (p->fence_done_seq < p->free_seq) {
-    // The stream no longer accepts events (destroyed): its work is over.
+  if (!p->Fenced(p->free_seq)) {
+    // No event to fence with: wait for the stream itself (a destroyed stream has no work left).
+    driver_->SynchronizeStream(p->stream).IgnoreError();
     p->fence_done_seq = p->free_seq;
   }
 }

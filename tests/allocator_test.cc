@@ -174,6 +174,49 @@ TEST(CachingAllocator, OtherStreamsReuseFreeMappingsOnlyAfterTheirFence) {
   SA_EXPECT_OK(f.alloc->CheckInvariants());
 }
 
+// Releasing cached memory unmaps only what no queued work can touch: with a fence already
+// pending on a stream (recorded by another stream's miss), a block that stream freed after that
+// fence is released only once the work queued before its free has run. (Before the fix,
+// waiting for the older fence counted every later free as fenced: the mapping was unmapped
+// under the queued kernel, which then faulted; on an H100, an illegal memory access.)
+TEST(CachingAllocator, ReleasingCachedMemoryWaitsForWorkQueuedAfterAPendingFence) {
+  auto f = MakeFixture();
+  SA_ASSIGN_OR_FAIL(s, f.host->CreateStream());
+  SA_ASSIGN_OR_FAIL(other, f.host->CreateStream());
+  std::atomic<bool> gate{false};
+  SA_ASSIGN_OR_FAIL(a, f.alloc->Malloc(8 * kMiB, s));
+  SA_ASSERT_OK(f.host->Enqueue(s, [&]() {
+    while (!gate.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }));
+  SA_ASSERT_OK(f.alloc->Free(a));
+  // A miss on another stream records a fence on s, behind the gate: it stays pending.
+  SA_ASSIGN_OR_FAIL(o, f.alloc->Malloc(8 * kMiB, other));
+  EXPECT_NE(o, a);
+  // s reuses its block (stream order makes that safe) for a kernel queued after the fence, and
+  // frees it again.
+  SA_ASSIGN_OR_FAIL(b, f.alloc->Malloc(8 * kMiB, s));
+  EXPECT_EQ(b, a);
+  std::atomic<bool> written{false};
+  SA_ASSERT_OK(f.host->Enqueue(s, [&, b]() {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // still queued when the fence completes
+    std::memset(b, 0x5a, 8 * kMiB);
+    written = true;
+  }));
+  SA_ASSERT_OK(f.alloc->Free(b));
+  std::thread opener([&]() {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    gate = true;
+  });
+  SA_ASSERT_OK(f.alloc->EmptyCache());  // unmaps b's mapping: only after the kernel wrote it
+  EXPECT_TRUE(written.load()) << "the mapping was released while a kernel queued before its free had not run";
+  opener.join();
+  SA_ASSERT_OK(f.host->SynchronizeStream(s));
+  SA_ASSERT_OK(f.alloc->Free(o));
+  SA_EXPECT_OK(f.alloc->CheckInvariants());
+  SA_ASSERT_OK(f.host->DestroyStream(s));
+  SA_ASSERT_OK(f.host->DestroyStream(other));
+}
+
 // Among equally good free mappings of other streams, the one at the lowest address is reused,
 // whatever the order of the streams in the allocator's hash map (a replay must give the same
 // figures in every process; absl's hash order changes from process to process). With 16

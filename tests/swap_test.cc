@@ -465,6 +465,113 @@ TEST(SwapManager, EvictsWaitingTensorsInsteadOfRunningOutOfMemory) {
   EXPECT_EQ(r.alloc->GetStats().num_ooms, 1);
 }
 
+// Training steps as a GPU runs them, on worker-thread streams: the compute stream's "kernels"
+// write each saved tensor and read it back in the backward, the copy streams move it, the
+// device is too small for one step's activations and the pinned pool too small for all of them
+// (some stay on the device), blocks are borrowed as PyTorch storages are, and temporaries come
+// and go between the saved tensors. A block unmapped or handed out while queued work still
+// uses it faults (the host driver puts PROT_NONE over unmapped ranges) or fails the checks.
+TEST(SwapManager, TrainingStepsUnderMemoryPressureKeepEveryByte) {
+  Rig r = MakeRig("host_capacity_mb:160", {.slab_bytes = 8 * kMiB, .capacity = 96 * kMiB},
+                  {.lookahead = 2, .keep_last_layers = 1, .min_bytes = 64 * 1024});
+  constexpr int kLayers = 8, kPerLayer = 5, kSteps = 3;
+  std::mt19937 rng(21);
+  std::atomic<int> mismatches{0};
+  struct Tensor {
+    void* block = nullptr;
+    std::size_t bytes = 0;
+    std::uint64_t seed = 0;
+    int layer = 0;
+    std::atomic<int> refs{0};
+    SwapManager::Ticket ticket = 0;
+  };
+  auto drop = [&r](Tensor* t) {  // a storage's last reference frees through the allocator
+    if (t->refs.fetch_sub(1) == 1) SA_EXPECT_OK(r.alloc->Free(t->block));
+  };
+  auto kernel_write = [&r](void* p, std::size_t n, std::uint64_t seed) {
+    SA_EXPECT_OK(r.host->Enqueue(r.compute, [p, n, seed] {
+      const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+      std::memcpy(p, bytes.data(), n);
+    }));
+  };
+  auto temporary = [&](std::size_t n) {  // allocated, written and freed in stream order
+    auto p = r.alloc->Malloc(n, r.compute);
+    ASSERT_TRUE(p.ok()) << p.status();
+    kernel_write(*p, n, rng());
+    SA_EXPECT_OK(r.alloc->Free(*p));
+  };
+  std::int64_t kept_before = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    SA_ASSERT_OK(r.swap->BeginIteration(kLayers));
+    std::vector<std::unique_ptr<Tensor>> saved;
+    for (int layer = 0; layer < kLayers; ++layer) {
+      for (int k = 0; k < kPerLayer; ++k) {
+        auto t = std::make_unique<Tensor>();
+        t->bytes = 32 * 1024 + rng() % (5 * kMiB);
+        t->seed = rng();
+        t->layer = layer;
+        auto p = r.alloc->Malloc(t->bytes, r.compute);
+        ASSERT_TRUE(p.ok()) << "step " << step << " layer " << layer << ": " << p.status();
+        t->block = *p;
+        kernel_write(t->block, t->bytes, t->seed);
+        t->refs = 2;  // the model's reference and the swap manager's holder
+        Tensor* raw = t.get();
+        auto ticket = r.swap->Offload(t->block, t->bytes, layer, [&r, raw, drop](std::optional<Stream> s) {
+          if (s.has_value()) SA_EXPECT_OK(r.alloc->RecordStream(raw->block, *s));
+          drop(raw);
+        });
+        ASSERT_TRUE(ticket.ok()) << ticket.status();
+        t->ticket = *ticket;
+        temporary(64 * 1024 + rng() % (3 * kMiB));
+        saved.push_back(std::move(t));
+      }
+      if (rng() % 3 == 0) Stall(r, Direction::kDeviceToHost, 2);
+      for (auto& t : saved) {
+        if (t->layer == layer) drop(t.get());  // the forward ends: the model lets go
+      }
+      SA_ASSERT_OK(r.swap->ForwardEnd(layer));
+    }
+    for (int layer = kLayers - 1; layer >= 0; --layer) {
+      SA_ASSERT_OK(r.swap->BackwardBegin(layer));
+      if (rng() % 3 == 0) Stall(r, Direction::kHostToDevice, 2);
+      for (auto& t : saved) {
+        if (t->layer != layer) continue;
+        auto c = r.swap->Claim(t->ticket);
+        ASSERT_TRUE(c.ok()) << "step " << step << " layer " << layer << ": " << c.status();
+        void* p = c->ptr;
+        const std::size_t n = t->bytes;
+        const std::uint64_t seed = t->seed;
+        SA_EXPECT_OK(r.host->Enqueue(r.compute, [p, n, seed, &mismatches] {
+          const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+          if (std::memcmp(p, bytes.data(), n) != 0) mismatches.fetch_add(1);
+        }));
+        temporary(64 * 1024 + rng() % (2 * kMiB));
+        if (c->same_block) {
+          drop(t.get());  // the holder's reference, handed back with the block
+        } else {
+          SA_EXPECT_OK(r.alloc->Free(p));  // the new block is ours; the old one was released
+        }
+      }
+    }
+    SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.compute));
+    EXPECT_EQ(mismatches.load(), 0) << "step " << step;
+    const SwapStats st = r.swap->GetStats();
+    EXPECT_EQ(st.live_tickets, 0);
+    if (step == 0) kept_before = st.kept_no_host_memory;
+  }
+  const SwapStats st = r.swap->GetStats();
+  EXPECT_GT(st.offloads, 0);
+  EXPECT_GT(st.kept_no_host_memory, 0);  // the pinned pool was too small for some steps' tensors
+  EXPECT_GT(kept_before, 0);
+  for (Direction d : {Direction::kDeviceToHost, Direction::kHostToDevice}) {
+    SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(d)));
+  }
+  r.swap->Poll();
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
+  SA_ASSERT_OK(r.alloc->CheckInvariants());
+}
+
 TEST(SwapManager, RejectsBadInput) {
   Rig r = MakeRig("host_capacity_mb:64", {}, {});
   SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(kMiB, r.compute));
