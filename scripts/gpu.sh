@@ -7,7 +7,7 @@
 #   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, microbenchmarks
 #   bash scripts/gpu.sh capture        # traces from process start, 3 settings x 3 allocators, replayed
 #   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
-#   bash scripts/gpu.sh diag           # the way-in crash of 2026-11-22 (after test: needs the pip install)
+#   bash scripts/gpu.sh diag           # the way-in abort of 2026-11-22, with native stacks (after build)
 # CAPTURE_TIMEOUT / OFFLOAD_TIMEOUT (seconds, default 560) bound those phases. The machine goes
 # back after 30 s idle: a later call on a fresh one needs `build` again (about 1 minute).
 # Measured on 2026-11-22 (H100): build 48-61 s, build+test 307 s, capture 158 s, offload > 470 s
@@ -106,23 +106,24 @@ phase_bench() {
 
 phase_diag() {
   use_kit
-  echo "== the startup hook's way in, with faulthandler (free(): invalid pointer seen on 2026-11-22;"
-  echo "   the hook runs only where the package is pip-installed: run after the test phase)"
-  local hook_env=(env STITCHALLOC_CONF= PYTORCH_CUDA_ALLOC_CONF=backend:stitchalloc)
-  "${hook_env[@]}" "${PY}" -X faulthandler -c "import torch, stitchalloc; print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
-  echo "-- the same, calling install() in the script"
-  "${PY}" -X faulthandler -c "import torch, stitchalloc; stitchalloc.install(''); print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
-  echo "-- import torch + the plugin library only, no install"
-  "${PY}" -X faulthandler -c "import torch, ctypes, stitchalloc; ctypes.CDLL(stitchalloc.library_path('stitchalloc_torch')); print('loaded', flush=True)" || echo "rc=$?"
-  echo "-- STITCHALLOC_AUTO_INSTALL set, install() in the script"
-  STITCHALLOC_AUTO_INSTALL= "${PY}" -X faulthandler -c "import torch, stitchalloc; print('installed', stitchalloc.installed(), flush=True)" || echo "rc=$?"
-  echo "-- gtest binary"
-  build/gpu/tests/torch_plugin_test --gtest_list_tests > /dev/null || echo "rc=$? (crashed)"
-  if command -v gdb > /dev/null; then
-    "${hook_env[@]}" gdb -q -batch -ex run -ex bt --args "${PY}" -c "import torch, stitchalloc" 2>&1 | tail -40 || true
-  else
-    echo "(no gdb)"
-  fi
+  # The way-in abort of 2026-11-22 (free(): invalid pointer): each case runs with
+  # scripts/diag/abort_backtrace.c preloaded, which prints the native stack at the abort;
+  # scripts/diag/symbolize.sh names the functions (this machine has no gdb).
+  cc -shared -fPIC -O0 -o /tmp/abort_backtrace.so scripts/diag/abort_backtrace.c
+  local bt=/tmp/abort_backtrace.so
+  traced() { (LD_PRELOAD="${bt}${LD_PRELOAD:+:${LD_PRELOAD}}" "$@" 2>&1; echo "rc=$?") | scripts/diag/symbolize.sh; }
+  echo "== the C++ plugin test binary, listing its tests"
+  traced build/gpu/tests/torch_plugin_test --gtest_list_tests
+  echo "== the startup hook's way in (stitchalloc._startup imported by hand, as stitchalloc.pth does)"
+  traced env STITCHALLOC_CONF= PYTORCH_CUDA_ALLOC_CONF=backend:stitchalloc "${PY}" -c \
+    "import stitchalloc._startup, torch, stitchalloc; print('installed', stitchalloc.installed(), flush=True)"
+  echo "== the same, split_alloc_conf only (libstitchalloc.so loaded before torch), no install"
+  traced "${PY}" -c "import stitchalloc; print(stitchalloc.split_alloc_conf('backend:stitchalloc')); import torch; print('ok', flush=True)"
+  echo "== install() in the script (passed on 2026-11-22)"
+  traced "${PY}" -c "import torch, stitchalloc; stitchalloc.install(''); print('installed', stitchalloc.installed(), flush=True)"
+  echo "== exported symbols of the libraries, and what the test binary loads"
+  for f in build/gpu/torch_plugin/*.so; do echo "${f}: $(nm -D --defined-only "${f}" | wc -l) defined"; done
+  ldd build/gpu/tests/torch_plugin_test | grep -v -E 'libnv|libcu' | head -40
 }
 
 phase_capture() {
