@@ -42,12 +42,18 @@ batch = torch.randint(0, 8192, (1, args.seq + 1), device="cuda", generator=g)
 
 
 def grads():
+    """One forward and backward: the loss, every gradient (copied to the host, so that no run's
+    device memory holds another run's gradients) and the peak device memory of the step above
+    what was allocated when it started (the parameters)."""
     model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     loss = model.loss(batch)
     loss.backward()
     torch.cuda.synchronize()
-    return loss.item(), [q.grad.float().clone() for q in model.parameters()], torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - start
+    return loss.item(), [q.grad.float().cpu() for q in model.parameters()], peak
 
 
 out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.dim}
