@@ -76,8 +76,10 @@ absl::StatusOr<void*> PinnedPool::Allocate(std::size_t bytes) {
   auto fit = free_by_size_.lower_bound({rounded, 0});
   if (fit == free_by_size_.end()) {
     STITCHALLOC_NVTX_RANGE("pin host slab");
-    const std::size_t slab_bytes = std::max(options_.slab_bytes, rounded);
-    if (pinned_ + slab_bytes > options_.capacity) {
+    // The last slab may be smaller than the slab size: what is left of the capacity.
+    const std::size_t room = options_.capacity - pinned_;
+    const std::size_t slab_bytes = std::min(std::max(options_.slab_bytes, rounded), room);
+    if (rounded > room) {
       ++exhausted_;
       return absl::ResourceExhaustedError(absl::StrFormat(
           "pinned pool: %s requested, %s pinned of the %s capacity, %s in use and no free range fits",

@@ -5,7 +5,8 @@
 // Data structures (all under mu_):
 // - slabs_: every pinned slab (base, size, bytes in use, high-water mark); slab_at_ maps the base
 //   of each pinned slab to its index (SlabOf: one ordered lookup). A request larger
-//   than the slab size gets a slab of its own, rounded up to the alignment.
+//   than the slab size gets a slab of its own, rounded up to the alignment; the slab that
+//   reaches the capacity is only as large as what is left of it.
 // - free_by_addr_: the free ranges of all slabs, address -> size, coalesced (two free ranges
 //   are never adjacent within one slab); free_by_size_: the same ranges as (size, address), for
 //   best fit (the smallest range that holds the request, the lowest address among equals).

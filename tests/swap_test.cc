@@ -62,6 +62,30 @@ TEST(PinnedPool, BestFitCoalescesAndGrowsBySlabs) {
   SA_ASSERT_OK(pool->CheckInvariants());
 }
 
+// A capacity below the slab size, or what is left of the capacity, still pins: the last slab is
+// what remains (before, a 96 MiB limit with 256 MiB slabs pinned nothing at all).
+TEST(PinnedPool, TheLastSlabIsWhatIsLeftOfTheCapacity) {
+  SA_ASSIGN_OR_FAIL(driver, HostDriver::Create({.capacity = 64 * kMiB}));
+  SA_ASSIGN_OR_FAIL(pool, PinnedPool::Create(driver.get(), {.slab_bytes = 8 * kMiB, .capacity = 5 * kMiB}));
+  SA_ASSIGN_OR_FAIL(a, pool->Allocate(3 * kMiB));
+  EXPECT_EQ(pool->GetStats().pinned_bytes, 5 * kMiB);
+  SA_ASSIGN_OR_FAIL(b, pool->Allocate(2 * kMiB));
+  EXPECT_EQ(pool->GetStats().pin_calls, 1);
+  EXPECT_TRUE(absl::IsResourceExhausted(pool->Allocate(512).status()));
+  SA_ASSERT_OK(pool->Free(a));
+  SA_ASSERT_OK(pool->Free(b));
+  SA_ASSIGN_OR_FAIL(p2, PinnedPool::Create(driver.get(), {.slab_bytes = 4 * kMiB, .capacity = 6 * kMiB}));
+  SA_ASSIGN_OR_FAIL(c, p2->Allocate(3 * kMiB));   // a 4 MiB slab
+  SA_ASSIGN_OR_FAIL(d, p2->Allocate(2 * kMiB));   // does not fit its remainder: a 2 MiB last slab
+  PinnedPoolStats s = p2->GetStats();
+  EXPECT_EQ(s.pinned_bytes, 6 * kMiB);
+  EXPECT_EQ(s.pin_calls, 2);
+  EXPECT_TRUE(absl::IsResourceExhausted(p2->Allocate(2 * kMiB).status()));  // 1 MiB free, not 2
+  SA_ASSERT_OK(p2->CheckInvariants());
+  SA_ASSERT_OK(p2->Free(c));
+  SA_ASSERT_OK(p2->Free(d));
+}
+
 TEST(PinnedPool, RejectsBadInputAndBadFrees) {
   SA_ASSIGN_OR_FAIL(driver, HostDriver::Create({.capacity = 64 * kMiB}));
   EXPECT_FALSE(PinnedPool::Create(driver.get(), {.slab_bytes = 0}).ok());

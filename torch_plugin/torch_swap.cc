@@ -211,6 +211,7 @@ __attribute__((visibility("default"))) const char* stitchalloc_torch_swap_stats(
     line("swap.bytes_offloaded", m.bytes_offloaded);
     line("swap.bytes_prefetched", m.bytes_prefetched);
     line("swap.live_tickets", m.live_tickets);
+    line("pinned.capacity_bytes", s.pool->options().capacity);
     line("pinned.pinned_bytes", p.pinned_bytes);
     line("pinned.in_use_bytes", p.in_use_bytes);
     line("pinned.peak_in_use_bytes", p.peak_in_use_bytes);

@@ -97,11 +97,14 @@ class _StitchallocBackend:
         return float(self._swap.swap_stats(device).get("copy.d2h_bytes_per_second", 0.0))
 
     def host_bytes(self, device):
+        """Host memory this GPU's swapped tensors may use: its share of physical memory, and
+        never more than the pinned pool's cap (swap_host_limit_mb)."""
         import torch
 
         count = max(1, torch.cuda.device_count())
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return physical / count
+        cap = float(self._swap.swap_stats(device).get("pinned.capacity_bytes", 0.0))
+        return min(physical / count, cap) if cap > 0 else physical / count
 
 
 class _Storage:
@@ -172,9 +175,10 @@ class Offload:
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
-        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "attn": 0.0, "times": [],
+        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0, "times": [],
                                                                "layers": 0}
         self.layer_forward_seconds = None  # measured by policy "auto": the median layer's forward
+        self.measured = None  # policy "auto": the plan's per-layer bytes (input, attention, other)
         self.plan_text = None
         # Counters (also what the tests look at).
         self.offloaded = 0
@@ -264,9 +268,14 @@ class Offload:
             return
         self._measure = None
         n = len(self._layers)
+        # The plan's "other" is what token-wise recompute can spare: the token-local block's saved
+        # tensors. Everything saved before it (the layer input, the attention block's tensors,
+        # the attention output the block starts from) is swapped whatever alpha is.
         per_layer = m["bytes"] / m["layers"]
-        s_in, s_attn = m["input"] / m["layers"], m["attn"] / m["layers"]
-        other = max(per_layer - s_in - s_attn, 1.0)
+        s_in = m["input"] / m["layers"]
+        other = max(m["local"] / m["layers"], 1.0)
+        s_attn = max(per_layer - s_in - other, 0.0)
+        self.measured = {"input": s_in, "attention": s_attn, "other": other}
         bandwidth = self._backend.copy_bytes_per_second(device)
         # The median layer: the first layers of the first iteration also pay one-time costs
         # (library handles, kernel selection, the first mappings).
@@ -347,7 +356,16 @@ class Offload:
             if me is None or not torch.is_grad_enabled() or h.dim() < 2:
                 return block(h)
             if me._measure is not None:
-                me._measure["attn"] += h.untyped_storage().nbytes()
+                # The first iteration swaps everything: measure what the block saves beyond h.
+                h_storage = h.untyped_storage()
+                h_counted = h_storage.data_ptr() in me._by_ptr
+                before = me._measure["bytes"]
+                out = block(h)
+                saved = me._measure["bytes"] - before
+                if not h_counted and h_storage.data_ptr() in me._by_ptr:
+                    saved -= h_storage.nbytes()
+                me._measure["local"] += max(saved, 0.0)
+                return out
             alpha = 1.0 if me._alpha is None else me._alpha
             tokens = h.shape[-2]
             k = min(tokens, max(0, round(alpha * tokens)))

@@ -242,6 +242,39 @@ def test_auto_measures_one_iteration_then_plans_alpha():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+def test_auto_plans_with_the_token_local_blocks_own_bytes():
+    # alpha applies only to what the token-local block (post-attention norm and MLP) saves; the
+    # attention block's tensors are swapped whatever alpha is, so the plan must count them as
+    # fixed. Measured independently: the block alone under saved-tensor hooks.
+    model, batch = make_model(layers=4), tokens(seq=65)
+    layer = model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    h = torch.randn(2, 64, 64, dtype=torch.float64, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr != h.untyped_storage().data_ptr():
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.mlp(layer.post_attention_layernorm(h))
+    expected_other = sum(seen.values())
+    backend = RecordingBackend(bandwidth=1e15, host=1e15)
+    with stitchalloc.offload(model, policy="auto", backend=backend) as off:
+        grads_of(model, batch)
+        m = off.measured
+    assert m["other"] == expected_other
+    assert m["input"] == 2 * 64 * 64 * 8
+    assert m["attention"] > m["input"]  # q, k, v, the attention output, ...
+    # Host-bound: alpha from the fixed part and the token-local part as measured.
+    host = 2 * (m["input"] + m["attention"]) + 0.5 * 2 * m["other"]
+    with stitchalloc.offload(model, policy="auto", backend=RecordingBackend(bandwidth=1e15, host=host)) as off:
+        grads_of(model, batch)
+        assert abs(off.alpha - 0.5) < 1e-9, (off.alpha, off.plan_text)
+
+
 class SlowIssueBackend(RecordingBackend):
     """Issuing a layer's offloads takes 50 ms (as growing the pinned pool can on a GPU)."""
 
@@ -289,7 +322,7 @@ def test_swap_manager_round_trips_bit_exact_through_pytorch_operators():
     r = run_python(f"""
         import ctypes, json, random, torch, stitchalloc
         from stitchalloc import swap
-        stitchalloc.install("{HOST},swap_min_kb:0,swap_keep_last_layers:1,swap_lookahead:2")
+        stitchalloc.install("{HOST},swap_min_kb:0,swap_keep_last_layers:1,swap_lookahead:2,swap_host_limit_mb:96")
         ops = swap._ops()
         out = {{}}
         try:
@@ -348,6 +381,7 @@ def test_swap_manager_round_trips_bit_exact_through_pytorch_operators():
     assert s["swap.kept_last_layers"] == 4
     assert s["swap.cancelled"] == 1 and s["swap.live_tickets"] == 0
     assert s["pinned.in_use_bytes"] == 0 and s["pinned.peak_in_use_bytes"] > 0
+    assert s["pinned.capacity_bytes"] == 96 << 20  # swap_host_limit_mb, the auto plan's host memory cap
     assert s["copy.d2h_bytes"] > 0 and s["copy.h2d_bytes"] > 0
     assert out["allocated"] == 0
 
