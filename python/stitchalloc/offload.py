@@ -25,9 +25,11 @@ tensors swapped whole.
 Policies: ``"swap"`` (alpha 1: everything swapped), ``"recompute"`` (alpha 0 for Llama-family
 layers; other layers run under torch.utils.checkpoint, which keeps their inputs on the device),
 a number alpha in [0, 1] (Llama-family layers only, unless 1), or ``"auto"``: the first
-iteration swaps everything and measures the per-layer bytes, the layer forward time (the median
-layer's compute, timed before its offloads are issued) and the copy bandwidth; alpha then comes
-from the MEMO formula (``stitchalloc.offload_plan``).
+iteration runs at alpha 0 (the least device and host memory, so it fits wherever any alpha
+would) and measures the per-layer bytes (what every alpha swaps, and what the token-local block
+saves, counted by its recompute), the layer forward time (the median layer's compute, timed
+before its offloads are issued) and the copy bandwidth; alpha then comes from the MEMO formula
+(``stitchalloc.offload_plan``), with the host memory capped by the pinned pool's limit.
 """
 
 import os
@@ -175,8 +177,8 @@ class Offload:
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
-        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0, "times": [],
-                                                               "layers": 0}
+        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0,
+                                                               "local_layers": 0, "times": [], "layers": 0}
         self.layer_forward_seconds = None  # measured by policy "auto": the median layer's forward
         self.measured = None  # policy "auto": the plan's per-layer bytes (input, attention, other)
         self.plan_text = None
@@ -268,13 +270,14 @@ class Offload:
             return
         self._measure = None
         n = len(self._layers)
-        # The plan's "other" is what token-wise recompute can spare: the token-local block's saved
-        # tensors. Everything saved before it (the layer input, the attention block's tensors,
-        # the attention output the block starts from) is swapped whatever alpha is.
+        # The measuring iteration swapped what every alpha swaps: the layer input, the attention
+        # block's tensors and the attention output the token-local block starts from. The plan's
+        # "other" is what that block saves when it is not recomputed (counted by its recompute,
+        # in the backward of every layer but the first, which comes after this point).
         per_layer = m["bytes"] / m["layers"]
         s_in = m["input"] / m["layers"]
-        other = max(m["local"] / m["layers"], 1.0)
-        s_attn = max(per_layer - s_in - other, 0.0)
+        s_attn = max(per_layer - s_in, 0.0)
+        other = max(m["local"] / m["local_layers"], 1.0) if m["local_layers"] else 1.0
         self.measured = {"input": s_in, "attention": s_attn, "other": other}
         bandwidth = self._backend.copy_bytes_per_second(device)
         # The median layer: the first layers of the first iteration also pay one-time costs
@@ -288,6 +291,11 @@ class Offload:
             return
         self._alpha, self.plan_text = offload_plan(n, s_in, s_attn, other, bandwidth, seconds,
                                                    self._backend.host_bytes(device))
+
+    def _count_local(self, nbytes):
+        if self._measure is not None:
+            self._measure["local"] += nbytes
+            self._measure["local_layers"] += 1
 
     def _device_or_zero(self):
         return self._device if self._device is not None else 0
@@ -355,18 +363,11 @@ class Offload:
             me = owner()
             if me is None or not torch.is_grad_enabled() or h.dim() < 2:
                 return block(h)
-            if me._measure is not None:
-                # The first iteration swaps everything: measure what the block saves beyond h.
-                h_storage = h.untyped_storage()
-                h_counted = h_storage.data_ptr() in me._by_ptr
-                before = me._measure["bytes"]
-                out = block(h)
-                saved = me._measure["bytes"] - before
-                if not h_counted and h_storage.data_ptr() in me._by_ptr:
-                    saved -= h_storage.nbytes()
-                me._measure["local"] += max(saved, 0.0)
-                return out
-            alpha = 1.0 if me._alpha is None else me._alpha
+            # The measuring iteration of policy "auto" recomputes the whole block (the least
+            # memory: at a length that needs alpha < 1, swapping everything would not fit), and
+            # the block's recompute counts what it saves (the plan's "other").
+            measuring = me._measure is not None
+            alpha = 0.0 if measuring else me._alpha
             tokens = h.shape[-2]
             k = min(tokens, max(0, round(alpha * tokens)))
             if k == tokens:
@@ -375,7 +376,7 @@ class Offload:
             if k > 0:
                 parts.append(block(h.narrow(-2, 0, k).contiguous()))
             rest = h.narrow(-2, k, tokens - k).contiguous()
-            parts.append(_TokenLocal.apply(block, rest, *params))
+            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, rest, *params))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         norm.forward = fused
@@ -389,10 +390,10 @@ class _LazyTokenLocal:
 
     _fn = None
 
-    def apply(self, block, x, *params):
+    def apply(self, block, count, x, *params):
         if _LazyTokenLocal._fn is None:
             _LazyTokenLocal._fn = _token_local_function()
-        return _LazyTokenLocal._fn.apply(block, x, *params)
+        return _LazyTokenLocal._fn.apply(block, count, x, *params)
 
 
 def _token_local_function():
@@ -400,11 +401,13 @@ def _token_local_function():
 
     class TokenLocal(torch.autograd.Function):
         """Saves only x (through the swap hooks, so it is swapped); block re-runs on x in backward.
-        The block's parameters are inputs, so their gradients flow through this node."""
+        The block's parameters are inputs, so their gradients flow through this node. With
+        `count`, the recompute reports the bytes it saves (x and parameters excluded)."""
 
         @staticmethod
-        def forward(ctx, block, x, *params):
+        def forward(ctx, block, count, x, *params):
             ctx.block = block
+            ctx.count = count
             ctx.params = params  # alive anyway; not saved tensors
             ctx.save_for_backward(x)
             with torch.no_grad():
@@ -415,11 +418,25 @@ def _token_local_function():
             (x,) = ctx.saved_tensors
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                y = ctx.block(x)
+                if ctx.count is None:
+                    y = ctx.block(x)
+                else:
+                    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
+                    seen = {}
+
+                    def pack(t):
+                        ptr = t.untyped_storage().data_ptr()
+                        if ptr not in skip:
+                            seen[ptr] = t.untyped_storage().nbytes()
+                        return t
+
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        y = ctx.block(x)
+                    ctx.count(sum(seen.values()))
             trainable = [p for p in ctx.params if p.requires_grad]
             grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
             gx = next(grads)
-            return (None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
+            return (None, None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
 
     return TokenLocal
 

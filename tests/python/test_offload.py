@@ -266,6 +266,12 @@ def test_auto_plans_with_the_token_local_blocks_own_bytes():
         grads_of(model, batch)
         m = off.measured
     assert m["other"] == expected_other
+    # The measuring iteration recomputed the block (alpha 0): it swapped exactly `other` less
+    # per layer than swapping everything does.
+    swapping = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=swapping):
+        grads_of(model, batch)
+    assert swapping.bytes_out - backend.bytes_out == 4 * expected_other
     assert m["input"] == 2 * 64 * 64 * 8
     assert m["attention"] > m["input"]  # q, k, v, the attention output, ...
     # Host-bound: alpha from the fixed part and the token-local part as measured.
