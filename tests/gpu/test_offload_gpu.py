@@ -45,3 +45,6 @@ def test_bf16_recompute_within_bf16_tolerance():
     assert out["swap"]["bitwise"]
     for alpha in ("0.5", "0.0"):
         assert out[alpha]["max_rel_err"] < 2e-2, alpha
+    # The step's peak above its start (the parameters), with and without offload.
+    for policy in ("swap", "0.0"):
+        assert out[policy]["peak_allocated"] < out["peak_allocated_without"], policy
