@@ -8,7 +8,8 @@
 #   bash scripts/gpu.sh capture        # traces from process start, 3 settings x 3 allocators, replayed
 #   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
 #   bash scripts/gpu.sh diag           # the way-in abort of 2026-11-22, with native stacks (after build)
-# CAPTURE_TIMEOUT / OFFLOAD_TIMEOUT (seconds, default 560) bound those phases. The machine goes
+# CAPTURE_TIMEOUT / OFFLOAD_TIMEOUT (seconds, default 560) bound those phases; OFFLOAD_ARGS
+# passes arguments to the search. The machine goes
 # back after 30 s idle: a later call on a fresh one needs `build` again (about 1 minute).
 # Measured on 2026-11-22 (H100): build 48-61 s, build+test 307 s, capture 158 s, offload > 470 s
 # (the native and checkpoint searches alone; run `--modes` separately, see bench/offload_seq.py).
@@ -142,8 +143,13 @@ phase_capture() {
 
 phase_offload() {
   use_kit
-  echo "== longest trainable sequence: native, checkpoint, offload (bench/offload_seq.py)"
-  timeout "${OFFLOAD_TIMEOUT:-560}" "${PY}" bench/offload_seq.py search --json "${work}/offload-seq.json" || echo "gpu: OFFLOAD SEARCH FAILED"
+  # OFFLOAD_ARGS picks modes and lengths (one call cannot search all three modes: a probe at
+  # 50k+ tokens takes 1-2 minutes), e.g. "--modes offload --start 57344 --resolution 8192".
+  local args="${OFFLOAD_ARGS:---modes native,checkpoint,offload}"
+  echo "== longest trainable sequence (bench/offload_seq.py search ${args})"
+  # shellcheck disable=SC2086  # OFFLOAD_ARGS is a list of arguments
+  timeout "${OFFLOAD_TIMEOUT:-560}" "${PY}" bench/offload_seq.py search ${args} --json "${work}/offload-seq.json" ||
+    echo "gpu: OFFLOAD SEARCH FAILED"
 }
 
 ((${#@})) || set -- build test
