@@ -130,7 +130,10 @@ phase_diag() {
   echo "== install() in the script (passed on 2026-11-22)"
   traced "${PY}" -c "import torch, stitchalloc; stitchalloc.install(''); print('installed', stitchalloc.installed(), flush=True)"
   echo "== exported symbols of the libraries, and what the test binary loads"
-  for f in build/gpu/torch_plugin/*.so; do echo "${f}: $(nm -D --defined-only "${f}" | wc -l) defined"; done
+  for f in build/gpu/torch_plugin/*.so build/gpu/tests/torch_plugin_test; do
+    echo "${f}: $(nm -D --defined-only "${f}" | wc -l) defined; unique, weak and data objects:"
+    nm -DC --defined-only "${f}" | grep -E ' [uVBD] ' | cut -c1-200 | head -30
+  done
   ldd build/gpu/tests/torch_plugin_test | grep -v -E 'libnv|libcu' | head -40
 }
 
