@@ -142,21 +142,27 @@ class FreeSet {
   Map map_;
 };
 
-// The free blocks of one stream, and the fence that tells when another stream may take them.
-// Frees are numbered (free_seq); a fence is an event recorded on the stream that, once
-// complete, proves every block freed up to fence_done_seq is no longer used by the stream.
+// The free blocks of one stream, and the fences that tell when the stream's queued work has
+// passed its frees. Frees are numbered (free_seq); a fence is an event recorded on the stream
+// after the frees up to its sequence number; once complete, it proves that no work the stream
+// queued before those frees still runs, so their blocks may go to another stream and their
+// views may be unmapped. Fences complete in order (one stream); up to kMaxFences are
+// outstanding, so a fence still running never keeps a newer free from being fenced.
 struct StreamPool {
+  static constexpr std::size_t kMaxFences = 4;
   Stream stream = kDefaultStream;
   FreeSet small;
   FreeSet large;
   std::uint64_t free_seq = 0;
-  Event fence_event = 0;           // 0: none created yet
-  bool fence_pending = false;
-  std::uint64_t fence_pending_seq = 0;
+  // Recorded and not yet seen complete, oldest first: (event, free_seq when it was recorded).
+  absl::InlinedVector<std::pair<Event, std::uint64_t>, kMaxFences> fences;
   std::uint64_t fence_done_seq = 0;
 
   FreeSet& set(PoolKind k) { return k == PoolKind::kSmall ? small : large; }
   bool Fenced(std::uint64_t seq) const { return seq <= fence_done_seq; }
+  bool fence_pending() const { return !fences.empty(); }
+  // The latest free that a recorded fence (complete or not) covers.
+  std::uint64_t fence_recorded_seq() const { return fences.empty() ? fence_done_seq : fences.back().second; }
 };
 
 }  // namespace stitchalloc

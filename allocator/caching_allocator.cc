@@ -59,7 +59,7 @@ CachingAllocator::~CachingAllocator() {
   ProcessPending(/*synchronize=*/true);
   for (auto& [stream, pool] : pools_) {
     driver_->SynchronizeStream(stream).IgnoreError();
-    if (pool->fence_event != 0) driver_->DestroyEvent(pool->fence_event).IgnoreError();
+    for (const auto& [event, seq] : pool->fences) driver_->DestroyEvent(event).IgnoreError();
   }
   for (Event e : spare_events_) driver_->DestroyEvent(e).IgnoreError();
   store_.reset();
@@ -252,7 +252,9 @@ absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
 absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size,
                                                     std::size_t rounded, bool last_resort) {
   STITCHALLOC_NVTX_RANGE("malloc miss");
-  if (pools_.size() > 1) PollFences();
+  // Fences say which frees the streams' queued work has passed: what other streams may reuse,
+  // and which views of freed memory may be unmapped (a refill remaps them).
+  PollFences();
   if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
   for (int attempt = 0;; ++attempt) {
     if (Block* b = BestFit(pool, kind, rounded)) return b;
@@ -396,6 +398,7 @@ std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamP
   std::optional<RefillPlan> best;
   const auto cost = [](const RefillPlan& p) { return std::make_pair(p.slots.size(), p.recall.size()); };
   std::vector<bool> back;  // per absent block of the window: whether its chunk can be recalled
+  std::vector<bool> unsafe;  // per absent block: a mapped view that may not be unmapped yet
   const auto is_window = [](const Block* b) { return b->is_free() || b->state == BlockState::kAbsent; };
   for (const auto& [va, m] : store_->mappings_with_absent()) {
     if (m->pool != pool || m->kind != PoolKind::kLarge || m->size < rounded) continue;
@@ -425,23 +428,36 @@ std::optional<CachingAllocator::RefillPlan> CachingAllocator::FindRefill(StreamP
       const std::vector<const Block*>& absent = w.absent;
       const DevicePtr window_end = first->ptr + window;
       back.clear();
+      unsafe.clear();
       Block* hint = nullptr;
       for (const Block* x : absent) {
-        back.push_back(Recallable(m, static_cast<std::uint32_t>((x->ptr - m->va) / m->chunk_size), &hint));
+        const auto s = static_cast<std::uint32_t>((x->ptr - m->va) / m->chunk_size);
+        back.push_back(Recallable(m, s, &hint));
+        // A slot that is refilled unmaps the view still there (a lent home chunk, a stale
+        // view) and maps another chunk at its address: only once the work queued before the
+        // view's last free has run, or that work would touch the other chunk (or fault).
+        unsafe.push_back(!back.back() && m->slots[s] != nullptr && !pool->Fenced(x->freed_at));
       }
       // The request starts at the window's start or right after an absent slot (that stays
       // absent), so that the refilled free block starts where the request does. A sweep keeps
       // the absent slots inside [at, at + rounded) as the index range [lo, hi).
-      std::size_t lo = 0, hi = 0, slots = 0, recalls = 0, best_k = absent.size() + 1;
+      std::size_t lo = 0, hi = 0, slots = 0, recalls = 0, blocked = 0, best_k = absent.size() + 1;
       std::pair<std::size_t, std::size_t> best_cost;
       for (std::size_t k = 0; k <= absent.size(); ++k) {
         const DevicePtr at = k == 0 ? first->ptr : absent[k - 1]->ptr + absent[k - 1]->size;
         if (at + rounded > window_end) break;
-        for (; lo < hi && absent[lo]->ptr + absent[lo]->size <= at; ++lo) (back[lo] ? recalls : slots) -= 1;
+        for (; lo < hi && absent[lo]->ptr + absent[lo]->size <= at; ++lo) {
+          (back[lo] ? recalls : slots) -= 1;
+          blocked -= unsafe[lo] ? 1 : 0;
+        }
         lo = std::max(lo, k);
         hi = std::max(hi, lo);
-        for (; hi < absent.size() && absent[hi]->ptr < at + rounded; ++hi) (back[hi] ? recalls : slots) += 1;
+        for (; hi < absent.size() && absent[hi]->ptr < at + rounded; ++hi) {
+          (back[hi] ? recalls : slots) += 1;
+          blocked += unsafe[hi] ? 1 : 0;
+        }
         if (slots + recalls == 0) continue;  // a free block holds it: best fit's
+        if (blocked > 0) continue;
         const auto c = std::make_pair(slots, recalls);
         if (best_k > absent.size() || c < best_cost) best_k = k, best_cost = c;
       }
@@ -629,49 +645,58 @@ void CachingAllocator::ProcessPending(bool synchronize) {
 }
 
 void CachingAllocator::RequestFence(StreamPool* p) {
-  if (p->fence_pending || p->fence_done_seq >= p->free_seq) return;
-  if (p->fence_event == 0) p->fence_event = GetEvent();
-  if (p->fence_event == 0) return;
-  if (driver_->RecordEvent(p->fence_event, p->stream).ok()) {
-    p->fence_pending = true;
-    p->fence_pending_seq = p->free_seq;
+  if (p->fence_recorded_seq() >= p->free_seq) return;  // the frees so far are covered
+  if (p->fences.size() >= StreamPool::kMaxFences) {
+    PollFence(p);
+    if (p->fences.size() >= StreamPool::kMaxFences) return;
+  }
+  const Event e = GetEvent();
+  if (e == 0) return;
+  if (driver_->RecordEvent(e, p->stream).ok()) {
+    p->fences.emplace_back(e, p->free_seq);
+  } else {
+    spare_events_.push_back(e);
   }
 }
 
 void CachingAllocator::PollFence(StreamPool* p) {
-  if (!p->fence_pending) return;
-  auto q = driver_->QueryEvent(p->fence_event);
-  if (!q.ok() || *q) {
-    p->fence_pending = false;
-    p->fence_done_seq = p->fence_pending_seq;
+  while (!p->fences.empty()) {
+    const auto [event, seq] = p->fences.front();
+    auto q = driver_->QueryEvent(event);
+    if (q.ok() && !*q) return;  // later fences are later on the same stream
+    p->fence_done_seq = seq;   // complete, or an error: then it can no longer complete
+    spare_events_.push_back(event);
+    p->fences.erase(p->fences.begin());
   }
 }
 
 void CachingAllocator::PollFences() {
   for (auto& [stream, p] : pools_) {
     PollFence(p.get());
-    const bool idle_fence = !p->fence_pending;
+    const bool idle_fence = !p->fence_pending();
     RequestFence(p.get());
     // A fence recorded on a stream with no work left completes at once: the blocks it freed
     // since its last fence then serve this very miss, not only the next one (a stream that
     // frees and moves on would otherwise leave its memory idle while others make new chunks).
-    if (idle_fence && p->fence_pending) PollFence(p.get());
+    if (idle_fence && p->fence_pending()) PollFence(p.get());
   }
 }
 
 void CachingAllocator::SyncFence(StreamPool* p) {
-  // A fence already pending covers only the frees before it: wait for it, then fence the frees
-  // since (the work queued before them may still be running).
-  for (int round = 0; round < 2 && !p->Fenced(p->free_seq); ++round) {
-    RequestFence(p);
-    if (!p->fence_pending) break;  // no event could be recorded
-    driver_->SynchronizeEvent(p->fence_event).IgnoreError();
-    p->fence_pending = false;
-    p->fence_done_seq = p->fence_pending_seq;
+  // Fences every free so far: the newest fence covers them, and its completion implies the
+  // older ones' (one stream).
+  RequestFence(p);
+  if (!p->fences.empty() && p->fence_recorded_seq() >= p->free_seq) {
+    driver_->SynchronizeEvent(p->fences.back().first).IgnoreError();
+    p->fence_done_seq = p->fences.back().second;
+    for (const auto& [event, seq] : p->fences) spare_events_.push_back(event);
+    p->fences.clear();
   }
   if (!p->Fenced(p->free_seq)) {
     // No event to fence with: wait for the stream itself (a destroyed stream has no work left).
     driver_->SynchronizeStream(p->stream).IgnoreError();
+    for (const auto& [event, seq] : p->fences) spare_events_.push_back(event);
+    p->fences.clear();
     p->fence_done_seq = p->free_seq;
   }
 }
@@ -717,6 +742,29 @@ void CachingAllocator::Retire(Mapping* m) {
   RequestFence(m->pool);
 }
 
+bool CachingAllocator::StaleViewsFenced(const Mapping* m, bool synchronize) {
+  // Dissolving m releases the chunks homed in it, which unmaps their stale views in other
+  // mappings: each only once the work its own stream queued before that view's last free has run.
+  bool fenced = true;
+  for (const Chunk* c : m->slots) {
+    if (c == nullptr || c->home != m) continue;
+    for (const auto& [view, slot] : c->stale) {
+      StreamPool* p = view->pool;
+      const Block* a = view->absent[slot];
+      const std::uint64_t seq = a != nullptr ? a->freed_at : view->last_free_seq;
+      if (p->Fenced(seq)) continue;
+      if (synchronize) {
+        SyncFence(p);
+        continue;
+      }
+      PollFence(p);
+      RequestFence(p);
+      fenced = fenced && p->Fenced(seq);
+    }
+  }
+  return fenced;
+}
+
 void CachingAllocator::ProcessRetiring(bool synchronize) {
   bool progress = true;
   while (progress && !retiring_.empty()) {
@@ -729,10 +777,10 @@ void CachingAllocator::ProcessRetiring(bool synchronize) {
         SyncFence(p);
       } else if (!p->Fenced(m->last_free_seq)) {
         PollFence(p);
-        if (p->fence_pending) continue;
         RequestFence(p);
         if (!p->Fenced(m->last_free_seq)) continue;
       }
+      if (!StaleViewsFenced(m, synchronize)) continue;
       // Chunks it lent out stay with their borrowers, which become their homes: waiting for
       // them to come home could take forever (a borrower lends them on), and would keep the
       // range, its views and its place in this list meanwhile.

@@ -190,6 +190,10 @@ class CachingAllocator {
   void PollFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PollFences() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SyncFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether every stale view that dissolving `m` would unmap (of the chunks homed in m) has been
+  // passed by its stream's queued work; requests the fences needed (waits for them when
+  // `synchronize`).
+  bool StaleViewsFenced(const Mapping* m, bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RequestFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnIdle(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnBusy(Mapping* m) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

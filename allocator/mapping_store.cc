@@ -127,6 +127,18 @@ absl::Status MappingStore::MapChunks(const std::vector<DevicePtr>& at, std::size
 }
 
 namespace {
+// The latest free, in `pool`'s sequence, of the blocks that `borrow`'s chunks come from: their
+// stream's work queued before those frees may still use them, so a block made of them is
+// fenced for other streams only from then on. Chunks of other pools were fenced before they
+// were lent, so they add nothing.
+std::uint64_t LastUse(const std::vector<SlotRun>& borrow, const StreamPool* pool) {
+  std::uint64_t seq = 0;
+  for (const SlotRun& r : borrow) {
+    if (r.block->mapping->pool == pool) seq = std::max(seq, r.block->freed_at);
+  }
+  return seq;
+}
+
 std::vector<DevicePtr> Consecutive(DevicePtr va, std::size_t n, std::size_t chunk_size) {
   std::vector<DevicePtr> at(n);
   for (std::size_t i = 0; i < n; ++i) at[i] = va + i * chunk_size;
@@ -223,6 +235,8 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
   b->ptr = va;
   b->size = bytes;
   b->mapping = m;
+  b->freed_at = LastUse(borrow, pool);
+  m->last_free_seq = b->freed_at;
   m->head = m->tail = b;
   mappings_.emplace(va, std::move(owned));
   Adopt(m, SlotRange(0, n), borrow, created);
@@ -273,6 +287,8 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
   b->ptr = at;
   b->size = n * m->chunk_size;
   b->mapping = m;
+  b->freed_at = LastUse(borrow, m->pool);
+  m->last_free_seq = std::max(m->last_free_seq, b->freed_at);
   b->prev = m->tail;
   m->tail->next = b;
   m->tail = b;
@@ -284,6 +300,7 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
 absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::uint32_t>& slots,
                                              const std::vector<SlotRun>& borrow, std::size_t fresh) {
   STITCHALLOC_NVTX_RANGE("refill absent slots");
+  const std::uint64_t borrowed_use = LastUse(borrow, m->pool);
   std::vector<Chunk*> chunks;
   for (const SlotRun& r : borrow) {
     for (std::uint32_t k = 0; k < r.count; ++k) {
@@ -346,7 +363,10 @@ absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::u
     Block* a = m->absent[s];
     SetAbsent(m, s, nullptr);
     a->state = BlockState::kFree;
-    a->freed_at = 0;  // new to the mapping: chunks of other streams are lent only once fenced
+    // The slot's last use here (its old view was fenced before it was unmapped; kept, to be
+    // safe) and the borrowed chunks' last use in this pool.
+    a->freed_at = std::max(a->freed_at, borrowed_use);
+    m->last_free_seq = std::max(m->last_free_seq, a->freed_at);
     merged = MergeAndInsert(a);
   }
   return merged;
@@ -355,13 +375,17 @@ absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::u
 Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   Chunk* c = m->slots[slot];
   Mapping* owner = c->owner;
+  const std::uint64_t owner_use = at_owner->freed_at;  // CarveRun deletes at_owner
   CarveRun(SlotRun{at_owner, c->owner_slot, 1});
   c->stale.emplace_back(owner, c->owner_slot);
   --owner->present;
   Block* a = m->absent[slot];
   SetAbsent(m, slot, nullptr);
   a->state = BlockState::kFree;
-  a->freed_at = 0;  // the owner's stream was fenced before it lends
+  // The home view's last use, and the owner's when it is of this pool (another pool's owner
+  // was fenced before it lends).
+  if (owner->pool == m->pool) a->freed_at = std::max(a->freed_at, owner_use);
+  m->last_free_seq = std::max(m->last_free_seq, a->freed_at);
   --m->lent_home;
   ++m->present;
   c->owner = m;
@@ -405,6 +429,7 @@ void MappingStore::CarveRun(const SlotRun& run) {
     a->ptr = m->slot_address(run.first_slot + k);
     a->size = m->chunk_size;
     a->state = BlockState::kAbsent;
+    a->freed_at = b->freed_at;  // the view's last use: it may be unmapped only once fenced
     SetAbsent(m, run.first_slot + k, a);
     pieces.push_back(a);
   }
@@ -502,7 +527,7 @@ void MappingStore::ReturnHome(Chunk* c) {
   Block* a = h->absent[c->home_slot];
   SetAbsent(h, c->home_slot, nullptr);
   a->state = BlockState::kFree;
-  a->freed_at = 0;  // the borrower's stream was fenced before it let go
+  // Keeps the home view's last use; the borrower's stream was fenced before it let go.
   --h->lent_home;
   ++h->present;
   c->owner = h;
