@@ -684,21 +684,29 @@ void CachingAllocator::PollFences() {
 
 void CachingAllocator::SyncFence(StreamPool* p) {
   // Fences every free so far: the newest fence covers them, and its completion implies the
-  // older ones' (one stream).
+  // older ones' (one stream). Without an event to fence with, waits for the stream itself (a
+  // destroyed stream has no work left).
+  if (p->Fenced(p->free_seq)) return;
   RequestFence(p);
   if (!p->fences.empty() && p->fence_recorded_seq() >= p->free_seq) {
     driver_->SynchronizeEvent(p->fences.back().first).IgnoreError();
-    p->fence_done_seq = p->fences.back().second;
-    for (const auto& [event, seq] : p->fences) spare_events_.push_back(event);
-    p->fences.clear();
-  }
-  if (!p->Fenced(p->free_seq)) {
-    // No event to fence with: wait for the stream itself (a destroyed stream has no work left).
+  } else {
     driver_->SynchronizeStream(p->stream).IgnoreError();
-    for (const auto& [event, seq] : p->fences) spare_events_.push_back(event);
-    p->fences.clear();
-    p->fence_done_seq = p->free_seq;
   }
+  for (const auto& [event, seq] : p->fences) spare_events_.push_back(event);
+  p->fences.clear();
+  p->fence_done_seq = p->free_seq;
+}
+
+bool CachingAllocator::EnsureFenced(StreamPool* p, std::uint64_t seq, bool synchronize) {
+  if (p->Fenced(seq)) return true;
+  if (synchronize) {
+    SyncFence(p);
+    return true;
+  }
+  PollFence(p);
+  RequestFence(p);
+  return p->Fenced(seq);
 }
 
 void CachingAllocator::OnIdle(Mapping* m) {
@@ -752,14 +760,7 @@ bool CachingAllocator::StaleViewsFenced(const Mapping* m, bool synchronize) {
       StreamPool* p = view->pool;
       const Block* a = view->absent[slot];
       const std::uint64_t seq = a != nullptr ? a->freed_at : view->last_free_seq;
-      if (p->Fenced(seq)) continue;
-      if (synchronize) {
-        SyncFence(p);
-        continue;
-      }
-      PollFence(p);
-      RequestFence(p);
-      fenced = fenced && p->Fenced(seq);
+      fenced = EnsureFenced(p, seq, synchronize) && fenced;
     }
   }
   return fenced;
@@ -772,14 +773,7 @@ void CachingAllocator::ProcessRetiring(bool synchronize) {
     for (std::size_t i = 0; i < retiring_.size(); ++i) {
       Mapping* m = retiring_[i];
       if (!m->idle()) continue;
-      StreamPool* p = m->pool;
-      if (synchronize) {
-        SyncFence(p);
-      } else if (!p->Fenced(m->last_free_seq)) {
-        PollFence(p);
-        RequestFence(p);
-        if (!p->Fenced(m->last_free_seq)) continue;
-      }
+      if (!EnsureFenced(m->pool, m->last_free_seq, synchronize)) continue;
       if (!StaleViewsFenced(m, synchronize)) continue;
       // Chunks it lent out stay with their borrowers, which become their homes: waiting for
       // them to come home could take forever (a borrower lends them on), and would keep the

@@ -190,6 +190,9 @@ class CachingAllocator {
   void PollFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PollFences() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SyncFence(StreamPool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the stream's work queued before free `seq` has run: polls and requests a fence
+  // (waits for one when `synchronize`).
+  bool EnsureFenced(StreamPool* pool, std::uint64_t seq, bool synchronize) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether every stale view that dissolving `m` would unmap (of the chunks homed in m) has been
   // passed by its stream's queued work; requests the fences needed (waits for them when
   // `synchronize`).

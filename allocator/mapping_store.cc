@@ -288,7 +288,6 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
   b->size = n * m->chunk_size;
   b->mapping = m;
   b->freed_at = LastUse(borrow, m->pool);
-  m->last_free_seq = std::max(m->last_free_seq, b->freed_at);
   b->prev = m->tail;
   m->tail->next = b;
   m->tail = b;
@@ -366,7 +365,6 @@ absl::StatusOr<Block*> MappingStore::Refill(Mapping* m, const std::vector<std::u
     // The slot's last use here (its old view was fenced before it was unmapped; kept, to be
     // safe) and the borrowed chunks' last use in this pool.
     a->freed_at = std::max(a->freed_at, borrowed_use);
-    m->last_free_seq = std::max(m->last_free_seq, a->freed_at);
     merged = MergeAndInsert(a);
   }
   return merged;
@@ -385,7 +383,6 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   // The home view's last use, and the owner's when it is of this pool (another pool's owner
   // was fenced before it lends).
   if (owner->pool == m->pool) a->freed_at = std::max(a->freed_at, owner_use);
-  m->last_free_seq = std::max(m->last_free_seq, a->freed_at);
   --m->lent_home;
   ++m->present;
   c->owner = m;
@@ -486,6 +483,7 @@ Block* MappingStore::SplitAfter(Block* b, std::size_t front) {
 
 Block* MappingStore::MergeAndInsert(Block* b) {
   Mapping* m = b->mapping;
+  m->last_free_seq = std::max(m->last_free_seq, b->freed_at);  // every way into the free set
   std::optional<FreeSet::Map::iterator> hint;
   if (Block* p = b->prev; p != nullptr && p->is_free()) {
     hint = EraseFree(p);
@@ -518,7 +516,6 @@ Block* MappingStore::Free(Block* b, std::uint64_t seq) {
   b->pending_events = 0;
   b->stream_uses.clear();
   --m->busy_blocks;
-  m->last_free_seq = std::max(m->last_free_seq, seq);
   return MergeAndInsert(b);
 }
 
