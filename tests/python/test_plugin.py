@@ -103,6 +103,27 @@ def test_package_loads_its_library():
     assert os.path.exists(out.stdout.strip())
 
 
+def _exported(path):
+    """The names a shared library defines in its dynamic symbol table."""
+    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True)
+    return [line.split()[-1] for line in out.stdout.splitlines() if len(line.split()) == 3]
+
+
+@needs_libs
+@pytest.mark.parametrize("name", ["stitchalloc", "stitchalloc_preload", "stitchalloc_torch", "stitchalloc_torch_ops"])
+def test_libraries_export_only_their_c_abi(name):
+    # cmake/c_abi_only.map: an exported copy of libstdc++ template code or of the allocator core
+    # would be bound by other libraries in the process (PyTorch's) in place of their own.
+    path = stitchalloc.library_path(name)
+    if not os.path.exists(path):
+        pytest.skip(f"{os.path.basename(path)} is not built")
+    names = _exported(path)
+    if name != "stitchalloc_torch_ops":  # registers its operators from a static constructor
+        assert names, f"{path} exports nothing"
+    stray = [n for n in names if not n.startswith("stitchalloc_") and n != "dlopen"]
+    assert stray == [], f"{path} exports {len(stray)} symbols besides its C ABI, e.g. {stray[:5]}"
+
+
 def test_importing_the_package_does_not_import_torch():
     r = run_python("import sys, stitchalloc; print('torch' in sys.modules)")
     assert r.returncode == 0, r.stderr
