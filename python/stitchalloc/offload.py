@@ -13,16 +13,27 @@ How it hooks in (nothing in the training loop changes):
   back (lookahead from the swap_lookahead key); ``unpack`` waits for its tensor in stream order;
 - a saved tensor that dies without being used (no backward) cancels its ticket.
 
-Token-wise split for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
-recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``): the
-attention block's saved tensors, the layer input among them, are swapped whole; the token-local
-block after it (``mlp(post_attention_layernorm(h))``, h being the attention output plus the
-residual) runs in two token ranges: the first ``alpha`` of the tokens with their saved tensors
-swapped, the rest saving only their slice of h (swapped too) and recomputed from it, token by
-token, when the layer's backward needs them. Layers of any other structure have their saved
-tensors swapped whole.
+Token-wise recompute for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
+recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``), under
+every policy but "swap":
 
-Policies: ``"swap"`` (alpha 1: everything swapped), ``"recompute"`` (alpha 0 for Llama-family
+- the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
+  the attention core itself produced: when the block calls F.scaled_dot_product_attention and
+  PyTorch runs it as one fused kernel (flash, memory-efficient, cuDNN, the CPU flash kernel), its
+  output and softmax statistics are swapped and its q, k, v are not kept: before the layer's
+  backward, the block's token-local part (norm, projections, RoPE, output projection) is
+  recomputed from x and the core's own backward runs on the recomputed q, k, v with the saved
+  output (``_AttentionReplay``). A block whose core is not one fused kernel (attention spelled out,
+  a padded head size) is recomputed whole from x, core included. Attention dropout is refused;
+- the token-local block after it (``mlp(post_attention_layernorm(h))``, h being the attention
+  output plus the residual) runs in two token ranges: the first ``alpha`` of the tokens with
+  their saved tensors swapped, the rest saving only their slice of h (swapped too) and
+  recomputed from it, token by token, when the layer's backward needs them.
+
+So at alpha 0 a layer swaps x, the core's output and statistics, and h: MEMO's "layer input and
+attention output". Layers of any other structure have their saved tensors swapped whole.
+
+Policies: ``"swap"`` (everything swapped, no recompute), ``"recompute"`` (alpha 0 for Llama-family
 layers; other layers run under torch.utils.checkpoint, which keeps their inputs on the device),
 a number alpha in [0, 1] (Llama-family layers only, unless 1), or ``"auto"``: the first
 iteration runs at alpha 0 (the least device and host memory, so it fits wherever any alpha
@@ -166,6 +177,10 @@ class Offload:
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS) for layer in self._layers]
+        # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
+        # block's token-local part; "auto" does too, whatever alpha its plan gives.
+        self._token_wise = policy == "auto" or self._alpha < 1.0
+        self._in_layer = None  # the layer whose forward runs under our hooks
         if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
                              "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
@@ -311,6 +326,8 @@ class Offload:
 
         if llama:
             self._wrap_token_local(i, layer)
+            if self._token_wise:
+                self._wrap_attention(i, layer, pack)
 
         def forward(*args, **kwargs):
             me = owner()
@@ -319,13 +336,17 @@ class Offload:
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()
-            with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack):
-                if checkpoint_whole:
-                    import torch.utils.checkpoint as cp
+            me._in_layer = i
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack):
+                    if checkpoint_whole:
+                        import torch.utils.checkpoint as cp
 
-                    out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
-                else:
-                    out = original(*args, **kwargs)
+                        out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
+                    else:
+                        out = original(*args, **kwargs)
+            finally:
+                me._in_layer = None
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -383,6 +404,40 @@ class Offload:
         mlp.forward = lambda x: x  # already applied inside fused
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: mlp.__dict__.pop("forward", None))
+
+    def _wrap_attention(self, i, layer, pack):
+        """self_attn(input_layernorm(x)) as one _AttentionReplay (see the module docstring)."""
+        torch = self._torch
+        norm, attn = layer.input_layernorm, layer.self_attn
+        norm_forward, attn_forward = norm.forward, attn.forward
+        owner = weakref.ref(self)
+        params = tuple(list(norm.parameters()) + list(attn.parameters()))
+
+        def forward(*args, **kwargs):
+            # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
+            # hidden_states= (transformers); input_layernorm, now the identity, left them raw.
+            if args:
+                x, rebuild = args[0], (lambda h: ((h,) + args[1:], kwargs))
+            else:
+                x = kwargs["hidden_states"]
+                rebuild = (lambda h: (args, {**kwargs, "hidden_states": h}))
+
+            def run(h):
+                a, kw = rebuild(norm_forward(h))
+                return attn_forward(*a, **kw)
+
+            me = owner()
+            if (me is None or me._in_layer != i or not torch.is_grad_enabled() or not torch.is_tensor(x)
+                    or x.dim() < 2):
+                return run(x)
+            state = _AttentionState(me, pack)
+            y = _AttentionReplay.apply(run, state, x, *params)
+            return (y,) + state.extras if state.extras is not None else y
+
+        norm.forward = lambda h: h  # applied inside the attention block's forward
+        attn.forward = forward
+        self._undo.append(lambda: norm.__dict__.pop("forward", None))
+        self._undo.append(lambda: attn.__dict__.pop("forward", None))
 
 
 class _LazyTokenLocal:
@@ -442,6 +497,265 @@ def _token_local_function():
 
 
 _TokenLocal = _LazyTokenLocal()
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _Deferred:
+    """A tensor the attention core's node saved: held as is until the core is known to be one
+    fused node, then handed to the layer's pack hook (swapped) or dropped with the node."""
+
+    __slots__ = ("tensor", "packed")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.packed = None
+
+
+class _Recomputed:
+    """What the core's node keeps instead of q, k or v: the index of the tensor recomputed
+    before the layer's backward."""
+
+    __slots__ = ("core", "index")
+
+    def __init__(self, core, index):
+        self.core = core
+        self.index = index
+
+
+class _Core:
+    """One attention core call of one replayed attention block."""
+
+    __slots__ = ("node", "entry", "meta", "slots", "out")
+
+    def __init__(self):
+        self.node = None  # the core's autograd node; None: not one fused node, recomputed
+        self.entry = None  # the node of the stand-ins for q, k, v (the core's only inputs)
+        self.meta = None  # (dtype, size, stride) of q, k, v as the node saw them
+        self.slots = None  # q, k, v recomputed, during the layer's backward
+        self.out = None  # the core's output as the layer's pack hook saved it
+
+
+class _AttentionState:
+    """One attention block call of one iteration: its cores, in call order."""
+
+    __slots__ = ("owner", "pack", "cores", "next", "extras")
+
+    def __init__(self, owner, pack):
+        self.owner = owner
+        self.pack = pack
+        self.cores = []
+        self.next = 0
+        self.extras = None  # what the block returns besides its output (transformers: (None,))
+
+
+def _sdpa_arguments(args, kwargs):
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _unpack_core(saved):
+    if isinstance(saved, _Recomputed):
+        slots = saved.core.slots
+        if slots is None:
+            raise RuntimeError("stitchalloc.offload: the attention core's backward ran before its inputs were "
+                               "recomputed (was the layer's graph used twice?)")
+        return slots[saved.index]
+    if isinstance(saved, _Deferred):
+        return saved.tensor if saved.packed is None else _unpack_packed(saved.packed)
+    return saved
+
+
+def _unpack_packed(packed):
+    """What a layer's pack hook returned, as a tensor again."""
+    return packed.storage.owner._unpack(packed) if isinstance(packed, _Saved) else packed
+
+
+def _capture(torch, state):
+    """The attention core in the block's forward (no grad): run with a graph of its own whose
+    inputs are stand-ins for q, k, v, so that its node saves them as _Recomputed markers."""
+    Entry = _functions(torch)["Entry"]
+
+    def handler(func, args, kwargs):
+        bound = _sdpa_arguments(args, kwargs)
+        if float(bound.get("dropout_p", 0.0) or 0.0) != 0.0:
+            raise RuntimeError("stitchalloc.offload: token-wise recompute cannot replay attention dropout "
+                               "(dropout_p > 0); use policy='swap' or train without attention dropout")
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        core = _Core()
+        anchor = torch.empty(0, device=q.device, requires_grad=True)
+        held = []
+
+        def pack(t):
+            for index, s in enumerate(stand_ins):
+                if (t.data_ptr() == s.data_ptr() and t.dtype == s.dtype and t.size() == s.size()
+                        and t.stride() == s.stride()):
+                    return _Recomputed(core, index)
+            d = _Deferred(t)
+            held.append(d)
+            return d
+
+        with torch.enable_grad():
+            stand_ins = Entry.apply(anchor, q.detach(), k.detach(), v.detach())
+            rest = {n: a for n, a in bound.items() if n not in ("query", "key", "value")}
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_core):
+                out = func(*stand_ins, **rest)
+        node = out.grad_fn if torch.is_tensor(out) else None
+        entry = stand_ins[0].grad_fn
+        edges = list(node.next_functions) if node is not None else []
+        if len(edges) == 3 and all(f is entry and n == index for index, (f, n) in enumerate(edges)):
+            core.node = node
+            core.entry = entry
+            core.meta = [(s.dtype, tuple(s.size()), tuple(s.stride())) for s in stand_ins]
+            for d in held:  # out, the softmax statistics, ...: swapped like the rest of the layer
+                d.packed = state.pack(d.tensor)
+                d.tensor = None
+            core.out = state.pack(out)
+        state.cores.append(core)
+        return out.detach()
+
+    return handler
+
+
+def _replay(torch, state):
+    """The attention core in the layer's backward: fused cores return their saved output, with
+    the core's own node as backward; the others run again."""
+    CoreGrad = _functions(torch)["CoreGrad"]
+
+    def handler(func, args, kwargs):
+        if state.next >= len(state.cores):
+            raise RuntimeError("stitchalloc.offload: the attention block called the attention core more often "
+                               "when recomputed than in its forward")
+        core = state.cores[state.next]
+        state.next += 1
+        if core.node is None:
+            return func(*args, **kwargs)
+        bound = _sdpa_arguments(args, kwargs)
+        qkv = (bound["query"], bound["key"], bound["value"])
+        got = [(t.dtype, tuple(t.size()), tuple(t.stride())) for t in qkv]
+        if got != core.meta:
+            raise RuntimeError(f"stitchalloc.offload: the attention core's inputs, recomputed, have another layout "
+                               f"({got}) than in the forward ({core.meta})")
+        return CoreGrad.apply(core, *qkv)
+
+    return handler
+
+
+_FUNCTIONS = {}
+
+
+def _functions(torch):
+    """The autograd Functions and the torch-function mode, built on first use (torch is imported
+    lazily)."""
+    if _FUNCTIONS:
+        return _FUNCTIONS
+    from torch.overrides import TorchFunctionMode
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    class CoreMode(TorchFunctionMode):
+        """Routes F.scaled_dot_product_attention to a handler; everything else runs as is."""
+
+        def __init__(self, handler):
+            super().__init__()
+            self.handler = handler
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is sdpa:
+                return self.handler(func, args, kwargs)
+            return func(*args, **kwargs)
+
+    class Entry(torch.autograd.Function):
+        """q, k, v as the core's inputs, with no graph behind them: the core's node then holds
+        no reference that keeps them alive (an anchor leaf makes the outputs require grad)."""
+
+        @staticmethod
+        def forward(ctx, anchor, q, k, v):
+            return q.view_as(q), k.view_as(k), v.view_as(v)
+
+        @staticmethod
+        def backward(ctx, gq, gk, gv):
+            return None, None, None, None
+
+    class CoreGrad(torch.autograd.Function):
+        """The core in the recomputed block: its output is the saved one; its backward is the
+        forward's own core node, run on the recomputed q, k, v."""
+
+        @staticmethod
+        def forward(ctx, core, q, k, v):
+            ctx.core = core
+            core.slots = (q, k, v)
+            out = _unpack_packed(core.out)
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx, grad):
+            # A graph task of its own from the core's node to its stand-in inputs (calling the
+            # node directly, inside this backward's task, would compute nothing: that task does
+            # not know the node). It releases the node's saved tensors.
+            from torch.autograd.graph import GradientEdge
+
+            core = ctx.core
+            grads = torch.autograd.grad([GradientEdge(core.node, 0)],
+                                        [GradientEdge(core.entry, index) for index in range(3)], [grad])
+            core.slots = None
+            core.node = None
+            core.entry = None
+            return (None, *grads)
+
+    class AttentionReplay(torch.autograd.Function):
+        """y = self_attn(input_layernorm(x)), saving only x (and, through the core's node, the
+        core's output and statistics); the block runs again from x in backward."""
+
+        @staticmethod
+        def forward(ctx, run, state, x, *params):
+            ctx.run = run
+            ctx.state = state
+            ctx.params = params
+            ctx.save_for_backward(x)
+            with CoreMode(_capture(torch, state)):
+                result = run(x)
+            if isinstance(result, (tuple, list)):
+                extras = tuple(result[1:])
+                if any(torch.is_tensor(e) for e in extras):
+                    raise RuntimeError("stitchalloc.offload: the attention block returns tensors besides its output "
+                                       "(attention weights?); token-wise recompute needs an attention "
+                                       "implementation that does not (sdpa), or policy='swap'")
+                state.extras = extras
+                result = result[0]
+            return result
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            state = ctx.state
+            x = x.detach().requires_grad_(True)
+            state.next = 0
+            with torch.enable_grad(), CoreMode(_replay(torch, state)):
+                result = ctx.run(x)
+            y = result[0] if isinstance(result, (tuple, list)) else result
+            if state.next != len(state.cores):
+                raise RuntimeError("stitchalloc.offload: the attention block, recomputed, called the attention core "
+                                   f"{state.next} times instead of {len(state.cores)}")
+            trainable = [p for p in ctx.params if p.requires_grad]
+            grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
+            gx = next(grads)
+            state.cores = []
+            return (None, None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
+
+    _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, AttentionReplay=AttentionReplay)
+    return _FUNCTIONS
+
+
+class _LazyAttentionReplay:
+    def apply(self, run, state, x, *params):
+        return _functions(state.owner._torch)["AttentionReplay"].apply(run, state, x, *params)
+
+
+_AttentionReplay = _LazyAttentionReplay()
 
 
 def _find_layers(model):

@@ -79,9 +79,9 @@ class RecordingBackend:
         return self.host
 
 
-def make_model(seed=0, layers=6):
+def make_model(seed=0, layers=6, sdpa=False):
     torch.manual_seed(seed)
-    return tiny_llama.TinyLlama(layers=layers).double()
+    return tiny_llama.TinyLlama(layers=layers, sdpa=sdpa).double()
 
 
 def tokens(seed=1, batch=2, seq=33):
@@ -125,9 +125,10 @@ def test_swap_gives_bitwise_equal_gradients_and_follows_the_layer_schedule():
     assert off.stats()["offloaded"] == sum(1 for e in log if e[0] == "offload")
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
 @pytest.mark.parametrize("policy", [0.5, 0.25, "recompute"])
-def test_token_wise_split_recomputes_the_rest_and_swaps_less(policy):
-    model, batch = make_model(), tokens()
+def test_token_wise_split_recomputes_the_rest_and_swaps_less(policy, sdpa):
+    model, batch = make_model(sdpa=sdpa), tokens()
     ref_loss, ref = grads_of(model, batch)
     whole = RecordingBackend()
     with stitchalloc.offload(model, policy="swap", backend=whole):
@@ -210,11 +211,12 @@ def test_remove_restores_the_model_and_state_dict_never_changes():
     off = stitchalloc.offload(model, policy=0.5, backend=RecordingBackend())
     assert list(model.state_dict()) == keys
     assert "forward" in model.layers[0].__dict__ and "forward" in model.layers[0].mlp.__dict__
+    assert "forward" in model.layers[0].self_attn.__dict__
     off.remove()
     for layer in model.layers:
         assert "forward" not in layer.__dict__
-        assert "forward" not in layer.post_attention_layernorm.__dict__
-        assert "forward" not in layer.mlp.__dict__
+        for part in (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp):
+            assert "forward" not in part.__dict__
     backend = RecordingBackend()
     stitchalloc.offload(model, policy="swap", backend=backend).remove()
     grads_of(model, tokens())
@@ -243,10 +245,11 @@ def test_auto_measures_one_iteration_then_plans_alpha():
 
 
 def test_auto_plans_with_the_token_local_blocks_own_bytes():
-    # alpha applies only to what the token-local block (post-attention norm and MLP) saves; the
-    # attention block's tensors are swapped whatever alpha is, so the plan must count them as
-    # fixed. Measured independently: the block alone under saved-tensor hooks.
-    model, batch = make_model(layers=4), tokens(seq=65)
+    # alpha applies only to what the token-local block (post-attention norm and MLP) saves; what
+    # the attention block keeps (the layer input, the core's output and statistics) is swapped
+    # whatever alpha is, so the plan must count it as fixed. Measured independently: the block
+    # alone under saved-tensor hooks.
+    model, batch = make_model(layers=4, sdpa=True), tokens(seq=65)
     layer = model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     h = torch.randn(2, 64, 64, dtype=torch.float64, requires_grad=True)
@@ -266,19 +269,140 @@ def test_auto_plans_with_the_token_local_blocks_own_bytes():
         grads_of(model, batch)
         m = off.measured
     assert m["other"] == expected_other
-    # The measuring iteration recomputed the block (alpha 0): it swapped exactly `other` less
-    # per layer than swapping everything does.
+    # The measuring iteration ran at alpha 0: per layer it swapped the input x, the attention
+    # core's output (batch x heads x tokens x head size) and log-sum-exp (batch x heads x tokens;
+    # float64 here, as the inputs) and h, the token-local block's input: nothing else.
+    x = 2 * 64 * 64 * 8
+    lse = 2 * 4 * 64 * 8
+    assert m["input"] == x
+    assert m["attention"] == 2 * x + lse
+    assert backend.bytes_out == 4 * (m["input"] + m["attention"])
+    # Swapping everything keeps q, k, v and the token-local block's tensors besides.
     swapping = RecordingBackend()
     with stitchalloc.offload(model, policy="swap", backend=swapping):
         grads_of(model, batch)
-    assert swapping.bytes_out - backend.bytes_out == 4 * expected_other
-    assert m["input"] == 2 * 64 * 64 * 8
-    assert m["attention"] > m["input"]  # q, k, v, the attention output, ...
+    assert swapping.bytes_out > backend.bytes_out + 4 * expected_other
     # Host-bound: alpha from the fixed part and the token-local part as measured.
     host = 2 * (m["input"] + m["attention"]) + 0.5 * 2 * m["other"]
     with stitchalloc.offload(model, policy="auto", backend=RecordingBackend(bandwidth=1e15, host=host)) as off:
         grads_of(model, batch)
         assert abs(off.alpha - 0.5) < 1e-9, (off.alpha, off.plan_text)
+
+
+class KwargsAttention(torch.nn.Module):
+    """transformers' calling convention: hidden_states= and position_embeddings= keywords, and a
+    tuple (output, attention weights) back; the weights are None (sdpa) unless `weights`."""
+
+    def __init__(self, inner, weights=False, dropout=0.0):
+        super().__init__()
+        self.inner = inner
+        self.weights = weights
+        self.dropout = dropout
+
+    def forward(self, hidden_states, position_embeddings=None):
+        a = self.inner
+        b, t, d = hidden_states.shape
+        shape = (b, t, a.heads, d // a.heads)
+        q = a.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = a.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = a.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = tiny_llama.rope(q, position_embeddings), tiny_llama.rope(k, position_embeddings)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        out = a.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return out, (y.sum() if self.weights else None)
+
+
+class KwargsLayer(torch.nn.Module):
+    def __init__(self, layer, **attention):
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = KwargsAttention(layer.self_attn, **attention)
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def forward(self, hidden_states, position_embeddings=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def kwargs_model(**attention):
+    model = make_model(layers=3, sdpa=True)
+    layers = torch.nn.ModuleList(KwargsLayer(layer, **attention) for layer in model.layers)
+
+    def run(batch):
+        x = model.embed_tokens(batch[:, :-1])
+        pos = torch.arange(x.shape[1])
+        for layer in layers:
+            x = layer(x, position_embeddings=pos)
+        logits = model.lm_head(model.norm(x))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    return model, layers, run
+
+
+def test_attention_core_output_is_kept_and_its_inputs_recomputed():
+    # alpha 0 on an sdpa model: per layer exactly x, the core's output and log-sum-exp and h
+    # leave; q, k, v and every other tensor of the attention block are recomputed from x, and
+    # the core's backward runs on them with the saved output (the gradients agree).
+    model, batch = make_model(layers=4, sdpa=True), tokens(seq=65)
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend) as off:
+        loss, got = grads_of(model, batch)
+    x, lse = 2 * 64 * 64 * 8, 2 * 4 * 64 * 8
+    assert backend.bytes_out == 4 * (3 * x + lse)
+    assert off.stats()["offloaded"] == 4 * 4 and backend.live == {}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    # Attention spelled out (no fused core): the block is recomputed whole; x and h leave.
+    model = make_model(layers=4, sdpa=False)
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend):
+        loss, got = grads_of(model, batch)
+    assert backend.bytes_out == 4 * 2 * x
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_called_with_keywords_returning_a_tuple():
+    model, layers, run = kwargs_model()
+    batch = tokens(seq=65)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss = run(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_loss, ref = grads()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, layers=list(layers), policy="recompute", backend=backend):
+        loss, got = grads()
+        loss2, got2 = grads()
+    assert len(got) == len(ref) == sum(1 for _ in model.parameters())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b, c in zip(ref, got, got2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    x, lse = 2 * 64 * 64 * 8, 2 * 4 * 64 * 8
+    assert backend.bytes_out == 2 * 3 * (3 * x + lse)
+
+
+@pytest.mark.parametrize("attention, message", [({"dropout": 0.1}, "dropout"), ({"weights": True}, "besides its output")])
+def test_attention_the_replay_cannot_reproduce_is_refused(attention, message):
+    model, layers, run = kwargs_model(**attention)
+    with stitchalloc.offload(model, layers=list(layers), policy="recompute", backend=RecordingBackend()):
+        with pytest.raises(RuntimeError, match=message):
+            run(tokens(seq=65))
+    # "swap" recomputes nothing, so it takes them.
+    with stitchalloc.offload(model, layers=list(layers), policy="swap", backend=RecordingBackend()):
+        run(tokens(seq=65)).backward()
 
 
 class SlowIssueBackend(RecordingBackend):
