@@ -11,7 +11,8 @@ and MFU at each mode's longest length and, for offload, at checkpoint's longest 
     python bench/offload_seq.py search [--modes native,checkpoint,offload] [--json FILE]
 
 Model (default about 1.1B parameters): --dim 2048 --layers 16 --heads 16 --hidden 5632
---vocab 32000, bf16 weights, AdamW, batch 1, SDPA attention. MFU = tokens/s * (6 * parameters +
+--vocab 32000, bf16 weights, AdamW, batch 1, SDPA attention, the loss in chunks of --loss-chunk
+tokens in every mode (8192; 0 computes it whole, as the 2026-11-22 H100 figures did). MFU = tokens/s * (6 * parameters +
 12 * layers * dim * seq) / peak FLOP/s (--peak-tflops, default 989: H100 SXM dense bf16).
 --device cpu runs the same code on the CPU with tiny shapes (the CI smoke test; no offload there).
 """
@@ -41,6 +42,9 @@ def args_parser():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--conf", default="", help="stitchalloc.install() keys for --mode offload")
+    p.add_argument("--loss-chunk", type=int, default=8192,
+                   help="tokens per chunk of the final norm, LM head and loss (recomputed in backward); 0: the whole "
+                        "sequence at once, as the 2026-11-22 H100 figures were measured")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--start", type=int, default=2048)
     p.add_argument("--limit", type=int, default=1 << 20)
@@ -80,7 +84,8 @@ def probe(a):
         policy = a.policy if a.policy in ("auto", "swap", "recompute") else float(a.policy)
         handle = stitchalloc.offload(model, policy=policy)
     ids = torch.randint(0, a.vocab, (1, a.seq + 1), device=dev)
-    out = {"mode": a.mode, "seq": a.seq, "params": params, "ok": False, "oom": False, "device": a.device}
+    out = {"mode": a.mode, "seq": a.seq, "params": params, "ok": False, "oom": False, "device": a.device,
+           "loss_chunk": a.loss_chunk}
 
     def sync():
         if a.device == "cuda":
@@ -91,7 +96,7 @@ def probe(a):
         for step in range(a.steps + 1):
             sync()
             t0 = time.perf_counter()
-            loss = model.loss(ids)
+            loss = model.loss(ids, chunk=a.loss_chunk)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -118,7 +123,8 @@ def probe(a):
 
 def run_probe(a, mode, seq):
     cmd = [sys.executable, os.path.abspath(__file__), "probe", "--mode", mode, "--seq", str(seq)]
-    for k in ("steps", "dim", "layers", "heads", "hidden", "vocab", "device", "conf", "policy", "peak_tflops"):
+    for k in ("steps", "dim", "layers", "heads", "hidden", "vocab", "device", "conf", "policy", "peak_tflops",
+              "loss_chunk"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD",
                                                             "STITCHALLOC_AUTO_INSTALL")}

@@ -98,15 +98,36 @@ class TinyLlama(nn.Module):
             if p.dim() > 1:
                 nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[-1]))
 
-    def forward(self, tokens):
+    def hidden(self, tokens):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        return x
 
-    def loss(self, tokens):
-        logits = self.forward(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+    def forward(self, tokens):
+        return self.lm_head(self.norm(self.hidden(tokens)))
+
+    def loss(self, tokens, chunk=0):
+        """Next-token cross-entropy (fp32). With `chunk` > 0 the final norm, the LM head and the
+        loss run `chunk` tokens at a time, each chunk recomputed in the backward: the logits of
+        one chunk exist at a time instead of the whole sequence's (vocabulary x tokens x 10
+        bytes: bf16 logits, their fp32 copy and log-softmax). Same value up to summation order."""
+        if chunk <= 0:
+            logits = self.forward(tokens[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        import torch.utils.checkpoint as cp
+
+        x, targets = self.hidden(tokens[:, :-1]), tokens[:, 1:]
+        total = None
+        for start in range(0, targets.shape[1], chunk):
+            part = cp.checkpoint(self._chunk_loss, x[:, start:start + chunk], targets[:, start:start + chunk],
+                                 use_reentrant=False)
+            total = part if total is None else total + part
+        return total / targets.numel()
+
+    def _chunk_loss(self, x, targets):
+        logits = self.lm_head(self.norm(x))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
 
 
 class PlainBlock(nn.Module):

@@ -558,6 +558,32 @@ def test_swap_calls_fail_clearly_before_install_and_before_begin():
     assert out["offload"] == "ok"
 
 
+@pytest.mark.parametrize("chunk", [16, 17, 64, 1000])
+def test_chunked_loss_equals_the_whole_and_keeps_one_chunks_logits(chunk):
+    # The benchmark's loss in chunks (bench/offload_seq.py --loss-chunk): same value and
+    # gradients; the largest saved or live logits tensor is one chunk's, not the sequence's.
+    model, batch = make_model(layers=2), tokens(seq=65)
+    ref_loss, ref = grads_of(model, batch)
+    model.zero_grad(set_to_none=True)
+    vocab = model.lm_head.out_features
+    largest = []
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-1] == vocab:
+            largest.append(t.numel() // vocab)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(batch, chunk=chunk)
+    loss.backward()
+    # The loss is fp32 (as in training): sums in another order differ in its last bits.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+    # Saved logits: none outside the chunks' recompute (checkpoint saves only each chunk's input).
+    assert max(largest, default=0) <= 2 * min(chunk, 64), largest
+
+
 def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     """bench/offload_seq.py's plumbing (probes in subprocesses, doubling, table, JSON) with tiny
     shapes on the CPU, where nothing runs out of memory: every mode reaches the limit."""
@@ -568,12 +594,13 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "seq.json"
     r = subprocess.run([sys.executable, bench, "search", "--device", "cpu", "--modes", "native,checkpoint",
                         "--dim", "32", "--layers", "2", "--heads", "2", "--hidden", "64", "--vocab", "64",
-                        "--steps", "1", "--start", "16", "--limit", "64", "--resolution", "16", "--json", str(out)],
+                        "--steps", "1", "--start", "16", "--limit", "64", "--resolution", "16", "--loss-chunk", "24",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     for mode in ("native", "checkpoint"):
         best = result["longest"][mode]
-        assert best["ok"] and best["seq"] == 64 and best["tokens_per_second"] > 0
+        assert best["ok"] and best["seq"] == 64 and best["tokens_per_second"] > 0 and best["loss_chunk"] == 24
     assert [p["seq"] for p in result["probes"]] == [16, 32, 64, 16, 32, 64]
     assert "native" in r.stdout and "checkpoint" in r.stdout
