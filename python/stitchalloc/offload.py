@@ -532,7 +532,7 @@ class _Core:
     def __init__(self):
         self.node = None  # the core's autograd node; None: not one fused node, recomputed
         self.entry = None  # the node of the stand-ins for q, k, v (the core's only inputs)
-        self.meta = None  # (dtype, size, stride) of q, k, v as the node saw them
+        self.meta = None  # _layout of q, k, v as the node saw them
         self.slots = None  # q, k, v recomputed, during the layer's backward
         self.out = None  # the core's output as the layer's pack hook saved it
 
@@ -548,6 +548,12 @@ class _AttentionState:
         self.cores = []
         self.next = 0
         self.extras = None  # what the block returns besides its output (transformers: (None,))
+
+
+def _layout(t):
+    """dtype, shape and strides, the strides of dimensions of size 1 left out: they address
+    nothing, and whether a computation ran with autograd can change them (batch 1)."""
+    return t.dtype, tuple(t.size()), tuple(st if n != 1 else 0 for n, st in zip(t.size(), t.stride()))
 
 
 def _sdpa_arguments(args, kwargs):
@@ -608,7 +614,7 @@ def _capture(torch, state):
         if len(edges) == 3 and all(f is entry and n == index for index, (f, n) in enumerate(edges)):
             core.node = node
             core.entry = entry
-            core.meta = [(s.dtype, tuple(s.size()), tuple(s.stride())) for s in stand_ins]
+            core.meta = [_layout(s) for s in stand_ins]
             for d in held:  # out, the softmax statistics, ...: swapped like the rest of the layer
                 d.packed = state.pack(d.tensor)
                 d.tensor = None
@@ -634,7 +640,7 @@ def _replay(torch, state):
             return func(*args, **kwargs)
         bound = _sdpa_arguments(args, kwargs)
         qkv = (bound["query"], bound["key"], bound["value"])
-        got = [(t.dtype, tuple(t.size()), tuple(t.stride())) for t in qkv]
+        got = [_layout(t) for t in qkv]
         if got != core.meta:
             raise RuntimeError(f"stitchalloc.offload: the attention core's inputs, recomputed, have another layout "
                                f"({got}) than in the forward ({core.meta})")

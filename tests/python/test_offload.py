@@ -344,16 +344,17 @@ def kwargs_model(**attention):
     return model, layers, run
 
 
-def test_attention_core_output_is_kept_and_its_inputs_recomputed():
+@pytest.mark.parametrize("rows", [1, 2])  # batch 1: recomputed, a size-1 dimension's stride may differ
+def test_attention_core_output_is_kept_and_its_inputs_recomputed(rows):
     # alpha 0 on an sdpa model: per layer exactly x, the core's output and log-sum-exp and h
     # leave; q, k, v and every other tensor of the attention block are recomputed from x, and
     # the core's backward runs on them with the saved output (the gradients agree).
-    model, batch = make_model(layers=4, sdpa=True), tokens(seq=65)
+    model, batch = make_model(layers=4, sdpa=True), tokens(batch=rows, seq=65)
     ref_loss, ref = grads_of(model, batch)
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy="recompute", backend=backend) as off:
         loss, got = grads_of(model, batch)
-    x, lse = 2 * 64 * 64 * 8, 2 * 4 * 64 * 8
+    x, lse = rows * 64 * 64 * 8, rows * 4 * 64 * 8
     assert backend.bytes_out == 4 * (3 * x + lse)
     assert off.stats()["offloaded"] == 4 * 4 and backend.live == {}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
