@@ -6,7 +6,8 @@ output and float32 log-sum-exp as CUDA's flash kernel).
 
     python bench/offload_bytes.py [--dim 2048 --heads 16 --hidden 5632 --seq 256 --layers 2]
 
-The swap manager is replaced by a counter that keeps every tensor where it is (no copies).
+The swap manager is replaced by a counter that keeps every tensor where it is (no copies;
+bench/offload_backends.py).
 """
 
 import argparse
@@ -21,46 +22,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "models"))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 import stitchalloc  # noqa: E402
 import tiny_llama  # noqa: E402
-
-
-class Counter:
-    """Stands in for the swap manager: counts each offloaded storage's bytes by layer."""
-
-    def __init__(self):
-        self.by_layer = {}
-        self.tensors = {}
-        self.next = 0
-
-    def accepts(self, t):
-        return True
-
-    def begin(self, num_layers, device):
-        pass
-
-    def offload(self, t, layer):
-        self.next += 1
-        self.tensors[self.next] = t
-        self.by_layer[layer] = self.by_layer.get(layer, 0) + t.untyped_storage().nbytes()
-        return self.next
-
-    def forward_end(self, layer, device):
-        pass
-
-    def backward_begin(self, layer, device):
-        pass
-
-    def wait_storage(self, ticket):
-        s = self.tensors.pop(ticket).untyped_storage()
-        return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
-
-    def cancel(self, ticket):
-        self.tensors.pop(ticket, None)
-
-    def copy_bytes_per_second(self, device):
-        return 1e12
-
-    def host_bytes(self, device):
-        return 1e15
+from offload_backends import Counter  # noqa: E402
 
 
 def main():

@@ -3,11 +3,16 @@ GPU, under PyTorch's allocator without and with full activation checkpointing an
 stitchalloc offload (issue 6, item 7; docs/offload.md). Written before any GPU session ran it.
 
 One probe (one process: an OOM leaves nothing behind):
-    python bench/offload_seq.py probe --mode native|checkpoint|offload --seq N [--policy auto]
-prints one JSON line: ok, oom, seconds per step, tokens/s, MFU, peak reserved / allocated.
+    python bench/offload_seq.py probe --mode native|checkpoint|offload|offload-nocopy --seq N [--policy auto]
+prints one JSON line: ok, oom, seconds per step, tokens/s, MFU, peak reserved / allocated, and for
+offload the copy engine's busy seconds per step. offload-nocopy runs the same hooks and recompute
+with every saved tensor left in place (bench/offload_backends.py; no stitchalloc needed).
 
 The search (doubling, then bisection to --resolution tokens, one process per probe), then tokens/s
-and MFU at each mode's longest length and, for offload, at checkpoint's longest length:
+and MFU at each mode's longest length and, for offload, at checkpoint's longest length, and the
+fraction of copy time hidden behind compute: at native's longest length, 1 - (step time with
+offload - step time of offload-nocopy at the same alpha) / copy engine busy time, clamped to [0, 1]
+(alone, at --seq N: `python bench/offload_seq.py hiding --seq N`):
     python bench/offload_seq.py search [--modes native,checkpoint,offload] [--json FILE]
 
 Model (default about 1.1B parameters): --dim 2048 --layers 16 --heads 16 --hidden 5632
@@ -29,8 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def args_parser():
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["probe", "search"])
-    p.add_argument("--mode", default="native", choices=["native", "checkpoint", "offload"])
+    p.add_argument("command", choices=["probe", "search", "hiding"])
+    p.add_argument("--mode", default="native", choices=["native", "checkpoint", "offload", "offload-nocopy"])
     p.add_argument("--modes", default="native,checkpoint,offload")
     p.add_argument("--policy", default="auto", help="offload policy: auto, swap, recompute or an alpha")
     p.add_argument("--seq", type=int, default=4096)
@@ -78,11 +83,17 @@ def probe(a):
         for layer in model.layers:
             original = layer.forward
             layer.forward = (lambda f: lambda *x, **k: cp.checkpoint(f, *x, use_reentrant=False, **k))(original)
-    elif a.mode == "offload":
+    elif a.mode in ("offload", "offload-nocopy"):
         import stitchalloc
 
         policy = a.policy if a.policy in ("auto", "swap", "recompute") else float(a.policy)
-        handle = stitchalloc.offload(model, policy=policy)
+        backend = None
+        if a.mode == "offload-nocopy":  # the same recompute, every saved tensor left in place
+            sys.path.insert(0, HERE)
+            from offload_backends import InPlace
+
+            backend = InPlace()
+        handle = stitchalloc.offload(model, policy=policy, backend=backend)
     ids = torch.randint(0, a.vocab, (1, a.seq + 1), device=dev)
     out = {"mode": a.mode, "seq": a.seq, "params": params, "ok": False, "oom": False, "device": a.device,
            "loss_chunk": a.loss_chunk}
@@ -91,10 +102,21 @@ def probe(a):
         if a.device == "cuda":
             torch.cuda.synchronize()
 
+    def copy_seconds():
+        if a.mode != "offload":
+            return 0.0
+        import stitchalloc
+
+        st = stitchalloc.swap.swap_stats()
+        return st["copy.d2h_seconds"] + st["copy.h2d_seconds"]
+
     try:
         times = []
+        copy_start = None
         for step in range(a.steps + 1):
             sync()
+            if step == 1:
+                copy_start = copy_seconds()
             t0 = time.perf_counter()
             loss = model.loss(ids, chunk=a.loss_chunk)
             loss.backward()
@@ -105,8 +127,10 @@ def probe(a):
                 times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
         flops = 6 * params + 12 * a.layers * a.dim * a.seq
-        out.update(ok=True, loss=float(loss), seconds_per_step=seconds, tokens_per_second=a.seq / seconds,
+        out.update(ok=True, loss=float(loss.detach()), seconds_per_step=seconds, tokens_per_second=a.seq / seconds,
                    mfu=a.seq / seconds * flops / (a.peak_tflops * 1e12))
+        if a.mode == "offload":  # the copy engine's busy time per timed step, both directions summed
+            out["copy_seconds_per_step"] = (copy_seconds() - copy_start) / a.steps
     except torch.OutOfMemoryError as e:
         out.update(oom=True, error=str(e).splitlines()[0][:300])
     if a.device == "cuda":
@@ -115,17 +139,19 @@ def probe(a):
     if handle is not None:
         out["offload"] = handle.stats()
         out["plan"] = handle.plan_text
-        import stitchalloc
+        if a.mode == "offload":
+            import stitchalloc
 
-        out["swap_stats"] = stitchalloc.swap.swap_stats()
+            out["swap_stats"] = stitchalloc.swap.swap_stats()
     print(json.dumps(out), flush=True)
 
 
-def run_probe(a, mode, seq):
+def run_probe(a, mode, seq, policy=None):
     cmd = [sys.executable, os.path.abspath(__file__), "probe", "--mode", mode, "--seq", str(seq)]
     for k in ("steps", "dim", "layers", "heads", "hidden", "vocab", "device", "conf", "policy", "peak_tflops",
               "loss_chunk"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        value = policy if k == "policy" and policy is not None else getattr(a, k)
+        cmd += [f"--{k.replace('_', '-')}", str(value)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD",
                                                             "STITCHALLOC_AUTO_INSTALL")}
     try:
@@ -163,6 +189,27 @@ def longest(a, mode, log):
     return ok
 
 
+def hidden_fraction(offload, nocopy):
+    """The fraction of the copy engine's busy time that did not lengthen the step: the step with
+    copies against the same step (same alpha, same recompute) with every tensor left in place."""
+    copy = offload.get("copy_seconds_per_step", 0.0)
+    if not (offload.get("ok") and nocopy.get("ok")) or copy <= 0:
+        return None
+    exposed = max(0.0, offload["seconds_per_step"] - nocopy["seconds_per_step"])
+    return max(0.0, 1.0 - exposed / copy)
+
+
+def copy_hiding(a, best=None):
+    """At a length where keeping every tensor in place still fits (native's longest in a search,
+    else --seq): offload, then the same alpha without copies."""
+    seq = best["native"]["seq"] if best and best.get("native") else a.seq
+    off = run_probe(a, "offload", seq)
+    alpha = (off.get("offload") or {}).get("alpha")
+    policy = "swap" if alpha is None or alpha >= 1.0 else repr(float(alpha))
+    nocopy = run_probe(a, "offload-nocopy", seq, policy=policy)
+    return {"seq": seq, "alpha": alpha, "offload": off, "nocopy": nocopy, "hidden_fraction": hidden_fraction(off, nocopy)}
+
+
 def search(a):
     modes = [m for m in a.modes.split(",") if m]
     log, best = [], {}
@@ -171,6 +218,8 @@ def search(a):
     extra = {}
     if "offload" in best and best.get("checkpoint"):
         extra["offload_at_checkpoint_longest"] = run_probe(a, "offload", best["checkpoint"]["seq"])
+    if best.get("offload") and a.device == "cuda":
+        extra["copy_hiding"] = copy_hiding(a, best)
     result = {"longest": best, "extra": extra, "probes": log, "args": vars(a),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     print("mode        longest seq   tokens/s      MFU")
@@ -179,9 +228,12 @@ def search(a):
             print(f"{mode:<11} none (the first probe at {a.start} failed)")
         else:
             print(f"{mode:<11} {r['seq']:>11}   {r['tokens_per_second']:>9.1f}   {r['mfu']:.3f}")
-    if extra:
+    if "offload_at_checkpoint_longest" in extra:
         r = extra["offload_at_checkpoint_longest"]
         print(f"offload at checkpoint's longest ({r['seq']}): ok={r['ok']} tokens/s={r.get('tokens_per_second')}")
+    if "copy_hiding" in extra:
+        h = extra["copy_hiding"]
+        print(f"copy time hidden at {h['seq']} tokens (alpha {h['alpha']}): {h['hidden_fraction']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -190,4 +242,9 @@ def search(a):
 
 if __name__ == "__main__":
     a = args_parser().parse_args()
-    probe(a) if a.command == "probe" else search(a)
+    if a.command == "probe":
+        probe(a)
+    elif a.command == "search":
+        search(a)
+    else:
+        print(json.dumps(copy_hiding(a)))

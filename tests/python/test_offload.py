@@ -593,15 +593,35 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
 
     bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "offload_seq.py")
     out = tmp_path / "seq.json"
-    r = subprocess.run([sys.executable, bench, "search", "--device", "cpu", "--modes", "native,checkpoint",
+    r = subprocess.run([sys.executable, bench, "search", "--device", "cpu", "--modes", "native,checkpoint,offload-nocopy",
+                        "--policy", "0.0",
                         "--dim", "32", "--layers", "2", "--heads", "2", "--hidden", "64", "--vocab", "64",
                         "--steps", "1", "--start", "16", "--limit", "64", "--resolution", "16", "--loss-chunk", "24",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
-    for mode in ("native", "checkpoint"):
+    for mode in ("native", "checkpoint", "offload-nocopy"):
         best = result["longest"][mode]
         assert best["ok"] and best["seq"] == 64 and best["tokens_per_second"] > 0 and best["loss_chunk"] == 24
-    assert [p["seq"] for p in result["probes"]] == [16, 32, 64, 16, 32, 64]
+    assert [p["seq"] for p in result["probes"]] == [16, 32, 64] * 3
+    assert result["longest"]["offload-nocopy"]["offload"]["alpha"] == 0.0
     assert "native" in r.stdout and "checkpoint" in r.stdout
+
+
+def test_copy_hiding_fraction():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import offload_seq
+
+    def probe(seconds, copy=None):
+        r = {"ok": True, "seconds_per_step": seconds}
+        if copy is not None:
+            r["copy_seconds_per_step"] = copy
+        return r
+
+    # 2 s of copies, the step 0.5 s longer than without them: 75% hidden.
+    assert offload_seq.hidden_fraction(probe(10.5, 2.0), probe(10.0)) == pytest.approx(0.75)
+    assert offload_seq.hidden_fraction(probe(9.9, 2.0), probe(10.0)) == 1.0  # noise below the reference
+    assert offload_seq.hidden_fraction(probe(13.0, 2.0), probe(10.0)) == 0.0  # more than the copies
+    assert offload_seq.hidden_fraction(probe(10.5, 0.0), probe(10.0)) is None  # nothing copied
+    assert offload_seq.hidden_fraction(probe(10.5, 2.0), {"ok": False}) is None
