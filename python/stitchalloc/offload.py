@@ -416,11 +416,16 @@ class Offload:
         def forward(*args, **kwargs):
             # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
             # hidden_states= (transformers); input_layernorm, now the identity, left them raw.
+            # The closures below live until the layer's backward: they must not hold x (it is
+            # swapped), only the other arguments.
             if args:
-                x, rebuild = args[0], (lambda h: ((h,) + args[1:], kwargs))
+                x, rest, others = args[0], args[1:], kwargs
+                rebuild = (lambda h: ((h,) + rest, others))
             else:
                 x = kwargs["hidden_states"]
-                rebuild = (lambda h: (args, {**kwargs, "hidden_states": h}))
+                others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                rebuild = (lambda h: ((), {**others, "hidden_states": h}))
+            del args, kwargs
 
             def run(h):
                 a, kw = rebuild(norm_forward(h))

@@ -371,6 +371,35 @@ def test_attention_core_output_is_kept_and_its_inputs_recomputed(rows):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
+def test_nothing_keeps_a_layers_input_alive_after_its_forward(keywords):
+    # Once a layer's forward has ended (and its offloads taken the copies), the device copy of
+    # what it saved must be free: no hook, closure or autograd context of ours may hold the
+    # layer input. Its liveness is watched through a weak reference to the tensor.
+    import weakref
+
+    if keywords:
+        model, layers, run = kwargs_model()
+    else:
+        model = make_model(layers=3, sdpa=True)
+        layers, run = model.layers, model.loss
+    inputs = []
+    handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(weakref.ref(
+        args[0] if args else kwargs["hidden_states"])), with_kwargs=True) for layer in layers]
+    try:
+        for policy in ("swap", 0.5, "recompute"):
+            inputs.clear()
+            with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=RecordingBackend()):
+                loss = run(tokens(seq=65))
+                gc.collect()
+                alive = [i for i, ref in enumerate(inputs) if ref() is not None]
+                assert alive == [], f"policy {policy}: the inputs of layers {alive} are still alive"
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_attention_called_with_keywords_returning_a_tuple():
     model, layers, run = kwargs_model()
     batch = tokens(seq=65)
