@@ -371,11 +371,25 @@ def test_attention_core_output_is_kept_and_its_inputs_recomputed(rows):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+class WatchingBackend(RecordingBackend):
+    """Also keeps a weak reference to every offloaded storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched = []
+
+    def offload(self, t, layer):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.watched.append((layer, t.untyped_storage().nbytes(), StorageWeakRef(t.untyped_storage())))
+        return super().offload(t, layer)
+
+
 @pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
 def test_nothing_keeps_a_layers_input_alive_after_its_forward(keywords):
     # Once a layer's forward has ended (and its offloads taken the copies), the device copy of
     # what it saved must be free: no hook, closure or autograd context of ours may hold the
-    # layer input. Its liveness is watched through a weak reference to the tensor.
+    # layer input or any offloaded storage. Watched through weak references.
     import weakref
 
     if keywords:
@@ -389,11 +403,14 @@ def test_nothing_keeps_a_layers_input_alive_after_its_forward(keywords):
     try:
         for policy in ("swap", 0.5, "recompute"):
             inputs.clear()
-            with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=RecordingBackend()):
+            backend = WatchingBackend()
+            with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend):
                 loss = run(tokens(seq=65))
                 gc.collect()
                 alive = [i for i, ref in enumerate(inputs) if ref() is not None]
                 assert alive == [], f"policy {policy}: the inputs of layers {alive} are still alive"
+                kept = [(layer, size) for layer, size, ref in backend.watched if not ref.expired()]
+                assert backend.watched and kept == [], f"policy {policy}: offloaded storages still alive: {kept}"
                 loss.backward()
     finally:
         for h in handles:
