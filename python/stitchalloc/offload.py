@@ -597,19 +597,23 @@ def _capture(torch, state):
         q, k, v = bound["query"], bound["key"], bound["value"]
         core = _Core()
         anchor = torch.empty(0, device=q.device, requires_grad=True)
+        # Autograd keeps the pack hook as long as what it packed: the hook must hold no tensor
+        # (q, k and v would stay on the device until the backward), only their addresses and
+        # layouts, and the deferred tensors only until they are handed on below.
+        stand_in_keys = []
         held = []
 
         def pack(t):
-            for index, s in enumerate(stand_ins):
-                if (t.data_ptr() == s.data_ptr() and t.dtype == s.dtype and t.size() == s.size()
-                        and t.stride() == s.stride()):
-                    return _Recomputed(core, index)
+            key = (t.data_ptr(), t.dtype, tuple(t.size()), tuple(t.stride()))
+            if key in stand_in_keys:
+                return _Recomputed(core, stand_in_keys.index(key))
             d = _Deferred(t)
             held.append(d)
             return d
 
         with torch.enable_grad():
             stand_ins = Entry.apply(anchor, q.detach(), k.detach(), v.detach())
+            stand_in_keys.extend((s.data_ptr(), s.dtype, tuple(s.size()), tuple(s.stride())) for s in stand_ins)
             rest = {n: a for n, a in bound.items() if n not in ("query", "key", "value")}
             with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_core):
                 out = func(*stand_ins, **rest)
@@ -624,6 +628,10 @@ def _capture(torch, state):
                 d.packed = state.pack(d.tensor)
                 d.tensor = None
             core.out = state.pack(out)
+        else:
+            for d in held:  # the unfused core's graph is dropped: nothing of it may stay
+                d.tensor = None
+        held.clear()
         state.cores.append(core)
         return out.detach()
 

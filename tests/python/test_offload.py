@@ -417,6 +417,35 @@ def test_nothing_keeps_a_layers_input_alive_after_its_forward(keywords):
             h.remove()
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+def test_memory_held_after_the_forward_does_not_grow_with_depth(policy, sdpa):
+    # Everything a layer's forward leaves behind for its backward leaves with its offloads, so
+    # what stays on the "device" after the forward (counted by bench/offload_memory.py's
+    # dispatch mode: storages created during the forward and alive; the stand-in swap manager
+    # copies out unseen) is the same for 2 layers as for 4. The attention replay once kept q, k
+    # and v through a closure autograd holds: 3 tensors per layer.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import offload_memory
+
+    held = {}
+    for layers in (2, 4):
+        model = make_model(layers=layers, sdpa=sdpa)
+        x0 = torch.randn(2, 64, 64, dtype=torch.float64, requires_grad=True)
+        with stitchalloc.offload(model, layers=list(model.layers), policy=policy,
+                                 backend=offload_memory.Mover(layers, keep_last=0)):
+            counter = offload_memory.LiveBytes(tuple(p.shape) for p in model.parameters())
+            with counter:
+                x = x0
+                for layer in model.layers:
+                    x = layer(x)
+            del x
+            gc.collect()
+            counter.prune()
+            held[layers] = counter.current
+    assert held[2] == held[4], held
+
+
 def test_attention_called_with_keywords_returning_a_tuple():
     model, layers, run = kwargs_model()
     batch = tokens(seq=65)

@@ -1,0 +1,185 @@
+"""Peak memory of one training step's layer stack, by mode, counted on the host: the bytes of
+every tensor storage created during the step that is alive at the same time (a dispatch mode
+watches each operator's outputs; parameters and inputs, created before, do not count, nor do
+tensors of a parameter's shape: gradients). "Offloaded" tensors leave for a separate store when their layer's forward ends and come back
+one layer ahead of their backward, as stitchalloc's swap manager moves them (its last layer
+stays; every tensor is moved whatever its size), so what is counted is what would be on the GPU.
+
+    python bench/offload_memory.py [--dim 2048 --heads 16 --hidden 5632] [--layers 2,4] [--seqs 256,512]
+
+From two layer counts and two lengths it fits peak = fixed + tokens x (per_token_base + layers x
+per_token_layer) and prints the bytes per token each mode needs on the device. The loss is left out
+(a sum against a fixed tensor, nothing saved); bench/offload_seq.py's chunked loss adds its
+chunk's logits, a constant. These are estimates of device memory from the host: the CPU's
+attention kernel and allocator are not the GPU's, and nothing here is a GPU measurement.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "models"))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+import stitchalloc  # noqa: E402
+import tiny_llama  # noqa: E402
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak of the summed sizes of the storages created under it and still alive, leaving out
+    tensors of a parameter's shape (gradients, new or accumulated: a constant of the model)."""
+
+    def __init__(self, parameter_shapes=()):
+        super().__init__()
+        self.live = {}  # StorageImpl address -> (weak reference, bytes)
+        self.current = 0
+        self.peak = 0
+        self.skip = set(parameter_shapes)
+
+    def prune(self):
+        """Forgets the storages that died since the last operator."""
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.prune()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and tuple(t.shape) not in self.skip:
+                st = t.untyped_storage()
+                ref = StorageWeakRef(st)
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+class Mover:
+    """The swap manager's schedule with copies the dispatch mode does not see leaving (the host
+    copy is made with the mode off) and sees coming back (the restored copy is a new storage)."""
+
+    def __init__(self, layers, lookahead=1, keep_last=1):
+        self.layers, self.lookahead, self.keep_last = layers, lookahead, keep_last
+        self.entries = {}
+        self.next = 0
+
+    def accepts(self, t):
+        return True
+
+    def begin(self, num_layers, device):
+        pass
+
+    def offload(self, t, layer):
+        self.next += 1
+        self.entries[self.next] = {"tensor": t, "layer": layer, "host": None, "back": None}
+        return self.next
+
+    def forward_end(self, layer, device):
+        if layer >= self.layers - self.keep_last:
+            return
+        for e in self.entries.values():
+            if e["layer"] == layer and e["tensor"] is not None:
+                with _disable_current_modes():
+                    s = e["tensor"].untyped_storage()
+                    e["host"] = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,)).clone()
+                e["tensor"] = None
+
+    def backward_begin(self, layer, device):
+        for e in self.entries.values():
+            if layer - self.lookahead <= e["layer"] < layer and e["host"] is not None and e["back"] is None:
+                e["back"] = e["host"].clone()  # a new storage, seen by the dispatch mode
+                e["host"] = None
+
+    def wait_storage(self, ticket):
+        e = self.entries.pop(ticket)
+        if e["tensor"] is not None:
+            s = e["tensor"].untyped_storage()
+            return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
+        return e["back"] if e["back"] is not None else e["host"].clone()
+
+    def cancel(self, ticket):
+        self.entries.pop(ticket, None)
+
+    def copy_bytes_per_second(self, device):
+        return 0.0
+
+    def host_bytes(self, device):
+        return 0.0
+
+
+MODES = ("native", "checkpoint", "swap", "alpha 0.5", "alpha 0")
+
+
+def step_peak(a, layers, seq, mode):
+    torch.manual_seed(0)
+    model = tiny_llama.TinyLlama(vocab=256, dim=a.dim, heads=a.heads, hidden=a.hidden, layers=layers,
+                                 sdpa=True).to(torch.bfloat16)
+    x0 = torch.randn(1, seq, a.dim, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, seq, a.dim, dtype=torch.bfloat16)
+    handle = None
+    if mode == "checkpoint":
+        import torch.utils.checkpoint as cp
+
+        for layer in model.layers:
+            layer.forward = (lambda f: lambda *x, **k: cp.checkpoint(f, *x, use_reentrant=False, **k))(layer.forward)
+    elif mode != "native":
+        policy = {"swap": "swap", "alpha 0.5": 0.5, "alpha 0": "recompute"}[mode]
+        handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=Mover(layers))
+    def run():
+        x = x0
+        for layer in model.layers:
+            x = layer(x)
+        (x * g).sum().backward()
+
+    # Gradients are a constant of the model (with the weights and the optimizer's state), not
+    # of the length; counted, they would move the step's peak from one layer to another as the
+    # length changes, and the fit below would mix them into the per-token figures.
+    counter = LiveBytes(tuple(q.shape) for q in model.parameters())
+    with counter:
+        run()
+    if handle is not None:
+        handle.remove()
+    return counter.peak
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=5632)
+    p.add_argument("--layers", default="2,4")
+    p.add_argument("--seqs", default="256,512")
+    p.add_argument("--json")
+    a = p.parse_args()
+    (l1, l2), (t1, t2) = [int(v) for v in a.layers.split(",")], [int(v) for v in a.seqs.split(",")]
+    out = {"dim": a.dim, "heads": a.heads, "hidden": a.hidden, "layers": [l1, l2], "seqs": [t1, t2], "modes": {}}
+    print(f"device bytes per token of the layer stack (bf16, dim {a.dim}, {a.heads} heads, MLP {a.hidden}), "
+          f"from peaks at {l1}/{l2} layers x {t1}/{t2} tokens:")
+    print(f"  {'mode':<11} {'per layer':>10} {'base':>10}   {'16 layers':>10}")
+    if len({t1, t2, l1, l2} & {a.dim, a.hidden, 256}) or t1 == t2 or l1 == l2:
+        raise SystemExit("offload_memory: lengths must differ from each other and from the model's dimensions "
+                         "(tensors of a parameter's shape are left out), and so must the layer counts")
+    for mode in MODES:
+        peaks = {(n, t): step_peak(a, n, t, mode) for n in (l1, l2) for t in (t1, t2)}
+        slope = {n: (peaks[(n, t2)] - peaks[(n, t1)]) / (t2 - t1) for n in (l1, l2)}
+        per_layer = (slope[l2] - slope[l1]) / (l2 - l1)
+        base = slope[l1] - l1 * per_layer
+        out["modes"][mode] = {"peaks": {f"{n}x{t}": v for (n, t), v in peaks.items()},
+                              "per_token_per_layer": per_layer, "per_token_base": base}
+        print(f"  {mode:<11} {per_layer / 1024:8.2f} KiB {base / 1024:8.2f} KiB   "
+              f"{(base + 16 * per_layer) / 1024:8.1f} KiB", flush=True)
+    print(json.dumps(out))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
