@@ -17,8 +17,10 @@ offload - step time of offload-nocopy at the same alpha) / copy engine busy time
 
 Model (default about 1.1B parameters): --dim 2048 --layers 16 --heads 16 --hidden 5632
 --vocab 32000, bf16 weights, AdamW, batch 1, SDPA attention, the loss in chunks of --loss-chunk
-tokens in every mode (8192; 0 computes it whole, as the 2026-11-22 H100 figures did). MFU = tokens/s * (6 * parameters +
-12 * layers * dim * seq) / peak FLOP/s (--peak-tflops, default 989: H100 SXM dense bf16).
+tokens in every mode (8192; 0 computes it whole, as the 2026-11-22 H100 figures did).
+MFU = tokens/s * (6 * parameters + 6 * layers * dim * seq) / peak FLOP/s (--peak-tflops, default
+989: H100 SXM dense bf16): model FLOPs per token, attention counted causal (half of the
+12 L d T of full attention, which the 2026-11-22 figures used, overstating MFU at long lengths).
 --device cpu runs the same code on the CPU with tiny shapes (the CI smoke test; no offload there).
 """
 
@@ -126,7 +128,7 @@ def probe(a):
             if step > 0:
                 times.append(time.perf_counter() - t0)
         seconds = sorted(times)[len(times) // 2]
-        flops = 6 * params + 12 * a.layers * a.dim * a.seq
+        flops = 6 * params + 6 * a.layers * a.dim * a.seq  # causal attention: half of 12 L d T
         out.update(ok=True, loss=float(loss.detach()), seconds_per_step=seconds, tokens_per_second=a.seq / seconds,
                    mfu=a.seq / seconds * flops / (a.peak_tflops * 1e12))
         if a.mode == "offload":  # the copy engine's busy time per timed step, both directions summed
