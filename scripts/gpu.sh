@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh bench          # torch hot path, replay on the CUDA driver, microbenchmarks
 #   bash scripts/gpu.sh capture        # traces from process start, 3 settings x 3 allocators, replayed
 #   bash scripts/gpu.sh offload        # longest trainable sequence search (bench/offload_seq.py)
+#   bash scripts/gpu.sh probes         # single lengths (PROBES="mode:tokens ..."), copy hiding
 #   bash scripts/gpu.sh diag           # the way-in abort of 2026-11-22, with native stacks (after build)
 # CAPTURE_TIMEOUT / OFFLOAD_TIMEOUT (seconds, default 560) bound those phases; OFFLOAD_ARGS
 # passes arguments to the search. The machine goes
@@ -168,11 +169,34 @@ phase_offload() {
     echo "gpu: OFFLOAD SEARCH FAILED"
 }
 
+phase_probes() {
+  use_kit
+  # Single lengths instead of a search (a step at 300k+ tokens takes a minute or more):
+  # PROBES="native:47104 checkpoint:389120 offload:196608 hiding:32768", each one process of
+  # bench/offload_seq.py with one timed step after the warm-up; PROBE_ARGS adds arguments to all
+  # (e.g. "--conf swap_host_limit_mb:110000"), PROBE_TIMEOUT bounds each (seconds, default 300).
+  local probe mode seq
+  for probe in ${PROBES:-native:47104 offload:196608}; do
+    mode=${probe%%:*}
+    seq=${probe##*:}
+    echo "== ${mode} at ${seq} tokens (bench/offload_seq.py ${PROBE_ARGS:-})"
+    if [[ ${mode} == hiding ]]; then
+      # shellcheck disable=SC2086  # PROBE_ARGS is a list of arguments
+      timeout "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py hiding --seq "${seq}" --steps 1 ${PROBE_ARGS:-} ||
+        echo "gpu: PROBE ${probe} FAILED"
+    else
+      # shellcheck disable=SC2086
+      timeout "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py probe --mode "${mode}" --seq "${seq}" --steps 1 \
+        ${PROBE_ARGS:-} || echo "gpu: PROBE ${probe} FAILED"
+    fi
+  done
+}
+
 ((${#@})) || set -- build test
 for phase in "$@"; do
   case "${phase}" in
-    build | test | bench | capture | offload | diag) ;;
-    *) echo "gpu: unknown phase ${phase} (build, test, bench, capture, offload)" >&2; exit 2 ;;
+    build | test | bench | capture | offload | probes | diag) ;;
+    *) echo "gpu: unknown phase ${phase} (build, test, bench, capture, offload, probes, diag)" >&2; exit 2 ;;
   esac
   echo "##### ${phase} ($(date -Is))"
   "phase_${phase}" 2>&1 | tee "${dest}/${phase}.log"
