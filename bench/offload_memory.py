@@ -21,7 +21,7 @@ import sys
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "models"))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 import stitchalloc  # noqa: E402
 import tiny_llama  # noqa: E402
+from offload_backends import Mover  # noqa: E402
 
 
 class LiveBytes(TorchDispatchMode):
@@ -59,59 +60,6 @@ class LiveBytes(TorchDispatchMode):
                     self.current += st.nbytes()
         self.peak = max(self.peak, self.current)
         return out
-
-
-class Mover:
-    """The swap manager's schedule with copies the dispatch mode does not see leaving (the host
-    copy is made with the mode off) and sees coming back (the restored copy is a new storage)."""
-
-    def __init__(self, layers, lookahead=1, keep_last=1):
-        self.layers, self.lookahead, self.keep_last = layers, lookahead, keep_last
-        self.entries = {}
-        self.next = 0
-
-    def accepts(self, t):
-        return True
-
-    def begin(self, num_layers, device):
-        pass
-
-    def offload(self, t, layer):
-        self.next += 1
-        self.entries[self.next] = {"tensor": t, "layer": layer, "host": None, "back": None}
-        return self.next
-
-    def forward_end(self, layer, device):
-        if layer >= self.layers - self.keep_last:
-            return
-        for e in self.entries.values():
-            if e["layer"] == layer and e["tensor"] is not None:
-                with _disable_current_modes():
-                    s = e["tensor"].untyped_storage()
-                    e["host"] = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,)).clone()
-                e["tensor"] = None
-
-    def backward_begin(self, layer, device):
-        for e in self.entries.values():
-            if layer - self.lookahead <= e["layer"] < layer and e["host"] is not None and e["back"] is None:
-                e["back"] = e["host"].clone()  # a new storage, seen by the dispatch mode
-                e["host"] = None
-
-    def wait_storage(self, ticket):
-        e = self.entries.pop(ticket)
-        if e["tensor"] is not None:
-            s = e["tensor"].untyped_storage()
-            return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
-        return e["back"] if e["back"] is not None else e["host"].clone()
-
-    def cancel(self, ticket):
-        self.entries.pop(ticket, None)
-
-    def copy_bytes_per_second(self, device):
-        return 0.0
-
-    def host_bytes(self, device):
-        return 0.0
 
 
 MODES = ("native", "checkpoint", "swap", "alpha 0.5", "alpha 0")

@@ -426,6 +426,7 @@ def test_memory_held_after_the_forward_does_not_grow_with_depth(policy, sdpa):
     # copies out unseen) is the same for 2 layers as for 4. The attention replay once kept q, k
     # and v through a closure autograd holds: 3 tensors per layer.
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import offload_backends
     import offload_memory
 
     held = {}
@@ -433,7 +434,7 @@ def test_memory_held_after_the_forward_does_not_grow_with_depth(policy, sdpa):
         model = make_model(layers=layers, sdpa=sdpa)
         x0 = torch.randn(2, 64, 64, dtype=torch.float64, requires_grad=True)
         with stitchalloc.offload(model, layers=list(model.layers), policy=policy,
-                                 backend=offload_memory.Mover(layers, keep_last=0)):
+                                 backend=offload_backends.Mover(layers, keep_last=0)):
             counter = offload_memory.LiveBytes(tuple(p.shape) for p in model.parameters())
             with counter:
                 x = x0
