@@ -445,65 +445,6 @@ class Offload:
         self._undo.append(lambda: attn.__dict__.pop("forward", None))
 
 
-class _LazyTokenLocal:
-    """torch.autograd.Function y = block(x), built on first use (torch is imported lazily)."""
-
-    _fn = None
-
-    def apply(self, block, count, x, *params):
-        if _LazyTokenLocal._fn is None:
-            _LazyTokenLocal._fn = _token_local_function()
-        return _LazyTokenLocal._fn.apply(block, count, x, *params)
-
-
-def _token_local_function():
-    import torch
-
-    class TokenLocal(torch.autograd.Function):
-        """Saves only x (through the swap hooks, so it is swapped); block re-runs on x in backward.
-        The block's parameters are inputs, so their gradients flow through this node. With
-        `count`, the recompute reports the bytes it saves (x and parameters excluded)."""
-
-        @staticmethod
-        def forward(ctx, block, count, x, *params):
-            ctx.block = block
-            ctx.count = count
-            ctx.params = params  # alive anyway; not saved tensors
-            ctx.save_for_backward(x)
-            with torch.no_grad():
-                return block(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                if ctx.count is None:
-                    y = ctx.block(x)
-                else:
-                    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
-                    seen = {}
-
-                    def pack(t):
-                        ptr = t.untyped_storage().data_ptr()
-                        if ptr not in skip:
-                            seen[ptr] = t.untyped_storage().nbytes()
-                        return t
-
-                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                        y = ctx.block(x)
-                    ctx.count(sum(seen.values()))
-            trainable = [p for p in ctx.params if p.requires_grad]
-            grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
-            gx = next(grads)
-            return (None, None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
-
-    return TokenLocal
-
-
-_TokenLocal = _LazyTokenLocal()
-
-
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -674,6 +615,14 @@ def _functions(torch):
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
+    def input_and_parameter_grads(y, x, params, grad):
+        """The gradients of a recomputed block's input and parameters (None where a parameter
+        takes none), from the gradient of its output."""
+        trainable = [p for p in params if p.requires_grad]
+        grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
+        gx = next(grads)
+        return gx, [next(grads) if p.requires_grad else None for p in params]
+
     class CoreMode(TorchFunctionMode):
         """Routes F.scaled_dot_product_attention to a handler; everything else runs as is."""
 
@@ -725,6 +674,43 @@ def _functions(torch):
             core.entry = None
             return (None, *grads)
 
+    class TokenLocal(torch.autograd.Function):
+        """Saves only x (through the swap hooks, so it is swapped); block re-runs on x in backward.
+        The block's parameters are inputs, so their gradients flow through this node. With
+        `count`, the recompute reports the bytes it saves (x and parameters excluded)."""
+
+        @staticmethod
+        def forward(ctx, block, count, x, *params):
+            ctx.block = block
+            ctx.count = count
+            ctx.params = params  # alive anyway; not saved tensors
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                return block(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                if ctx.count is None:
+                    y = ctx.block(x)
+                else:
+                    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
+                    seen = {}
+
+                    def pack(t):
+                        ptr = t.untyped_storage().data_ptr()
+                        if ptr not in skip:
+                            seen[ptr] = t.untyped_storage().nbytes()
+                        return t
+
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        y = ctx.block(x)
+                    ctx.count(sum(seen.values()))
+            gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
+            return (None, None, gx, *gparams)
+
     class AttentionReplay(torch.autograd.Function):
         """y = self_attn(input_layernorm(x)), saving only x (and, through the core's node, the
         core's output and statistics); the block runs again from x in backward."""
@@ -759,22 +745,29 @@ def _functions(torch):
             if state.next != len(state.cores):
                 raise RuntimeError("stitchalloc.offload: the attention block, recomputed, called the attention core "
                                    f"{state.next} times instead of {len(state.cores)}")
-            trainable = [p for p in ctx.params if p.requires_grad]
-            grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
-            gx = next(grads)
+            gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
             state.cores = []
-            return (None, None, gx, *[next(grads) if p.requires_grad else None for p in ctx.params])
+            return (None, None, gx, *gparams)
 
-    _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, AttentionReplay=AttentionReplay)
+    _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, TokenLocal=TokenLocal,
+                      AttentionReplay=AttentionReplay)
     return _FUNCTIONS
 
 
-class _LazyAttentionReplay:
-    def apply(self, run, state, x, *params):
-        return _functions(state.owner._torch)["AttentionReplay"].apply(run, state, x, *params)
+class _Lazy:
+    """One of _functions' autograd Functions, looked up at its first use."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def apply(self, *args):
+        import torch
+
+        return _functions(torch)[self.name].apply(*args)
 
 
-_AttentionReplay = _LazyAttentionReplay()
+_TokenLocal = _Lazy("TokenLocal")
+_AttentionReplay = _Lazy("AttentionReplay")
 
 
 def _find_layers(model):

@@ -483,10 +483,11 @@ def test_attention_the_replay_cannot_reproduce_is_refused(attention, message):
 
 
 class SlowIssueBackend(RecordingBackend):
-    """Issuing a layer's offloads takes 50 ms (as growing the pinned pool can on a GPU)."""
+    """Issuing a layer's offloads takes 400 ms (as growing the pinned pool can on a GPU): far
+    above the layer's own compute, however loaded the machine."""
 
     def forward_end(self, layer, device):
-        time.sleep(0.05)
+        time.sleep(0.4)
         super().forward_end(layer, device)
 
 
@@ -498,7 +499,7 @@ def test_auto_times_the_layers_compute_not_the_issue_of_its_offloads():
     with stitchalloc.offload(model, policy="auto", backend=backend) as off:
         grads_of(model, batch)
         assert off.layer_forward_seconds is not None
-        assert off.layer_forward_seconds < 0.04, off.layer_forward_seconds
+        assert off.layer_forward_seconds < 0.2, off.layer_forward_seconds
         assert "layer forward" in off.plan_text
 
 
