@@ -27,10 +27,12 @@ every policy but "swap":
   a padded head size) is recomputed whole from x, core included. Attention dropout is refused;
 - the token-local block after it (``mlp(post_attention_layernorm(h))``, h being the attention
   output plus the residual) runs in two token ranges: the first ``alpha`` of the tokens with
-  their saved tensors swapped, the rest saving only their slice of h (swapped too) and
-  recomputed from it, token by token, when the layer's backward needs them.
+  their saved tensors swapped, the rest recomputed, token by token, when the layer's backward
+  needs them, from their slice of h. h itself is not kept when the graph shows it is exactly x
+  plus the attention block's output: before the block's backward it is recomputed from x and
+  the core's saved output (``_AttentionState.residual_input``); otherwise the slice is swapped.
 
-So at alpha 0 a layer swaps x, the core's output and statistics, and h: MEMO's "layer input and
+So at alpha 0 a layer swaps x and the core's output and statistics: MEMO's "layer input and
 attention output". Layers of any other structure have their saved tensors swapped whole.
 
 Policies: ``"swap"`` (everything swapped, no recompute), ``"recompute"`` (alpha 0 for Llama-family
@@ -181,6 +183,7 @@ class Offload:
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
         self._in_layer = None  # the layer whose forward runs under our hooks
+        self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
                              "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
@@ -259,6 +262,7 @@ class Offload:
         return restore(saved.storage.bytes(), saved.dtype, saved.size, saved.stride, saved.offset)
 
     def _forward_end(self, layer):
+        self._attention_states.pop(layer, None)  # not consumed: nothing may outlive the forward
         pending = self._pending.pop(layer, [])
         for s in pending:
             if s.tensor._version != s.version:
@@ -391,13 +395,21 @@ class Offload:
             alpha = 0.0 if measuring else me._alpha
             tokens = h.shape[-2]
             k = min(tokens, max(0, round(alpha * tokens)))
+            # h = x + the attention block's output: recomputed from what that block keeps
+            # rather than swapped, when the graph shows it is exactly that sum.
+            source = me._attention_states.pop(i, None)
+            if source is not None and not source.is_residual_of(h):
+                source = None
             if k == tokens:
                 return block(h)
             parts = []
             if k > 0:
-                parts.append(block(h.narrow(-2, 0, k).contiguous()))
+                # With h recomputed, a view of it saved by the block would swap all of h: the
+                # first tokens get storage of their own.
+                head = h.narrow(-2, 0, k)
+                parts.append(block(head.clone() if source is not None else head.contiguous()))
             rest = h.narrow(-2, k, tokens - k).contiguous()
-            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, rest, *params))
+            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k, rest, *params))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         norm.forward = fused
@@ -437,6 +449,16 @@ class Offload:
                 return run(x)
             state = _AttentionState(me, pack)
             y = _AttentionReplay.apply(run, state, x, *params)
+            # For the token-local block that follows: h = x + y can be recomputed instead of
+            # swapped (its wrapper checks that h is that sum).
+            state.run = run
+            state.x = pack(x)  # the Function's own saved x: the same storage, the same ticket
+            if x.requires_grad:
+                from torch.autograd.graph import get_gradient_edge
+
+                state.input_edge = get_gradient_edge(x)
+                state.output_node = y.grad_fn
+            me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 
         norm.forward = lambda h: h  # applied inside the attention block's forward
@@ -486,7 +508,7 @@ class _Core:
 class _AttentionState:
     """One attention block call of one iteration: its cores, in call order."""
 
-    __slots__ = ("owner", "pack", "cores", "next", "extras")
+    __slots__ = ("owner", "pack", "cores", "next", "extras", "run", "x", "input_edge", "output_node")
 
     def __init__(self, owner, pack):
         self.owner = owner
@@ -494,6 +516,31 @@ class _AttentionState:
         self.cores = []
         self.next = 0
         self.extras = None  # what the block returns besides its output (transformers: (None,))
+        self.run = None  # the block, from the raw layer input
+        self.x = None  # the layer input as the layer's pack hook saved it (its one ticket)
+        self.input_edge = None  # where x came from in the graph, and where the block's output goes:
+        self.output_node = None  # to recognise h = x + output (residual_input)
+
+    def residual_input(self, torch):
+        """h = x + self_attn(input_layernorm(x)) again, without autograd: x comes back from its
+        ticket and the fused cores return their saved outputs (the unfused ones run again)."""
+        x = _unpack_packed(self.x)
+        self.next = 0
+        with torch.no_grad(), _functions(torch)["CoreMode"](_replay(torch, self, grad=False)):
+            result = self.run(x)
+        y = result[0] if isinstance(result, (tuple, list)) else result
+        return x + y
+
+    def is_residual_of(self, h):
+        """Whether h is exactly x + the block's output in the graph (the residual connection of
+        transformers' decoder layers), so that residual_input() recomputes it."""
+        node = h.grad_fn
+        if node is None or self.output_node is None or self.input_edge is None or node.name() != "AddBackward0":
+            return False
+        if getattr(node, "_saved_alpha", 1) != 1:
+            return False
+        edges = {(id(f), n) for f, n in node.next_functions}
+        return edges == {(id(self.output_node), 0), (id(self.input_edge.node), self.input_edge.output_nr)}
 
 
 def _layout(t):
@@ -579,9 +626,9 @@ def _capture(torch, state):
     return handler
 
 
-def _replay(torch, state):
+def _replay(torch, state, grad=True):
     """The attention core in the layer's backward: fused cores return their saved output, with
-    the core's own node as backward; the others run again."""
+    the core's own node as backward (without `grad`, just the output); the others run again."""
     CoreGrad = _functions(torch)["CoreGrad"]
 
     def handler(func, args, kwargs):
@@ -592,6 +639,8 @@ def _replay(torch, state):
         state.next += 1
         if core.node is None:
             return func(*args, **kwargs)
+        if not grad:
+            return _unpack_packed(core.out)
         bound = _sdpa_arguments(args, kwargs)
         qkv = (bound["query"], bound["key"], bound["value"])
         got = [_layout(t) for t in qkv]
@@ -680,17 +729,25 @@ def _functions(torch):
         `count`, the recompute reports the bytes it saves (x and parameters excluded)."""
 
         @staticmethod
-        def forward(ctx, block, count, x, *params):
+        def forward(ctx, block, count, source, k, x, *params):
             ctx.block = block
             ctx.count = count
             ctx.params = params  # alive anyway; not saved tensors
-            ctx.save_for_backward(x)
+            ctx.source = source  # with a source, x is h[..., k:, :], recomputed from it
+            ctx.k = k
+            if source is None:
+                ctx.save_for_backward(x)
             with torch.no_grad():
                 return block(x)
 
         @staticmethod
         def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
+            if ctx.source is None:
+                (x,) = ctx.saved_tensors
+            else:
+                h = ctx.source.residual_input(torch)
+                x = h.narrow(-2, ctx.k, h.shape[-2] - ctx.k).contiguous()
+                ctx.source = None
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 if ctx.count is None:
@@ -709,7 +766,7 @@ def _functions(torch):
                         y = ctx.block(x)
                     ctx.count(sum(seen.values()))
             gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
-            return (None, None, gx, *gparams)
+            return (None, None, None, None, gx, *gparams)
 
     class AttentionReplay(torch.autograd.Function):
         """y = self_attn(input_layernorm(x)), saving only x (and, through the core's node, the
@@ -747,6 +804,7 @@ def _functions(torch):
                                    f"{state.next} times instead of {len(state.cores)}")
             gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
             state.cores = []
+            state.x = state.run = state.input_edge = state.output_node = None
             return (None, None, gx, *gparams)
 
     _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, TokenLocal=TokenLocal,

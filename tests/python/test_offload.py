@@ -269,13 +269,13 @@ def test_auto_plans_with_the_token_local_blocks_own_bytes():
         grads_of(model, batch)
         m = off.measured
     assert m["other"] == expected_other
-    # The measuring iteration ran at alpha 0: per layer it swapped the input x, the attention
+    # The measuring iteration ran at alpha 0: per layer it swapped the input x and the attention
     # core's output (batch x heads x tokens x head size) and log-sum-exp (batch x heads x tokens;
-    # float64 here, as the inputs) and h, the token-local block's input: nothing else.
+    # float64 here, as the inputs): nothing else (h = x + the block's output is recomputed).
     x = 2 * 64 * 64 * 8
     lse = 2 * 4 * 64 * 8
     assert m["input"] == x
-    assert m["attention"] == 2 * x + lse
+    assert m["attention"] == x + lse
     assert backend.bytes_out == 4 * (m["input"] + m["attention"])
     # Swapping everything keeps q, k, v and the token-local block's tensors besides.
     swapping = RecordingBackend()
@@ -346,27 +346,28 @@ def kwargs_model(**attention):
 
 @pytest.mark.parametrize("rows", [1, 2])  # batch 1: recomputed, a size-1 dimension's stride may differ
 def test_attention_core_output_is_kept_and_its_inputs_recomputed(rows):
-    # alpha 0 on an sdpa model: per layer exactly x, the core's output and log-sum-exp and h
+    # alpha 0 on an sdpa model: per layer exactly x and the core's output and log-sum-exp
     # leave; q, k, v and every other tensor of the attention block are recomputed from x, and
-    # the core's backward runs on them with the saved output (the gradients agree).
+    # the core's backward runs on them with the saved output (the gradients agree). h, the
+    # token-local block's input, is x plus the block's output: recomputed too.
     model, batch = make_model(layers=4, sdpa=True), tokens(batch=rows, seq=65)
     ref_loss, ref = grads_of(model, batch)
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy="recompute", backend=backend) as off:
         loss, got = grads_of(model, batch)
     x, lse = rows * 64 * 64 * 8, rows * 4 * 64 * 8
-    assert backend.bytes_out == 4 * (3 * x + lse)
-    assert off.stats()["offloaded"] == 4 * 4 and backend.live == {}
+    assert backend.bytes_out == 4 * (2 * x + lse)
+    assert off.stats()["offloaded"] == 4 * 3 and backend.live == {}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    # Attention spelled out (no fused core): the block is recomputed whole; x and h leave.
+    # Attention spelled out (no fused core): the block is recomputed whole; x leaves.
     model = make_model(layers=4, sdpa=False)
     ref_loss, ref = grads_of(model, batch)
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy="recompute", backend=backend):
         loss, got = grads_of(model, batch)
-    assert backend.bytes_out == 4 * 2 * x
+    assert backend.bytes_out == 4 * x
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
@@ -468,7 +469,45 @@ def test_attention_called_with_keywords_returning_a_tuple():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
         assert torch.equal(b, c)
     x, lse = 2 * 64 * 64 * 8, 2 * 4 * 64 * 8
-    assert backend.bytes_out == 2 * 3 * (3 * x + lse)
+    assert backend.bytes_out == 2 * 3 * (2 * x + lse)
+
+
+class ScaledResidualLayer(KwargsLayer):
+    """h = 0.5 * x + attention output: not the plain residual sum, so h must be swapped."""
+
+    def forward(self, hidden_states, position_embeddings=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings)
+        hidden_states = 0.5 * residual + hidden_states
+        residual = hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def test_h_is_swapped_when_it_is_not_the_plain_residual_sum():
+    model = make_model(layers=3, sdpa=True)
+    layers = torch.nn.ModuleList(ScaledResidualLayer(layer) for layer in model.layers)
+    batch = tokens(seq=65)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        x = model.embed_tokens(batch[:, :-1])
+        pos = torch.arange(x.shape[1])
+        for layer in layers:
+            x = layer(x, position_embeddings=pos)
+        logits = model.lm_head(model.norm(x))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = grads()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, layers=list(layers), policy="recompute", backend=backend):
+        got = grads()
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    x, lse = 2 * 64 * 64 * 8, 2 * 4 * 64 * 8
+    assert backend.bytes_out == 3 * (3 * x + lse)  # x, the core's output and statistics, and h
 
 
 @pytest.mark.parametrize("attention, message", [({"dropout": 0.1}, "dropout"), ({"weights": True}, "besides its output")])
