@@ -25,6 +25,7 @@ every policy but "swap":
   recomputed from x and the core's own backward runs on the recomputed q, k, v with the saved
   output (``_AttentionReplay``). A block whose core is not one fused kernel (attention spelled out,
   a padded head size) is recomputed whole from x, core included. Attention dropout is refused;
+  a KV cache argument is dropped (with one warning), as transformers' gradient checkpointing does;
 - the token-local block after it (``mlp(post_attention_layernorm(h))``, h being the attention
   output plus the residual) runs in two token ranges: the first ``alpha`` of the tokens with
   their saved tensors swapped, the rest recomputed, token by token, when the layer's backward
@@ -184,6 +185,7 @@ class Offload:
         self._token_wise = policy == "auto" or self._alpha < 1.0
         self._in_layer = None  # the layer whose forward runs under our hooks
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
+        self._warned_cache = False
         if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
                              "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
@@ -417,6 +419,24 @@ class Offload:
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: mlp.__dict__.pop("forward", None))
 
+    _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")  # transformers' names, by version
+
+    def _without_cache(self, kwargs):
+        """The attention block's keyword arguments without a KV cache: the block runs again in the
+        backward, and a cache would be extended twice (transformers' own gradient checkpointing
+        turns the cache off the same way). Warns once."""
+        names = [n for n in self._CACHE_ARGUMENTS if kwargs.get(n) is not None]
+        if not names:
+            return kwargs
+        if not self._warned_cache:
+            import warnings
+
+            warnings.warn("stitchalloc.offload: the attention blocks are recomputed in the backward, so they run "
+                          "without the KV cache (as under gradient checkpointing); the cache the model returns lacks "
+                          "these layers. Pass use_cache=False to the model to silence this.", stacklevel=4)
+            self._warned_cache = True
+        return {k: (None if k in names else v) for k, v in kwargs.items()}
+
     def _wrap_attention(self, i, layer, pack):
         """self_attn(input_layernorm(x)) as one _AttentionReplay (see the module docstring)."""
         torch = self._torch
@@ -430,6 +450,10 @@ class Offload:
             # hidden_states= (transformers); input_layernorm, now the identity, left them raw.
             # The closures below live until the layer's backward: they must not hold x (it is
             # swapped), only the other arguments.
+            me = owner()
+            replay = (me is not None and me._in_layer == i and torch.is_grad_enabled())
+            if replay:
+                kwargs = me._without_cache(kwargs)
             if args:
                 x, rest, others = args[0], args[1:], kwargs
                 rebuild = (lambda h: ((h,) + rest, others))
@@ -443,9 +467,7 @@ class Offload:
                 a, kw = rebuild(norm_forward(h))
                 return attn_forward(*a, **kw)
 
-            me = owner()
-            if (me is None or me._in_layer != i or not torch.is_grad_enabled() or not torch.is_tensor(x)
-                    or x.dim() < 2):
+            if not replay or not torch.is_tensor(x) or x.dim() < 2:
                 return run(x)
             state = _AttentionState(me, pack)
             y = _AttentionReplay.apply(run, state, x, *params)

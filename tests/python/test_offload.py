@@ -472,6 +472,65 @@ def test_attention_called_with_keywords_returning_a_tuple():
     assert backend.bytes_out == 2 * 3 * (2 * x + lse)
 
 
+def transformers_model(family, kv_heads):
+    transformers = pytest.importorskip("transformers")
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config = config_class(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                          attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return model_class(config).double().train()
+
+
+@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2)],
+                         ids=["llama", "llama-gqa", "qwen2-gqa"])
+def test_transformers_decoder_layers(family, kv_heads):
+    # transformers' own LlamaDecoderLayer and Qwen2DecoderLayer (sdpa attention, grouped-query
+    # attention included), found as the model's layer list: swap is bitwise; at alpha 0 each
+    # layer swaps only x, the core's output and log-sum-exp, and the gradients are unchanged.
+    model = transformers_model(family, kv_heads)
+    ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, **kw)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = grads(use_cache=False)
+    swap = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=swap):
+        loss, got = grads(use_cache=False)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(ref, got))
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend) as off:
+        loss, got = grads(use_cache=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    tokens_ = 2 * 65
+    assert backend.bytes_out == 3 * tokens_ * (64 * 8 + 64 * 8 + 4 * 8)  # x, core output, log-sum-exp
+    assert off.stats()["offloaded"] == 3 * 3 and backend.live == {}
+    assert backend.bytes_out < swap.bytes_out / 8
+
+
+def test_transformers_kv_cache_is_turned_off_with_one_warning():
+    # With the model's default use_cache=True the attention would extend the cache twice (forward
+    # and replay): it runs without it, as under gradient checkpointing, and says so once.
+    model = transformers_model("llama", 4)
+    ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    ref = model(input_ids=ids, labels=ids, use_cache=False).loss
+    with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend()):
+        with pytest.warns(UserWarning, match="without the KV cache") as record:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert sum("KV cache" in str(w.message) for w in record) == 1
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
 class ScaledResidualLayer(KwargsLayer):
     """h = 0.5 * x + attention output: not the plain residual sum, so h must be swapped."""
 
