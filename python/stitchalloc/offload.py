@@ -469,12 +469,10 @@ class Offload:
 
             if not replay or not torch.is_tensor(x) or x.dim() < 2:
                 return run(x)
-            state = _AttentionState(me, pack)
-            y = _AttentionReplay.apply(run, state, x, *params)
+            state = _AttentionState(me, pack, run)
+            y = _AttentionReplay.apply(state, x, *params)
             # For the token-local block that follows: h = x + y can be recomputed instead of
             # swapped (its wrapper checks that h is that sum).
-            state.run = run
-            state.x = pack(x)  # the Function's own saved x: the same storage, the same ticket
             if x.requires_grad:
                 from torch.autograd.graph import get_gradient_edge
 
@@ -532,26 +530,33 @@ class _AttentionState:
 
     __slots__ = ("owner", "pack", "cores", "next", "extras", "run", "x", "input_edge", "output_node")
 
-    def __init__(self, owner, pack):
+    def __init__(self, owner, pack, run):
         self.owner = owner
         self.pack = pack
         self.cores = []
         self.next = 0
         self.extras = None  # what the block returns besides its output (transformers: (None,))
-        self.run = None  # the block, from the raw layer input
-        self.x = None  # the layer input as the layer's pack hook saved it (its one ticket)
+        self.run = run  # the block, from the raw layer input
+        self.x = None  # the layer input as the layer's pack hook saved it (swapped)
         self.input_edge = None  # where x came from in the graph, and where the block's output goes:
         self.output_node = None  # to recognise h = x + output (residual_input)
 
-    def residual_input(self, torch):
-        """h = x + self_attn(input_layernorm(x)) again, without autograd: x comes back from its
-        ticket and the fused cores return their saved outputs (the unfused ones run again)."""
-        x = _unpack_packed(self.x)
+    def replay(self, torch, x, grad):
+        """The block's output again, from x: the fused cores return their saved outputs (with
+        their own nodes as backward when `grad`), the unfused ones run again."""
         self.next = 0
-        with torch.no_grad(), _functions(torch)["CoreMode"](_replay(torch, self, grad=False)):
+        with _functions(torch)["CoreMode"](_replay(torch, self, grad)):
             result = self.run(x)
-        y = result[0] if isinstance(result, (tuple, list)) else result
-        return x + y
+        if self.next != len(self.cores):
+            raise RuntimeError("stitchalloc.offload: the attention block, recomputed, called the attention core "
+                               f"{self.next} times instead of {len(self.cores)}")
+        return result[0] if isinstance(result, (tuple, list)) else result
+
+    def residual_input(self, torch):
+        """h = x + self_attn(input_layernorm(x)) again, without autograd, x back from its ticket."""
+        x = _unpack_packed(self.x)
+        with torch.no_grad():
+            return x + self.replay(torch, x, grad=False)
 
     def is_residual_of(self, h):
         """Whether h is exactly x + the block's output in the graph (the residual connection of
@@ -795,13 +800,13 @@ def _functions(torch):
         core's output and statistics); the block runs again from x in backward."""
 
         @staticmethod
-        def forward(ctx, run, state, x, *params):
-            ctx.run = run
+        def forward(ctx, state, x, *params):
             ctx.state = state
             ctx.params = params
-            ctx.save_for_backward(x)
+            # Saved through the layer's pack hook (swapped) where residual_input finds it too.
+            state.x = state.pack(x)
             with CoreMode(_capture(torch, state)):
-                result = run(x)
+                result = state.run(x)
             if isinstance(result, (tuple, list)):
                 extras = tuple(result[1:])
                 if any(torch.is_tensor(e) for e in extras):
@@ -814,20 +819,14 @@ def _functions(torch):
 
         @staticmethod
         def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
             state = ctx.state
-            x = x.detach().requires_grad_(True)
-            state.next = 0
-            with torch.enable_grad(), CoreMode(_replay(torch, state)):
-                result = ctx.run(x)
-            y = result[0] if isinstance(result, (tuple, list)) else result
-            if state.next != len(state.cores):
-                raise RuntimeError("stitchalloc.offload: the attention block, recomputed, called the attention core "
-                                   f"{state.next} times instead of {len(state.cores)}")
+            x = _unpack_packed(state.x).detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = state.replay(torch, x, grad=True)
             gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
             state.cores = []
             state.x = state.run = state.input_edge = state.output_node = None
-            return (None, None, gx, *gparams)
+            return (None, gx, *gparams)
 
     _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, TokenLocal=TokenLocal,
                       AttentionReplay=AttentionReplay)
