@@ -74,7 +74,6 @@ def run(a):
         stitchalloc.install(os.environ.get("STITCHALLOC_CAPTURE_CONF", ""))
     import torch
     import torch.nn as nn
-    import torch.utils.checkpoint as cp
 
     sys.path.insert(0, os.path.join(ROOT, "tests", "models"))
     import tiny_llama
@@ -85,8 +84,7 @@ def run(a):
     model = tiny_llama.TinyLlama(vocab=a.vocab, dim=a.dim, heads=a.heads, hidden=a.hidden, layers=a.layers,
                                  sdpa=True).to(dev, dtype)
     if a.setting == "ckpt":
-        for layer in model.layers:
-            layer.forward = (lambda f: lambda *x: cp.checkpoint(f, *x, use_reentrant=False))(layer.forward)
+        model.checkpoint_layers()
     if a.setting == "frozen":
 
         class LoRA(nn.Module):

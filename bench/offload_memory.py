@@ -73,10 +73,7 @@ def step_peak(a, layers, seq, mode):
     g = torch.randn(1, seq, a.dim, dtype=torch.bfloat16)
     handle = None
     if mode == "checkpoint":
-        import torch.utils.checkpoint as cp
-
-        for layer in model.layers:
-            layer.forward = (lambda f: lambda *x, **k: cp.checkpoint(f, *x, use_reentrant=False, **k))(layer.forward)
+        model.checkpoint_layers()
     elif mode != "native":
         policy = {"swap": "swap", "alpha 0.5": 0.5, "alpha 0": "recompute"}[mode]
         handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=Mover(layers))

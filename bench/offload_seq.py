@@ -80,11 +80,7 @@ def probe(a):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     handle = None
     if a.mode == "checkpoint":
-        import torch.utils.checkpoint as cp
-
-        for layer in model.layers:
-            original = layer.forward
-            layer.forward = (lambda f: lambda *x, **k: cp.checkpoint(f, *x, use_reentrant=False, **k))(original)
+        model.checkpoint_layers()
     elif a.mode in ("offload", "offload-nocopy"):
         import stitchalloc
 

@@ -107,6 +107,14 @@ class TinyLlama(nn.Module):
     def forward(self, tokens):
         return self.lm_head(self.norm(self.hidden(tokens)))
 
+    def checkpoint_layers(self):
+        """Full activation checkpointing: every layer's forward runs under torch.utils.checkpoint
+        (the layer keeps only its input; the rest is recomputed in the backward)."""
+        import torch.utils.checkpoint as cp
+
+        for layer in self.layers:
+            layer.forward = (lambda f: lambda *x, **k: cp.checkpoint(f, *x, use_reentrant=False, **k))(layer.forward)
+
     def loss(self, tokens, chunk=0):
         """Next-token cross-entropy (fp32). With `chunk` > 0 the final norm, the LM head and the
         loss run `chunk` tokens at a time, each chunk recomputed in the backward: the logits of

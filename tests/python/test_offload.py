@@ -329,9 +329,9 @@ class KwargsLayer(torch.nn.Module):
         return residual + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-def kwargs_model(**attention):
+def kwargs_model(layer_class=None, **attention):
     model = make_model(layers=3, sdpa=True)
-    layers = torch.nn.ModuleList(KwargsLayer(layer, **attention) for layer in model.layers)
+    layers = torch.nn.ModuleList((layer_class or KwargsLayer)(layer, **attention) for layer in model.layers)
 
     def run(batch):
         x = model.embed_tokens(batch[:, :-1])
@@ -544,19 +544,12 @@ class ScaledResidualLayer(KwargsLayer):
 
 
 def test_h_is_swapped_when_it_is_not_the_plain_residual_sum():
-    model = make_model(layers=3, sdpa=True)
-    layers = torch.nn.ModuleList(ScaledResidualLayer(layer) for layer in model.layers)
+    model, layers, run = kwargs_model(ScaledResidualLayer)
     batch = tokens(seq=65)
 
     def grads():
         model.zero_grad(set_to_none=True)
-        x = model.embed_tokens(batch[:, :-1])
-        pos = torch.arange(x.shape[1])
-        for layer in layers:
-            x = layer(x, position_embeddings=pos)
-        logits = model.lm_head(model.norm(x))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss.backward()
+        run(batch).backward()
         return [p.grad.clone() for p in model.parameters()]
 
     ref = grads()
