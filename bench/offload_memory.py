@@ -76,7 +76,8 @@ def step_peak(a, layers, seq, mode):
         model.checkpoint_layers()
     elif mode != "native":
         policy = {"swap": "swap", "alpha 0.5": 0.5, "alpha 0": "recompute"}[mode]
-        handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=Mover(layers))
+        handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=Mover(layers),
+                                     recompute_chunk=a.recompute_chunk)
     def run():
         x = x0
         for layer in model.layers:
@@ -101,12 +102,16 @@ def main():
     p.add_argument("--hidden", type=int, default=5632)
     p.add_argument("--layers", default="2,4")
     p.add_argument("--seqs", default="256,512")
+    p.add_argument("--recompute-chunk", type=int, default=512,
+                   help="stitchalloc.offload's recompute_chunk: much shorter than the lengths, as 8192 (the default) "
+                        "is against the lengths that need offload; its chunk's memory is a constant, not per token")
     p.add_argument("--json")
     a = p.parse_args()
     (l1, l2), (t1, t2) = [int(v) for v in a.layers.split(",")], [int(v) for v in a.seqs.split(",")]
-    out = {"dim": a.dim, "heads": a.heads, "hidden": a.hidden, "layers": [l1, l2], "seqs": [t1, t2], "modes": {}}
-    print(f"device bytes per token of the layer stack (bf16, dim {a.dim}, {a.heads} heads, MLP {a.hidden}), "
-          f"from peaks at {l1}/{l2} layers x {t1}/{t2} tokens:")
+    out = {"dim": a.dim, "heads": a.heads, "hidden": a.hidden, "layers": [l1, l2], "seqs": [t1, t2],
+           "recompute_chunk": a.recompute_chunk, "modes": {}}
+    print(f"device bytes per token of the layer stack (bf16, dim {a.dim}, {a.heads} heads, MLP {a.hidden}, offload's "
+          f"recompute_chunk {a.recompute_chunk}), from peaks at {l1}/{l2} layers x {t1}/{t2} tokens:")
     print(f"  {'mode':<11} {'per layer':>10} {'base':>10}   {'16 layers':>10}")
     if len({t1, t2, l1, l2} & {a.dim, a.hidden, 256}) or t1 == t2 or l1 == l2:
         raise SystemExit("offload_memory: lengths must differ from each other and from the model's dimensions "

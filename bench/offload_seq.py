@@ -52,6 +52,9 @@ def args_parser():
     p.add_argument("--loss-chunk", type=int, default=8192,
                    help="tokens per chunk of the final norm, LM head and loss (recomputed in backward); 0: the whole "
                         "sequence at once, as the 2026-11-22 H100 figures were measured")
+    p.add_argument("--recompute-chunk", type=int, default=8192,
+                   help="offload: tokens per chunk of a layer's recomputed MLP block (stitchalloc.offload's "
+                        "recompute_chunk; 0: all at once, as before 2026-11-22's fourth stop)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--start", type=int, default=2048)
     p.add_argument("--limit", type=int, default=1 << 20)
@@ -91,10 +94,10 @@ def probe(a):
             from offload_backends import InPlace
 
             backend = InPlace()
-        handle = stitchalloc.offload(model, policy=policy, backend=backend)
+        handle = stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=a.recompute_chunk)
     ids = torch.randint(0, a.vocab, (1, a.seq + 1), device=dev)
     out = {"mode": a.mode, "seq": a.seq, "params": params, "ok": False, "oom": False, "device": a.device,
-           "loss_chunk": a.loss_chunk}
+           "loss_chunk": a.loss_chunk, "recompute_chunk": a.recompute_chunk}
 
     def sync():
         if a.device == "cuda":
@@ -147,7 +150,7 @@ def probe(a):
 def run_probe(a, mode, seq, policy=None):
     cmd = [sys.executable, os.path.abspath(__file__), "probe", "--mode", mode, "--seq", str(seq)]
     for k in ("steps", "dim", "layers", "heads", "hidden", "vocab", "device", "conf", "policy", "peak_tflops",
-              "loss_chunk"):
+              "loss_chunk", "recompute_chunk"):
         value = policy if k == "policy" and policy is not None else getattr(a, k)
         cmd += [f"--{k.replace('_', '-')}", str(value)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD",

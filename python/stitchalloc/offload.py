@@ -32,6 +32,9 @@ every policy but "swap":
   needs them, from their slice of h. h itself is not kept when the graph shows it is exactly x
   plus the attention block's output: before the block's backward it is recomputed from x and
   the core's saved output (``_AttentionState.residual_input``); otherwise the slice is swapped.
+  The recomputed range runs ``recompute_chunk`` tokens at a time, in the forward and in the
+  recompute with its backward, so one chunk's MLP intermediates (4 x the MLP width a token,
+  most of a layer's working set) are on the device at once, not the whole sequence's.
 
 So at alpha 0 a layer swaps x and the core's output and statistics: MEMO's "layer input and
 attention output". Layers of any other structure have their saved tensors swapped whole.
@@ -168,7 +171,7 @@ class _Saved:
 class Offload:
     """The hooks ``offload()`` installed; ``remove()`` (or leaving a ``with`` block) undoes them."""
 
-    def __init__(self, model, layers, policy, backend):
+    def __init__(self, model, layers, policy, backend, recompute_chunk=8192):
         import torch
 
         self._torch = torch
@@ -177,6 +180,7 @@ class Offload:
             raise ValueError("stitchalloc.offload: no layers to offload")
         self._backend = backend
         self._policy = policy
+        self._recompute_chunk = recompute_chunk
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS) for layer in self._layers]
@@ -411,7 +415,8 @@ class Offload:
                 head = h.narrow(-2, 0, k)
                 parts.append(block(head.clone() if source is not None else head.contiguous()))
             rest = h.narrow(-2, k, tokens - k).contiguous()
-            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k, rest, *params))
+            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
+                                           me._recompute_chunk, rest, *params))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         norm.forward = fused
@@ -679,6 +684,30 @@ def _replay(torch, state, grad=True):
     return handler
 
 
+def _chunks(tokens, chunk):
+    """(start, length) of consecutive token ranges of at most `chunk` tokens (0: one range)."""
+    if tokens == 0 or chunk <= 0 or chunk >= tokens:
+        return [(0, tokens)]
+    return [(start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
+
+
+def _counted(torch, ctx, x):
+    """ctx.block(x) and the bytes its graph saves (x and the block's parameters excluded):
+    policy "auto"'s measure of what the block keeps when not recomputed."""
+    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ctx.block(x)
+    return y, sum(seen.values())
+
+
 _FUNCTIONS = {}
 
 
@@ -751,21 +780,32 @@ def _functions(torch):
             return (None, *grads)
 
     class TokenLocal(torch.autograd.Function):
-        """Saves only x (through the swap hooks, so it is swapped); block re-runs on x in backward.
-        The block's parameters are inputs, so their gradients flow through this node. With
-        `count`, the recompute reports the bytes it saves (x and parameters excluded)."""
+        """Saves only x (through the swap hooks, so it is swapped; or nothing, with a `source`
+        that recomputes it); block re-runs on x in backward. Forward, recompute and backward go
+        `chunk` tokens at a time (the block is token-local). The block's parameters are inputs,
+        so their gradients flow through this node. With `count`, the recompute reports the bytes
+        it saves (x and parameters excluded), once per call."""
 
         @staticmethod
-        def forward(ctx, block, count, source, k, x, *params):
+        def forward(ctx, block, count, source, k, chunk, x, *params):
             ctx.block = block
             ctx.count = count
             ctx.params = params  # alive anyway; not saved tensors
             ctx.source = source  # with a source, x is h[..., k:, :], recomputed from it
             ctx.k = k
+            ctx.chunk = chunk
             if source is None:
                 ctx.save_for_backward(x)
             with torch.no_grad():
-                return block(x)
+                y = None
+                for start, n in _chunks(x.shape[-2], chunk):
+                    part = block(x.narrow(-2, start, n))
+                    if n == x.shape[-2]:
+                        return part
+                    if y is None:
+                        y = part.new_empty(part.shape[:-2] + (x.shape[-2],) + part.shape[-1:])
+                    y.narrow(-2, start, n).copy_(part)
+                return y
 
         @staticmethod
         def backward(ctx, grad):
@@ -774,26 +814,41 @@ def _functions(torch):
             else:
                 h = ctx.source.residual_input(torch)
                 x = h.narrow(-2, ctx.k, h.shape[-2] - ctx.k).contiguous()
+                del h
                 ctx.source = None
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                if ctx.count is None:
-                    y = ctx.block(x)
+            x = x.detach()
+            tokens = x.shape[-2]
+            gx, sums, saved = None, None, 0
+            for start, n in _chunks(tokens, ctx.chunk):
+                # One chunk's recompute and backward at a time: the block is token-local, so only
+                # one chunk's intermediate tensors are on the device at once.
+                part = (x if n == tokens else x.narrow(-2, start, n)).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    if ctx.count is None:
+                        y = ctx.block(part)
+                    else:
+                        y, nbytes = _counted(torch, ctx, part)
+                        saved += nbytes
+                g = grad if n == tokens else grad.narrow(-2, start, n)
+                gpart, gparams = input_and_parameter_grads(y, part, ctx.params, g)
+                del y
+                if start + n == tokens and ctx.count is not None:
+                    ctx.count(saved)
+                if n == tokens:
+                    return (None, None, None, None, None, gpart, *gparams)
+                if gx is None:
+                    gx = gpart.new_empty(x.shape)
+                    # Parameter gradients summed over chunks in float32 at least (float64 stays),
+                    # rounded to the parameter's dtype once at the end.
+                    sums = [None if gp is None else gp.to(torch.promote_types(gp.dtype, torch.float32), copy=True)
+                            for gp in gparams]
                 else:
-                    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
-                    seen = {}
-
-                    def pack(t):
-                        ptr = t.untyped_storage().data_ptr()
-                        if ptr not in skip:
-                            seen[ptr] = t.untyped_storage().nbytes()
-                        return t
-
-                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                        y = ctx.block(x)
-                    ctx.count(sum(seen.values()))
-            gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
-            return (None, None, None, None, gx, *gparams)
+                    for total, gp in zip(sums, gparams):
+                        if gp is not None:
+                            total.add_(gp)
+                gx.narrow(-2, start, n).copy_(gpart)
+            gparams = [None if total is None else total.to(p.dtype) for total, p in zip(sums, ctx.params)]
+            return (None, None, None, None, None, gx, *gparams)
 
     class AttentionReplay(torch.autograd.Function):
         """y = self_attn(input_layernorm(x)), saving only x (and, through the core's node, the
@@ -862,19 +917,26 @@ def _find_layers(model):
     return list(best)
 
 
-def offload(model, layers=None, policy="auto", *, backend=None):
+def offload(model, layers=None, policy="auto", *, recompute_chunk=8192, backend=None):
     """Offloads ``model``'s saved activations layer by layer (see the module docstring).
 
     ``layers``: the modules whose boundaries drive the schedule (default: the model's longest
-    nn.ModuleList). ``policy``: "auto", "swap", "recompute" or an alpha in [0, 1]. Needs
-    stitchalloc installed as PyTorch's CUDA allocator (``backend`` replaces the swap manager, for
-    tests). Returns an ``Offload`` whose ``remove()`` restores the model."""
+    nn.ModuleList). ``policy``: "auto", "swap", "recompute" or an alpha in [0, 1].
+    ``recompute_chunk``: the recomputed tokens of a Llama-family layer's MLP block run (forward,
+    and recompute with backward) this many at a time, so that one chunk's intermediate tensors
+    are on the device at once (0: all tokens at once). Needs stitchalloc installed as PyTorch's
+    CUDA allocator (``backend`` replaces the swap manager, for tests). Returns an ``Offload``
+    whose ``remove()`` restores the model."""
     if isinstance(policy, str):
         if policy not in ("auto", "swap", "recompute"):
             raise ValueError(f"stitchalloc.offload: policy must be 'auto', 'swap', 'recompute' or a number in [0, 1], "
                              f"not {policy!r}")
     elif isinstance(policy, bool) or not isinstance(policy, (int, float)) or not 0.0 <= float(policy) <= 1.0:
         raise ValueError(f"stitchalloc.offload: alpha must be a number in [0, 1], not {policy!r}")
+    if isinstance(recompute_chunk, bool) or not isinstance(recompute_chunk, int) or recompute_chunk < 0:
+        raise ValueError(f"stitchalloc.offload: recompute_chunk must be a whole number of tokens >= 0 "
+                         f"(0: no chunks), not {recompute_chunk!r}")
     if layers is None:
         layers = _find_layers(model)
-    return Offload(model, layers, policy, backend if backend is not None else _StitchallocBackend())
+    return Offload(model, layers, policy, backend if backend is not None else _StitchallocBackend(),
+                   recompute_chunk)

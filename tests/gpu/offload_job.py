@@ -1,7 +1,8 @@
 """Offload on a GPU: gradients with stitchalloc.offload against the same model without it, in one
 process under stitchalloc; prints one JSON line (tests/gpu/test_offload_gpu.py reads it).
 
-    python tests/gpu/offload_job.py [--dtype float32|bfloat16] [--seq N] [--layers N]
+    python tests/gpu/offload_job.py [--dtype float32|bfloat16] [--seq N] [--layers N] [--sdpa]
+                                    [--recompute-chunk N] [--loss-chunk N]
 
 Deterministic (fixed seeds, deterministic algorithms, TF32 off). Compares policy "swap"
 (expected bitwise equal) and alphas 0.5 / 0 (token-wise recompute: within tolerance), and
@@ -23,6 +24,10 @@ p.add_argument("--layers", type=int, default=8)
 p.add_argument("--dim", type=int, default=1024)
 p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention (a fused "
                "kernel: token-wise recompute keeps its output and recomputes q, k, v)")
+p.add_argument("--recompute-chunk", type=int, default=8192,
+               help="stitchalloc.offload's recompute_chunk for the recompute policies; shorter than --seq, alpha 0 "
+                    "also runs with the MLP block whole (\"0.0-whole\") for the peaks")
+p.add_argument("--loss-chunk", type=int, default=0, help="tiny_llama's loss in chunks of this many tokens (0: whole)")
 args = p.parse_args()
 
 stitchalloc.install(os.environ.get("STITCHALLOC_TEST_CONF", "swap_min_kb:64"))
@@ -52,23 +57,28 @@ def grads():
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = model.loss(batch)
+    loss = model.loss(batch, chunk=args.loss_chunk)
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
     return loss.item(), [q.grad.float().cpu() for q in model.parameters()], peak
 
 
-out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.dim, "sdpa": args.sdpa}
+out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.dim, "sdpa": args.sdpa,
+       "hidden": model.layers[0].mlp.gate_proj.out_features, "recompute_chunk": args.recompute_chunk,
+       "loss_chunk": args.loss_chunk}
 ref_loss, ref, ref_peak = grads()
 out["peak_allocated_without"] = ref_peak
-for policy in ["swap", 0.5, 0.0]:
+runs = [("swap", "swap", args.recompute_chunk), ("0.5", 0.5, args.recompute_chunk), ("0.0", 0.0, args.recompute_chunk)]
+if 0 < args.recompute_chunk < args.seq:
+    runs.append(("0.0-whole", 0.0, 0))
+for name, policy, chunk in runs:
     swapped_before = stitchalloc.swap.swap_stats()["copy.d2h_bytes"]
-    with stitchalloc.offload(model, policy=policy) as off:
+    with stitchalloc.offload(model, policy=policy, recompute_chunk=chunk) as off:
         loss, got, peak = grads()
         loss2, got2, _ = grads()
     err = max(((a - b).abs().max() / (a.abs().max() + 1e-30)).item() for a, b in zip(ref, got))
-    out[str(policy)] = {
+    out[name] = {
         "loss_equal": loss == ref_loss,
         "bitwise": all(torch.equal(a, b) for a, b in zip(ref, got)),
         "max_rel_err": err,

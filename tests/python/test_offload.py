@@ -244,7 +244,8 @@ def test_auto_measures_one_iteration_then_plans_alpha():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
-def test_auto_plans_with_the_token_local_blocks_own_bytes():
+@pytest.mark.parametrize("recompute_chunk", [0, 16], ids=["whole", "chunks"])
+def test_auto_plans_with_the_token_local_blocks_own_bytes(recompute_chunk):
     # alpha applies only to what the token-local block (post-attention norm and MLP) saves; what
     # the attention block keeps (the layer input, the core's output and statistics) is swapped
     # whatever alpha is, so the plan must count it as fixed. Measured independently: the block
@@ -265,10 +266,10 @@ def test_auto_plans_with_the_token_local_blocks_own_bytes():
         layer.mlp(layer.post_attention_layernorm(h))
     expected_other = sum(seen.values())
     backend = RecordingBackend(bandwidth=1e15, host=1e15)
-    with stitchalloc.offload(model, policy="auto", backend=backend) as off:
+    with stitchalloc.offload(model, policy="auto", backend=backend, recompute_chunk=recompute_chunk) as off:
         grads_of(model, batch)
         m = off.measured
-    assert m["other"] == expected_other
+    assert m["other"] == expected_other  # in chunks: their sum, counted once per layer
     # The measuring iteration ran at alpha 0: per layer it swapped the input x and the attention
     # core's output (batch x heads x tokens x head size) and log-sum-exp (batch x heads x tokens;
     # float64 here, as the inputs): nothing else (h = x + the block's output is recomputed).
@@ -287,6 +288,77 @@ def test_auto_plans_with_the_token_local_blocks_own_bytes():
     with stitchalloc.offload(model, policy="auto", backend=RecordingBackend(bandwidth=1e15, host=host)) as off:
         grads_of(model, batch)
         assert abs(off.alpha - 0.5) < 1e-9, (off.alpha, off.plan_text)
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
+@pytest.mark.parametrize("policy", [0.5, "recompute"])
+def test_token_local_block_in_chunks_gives_the_same_gradients(policy, sdpa):
+    # 33 tokens: alpha 0.5 recomputes 16 or 17 of them, in chunks of 7, 7 and 2 or 3 (uneven,
+    # the last one short). Parameter gradients are summed over chunks in float32 (float64 here:
+    # a float64 gradient stays float64), so they match the plain model to rounding, not bitwise.
+    model, batch = make_model(sdpa=sdpa), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    with stitchalloc.offload(model, policy=policy, backend=RecordingBackend(), recompute_chunk=7) as off:
+        loss, got = grads_of(model, batch)
+        loss2, got2 = grads_of(model, batch)
+    assert off.stats()["iterations"] == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b, c in zip(ref, got, got2):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+
+
+def test_token_local_block_in_chunks_is_as_accurate_in_bfloat16():
+    # bf16: chunks change the rounding (each chunk's products, the float32 sum of the parameter
+    # gradients), so the check is against the exact gradients (the same weights in float64): in
+    # chunks the error is no larger than without, within a factor for rounding noise.
+    model, batch = make_model(layers=2), tokens(seq=64)
+    model = model.to(torch.bfloat16)
+    exact = make_model(layers=2)
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    _, ref = grads_of(exact, batch)
+    errors = {}
+    for chunk in (0, 16):
+        with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend(), recompute_chunk=chunk):
+            _, got = grads_of(model, batch)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        errors[chunk] = [((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref)]
+    for whole, chunked in zip(errors[0], errors[16]):
+        assert chunked <= 2 * whole + 2 ** -8, errors
+
+
+def test_chunks_bound_the_token_local_blocks_peak():
+    # The recomputed MLP block runs (forward, recompute and backward) one chunk at a time, so the
+    # step's peak (bench/offload_memory.py's count of live storages, swap emulated) drops by at
+    # least the MLP's full-length intermediates: gate, up and their product (3 x tokens x hidden)
+    # less one chunk's worth. Spelled out in numbers for TinyLlama (dim 64, MLP 172, float64).
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import offload_backends
+    import offload_memory
+
+    seq, chunk, hidden = 256, 32, 172
+    peaks = {}
+    for recompute_chunk in (0, chunk):
+        model = make_model(layers=3, sdpa=True)
+        x0 = torch.randn(1, seq, 64, dtype=torch.float64, requires_grad=True)
+        with stitchalloc.offload(model, layers=list(model.layers), policy="recompute",
+                                 backend=offload_backends.Mover(3), recompute_chunk=recompute_chunk):
+            counter = offload_memory.LiveBytes(tuple(p.shape) for p in model.parameters())
+            with counter:
+                x = x0
+                for layer in model.layers:
+                    x = layer(x)
+                x.sum().backward()
+        peaks[recompute_chunk] = counter.peak
+    saved = peaks[0] - peaks[chunk]
+    assert saved >= 3 * (seq - chunk) * hidden * 8, peaks
+
+
+@pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
+def test_bad_recompute_chunks_are_rejected(chunk):
+    with pytest.raises(ValueError, match="recompute_chunk"):
+        stitchalloc.offload(make_model(layers=2), backend=RecordingBackend(), recompute_chunk=chunk)
 
 
 class KwargsAttention(torch.nn.Module):
