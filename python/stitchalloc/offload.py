@@ -720,11 +720,18 @@ def _functions(torch):
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
+    def output_edge(y):
+        """Where a recomputed block's output enters the graph: what its backward needs of it.
+        Holding this instead of y lets y's memory go before that backward runs."""
+        from torch.autograd.graph import get_gradient_edge
+
+        return get_gradient_edge(y) if y.requires_grad else y
+
     def input_and_parameter_grads(y, x, params, grad):
         """The gradients of a recomputed block's input and parameters (None where a parameter
-        takes none), from the gradient of its output."""
+        takes none), from the gradient of its output (y: the output or its output_edge)."""
         trainable = [p for p in params if p.requires_grad]
-        grads = iter(torch.autograd.grad(y, [x] + trainable, grad, allow_unused=True))
+        grads = iter(torch.autograd.grad([y], [x] + trainable, [grad], allow_unused=True))
         gx = next(grads)
         return gx, [next(grads) if p.requires_grad else None for p in params]
 
@@ -830,6 +837,7 @@ def _functions(torch):
                         y, nbytes = _counted(torch, ctx, part)
                         saved += nbytes
                 g = grad if n == tokens else grad.narrow(-2, start, n)
+                y = output_edge(y)
                 gpart, gparams = input_and_parameter_grads(y, part, ctx.params, g)
                 del y
                 if start + n == tokens and ctx.count is not None:
@@ -877,7 +885,7 @@ def _functions(torch):
             state = ctx.state
             x = _unpack_packed(state.x).detach().requires_grad_(True)
             with torch.enable_grad():
-                y = state.replay(torch, x, grad=True)
+                y = output_edge(state.replay(torch, x, grad=True))
             gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
             state.cores = []
             state.x = state.run = state.input_edge = state.output_node = None

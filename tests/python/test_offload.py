@@ -355,6 +355,36 @@ def test_chunks_bound_the_token_local_blocks_peak():
     assert saved >= 3 * (seq - chunk) * hidden * 8, peaks
 
 
+def test_the_recomputed_attention_output_is_freed_before_its_backward():
+    # The replay needs the block's output only for where it enters the graph: its memory (the
+    # model width a token) goes before the block's backward runs, which is when the layer's
+    # peak is. Watched from inside: the block's input gradient is computed after every other
+    # part of its backward.
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    alive = []
+
+    class Watched(tiny_llama.Attention):
+        def forward(self, hidden_states):
+            y = super().forward(hidden_states)
+            if torch.is_grad_enabled() and hidden_states.requires_grad:  # the replay, in the backward
+                ref = StorageWeakRef(y.untyped_storage())
+                hidden_states.register_hook(lambda g: alive.append(not ref.expired()))
+            return y
+
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    for layer in model.layers:
+        layer.self_attn.__class__ = Watched
+    ref_loss, ref = grads_of(model, batch)
+    alive.clear()  # the plain model's backward keeps its output (autograd does not need it either)
+    with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend()):
+        loss, got = grads_of(model, batch)
+    assert alive == [False] * 3
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
