@@ -41,7 +41,9 @@ def args_parser():
     p.add_argument("--modes", default="native,checkpoint,offload")
     p.add_argument("--policy", default="auto", help="offload policy: auto, swap, recompute or an alpha")
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps after one warm-up step; 0: the warm-up step only (whether the length fits, "
+                        "and that step's time, one-time costs included, as first_step_seconds)")
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--heads", type=int, default=16)
@@ -126,12 +128,16 @@ def probe(a):
             sync()
             if step > 0:
                 times.append(time.perf_counter() - t0)
-        seconds = sorted(times)[len(times) // 2]
-        flops = 6 * params + 6 * a.layers * a.dim * a.seq  # causal attention: half of 12 L d T
-        out.update(ok=True, loss=float(loss.detach()), seconds_per_step=seconds, tokens_per_second=a.seq / seconds,
-                   mfu=a.seq / seconds * flops / (a.peak_tflops * 1e12))
-        if a.mode == "offload":  # the copy engine's busy time per timed step, both directions summed
-            out["copy_seconds_per_step"] = (copy_seconds() - copy_start) / a.steps
+            else:
+                out["first_step_seconds"] = time.perf_counter() - t0
+        out.update(ok=True, loss=float(loss.detach()))
+        if times:
+            seconds = sorted(times)[len(times) // 2]
+            flops = 6 * params + 6 * a.layers * a.dim * a.seq  # causal attention: half of 12 L d T
+            out.update(seconds_per_step=seconds, tokens_per_second=a.seq / seconds,
+                       mfu=a.seq / seconds * flops / (a.peak_tflops * 1e12))
+            if a.mode == "offload":  # the copy engine's busy time per timed step, both directions summed
+                out["copy_seconds_per_step"] = (copy_seconds() - copy_start) / a.steps
     except torch.OutOfMemoryError as e:
         out.update(oom=True, error=str(e).splitlines()[0][:300])
     if a.device == "cuda":
@@ -228,7 +234,9 @@ def search(a):
         if r is None:
             print(f"{mode:<11} none (the first probe at {a.start} failed)")
         else:
-            print(f"{mode:<11} {r['seq']:>11}   {r['tokens_per_second']:>9.1f}   {r['mfu']:.3f}")
+            speed = (f"{r['tokens_per_second']:>9.1f}   {r['mfu']:.3f}" if "tokens_per_second" in r
+                     else "(--steps 0: not timed)")
+            print(f"{mode:<11} {r['seq']:>11}   {speed}")
     if "offload_at_checkpoint_longest" in extra:
         r = extra["offload_at_checkpoint_longest"]
         print(f"offload at checkpoint's longest ({r['seq']}): ok={r['ok']} tokens/s={r.get('tokens_per_second')}")

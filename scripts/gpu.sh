@@ -174,7 +174,8 @@ phase_probes() {
   # Single lengths instead of a search (a step at 300k+ tokens takes a minute or more):
   # PROBES="native:47104 checkpoint:389120 offload:196608 hiding:32768", each one process of
   # bench/offload_seq.py with one timed step after the warm-up; PROBE_ARGS adds arguments to all
-  # (e.g. "--conf swap_host_limit_mb:110000"), PROBE_TIMEOUT bounds each (seconds, default 300).
+  # (e.g. "--conf swap_host_limit_mb:110000", or "--steps 0": the warm-up step only, whether the
+  # length fits), PROBE_TIMEOUT bounds each (seconds, default 300).
   local probe mode seq
   for probe in ${PROBES:-native:47104 offload:196608}; do
     mode=${probe%%:*}

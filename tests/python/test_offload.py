@@ -877,6 +877,15 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     assert [p["seq"] for p in result["probes"]] == [16, 32, 64] * 3
     assert result["longest"]["offload-nocopy"]["offload"]["alpha"] == 0.0
     assert "native" in r.stdout and "checkpoint" in r.stdout
+    # --steps 0: one untimed step, whether the length fits; the recompute chunk passed through.
+    r = subprocess.run([sys.executable, bench, "probe", "--device", "cpu", "--mode", "offload-nocopy", "--policy", "0.0",
+                        "--seq", "40", "--dim", "32", "--layers", "2", "--heads", "2", "--hidden", "64", "--vocab", "64",
+                        "--steps", "0", "--recompute-chunk", "16"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["ok"] and probe["first_step_seconds"] > 0 and "tokens_per_second" not in probe
+    assert probe["recompute_chunk"] == 16
 
 
 def test_copy_hiding_fraction():
