@@ -896,6 +896,28 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     assert probe["recompute_chunk"] == 16
 
 
+def test_token_wise_recompute_never_runs_the_attention_core_again():
+    # bench/offload_flops.py's count: checkpointing runs the attention core's forward again in
+    # the backward (forward 4, backward 10 units of the counter: 18 against 14); token-wise
+    # recompute at alpha 0 and 0.5 runs it once, as without any recompute, and recomputes the
+    # token-local rest (more of it than checkpointing: the attention block's projections run
+    # three times).
+    import argparse
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import offload_flops
+
+    a = argparse.Namespace(dim=64, heads=2, hidden=160, recompute_chunk=16)
+    counts = {mode: offload_flops.step_flops(a, 48, mode) for mode in offload_flops.MODES}
+    native_core, native_other = counts["native"]
+    assert native_core > 0
+    assert counts["checkpoint"][0] * 14 == native_core * 18
+    for mode in ("offload alpha 0", "offload alpha 0.5"):
+        core, other = counts[mode]
+        assert core == native_core, mode
+        assert other > counts["checkpoint"][1] > native_other, mode
+
+
 def test_copy_hiding_fraction():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import offload_seq
