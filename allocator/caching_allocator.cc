@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/driver_factory.h"
 #include "vmm/format.h"
@@ -178,13 +179,16 @@ absl::StatusOr<void*> CachingAllocator::MallocUnderPressure(std::size_t size, st
     MutexLock l(&pressure_mu_);
     handler = pressure_;
   }
-  const std::size_t freed = handler ? (*handler)(rounded, stream) : 0;
+  const PressureRelief relief = handler ? (*handler)(rounded, stream) : PressureRelief{};
   MutexLock l(&mu_);
   // Blocks the handler freed may wait for copies (event-deferred frees): out of memory is
   // the moment to wait for them.
-  if (freed > 0 && !pending_.empty()) ProcessPending(/*synchronize=*/true);
+  if (relief.freed > 0 && !pending_.empty()) ProcessPending(/*synchronize=*/true);
   auto slow = MallocSlow(GetPool(stream), kind, size, rounded, /*last_resort=*/true);
-  if (!slow.ok()) return slow.status();
+  if (!slow.ok()) {
+    if (!absl::IsResourceExhausted(slow.status()) || relief.note.empty()) return slow.status();
+    return absl::ResourceExhaustedError(absl::StrCat(slow.status().message(), ". ", relief.note));
+  }
   return Hand(*slow, kind, size, rounded);
 }
 

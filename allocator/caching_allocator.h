@@ -107,10 +107,15 @@ class CachingAllocator {
 
   // Called when a request would otherwise fail with out-of-memory, after cached memory was
   // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
-  // wait for their backward to host memory) and returns how many bytes it freed; when that is
-  // more than zero the request is tried once more. Runs without the allocator's lock (the
-  // handler may call Free), so it must be thread-safe. An empty function removes the handler.
-  using PressureHandler = std::function<std::size_t(std::size_t bytes, Stream stream)>;
+  // wait for their backward to host memory) and says how many bytes it freed, and what holds the
+  // rest (`note`); the request is then tried once more, and if that fails the note ends the
+  // out-of-memory report. Runs without the allocator's lock (the handler may call Free), so it
+  // must be thread-safe. An empty function removes the handler.
+  struct PressureRelief {
+    std::size_t freed = 0;
+    std::string note;
+  };
+  using PressureHandler = std::function<PressureRelief(std::size_t bytes, Stream stream)>;
   void SetPressureHandler(PressureHandler handler);
 
   Stats GetStats() const;

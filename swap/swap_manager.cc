@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "vmm/format.h"
 #include "vmm/nvtx.h"
 
 namespace stitchalloc::swap {
@@ -78,6 +79,7 @@ absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::
   e.release = std::move(release);
   if (bytes < options_.min_bytes) {
     e.state = TicketState::kKept;
+    e.why = KeptWhy::kSmall;
     ++stats_.kept_small;
   }
   tickets_.emplace(t, e);
@@ -88,14 +90,17 @@ absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::
 absl::Status SwapManager::OffloadLocked(Ticket t, Entry& e) {
   auto host = pool_->Allocate(e.bytes);
   if (!host.ok()) {
-    e.state = TicketState::kKept;  // no pinned memory left: the tensor stays where it is
-    ++stats_.kept_no_host_memory;
+    // No pinned memory left: the tensor stays where it is (counted once, not at every retry).
+    if (e.state != TicketState::kKept) ++stats_.kept_no_host_memory;
+    e.state = TicketState::kKept;
+    e.why = KeptWhy::kNoHostMemory;
     return absl::OkStatus();
   }
   auto copy = engine_->Issue(Direction::kDeviceToHost, *host, e.device, e.bytes, compute_);
   if (!copy.ok()) {
     pool_->Free(*host).IgnoreError();
     e.state = TicketState::kKept;
+    e.why = KeptWhy::kCopyFailed;
     return copy.status();
   }
   e.copy = *copy;
@@ -132,6 +137,7 @@ absl::Status SwapManager::ForwardEnd(int layer) {
     Entry& e = tickets_[t];
     if (keep) {
       e.state = TicketState::kKept;
+      e.why = KeptWhy::kLastLayers;
       ++stats_.kept_last_layers;
       continue;
     }
@@ -294,16 +300,20 @@ absl::Status SwapManager::Cancel(Ticket t) {
   return absl::OkStatus();
 }
 
-std::size_t SwapManager::Evict(std::size_t bytes) {
+CachingAllocator::PressureRelief SwapManager::Evict(std::size_t bytes) {
   STITCHALLOC_NVTX_RANGE("swap: evict under pressure");
   MutexLock l(&mu_);
   PollLocked();
-  std::vector<std::pair<int, Ticket>> candidates;  // earliest layer first: its backward is last
+  // Earliest layer first: its backward is last. Tensors kept for want of pinned memory try
+  // again: prefetches and cancels may have freed some since.
+  std::vector<std::pair<int, Ticket>> candidates;
   for (auto& [t, e] : tickets_) {
-    if (e.state == TicketState::kRegistered) candidates.emplace_back(e.layer, t);
+    const bool retry = e.state == TicketState::kKept && e.why == KeptWhy::kNoHostMemory;
+    if (e.state == TicketState::kRegistered || retry) candidates.emplace_back(e.layer, t);
   }
   std::sort(candidates.begin(), candidates.end());
   std::size_t freed = 0;
+  std::int64_t moved = 0;
   for (const auto& [layer, t] : candidates) {
     if (freed >= bytes) break;
     Entry& e = tickets_[t];
@@ -311,10 +321,41 @@ std::size_t SwapManager::Evict(std::size_t bytes) {
     if (!OffloadLocked(t, e).ok()) continue;
     if (e.state != TicketState::kOffloading) continue;  // no pinned memory for it
     freed += n;
+    ++moved;
     ++stats_.evicted;
     stats_.evicted_bytes += static_cast<std::int64_t>(n);
   }
-  return freed;
+  return {freed, PressureNoteLocked(moved, freed)};
+}
+
+std::string SwapManager::PressureNoteLocked(std::int64_t moved, std::size_t moved_bytes) const {
+  struct Held {
+    std::int64_t count = 0;
+    std::size_t bytes = 0;
+  };
+  Held registered, last, small, no_host, failed;
+  for (const auto& [t, e] : tickets_) {
+    Held* h = nullptr;
+    if (e.state == TicketState::kRegistered) h = &registered;
+    if (e.state == TicketState::kKept) {
+      h = e.why == KeptWhy::kLastLayers ? &last
+          : e.why == KeptWhy::kSmall    ? &small
+          : e.why == KeptWhy::kNoHostMemory ? &no_host
+                                            : &failed;
+    }
+    if (h == nullptr) continue;
+    ++h->count;
+    h->bytes += e.bytes;
+  }
+  const PinnedPoolStats pool = pool_->GetStats();
+  auto part = [](const Held& h) { return absl::StrFormat("%d (%s)", h.count, FormatBytes(h.bytes)); };
+  return absl::StrFormat(
+      "Swap manager under this pressure: moved %d saved tensors (%s) to pinned host memory. Still on the "
+      "device, waiting for their backward: %s for want of pinned memory (the pool has %s of its %s limit in "
+      "use, swap_host_limit_mb), %s of the last layers (swap_keep_last_layers), %s below swap_min_kb, %s of "
+      "layers whose forward has not ended, %s whose copy could not be issued.",
+      moved, FormatBytes(moved_bytes), part(no_host), FormatBytes(pool.in_use_bytes),
+      FormatBytes(pool_->options().capacity), part(last), part(small), part(registered), part(failed));
 }
 
 void SwapManager::DeferHostFree(CopyEngine::CopyId copy, void* host) { deferred_.push_back({copy, host}); }

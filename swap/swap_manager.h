@@ -4,8 +4,9 @@
 // A ticket is one saved tensor: a device block the manager owns from Offload() until Wait()
 // hands a (possibly different) device block back. States:
 //   kRegistered   on the device, waiting for its layer's forward to end
-//   kKept         stays on the device: one of the last `keep_last_layers` layers (their backward
-//                 follows at once), smaller than `min_bytes`, or no pinned memory was left
+//   kKept         stays on the device (Entry::why): one of the last `keep_last_layers` layers
+//                 (their backward follows at once), smaller than `min_bytes`, no pinned memory
+//                 was left, or the copy could not be issued
 //   kOffloading   device-to-host copy in flight; the device block was freed with a stream use
 //                 on the copy stream, so the allocator reuses it only once the copy completed
 //   kOnHost       in pinned memory only
@@ -16,7 +17,9 @@
 // returns its device address; Cancel(t) (the tensor was freed) drops whatever is pending.
 // Host blocks whose copy may still be running go to deferred_ and are freed once it completed.
 // Under memory pressure the allocator calls Evict(): registered tensors of the earliest layers
-// (the latest backward) are offloaded at once, waited for, and their device blocks freed.
+// (the latest backward), and kept ones that found no pinned memory before (the pool may have
+// room again), are offloaded at once and their device blocks freed; Evict also says what still
+// holds device memory, which ends the out-of-memory report if the request fails anyway.
 //
 // Borrowed blocks: Offload() with a `release` callback leaves the block with its owner (a
 // PyTorch storage): wherever the manager would free it, it calls release(stream) instead, with
@@ -33,6 +36,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/container/btree_map.h"
@@ -53,6 +57,8 @@ struct SwapOptions {
 };
 
 enum class TicketState : std::uint8_t { kRegistered, kKept, kOffloading, kOnHost, kPrefetching };
+// Why a kKept ticket stays on the device.
+enum class KeptWhy : std::uint8_t { kNot, kLastLayers, kSmall, kNoHostMemory, kCopyFailed };
 
 struct SwapStats {
   std::int64_t registered = 0;
@@ -109,8 +115,9 @@ class SwapManager {
   absl::StatusOr<Claimed> Claim(Ticket ticket);
   // The tensor was freed before its backward: pending copies are dropped, memory returned.
   absl::Status Cancel(Ticket ticket);
-  // Pressure handler: frees at least `bytes` of device memory if it can; returns bytes freed.
-  std::size_t Evict(std::size_t bytes);
+  // Pressure handler: frees at least `bytes` of device memory if it can; returns the bytes
+  // freed and a note on what of the manager's still holds device memory, and why.
+  CachingAllocator::PressureRelief Evict(std::size_t bytes);
   // Frees host blocks whose copies have completed (also done by every other call).
   void Poll();
 
@@ -121,6 +128,7 @@ class SwapManager {
  private:
   struct Entry {
     TicketState state = TicketState::kRegistered;
+    KeptWhy why = KeptWhy::kNot;  // set with kKept
     int layer = 0;
     std::size_t bytes = 0;
     void* device = nullptr;  // owned while kRegistered / kKept / kPrefetching
@@ -136,6 +144,9 @@ class SwapManager {
       : alloc_(a), pool_(p), engine_(e), compute_(compute), options_(o) {}
 
   absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Evict's note: what it moved, and the tickets still on the device by why.
+  std::string PressureNoteLocked(std::int64_t moved, std::size_t moved_bytes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Issues the prefetch of one ticket; takes mu_ itself (allocates without it). A ticket that
   // is gone meanwhile (claimed or cancelled by another thread) is no error: nothing to do.
   absl::Status Prefetch(Ticket t);

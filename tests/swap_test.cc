@@ -8,6 +8,7 @@
 #include <optional>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -487,6 +488,86 @@ TEST(SwapManager, EvictsWaitingTensorsInsteadOfRunningOutOfMemory) {
   auto too_big = r.alloc->Malloc(80 * kMiB, r.compute);
   EXPECT_TRUE(absl::IsResourceExhausted(too_big.status()));
   EXPECT_EQ(r.alloc->GetStats().num_ooms, 1);
+}
+
+// A tensor kept on the device for want of pinned memory gets another chance under pressure:
+// by then prefetches or cancels may have freed some of the pool.
+TEST(SwapManager, KeptForWantOfPinnedMemoryMovesUnderPressureOnceThePoolHasRoom) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 16 * kMiB, .capacity = 16 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(3));
+  std::vector<Saved> saved;
+  std::mt19937 rng(5);
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int k = 0; k < (layer == 0 ? 2 : 1); ++k) {
+      SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(8 * kMiB, r.compute));
+      const std::uint64_t seed = rng();
+      const std::vector<std::uint8_t> bytes = Pattern(8 * kMiB, seed);
+      std::memcpy(p, bytes.data(), bytes.size());
+      SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 8 * kMiB, layer));
+      saved.push_back({t, layer, 8 * kMiB, seed});
+    }
+    SA_ASSERT_OK(r.swap->ForwardEnd(layer));
+  }
+  // Layer 0 filled the pool (16 MiB): layer 1's tensor stayed.
+  SA_ASSIGN_OR_FAIL(kept, r.swap->State(saved[2].ticket));
+  ASSERT_EQ(kept, TicketState::kKept);
+  EXPECT_EQ(r.swap->GetStats().kept_no_host_memory, 1);
+  // Layer 0's tensors die unused (their host copies go once the copies completed).
+  SA_ASSERT_OK(r.swap->Cancel(saved[0].ticket));
+  SA_ASSERT_OK(r.swap->Cancel(saved[1].ticket));
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(Direction::kDeviceToHost)));
+  r.swap->Poll();
+  // 8 MiB held on a 64 MiB device: 60 MiB fit only if the kept tensor leaves.
+  SA_ASSIGN_OR_FAIL(big, r.alloc->Malloc(60 * kMiB, r.compute));
+  SA_ASSIGN_OR_FAIL(moved, r.swap->State(saved[2].ticket));
+  EXPECT_NE(moved, TicketState::kKept);
+  EXPECT_EQ(r.swap->GetStats().evicted_bytes, static_cast<std::int64_t>(8 * kMiB));
+  EXPECT_EQ(r.swap->GetStats().kept_no_host_memory, 1);  // counted once
+  EXPECT_EQ(r.alloc->GetStats().num_ooms, 0);
+  SA_ASSERT_OK(r.alloc->Free(big));
+  CheckAndFree(r, saved[2]);
+}
+
+// When eviction cannot make room, the out-of-memory report ends with what the swap manager
+// still holds on the device, and why, in numbers.
+TEST(SwapManager, OutOfMemoryReportSaysWhatTheSwapManagerHolds) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 8 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 1, .min_bytes = 1 * kMiB});
+  SA_ASSERT_OK(r.swap->BeginIteration(3));
+  std::vector<SwapManager::Ticket> held;
+  auto save = [&](std::size_t bytes, int layer) {
+    auto p = r.alloc->Malloc(bytes, r.compute);
+    ASSERT_TRUE(p.ok()) << p.status();
+    auto t = r.swap->Offload(*p, bytes, layer);
+    ASSERT_TRUE(t.ok()) << t.status();
+    held.push_back(*t);
+  };
+  save(8 * kMiB, 0);    // fills the pool
+  save(6 * kMiB, 0);    // no pinned memory left
+  save(4 * kMiB, 0);    // no pinned memory left
+  save(512 * 1024, 0);  // below min_bytes
+  SA_ASSERT_OK(r.swap->ForwardEnd(0));
+  save(2 * kMiB, 1);  // no pinned memory left either
+  SA_ASSERT_OK(r.swap->ForwardEnd(1));
+  save(3 * kMiB, 2);  // the last layer
+  SA_ASSERT_OK(r.swap->ForwardEnd(2));
+  auto oom = r.alloc->Malloc(60 * kMiB, r.compute);
+  ASSERT_TRUE(absl::IsResourceExhausted(oom.status())) << oom.status();
+  const std::string message(oom.status().message());
+  EXPECT_NE(message.find("out of memory"), std::string::npos) << message;
+  EXPECT_NE(message.find("). Swap manager under this pressure:"), std::string::npos) << message;
+  EXPECT_NE(message.find("moved 0 saved tensors (0 B)"), std::string::npos) << message;
+  EXPECT_NE(message.find("3 (12.00 MiB) for want of pinned memory"), std::string::npos) << message;
+  EXPECT_NE(message.find("8.00 MiB of its 8.00 MiB limit in use"), std::string::npos) << message;
+  EXPECT_NE(message.find("1 (3.00 MiB) of the last layers"), std::string::npos) << message;
+  EXPECT_NE(message.find("1 (512.00 KiB) below swap_min_kb"), std::string::npos) << message;
+  EXPECT_NE(message.find("0 (0 B) of layers whose forward has not ended"), std::string::npos) << message;
+  EXPECT_EQ(r.alloc->GetStats().num_ooms, 1);
+  for (SwapManager::Ticket t : held) {
+    SA_ASSIGN_OR_FAIL(back, r.swap->Wait(t));
+    SA_ASSERT_OK(r.alloc->Free(back));
+  }
 }
 
 // Training steps as a GPU runs them, on worker-thread streams: the compute stream's "kernels"
