@@ -206,17 +206,22 @@ struct Saved {
   std::uint64_t seed;
 };
 
+// A device tensor of `n` bytes filled with Pattern(n, seed), handed to the manager as saved by
+// `layer` and appended to `saved`.
+void SaveFilled(Rig& r, std::size_t n, int layer, std::uint64_t seed, std::vector<Saved>* saved) {
+  auto p = r.alloc->Malloc(n, r.compute);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+  std::memcpy(*p, bytes.data(), n);  // the host driver's device memory is host-addressable
+  auto t = r.swap->Offload(*p, n, layer);
+  ASSERT_TRUE(t.ok()) << t.status();
+  saved->push_back({*t, layer, n, seed});
+}
+
 void ForwardLayer(Rig& r, int layer, int tensors, std::mt19937& rng, std::vector<Saved>* saved) {
   for (int k = 0; k < tensors; ++k) {
     const std::size_t n = 4096 + rng() % (3 * kMiB);
-    auto p = r.alloc->Malloc(n, r.compute);
-    ASSERT_TRUE(p.ok()) << p.status();
-    const std::uint64_t seed = rng();
-    const std::vector<std::uint8_t> bytes = Pattern(n, seed);
-    std::memcpy(*p, bytes.data(), n);  // the host driver's device memory is host-addressable
-    auto t = r.swap->Offload(*p, n, layer);
-    ASSERT_TRUE(t.ok()) << t.status();
-    saved->push_back({*t, layer, n, seed});
+    SaveFilled(r, n, layer, rng(), saved);
   }
   SA_EXPECT_OK(r.swap->ForwardEnd(layer));
 }
@@ -462,12 +467,7 @@ TEST(SwapManager, EvictsWaitingTensorsInsteadOfRunningOutOfMemory) {
   std::mt19937 rng(8);
   for (int layer = 0; layer < 3; ++layer) {
     for (int k = 0; k < 2; ++k) {
-      SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(8 * kMiB, r.compute));
-      const std::uint64_t seed = rng();
-      const std::vector<std::uint8_t> bytes = Pattern(8 * kMiB, seed);
-      std::memcpy(p, bytes.data(), bytes.size());
-      SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 8 * kMiB, layer));
-      saved.push_back({t, layer, 8 * kMiB, seed});
+      SaveFilled(r, 8 * kMiB, layer, rng(), &saved);
     }
   }
   // 48 of 64 MiB are held by registered tensors (no forward end yet): 40 MiB more cannot fit.
@@ -500,12 +500,7 @@ TEST(SwapManager, KeptForWantOfPinnedMemoryMovesUnderPressureOnceThePoolHasRoom)
   std::mt19937 rng(5);
   for (int layer = 0; layer < 2; ++layer) {
     for (int k = 0; k < (layer == 0 ? 2 : 1); ++k) {
-      SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(8 * kMiB, r.compute));
-      const std::uint64_t seed = rng();
-      const std::vector<std::uint8_t> bytes = Pattern(8 * kMiB, seed);
-      std::memcpy(p, bytes.data(), bytes.size());
-      SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, 8 * kMiB, layer));
-      saved.push_back({t, layer, 8 * kMiB, seed});
+      SaveFilled(r, 8 * kMiB, layer, rng(), &saved);
     }
     SA_ASSERT_OK(r.swap->ForwardEnd(layer));
   }
