@@ -10,28 +10,23 @@ layer at two lengths, and split into the attention core (the fused SDPA kernel a
 and everything else. Everything else is linear in the length and the core quadratic, so the two
 counts give both per layer exactly; the table prints them at --at tokens, halving the core's
 FLOPs for causal attention (the counter charges the full square; the flash kernels skip the
-masked blocks). The loss, the same in every mode, is left out.
+masked blocks). The loss, the same in every mode, is left out. The modes and their setup are
+bench/offload_memory.py's.
 
 What this says about speed is a count, not a timing: checkpointing recomputes the attention core
 in its backward, token-wise recompute does not, and at long lengths the core is most of the work.
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "models"))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
-import stitchalloc  # noqa: E402
-import tiny_llama  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from offload_backends import InPlace  # noqa: E402
-
-MODES = ("native", "checkpoint", "offload alpha 0", "offload alpha 0.5")
+from offload_memory import MODES, layer_stack, report  # noqa: E402
 
 
 def is_core(op):
@@ -40,18 +35,9 @@ def is_core(op):
 
 def step_flops(a, seq, mode):
     """(attention core FLOPs, other FLOPs) of one layer's forward and backward."""
-    torch.manual_seed(0)
-    model = tiny_llama.TinyLlama(vocab=256, dim=a.dim, heads=a.heads, hidden=a.hidden, layers=1,
-                                 sdpa=True).to(torch.bfloat16)
+    model, handle = layer_stack(a, 1, mode, InPlace())
     x = torch.randn(1, seq, a.dim, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(1, seq, a.dim, dtype=torch.bfloat16)
-    handle = None
-    if mode == "checkpoint":
-        model.checkpoint_layers()
-    elif mode.startswith("offload"):
-        alpha = float(mode.split()[-1])
-        handle = stitchalloc.offload(model, layers=list(model.layers), policy=alpha, backend=InPlace(),
-                                     recompute_chunk=a.recompute_chunk)
     with FlopCounterMode(display=False) as counter:
         (model.layers[0](x) * g).sum().backward()
     if handle is not None:
@@ -77,7 +63,7 @@ def main():
            "modes": {}}
     print(f"FLOPs of one step of {a.layers} layers (dim {a.dim}, {a.heads} heads, MLP {a.hidden}) at {a.at} tokens, "
           f"causal attention, the loss left out; fitted from one layer at {t1} and {t2} tokens:")
-    print(f"  {'mode':<18} {'core PFLOP':>10} {'other PFLOP':>11} {'total':>8}  {'vs checkpoint':>13}")
+    print(f"  {'mode':<11} {'core PFLOP':>10} {'other PFLOP':>11} {'total':>8}  {'vs checkpoint':>13}")
     rows = {}
     for mode in MODES:
         (c1, o1), (c2, o2) = step_flops(a, t1, mode), step_flops(a, t2, mode)
@@ -92,12 +78,9 @@ def main():
                               "core_flops": core, "other_flops": other}
     base = sum(rows["checkpoint"])
     for mode, (core, other) in rows.items():
-        print(f"  {mode:<18} {core / 1e15:10.1f} {other / 1e15:11.2f} {(core + other) / 1e15:8.1f}  "
+        print(f"  {mode:<11} {core / 1e15:10.1f} {other / 1e15:11.2f} {(core + other) / 1e15:8.1f}  "
               f"{(core + other) / base:13.3f}")
-    print(json.dumps(out))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, a.json)
 
 
 if __name__ == "__main__":

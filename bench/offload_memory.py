@@ -65,19 +65,36 @@ class LiveBytes(TorchDispatchMode):
 MODES = ("native", "checkpoint", "swap", "alpha 0.5", "alpha 0")
 
 
-def step_peak(a, layers, seq, mode):
+def layer_stack(a, layers, mode, backend):
+    """TinyLlama at a's width (bf16, SDPA attention, seeded) set up for `mode`, one of MODES:
+    the model, and the offload handle (None but for the offload modes, which use `backend` as
+    the swap manager and a.recompute_chunk)."""
     torch.manual_seed(0)
     model = tiny_llama.TinyLlama(vocab=256, dim=a.dim, heads=a.heads, hidden=a.hidden, layers=layers,
                                  sdpa=True).to(torch.bfloat16)
-    x0 = torch.randn(1, seq, a.dim, dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(1, seq, a.dim, dtype=torch.bfloat16)
     handle = None
     if mode == "checkpoint":
         model.checkpoint_layers()
     elif mode != "native":
         policy = {"swap": "swap", "alpha 0.5": 0.5, "alpha 0": "recompute"}[mode]
-        handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=Mover(layers),
+        handle = stitchalloc.offload(model, layers=list(model.layers), policy=policy, backend=backend,
                                      recompute_chunk=a.recompute_chunk)
+    return model, handle
+
+
+def report(out, path):
+    """The figures as one JSON line, and into `path` when given."""
+    print(json.dumps(out))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def step_peak(a, layers, seq, mode):
+    model, handle = layer_stack(a, layers, mode, Mover(layers))
+    x0 = torch.randn(1, seq, a.dim, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, seq, a.dim, dtype=torch.bfloat16)
+
     def run():
         x = x0
         for layer in model.layers:
@@ -125,10 +142,7 @@ def main():
                               "per_token_per_layer": per_layer, "per_token_base": base}
         print(f"  {mode:<11} {per_layer / 1024:8.2f} KiB {base / 1024:8.2f} KiB   "
               f"{(base + 16 * per_layer) / 1024:8.1f} KiB", flush=True)
-    print(json.dumps(out))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, a.json)
 
 
 if __name__ == "__main__":
