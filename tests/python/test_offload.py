@@ -19,6 +19,10 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import tiny_llama  # noqa: E402
 
+# The benchmarks' helpers (offload_backends, offload_memory, offload_flops), imported where used.
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+sys.path.insert(0, BENCH)
+
 import stitchalloc  # noqa: E402
 
 from test_plugin import HOST, needs_plugin, run_python  # noqa: E402
@@ -333,7 +337,6 @@ def test_chunks_bound_the_token_local_blocks_peak():
     # step's peak (bench/offload_memory.py's count of live storages, swap emulated) drops by at
     # least the MLP's full-length intermediates: gate, up and their product (3 x tokens x hidden)
     # less one chunk's worth. Spelled out in numbers for TinyLlama (dim 64, MLP 172, float64).
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import offload_backends
     import offload_memory
 
@@ -528,7 +531,6 @@ def test_memory_held_after_the_forward_does_not_grow_with_depth(policy, sdpa):
     # dispatch mode: storages created during the forward and alive; the stand-in swap manager
     # copies out unseen) is the same for 2 layers as for 4. The attention replay once kept q, k
     # and v through a closure autograd holds: 3 tensors per layer.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import offload_backends
     import offload_memory
 
@@ -869,7 +871,7 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     import json
     import subprocess
 
-    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "offload_seq.py")
+    bench = os.path.join(BENCH, "offload_seq.py")
     out = tmp_path / "seq.json"
     r = subprocess.run([sys.executable, bench, "search", "--device", "cpu", "--modes", "native,checkpoint,offload-nocopy",
                         "--policy", "0.0",
@@ -904,7 +906,6 @@ def test_token_wise_recompute_never_runs_the_attention_core_again():
     # three times).
     import argparse
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import offload_flops
 
     a = argparse.Namespace(dim=64, heads=2, hidden=160, recompute_chunk=16)
@@ -919,7 +920,6 @@ def test_token_wise_recompute_never_runs_the_attention_core_again():
 
 
 def test_copy_hiding_fraction():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     import offload_seq
 
     def probe(seconds, copy=None):
