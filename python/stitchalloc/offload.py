@@ -829,16 +829,15 @@ def _functions(torch):
             for start, n in _chunks(tokens, ctx.chunk):
                 # One chunk's recompute and backward at a time: the block is token-local, so only
                 # one chunk's intermediate tensors are on the device at once.
-                part = (x if n == tokens else x.narrow(-2, start, n)).detach().requires_grad_(True)
+                part = x.narrow(-2, start, n).detach().requires_grad_(True)
                 with torch.enable_grad():
                     if ctx.count is None:
                         y = ctx.block(part)
                     else:
                         y, nbytes = _counted(torch, ctx, part)
                         saved += nbytes
-                g = grad if n == tokens else grad.narrow(-2, start, n)
                 y = output_edge(y)
-                gpart, gparams = input_and_parameter_grads(y, part, ctx.params, g)
+                gpart, gparams = input_and_parameter_grads(y, part, ctx.params, grad.narrow(-2, start, n))
                 del y
                 if start + n == tokens and ctx.count is not None:
                     ctx.count(saved)

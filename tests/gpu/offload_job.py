@@ -69,7 +69,7 @@ out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.
        "loss_chunk": args.loss_chunk}
 ref_loss, ref, ref_peak = grads()
 out["peak_allocated_without"] = ref_peak
-runs = [("swap", "swap", args.recompute_chunk), ("0.5", 0.5, args.recompute_chunk), ("0.0", 0.0, args.recompute_chunk)]
+runs = [(str(policy), policy, args.recompute_chunk) for policy in ("swap", 0.5, 0.0)]
 if 0 < args.recompute_chunk < args.seq:
     runs.append(("0.0-whole", 0.0, 0))
 for name, policy, chunk in runs:
