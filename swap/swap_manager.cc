@@ -39,6 +39,7 @@ SwapManager::~SwapManager() {
   for (auto& [t, e] : tickets_) {
     if (e.copy != 0) engine_->Synchronize(e.copy).IgnoreError();
     if (e.release) ReturnBlock(e, std::nullopt).IgnoreError();
+    else if (e.state == TicketState::kPrefetching) FreeOwn(e.device);
     else if (e.device != nullptr) alloc_->Free(e.device).IgnoreError();
     if (e.host != nullptr) pool_->Free(e.host).IgnoreError();
     if (e.copy != 0) engine_->Release(e.copy).IgnoreError();
@@ -160,6 +161,7 @@ absl::Status SwapManager::Prefetch(Ticket t) {
   // Allocated on the copy stream, so the copy needs to wait for nothing on the compute stream.
   const Stream h2d = engine_->stream(Direction::kHostToDevice);
   auto device = alloc_->Malloc(bytes, h2d);
+  if (device.ok() && options_.hooks.allocated) options_.hooks.allocated(*device, h2d);
   MutexLock l(&mu_);
   auto it = tickets_.find(t);
   const bool still = it != tickets_.end() &&
@@ -169,7 +171,7 @@ absl::Status SwapManager::Prefetch(Ticket t) {
     return device.status();
   }
   if (!still) {  // cancelled or prefetched meanwhile
-    alloc_->Free(*device).IgnoreError();
+    FreeOwn(*device);
     return absl::OkStatus();
   }
   STITCHALLOC_NVTX_RANGE("swap: prefetch");
@@ -177,14 +179,14 @@ absl::Status SwapManager::Prefetch(Ticket t) {
   if (e.state == TicketState::kOffloading) {
     // Still leaving: the copy back waits for the copy out, on the device.
     if (auto s = engine_->StreamWait(h2d, e.copy); !s.ok()) {
-      alloc_->Free(*device).IgnoreError();
+      FreeOwn(*device);
       return s;
     }
     finished_.push_back(e.copy);
   }
   auto copy = engine_->Issue(Direction::kHostToDevice, *device, e.host, e.bytes, h2d);
   if (!copy.ok()) {
-    alloc_->Free(*device).IgnoreError();
+    FreeOwn(*device);
     return copy.status();
   }
   e.device = *device;
@@ -290,7 +292,7 @@ absl::Status SwapManager::Cancel(Ticket t) {
       break;
     case TicketState::kPrefetching:
       // The block belongs to the copy stream's pool: reuse there is ordered after the copy.
-      alloc_->Free(e.device).IgnoreError();
+      FreeOwn(e.device);
       DeferHostFree(e.copy, e.host);
       break;
   }
@@ -359,6 +361,11 @@ std::string SwapManager::PressureNoteLocked(std::int64_t moved, std::size_t move
 }
 
 void SwapManager::DeferHostFree(CopyEngine::CopyId copy, void* host) { deferred_.push_back({copy, host}); }
+
+void SwapManager::FreeOwn(void* block) {
+  if (options_.hooks.freeing) options_.hooks.freeing(block, engine_->stream(Direction::kHostToDevice));
+  alloc_->Free(block).IgnoreError();
+}
 
 void SwapManager::PollLocked() {
   for (auto& [t, e] : tickets_) {

@@ -50,10 +50,21 @@
 
 namespace stitchalloc::swap {
 
+// Observers of the device blocks the manager allocates itself (prefetches): `allocated` right
+// after the allocation, `freeing` right before the manager frees one it never handed out (a
+// cancelled or failed prefetch, or one still pending when the manager goes). A block handed out
+// by Claim() is the caller's from then on. The torch plugin keeps PyTorch's memory history this
+// way. Either may be empty; they must not call back into the manager.
+struct BlockHooks {
+  std::function<void(void* block, Stream stream)> allocated;
+  std::function<void(void* block, Stream stream)> freeing;
+};
+
 struct SwapOptions {
   int lookahead = 1;          // layers prefetched ahead of the backward
   int keep_last_layers = 1;   // the last layers keep their tensors on the device
   std::size_t min_bytes = 0;  // smaller tensors stay on the device
+  BlockHooks hooks = {};
 };
 
 enum class TicketState : std::uint8_t { kRegistered, kKept, kOffloading, kOnHost, kPrefetching };
@@ -154,6 +165,8 @@ class SwapManager {
   // Gives the original device block back: release() for a borrowed block, Free otherwise.
   absl::Status ReturnBlock(Entry& e, std::optional<Stream> in_use_by) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DeferHostFree(CopyEngine::CopyId copy, void* host) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees a prefetch block the manager allocated and never handed out (hooks.freeing first).
+  void FreeOwn(void* block);
 
   CachingAllocator* const alloc_;
   PinnedPool* const pool_;

@@ -2,7 +2,8 @@
 // exhaustion, bad frees), the copy engine (chunked copies bit-exact, bandwidth accounting), and
 // the swap manager (round trips bit-exact with both directions in flight and from several
 // threads, exhaustion keeping tensors on the device, cancel on free, the layer-boundary schedule
-// for an 8-layer forward/backward, eviction under memory pressure).
+// for an 8-layer forward/backward, eviction under memory pressure, the block hooks that keep
+// PyTorch's memory history).
 #include <atomic>
 #include <chrono>
 #include <optional>
@@ -12,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "gtest/gtest.h"
 #include "swap/copy_engine.h"
 #include "swap/pinned_pool.h"
@@ -344,6 +346,69 @@ TEST(SwapManager, FreedTensorCancelsItsPendingCopy) {
   r.swap->Poll();
   EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
   EXPECT_EQ(r.swap->GetStats().cancelled, 2);
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  SA_ASSERT_OK(r.alloc->CheckInvariants());
+}
+
+// The block hooks (PyTorch's memory history, in the torch plugin) see every prefetch block the
+// manager allocates, and it frees itself exactly those it never handed out: a cancelled
+// prefetch, and one still pending when the manager goes. Claimed blocks stay allocated, the
+// caller's, with no freeing call.
+TEST(SwapManager, BlockHooksSeeEveryPrefetchBlockAndEveryOneTheManagerFreesItself) {
+  absl::flat_hash_map<void*, Stream> own;  // allocated and not yet freed by the manager
+  int allocated = 0, freed = 0, bad = 0;
+  BlockHooks hooks{.allocated = [&](void* p, Stream s) {
+                     ++allocated;
+                     if (!own.emplace(p, s).second) ++bad;  // handed out twice
+                   },
+                   .freeing = [&](void* p, Stream s) {
+                     ++freed;
+                     auto it = own.find(p);
+                     if (it == own.end() || it->second != s) ++bad;  // not one of the manager's
+                     else own.erase(it);
+                   }};
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 32 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0, .hooks = hooks});
+  const Stream h2d = r.engine->stream(Direction::kHostToDevice);
+  SA_ASSERT_OK(r.swap->BeginIteration(3));
+  std::mt19937 rng(9);
+  std::vector<Saved> saved;
+  ForwardLayer(r, 0, 3, rng, &saved);
+  ForwardLayer(r, 1, 4, rng, &saved);
+  SA_ASSERT_OK(r.swap->ForwardEnd(2));
+  EXPECT_EQ(allocated, 0);  // offloads allocate nothing on the device
+  SA_ASSERT_OK(r.swap->BackwardBegin(2));  // layer 1 comes back
+  EXPECT_EQ(allocated, 4);
+  for (const auto& [p, s] : own) EXPECT_EQ(s, h2d);
+  // Two of layer 1's tensors die while their prefetch is in flight: the manager frees those.
+  for (int k : {3, 4}) {
+    SA_ASSIGN_OR_FAIL(state, r.swap->State(saved[k].ticket));
+    EXPECT_EQ(state, TicketState::kPrefetching);
+    SA_ASSERT_OK(r.swap->Cancel(saved[k].ticket));
+  }
+  EXPECT_EQ(freed, 2);
+  // The other two are claimed: allocated and never freed by the manager, the caller's now.
+  auto claim = [&](const Saved& v) {
+    SA_ASSIGN_OR_FAIL(c, r.swap->Claim(v.ticket));
+    EXPECT_FALSE(c.same_block);
+    EXPECT_TRUE(own.contains(c.ptr));
+    SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.compute));
+    const std::vector<std::uint8_t> bytes = Pattern(v.bytes, v.seed);
+    EXPECT_EQ(std::memcmp(c.ptr, bytes.data(), v.bytes), 0);
+    SA_ASSERT_OK(r.alloc->Free(c.ptr));  // the caller's free: no hook
+    own.erase(c.ptr);
+  };
+  claim(saved[5]);
+  claim(saved[6]);
+  EXPECT_EQ(freed, 2);
+  SA_ASSERT_OK(r.swap->BackwardBegin(1));  // layer 0 comes back; one of it is claimed
+  EXPECT_EQ(allocated, 7);
+  claim(saved[0]);
+  EXPECT_EQ(own.size(), 2u);
+  // The manager goes with two prefetches pending: it frees both, through the hook.
+  r.swap.reset();
+  EXPECT_EQ(freed, 4);
+  EXPECT_EQ(bad, 0);
   EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
   SA_ASSERT_OK(r.alloc->CheckInvariants());
 }

@@ -2,8 +2,9 @@
 // driver, without a GPU: installation where torch looks the allocator up, refusal after the
 // native allocator is initialised, statistics in torch's types, errors as torch exceptions
 // (torch.OutOfMemoryError with stitchalloc's report), memory history and snapshots, private
-// pools, cacheInfo and getBaseAllocation. Each test runs in its own process (ctest), since an
-// installation lasts for the process. Built only when a CUDA-enabled torch was found.
+// pools, cacheInfo, getBaseAllocation and the swap entry points. Each test runs in its own
+// process (ctest), since an installation lasts for the process. Built only when a CUDA-enabled
+// torch was found.
 #include <c10/core/Allocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/util/Exception.h>
@@ -298,6 +299,98 @@ TEST(TorchPlugin, ArenaMarksPlanAndServeThroughTheInstalledAllocator) {
   void* p = a->raw_alloc_with_stream(1 << 20, StreamId(0));
   ASSERT_NE(p, nullptr);
   a->raw_delete(p);
+}
+
+// The swap entry points through the installed allocator: a borrowed block goes to pinned memory
+// and comes back bit-exact in a new block; the prefetch blocks are in PyTorch's memory history
+// like its own allocations, so every free in the trace has its alloc (also for the block the
+// manager frees itself when a tensor dies during its prefetch); bad calls fail with a reason.
+TEST(TorchPlugin, SwapThroughTheInstalledAllocatorKeepsTheMemoryHistoryWhole) {
+  uint64_t ticket = 0;
+  EXPECT_EQ(stitchalloc_torch_swap_begin(0, 2), -1);  // not installed yet
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("not PyTorch's CUDA allocator"));
+  ASSERT_EQ(stitchalloc_torch_install("driver:host,host_capacity_mb:256,swap_slab_mb:8,swap_host_limit_mb:64,"
+                                      "swap_keep_last_layers:0"),
+            0)
+      << stitchalloc_torch_last_error();
+  cca::CUDAAllocator* a = cca::get();
+  a->init(1);
+  a->recordHistory(true, nullptr, 1000, cda::RecordContext::ALL, false, {});
+  struct Owner {
+    void* block = nullptr;
+    int released = 0;
+  };
+  auto release = [](void* context) {
+    auto* o = static_cast<Owner*>(context);
+    ++o->released;
+    cca::get()->raw_delete(o->block);  // the storage's last reference goes
+  };
+  constexpr size_t kP = 3 << 20, kQ = 2 << 20;
+  Owner p{a->raw_alloc_with_stream(kP, StreamId(0))}, q{a->raw_alloc_with_stream(kQ, StreamId(0))};
+  for (size_t i = 0; i < kP; ++i) static_cast<unsigned char*>(p.block)[i] = static_cast<unsigned char>(i * 7 + 1);
+  std::memset(q.block, 0x5a, kQ);
+  EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 0, release, &p, &ticket), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("no swap session on device 0"));
+
+  ASSERT_EQ(stitchalloc_torch_swap_begin(0, 2), 0) << stitchalloc_torch_last_error();
+  int local = 0;
+  EXPECT_EQ(stitchalloc_torch_swap_offload(0, &local, sizeof local, 0, release, &p, &ticket), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("is not a live stitchalloc allocation"));
+  EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, 2 * kP, 0, release, &p, &ticket), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("overrun its allocation"));
+  EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 0, release, &p, nullptr), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("ticket is NULL"));
+  EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 5, release, &p, &ticket), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("layer 5 is outside"));
+
+  uint64_t tp = 0, tq = 0;
+  ASSERT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 0, release, &p, &tp), 0) << stitchalloc_torch_last_error();
+  ASSERT_EQ(stitchalloc_torch_swap_offload(0, q.block, kQ, 0, release, &q, &tq), 0) << stitchalloc_torch_last_error();
+  ASSERT_EQ(stitchalloc_torch_swap_forward_end(0, 0), 0) << stitchalloc_torch_last_error();
+  ASSERT_EQ(stitchalloc_torch_swap_forward_end(0, 1), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(p.released, 1);  // the device blocks went back to their owners as the copies left
+  EXPECT_EQ(q.released, 1);
+  ASSERT_EQ(stitchalloc_torch_swap_backward_begin(0, 1), 0) << stitchalloc_torch_last_error();  // layer 0 back
+  EXPECT_EQ(stitchalloc_torch_swap_state(0, tp), 4);  // prefetching
+  ASSERT_EQ(stitchalloc_torch_swap_cancel(0, tq), 0) << stitchalloc_torch_last_error();  // q died meanwhile
+  void* back = nullptr;
+  int same = -1;
+  ASSERT_EQ(stitchalloc_torch_swap_wait(0, tp, &back, &same), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(same, 0);
+  ASSERT_EQ(stitchalloc_torch_swap_synchronize(0), 0) << stitchalloc_torch_last_error();
+  size_t wrong = 0;
+  for (size_t i = 0; i < kP; ++i) wrong += static_cast<unsigned char*>(back)[i] != static_cast<unsigned char>(i * 7 + 1);
+  EXPECT_EQ(wrong, 0u);
+  a->raw_delete(back);  // as PyTorch's deleter frees it
+  EXPECT_EQ(stitchalloc_torch_swap_wait(0, tq, &back, &same), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("no ticket"));
+  const std::string stats = stitchalloc_torch_swap_stats(0);
+  EXPECT_THAT(stats, HasSubstr("swap.offloads 2\n"));
+  EXPECT_THAT(stats, HasSubstr("swap.prefetches 2\n"));
+  EXPECT_THAT(stats, HasSubstr("swap.cancelled 1\n"));
+  EXPECT_THAT(stats, HasSubstr("swap.live_tickets 0\n"));
+
+  // The trace: p and q, the two prefetch blocks; each freed once, after its alloc.
+  const cca::SnapshotInfo snap = a->snapshot({0, 0}, true);
+  ASSERT_EQ(snap.device_traces.size(), 1u);
+  std::unordered_set<size_t> live;
+  int allocs = 0, frees = 0, unpaired = 0, prefetch_allocs = 0;
+  for (const auto& e : snap.device_traces[0]) {
+    if (e.action_ == cda::TraceEntry::ALLOC) {
+      ++allocs;
+      if (e.stream_ != StreamId(0)) ++prefetch_allocs;  // on the copy stream
+      if (!live.insert(e.addr_).second) ++unpaired;
+    } else if (e.action_ == cda::TraceEntry::FREE_COMPLETED) {
+      ++frees;
+      if (live.erase(e.addr_) != 1) ++unpaired;
+    }
+  }
+  EXPECT_EQ(allocs, 4);
+  EXPECT_EQ(prefetch_allocs, 2);
+  EXPECT_EQ(frees, 4);
+  EXPECT_EQ(unpaired, 0);
+  EXPECT_TRUE(live.empty());
+  EXPECT_EQ(a->getDeviceStats(0).allocated_bytes[0].current, 0);
 }
 
 }  // namespace

@@ -309,6 +309,21 @@ class TorchAllocator final : public cca::CUDAAllocator {
       Trace(cda::TraceEntry::FREE_COMPLETED, device, ptr, size, 0, kDefaultPool, /*freeing=*/true);
     }
   }
+  // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
+  // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
+  void TraceSwapBlock(bool allocated, DeviceIndex device, void* ptr, Stream stream) {
+    if (!record_history_.load() && !has_trackers_.load()) return;
+    PoolSet* set = devices_[device].load();
+    if (set == nullptr) return;
+    const std::size_t size = SizeOf(*set, ptr);
+    auto* s = reinterpret_cast<cudaStream_t>(stream);
+    if (allocated) {
+      Trace(cda::TraceEntry::ALLOC, device, ptr, size, s, kDefaultPool, /*freeing=*/false);
+    } else {
+      Trace(cda::TraceEntry::FREE_REQUESTED, device, ptr, size, s, kDefaultPool, /*freeing=*/true);
+      Trace(cda::TraceEntry::FREE_COMPLETED, device, ptr, size, s, kDefaultPool, /*freeing=*/true);
+    }
+  }
   const Config& base() const { return base_; }
   // The PoolSet that arena marks address: `device`, or the current device when it is -1.
   PoolSet& MarkTarget(int device) { return Device(static_cast<DeviceIndex>(device < 0 ? CurrentDeviceOrZero() : device)); }
@@ -617,6 +632,12 @@ void FreeThroughTorch(void* ptr) { RawDelete(ptr); }
 void SetLastError(std::string message) { g_last_error = std::move(message); }
 
 Stream CurrentStream(int device) { return g_allocator.load()->CurrentStreamOf(device); }
+
+void TraceSwapBlock(bool allocated, int device, void* ptr, Stream stream) {
+  if (TorchAllocator* mine = g_allocator.load()) {
+    mine->TraceSwapBlock(allocated, static_cast<c10::DeviceIndex>(device), ptr, stream);
+  }
+}
 
 }  // namespace stitchalloc::torch_internal
 

@@ -8,7 +8,9 @@
 // Every block handed to the manager stays the caller's in the sense of PyTorch: wherever the
 // manager gives it back, the stream still reading it is recorded on the PoolSet and then either
 // the caller's release callback runs (a PyTorch storage drops its reference) or, without one,
-// the block is freed the way PyTorch's deleter frees it. No exception crosses the C boundary.
+// the block is freed the way PyTorch's deleter frees it. The manager's own prefetch blocks are
+// traced in PyTorch's memory history through its block hooks (allocated; freed unclaimed), so a
+// trace pairs every free with its alloc. No exception crosses the C boundary.
 #include <array>
 #include <atomic>
 #include <memory>
@@ -43,6 +45,14 @@ int Fail(const char* what, const absl::Status& s) {
   return -1;
 }
 
+// Prefetch blocks in PyTorch's memory history (an exception must not unwind into the manager).
+void TraceQuietly(bool allocated, int device, void* ptr, Stream stream) {
+  try {
+    torch_internal::TraceSwapBlock(allocated, device, ptr, stream);
+  } catch (...) {
+  }
+}
+
 // The session of `device`; created only when `create` (swap_begin), otherwise FailedPrecondition.
 absl::StatusOr<SwapSession*> Session(int device, bool create) {
   int d = 0;
@@ -68,7 +78,11 @@ absl::StatusOr<SwapSession*> Session(int device, bool create) {
   session->engine = *std::move(engine);
   auto manager = swap::SwapManager::Create(
       &(*set)->main(), session->pool.get(), session->engine.get(), torch_internal::CurrentStream(d),
-      {.lookahead = cfg.lookahead, .keep_last_layers = cfg.keep_last_layers, .min_bytes = cfg.min_bytes});
+      {.lookahead = cfg.lookahead,
+       .keep_last_layers = cfg.keep_last_layers,
+       .min_bytes = cfg.min_bytes,
+       .hooks = {.allocated = [d](void* p, Stream s) { TraceQuietly(true, d, p, s); },
+                 .freeing = [d](void* p, Stream s) { TraceQuietly(false, d, p, s); }}});
   if (!manager.ok()) return manager.status();
   session->manager = *std::move(manager);
   SwapSession* raw = session.release();  // lives as long as the process
