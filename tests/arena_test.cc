@@ -1,10 +1,14 @@
 // Plan-guided arena on the host driver: a recorded-then-replayed synthetic training loop is
 // served from the arena with zero fallbacks and byte-exact contents; a changed loop falls back
-// and re-plans; shapes alternate without re-planning; plans return their memory.
+// and re-plans; shapes alternate without re-planning; plans return their memory; a plan serves one
+// stream, so work queued on another never sees its bytes reused.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -13,6 +17,7 @@
 #include "allocator/plan/problem.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
+#include "vmm/host_driver.h"
 
 namespace stitchalloc::arena {
 namespace {
@@ -230,6 +235,66 @@ TEST(Arena, FreeInAnotherOrderNeverAliases) {
   SA_ASSERT_OK(arena.EndIteration());
 }
 
+// Recorded: a on a side stream, freed, then b on the compute stream (more bytes) over the same
+// time. Served, the side stream's queued work still reads a after its free (in host order)
+// while the compute stream writes b at once. Were both planned, b would land on a's bytes under
+// that work; a plan serves one stream, so a goes to the caching allocator, whose pools order
+// cross-stream reuse.
+TEST(Arena, APlanServesOneStreamSoWorkQueuedOnAnotherIsNeverOverwritten) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
+  auto* host = dynamic_cast<HostDriver*>(&backing->driver());
+  ASSERT_NE(host, nullptr);
+  SA_ASSIGN_OR_FAIL(compute, host->CreateStream());
+  SA_ASSIGN_OR_FAIL(side, host->CreateStream());
+  PlannedAllocator arena(backing.get());
+  static constexpr std::size_t kA = 1 << 20, kB = 2 << 20;
+  std::atomic<int> overwritten{0};
+  // Waits (at most 5 s) for a flag another stream's "kernel" sets.
+  auto await = [](const std::atomic<bool>& flag) {
+    for (int i = 0; i < 5000 && !flag.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  };
+  auto iteration = [&] {
+    std::atomic<bool> a_written{false}, b_written{false};
+    SA_ASSERT_OK(arena.BeginIteration(3));
+    SA_ASSIGN_OR_FAIL(a, arena.Malloc(kA, side));
+    // The side stream writes a, and reads it back after the compute stream has written b.
+    SA_ASSERT_OK(host->Enqueue(side, [&, a] {
+      auto* bytes = static_cast<unsigned char*>(a);
+      std::memset(bytes, 0xAA, kA);
+      a_written.store(true);
+      await(b_written);
+      if (std::count(bytes, bytes + kA, 0xAA) != static_cast<std::ptrdiff_t>(kA)) overwritten.fetch_add(1);
+    }));
+    SA_ASSERT_OK(arena.Free(a));
+    SA_ASSIGN_OR_FAIL(b, arena.Malloc(kB, compute));
+    SA_ASSERT_OK(host->Enqueue(compute, [&, b] {
+      await(a_written);
+      std::memset(b, 0xBB, kB);
+      b_written.store(true);
+    }));
+    SA_ASSERT_OK(arena.Free(b));
+    SA_ASSERT_OK(arena.EndIteration());
+    SA_ASSERT_OK(host->SynchronizeStream(side));
+    SA_ASSERT_OK(host->SynchronizeStream(compute));
+  };
+  iteration();  // recorded
+  const ArenaPlan* plan = arena.FindPlan(3);
+  ASSERT_NE(plan, nullptr);
+  EXPECT_EQ(plan->stream, compute);
+  EXPECT_EQ(plan->other_stream_requests, 1);
+  ASSERT_EQ(plan->outside.size(), 2u);
+  EXPECT_FALSE(plan->outside[0].planned);
+  EXPECT_TRUE(plan->outside[1].planned);
+  for (int i = 0; i < 3; ++i) iteration();  // served
+  EXPECT_EQ(overwritten.load(), 0);
+  const ArenaStats st = arena.GetStats();
+  EXPECT_EQ(st.hits, 3);
+  EXPECT_EQ(st.unplanned, 3);
+  EXPECT_EQ(st.misses, 0);
+  SA_ASSERT_OK(arena.DropAllPlans());
+  SA_ASSERT_OK(backing->CheckInvariants());
+}
+
 TEST(Arena, DroppingPlansReturnsMemory) {
   SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:2048"));
   PlannedAllocator arena(backing.get());
@@ -329,6 +394,40 @@ TEST(BiLevel, LayerLocalPlansAreReusedAndValid) {
   }
   SA_EXPECT_OK(plan::CheckSolution(flat, offsets, plan.arena_bytes));
   EXPECT_GE(plan.arena_bytes, plan.lower_bound);
+}
+
+TEST(BiLevel, OnlyTheStreamWithTheMostBytesIsPlanned) {
+  // Stream 7: 3000 bytes in two requests; stream 9: 5000 bytes; stream 11: live at the end.
+  Recorder r;
+  r.Begin();
+  r.OnAlloc(1, 1000, 7);
+  r.OnAlloc(2, 5000, 9);
+  r.OnFree(1);
+  r.OnAlloc(3, 2000, 7);
+  r.OnAlloc(4, 90000, 11);  // never freed: not planned, whatever its size
+  r.OnFree(2);
+  r.OnFree(3);
+  IterationRecording rec;
+  SA_ASSERT_OK(r.Finish(&rec));
+  EXPECT_EQ(ArenaStream(rec), 9);
+  SA_ASSIGN_OR_FAIL(plan, PlanIteration(rec));
+  EXPECT_EQ(plan.stream, 9);
+  EXPECT_EQ(plan.planned_requests, 1);
+  EXPECT_EQ(plan.unplanned_requests, 3);
+  EXPECT_EQ(plan.other_stream_requests, 2);
+  for (const Slot& slot : plan.outside) EXPECT_EQ(slot.planned, slot.stream == 9) << slot.stream;
+  EXPECT_EQ(FlatProblem(rec).buffers.size(), 1u);
+  EXPECT_EQ(plan.lower_bound, 5120);  // rounded to the 512-byte granule
+  // A tie goes to the stream of the earliest request.
+  Recorder t;
+  t.Begin();
+  t.OnAlloc(1, 4096, 5);
+  t.OnAlloc(2, 4096, 3);
+  t.OnFree(1);
+  t.OnFree(2);
+  IterationRecording tie;
+  SA_ASSERT_OK(t.Finish(&tie));
+  EXPECT_EQ(ArenaStream(tie), 5);
 }
 
 }  // namespace

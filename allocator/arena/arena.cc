@@ -24,20 +24,23 @@ std::int64_t PlannedAllocator::LargestPlan() const {
   return m;
 }
 
-bool PlannedAllocator::EnsureArena(std::int64_t bytes) {
-  if (bytes <= arena_size_) return true;
+bool PlannedAllocator::EnsureArena(std::int64_t bytes, Stream stream) {
+  if (base_ != nullptr && bytes <= arena_size_ && stream == arena_stream_) return true;
   if (!live_.empty()) return false;
   if (base_ != nullptr) {
     if (!backing_->Free(base_).ok()) return false;
     base_ = nullptr;
     arena_size_ = 0;
   }
-  absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(bytes));
+  // The arena is a block of the plan's stream: every arena allocation is used on that stream,
+  // so the caching allocator orders the block's later reuse after all of their work.
+  absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(bytes), stream);
   if (!p.ok()) {
     stats_.arena_bytes = 0;
     return false;
   }
   base_ = *p;
+  arena_stream_ = stream;
   arena_size_ = bytes;
   stats_.arena_bytes = bytes;
   return true;
@@ -66,7 +69,8 @@ absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
   auto it = plans_.find(signature);
   if (it != plans_.end()) {
     // Grow to the largest cached plan at once, so alternating shapes never re-allocate.
-    if (EnsureArena(LargestPlan()) || EnsureArena(it->second->plan.arena_bytes)) {
+    const Stream stream = it->second->plan.stream;
+    if (EnsureArena(LargestPlan(), stream) || EnsureArena(it->second->plan.arena_bytes, stream)) {
       mode_ = Mode::kServing;
       current_ = it->second.get();
       slots_ = &current_->plan.outside;

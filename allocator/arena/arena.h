@@ -22,7 +22,10 @@
 //
 // Safety: an arena range is handed out only if no live arena allocation overlaps it (an
 // offset-ordered map of live ranges), so a changed order can cost a miss but never aliases two
-// live allocations, whichever plans they came from.
+// live allocations, whichever plans they came from. A plan serves one stream (ArenaStream: the
+// recording's requests on other streams are unplanned) and the arena is a block of that stream,
+// so reusing a range in host order is ordered on the device too, and so is the block's return
+// to the caching allocator.
 //
 // Thread-safe. While no iteration is open and no plan or arena allocation exists, Malloc and
 // Free pass straight through without taking the arena's lock.
@@ -126,8 +129,9 @@ class PlannedAllocator {
 
   void UpdateEngaged() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DropLocked(std::uint64_t signature) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Makes the arena at least `bytes` large; false if it cannot now (live allocations, OOM).
-  bool EnsureArena(std::int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes the arena at least `bytes` large and a block of `stream`; false if it cannot now
+  // (live allocations, OOM).
+  bool EnsureArena(std::int64_t bytes, Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t LargestPlan() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The offset of `ptr` in the arena, or -1 when it lies outside it.
   std::int64_t ArenaOffset(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -154,6 +158,7 @@ class PlannedAllocator {
   bool off_sequence_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_map<std::tuple<std::string, int, Phase>, int> occurrences_ ABSL_GUARDED_BY(mu_);
   void* base_ ABSL_GUARDED_BY(mu_) = nullptr;  // the shared arena
+  Stream arena_stream_ ABSL_GUARDED_BY(mu_) = kDefaultStream;  // the stream it was allocated on
   std::int64_t arena_size_ ABSL_GUARDED_BY(mu_) = 0;
   absl::btree_map<std::int64_t, std::int64_t> live_ ABSL_GUARDED_BY(mu_);  // offset -> end
 

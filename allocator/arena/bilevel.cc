@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
 
@@ -21,11 +23,32 @@ struct LocalPlan {
 
 }  // namespace
 
+Stream ArenaStream(const IterationRecording& rec) {
+  absl::flat_hash_map<Stream, std::int64_t> bytes;
+  std::vector<Stream> order;  // by first request (requests are in allocation order)
+  for (const RecordedRequest& r : rec.requests) {
+    if (r.free_time < 0) continue;
+    auto [it, added] = bytes.try_emplace(r.stream, 0);
+    if (added) order.push_back(r.stream);
+    it->second += static_cast<std::int64_t>(r.size);
+  }
+  Stream best = kDefaultStream;
+  std::int64_t most = -1;
+  for (Stream s : order) {
+    if (bytes[s] > most) {
+      best = s;
+      most = bytes[s];
+    }
+  }
+  return best;
+}
+
 plan::Problem FlatProblem(const IterationRecording& rec) {
+  const Stream stream = ArenaStream(rec);
   plan::Problem p;
   for (std::size_t i = 0; i < rec.requests.size(); ++i) {
     const RecordedRequest& r = rec.requests[i];
-    if (r.free_time < 0) continue;
+    if (!Planned(r, stream)) continue;
     p.buffers.push_back({absl::StrCat(i), r.alloc_time, r.free_time, static_cast<std::int64_t>(r.size), 1});
   }
   return p;
@@ -38,12 +61,14 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
   for (const LayerSpan& l : rec.layers) {
     if (l.end < l.begin) return absl::InvalidArgumentError(absl::StrCat("layer ", l.kind, " ", l.index, " never ended"));
   }
+  out.stream = ArenaStream(rec);
   // Local requests per layer instance.
   std::vector<std::vector<std::size_t>> local(nl);
   for (std::size_t i = 0; i < rec.requests.size(); ++i) {
     const RecordedRequest& r = rec.requests[i];
-    if (r.free_time < 0) {
+    if (!Planned(r, out.stream)) {
       ++out.unplanned_requests;
+      if (r.free_time >= 0) ++out.other_stream_requests;
       continue;
     }
     ++out.planned_requests;
@@ -94,7 +119,7 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
   }
   for (std::size_t i = 0; i < rec.requests.size(); ++i) {
     const RecordedRequest& r = rec.requests[i];
-    if (r.free_time < 0 || is_local[i]) continue;
+    if (!Planned(r, out.stream) || is_local[i]) continue;
     top.buffers.push_back({absl::StrCat(i), r.alloc_time, r.free_time, static_cast<std::int64_t>(r.size), 1});
     top_ref.push_back(static_cast<std::int64_t>(i));
   }
@@ -128,13 +153,14 @@ absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiL
       v = &out.outside;
     }
     if (v->size() <= static_cast<std::size_t>(r.ordinal)) v->resize(r.ordinal + 1);
-    (*v)[r.ordinal] = {r.free_time >= 0, r.size, r.stream, r.free_time >= 0 ? request_offset[i] : 0};
+    const bool planned = Planned(r, out.stream);
+    (*v)[r.ordinal] = {planned, r.size, r.stream, planned ? request_offset[i] : 0};
   }
   // The composed offsets must solve the flat problem: check with the independent validator.
   {
     std::vector<std::int64_t> flat_offsets;
     for (std::size_t i = 0; i < rec.requests.size(); ++i) {
-      if (rec.requests[i].free_time >= 0) flat_offsets.push_back(request_offset[i]);
+      if (Planned(rec.requests[i], out.stream)) flat_offsets.push_back(request_offset[i]);
     }
     if (absl::Status s = plan::CheckSolution(flat, flat_offsets, out.arena_bytes); !s.ok()) {
       return absl::InternalError(absl::StrCat("bi-level plan is inconsistent: ", s.message()));

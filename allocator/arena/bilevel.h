@@ -41,8 +41,10 @@ using LayerKey = std::tuple<std::string, int, Phase, int>;  // kind, index, phas
 struct ArenaPlan {
   std::int64_t arena_bytes = 0;   // the top-level plan's peak
   std::int64_t lower_bound = 0;   // max live load of all planned requests (flat)
+  Stream stream = kDefaultStream; // the arena's stream: every planned request is on it
   std::int64_t planned_requests = 0;
-  std::int64_t unplanned_requests = 0;  // live at the iteration's end
+  std::int64_t unplanned_requests = 0;  // live at the iteration's end, or on another stream
+  std::int64_t other_stream_requests = 0;  // of those, freed in the iteration but on another stream
   int layer_plans = 0;        // distinct layer plans solved
   int layers_sharing = 0;     // layer instances that reused another layer's plan
   bool optimal_layers = true; // every layer plan proven optimal
@@ -59,7 +61,18 @@ struct BiLevelOptions {
 
 absl::StatusOr<ArenaPlan> PlanIteration(const IterationRecording& rec, const BiLevelOptions& options = {});
 
-// The flat problem (every planned request one buffer) for comparison and lower bounds.
+// The stream an arena plan serves: the one whose requests freed inside the iteration request
+// the most bytes (ties: the stream of the earliest such request). Only its requests are
+// planned. Arena offsets are reused in host order without events, which orders work on one
+// stream only: a range freed by one stream and handed to another could be overwritten while
+// the first stream's queued work still reads it. Requests on other streams go to the caching
+// allocator, whose per-stream pools and events order cross-stream reuse.
+Stream ArenaStream(const IterationRecording& rec);
+// Whether `r` is planned in an arena on `stream` (freed inside the iteration, on that stream).
+inline bool Planned(const RecordedRequest& r, Stream stream) { return r.free_time >= 0 && r.stream == stream; }
+
+// The flat problem (every request planned on ArenaStream(rec) one buffer) for comparison and
+// lower bounds.
 plan::Problem FlatProblem(const IterationRecording& rec);
 
 }  // namespace stitchalloc::arena
