@@ -1,7 +1,7 @@
 // Plan-guided arena on the host driver: a recorded-then-replayed synthetic training loop is
 // served from the arena with zero fallbacks and byte-exact contents; a changed loop falls back
 // and re-plans; shapes alternate without re-planning; plans return their memory; a plan serves one
-// stream, so work queued on another never sees its bytes reused.
+// stream, so work queued on another never sees its bytes reused; record_stream defers a free.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -24,6 +24,11 @@ namespace {
 
 using testing::MakeHostAllocator;
 using testing::Pattern;
+
+// Waits (at most 5 s) for a flag that work on another stream sets.
+void await(const std::atomic<bool>& flag) {
+  for (int i = 0; i < 5000 && !flag.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
 
 // Allocations carry a pattern written at malloc and checked at free: any aliasing of two live
 // allocations shows up as a mismatch.
@@ -249,10 +254,6 @@ TEST(Arena, APlanServesOneStreamSoWorkQueuedOnAnotherIsNeverOverwritten) {
   PlannedAllocator arena(backing.get());
   static constexpr std::size_t kA = 1 << 20, kB = 2 << 20;
   std::atomic<int> overwritten{0};
-  // Waits (at most 5 s) for a flag another stream's "kernel" sets.
-  auto await = [](const std::atomic<bool>& flag) {
-    for (int i = 0; i < 5000 && !flag.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  };
   auto iteration = [&] {
     std::atomic<bool> a_written{false}, b_written{false};
     SA_ASSERT_OK(arena.BeginIteration(3));
@@ -292,6 +293,90 @@ TEST(Arena, APlanServesOneStreamSoWorkQueuedOnAnotherIsNeverOverwritten) {
   EXPECT_EQ(st.unplanned, 3);
   EXPECT_EQ(st.misses, 0);
   SA_ASSERT_OK(arena.DropAllPlans());
+  SA_ASSERT_OK(backing->CheckInvariants());
+}
+
+// record_stream on an arena allocation (PyTorch's Tensor.record_stream): its free is deferred
+// until the other stream's work queued so far is done; meanwhile its range is occupied (a request
+// planned there misses), and once the work is done the range serves hits again. Dropping the
+// plan with a free still deferred hands that stream to the caching allocator with the arena
+// block, which then does not reuse the block under the stream's work either.
+TEST(Arena, RecordStreamDefersTheFreeUntilTheOtherStreamIsDone) {
+  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
+  auto* host = dynamic_cast<HostDriver*>(&backing->driver());
+  ASSERT_NE(host, nullptr);
+  SA_ASSIGN_OR_FAIL(compute, host->CreateStream());
+  SA_ASSIGN_OR_FAIL(side, host->CreateStream());
+  PlannedAllocator arena(backing.get());
+  static constexpr std::size_t kN = 1 << 20;
+  auto record = [&] {  // a, freed, then b: the plan puts b on a's bytes
+    SA_ASSERT_OK(arena.BeginIteration(5));
+    for (int k = 0; k < 2; ++k) {
+      SA_ASSIGN_OR_FAIL(p, arena.Malloc(kN, compute));
+      SA_ASSERT_OK(arena.Free(p));
+    }
+    SA_ASSERT_OK(arena.EndIteration());
+  };
+  record();
+  ASSERT_NE(arena.FindPlan(5), nullptr);
+  ASSERT_EQ(arena.FindPlan(5)->outside[0].offset, arena.FindPlan(5)->outside[1].offset);
+
+  std::atomic<bool> gate{false};
+  std::atomic<int> wrong{0};
+  SA_ASSERT_OK(arena.BeginIteration(5));
+  SA_ASSIGN_OR_FAIL(a, arena.Malloc(kN, compute));
+  ASSERT_TRUE(arena.IsArenaPointer(a));
+  SA_ASSIGN_OR_FAIL(info, arena.Describe(a));
+  EXPECT_EQ(info.ptr, reinterpret_cast<DevicePtr>(a));
+  EXPECT_EQ(info.size, kN);
+  EXPECT_EQ(info.stream, compute);
+  EXPECT_TRUE(absl::IsInvalidArgument(arena.Describe(static_cast<char*>(a) + 512).status()));
+  std::memset(a, 0xAA, kN);
+  // The side stream reads a once the gate opens.
+  SA_ASSERT_OK(host->Enqueue(side, [&, a] {
+    await(gate);
+    auto* bytes = static_cast<unsigned char*>(a);
+    if (std::count(bytes, bytes + kN, 0xAA) != static_cast<std::ptrdiff_t>(kN)) wrong.fetch_add(1);
+  }));
+  SA_ASSERT_OK(arena.RecordStream(a, side));
+  SA_ASSERT_OK(arena.RecordStream(a, side));  // twice: one stream, one event
+  SA_ASSERT_OK(arena.RecordStream(a, compute));  // the arena's own stream: nothing to defer
+  SA_ASSERT_OK(arena.Free(a));
+  EXPECT_EQ(arena.GetStats().deferred_frees, 1);
+  EXPECT_FALSE(arena.IsArenaPointer(a));
+  EXPECT_TRUE(absl::IsInvalidArgument(arena.Free(a)));  // freed once already
+  EXPECT_TRUE(absl::IsInvalidArgument(arena.RecordStream(a, side)));
+  SA_ASSIGN_OR_FAIL(b, arena.Malloc(kN, compute));  // planned on a's bytes, still the side stream's
+  EXPECT_NE(b, a);
+  EXPECT_FALSE(arena.IsArenaPointer(b));
+  EXPECT_EQ(arena.GetStats().misses, 1);
+  std::memset(b, 0xBB, kN);
+  gate.store(true);
+  SA_ASSERT_OK(host->SynchronizeStream(side));
+  SA_ASSERT_OK(arena.Free(b));
+  SA_ASSERT_OK(arena.EndIteration());
+  EXPECT_EQ(wrong.load(), 0);
+
+  // The side stream is done: the range serves hits again.
+  SA_ASSERT_OK(arena.BeginIteration(5));
+  SA_ASSIGN_OR_FAIL(a2, arena.Malloc(kN, compute));
+  EXPECT_EQ(a2, a);
+  SA_ASSERT_OK(arena.RecordStream(a2, side));
+  gate.store(false);
+  SA_ASSERT_OK(host->Enqueue(side, [&] { await(gate); }));
+  SA_ASSERT_OK(arena.Free(a2));  // deferred behind the closed gate
+  SA_ASSIGN_OR_FAIL(b2, arena.Malloc(kN, compute));
+  SA_ASSERT_OK(arena.Free(b2));
+  SA_ASSERT_OK(arena.EndIteration());
+  // Dropping the plan returns the arena block with the side stream's use recorded on it: the
+  // caching allocator does not hand it to the compute stream while the gate is closed.
+  SA_ASSERT_OK(arena.DropAllPlans());
+  EXPECT_EQ(arena.GetStats().arena_bytes, 0);
+  SA_ASSIGN_OR_FAIL(c, backing->Malloc(kN, compute));
+  EXPECT_NE(c, a);
+  gate.store(true);
+  SA_ASSERT_OK(host->SynchronizeStream(side));
+  SA_ASSERT_OK(backing->Free(c));
   SA_ASSERT_OK(backing->CheckInvariants());
 }
 

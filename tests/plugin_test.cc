@@ -206,6 +206,43 @@ TEST(PoolSet, StatisticsSumAllPools) {
   EXPECT_EQ(set->GetStats().allocated_bytes.all().peak, (3 << 20) + (5 << 20));
 }
 
+// Arena allocations through the PoolSet (what the torch plugin calls): described with their own
+// range (PyTorch's memory history sizes, getBaseAllocation, the swap entry points and frees on a
+// multi-device process use Describe), and record_stream defers their free instead of failing.
+TEST(PoolSet, ArenaAllocationsAreDescribedAndTakeRecordStream) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  SA_ASSIGN_OR_FAIL(side, set->main().driver().CreateStream());
+  auto iteration = [&](std::vector<void*>* seen) {
+    SA_ASSERT_OK(set->arena().BeginIteration(9));
+    SA_ASSIGN_OR_FAIL(x, set->Malloc(3 << 20, 0));
+    SA_ASSIGN_OR_FAIL(y, set->Malloc(1 << 20, 0));
+    seen->insert(seen->end(), {x, y});
+    if (set->arena().IsArenaPointer(y)) {
+      SA_ASSIGN_OR_FAIL(info, set->Describe(y));
+      EXPECT_EQ(info.ptr, reinterpret_cast<DevicePtr>(y));
+      EXPECT_EQ(info.size, 1u << 20);
+      ASSERT_FALSE(info.chunks.empty());
+      EXPECT_LE(info.chunks.front().address, info.ptr);
+      EXPECT_GE(info.chunks.back().address + info.chunks.back().size, info.ptr + info.size);
+      SA_EXPECT_OK(set->RecordStream(y, side));
+    }
+    SA_ASSERT_OK(set->Free(y));
+    SA_ASSERT_OK(set->Free(x));
+    SA_ASSERT_OK(set->arena().EndIteration());
+  };
+  std::vector<void*> recorded, served;
+  iteration(&recorded);
+  iteration(&served);
+  ASSERT_TRUE(set->arena().FindPlan(9) != nullptr);
+  EXPECT_EQ(set->arena().GetStats().hits, 2);
+  EXPECT_EQ(set->arena().GetStats().deferred_frees, 1);
+  EXPECT_FALSE(set->Describe(served[1]).ok());  // freed
+  SA_ASSERT_OK(set->main().driver().SynchronizeStream(side));
+  SA_ASSERT_OK(set->arena().DropAllPlans());
+  EXPECT_EQ(set->GetStats().allocated_bytes.all().current, 0);
+}
+
 TEST(PoolSet, BadUseIsRejectedAndChangesNothing) {
   auto set = MakePoolSet();
   ASSERT_NE(set, nullptr);

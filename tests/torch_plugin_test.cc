@@ -266,6 +266,43 @@ std::vector<void*> OneIteration(cca::CUDAAllocator* a, std::size_t extra) {
 
 }  // namespace arena_marks
 
+// Arena allocations in PyTorch's memory history carry their own size (the arena block was
+// described instead: size 0 in the trace), and getBaseAllocation answers for them.
+TEST(TorchPlugin, ArenaAllocationsKeepTheirSizesInTheMemoryHistory) {
+  Install();
+  auto* a = cca::get();
+  arena_marks::OneIteration(a, 0);  // recorded and planned
+  a->recordHistory(true, nullptr, 1000, cda::RecordContext::ALL, false, {});
+  const std::vector<void*> served = arena_marks::OneIteration(a, 0);
+  EXPECT_EQ(arena_marks::Stat("arena.hits"), 8);
+  const cca::SnapshotInfo snap = a->snapshot({0, 0}, true);
+  ASSERT_EQ(snap.device_traces.size(), 1u);
+  int allocs = 0, frees = 0;
+  for (const auto& e : snap.device_traces[0]) {
+    if (e.action_ == cda::TraceEntry::ALLOC) {
+      ++allocs;
+      EXPECT_TRUE(e.size_ == (3u << 20) || e.size_ == (1u << 20)) << e.size_;
+    } else if (e.action_ == cda::TraceEntry::FREE_COMPLETED) {
+      ++frees;
+      EXPECT_TRUE(e.size_ == (3u << 20) || e.size_ == (1u << 20)) << e.size_;
+    }
+  }
+  EXPECT_EQ(allocs, 8);
+  EXPECT_EQ(frees, 8);
+  // A held arena allocation: its base allocation is the arena's mapping, which contains it.
+  EXPECT_EQ(stitchalloc_torch_iteration_begin(-1, 42), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(stitchalloc_torch_layer_begin(-1, "block", 0, 0), 0) << stitchalloc_torch_last_error();
+  void* x = a->raw_alloc_with_stream(3 << 20, StreamId(0));
+  EXPECT_EQ(x, served[0]);
+  size_t base_size = 0;
+  auto* base = static_cast<char*>(a->getBaseAllocation(x, &base_size));
+  EXPECT_LE(base, static_cast<char*>(x));
+  EXPECT_GE(base + base_size, static_cast<char*>(x) + (3 << 20));
+  a->raw_delete(x);
+  EXPECT_EQ(stitchalloc_torch_layer_end(-1), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(stitchalloc_torch_iteration_end(-1), 0) << stitchalloc_torch_last_error();
+}
+
 TEST(TorchPlugin, ArenaMarksPlanAndServeThroughTheInstalledAllocator) {
   using arena_marks::Stat;
   EXPECT_EQ(stitchalloc_torch_iteration_begin(-1, 1), -1);  // not installed yet

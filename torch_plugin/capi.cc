@@ -113,12 +113,7 @@ stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr) {
 
 stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream) {
   STITCHALLOC_CHECK_HANDLE(a);
-  if (a->arena->IsArenaPointer(ptr)) {
-    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
-                "stitchalloc_record_stream: the pointer was served from a plan-guided arena, whose allocations "
-                "are single-stream");
-  }
-  return Translate(a->impl->RecordStream(ptr, stream));
+  return Translate(a->arena->RecordStream(ptr, stream));
 }
 
 stitchalloc_status stitchalloc_empty_cache(stitchalloc_allocator* a) {

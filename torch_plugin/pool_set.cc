@@ -79,11 +79,7 @@ absl::Status PoolSet::RecordStream(void* ptr, Stream stream) {
     MutexLock lock(&mu_);
     if (CachingAllocator* owner = OwnerOf(ptr)) return owner->RecordStream(ptr, stream);
   }
-  if (arena_->IsArenaPointer(ptr)) {
-    return absl::InvalidArgumentError(
-        "record_stream: the tensor was served from a plan-guided arena, whose allocations are single-stream");
-  }
-  return main_->RecordStream(ptr, stream);
+  return arena_->RecordStream(ptr, stream);
 }
 
 absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
@@ -91,7 +87,7 @@ absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
     MutexLock lock(&mu_);
     if (CachingAllocator* owner = OwnerOf(ptr)) return owner->Describe(ptr);
   }
-  return main_->Describe(ptr);
+  return arena_->Describe(ptr);
 }
 
 absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {

@@ -14,7 +14,7 @@ PlannedAllocator::PlannedAllocator(CachingAllocator* backing, ArenaOptions optio
 
 PlannedAllocator::~PlannedAllocator() {
   MutexLock l(&mu_);
-  if (base_ != nullptr) (void)backing_->Free(base_);
+  if (base_ != nullptr) (void)FreeArenaLocked();
   plans_.clear();
 }
 
@@ -26,12 +26,8 @@ std::int64_t PlannedAllocator::LargestPlan() const {
 
 bool PlannedAllocator::EnsureArena(std::int64_t bytes, Stream stream) {
   if (base_ != nullptr && bytes <= arena_size_ && stream == arena_stream_) return true;
-  if (!live_.empty()) return false;
-  if (base_ != nullptr) {
-    if (!backing_->Free(base_).ok()) return false;
-    base_ = nullptr;
-    arena_size_ = 0;
-  }
+  if (AnyHeldLocked()) return false;
+  if (base_ != nullptr && !FreeArenaLocked().ok()) return false;
   // The arena is a block of the plan's stream: every arena allocation is used on that stream,
   // so the caching allocator orders the block's later reuse after all of their work.
   absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(bytes), stream);
@@ -44,6 +40,52 @@ bool PlannedAllocator::EnsureArena(std::int64_t bytes, Stream stream) {
   arena_size_ = bytes;
   stats_.arena_bytes = bytes;
   return true;
+}
+
+absl::Status PlannedAllocator::FreeArenaLocked() {
+  ReapLocked();
+  Driver& d = backing_->driver();
+  for (const auto& [off, events] : deferred_) {
+    for (const auto& [stream, event] : events) {
+      // Not recorded: wait for the stream instead (the block must not be reused under it).
+      if (!backing_->RecordStream(base_, stream).ok()) d.SynchronizeEvent(event).IgnoreError();
+      d.DestroyEvent(event).IgnoreError();
+    }
+    live_.erase(off);
+  }
+  deferred_.clear();
+  if (absl::Status s = backing_->Free(base_); !s.ok()) return s;
+  base_ = nullptr;
+  arena_size_ = 0;
+  stats_.arena_bytes = 0;
+  return absl::OkStatus();
+}
+
+bool PlannedAllocator::HeldLocked(std::int64_t off) const {
+  return off >= 0 && live_.contains(off) && !deferred_.contains(off);
+}
+
+void PlannedAllocator::ReapLocked() {
+  if (deferred_.empty()) return;
+  Driver& d = backing_->driver();
+  for (auto it = deferred_.begin(); it != deferred_.end();) {
+    bool done = true;
+    for (const auto& [stream, event] : it->second) {
+      absl::StatusOr<bool> q = d.QueryEvent(event);
+      if (!q.ok() || !*q) {  // an error keeps the range occupied: never unsafe
+        done = false;
+        break;
+      }
+    }
+    if (!done) {
+      ++it;
+      continue;
+    }
+    for (const auto& [stream, event] : it->second) d.DestroyEvent(event).IgnoreError();
+    live_.erase(it->first);
+    deferred_.erase(it++);
+  }
+  UpdateEngaged();
 }
 
 void PlannedAllocator::UpdateEngaged() {
@@ -85,11 +127,7 @@ absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
     recorder_.Begin();
     // A recording iteration runs on the caching allocator: lend it the arena's memory (the
     // block goes back to its pool; the next serving iteration takes a block again).
-    if (base_ != nullptr && live_.empty() && backing_->Free(base_).ok()) {
-      base_ = nullptr;
-      arena_size_ = 0;
-      stats_.arena_bytes = 0;
-    }
+    if (base_ != nullptr && !AnyHeldLocked()) (void)FreeArenaLocked();
   }
   UpdateEngaged();
   return absl::OkStatus();
@@ -200,13 +238,18 @@ absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) 
         return backing_->Malloc(size, stream);
       }
       // Guard: no live arena allocation may overlap [offset, offset + size).
-      auto& live = live_;
       const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
-      auto next = live.lower_bound(lo);
-      const bool clash = (next != live.end() && next->first < hi) ||
-                         (next != live.begin() && std::prev(next)->second > lo);
-      if (!clash) {
-        live.emplace(lo, hi);
+      auto clash = [&] {
+        auto next = live_.lower_bound(lo);
+        return (next != live_.end() && next->first < hi) || (next != live_.begin() && std::prev(next)->second > lo);
+      };
+      bool clashes = clash();
+      if (clashes && !deferred_.empty()) {
+        ReapLocked();  // a deferred free whose other streams are done frees its range now
+        clashes = clash();
+      }
+      if (!clashes) {
+        live_.emplace(lo, hi);
         void* p = static_cast<char*>(base_) + lo;
         ++stats_.hits;
         return p;
@@ -224,11 +267,30 @@ absl::Status PlannedAllocator::Free(void* ptr) {
   MutexLock l(&mu_);
   // The arena is one block of ours: a pointer inside it is an arena allocation or invalid.
   if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
-    auto it = live_.find(off);
-    if (it == live_.end()) {
+    if (!HeldLocked(off)) {
       return absl::InvalidArgumentError(absl::StrCat("free of arena offset ", off, ": not a live arena allocation (double free or interior pointer)"));
     }
-    live_.erase(it);
+    if (auto used = used_on_.extract(off); !used.empty()) {
+      // Other streams use the range: it stays occupied until their work queued so far is done.
+      Driver& d = backing_->driver();
+      std::vector<std::pair<Stream, Event>> events;
+      for (Stream stream : used.mapped()) {
+        absl::StatusOr<Event> e = d.CreateEvent();
+        if (e.ok() && d.RecordEvent(*e, stream).ok()) {
+          events.emplace_back(stream, *e);
+          continue;
+        }
+        if (e.ok()) d.DestroyEvent(*e).IgnoreError();
+        // No event: wait for the stream here instead (slow, but the range is then free of it).
+        if (absl::Status s = d.SynchronizeStream(stream); !s.ok()) return s;
+      }
+      if (!events.empty()) {
+        deferred_.emplace(off, std::move(events));
+        ++stats_.deferred_frees;
+        return absl::OkStatus();
+      }
+    }
+    live_.erase(off);
     UpdateEngaged();
     return absl::OkStatus();
   }
@@ -244,14 +306,11 @@ absl::Status PlannedAllocator::DropLocked(std::uint64_t signature) {
     return absl::FailedPreconditionError("the plan is serving the open iteration");
   }
   if (plans_.size() == 1 && base_ != nullptr) {
-    if (!live_.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat("the arena still has ", live_.size(),
+    if (AnyHeldLocked()) {
+      return absl::FailedPreconditionError(absl::StrCat("the arena still has ", live_.size() - deferred_.size(),
                                                         " live allocations; free them before dropping the last plan"));
     }
-    if (absl::Status s = backing_->Free(base_); !s.ok()) return s;
-    base_ = nullptr;
-    arena_size_ = 0;
-    stats_.arena_bytes = 0;
+    if (absl::Status s = FreeArenaLocked(); !s.ok()) return s;
   }
   plans_.erase(it);
   stats_.plans_cached = static_cast<std::int64_t>(plans_.size());
@@ -286,8 +345,47 @@ const ArenaPlan* PlannedAllocator::FindPlan(std::uint64_t signature) const {
 
 bool PlannedAllocator::IsArenaPointer(const void* ptr) const {
   MutexLock l(&mu_);
-  const std::int64_t off = ArenaOffset(ptr);
-  return off >= 0 && live_.contains(off);
+  return HeldLocked(ArenaOffset(ptr));
+}
+
+absl::Status PlannedAllocator::RecordStream(void* ptr, Stream stream) {
+  if (engaged_.load(std::memory_order_acquire)) {
+    MutexLock l(&mu_);
+    if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
+      if (!HeldLocked(off)) {
+        return absl::InvalidArgumentError(absl::StrCat("record_stream of arena offset ", off,
+                                                       ": not a live arena allocation (freed or interior pointer)"));
+      }
+      if (stream == arena_stream_) return absl::OkStatus();
+      std::vector<Stream>& streams = used_on_[off];
+      if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
+      return absl::OkStatus();
+    }
+  }
+  return backing_->RecordStream(ptr, stream);
+}
+
+absl::StatusOr<BlockInfo> PlannedAllocator::Describe(const void* ptr) const {
+  if (engaged_.load(std::memory_order_acquire)) {
+    MutexLock l(&mu_);
+    if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
+      if (!HeldLocked(off)) {
+        return absl::InvalidArgumentError(absl::StrCat("describe of arena offset ", off,
+                                                       ": not a live arena allocation (freed or interior pointer)"));
+      }
+      absl::StatusOr<BlockInfo> arena = backing_->Describe(base_);
+      if (!arena.ok()) return arena.status();
+      BlockInfo info = *std::move(arena);  // the arena block's mapping, stream and chunks
+      info.ptr = reinterpret_cast<DevicePtr>(ptr);
+      info.size = static_cast<std::size_t>(live_.at(off) - off);
+      info.requested = info.size;
+      std::erase_if(info.chunks, [&](const ChunkView& c) {
+        return c.address + c.size <= info.ptr || c.address >= info.ptr + info.size;
+      });
+      return info;
+    }
+  }
+  return backing_->Describe(ptr);
 }
 
 }  // namespace stitchalloc::arena

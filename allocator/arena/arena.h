@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/btree_map.h"
@@ -69,6 +70,7 @@ struct ArenaStats {
   std::int64_t last_plan_lower_bound = 0;
   std::int64_t last_plan_arena_bytes = 0;
   std::int64_t last_plan_time_us = 0;
+  std::int64_t deferred_frees = 0;  // arena frees held until other streams (record_stream) were done
 };
 
 // Calls fn(name, value) for every statistic, named as the C API and the Python package show
@@ -89,6 +91,7 @@ void ForEachArenaStat(const ArenaStats& s, Fn&& fn) {
   fn("arena.last_plan_lower_bound", s.last_plan_lower_bound);
   fn("arena.last_plan_arena_bytes", s.last_plan_arena_bytes);
   fn("arena.last_plan_time_us", s.last_plan_time_us);
+  fn("arena.deferred_frees", s.deferred_frees);
 }
 
 class PlannedAllocator {
@@ -108,6 +111,14 @@ class PlannedAllocator {
 
   absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream);
   absl::Status Free(void* ptr);
+  // `stream` uses the allocation too (PyTorch's record_stream). For an arena allocation on
+  // another stream than the arena's, its free is deferred: the range stays occupied until an
+  // event recorded on each such stream at the free has completed (polled when a request needs
+  // the range, never waited for on the host). Other pointers go to the caching allocator.
+  absl::Status RecordStream(void* ptr, Stream stream);
+  // The allocation at `ptr`: an arena allocation (its range, and the arena block's mapping), or
+  // the caching allocator's answer.
+  absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
 
   // Forgets a cached plan; the arena is freed with the last plan. FailedPrecondition while
   // arena allocations are live or the plan serves the open iteration.
@@ -135,6 +146,15 @@ class PlannedAllocator {
   std::int64_t LargestPlan() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The offset of `ptr` in the arena, or -1 when it lies outside it.
   std::int64_t ArenaOffset(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `off` starts an arena allocation the caller still holds (not freed, not deferred).
+  bool HeldLocked(std::int64_t off) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether any arena allocation is held (deferred frees do not count).
+  bool AnyHeldLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return live_.size() > deferred_.size(); }
+  // Frees the deferred ranges whose streams are done with them.
+  void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns the arena block to the caching allocator (no allocation may be held): the streams
+  // of still-deferred ranges are recorded on the block first, so its reuse waits for them too.
+  absl::Status FreeArenaLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   CachingAllocator* const backing_;
   const ArenaOptions options_;
@@ -161,6 +181,11 @@ class PlannedAllocator {
   Stream arena_stream_ ABSL_GUARDED_BY(mu_) = kDefaultStream;  // the stream it was allocated on
   std::int64_t arena_size_ ABSL_GUARDED_BY(mu_) = 0;
   absl::btree_map<std::int64_t, std::int64_t> live_ ABSL_GUARDED_BY(mu_);  // offset -> end
+  // Held arena allocations that other streams use too: offset -> those streams.
+  absl::flat_hash_map<std::int64_t, std::vector<Stream>> used_on_ ABSL_GUARDED_BY(mu_);
+  // Freed ranges other streams may still use: offset -> (stream, event recorded on it at the
+  // free). They stay in live_ (occupied) until every event has completed.
+  absl::flat_hash_map<std::int64_t, std::vector<std::pair<Stream, Event>>> deferred_ ABSL_GUARDED_BY(mu_);
 
   ArenaStats stats_ ABSL_GUARDED_BY(mu_);
 };
