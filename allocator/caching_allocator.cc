@@ -266,8 +266,9 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
     auto grown = Grow(pool, kind, rounded);
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
-    if (attempt > 0 && !last_resort) return grown.status();
-    if (attempt > 0) {
+    const bool final = attempt > 0 || keep_cached_.load(std::memory_order_relaxed);
+    if (final && !last_resort) return grown.status();
+    if (final) {
       STITCHALLOC_NVTX_RANGE("out of memory");
       ++stats_.num_ooms;
       return absl::ResourceExhaustedError(OutOfMemoryReport(size, rounded, pool->stream, grown.status()));
@@ -834,6 +835,7 @@ absl::Status CachingAllocator::ReleaseCached() {
 }
 
 absl::Status CachingAllocator::EmptyCache() {
+  if (keep_cached_.load(std::memory_order_relaxed)) return absl::OkStatus();  // SetKeepCached
   MutexLock l(&mu_);
   return ReleaseCached();
 }
@@ -952,6 +954,50 @@ absl::StatusOr<BlockInfo> CachingAllocator::Describe(const void* ptr) const {
     info.chunks.push_back({m->slot_address(s), m->chunk_size, c->home->slot_address(c->home_slot), c->home != m});
   }
   return info;
+}
+
+std::vector<CachingAllocator::LiveAllocation> CachingAllocator::LiveAllocations() const {
+  MutexLock l(&mu_);
+  std::vector<LiveAllocation> out;
+  out.reserve(allocated_.size());
+  for (const auto& [p, b] : allocated_) out.push_back({b->ptr, b->size, b->requested, b->mapping->pool->stream});
+  std::sort(out.begin(), out.end(), [](const LiveAllocation& x, const LiveAllocation& y) { return x.ptr < y.ptr; });
+  return out;
+}
+
+absl::StatusOr<void*> CachingAllocator::AllocateAt(const LiveAllocation& a) {
+  if (a.size == 0 || a.size % Policy::kMinBlockSize != 0 || a.requested > a.size) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: allocate_at(%#x, %d bytes, %d requested): the size must be a positive multiple of %d "
+        "bytes, at least the requested bytes", a.ptr, a.size, a.requested, Policy::kMinBlockSize));
+  }
+  MutexLock l(&mu_);
+  for (int attempt = 0;; ++attempt) {
+    if (!pending_.empty()) ProcessPending(/*synchronize=*/attempt > 0);
+    const auto& maps = store_->mappings();
+    auto it = maps.upper_bound(a.ptr);
+    Mapping* m = it == maps.begin() ? nullptr : std::prev(it)->second.get();
+    if (m == nullptr || a.ptr >= m->va + m->size) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("stitchalloc: allocate_at(%#x): no mapping of this allocator holds it", a.ptr));
+    }
+    if (m->pool->stream != a.stream) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "stitchalloc: allocate_at(%#x): its mapping belongs to stream %#x, not %#x", a.ptr, m->pool->stream, a.stream));
+    }
+    Block* b = m->head;
+    while (b != nullptr && b->ptr + b->size <= a.ptr) b = b->next;
+    if (b != nullptr && b->state == BlockState::kPending && attempt == 0) continue;  // wait for its events
+    if (b == nullptr || !b->is_free() || a.ptr + a.size > b->ptr + b->size) {
+      static constexpr const char* kState[] = {"free", "allocated", "waiting for other streams", "not mapped"};
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "stitchalloc: allocate_at(%#x, %d bytes): the range is not within one free block (the block there: "
+          "%#x, %d bytes, %s)", a.ptr, a.size, b == nullptr ? 0 : b->ptr, b == nullptr ? 0 : b->size,
+          b == nullptr ? "none" : kState[static_cast<int>(b->state)]));
+    }
+    if (m->idle()) OnBusy(m);
+    return Account(store_->AllocateRange(b, a.ptr - b->ptr, a.size), m->kind, a.requested);
+  }
 }
 
 std::vector<SegmentInfo> CachingAllocator::Snapshot() const {

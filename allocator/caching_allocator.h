@@ -104,6 +104,10 @@ class CachingAllocator {
   absl::Status EmptyCache();
   // Caps reserved memory at `fraction` of the device's total memory, in (0, 1].
   absl::Status SetMemoryFraction(double fraction);
+  // While set, cached memory stays mapped where it is: EmptyCache returns nothing, and a request
+  // that does not fit fails with the out-of-memory report instead of releasing the cache first.
+  // A private pool keeps it set while a captured CUDA graph may replay at its addresses.
+  void SetKeepCached(bool keep) { keep_cached_.store(keep, std::memory_order_relaxed); }
 
   // Called when a request would otherwise fail with out-of-memory, after cached memory was
   // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
@@ -124,6 +128,22 @@ class CachingAllocator {
 
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
   std::vector<SegmentInfo> Snapshot() const;
+
+  // The allocations live now, in address order (PyTorch's CUDA graph trees checkpoint a private
+  // pool's state with these, and restore it with AllocateAt).
+  struct LiveAllocation {
+    DevicePtr ptr = 0;
+    std::size_t size = 0;       // the block's bytes (rounded)
+    std::size_t requested = 0;
+    Stream stream = kDefaultStream;
+    bool operator==(const LiveAllocation&) const = default;
+  };
+  std::vector<LiveAllocation> LiveAllocations() const;
+  // Allocates exactly [a.ptr, a.ptr + a.size) for a.stream, a.requested bytes asked for. The
+  // range must lie in one free block of that stream's pool (frees still waiting for other
+  // streams' events are waited for first); otherwise FailedPrecondition says what is there,
+  // and nothing changes.
+  absl::StatusOr<void*> AllocateAt(const LiveAllocation& a);
   // Walks every structure and checks the invariants of block.h and the statistics. For tests.
   absl::Status CheckInvariants() const;
 
@@ -233,6 +253,7 @@ class CachingAllocator {
   absl::flat_hash_map<Stream, std::unique_ptr<StreamPool>> pools_ ABSL_GUARDED_BY(mu_);
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> keep_cached_{false};
   std::vector<PendingFree> pending_ ABSL_GUARDED_BY(mu_);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu_);
   std::list<Mapping*> idle_lru_ ABSL_GUARDED_BY(mu_);

@@ -467,6 +467,19 @@ Block* MappingStore::Allocate(Block* b, std::size_t size, bool split, bool back,
   return out;
 }
 
+Block* MappingStore::AllocateRange(Block* b, std::size_t offset, std::size_t size) {
+  EraseFree(b);
+  if (offset > 0) {
+    Block* rest = SplitAfter(b, offset);
+    InsertFree(b, std::nullopt);
+    b = rest;
+  }
+  if (b->size > size) InsertFree(SplitAfter(b, size), std::nullopt);
+  b->state = BlockState::kAllocated;
+  ++b->mapping->busy_blocks;
+  return b;
+}
+
 Block* MappingStore::SplitAfter(Block* b, std::size_t front) {
   Block* rest = NewBlock();
   rest->ptr = b->ptr + front;

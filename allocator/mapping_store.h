@@ -76,6 +76,9 @@ class MappingStore {
   // The whole chunk slots inside free block `b`, if any.
   static std::optional<SlotRun> FreeSlots(Block* b);
 
+  // Hands out exactly [b->ptr + offset, + size) of free block `b`, which must contain it; the
+  // bytes before and after stay free blocks.
+  Block* AllocateRange(Block* b, std::size_t offset, std::size_t size);
   // Hands out the first `size` bytes of free block `b` (the last ones when `back`); the rest
   // becomes a free block when `split`, else stays part of the allocation. `at`: b's entry in its
   // pool's free set, when the caller has it (saves a second search).

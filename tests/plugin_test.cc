@@ -137,6 +137,52 @@ TEST(PoolSet, CaptureStreamAllocatesFromThePrivatePoolOnly) {
   EXPECT_TRUE(set->PrivatePools().empty());
 }
 
+// A captured CUDA graph replays at the addresses it was captured with, also those of blocks
+// allocated and freed during the capture: a private pool's memory must stay mapped, at the same
+// addresses, while the pool has users (PyTorch's allocator keeps its segments). Here a "capture"
+// frees two 12 MiB intermediates and then asks for 24 MiB; afterwards the user empties the cache
+// before replaying. Only the last user's release returns the pool's memory.
+TEST(PoolSet, PrivatePoolMemoryStaysMappedWhileThePoolHasUsers) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{5, 0};
+  // Whether [p, p + n) lies in memory the pool maps (blocks other than absent ones).
+  auto mapped = [&](void* p, std::size_t n) {
+    const auto lo = reinterpret_cast<DevicePtr>(p);
+    std::size_t covered = 0;
+    for (const auto& seg : set->Snapshot(pool)) {
+      for (const auto& b : seg.info.blocks) {
+        if (b.state == BlockState::kAbsent) continue;
+        const DevicePtr from = std::max(lo, b.ptr), to = std::min(lo + n, b.ptr + b.size);
+        if (from < to) covered += to - from;
+      }
+    }
+    return covered == n;
+  };
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  SA_ASSIGN_OR_FAIL(a, set->Malloc(12 << 20, kCapture));
+  SA_ASSIGN_OR_FAIL(b, set->Malloc(12 << 20, kCapture));
+  SA_ASSERT_OK(set->Free(a));
+  SA_ASSERT_OK(set->Free(b));
+  SA_ASSIGN_OR_FAIL(c, set->Malloc(24 << 20, kCapture));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  EXPECT_TRUE(mapped(a, 12 << 20));
+  EXPECT_TRUE(mapped(b, 12 << 20));
+  SA_ASSERT_OK(set->EmptyCache());      // torch.cuda.empty_cache() before the replay
+  SA_ASSERT_OK(set->EmptyCache(pool));  // the pool's own: it has a user, nothing goes
+  EXPECT_TRUE(mapped(a, 12 << 20));
+  EXPECT_TRUE(mapped(b, 12 << 20));
+  EXPECT_TRUE(mapped(c, 24 << 20));
+  SA_ASSERT_OK(set->Free(c));
+  SA_ASSERT_OK(set->EmptyCache());
+  EXPECT_TRUE(mapped(a, 12 << 20));
+  EXPECT_TRUE(mapped(b, 12 << 20));
+  EXPECT_TRUE(mapped(c, 24 << 20));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // the graph is gone: so is its memory
+  EXPECT_TRUE(set->PrivatePools().empty());
+  EXPECT_EQ(set->GetStats().reserved_bytes.all().current, 0);
+}
+
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {
   auto set = MakePoolSet();
   ASSERT_NE(set, nullptr);

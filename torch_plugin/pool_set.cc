@@ -97,10 +97,15 @@ absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
   STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::CreatePool");
   Config config = config_;
   config.memory_fraction = fraction_.load(std::memory_order_relaxed);
+  // A graph captured into the pool replays at the addresses it was captured with, freed ones
+  // included: the pool never remaps (no stitching: its mappings are never retired, dissolved or
+  // refilled) and keeps its cache while it has users (see the file comment).
+  config.stitching = false;
   auto allocator = CachingAllocator::Create(config);
   if (!allocator.ok()) return allocator.status();
   auto pool = std::make_unique<Pool>();
   pool->allocator = *std::move(allocator);
+  pool->allocator->SetKeepCached(true);
   return pools_.emplace(id, std::move(pool)).first->second.get();
 }
 
@@ -121,6 +126,7 @@ absl::Status PoolSet::CreateOrIncrefPool(PoolId id) {
   auto pool = GetOrCreate(id);
   if (!pool.ok()) return pool.status();
   ++(*pool)->users;
+  (*pool)->allocator->SetKeepCached(true);
   return absl::OkStatus();
 }
 
@@ -136,6 +142,7 @@ absl::Status PoolSet::BeginAllocateToPool(PoolId id, StreamFilter filter) {
   auto pool = GetOrCreate(id);
   if (!pool.ok()) return pool.status();
   ++(*pool)->users;
+  (*pool)->allocator->SetKeepCached(true);
   captures_.push_back({id, std::move(filter)});
   routing_.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
@@ -162,6 +169,7 @@ absl::Status PoolSet::ReleasePool(PoolId id) {
   }
   Pool* pool = it->second.get();
   if (--pool->users == 0) {
+    pool->allocator->SetKeepCached(false);  // no graph replays from it any more
     absl::Status s = pool->allocator->EmptyCache();
     if (!s.ok()) return s;
     MaybeErase(id);

@@ -8,6 +8,11 @@
 // returns its cached memory at once and disappears when its last allocation is freed. Memory of
 // a private pool is never used for another pool's requests, which is what makes graph replay
 // safe.
+// A graph replays at the addresses it was captured with, including those of blocks it allocated
+// and freed during the capture, so while a pool has users its memory stays mapped where it is:
+// private pools do not stitch (stitching retires and dissolves mappings), and neither EmptyCache
+// nor an out-of-memory retry releases their cache (CachingAllocator::SetKeepCached), as
+// PyTorch's allocator keeps a graph pool's segments until the pool is released.
 //
 // Invariants: pool_of_ holds exactly the live pointers served by private pools (so Free and
 // RecordStream route without asking every allocator); routing_ counts begun, not yet ended
