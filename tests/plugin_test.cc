@@ -2,6 +2,7 @@
 // splitter (kept, moved, honoured, reported and rejected tokens) and the PoolSet (private pools
 // as CUDA graphs and torch.cuda.MemPool use them: routing by stream filter, isolation from the
 // default pool, release semantics, statistics, byte-exact contents, concurrency).
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <set>
@@ -181,6 +182,67 @@ TEST(PoolSet, PrivatePoolMemoryStaysMappedWhileThePoolHasUsers) {
   SA_ASSERT_OK(set->ReleasePool(pool));  // the graph is gone: so is its memory
   EXPECT_TRUE(set->PrivatePools().empty());
   EXPECT_EQ(set->GetStats().reserved_bytes.all().current, 0);
+}
+
+// CUDA graph trees' checkpoints: the pool's live allocations after a recording, then later
+// allocations and frees, then the pool made to hold exactly the checkpoint again (PyTorch's
+// setCheckpointPoolState): what is not in it is freed, what died is allocated again at its
+// address, what stayed is untouched (its bytes too). A checkpoint that cannot be restored
+// fails with the reason and changes nothing.
+TEST(PoolSet, PrivatePoolCheckpointsAreRestoredExactly) {
+  using Live = CachingAllocator::LiveAllocation;
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{6, 0};
+  auto capture = [&](std::size_t n) -> void* {
+    EXPECT_TRUE(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }).ok());
+    auto p = set->Malloc(n, kCapture);
+    EXPECT_TRUE(set->EndAllocateToPool(pool).ok());
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *p : nullptr;
+  };
+  void* x = capture(4 << 20);
+  void* y = capture(1 << 20);
+  void* z = capture(8 << 20);
+  std::memset(z, 0x3c, 8 << 20);
+  SA_ASSIGN_OR_FAIL(state, set->PoolAllocations(pool));
+  ASSERT_EQ(state.size(), 3u);
+  for (const Live& l : state) EXPECT_EQ(l.stream, kCapture);
+  // Later: x and y die, another recording allocates w.
+  SA_ASSERT_OK(set->Free(x));
+  SA_ASSERT_OK(set->Free(y));
+  void* w = capture(6 << 20);
+  SA_ASSIGN_OR_FAIL(before, set->PoolAllocations(pool));
+
+  // Unrestorable: a block no mapping of the pool holds. Nothing changes.
+  std::vector<Live> bad = state;
+  bad.push_back({0x1000, 4096, 4096, kCapture});
+  std::vector<void*> freed, allocated;
+  const absl::Status s = set->RestorePool(pool, bad, &freed, &allocated);
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("no mapping of this allocator holds it"));
+  SA_ASSIGN_OR_FAIL(unchanged, set->PoolAllocations(pool));
+  EXPECT_EQ(unchanged, before);
+  std::vector<Live> twice = {state[0], state[0]};
+  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(pool, twice, &freed, &allocated)));
+  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(kDefaultPool, state, &freed, &allocated)));
+  EXPECT_TRUE(absl::IsNotFound(set->RestorePool({99, 0}, state, &freed, &allocated)));
+
+  SA_ASSERT_OK(set->RestorePool(pool, state, &freed, &allocated));
+  SA_ASSIGN_OR_FAIL(after, set->PoolAllocations(pool));
+  EXPECT_EQ(after, state);
+  EXPECT_THAT(freed, ::testing::UnorderedElementsAre(z, w));
+  EXPECT_THAT(allocated, ::testing::UnorderedElementsAre(x, y, z));
+  const auto* bytes = static_cast<const unsigned char*>(z);
+  EXPECT_EQ(std::count(bytes, bytes + (8 << 20), 0x3c), 8 << 20);  // z never left
+  SA_ASSIGN_OR_FAIL(info, set->Describe(x));  // x and y are the pool's again
+  EXPECT_EQ(info.size, 4u << 20);
+  for (void* p : {x, y, z}) SA_ASSERT_OK(set->Free(p));
+  EXPECT_TRUE(absl::IsInvalidArgument(set->Free(w)));  // w went with the restore
+  EXPECT_EQ(set->PoolUseCount(pool), 4);  // one use per capture, as PyTorch's graphs hold
+  for (int i = 0; i < 4; ++i) SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_TRUE(set->PrivatePools().empty());
+  EXPECT_EQ(set->GetStats().allocated_bytes.all().current, 0);
 }
 
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {

@@ -215,6 +215,65 @@ TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {
   EXPECT_THROW(a->releasePool(0, pool), c10::Error);
 }
 
+// CUDA graph trees (torch.compile mode="reduce-overhead") through torch's interface: a private
+// pool's checkpoint after a recording, and its restore as torch._C._cuda_setCheckpointPoolState
+// uses it after a later recording: the pointers freed, DataPtrs with stitchalloc's deleter for
+// the checkpoint's allocations, and a memory history in which every free has its alloc.
+TEST(TorchPlugin, GraphTreesCheckpointAndRestoreAPrivatePool) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  a->init(1);
+  a->recordHistory(true, nullptr, 1000, cda::RecordContext::ALL, false, {});
+  const c10::MempoolId_t pool{2, 0};
+  auto filter = [](cudaStream_t s) { return s == StreamId(7); };
+  a->beginAllocateToPool(0, pool, filter);
+  void* out1 = a->raw_alloc_with_stream(3 << 20, StreamId(7));
+  a->raw_delete(a->raw_alloc_with_stream(1 << 20, StreamId(7)));  // an intermediate
+  a->endAllocateToPool(0, pool);
+  const std::shared_ptr<cca::AllocatorState> state = a->getCheckpointState(0, pool);
+  ASSERT_NE(state, nullptr);
+  a->raw_delete(out1);  // the recorded output dies; a later recording allocates another
+  a->beginAllocateToPool(0, pool, filter);
+  void* out2 = a->raw_alloc_with_stream(5 << 20, StreamId(7));
+  a->endAllocateToPool(0, pool);
+
+  cca::CheckpointDelta delta = a->setCheckpointPoolState(0, state);
+  ASSERT_EQ(delta.ptrs_freed.size(), 1u);
+  EXPECT_EQ(delta.ptrs_freed[0], out2);
+  ASSERT_EQ(delta.dataptrs_allocd.size(), 1u);
+  EXPECT_EQ(delta.dataptrs_allocd[0].get(), out1);
+  EXPECT_EQ(delta.dataptrs_allocd[0].get_deleter(), a->raw_deleter());
+  EXPECT_TRUE(a->checkPoolLiveAllocations(0, pool, {out1}));
+  // What torch does with an allocation no live storage takes: it releases the context and
+  // frees the pointer itself.
+  (void)delta.dataptrs_allocd[0].release_context();
+  a->raw_delete(out1);
+  EXPECT_TRUE(a->checkPoolLiveAllocations(0, pool, {}));
+
+  std::unordered_set<size_t> live;
+  int unpaired = 0, allocs = 0;
+  const cca::SnapshotInfo snap = a->snapshot({0, 0}, true);
+  for (const auto& e : snap.device_traces[0]) {
+    if (e.action_ == cda::TraceEntry::ALLOC) {
+      ++allocs;
+      unpaired += live.insert(e.addr_).second ? 0 : 1;
+    } else if (e.action_ == cda::TraceEntry::FREE_COMPLETED) {
+      unpaired += live.erase(e.addr_) == 1 ? 0 : 1;
+    }
+  }
+  EXPECT_EQ(allocs, 4);  // out1, the intermediate, out2, out1 again
+  EXPECT_EQ(unpaired, 0);
+  EXPECT_TRUE(live.empty());
+
+  struct Foreign : cca::AllocatorState {};
+  EXPECT_THROW(a->setCheckpointPoolState(0, std::make_shared<Foreign>()), c10::Error);
+  EXPECT_THROW(a->getCheckpointState(0, {0, 0}), c10::Error);   // the default pool
+  EXPECT_THROW(a->getCheckpointState(0, {77, 0}), c10::Error);  // no such pool
+  a->releasePool(0, pool);
+  a->releasePool(0, pool);
+  EXPECT_EQ(a->getPoolUseCount(0, pool), 0);
+}
+
 TEST(TorchPlugin, CacheInfoAndBaseAllocation) {
   Install();
   cca::CUDAAllocator* a = cca::get();

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/nvtx.h"
 
@@ -181,6 +183,96 @@ int PoolSet::PoolUseCount(PoolId id) const {
   MutexLock lock(&mu_);
   auto it = pools_.find(id);
   return it == pools_.end() ? 0 : it->second->users;
+}
+
+absl::StatusOr<std::vector<CachingAllocator::LiveAllocation>> PoolSet::PoolAllocations(PoolId id) const {
+  if (id == kDefaultPool) return DefaultPoolError("getCheckpointState");
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("getCheckpointState: no private pool ", Name(id)));
+  return it->second->allocator->LiveAllocations();
+}
+
+absl::Status PoolSet::RestorePool(PoolId id, const std::vector<CachingAllocator::LiveAllocation>& state,
+                                  std::vector<void*>* freed, std::vector<void*>* allocated) {
+  using Live = CachingAllocator::LiveAllocation;
+  if (id == kDefaultPool) return DefaultPoolError("setCheckpointPoolState");
+  if (freed == nullptr || allocated == nullptr) return absl::InvalidArgumentError("setCheckpointPoolState: null output");
+  STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::RestorePool");
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("setCheckpointPoolState: no private pool ", Name(id)));
+  Pool* pool = it->second.get();
+  CachingAllocator& a = *pool->allocator;
+  const std::vector<Live> now = a.LiveAllocations();
+  absl::flat_hash_map<DevicePtr, Live> wanted;
+  for (const Live& l : state) {
+    if (!wanted.emplace(l.ptr, l).second) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("setCheckpointPoolState: the state lists %#x twice", l.ptr));
+    }
+  }
+  std::vector<Live> drop, make;
+  for (const Live& l : now) {
+    auto w = wanted.find(l.ptr);
+    if (w == wanted.end() || !(w->second == l)) drop.push_back(l);
+  }
+  absl::flat_hash_map<DevicePtr, Live> live_now;
+  for (const Live& l : now) live_now.emplace(l.ptr, l);
+  for (const Live& l : state) {
+    auto n = live_now.find(l.ptr);
+    if (n == live_now.end() || !(n->second == l)) make.push_back(l);
+  }
+  auto unroute = [&](const Live& l) {
+    pool_of_.erase(reinterpret_cast<void*>(l.ptr));
+    pooled_.fetch_sub(1, std::memory_order_release);
+    --pool->live;
+  };
+  auto route = [&](const Live& l) {
+    pool_of_.emplace(reinterpret_cast<void*>(l.ptr), id);
+    pooled_.fetch_add(1, std::memory_order_release);
+    ++pool->live;
+  };
+  // Every request to the pool goes through this class under mu_, so the allocations listed
+  // above are live until freed here.
+  for (const Live& l : drop) {
+    if (absl::Status s = a.Free(reinterpret_cast<void*>(l.ptr)); !s.ok()) {
+      return absl::InternalError(absl::StrCat("setCheckpointPoolState: ", s.message()));
+    }
+    unroute(l);
+  }
+  std::vector<Live> made;
+  for (const Live& l : make) {
+    auto p = a.AllocateAt(l);
+    if (p.ok()) {
+      route(l);
+      made.push_back(l);
+      continue;
+    }
+    // Undo: what was made goes, what was dropped comes back where it was (its bytes are free:
+    // nothing else allocated from the pool meanwhile, under the lock).
+    for (const Live& m : made) {
+      (void)a.Free(reinterpret_cast<void*>(m.ptr));
+      unroute(m);
+    }
+    for (const Live& d : drop) {
+      if (!a.AllocateAt(d).ok()) {
+        return absl::InternalError(absl::StrFormat(
+            "setCheckpointPoolState: %s, and %#x could not be restored either (the pool lost it)",
+            p.status().message(), d.ptr));
+      }
+      route(d);
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("setCheckpointPoolState: pool ", Name(id), " cannot hold the checkpoint again: ",
+                     p.status().message()));
+  }
+  freed->clear();
+  allocated->clear();
+  for (const Live& l : now) freed->push_back(reinterpret_cast<void*>(l.ptr));
+  for (const Live& l : state) allocated->push_back(reinterpret_cast<void*>(l.ptr));
+  MaybeErase(id);
+  return absl::OkStatus();
 }
 
 std::vector<PoolId> PoolSet::PrivatePools() const {

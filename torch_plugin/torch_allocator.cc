@@ -71,6 +71,15 @@ void Check(const char* op, const absl::Status& s) {
   if (!s.ok()) Raise(op, s);
 }
 
+// getCheckpointState's answer: a private pool's live allocations when it was taken.
+struct PoolCheckpoint final : cca::AllocatorState {
+  PoolCheckpoint(DeviceIndex d, PoolId p, std::vector<CachingAllocator::LiveAllocation> b)
+      : device(d), pool(p), blocks(std::move(b)) {}
+  DeviceIndex device;
+  PoolId pool;
+  std::vector<CachingAllocator::LiveAllocation> blocks;
+};
+
 void CopyStat(const Stat& from, c10::CachingAllocator::Stat& to) {
   to.current = from.current;
   to.peak = from.peak;
@@ -285,12 +294,51 @@ class TorchAllocator final : public cca::CUDAAllocator {
     if (dstDevice == srcDevice) return cudaMemcpyAsync(dst, src, count, cudaMemcpyDeviceToDevice, stream);
     return cudaMemcpyPeerAsync(dst, dstDevice, src, srcDevice, count, stream);
   }
-  std::shared_ptr<cca::AllocatorState> getCheckpointState(DeviceIndex, c10::MempoolId_t) override {
-    TORCH_CHECK(false, "stitchalloc: CUDA graph trees' checkpointing (torch.compile mode='reduce-overhead') is "
-                       "not supported yet; use torch.cuda.graph / CUDAGraph directly");
+  // CUDA graph trees (torch.compile mode="reduce-overhead") checkpoint a private pool after
+  // each recording and may restore it before the next one.
+  std::shared_ptr<cca::AllocatorState> getCheckpointState(DeviceIndex device, c10::MempoolId_t id) override {
+    auto blocks = Device(device).PoolAllocations(ToPool(id));
+    Check("getCheckpointState", blocks.status());
+    return std::make_shared<PoolCheckpoint>(device, ToPool(id), *std::move(blocks));
   }
-  cca::CheckpointDelta setCheckpointPoolState(DeviceIndex, std::shared_ptr<cca::AllocatorState>) override {
-    TORCH_CHECK(false, "stitchalloc: CUDA graph trees' checkpointing is not supported yet");
+  cca::CheckpointDelta setCheckpointPoolState(DeviceIndex device, std::shared_ptr<cca::AllocatorState> as) override {
+    auto state = std::dynamic_pointer_cast<PoolCheckpoint>(as);
+    TORCH_CHECK(state != nullptr, "stitchalloc setCheckpointPoolState: the state was not made by stitchalloc's "
+                                  "getCheckpointState");
+    TORCH_CHECK(state->device == device, "stitchalloc setCheckpointPoolState: the state is of device ",
+                static_cast<int>(state->device), ", not ", static_cast<int>(device));
+    PoolSet& set = Device(device);
+    const bool history = record_history_.load() || has_trackers_.load();
+    std::vector<CachingAllocator::LiveAllocation> before;
+    if (history) {
+      auto b = set.PoolAllocations(state->pool);
+      Check("setCheckpointPoolState", b.status());
+      before = *std::move(b);
+    }
+    std::vector<void*> freed, allocated;
+    Check("setCheckpointPoolState", set.RestorePool(state->pool, state->blocks, &freed, &allocated));
+    if (history) {
+      // In the trace, as the allocator's own frees and allocations: what went and what came.
+      auto listed = [](const std::vector<CachingAllocator::LiveAllocation>& v, const CachingAllocator::LiveAllocation& x) {
+        return std::find(v.begin(), v.end(), x) != v.end();
+      };
+      for (const auto& b : before) {
+        if (listed(state->blocks, b)) continue;
+        auto* p = reinterpret_cast<void*>(b.ptr);
+        auto* stream = reinterpret_cast<cudaStream_t>(b.stream);
+        Trace(cda::TraceEntry::FREE_REQUESTED, device, p, b.size, stream, state->pool, /*freeing=*/true);
+        Trace(cda::TraceEntry::FREE_COMPLETED, device, p, b.size, stream, state->pool, /*freeing=*/true);
+      }
+      for (const auto& b : state->blocks) {
+        if (listed(before, b)) continue;
+        Trace(cda::TraceEntry::ALLOC, device, reinterpret_cast<void*>(b.ptr), b.size,
+              reinterpret_cast<cudaStream_t>(b.stream), state->pool, /*freeing=*/false);
+      }
+    }
+    cca::CheckpointDelta delta;
+    delta.ptrs_freed = std::move(freed);
+    for (void* p : allocated) delta.dataptrs_allocd.emplace_back(p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device));
+    return delta;
   }
   std::string name() override { return "stitchalloc"; }
 

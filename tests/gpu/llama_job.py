@@ -2,7 +2,7 @@
 JSON line with what tests/gpu/test_torch_gpu.py compares across allocators.
 
     python tests/gpu/llama_job.py --way native|install|env|preload [--steps N] [--vary-seq]
-                                  [--graph] [--snapshot FILE]
+                                  [--graph] [--compile] [--snapshot FILE]
 
 `--way` only tells the job how it was started (the env and preload ways are set up by the
 caller); `install` calls stitchalloc.install() before any CUDA use. Deterministic: fixed seeds,
@@ -18,7 +18,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--way", required=True, choices=["native", "install", "env", "preload"])
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--vary-seq", action="store_true", help="a different sequence length every step")
-p.add_argument("--graph", action="store_true", help="also capture and replay a CUDA graph")
+p.add_argument("--graph", action="store_true",
+               help="also capture a CUDA graph, empty the cache, and replay it")
+p.add_argument("--compile", action="store_true",
+               help="train the model under torch.compile(mode='reduce-overhead') (CUDA graph trees)")
 p.add_argument("--snapshot", help="record memory history and dump a snapshot here")
 args = p.parse_args()
 
@@ -53,12 +56,15 @@ if args.snapshot:
     torch.cuda.memory._record_memory_history(max_entries=100000)
 model = Llama().to(dev)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+forward = torch.compile(model, mode="reduce-overhead") if args.compile else model
 gen = torch.Generator().manual_seed(1)
 losses, consistent = [], True
 for step in range(args.steps):
     seq = 128 + 64 * ((step * 7) % 13) if args.vary_seq else 512
     ids = torch.randint(0, VOCAB, (4, seq + 1), generator=gen).to(dev)
-    logits = model(ids[:, :-1])
+    if args.compile:
+        torch.compiler.cudagraph_mark_step_begin()
+    logits = forward(ids[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     loss.backward()
     opt.step()
@@ -93,7 +99,9 @@ if args.graph:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = lin(static_in).relu()
+        static_out = lin(static_in).relu()  # lin's output: freed during the capture, used by every replay
+    # A graph's pool keeps its memory mapped: emptying the cache before replaying must not take it.
+    torch.cuda.empty_cache()
     ok = True
     for i in range(5):
         static_in.copy_(torch.randn(64, DIM, device=dev))
