@@ -30,6 +30,30 @@ void await(const std::atomic<bool>& flag) {
   for (int i = 0; i < 5000 && !flag.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
+// A caching allocator on the host driver and two streams of its own, whose queued host functions
+// stand for kernels.
+struct TwoStreams {
+  std::unique_ptr<CachingAllocator> backing;
+  HostDriver* host = nullptr;
+  Stream compute = 0;
+  Stream side = 0;
+};
+
+TwoStreams MakeTwoStreams() {
+  TwoStreams t;
+  auto backing = MakeHostAllocator("host_capacity_mb:512");
+  EXPECT_TRUE(backing.ok()) << backing.status();
+  if (!backing.ok()) return t;
+  t.backing = *std::move(backing);
+  t.host = dynamic_cast<HostDriver*>(&t.backing->driver());
+  auto compute = t.backing->driver().CreateStream();
+  auto side = t.backing->driver().CreateStream();
+  EXPECT_TRUE(compute.ok() && side.ok());
+  if (!compute.ok() || !side.ok()) t.host = nullptr;
+  else t.compute = *compute, t.side = *side;
+  return t;
+}
+
 // Allocations carry a pattern written at malloc and checked at free: any aliasing of two live
 // allocations shows up as a mismatch.
 class Loop {
@@ -246,11 +270,9 @@ TEST(Arena, FreeInAnotherOrderNeverAliases) {
 // that work; a plan serves one stream, so a goes to the caching allocator, whose pools order
 // cross-stream reuse.
 TEST(Arena, APlanServesOneStreamSoWorkQueuedOnAnotherIsNeverOverwritten) {
-  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
-  auto* host = dynamic_cast<HostDriver*>(&backing->driver());
-  ASSERT_NE(host, nullptr);
-  SA_ASSIGN_OR_FAIL(compute, host->CreateStream());
-  SA_ASSIGN_OR_FAIL(side, host->CreateStream());
+  TwoStreams t = MakeTwoStreams();
+  ASSERT_NE(t.host, nullptr);
+  auto& [backing, host, compute, side] = t;
   PlannedAllocator arena(backing.get());
   static constexpr std::size_t kA = 1 << 20, kB = 2 << 20;
   std::atomic<int> overwritten{0};
@@ -302,11 +324,9 @@ TEST(Arena, APlanServesOneStreamSoWorkQueuedOnAnotherIsNeverOverwritten) {
 // plan with a free still deferred hands that stream to the caching allocator with the arena
 // block, which then does not reuse the block under the stream's work either.
 TEST(Arena, RecordStreamDefersTheFreeUntilTheOtherStreamIsDone) {
-  SA_ASSIGN_OR_FAIL(backing, MakeHostAllocator("host_capacity_mb:512"));
-  auto* host = dynamic_cast<HostDriver*>(&backing->driver());
-  ASSERT_NE(host, nullptr);
-  SA_ASSIGN_OR_FAIL(compute, host->CreateStream());
-  SA_ASSIGN_OR_FAIL(side, host->CreateStream());
+  TwoStreams t = MakeTwoStreams();
+  ASSERT_NE(t.host, nullptr);
+  auto& [backing, host, compute, side] = t;
   PlannedAllocator arena(backing.get());
   static constexpr std::size_t kN = 1 << 20;
   auto record = [&] {  // a, freed, then b: the plan puts b on a's bytes
