@@ -190,6 +190,7 @@ class Offload:
         self._in_layer = None  # the layer whose forward runs under our hooks
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         self._warned_cache = False
+        self._warned_capture = False
         if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
                              "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
@@ -244,6 +245,8 @@ class Offload:
             if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
                     or t.untyped_storage().data_ptr() in self._param_storages or t.untyped_storage().nbytes() == 0):
                 return t
+            if self._capturing():
+                return t
             if self._device is None:
                 self._device = t.device.index if t.device.index is not None else 0
                 self._backend.begin(len(self._layers), self._device)
@@ -259,6 +262,23 @@ class Offload:
             return _Saved(s, t)
 
         return pack
+
+    def _capturing(self):
+        """Whether a CUDA graph is being captured on the current stream (torch.cuda.graph,
+        torch.compile's CUDA graphs): the swap manager's schedule (host-side tickets, events,
+        copies issued at layer ends) cannot be replayed by a graph, so saved tensors then stay
+        on the device, as without offload. Warns once."""
+        torch = self._torch
+        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
+            return False
+        if not self._warned_capture:
+            import warnings
+
+            warnings.warn("stitchalloc.offload: a CUDA graph is being captured; the tensors it saves for backward "
+                          "stay on the device (offload's copies and schedule cannot be replayed by a graph)",
+                          stacklevel=3)
+            self._warned_capture = True
+        return True
 
     def _unpack(self, saved):
         if not isinstance(saved, _Saved):

@@ -100,6 +100,25 @@ def grads_of(model, batch, offload=None):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def test_nothing_is_offloaded_while_a_cuda_graph_is_captured(monkeypatch):
+    # Under graph capture the swap schedule could not be replayed: saved tensors stay where they
+    # are (a warning says so once) and the gradients are those of the model without offload.
+    model, batch = make_model(), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    backend = RecordingBackend()
+    with pytest.warns(UserWarning, match="CUDA graph is being captured") as warned:
+        with stitchalloc.offload(model, policy="swap", backend=backend) as off:
+            loss, got = grads_of(model, batch)
+            grads_of(model, batch)
+    assert sum("CUDA graph" in str(w.message) for w in warned) == 1
+    assert off.offloaded == 0
+    assert not [e for e in backend.log if e[0] in ("offload", "begin", "wait")]
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 def test_swap_gives_bitwise_equal_gradients_and_follows_the_layer_schedule():
     model, batch = make_model(), tokens()
     ref_loss, ref = grads_of(model, batch)
