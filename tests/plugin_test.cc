@@ -4,7 +4,12 @@
 // default pool, release semantics, statistics, byte-exact contents, concurrency).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <future>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -14,6 +19,9 @@
 #include "tests/test_util.h"
 #include "torch_plugin/alloc_conf.h"
 #include "torch_plugin/pool_set.h"
+#include "swap/copy_engine.h"
+#include "swap/pinned_pool.h"
+#include "swap/swap_manager.h"
 
 namespace stitchalloc {
 namespace {
@@ -243,6 +251,55 @@ TEST(PoolSet, PrivatePoolCheckpointsAreRestoredExactly) {
   for (int i = 0; i < 4; ++i) SA_ASSERT_OK(set->ReleasePool(pool));
   EXPECT_TRUE(set->PrivatePools().empty());
   EXPECT_EQ(set->GetStats().allocated_bytes.all().current, 0);
+}
+
+// Offload under memory pressure while the arena records an iteration: the caching allocator
+// asks the swap manager to evict in the middle of a request the arena passed on, and the manager
+// hands each block back to its owner, which frees it (as PyTorch does) through the PoolSet and so
+// through the arena. The arena must hold no lock across the caching allocator's call, or the
+// thread waits for itself.
+TEST(PoolSet, OffloadUnderPressureWhileTheArenaRecords) {
+  Config c = HostConfig();
+  c.driver.host.capacity = 64ull << 20;
+  SA_ASSIGN_OR_FAIL(set, PoolSet::Create(c));
+  Driver& d = set->main().driver();
+  SA_ASSIGN_OR_FAIL(pinned, swap::PinnedPool::Create(&d, {.slab_bytes = 8ull << 20, .capacity = 64ull << 20}));
+  SA_ASSIGN_OR_FAIL(engine, swap::CopyEngine::Create(&d, {.chunk_bytes = 1ull << 20}));
+  SA_ASSIGN_OR_FAIL(manager, swap::SwapManager::Create(&set->main(), pinned.get(), engine.get(), kDefaultStream,
+                                                       {.lookahead = 1, .keep_last_layers = 0}));
+  SA_ASSERT_OK(manager->BeginIteration(2));
+  SA_ASSERT_OK(set->arena().BeginIteration(11));  // recording: requests pass to the caching allocator
+  constexpr std::size_t kSaved = 8ull << 20;
+  std::vector<swap::SwapManager::Ticket> tickets;
+  for (int i = 0; i < 5; ++i) {  // layer 0 saves 40 MiB, still registered (its forward goes on)
+    SA_ASSIGN_OR_FAIL(p, set->Malloc(kSaved, kDefaultStream));
+    std::memset(p, 0x40 + i, kSaved);
+    PoolSet* owner = set.get();
+    SA_ASSIGN_OR_FAIL(t, manager->Offload(p, kSaved, 0, [owner, p](std::optional<Stream> in_use_by) {
+      if (in_use_by.has_value()) {
+        EXPECT_TRUE(owner->RecordStream(p, *in_use_by).ok());
+      }
+      EXPECT_TRUE(owner->Free(p).ok());
+    }));
+    tickets.push_back(t);
+  }
+  // 32 MiB more does not fit beside them: the manager evicts layer 0's tensors.
+  auto request = std::async(std::launch::async, [&] { return set->Malloc(32ull << 20, kDefaultStream); });
+  if (request.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+    std::fprintf(stderr, "the request under pressure never returned: deadlock\n");
+    std::_Exit(1);  // the stuck thread holds locks: no orderly exit
+  }
+  SA_ASSIGN_OR_FAIL(q, request.get());
+  EXPECT_GT(manager->GetStats().evicted, 0);
+  SA_ASSERT_OK(set->Free(q));
+  SA_ASSERT_OK(set->arena().EndIteration());
+  for (int i = 0; i < 5; ++i) {  // the bytes come back
+    SA_ASSIGN_OR_FAIL(p, manager->Wait(tickets[i]));
+    SA_ASSERT_OK(d.SynchronizeStream(kDefaultStream));
+    const auto* bytes = static_cast<const unsigned char*>(p);
+    EXPECT_EQ(std::count(bytes, bytes + kSaved, 0x40 + i), static_cast<std::ptrdiff_t>(kSaved)) << i;
+    SA_ASSERT_OK(set->Free(p));
+  }
 }
 
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {

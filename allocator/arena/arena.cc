@@ -24,24 +24,6 @@ std::int64_t PlannedAllocator::LargestPlan() const {
   return m;
 }
 
-bool PlannedAllocator::EnsureArena(std::int64_t bytes, Stream stream) {
-  if (base_ != nullptr && bytes <= arena_size_ && stream == arena_stream_) return true;
-  if (AnyHeldLocked()) return false;
-  if (base_ != nullptr && !FreeArenaLocked().ok()) return false;
-  // The arena is a block of the plan's stream: every arena allocation is used on that stream,
-  // so the caching allocator orders the block's later reuse after all of their work.
-  absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(bytes), stream);
-  if (!p.ok()) {
-    stats_.arena_bytes = 0;
-    return false;
-  }
-  base_ = *p;
-  arena_stream_ = stream;
-  arena_size_ = bytes;
-  stats_.arena_bytes = bytes;
-  return true;
-}
-
 absl::Status PlannedAllocator::FreeArenaLocked() {
   ReapLocked();
   Driver& d = backing_->driver();
@@ -99,38 +81,78 @@ std::int64_t PlannedAllocator::ArenaOffset(const void* ptr) const {
 }
 
 absl::Status PlannedAllocator::BeginIteration(std::uint64_t signature) {
-  MutexLock l(&mu_);
-  if (mode_ != Mode::kIdle) return absl::FailedPreconditionError("iteration_begin while an iteration is open");
-  signature_ = signature;
-  occurrences_.clear();
-  layer_pos_ = 0;
-  off_sequence_ = false;
-  ordinal_ = outside_ordinal_ = 0;
-  in_layer_ = false;
-  iteration_missed_ = false;
-  auto it = plans_.find(signature);
-  if (it != plans_.end()) {
-    // Grow to the largest cached plan at once, so alternating shapes never re-allocate.
-    const Stream stream = it->second->plan.stream;
-    if (EnsureArena(LargestPlan(), stream) || EnsureArena(it->second->plan.arena_bytes, stream)) {
-      mode_ = Mode::kServing;
-      current_ = it->second.get();
-      slots_ = &current_->plan.outside;
-    } else {
-      mode_ = Mode::kPassThrough;
-      ++stats_.passthrough_iterations;
+  Stream stream = kDefaultStream;
+  std::int64_t largest = 0, own = 0;
+  {
+    MutexLock l(&mu_);
+    if (mode_ != Mode::kIdle) return absl::FailedPreconditionError("iteration_begin while an iteration is open");
+    signature_ = signature;
+    occurrences_.clear();
+    layer_pos_ = 0;
+    off_sequence_ = false;
+    ordinal_ = outside_ordinal_ = 0;
+    in_layer_ = false;
+    iteration_missed_ = false;
+    auto it = plans_.find(signature);
+    if (it == plans_.end()) {
+      mode_ = Mode::kRecording;
+      current_ = nullptr;
+      slots_ = nullptr;
+      recorder_.Begin();
+      // A recording iteration runs on the caching allocator: lend it the arena's memory (the
+      // block goes back to its pool; the next serving iteration takes a block again).
+      if (base_ != nullptr && !AnyHeldLocked()) (void)FreeArenaLocked();
+      UpdateEngaged();
+      return absl::OkStatus();
     }
-  } else {
-    mode_ = Mode::kRecording;
-    current_ = nullptr;
-    slots_ = nullptr;
-    recorder_.Begin();
-    // A recording iteration runs on the caching allocator: lend it the arena's memory (the
-    // block goes back to its pool; the next serving iteration takes a block again).
-    if (base_ != nullptr && !AnyHeldLocked()) (void)FreeArenaLocked();
+    stream = it->second->plan.stream;
+    largest = LargestPlan();
+    own = it->second->plan.arena_bytes;
+    // Grow to the largest cached plan at once, so that alternating shapes never re-allocate.
+    if (FitsLocked(largest, stream) || (AnyHeldLocked() && FitsLocked(own, stream))) {
+      ServeLocked(it->second.get());
+      return absl::OkStatus();
+    }
+    // Until a new arena is in place the iteration passes through (so it does if none can be had).
+    mode_ = Mode::kPassThrough;
+    ++stats_.passthrough_iterations;
+    UpdateEngaged();
+    if (AnyHeldLocked()) return absl::OkStatus();  // the arena cannot move under live allocations
+    if (base_ != nullptr && !FreeArenaLocked().ok()) return absl::OkStatus();
   }
-  UpdateEngaged();
+  // The new arena is allocated without the lock (see Malloc), then taken if the iteration still
+  // waits for it.
+  absl::StatusOr<void*> p = backing_->Malloc(static_cast<std::size_t>(largest), stream);
+  std::int64_t bytes = largest;
+  if (!p.ok() && own < largest) {
+    p = backing_->Malloc(static_cast<std::size_t>(own), stream);
+    bytes = own;
+  }
+  if (!p.ok()) return absl::OkStatus();
+  MutexLock l(&mu_);
+  auto it = plans_.find(signature);
+  if (mode_ != Mode::kPassThrough || signature_ != signature || base_ != nullptr || it == plans_.end()) {
+    (void)backing_->Free(*p);  // the iteration ended or the plan went meanwhile
+    return absl::OkStatus();
+  }
+  base_ = *p;
+  arena_stream_ = stream;
+  arena_size_ = bytes;
+  stats_.arena_bytes = bytes;
+  --stats_.passthrough_iterations;
+  ServeLocked(it->second.get());
   return absl::OkStatus();
+}
+
+bool PlannedAllocator::FitsLocked(std::int64_t bytes, Stream stream) const {
+  return base_ != nullptr && bytes <= arena_size_ && stream == arena_stream_;
+}
+
+void PlannedAllocator::ServeLocked(CachedPlan* plan) {
+  mode_ = Mode::kServing;
+  current_ = plan;
+  slots_ = &current_->plan.outside;
+  UpdateEngaged();
 }
 
 absl::Status PlannedAllocator::EndIteration() {
@@ -222,43 +244,51 @@ absl::Status PlannedAllocator::LayerEnd() {
 
 absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) {
   if (!engaged_.load(std::memory_order_acquire)) return backing_->Malloc(size, stream);
-  MutexLock l(&mu_);
-  if (mode_ == Mode::kRecording) {
-    absl::StatusOr<void*> p = backing_->Malloc(size, stream);
-    if (p.ok()) recorder_.OnAlloc(reinterpret_cast<std::uintptr_t>(*p), size, stream);
-    return p;
-  }
-  if (mode_ == Mode::kServing && size > 0) {
-    const int ordinal = ordinal_++;
-    if (!in_layer_) outside_ordinal_ = ordinal_;
-    const Slot* slot = slots_ != nullptr && static_cast<std::size_t>(ordinal) < slots_->size() ? &(*slots_)[ordinal] : nullptr;
-    if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream) {
-      if (!slot->planned) {
+  bool record = false;
+  {
+    MutexLock l(&mu_);
+    if (mode_ == Mode::kRecording) {
+      record = true;
+    } else if (mode_ == Mode::kServing && size > 0) {
+      const int ordinal = ordinal_++;
+      if (!in_layer_) outside_ordinal_ = ordinal_;
+      const Slot* slot =
+          slots_ != nullptr && static_cast<std::size_t>(ordinal) < slots_->size() ? &(*slots_)[ordinal] : nullptr;
+      if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream && !slot->planned) {
         ++stats_.unplanned;
-        return backing_->Malloc(size, stream);
-      }
-      // Guard: no live arena allocation may overlap [offset, offset + size).
-      const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
-      auto clash = [&] {
-        auto next = live_.lower_bound(lo);
-        return (next != live_.end() && next->first < hi) || (next != live_.begin() && std::prev(next)->second > lo);
-      };
-      bool clashes = clash();
-      if (clashes && !deferred_.empty()) {
-        ReapLocked();  // a deferred free whose other streams are done frees its range now
-        clashes = clash();
-      }
-      if (!clashes) {
-        live_.emplace(lo, hi);
-        void* p = static_cast<char*>(base_) + lo;
-        ++stats_.hits;
-        return p;
+      } else if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream) {
+        // Guard: no live arena allocation may overlap [offset, offset + size).
+        const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
+        auto clash = [&] {
+          auto next = live_.lower_bound(lo);
+          return (next != live_.end() && next->first < hi) || (next != live_.begin() && std::prev(next)->second > lo);
+        };
+        bool clashes = clash();
+        if (clashes && !deferred_.empty()) {
+          ReapLocked();  // a deferred free whose other streams are done frees its range now
+          clashes = clash();
+        }
+        if (!clashes) {
+          live_.emplace(lo, hi);
+          ++stats_.hits;
+          return static_cast<void*>(static_cast<char*>(base_) + lo);
+        }
+        ++stats_.misses;
+        iteration_missed_ = true;
+      } else {
+        ++stats_.misses;
+        iteration_missed_ = true;
       }
     }
-    ++stats_.misses;
-    iteration_missed_ = true;
   }
-  return backing_->Malloc(size, stream);
+  // Never with the lock held: under memory pressure the caching allocator asks the swap manager
+  // to evict, which frees blocks (PyTorch's storages) through this allocator.
+  absl::StatusOr<void*> p = backing_->Malloc(size, stream);
+  if (record && p.ok()) {
+    MutexLock l(&mu_);
+    if (mode_ == Mode::kRecording) recorder_.OnAlloc(reinterpret_cast<std::uintptr_t>(*p), size, stream);
+  }
+  return p;
 }
 
 absl::Status PlannedAllocator::Free(void* ptr) {

@@ -140,9 +140,10 @@ class PlannedAllocator {
 
   void UpdateEngaged() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status DropLocked(std::uint64_t signature) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Makes the arena at least `bytes` large and a block of `stream`; false if it cannot now
-  // (live allocations, OOM).
-  bool EnsureArena(std::int64_t bytes, Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the arena is at least `bytes` large and a block of `stream`.
+  bool FitsLocked(std::int64_t bytes, Stream stream) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The open iteration is served from `plan`.
+  void ServeLocked(CachedPlan* plan) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::int64_t LargestPlan() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The offset of `ptr` in the arena, or -1 when it lies outside it.
   std::int64_t ArenaOffset(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
