@@ -44,7 +44,7 @@ absl::Status PlannedAllocator::FreeArenaLocked() {
 }
 
 bool PlannedAllocator::HeldLocked(std::int64_t off) const {
-  return off >= 0 && live_.contains(off) && !deferred_.contains(off);
+  return off >= 0 && live_.contains(off) && (deferred_.empty() || !deferred_.contains(off));
 }
 
 void PlannedAllocator::ReapLocked() {
@@ -254,9 +254,10 @@ absl::StatusOr<void*> PlannedAllocator::Malloc(std::size_t size, Stream stream) 
       if (!in_layer_) outside_ordinal_ = ordinal_;
       const Slot* slot =
           slots_ != nullptr && static_cast<std::size_t>(ordinal) < slots_->size() ? &(*slots_)[ordinal] : nullptr;
-      if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream && !slot->planned) {
+      const bool matches = slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream;
+      if (matches && !slot->planned) {
         ++stats_.unplanned;
-      } else if (slot != nullptr && slot->size == RoundToGranule(size) && slot->stream == stream) {
+      } else if (matches) {
         // Guard: no live arena allocation may overlap [offset, offset + size).
         const std::int64_t lo = slot->offset, hi = slot->offset + static_cast<std::int64_t>(slot->size);
         auto clash = [&] {
@@ -297,10 +298,11 @@ absl::Status PlannedAllocator::Free(void* ptr) {
   MutexLock l(&mu_);
   // The arena is one block of ours: a pointer inside it is an arena allocation or invalid.
   if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
-    if (!HeldLocked(off)) {
+    auto it = live_.find(off);
+    if (it == live_.end() || (!deferred_.empty() && deferred_.contains(off))) {
       return absl::InvalidArgumentError(absl::StrCat("free of arena offset ", off, ": not a live arena allocation (double free or interior pointer)"));
     }
-    if (auto used = used_on_.extract(off); !used.empty()) {
+    if (auto used = used_on_.empty() ? decltype(used_on_)::node_type() : used_on_.extract(off); !used.empty()) {
       // Other streams use the range: it stays occupied until their work queued so far is done.
       Driver& d = backing_->driver();
       std::vector<std::pair<Stream, Event>> events;
@@ -320,7 +322,7 @@ absl::Status PlannedAllocator::Free(void* ptr) {
         return absl::OkStatus();
       }
     }
-    live_.erase(off);
+    live_.erase(it);
     UpdateEngaged();
     return absl::OkStatus();
   }
