@@ -63,7 +63,21 @@ CachingAllocator::~CachingAllocator() {
     for (const auto& [event, seq] : pool->fences) driver_->DestroyEvent(event).IgnoreError();
   }
   for (Event e : spare_events_) driver_->DestroyEvent(e).IgnoreError();
-  store_.reset();
+  if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(stats_.reserved_bytes.all().current);
+  store_.reset();  // releases everything without counting it out (done just above)
+}
+
+void CachingAllocator::ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) {
+  MutexLock l(&mu_);
+  if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(stats_.reserved_bytes.all().current);
+  shared_reserved_ = std::move(total);
+  if (shared_reserved_ != nullptr) shared_reserved_->fetch_add(stats_.reserved_bytes.all().current);
+  store_->ShareReserved(shared_reserved_.get());
+}
+
+std::size_t CachingAllocator::LimitedReserved() const {
+  const std::int64_t r = shared_reserved_ != nullptr ? shared_reserved_->load() : stats_.reserved_bytes.all().current;
+  return static_cast<std::size_t>(std::max<std::int64_t>(r, 0));
 }
 
 std::size_t CachingAllocator::memory_limit() const {
@@ -498,7 +512,7 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
     std::size_t borrowed = 0;
     for (const SlotRun& r : borrow) borrowed += r.count;
     fresh = need - borrowed;
-    const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+    const std::size_t reserved = LimitedReserved();
     if (fresh > 0 && reserved + fresh * m->chunk_size > limit_) {
       return absl::ResourceExhaustedError("refilling a hole would exceed the memory limit");
     }
@@ -534,7 +548,7 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
 
 absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
   const std::size_t chunk = policy_.ChunkSize(kind);
-  const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  const std::size_t reserved = LimitedReserved();
   // Lendable chunks, gathered once for refilling, growing in place and for a new mapping.
   const std::vector<Policy::Candidate> all =
       policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
@@ -906,10 +920,12 @@ std::string CachingAllocator::OutOfMemoryReport(std::size_t size, std::size_t ro
   if (auto info = driver_->GetMemInfo(); info.ok()) device_free = FormatBytes(info->free_bytes);
   return absl::StrFormat(
       "stitchalloc: out of memory on %s: tried to allocate %s (%d bytes requested, %d after rounding) "
-      "on stream 0x%x. Allocated: %s. Reserved: %s of a %s limit (device total %s, device free %s). "
+      "on stream 0x%x. Allocated: %s. Reserved: %s%s of a %s limit (device total %s, device free %s). "
       "Free but fragmented: %s in %d blocks, %d whole %s chunks among them (stitching %s). Largest free "
       "contiguous block: %s. Waiting on stream events: %s. Cause: %s",
       driver_->name(), FormatBytes(size), size, rounded, stream, FormatBytes(allocated), FormatBytes(reserved),
+      shared_reserved_ == nullptr ? std::string()
+                                  : absl::StrCat(" (", FormatBytes(LimitedReserved()), " with the device's other pools)"),
       FormatBytes(limit_), FormatBytes(total_memory_), device_free, FormatBytes(free_bytes), free_blocks,
       free_chunks, FormatBytes(chunk_size_), config_.stitching ? "on" : "off", FormatBytes(largest),
       FormatBytes(pending_bytes), cause.message());

@@ -108,6 +108,10 @@ class CachingAllocator {
   // that does not fit fails with the out-of-memory report instead of releasing the cache first.
   // A private pool keeps it set while a captured CUDA graph may replay at its addresses.
   void SetKeepCached(bool keep) { keep_cached_.store(keep, std::memory_order_relaxed); }
+  // The memory limit (memory_fraction) then caps the reserved bytes of every allocator sharing
+  // `total` together, as PyTorch's fraction caps a device's pools together: each adds its
+  // reserved bytes to it (those it holds already at once) and takes them out when it goes.
+  void ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total);
 
   // Called when a request would otherwise fail with out-of-memory, after cached memory was
   // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
@@ -254,6 +258,9 @@ class CachingAllocator {
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> keep_cached_{false};
+  std::shared_ptr<std::atomic<std::int64_t>> shared_reserved_ ABSL_GUARDED_BY(mu_);
+  // Reserved bytes the memory limit is checked against: the shared total, or this allocator's.
+  std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<PendingFree> pending_ ABSL_GUARDED_BY(mu_);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu_);
   std::list<Mapping*> idle_lru_ ABSL_GUARDED_BY(mu_);

@@ -177,6 +177,7 @@ void MappingStore::Adopt(Mapping* m, const std::vector<std::uint32_t>& slots, co
     c->home = c->owner = m;
     c->home_slot = c->owner_slot = slots[next++];
     stats_.reserved_bytes.Add(pool_index, static_cast<std::int64_t>(c->size));
+    if (shared_reserved_ != nullptr) shared_reserved_->fetch_add(static_cast<std::int64_t>(c->size));
     ++stats_.num_device_alloc;
     Chunk* raw = c.get();
     chunks_.emplace(raw, std::move(c));
@@ -561,6 +562,7 @@ absl::Status MappingStore::ReleasePhysical(Chunk* c) {
   --h->present;
   Note(first, driver_.ReleaseChunk(c->handle));
   stats_.reserved_bytes.Add(static_cast<int>(h->kind), -static_cast<std::int64_t>(c->size));
+  if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(static_cast<std::int64_t>(c->size));
   ++stats_.num_device_free;
   chunks_.erase(c);
   return first;

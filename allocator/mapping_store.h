@@ -11,6 +11,7 @@
 // Not thread-safe: the CachingAllocator calls it under its mutex.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -37,6 +38,8 @@ struct SlotRun {
 class MappingStore {
  public:
   MappingStore(Driver& driver, Stats& stats, std::size_t max_split_size);
+  // Also counts reserved bytes into `total` (the device's allocators together; may be null).
+  void ShareReserved(std::atomic<std::int64_t>* total) { shared_reserved_ = total; }
   ~MappingStore();  // unmaps and releases everything, live allocations included
   MappingStore(const MappingStore&) = delete;
   MappingStore& operator=(const MappingStore&) = delete;
@@ -159,6 +162,7 @@ class MappingStore {
 
   Driver& driver_;
   Stats& stats_;
+  std::atomic<std::int64_t>* shared_reserved_ = nullptr;
   const std::size_t max_split_size_;
   absl::btree_map<DevicePtr, std::unique_ptr<Mapping>> mappings_;
   absl::btree_map<DevicePtr, Mapping*> with_absent_;

@@ -302,6 +302,32 @@ TEST(PoolSet, OffloadUnderPressureWhileTheArenaRecords) {
   }
 }
 
+// set_per_process_memory_fraction caps a device's pools together, as PyTorch's fraction does (it
+// capped each pool on its own, so a captured graph could take the device past the fraction).
+TEST(PoolSet, MemoryFractionCapsEveryPoolTogether) {
+  Config c = HostConfig();  // 256 MiB
+  c.memory_fraction = 0.25;  // 64 MiB for all pools together
+  SA_ASSIGN_OR_FAIL(set, PoolSet::Create(c));
+  const PoolId pool{8, 0};
+  SA_ASSIGN_OR_FAIL(big, set->Malloc(48ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  const auto over = set->Malloc(32ull << 20, kCapture);  // 48 + 32 > 64
+  EXPECT_TRUE(absl::IsResourceExhausted(over.status())) << over.status();
+  EXPECT_THAT(std::string(over.status().message()), ::testing::HasSubstr("with the device's other pools"));
+  SA_ASSIGN_OR_FAIL(fits, set->Malloc(8ull << 20, kCapture));  // 48 + 8 <= 64
+  SA_ASSERT_OK(set->Free(big));
+  SA_ASSERT_OK(set->EmptyCache());  // the default pool's 48 MiB go back to the device
+  SA_ASSIGN_OR_FAIL(now, set->Malloc(32ull << 20, kCapture));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  EXPECT_LE(set->GetStats().reserved_bytes.all().current, 64ll << 20);
+  SA_ASSERT_OK(set->Free(fits));
+  SA_ASSERT_OK(set->Free(now));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // the pool goes: its bytes leave the shared count
+  EXPECT_TRUE(set->PrivatePools().empty());
+  SA_ASSIGN_OR_FAIL(again, set->Malloc(60ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->Free(again));
+}
+
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {
   auto set = MakePoolSet();
   ASSERT_NE(set, nullptr);

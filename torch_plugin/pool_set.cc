@@ -30,7 +30,9 @@ PoolSet::PoolSet(const Config& config, std::unique_ptr<CachingAllocator> main)
     : config_(config),
       main_(std::move(main)),
       arena_(std::make_unique<arena::PlannedAllocator>(main_.get())),
-      fraction_(config.memory_fraction) {}
+      fraction_(config.memory_fraction) {
+  main_->ShareMemoryLimit(reserved_);
+}
 
 PoolSet::~PoolSet() = default;
 
@@ -108,6 +110,7 @@ absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
   auto pool = std::make_unique<Pool>();
   pool->allocator = *std::move(allocator);
   pool->allocator->SetKeepCached(true);
+  pool->allocator->ShareMemoryLimit(reserved_);
   return pools_.emplace(id, std::move(pool)).first->second.get();
 }
 

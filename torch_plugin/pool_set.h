@@ -111,6 +111,8 @@ class PoolSet {
   CachingAllocator* OwnerOf(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Config config_;
+  // Reserved bytes of every pool together: the memory fraction caps their sum, as PyTorch's does.
+  const std::shared_ptr<std::atomic<std::int64_t>> reserved_ = std::make_shared<std::atomic<std::int64_t>>(0);
   const std::unique_ptr<CachingAllocator> main_;
   const std::unique_ptr<arena::PlannedAllocator> arena_;
   std::atomic<double> fraction_;
