@@ -225,22 +225,25 @@ TEST(PoolSet, PrivatePoolCheckpointsAreRestoredExactly) {
   // Unrestorable: a block no mapping of the pool holds. Nothing changes.
   std::vector<Live> bad = state;
   bad.push_back({0x1000, 4096, 4096, kCapture});
-  std::vector<void*> freed, allocated;
-  const absl::Status s = set->RestorePool(pool, bad, &freed, &allocated);
+  const absl::Status s = set->RestorePool(pool, bad).status();
   EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
   EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("no mapping of this allocator holds it"));
   SA_ASSIGN_OR_FAIL(unchanged, set->PoolAllocations(pool));
   EXPECT_EQ(unchanged, before);
   std::vector<Live> twice = {state[0], state[0]};
-  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(pool, twice, &freed, &allocated)));
-  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(kDefaultPool, state, &freed, &allocated)));
-  EXPECT_TRUE(absl::IsNotFound(set->RestorePool({99, 0}, state, &freed, &allocated)));
+  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(pool, twice).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(set->RestorePool(kDefaultPool, state).status()));
+  EXPECT_TRUE(absl::IsNotFound(set->RestorePool({99, 0}, state).status()));
 
-  SA_ASSERT_OK(set->RestorePool(pool, state, &freed, &allocated));
+  SA_ASSIGN_OR_FAIL(restored, set->RestorePool(pool, state));
   SA_ASSIGN_OR_FAIL(after, set->PoolAllocations(pool));
   EXPECT_EQ(after, state);
-  EXPECT_THAT(freed, ::testing::UnorderedElementsAre(z, w));
-  EXPECT_THAT(allocated, ::testing::UnorderedElementsAre(x, y, z));
+  EXPECT_THAT(restored.freed, ::testing::UnorderedElementsAre(z, w));  // every allocation live before
+  ASSERT_EQ(restored.dropped.size(), 1u);
+  EXPECT_EQ(restored.dropped[0].ptr, reinterpret_cast<DevicePtr>(w));
+  std::vector<void*> made;  // x and y again; z stayed
+  for (const Live& l : restored.made) made.push_back(reinterpret_cast<void*>(l.ptr));
+  EXPECT_THAT(made, ::testing::UnorderedElementsAre(x, y));
   const auto* bytes = static_cast<const unsigned char*>(z);
   EXPECT_EQ(std::count(bytes, bytes + (8 << 20), 0x3c), 8 << 20);  // z never left
   SA_ASSIGN_OR_FAIL(info, set->Describe(x));  // x and y are the pool's again

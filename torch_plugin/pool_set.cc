@@ -1,6 +1,8 @@
 #include "torch_plugin/pool_set.h"
 
 #include <algorithm>
+#include <iterator>
+#include <tuple>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -196,36 +198,29 @@ absl::StatusOr<std::vector<CachingAllocator::LiveAllocation>> PoolSet::PoolAlloc
   return it->second->allocator->LiveAllocations();
 }
 
-absl::Status PoolSet::RestorePool(PoolId id, const std::vector<CachingAllocator::LiveAllocation>& state,
-                                  std::vector<void*>* freed, std::vector<void*>* allocated) {
+absl::StatusOr<PoolSet::Restored> PoolSet::RestorePool(PoolId id, std::vector<CachingAllocator::LiveAllocation> state) {
   using Live = CachingAllocator::LiveAllocation;
   if (id == kDefaultPool) return DefaultPoolError("setCheckpointPoolState");
-  if (freed == nullptr || allocated == nullptr) return absl::InvalidArgumentError("setCheckpointPoolState: null output");
   STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::RestorePool");
+  // Both lists in address order, each address once: what differs is a set difference.
+  const auto by_ptr = [](const Live& a, const Live& b) { return a.ptr < b.ptr; };
+  std::sort(state.begin(), state.end(), by_ptr);
+  if (auto twice = std::adjacent_find(state.begin(), state.end(), [](const Live& a, const Live& b) { return a.ptr == b.ptr; });
+      twice != state.end()) {
+    return absl::InvalidArgumentError(absl::StrFormat("setCheckpointPoolState: the state lists %#x twice", twice->ptr));
+  }
   MutexLock lock(&mu_);
   auto it = pools_.find(id);
   if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("setCheckpointPoolState: no private pool ", Name(id)));
   Pool* pool = it->second.get();
   CachingAllocator& a = *pool->allocator;
   const std::vector<Live> now = a.LiveAllocations();
-  absl::flat_hash_map<DevicePtr, Live> wanted;
-  for (const Live& l : state) {
-    if (!wanted.emplace(l.ptr, l).second) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("setCheckpointPoolState: the state lists %#x twice", l.ptr));
-    }
-  }
-  std::vector<Live> drop, make;
-  for (const Live& l : now) {
-    auto w = wanted.find(l.ptr);
-    if (w == wanted.end() || !(w->second == l)) drop.push_back(l);
-  }
-  absl::flat_hash_map<DevicePtr, Live> live_now;
-  for (const Live& l : now) live_now.emplace(l.ptr, l);
-  for (const Live& l : state) {
-    auto n = live_now.find(l.ptr);
-    if (n == live_now.end() || !(n->second == l)) make.push_back(l);
-  }
+  const auto whole = [](const Live& x, const Live& y) {
+    return std::tie(x.ptr, x.size, x.requested, x.stream) < std::tie(y.ptr, y.size, y.requested, y.stream);
+  };
+  Restored r;
+  std::set_difference(now.begin(), now.end(), state.begin(), state.end(), std::back_inserter(r.dropped), whole);
+  std::set_difference(state.begin(), state.end(), now.begin(), now.end(), std::back_inserter(r.made), whole);
   auto unroute = [&](const Live& l) {
     pool_of_.erase(reinterpret_cast<void*>(l.ptr));
     pooled_.fetch_sub(1, std::memory_order_release);
@@ -238,27 +233,25 @@ absl::Status PoolSet::RestorePool(PoolId id, const std::vector<CachingAllocator:
   };
   // Every request to the pool goes through this class under mu_, so the allocations listed
   // above are live until freed here.
-  for (const Live& l : drop) {
+  for (const Live& l : r.dropped) {
     if (absl::Status s = a.Free(reinterpret_cast<void*>(l.ptr)); !s.ok()) {
       return absl::InternalError(absl::StrCat("setCheckpointPoolState: ", s.message()));
     }
     unroute(l);
   }
-  std::vector<Live> made;
-  for (const Live& l : make) {
-    auto p = a.AllocateAt(l);
+  for (std::size_t k = 0; k < r.made.size(); ++k) {
+    auto p = a.AllocateAt(r.made[k]);
     if (p.ok()) {
-      route(l);
-      made.push_back(l);
+      route(r.made[k]);
       continue;
     }
     // Undo: what was made goes, what was dropped comes back where it was (its bytes are free:
     // nothing else allocated from the pool meanwhile, under the lock).
-    for (const Live& m : made) {
-      (void)a.Free(reinterpret_cast<void*>(m.ptr));
-      unroute(m);
+    for (std::size_t m = 0; m < k; ++m) {
+      (void)a.Free(reinterpret_cast<void*>(r.made[m].ptr));
+      unroute(r.made[m]);
     }
-    for (const Live& d : drop) {
+    for (const Live& d : r.dropped) {
       if (!a.AllocateAt(d).ok()) {
         return absl::InternalError(absl::StrFormat(
             "setCheckpointPoolState: %s, and %#x could not be restored either (the pool lost it)",
@@ -270,12 +263,9 @@ absl::Status PoolSet::RestorePool(PoolId id, const std::vector<CachingAllocator:
         absl::StrCat("setCheckpointPoolState: pool ", Name(id), " cannot hold the checkpoint again: ",
                      p.status().message()));
   }
-  freed->clear();
-  allocated->clear();
-  for (const Live& l : now) freed->push_back(reinterpret_cast<void*>(l.ptr));
-  for (const Live& l : state) allocated->push_back(reinterpret_cast<void*>(l.ptr));
+  for (const Live& l : now) r.freed.push_back(reinterpret_cast<void*>(l.ptr));
   MaybeErase(id);
-  return absl::OkStatus();
+  return r;
 }
 
 std::vector<PoolId> PoolSet::PrivatePools() const {

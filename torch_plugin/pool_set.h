@@ -65,14 +65,18 @@ class PoolSet {
   // Users of the pool (0 for an unknown pool).
   int PoolUseCount(PoolId id) const;
   // CUDA graph trees' checkpoints (PyTorch's getCheckpointState / setCheckpointPoolState):
-  // the live allocations of private pool `id`, and the pool made to hold exactly `state` again.
-  // RestorePool frees the pool's allocations that are not in `state` and allocates those of
-  // `state` that are not live at their addresses (AllocateAt; the pool never remaps, so a range
-  // it served is still its own). *freed gets every allocation live before and *allocated every
-  // one of `state` (PyTorch's protocol: one kept is both). On failure nothing has changed.
+  // the live allocations of private pool `id` (in address order), and the pool made to hold
+  // exactly `state` again. RestorePool frees the pool's allocations that are not in `state`
+  // (`dropped`) and allocates those of `state` that are not live at their addresses (`made`;
+  // AllocateAt: the pool never remaps, so a range it served is still its own). `freed` lists
+  // every allocation live before (PyTorch's protocol: one kept is freed and allocated). On
+  // failure nothing has changed.
+  struct Restored {
+    std::vector<void*> freed;
+    std::vector<CachingAllocator::LiveAllocation> dropped, made;
+  };
   absl::StatusOr<std::vector<CachingAllocator::LiveAllocation>> PoolAllocations(PoolId id) const;
-  absl::Status RestorePool(PoolId id, const std::vector<CachingAllocator::LiveAllocation>& state,
-                           std::vector<void*>* freed, std::vector<void*>* allocated);
+  absl::StatusOr<Restored> RestorePool(PoolId id, std::vector<CachingAllocator::LiveAllocation> state);
   std::vector<PoolId> PrivatePools() const;
 
   // kDefaultPool: the default pool and the cached memory of every private pool; otherwise

@@ -307,37 +307,24 @@ class TorchAllocator final : public cca::CUDAAllocator {
                                   "getCheckpointState");
     TORCH_CHECK(state->device == device, "stitchalloc setCheckpointPoolState: the state is of device ",
                 static_cast<int>(state->device), ", not ", static_cast<int>(device));
-    PoolSet& set = Device(device);
-    const bool history = record_history_.load() || has_trackers_.load();
-    std::vector<CachingAllocator::LiveAllocation> before;
-    if (history) {
-      auto b = set.PoolAllocations(state->pool);
-      Check("setCheckpointPoolState", b.status());
-      before = *std::move(b);
-    }
-    std::vector<void*> freed, allocated;
-    Check("setCheckpointPoolState", set.RestorePool(state->pool, state->blocks, &freed, &allocated));
-    if (history) {
+    auto restored = Device(device).RestorePool(state->pool, state->blocks);
+    Check("setCheckpointPoolState", restored.status());
+    if (record_history_.load() || has_trackers_.load()) {
       // In the trace, as the allocator's own frees and allocations: what went and what came.
-      auto listed = [](const std::vector<CachingAllocator::LiveAllocation>& v, const CachingAllocator::LiveAllocation& x) {
-        return std::find(v.begin(), v.end(), x) != v.end();
-      };
-      for (const auto& b : before) {
-        if (listed(state->blocks, b)) continue;
-        auto* p = reinterpret_cast<void*>(b.ptr);
-        auto* stream = reinterpret_cast<cudaStream_t>(b.stream);
-        Trace(cda::TraceEntry::FREE_REQUESTED, device, p, b.size, stream, state->pool, /*freeing=*/true);
-        Trace(cda::TraceEntry::FREE_COMPLETED, device, p, b.size, stream, state->pool, /*freeing=*/true);
+      for (const auto& b : restored->dropped) {
+        TraceFree(device, reinterpret_cast<void*>(b.ptr), b.size, reinterpret_cast<cudaStream_t>(b.stream), state->pool);
       }
-      for (const auto& b : state->blocks) {
-        if (listed(before, b)) continue;
+      for (const auto& b : restored->made) {
         Trace(cda::TraceEntry::ALLOC, device, reinterpret_cast<void*>(b.ptr), b.size,
               reinterpret_cast<cudaStream_t>(b.stream), state->pool, /*freeing=*/false);
       }
     }
     cca::CheckpointDelta delta;
-    delta.ptrs_freed = std::move(freed);
-    for (void* p : allocated) delta.dataptrs_allocd.emplace_back(p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device));
+    delta.ptrs_freed = std::move(restored->freed);
+    for (const auto& b : state->blocks) {
+      void* p = reinterpret_cast<void*>(b.ptr);
+      delta.dataptrs_allocd.emplace_back(p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device));
+    }
     return delta;
   }
   std::string name() override { return "stitchalloc"; }
@@ -352,10 +339,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     const bool history = record_history_.load() || has_trackers_.load();
     const std::size_t size = history ? SizeOf(*set, ptr) : 0;
     Check("free", set->Free(ptr));
-    if (history) {
-      Trace(cda::TraceEntry::FREE_REQUESTED, device, ptr, size, 0, kDefaultPool, /*freeing=*/true);
-      Trace(cda::TraceEntry::FREE_COMPLETED, device, ptr, size, 0, kDefaultPool, /*freeing=*/true);
-    }
+    if (history) TraceFree(device, ptr, size, nullptr, kDefaultPool);
   }
   // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
   // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
@@ -368,8 +352,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     if (allocated) {
       Trace(cda::TraceEntry::ALLOC, device, ptr, size, s, kDefaultPool, /*freeing=*/false);
     } else {
-      Trace(cda::TraceEntry::FREE_REQUESTED, device, ptr, size, s, kDefaultPool, /*freeing=*/true);
-      Trace(cda::TraceEntry::FREE_COMPLETED, device, ptr, size, s, kDefaultPool, /*freeing=*/true);
+      TraceFree(device, ptr, size, s, kDefaultPool);
     }
   }
   const Config& base() const { return base_; }
@@ -464,6 +447,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
     for (const auto& o : observers) {
       o(device, static_cast<std::size_t>(s.allocated_bytes.all().current), total, free_bytes);
     }
+  }
+
+  // A free in the trace: PyTorch's pair of entries, requested then completed.
+  void TraceFree(DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream, PoolId pool) {
+    Trace(cda::TraceEntry::FREE_REQUESTED, device, addr, size, stream, pool, /*freeing=*/true);
+    Trace(cda::TraceEntry::FREE_COMPLETED, device, addr, size, stream, pool, /*freeing=*/true);
   }
 
   void Trace(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
