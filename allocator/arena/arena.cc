@@ -302,11 +302,14 @@ absl::Status PlannedAllocator::Free(void* ptr) {
     if (it == live_.end() || (!deferred_.empty() && deferred_.contains(off))) {
       return absl::InvalidArgumentError(absl::StrCat("free of arena offset ", off, ": not a live arena allocation (double free or interior pointer)"));
     }
-    if (auto used = used_on_.empty() ? decltype(used_on_)::node_type() : used_on_.extract(off); !used.empty()) {
+    auto used = used_on_.empty() ? used_on_.end() : used_on_.find(off);  // no hashing on the hit path
+    if (used != used_on_.end()) {
       // Other streams use the range: it stays occupied until their work queued so far is done.
+      const std::vector<Stream> streams = std::move(used->second);
+      used_on_.erase(used);
       Driver& d = backing_->driver();
       std::vector<std::pair<Stream, Event>> events;
-      for (Stream stream : used.mapped()) {
+      for (Stream stream : streams) {
         absl::StatusOr<Event> e = d.CreateEvent();
         if (e.ok() && d.RecordEvent(*e, stream).ok()) {
           events.emplace_back(stream, *e);
@@ -380,16 +383,23 @@ bool PlannedAllocator::IsArenaPointer(const void* ptr) const {
   return HeldLocked(ArenaOffset(ptr));
 }
 
+absl::StatusOr<std::int64_t> PlannedAllocator::HeldOffsetLocked(const void* ptr, absl::string_view op) const {
+  const std::int64_t off = ArenaOffset(ptr);
+  if (off >= 0 && !HeldLocked(off)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, " of arena offset ", off, ": not a live arena allocation (freed or interior pointer)"));
+  }
+  return off;
+}
+
 absl::Status PlannedAllocator::RecordStream(void* ptr, Stream stream) {
   if (engaged_.load(std::memory_order_acquire)) {
     MutexLock l(&mu_);
-    if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
-      if (!HeldLocked(off)) {
-        return absl::InvalidArgumentError(absl::StrCat("record_stream of arena offset ", off,
-                                                       ": not a live arena allocation (freed or interior pointer)"));
-      }
+    absl::StatusOr<std::int64_t> off = HeldOffsetLocked(ptr, "record_stream");
+    if (!off.ok()) return off.status();
+    if (*off >= 0) {
       if (stream == arena_stream_) return absl::OkStatus();
-      std::vector<Stream>& streams = used_on_[off];
+      std::vector<Stream>& streams = used_on_[*off];
       if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
       return absl::OkStatus();
     }
@@ -400,16 +410,14 @@ absl::Status PlannedAllocator::RecordStream(void* ptr, Stream stream) {
 absl::StatusOr<BlockInfo> PlannedAllocator::Describe(const void* ptr) const {
   if (engaged_.load(std::memory_order_acquire)) {
     MutexLock l(&mu_);
-    if (const std::int64_t off = ArenaOffset(ptr); off >= 0) {
-      if (!HeldLocked(off)) {
-        return absl::InvalidArgumentError(absl::StrCat("describe of arena offset ", off,
-                                                       ": not a live arena allocation (freed or interior pointer)"));
-      }
+    absl::StatusOr<std::int64_t> off = HeldOffsetLocked(ptr, "describe");
+    if (!off.ok()) return off.status();
+    if (*off >= 0) {
       absl::StatusOr<BlockInfo> arena = backing_->Describe(base_);
       if (!arena.ok()) return arena.status();
       BlockInfo info = *std::move(arena);  // the arena block's mapping, stream and chunks
       info.ptr = reinterpret_cast<DevicePtr>(ptr);
-      info.size = static_cast<std::size_t>(live_.at(off) - off);
+      info.size = static_cast<std::size_t>(live_.at(*off) - *off);
       info.requested = info.size;
       std::erase_if(info.chunks, [&](const ChunkView& c) {
         return c.address + c.size <= info.ptr || c.address >= info.ptr + info.size;

@@ -149,6 +149,10 @@ class PlannedAllocator {
   std::int64_t ArenaOffset(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether `off` starts an arena allocation the caller still holds (not freed, not deferred).
   bool HeldLocked(std::int64_t off) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The offset of `ptr` when it starts a held arena allocation, -1 when it lies outside the
+  // arena; InvalidArgument naming `op` for any other pointer inside it.
+  absl::StatusOr<std::int64_t> HeldOffsetLocked(const void* ptr, absl::string_view op) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether any arena allocation is held (deferred frees do not count).
   bool AnyHeldLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return live_.size() > deferred_.size(); }
   // Frees the deferred ranges whose streams are done with them.
