@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from offload_backends import InPlace  # noqa: E402
-from offload_memory import MODES, layer_stack, report  # noqa: E402
+from offload_memory import MODES, layer_stack, model_arguments, report  # noqa: E402
 
 
 def is_core(op):
@@ -49,10 +49,7 @@ def step_flops(a, seq, mode):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=5632)
-    p.add_argument("--seqs", default="256,512")
+    model_arguments(p)
     p.add_argument("--at", type=int, default=389120, help="the length to print the FLOPs at")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--recompute-chunk", type=int, default=128)

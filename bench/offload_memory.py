@@ -112,13 +112,18 @@ def step_peak(a, layers, seq, mode):
     return counter.peak
 
 
-def main():
-    p = argparse.ArgumentParser()
+def model_arguments(p):
+    """The benchmark model's shape (the 1B model's by default) and the two lengths fitted."""
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--hidden", type=int, default=5632)
-    p.add_argument("--layers", default="2,4")
     p.add_argument("--seqs", default="256,512")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    model_arguments(p)
+    p.add_argument("--layers", default="2,4")
     p.add_argument("--recompute-chunk", type=int, default=512,
                    help="stitchalloc.offload's recompute_chunk: much shorter than the lengths, as 8192 (the default) "
                         "is against the lengths that need offload; its chunk's memory is a constant, not per token")
