@@ -670,9 +670,13 @@ void SetLastError(std::string message) { g_last_error = std::move(message); }
 
 Stream CurrentStream(int device) { return g_allocator.load()->CurrentStreamOf(device); }
 
-void TraceSwapBlock(bool allocated, int device, void* ptr, Stream stream) {
-  if (TorchAllocator* mine = g_allocator.load()) {
-    mine->TraceSwapBlock(allocated, static_cast<c10::DeviceIndex>(device), ptr, stream);
+void TraceSwapBlock(bool allocated, int device, void* ptr, Stream stream) noexcept {
+  try {
+    if (TorchAllocator* mine = g_allocator.load()) {
+      mine->TraceSwapBlock(allocated, static_cast<c10::DeviceIndex>(device), ptr, stream);
+    }
+  } catch (...) {
+    // A history entry that cannot be written is dropped: the swap manager's call goes on.
   }
 }
 

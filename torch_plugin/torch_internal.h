@@ -21,6 +21,6 @@ Stream CurrentStream(int device);
 // Records a prefetch block of the swap manager in PyTorch's memory history (and trace
 // trackers): allocated, or about to be freed by the manager (never handed out). Never throws
 // out of the swap manager: failures to record are dropped.
-void TraceSwapBlock(bool allocated, int device, void* ptr, Stream stream);
+void TraceSwapBlock(bool allocated, int device, void* ptr, Stream stream) noexcept;
 
 }  // namespace stitchalloc::torch_internal

@@ -45,14 +45,6 @@ int Fail(const char* what, const absl::Status& s) {
   return -1;
 }
 
-// Prefetch blocks in PyTorch's memory history (an exception must not unwind into the manager).
-void TraceQuietly(bool allocated, int device, void* ptr, Stream stream) {
-  try {
-    torch_internal::TraceSwapBlock(allocated, device, ptr, stream);
-  } catch (...) {
-  }
-}
-
 // The session of `device`; created only when `create` (swap_begin), otherwise FailedPrecondition.
 absl::StatusOr<SwapSession*> Session(int device, bool create) {
   int d = 0;
@@ -81,8 +73,8 @@ absl::StatusOr<SwapSession*> Session(int device, bool create) {
       {.lookahead = cfg.lookahead,
        .keep_last_layers = cfg.keep_last_layers,
        .min_bytes = cfg.min_bytes,
-       .hooks = {.allocated = [d](void* p, Stream s) { TraceQuietly(true, d, p, s); },
-                 .freeing = [d](void* p, Stream s) { TraceQuietly(false, d, p, s); }}});
+       .hooks = {.allocated = [d](void* p, Stream s) { torch_internal::TraceSwapBlock(true, d, p, s); },
+                 .freeing = [d](void* p, Stream s) { torch_internal::TraceSwapBlock(false, d, p, s); }}});
   if (!manager.ok()) return manager.status();
   session->manager = *std::move(manager);
   SwapSession* raw = session.release();  // lives as long as the process
