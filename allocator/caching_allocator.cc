@@ -278,6 +278,12 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
     if (Block* b = BestFit(pool, kind, rounded)) return b;
     if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
     auto grown = Grow(pool, kind, rounded);
+    if (absl::IsResourceExhausted(grown.status()) && store_->cross_recalled_count() > 0) {
+      // Under pressure contested chunks cross pools again (policy.h).
+      lend_contested_ = true;
+      grown = Grow(pool, kind, rounded);
+      lend_contested_ = false;
+    }
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
     const bool final = attempt > 0 || keep_cached_.load(std::memory_order_relaxed);
@@ -313,9 +319,21 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, PoolKind kind) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
+  const bool skip_contested = !lend_contested_ && store_->cross_recalled_count() > 0;
+  // A contested chunk crosses pools only under pressure (policy.h). Its whole free block stays
+  // out: a candidate run covers its block's whole chunks, which Refill relies on (a recall
+  // from a block invalidates every run in it).
+  const auto contested = [&](const SlotRun& run) {
+    if (!skip_contested || run.block->mapping->kind == kind) return false;
+    const Mapping* m = run.block->mapping;
+    for (std::uint32_t k = 0; k < run.count; ++k) {
+      if (Policy::Contested(*m->slots[run.first_slot + k])) return true;
+    }
+    return false;
+  };
   for (const auto& [stream, p] : pools_) {
     const bool same = p.get() == pool;
     const FreeSet& set = p->large;
@@ -323,7 +341,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
       Block* b = it->second;
       if (!policy_.MayBorrowFrom(b->size)) break;  // ordered by size: all further are oversize
       if (!same && !p->Fenced(b->freed_at)) continue;
-      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
+      if (auto run = MappingStore::FreeSlots(b); run && !contested(*run)) out.push_back({*run, same});
     }
     // Whole free chunks of small-pool mappings serve the large pool as well when the chunk
     // sizes agree.
@@ -331,7 +349,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
     for (auto it = p->small.LowerBound(chunk_size_); it != p->small.end(); ++it) {
       Block* b = it->second;
       if (!same && !p->Fenced(b->freed_at)) continue;
-      if (auto run = MappingStore::FreeSlots(b)) out.push_back({*run, same});
+      if (auto run = MappingStore::FreeSlots(b); run && !contested(*run)) out.push_back({*run, same});
     }
   }
   return out;
@@ -551,7 +569,7 @@ absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, s
   const std::size_t reserved = LimitedReserved();
   // Lendable chunks, gathered once for refilling, growing in place and for a new mapping.
   const std::vector<Policy::Candidate> all =
-      policy_.MayStitch(kind) ? StitchCandidates(pool) : std::vector<Policy::Candidate>{};
+      policy_.MayStitch(kind) ? StitchCandidates(pool, kind) : std::vector<Policy::Candidate>{};
   std::size_t need = 0;
   Mapping* growable = policy_.Headroom() > 0 ? GrowableMapping(pool, kind, rounded, &need) : nullptr;
   // A hole that lent its chunks takes the request back when that maps fewer chunks than

@@ -208,7 +208,9 @@ class CachingAllocator {
   absl::StatusOr<Block*> Refill(const RefillPlan& plan, std::vector<Policy::Candidate> candidates)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free whole chunks that can be lent to a new or growing mapping of `pool`.
-  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool) const
+  // Free blocks of the other pool kind than `kind` holding a contested chunk (Policy::Contested)
+  // are left out unless `lend_contested_`.
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, PoolKind kind) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
   Mapping* GrowableMapping(StreamPool* pool, PoolKind kind, std::size_t rounded, std::size_t* slots) const
@@ -258,6 +260,8 @@ class CachingAllocator {
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> keep_cached_{false};
+  // Set while a miss under pressure lends contested chunks across pools (StitchCandidates).
+  bool lend_contested_ ABSL_GUARDED_BY(mu_) = false;
   std::shared_ptr<std::atomic<std::int64_t>> shared_reserved_ ABSL_GUARDED_BY(mu_);
   // Reserved bytes the memory limit is checked against: the shared total, or this allocator's.
   std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -388,6 +388,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   ++m->present;
   c->owner = m;
   c->owner_slot = slot;
+  if (owner->kind != m->kind && c->cross_recalls++ == 0) ++cross_recalled_;
   NoteIfEmptied(owner);
   return MergeAndInsert(a);
 }
@@ -564,6 +565,7 @@ absl::Status MappingStore::ReleasePhysical(Chunk* c) {
   stats_.reserved_bytes.Add(static_cast<int>(h->kind), -static_cast<std::int64_t>(c->size));
   if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(static_cast<std::int64_t>(c->size));
   ++stats_.num_device_free;
+  if (c->cross_recalls > 0) --cross_recalled_;
   chunks_.erase(c);
   return first;
 }

@@ -12,7 +12,11 @@
 // borrowed, the requesting stream's own first, then the smallest free runs first (fragments
 // are used up, large free blocks are kept whole for large requests). Wholly free small-pool
 // chunks count too when their size is the large pool's chunk size. New chunks make up any
-// shortfall.
+// shortfall. A chunk the two pools took from each other in turn (it came home from the other
+// pool kind twice: Contested) crosses pools again only under pressure, when the alternative
+// is out of memory: a layer loop whose small and large requests alternate would otherwise
+// map, stitch, refill and unmap once per layer. One trip each way is a one-off loan (the
+// shared inference traces need those to stay within 1.05 of their allocated peak).
 //
 // Refilling holes: a free block between live blocks that lent chunks keeps its address range
 // (the lent slots stay behind absent blocks). When a later request no free block holds would
@@ -110,6 +114,10 @@ class Policy {
   // Holes that lent chunks are refilled (the file comment) in the large pool, when mappings
   // grow in place.
   bool MayRefill(PoolKind kind) const { return kind == PoolKind::kLarge && MayGrowInPlace(); }
+  // A chunk that came home from the other pool kind this often is lent across pools only
+  // under pressure (the file comment).
+  static constexpr std::uint32_t kContestedAfter = 2;
+  static bool Contested(const Chunk& c) { return c.cross_recalls >= kContestedAfter; }
   // Oversize free blocks (max_split_size or larger) stay whole: no chunk is borrowed from them.
   bool MayBorrowFrom(std::size_t free_block_size) const { return free_block_size < max_split_size_; }
   // Whether a hole that lent chunks is refilled for a request it would hold (`refill_fresh` new
