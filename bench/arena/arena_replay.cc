@@ -121,6 +121,11 @@ int PlanSteps(const Trace& t, const std::vector<Step>& steps) {
 int Serve(const Trace& t, const std::vector<Step>& steps, bool with_arena) {
   stitchalloc::HostDriverOptions ho;
   ho.capacity = static_cast<std::size_t>(absl::GetFlag(FLAGS_host_capacity_gb) * (1ull << 30));
+  // No bytes are written (bookkeeping only), and stream work runs at submission, as on an idle
+  // GPU: fences then complete when recorded, so peaks do not depend on when the host driver's
+  // stream threads get to run (they varied by tens of MiB from run to run before).
+  ho.backed = false;
+  ho.inline_streams = true;
   auto driver = stitchalloc::HostDriver::Create(ho);
   if (!driver.ok()) return 1;
   auto cfg = stitchalloc::ParseConfig("");
