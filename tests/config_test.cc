@@ -1,7 +1,14 @@
 #include "allocator/config.h"
 
 #include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
 
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 
 namespace stitchalloc {
@@ -89,6 +96,45 @@ TEST(Config, EnvironmentThenOverrides) {
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("STITCHALLOC_CONF"), std::string::npos);
   unsetenv(kConfigEnvVar);
+}
+
+// docs/configuration.md is the one configuration reference: its table has a row for every
+// setting (the keys of the canonical form) and no other, and each row's default is the default.
+TEST(Config, TheReferenceTableMatchesTheCode) {
+  std::ifstream in(STITCHALLOC_DOCS "/configuration.md");
+  ASSERT_TRUE(in) << "cannot read " STITCHALLOC_DOCS "/configuration.md";
+  std::map<std::string, std::string> documented;  // key -> default, as written
+  for (std::string line; std::getline(in, line);) {
+    // | `key` | values | `default` | meaning |
+    const std::vector<std::string> cells = absl::StrSplit(line, '|');
+    if (cells.size() < 5 || !absl::StartsWith(absl::StripAsciiWhitespace(cells[1]), "`")) continue;
+    const auto unquote = [](absl::string_view c) {
+      c = absl::StripAsciiWhitespace(c);
+      return std::string(absl::StripSuffix(absl::StripPrefix(c, "`"), "`"));
+    };
+    EXPECT_TRUE(documented.emplace(unquote(cells[1]), unquote(cells[3])).second) << "two rows for " << cells[1];
+  }
+  const std::string defaults = ConfigToString(Config{});
+  std::vector<std::string> keys;
+  for (absl::string_view item : absl::StrSplit(defaults, ',')) {
+    keys.emplace_back(item.substr(0, item.find(':')));
+  }
+  ASSERT_EQ(keys.size(), 16u);  // grows with every setting: add its row to the table
+  for (const std::string& k : keys) {
+    auto it = documented.find(k);
+    if (it == documented.end()) {
+      ADD_FAILURE() << "docs/configuration.md has no row for '" << k << "'";
+      continue;
+    }
+    auto parsed = ParseConfig(k + ":" + it->second);
+    ASSERT_TRUE(parsed.ok()) << "documented default of " << k << ": " << parsed.status();
+    EXPECT_EQ(ConfigToString(*parsed), defaults) << "documented default of " << k << " is '" << it->second << "'";
+    documented.erase(it);
+  }
+  for (const auto& [k, d] : documented) {
+    ADD_FAILURE() << "docs/configuration.md documents '" << k << "', which is no setting (IsConfigKey: "
+                  << IsConfigKey(k) << ")";
+  }
 }
 
 }  // namespace
