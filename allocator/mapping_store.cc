@@ -2,6 +2,7 @@
 #include "allocator/mapping_store.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #include "vmm/nvtx.h"
@@ -388,7 +389,9 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   ++m->present;
   c->owner = m;
   c->owner_slot = slot;
-  if (owner->kind != m->kind && c->cross_recalls++ == 0) ++cross_recalled_;
+  if (owner->kind != m->kind && c->cross_recalls != UINT32_MAX) {  // (saturates)
+    if (c->cross_recalls++ == 0) ++cross_recalled_;
+  }
   NoteIfEmptied(owner);
   return MergeAndInsert(a);
 }
