@@ -106,16 +106,18 @@ def run(a):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(1)
-    losses, start = [], time.perf_counter()
+    losses, step_seconds, start = [], [], time.perf_counter()
     for seq in seq_lengths(a):
+        t0 = time.perf_counter()
         ids = torch.randint(0, a.vocab, (a.batch, seq + 1), generator=gen).to(dev)
         loss = model.loss(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item())  # waits for the step's kernels
+        step_seconds.append(time.perf_counter() - t0)
     out = {"setting": a.setting, "allocator": a.allocator, "steps": a.steps, "seq_lengths": seq_lengths(a),
-           "losses": losses, "seconds": time.perf_counter() - start}
+           "losses": losses, "seconds": time.perf_counter() - start, "step_seconds": step_seconds}
     if a.device == "cuda":
         torch.cuda.synchronize()
         out["max_memory_reserved"] = torch.cuda.max_memory_reserved()

@@ -23,6 +23,7 @@ def test_capture_runs_every_setting_on_cpu(tmp_path):
         assert "error" not in x, x
         assert len(x["losses"]) == 3 and all(0 < v < 20 for v in x["losses"])
         assert len(set(x["seq_lengths"])) == 3, x["seq_lengths"]  # the length varies per step
+        assert len(x["step_seconds"]) == 3 and 0 < sum(x["step_seconds"]) <= x["seconds"]
     # Checkpointing recomputes the same forward: the same losses as without it.
     assert runs["ckpt"]["losses"] == pytest.approx(runs["varlen"]["losses"], rel=1e-5)
     # Frozen weights with zero-initialised adapters: the first loss is the base model's, later
