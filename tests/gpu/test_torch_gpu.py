@@ -17,6 +17,7 @@ import stitchalloc  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 JOB = os.path.join(os.path.dirname(__file__), "llama_job.py")
+API_JOB = os.path.join(os.path.dirname(__file__), "api_job.py")
 
 
 def run(way, *extra):
@@ -86,3 +87,26 @@ def test_varying_sequence_lengths_reserve_less_than_native():
           f"(max allocated native={nat['max_memory_allocated']} stitchalloc={ours['max_memory_allocated']})")
     assert ours["losses"] == nat["losses"]
     assert ours["max_memory_reserved"] < nat["max_memory_reserved"]
+
+
+def test_memory_apis_match_native():
+    # Each torch.cuda memory API of issue 3's parity list on the device, native against
+    # stitchalloc.install() (api_job.py: one observation per API).
+    def api(way):
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD")}
+        r = subprocess.run([sys.executable, API_JOB, "--way", way], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    nat, ours = api("native"), api("install")
+    print(f"\nnative: {json.dumps(nat)}\nstitchalloc: {json.dumps(ours)}")
+    assert ours["stitchalloc_installed"] and not nat["stitchalloc_installed"]
+    errors = {k: v for k, v in ours.items() if isinstance(v, str) and v.startswith("error:")}
+    assert not errors, errors
+    for key in ("allocated_delta", "reserved_covers_allocated", "peaks", "empty_cache", "stats_and_summary",
+                "mem_get_info", "record_stream", "cudnn_benchmark", "mem_pool"):
+        assert ours[key] == nat[key], (key, ours[key], nat[key])
+    assert nat["oom"]["raised"] == ours["oom"]["raised"] == "OutOfMemoryError"
+    assert ours["oom"]["mentions_stitchalloc"]  # the core's diagnostic message
+    assert ours["oom"]["num_ooms"] >= 1

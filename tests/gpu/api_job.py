@@ -1,0 +1,165 @@
+"""Exercises the torch.cuda memory APIs a training script uses, one after another, and prints one
+JSON line of what it observed; tests/gpu/test_torch_gpu.py runs it under PyTorch's native
+allocator and under stitchalloc and compares (issue 3, item 2, on a real device).
+
+    python tests/gpu/api_job.py --way native|install
+
+Every observation is a plain value, so a failure shows what differed. A step that raises is
+recorded as "error: ..." under its name instead of stopping the job.
+"""
+
+import argparse
+import json
+import os
+import traceback
+
+p = argparse.ArgumentParser()
+p.add_argument("--way", required=True, choices=["native", "install"])
+args = p.parse_args()
+
+if args.way == "install":
+    import stitchalloc
+
+    stitchalloc.install()
+
+import torch  # noqa: E402
+
+MiB = 1 << 20
+dev = torch.device("cuda")
+out = {"way": args.way}
+
+
+def step(name):
+    def wrap(fn):
+        try:
+            out[name] = fn()
+        except Exception as e:  # recorded, compared by the test
+            out[name] = f"error: {type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        return fn
+
+    return wrap
+
+
+torch.cuda.init()
+torch.empty(1, device=dev)  # the context, and the allocator's first use
+
+
+@step("allocated_delta")
+def _():
+    # Block sizes as PyTorch rounds them: 10 MiB, 1000 B (-> 1024), 3 MiB + 1 (-> next 512 B)
+    a0 = torch.cuda.memory_allocated()
+    xs = [torch.empty(n, dtype=torch.uint8, device=dev) for n in (10 * MiB, 1000, 3 * MiB + 1)]
+    d = torch.cuda.memory_allocated() - a0
+    del xs
+    return d
+
+
+@step("reserved_covers_allocated")
+def _():
+    x = torch.empty(64 * MiB, dtype=torch.uint8, device=dev)
+    ok = torch.cuda.memory_reserved() >= torch.cuda.memory_allocated() >= 64 * MiB
+    del x
+    return ok
+
+
+@step("peaks")
+def _():
+    x = torch.empty(256 * MiB, dtype=torch.uint8, device=dev)
+    del x
+    before = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    after = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    reserved_after = torch.cuda.max_memory_reserved() - torch.cuda.memory_reserved()
+    return {"peak_above_current_before_reset": before >= 256 * MiB, "after_reset": after,
+            "reserved_after_reset": reserved_after}
+
+
+@step("empty_cache")
+def _():
+    x = torch.empty(512 * MiB, dtype=torch.uint8, device=dev)
+    del x
+    cached = torch.cuda.memory_reserved()
+    torch.cuda.empty_cache()
+    released = cached - torch.cuda.memory_reserved()
+    return {"released_at_least_512_MiB": released >= 512 * MiB,
+            "reserved_covers_allocated": torch.cuda.memory_reserved() >= torch.cuda.memory_allocated()}
+
+
+@step("stats_and_summary")
+def _():
+    s = torch.cuda.memory_stats()
+    return {"keys": sorted(s), "allocation_count_positive": s["allocation.all.allocated"] > 0,
+            "summary_has_title": "PyTorch CUDA memory summary" in torch.cuda.memory_summary()}
+
+
+@step("mem_get_info")
+def _():
+    free, total = torch.cuda.mem_get_info()
+    return 0 < free <= total
+
+
+@step("record_stream")
+def _():
+    # The side stream reads x after the main stream frees it; the block must not be reused
+    # before the side stream is done.
+    s = torch.cuda.Stream()
+    x = torch.full((16 * MiB // 4,), 3.0, device=dev)
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy (about tens of ms)
+        y = x * 2
+    x.record_stream(s)
+    del x
+    z = torch.zeros(16 * MiB // 4, device=dev)  # may not take x's block while s still reads it
+    z += 1
+    torch.cuda.synchronize()
+    return bool((y == 6.0).all()) and bool((z == 1.0).all())
+
+
+@step("cudnn_benchmark")
+def _():
+    # cudnn.benchmark asks the allocator for its largest cached block (cacheInfo).
+    torch.backends.cudnn.benchmark = True
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).to(dev)
+    x = torch.randn(8, 16, 64, 64, device=dev, requires_grad=True)
+    conv(x).square().sum().backward()
+    torch.backends.cudnn.benchmark = False
+    return bool(torch.isfinite(x.grad).all())
+
+
+@step("mem_pool")
+def _():
+    if not hasattr(torch.cuda, "MemPool") or not hasattr(torch.cuda, "use_mem_pool"):
+        return "absent"
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        t = torch.ones(8 * MiB // 4, device=dev)
+    u = torch.ones(8 * MiB // 4, device=dev)  # outside the pool
+    ok = bool((t + u == 2).all())
+    del t, u
+    del pool
+    return ok
+
+
+@step("oom")
+def _():
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(0.25)
+    raised, message = "none", ""
+    try:
+        torch.empty(int(total * 0.5), dtype=torch.uint8, device=dev)
+    except torch.OutOfMemoryError as e:
+        raised, message = "OutOfMemoryError", str(e)
+    except Exception as e:
+        raised, message = type(e).__name__, str(e)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    x = torch.empty(int(total * 0.5), dtype=torch.uint8, device=dev)  # usable again at the full fraction
+    del x
+    torch.cuda.empty_cache()
+    return {"raised": raised, "mentions_stitchalloc": "stitchalloc" in message,
+            "num_ooms": torch.cuda.memory_stats()["num_ooms"]}
+
+
+out["stitchalloc_installed"] = args.way == "install" and __import__("stitchalloc").installed()
+print(json.dumps(out))
