@@ -59,9 +59,11 @@ struct Chunk {
   // free blocks were at version `busy_at_version` (valid while owner and version are the same).
   const Mapping* busy_at_owner = nullptr;
   std::uint64_t busy_at_version = 0;
-  // Times the chunk came home (MappingStore::Recall) from a mapping of the other pool kind: the
-  // policy's measure of the two pools taking it from each other in turn (Policy::Contested).
-  std::uint32_t cross_recalls = 0;
+  // The caching allocator's miss count when the chunk last came home from a mapping of the other
+  // pool kind (0: never), and the miss count until which it stays out of the other pool
+  // (Policy::NoteCrossRecall, Policy::Contested).
+  std::uint64_t cross_recall_miss = 0;
+  std::uint64_t contested_until = 0;
 };
 
 enum class BlockState : std::uint8_t { kFree, kAllocated, kPending, kAbsent };

@@ -270,6 +270,7 @@ absl::Status CachingAllocator::RecordStream(void* ptr, Stream stream) {
 absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind kind, std::size_t size,
                                                     std::size_t rounded, bool last_resort) {
   STITCHALLOC_NVTX_RANGE("malloc miss");
+  ++misses_;
   // Fences say which frees the streams' queued work has passed: what other streams may reuse,
   // and which views of freed memory may be unmapped (a refill remaps them).
   PollFences();
@@ -278,7 +279,7 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
     if (Block* b = BestFit(pool, kind, rounded)) return b;
     if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
     auto grown = Grow(pool, kind, rounded);
-    if (absl::IsResourceExhausted(grown.status()) && store_->cross_recalled_count() > 0) {
+    if (absl::IsResourceExhausted(grown.status()) && misses_ < contested_horizon_) {
       // Under pressure contested chunks cross pools again (policy.h).
       lend_contested_ = true;
       grown = Grow(pool, kind, rounded);
@@ -322,7 +323,7 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
 std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, PoolKind kind) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
-  const bool skip_contested = !lend_contested_ && store_->cross_recalled_count() > 0;
+  const bool skip_contested = !lend_contested_ && misses_ < contested_horizon_;
   // A contested chunk crosses pools only under pressure (policy.h). Its whole free block stays
   // out: a candidate run covers its block's whole chunks, which Refill relies on (a recall
   // from a block invalidates every run in it).
@@ -330,7 +331,7 @@ std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* po
     if (!skip_contested || run.block->mapping->kind == kind) return false;
     const Mapping* m = run.block->mapping;
     for (std::uint32_t k = 0; k < run.count; ++k) {
-      if (Policy::Contested(*m->slots[run.first_slot + k])) return true;
+      if (Policy::Contested(*m->slots[run.first_slot + k], misses_)) return true;
     }
     return false;
   };
@@ -542,7 +543,13 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
   for (const std::uint32_t s : plan.recall) {
     Block* at_owner = FreeAtOwner(m->slots[s]);
     if (at_owner == nullptr) return absl::InternalError("stitchalloc internal: a recalled chunk is not free at its owner");
+    Chunk* c = m->slots[s];
+    const bool cross = at_owner->mapping->kind != m->kind;
     last = store_->Recall(m, s, at_owner);
+    if (cross) {
+      Policy::NoteCrossRecall(*c, misses_);
+      contested_horizon_ = std::max(contested_horizon_, c->contested_until);
+    }
   }
   if (need > 0) {
     auto b = store_->Refill(m, plan.slots, borrow, fresh);

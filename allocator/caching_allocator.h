@@ -262,6 +262,10 @@ class CachingAllocator {
   std::atomic<bool> keep_cached_{false};
   // Set while a miss under pressure lends contested chunks across pools (StitchCandidates).
   bool lend_contested_ ABSL_GUARDED_BY(mu_) = false;
+  // Misses so far (MallocSlow calls), and the largest Chunk::contested_until set: no chunk is
+  // contested once misses_ reaches it.
+  std::uint64_t misses_ ABSL_GUARDED_BY(mu_) = 0;
+  std::uint64_t contested_horizon_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<std::atomic<std::int64_t>> shared_reserved_ ABSL_GUARDED_BY(mu_);
   // Reserved bytes the memory limit is checked against: the shared total, or this allocator's.
   std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -2,7 +2,6 @@
 #include "allocator/mapping_store.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <utility>
 
 #include "vmm/nvtx.h"
@@ -389,9 +388,6 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
   ++m->present;
   c->owner = m;
   c->owner_slot = slot;
-  if (owner->kind != m->kind && c->cross_recalls != UINT32_MAX) {  // (saturates)
-    if (c->cross_recalls++ == 0) ++cross_recalled_;
-  }
   NoteIfEmptied(owner);
   return MergeAndInsert(a);
 }
@@ -568,7 +564,6 @@ absl::Status MappingStore::ReleasePhysical(Chunk* c) {
   stats_.reserved_bytes.Add(static_cast<int>(h->kind), -static_cast<std::int64_t>(c->size));
   if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(static_cast<std::int64_t>(c->size));
   ++stats_.num_device_free;
-  if (c->cross_recalls > 0) --cross_recalled_;
   chunks_.erase(c);
   return first;
 }

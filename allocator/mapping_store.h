@@ -70,8 +70,7 @@ class MappingStore {
   // The chunk homed at absent slot `slot` of `m`, lent out, comes back home from the free block
   // `at_owner` of its owner, which holds the chunk's whole slot: its home view is still mapped,
   // so no driver call is made. The owner's slot becomes absent (its view stale); the home's
-  // slot becomes free and merges. A chunk that comes home from the other pool kind counts it
-  // (Chunk::cross_recalls). Returns the merged block.
+  // slot becomes free and merges. Returns the merged block.
   Block* Recall(Mapping* m, std::uint32_t slot, Block* at_owner);
 
   // Whether `m` maps chunk `c` anywhere (home, owner or stale view): then `m` cannot grow with it.
@@ -115,8 +114,6 @@ class MappingStore {
   // The mappings with absent slots (lent, stale or trimmed), by address.
   const absl::btree_map<DevicePtr, Mapping*>& mappings_with_absent() const { return with_absent_; }
   std::size_t chunk_count() const { return chunks_.size(); }
-  // Live chunks that came home from the other pool kind at least once (Chunk::cross_recalls).
-  std::size_t cross_recalled_count() const { return cross_recalled_; }
 
  private:
   // Whether idle `m` has nothing left to hand out: no chunk of its own and, unless it was made
@@ -170,7 +167,6 @@ class MappingStore {
   absl::btree_map<DevicePtr, std::unique_ptr<Mapping>> mappings_;
   absl::btree_map<DevicePtr, Mapping*> with_absent_;
   std::uint64_t last_version_ = 0;
-  std::size_t cross_recalled_ = 0;
   absl::flat_hash_map<Chunk*, std::unique_ptr<Chunk>> chunks_;
   std::vector<Block*> spare_blocks_;
   std::vector<Mapping*> emptied_;
