@@ -18,9 +18,9 @@
 // and large requests alternate would otherwise map, stitch, refill and unmap once per layer,
 // and with the chunk kept, the loop stops missing altogether. Loans far apart are not
 // ping-pong and stay free: the shared inference traces need one-off loans to stay within 1.05
-// of their allocated peak, and a random multi-stream workload whose chunks cross pools
-// thousands of misses apart crept from 1.07 to 1.43 when any second return barred a chunk
-// for good.
+// of their allocated peak, and a random 4-stream workload (docs/results.md) crept from 1.07 to
+// 1.43 when any second return barred a chunk for good (windows of 2 to 4,096 misses kept it at
+// 1.05-1.07).
 //
 // Refilling holes: a free block between live blocks that lent chunks keeps its address range
 // (the lent slots stay behind absent blocks). When a later request no free block holds would
