@@ -806,9 +806,9 @@ bool RunLayers(CachingAllocator& alloc, int layers) {
 }
 
 // The pools lend each other a chunk once each way; when they take it from each other again
-// (it came home from the other pool twice: Policy::Contested) it stays, and the loop is served
-// from the cache with no driver call, as by PyTorch's allocator, at 8 MiB instead of 6.
-// (Before this rule every layer mapped, stitched, refilled and unmapped.)
+// (it came home from the other pool twice within Policy::kPingPongMisses misses: contested) it
+// stays, and the loop is served from the cache with no driver call, as by PyTorch's allocator,
+// at 8 MiB instead of 6. (Before this rule every layer mapped, stitched, refilled and unmapped.)
 TEST(CachingAllocator, PoolsStopTakingAChunkFromEachOtherInTurn) {
   auto f = MakeInlineFixture();
   ASSERT_TRUE(RunLayers(*f.alloc, 4));
@@ -830,8 +830,9 @@ TEST(CachingAllocator, PoolsStopTakingAChunkFromEachOtherInTurn) {
 // allocates the next of 4,096 sizes (512 B - 64 MiB, log-uniform), round-robin over 4 streams
 // (bench/mixed_streams_trace.py). The live set is stationary after the first cycle, so reserved
 // memory must level off: the second half adds at most 2% to the peak (2 MiB measured), which
-// stays within 10% of the allocated peak (1.08 measured). Barring every chunk that came home from the other pool
-// twice, however far apart (the first form of Policy::Contested), crept to 1.43 here.
+// stays within 10% of the allocated peak (1.08 measured). Barring every chunk that came home
+// from the other pool twice, however far apart (the first form of Policy::Contested), crept to
+// 1.43 here.
 TEST(CachingAllocator, ReservedLevelsOffInALongMultiStreamRun) {
   HostDriverOptions options{.capacity = 4 * kGiB, .granularity = 2 * kMiB, .backed = false, .inline_streams = true};
   SA_ASSIGN_OR_FAIL(driver, HostDriver::Create(options));
