@@ -278,12 +278,9 @@ absl::StatusOr<Block*> CachingAllocator::MallocSlow(StreamPool* pool, PoolKind k
   for (int attempt = 0;; ++attempt) {
     if (Block* b = BestFit(pool, kind, rounded)) return b;
     if (Block* b = ReuseFromOtherStream(pool, kind, rounded)) return b;
-    auto grown = Grow(pool, kind, rounded);
+    auto grown = Grow(pool, kind, rounded, /*lend_contested=*/false);
     if (absl::IsResourceExhausted(grown.status()) && misses_ < contested_horizon_) {
-      // Under pressure contested chunks cross pools again (policy.h).
-      lend_contested_ = true;
-      grown = Grow(pool, kind, rounded);
-      lend_contested_ = false;
+      grown = Grow(pool, kind, rounded, /*lend_contested=*/true);  // under pressure (policy.h)
     }
     if (grown.ok()) return *grown;
     if (!absl::IsResourceExhausted(grown.status())) return grown.status();
@@ -320,10 +317,11 @@ Block* CachingAllocator::ReuseFromOtherStream(StreamPool* pool, PoolKind kind, s
   return best;
 }
 
-std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, PoolKind kind) const {
+std::vector<Policy::Candidate> CachingAllocator::StitchCandidates(StreamPool* pool, PoolKind kind,
+                                                                  bool lend_contested) const {
   std::vector<Policy::Candidate> out;
   const bool small_chunks_fit = driver_->granularity() == chunk_size_;
-  const bool skip_contested = !lend_contested_ && misses_ < contested_horizon_;
+  const bool skip_contested = !lend_contested && misses_ < contested_horizon_;
   // A contested chunk crosses pools only under pressure (policy.h). Its whole free block stays
   // out: a candidate run covers its block's whole chunks, which Refill relies on (a recall
   // from a block invalidates every run in it).
@@ -541,9 +539,9 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
   // Recalls first: they make no driver call and cannot fail.
   // (Each one's block at its owner is found now: an earlier recall from the same block split it.)
   for (const std::uint32_t s : plan.recall) {
-    Block* at_owner = FreeAtOwner(m->slots[s]);
-    if (at_owner == nullptr) return absl::InternalError("stitchalloc internal: a recalled chunk is not free at its owner");
     Chunk* c = m->slots[s];
+    Block* at_owner = FreeAtOwner(c);
+    if (at_owner == nullptr) return absl::InternalError("stitchalloc internal: a recalled chunk is not free at its owner");
     const bool cross = at_owner->mapping->kind != m->kind;
     last = store_->Recall(m, s, at_owner);
     if (cross) {
@@ -571,12 +569,13 @@ absl::StatusOr<Block*> CachingAllocator::Refill(const RefillPlan& plan, std::vec
   return start;
 }
 
-absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded) {
+absl::StatusOr<Block*> CachingAllocator::Grow(StreamPool* pool, PoolKind kind, std::size_t rounded,
+                                              bool lend_contested) {
   const std::size_t chunk = policy_.ChunkSize(kind);
   const std::size_t reserved = LimitedReserved();
   // Lendable chunks, gathered once for refilling, growing in place and for a new mapping.
   const std::vector<Policy::Candidate> all =
-      policy_.MayStitch(kind) ? StitchCandidates(pool, kind) : std::vector<Policy::Candidate>{};
+      policy_.MayStitch(kind) ? StitchCandidates(pool, kind, lend_contested) : std::vector<Policy::Candidate>{};
   std::size_t need = 0;
   Mapping* growable = policy_.Headroom() > 0 ? GrowableMapping(pool, kind, rounded, &need) : nullptr;
   // A hole that lent its chunks takes the request back when that maps fewer chunks than

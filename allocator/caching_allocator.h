@@ -188,7 +188,8 @@ class CachingAllocator {
   Block* ReuseFromOtherStream(StreamPool* pool, PoolKind kind, std::size_t rounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Maps memory for a request no free block holds: a refilled hole, a mapping grown in place
   // or a new (stitched) mapping, whichever needs the fewest new chunks (policy.h).
-  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded)
+  // `lend_contested`: contested chunks may cross pools (a miss under pressure; policy.h).
+  absl::StatusOr<Block*> Grow(StreamPool* pool, PoolKind kind, std::size_t rounded, bool lend_contested)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A hole of `pool` whose chunks were lent out and that holds `rounded` again once `slots` are
   // refilled (the fewest such slots; see policy.h).
@@ -209,8 +210,8 @@ class CachingAllocator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Free whole chunks that can be lent to a new or growing mapping of `pool`.
   // Free blocks of the other pool kind than `kind` holding a contested chunk (Policy::Contested)
-  // are left out unless `lend_contested_`.
-  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, PoolKind kind) const
+  // are left out unless `lend_contested`.
+  std::vector<Policy::Candidate> StitchCandidates(StreamPool* pool, PoolKind kind, bool lend_contested) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The mapping of `pool` whose free tail, grown in place by *slots chunks, holds `rounded`.
   Mapping* GrowableMapping(StreamPool* pool, PoolKind kind, std::size_t rounded, std::size_t* slots) const
@@ -260,8 +261,6 @@ class CachingAllocator {
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> keep_cached_{false};
-  // Set while a miss under pressure lends contested chunks across pools (StitchCandidates).
-  bool lend_contested_ ABSL_GUARDED_BY(mu_) = false;
   // Misses so far (MallocSlow calls), and the largest Chunk::contested_until set: no chunk is
   // contested once misses_ reaches it.
   std::uint64_t misses_ ABSL_GUARDED_BY(mu_) = 0;
