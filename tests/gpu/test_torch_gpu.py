@@ -20,17 +20,22 @@ JOB = os.path.join(os.path.dirname(__file__), "llama_job.py")
 API_JOB = os.path.join(os.path.dirname(__file__), "api_job.py")
 
 
-def run(way, *extra):
+def launch(job, way, *extra):
+    """Runs `job` in a fresh process started the given way in; returns its last line as JSON."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "STITCHALLOC_AUTO_INSTALL",
                                                             "LD_PRELOAD")}
     if way == "env":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:stitchalloc"
     if way == "preload":
         env["LD_PRELOAD"] = stitchalloc.library_path("stitchalloc_preload")
-    r = subprocess.run([sys.executable, JOB, "--way", way, *extra], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, job, "--way", way, *extra], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(way, *extra):
+    out = launch(JOB, way, *extra)
     assert out["stats_keys"], "memory_stats() is empty"
     assert out["stitchalloc"] == (way != "native"), f"{way}: stitchalloc installed = {out['stitchalloc']}"
     return out
@@ -92,14 +97,7 @@ def test_varying_sequence_lengths_reserve_less_than_native():
 def test_memory_apis_match_native():
     # Each torch.cuda memory API of issue 3's parity list on the device, native against
     # stitchalloc.install() (api_job.py: one observation per API).
-    def api(way):
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "LD_PRELOAD")}
-        r = subprocess.run([sys.executable, API_JOB, "--way", way], env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    nat, ours = api("native"), api("install")
+    nat, ours = launch(API_JOB, "native"), launch(API_JOB, "install")
     print(f"\nnative: {json.dumps(nat)}\nstitchalloc: {json.dumps(ours)}")
     assert ours["stitchalloc_installed"] and not nat["stitchalloc_installed"]
     errors = {k: v for k, v in ours.items() if isinstance(v, str) and v.startswith("error:")}
