@@ -67,6 +67,16 @@ phase_build() {
   "${PY}" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
   unpack_kit
   use_kit
+  # The compiler must link libstdc++ dynamically, as PyTorch's libraries do: a toolchain with only
+  # libstdc++.a (the /opt/gcc named by CXX on the H100 machine of 2026-11-23) puts a second copy
+  # of libstdc++ into every library and executable, and the test executables fail to link.
+  local cxx="${CXX:-c++}"
+  echo "CXX=${CXX:-} CC=${CC:-} CUDAHOSTCXX=${CUDAHOSTCXX:-}: $(command -v "${cxx}")"
+  if [[ "$("${cxx}" -print-file-name=libstdc++.so)" != /* ]] && [[ -x /usr/bin/g++ ]]; then
+    echo "gpu: ${cxx} has no shared libstdc++; building with /usr/bin/g++ ($(/usr/bin/g++ -dumpfullversion))"
+    export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++
+    grep -qs "CMAKE_CXX_COMPILER:.*=/usr/bin/g++" build/gpu/CMakeCache.txt || rm -rf build/gpu
+  fi
   echo "== configure + build build/gpu"
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTITCHALLOC_PYTHON="${PY}" -DSTITCHALLOC_TORCH=ON \
     -DSTITCHALLOC_WERROR=OFF -DCMAKE_GTEST_DISCOVER_TESTS_DISCOVERY_MODE=PRE_TEST
@@ -146,7 +156,7 @@ phase_diag() {
   echo "== exported symbols of the libraries, and what the test binary loads"
   for f in build/gpu/torch_plugin/*.so build/gpu/tests/torch_plugin_test; do
     echo "${f}: $(nm -D --defined-only "${f}" | wc -l) defined; unique, weak and data objects:"
-    nm -DC --defined-only "${f}" | grep -E ' [uVBD] ' | cut -c1-200 | head -30
+    nm -DC --defined-only "${f}" | grep -E ' [uVBD] ' | cut -c1-200 | head -30 || true
   done
   ldd build/gpu/tests/torch_plugin_test | grep -v -E 'libnv|libcu' | head -40
 }
