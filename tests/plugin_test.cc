@@ -331,6 +331,54 @@ TEST(PoolSet, MemoryFractionCapsEveryPoolTogether) {
   SA_ASSERT_OK(set->Free(again));
 }
 
+// torch.cuda.MemPool(use_on_oom=True): a default-pool request the device cannot serve is served
+// from the pool's cache, and belongs to the pool; turned off (PyTorch's MemPool destructor does
+// this while a graph holds the pool), or released, the pool serves no one else.
+TEST(PoolSet, UseOnOomPoolServesTheDefaultPoolOnlyWhenItWouldRunOut) {
+  Config c = HostConfig();  // 256 MiB
+  c.memory_fraction = 0.25;  // 64 MiB for all pools together
+  SA_ASSIGN_OR_FAIL(set, PoolSet::Create(c));
+  const PoolId pool{5, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(pool));
+  // torch.cuda.use_mem_pool: the pool serves the current stream's requests for a while.
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  SA_ASSIGN_OR_FAIL(cached, set->Malloc(32ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // use_mem_pool's exit: the MemPool is the one user left
+  ASSERT_EQ(set->PoolUseCount(pool), 1);
+  SA_ASSERT_OK(set->Free(cached));  // 32 MiB cached in the pool, kept while it has users
+  SA_ASSIGN_OR_FAIL(big, set->Malloc(24ull << 20, kDefaultStream));  // 32 + 24 of 64
+
+  // Off (the default): 24 MiB more does not fit beside the pool's cache.
+  const auto refused = set->Malloc(24ull << 20, kDefaultStream);
+  ASSERT_TRUE(absl::IsResourceExhausted(refused.status())) << refused.status();
+  SA_ASSERT_OK(set->SetUseOnOom(pool, true));
+  SA_ASSIGN_OR_FAIL(served, set->Malloc(24ull << 20, kDefaultStream));
+  SA_ASSIGN_OR_FAIL(info, set->Describe(served));
+  EXPECT_EQ(info.size, 24ull << 20);
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).allocated_bytes.all().current, 24ll << 20);
+  EXPECT_LE(set->GetStats().reserved_bytes.all().current, 64ll << 20);
+  // Requests the default pool can serve never go to the pool.
+  SA_ASSIGN_OR_FAIL(small, set->Malloc(1 << 20, kDefaultStream));
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).allocated_bytes.all().current, 24ll << 20);
+  SA_ASSERT_OK(set->Free(small));
+  SA_ASSERT_OK(set->Free(served));  // routed to the pool
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).allocated_bytes.all().current, 0);
+
+  SA_ASSERT_OK(set->SetUseOnOom(pool, false));
+  EXPECT_TRUE(absl::IsResourceExhausted(set->Malloc(24ull << 20, kDefaultStream).status()));
+  SA_ASSERT_OK(set->SetUseOnOom(pool, true));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // no users: its cache goes back, it serves no one
+  EXPECT_TRUE(set->PrivatePools().empty());
+  SA_ASSIGN_OR_FAIL(fits, set->Malloc(24ull << 20, kDefaultStream));  // the default pool has room now
+  SA_ASSERT_OK(set->Free(fits));
+  SA_ASSERT_OK(set->Free(big));
+
+  EXPECT_EQ(set->SetUseOnOom(kDefaultPool, true).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(set->SetUseOnOom(PoolId{77, 0}, true).code(), absl::StatusCode::kFailedPrecondition);
+  SA_ASSERT_OK(set->main().CheckInvariants());
+}
+
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {
   auto set = MakePoolSet();
   ASSERT_NE(set, nullptr);

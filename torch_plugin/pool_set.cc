@@ -46,13 +46,45 @@ absl::StatusOr<void*> PoolSet::Malloc(std::size_t size, Stream stream) {
       Pool* pool = pools_.at(c.id).get();
       auto p = pool->allocator->Malloc(size, stream);
       if (!p.ok()) return p.status();
-      pool_of_.emplace(*p, c.id);
-      ++pool->live;
-      pooled_.fetch_add(1, std::memory_order_release);
+      Record(*p, c.id, pool);
       return p;
     }
   }
-  return arena_->Malloc(size, stream);
+  auto p = arena_->Malloc(size, stream);
+  if (p.ok() || !absl::IsResourceExhausted(p.status()) || oom_pools_.load(std::memory_order_acquire) == 0) return p;
+  return MallocOnOom(size, stream, p.status());
+}
+
+void PoolSet::Record(void* p, PoolId id, Pool* pool) {
+  pool_of_.emplace(p, id);
+  ++pool->live;
+  pooled_.fetch_add(1, std::memory_order_release);
+}
+
+absl::StatusOr<void*> PoolSet::MallocOnOom(std::size_t size, Stream stream, absl::Status oom) {
+  STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::MallocOnOom");
+  MutexLock lock(&mu_);
+  for (auto& [id, pool] : pools_) {
+    if (!pool->use_on_oom || pool->users == 0) continue;
+    auto p = pool->allocator->Malloc(size, stream);
+    if (!p.ok()) continue;
+    Record(*p, id, pool.get());
+    return p;
+  }
+  return oom;
+}
+
+absl::Status PoolSet::SetUseOnOom(PoolId id, bool use) {
+  if (id == kDefaultPool) return DefaultPoolError("setUseOnOOM");
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  if (it == pools_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("setUseOnOOM: no private pool ", Name(id)));
+  }
+  Pool& pool = *it->second;
+  if (pool.use_on_oom != use) oom_pools_.fetch_add(use ? 1 : -1, std::memory_order_release);
+  pool.use_on_oom = use;
+  return absl::OkStatus();
 }
 
 CachingAllocator* PoolSet::OwnerOf(const void* ptr) const {
@@ -125,6 +157,7 @@ void PoolSet::MaybeErase(PoolId id) {
   Stats gone = it->second->allocator->GetStats();
   gone.ReleaseAll();
   retired_.Accumulate(gone);
+  if (it->second->use_on_oom) oom_pools_.fetch_sub(1, std::memory_order_release);
   pools_.erase(it);  // the allocator returns all its memory
 }
 
@@ -280,7 +313,9 @@ absl::Status PoolSet::EmptyCache(PoolId id) {
   MutexLock lock(&mu_);
   if (id != kDefaultPool) {
     auto it = pools_.find(id);
-    if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("emptyCache: no private pool ", Name(id)));
+    // A released pool is erased with its last allocation, and has no cache to return: PyTorch's
+    // MemPool destructor releases the pool, then empties its cache.
+    if (it == pools_.end()) return absl::OkStatus();
     return it->second->allocator->EmptyCache();
   }
   absl::Status s = main_->EmptyCache();

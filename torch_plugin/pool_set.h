@@ -16,8 +16,8 @@
 //
 // Invariants: pool_of_ holds exactly the live pointers served by private pools (so Free and
 // RecordStream route without asking every allocator); routing_ counts begun, not yet ended
-// captures and pooled_ the entries of pool_of_, so while both are zero the hot path takes no
-// lock of this class. Statistics are the sums over all pools: while private pools live, a
+// captures, pooled_ the entries of pool_of_ and oom_pools_ the pools with use_on_oom set, so
+// while they are zero the hot path takes no lock of this class. Statistics are the sums over all pools: while private pools live, a
 // peak is the sum of per-pool peaks (an upper bound of the device peak).
 #pragma once
 #include <atomic>
@@ -62,6 +62,11 @@ class PoolSet {
   absl::Status BeginAllocateToPool(PoolId id, StreamFilter filter);
   absl::Status EndAllocateToPool(PoolId id);
   absl::Status ReleasePool(PoolId id);
+  // torch.cuda.MemPool(use_on_oom=True): while private pool `id` has users, a default-pool
+  // request that would run out of memory is served from it if it can (its cached memory first,
+  // as PyTorch's allocator does); the allocation then belongs to `id`. PyTorch's MemPool
+  // destructor turns this off for a pool that a graph still holds.
+  absl::Status SetUseOnOom(PoolId id, bool use);
   // Users of the pool (0 for an unknown pool).
   int PoolUseCount(PoolId id) const;
   // CUDA graph trees' checkpoints (PyTorch's getCheckpointState / setCheckpointPoolState):
@@ -104,6 +109,7 @@ class PoolSet {
     std::unique_ptr<CachingAllocator> allocator;
     int users = 0;
     std::int64_t live = 0;  // allocations not yet freed
+    bool use_on_oom = false;
   };
   struct Capture {
     PoolId id;
@@ -113,6 +119,9 @@ class PoolSet {
   absl::StatusOr<Pool*> GetOrCreate(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeErase(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   CachingAllocator* OwnerOf(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A default-pool request that failed with `oom`, tried on the use_on_oom pools.
+  absl::StatusOr<void*> MallocOnOom(std::size_t size, Stream stream, absl::Status oom);
+  void Record(void* p, PoolId id, Pool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Config config_;
   // Reserved bytes of every pool together: the memory fraction caps their sum, as PyTorch's does.
@@ -122,6 +131,7 @@ class PoolSet {
   std::atomic<double> fraction_;
   std::atomic<int> routing_{0};
   std::atomic<std::int64_t> pooled_{0};
+  std::atomic<int> oom_pools_{0};  // pools with use_on_oom set
   mutable Mutex mu_;
   absl::flat_hash_map<PoolId, std::unique_ptr<Pool>> pools_ ABSL_GUARDED_BY(mu_);
   std::vector<Capture> captures_ ABSL_GUARDED_BY(mu_);

@@ -212,6 +212,9 @@ class TorchAllocator final : public cca::CUDAAllocator {
   void releasePool(DeviceIndex device, c10::MempoolId_t mempool_id) override {
     Check("releasePool", Device(device).ReleasePool(ToPool(mempool_id)));
   }
+  void setUseOnOOM(DeviceIndex device, c10::MempoolId_t mempool_id, bool use_on_oom) override {
+    Check("setUseOnOOM", Device(device).SetUseOnOom(ToPool(mempool_id), use_on_oom));
+  }
   int getPoolUseCount(DeviceIndex device, c10::MempoolId_t mempool_id) override {
     return Device(device).PoolUseCount(ToPool(mempool_id));
   }
