@@ -56,10 +56,14 @@ CachingAllocator::CachingAllocator(const Config& config, std::unique_ptr<Driver>
 
 CachingAllocator::~CachingAllocator() {
   MutexLock l(&mu_);
-  // Let in-flight stream work finish before the memory goes away.
+  // Let in-flight stream work finish before the memory goes away. A stream is synchronized only
+  // while the allocator holds memory that work on it may still use: the caller may have
+  // destroyed a stream whose blocks it freed and whose cache it emptied (the CUDA driver
+  // crashed on cuStreamSynchronize of such a stream on the H100, 2026-11-23).
   ProcessPending(/*synchronize=*/true);
+  const bool allocated = stats_.allocated_bytes.all().current > 0;
   for (auto& [stream, pool] : pools_) {
-    driver_->SynchronizeStream(stream).IgnoreError();
+    if (allocated || !pool->small.empty() || !pool->large.empty()) driver_->SynchronizeStream(stream).IgnoreError();
     for (const auto& [event, seq] : pool->fences) driver_->DestroyEvent(event).IgnoreError();
   }
   for (Event e : spare_events_) driver_->DestroyEvent(e).IgnoreError();

@@ -833,6 +833,32 @@ TEST(CachingAllocator, PoolsStopTakingAChunkFromEachOtherInTurn) {
 // stays within 10% of the allocated peak (1.08 measured). Barring every chunk that came home
 // from the other pool twice, however far apart (the first form of Policy::Contested), crept to
 // 1.43 here.
+// A stream whose blocks were freed and whose cache was emptied may be destroyed before the
+// allocator; the allocator's destructor must not touch it (on the H100 the CUDA driver crashed
+// in cuStreamSynchronize of such a stream). A stream the allocator still caches memory for is
+// synchronized, as before.
+TEST(CachingAllocator, DestructionLeavesADestroyedStreamAlone) {
+  SA_ASSIGN_OR_FAIL(alloc, MakeHostAllocator(""));
+  Driver& d = alloc->driver();
+  SA_ASSIGN_OR_FAIL(gone, d.CreateStream());
+  SA_ASSIGN_OR_FAIL(kept, d.CreateStream());
+  for (Stream s : {gone, kept}) {
+    SA_ASSIGN_OR_FAIL(small, alloc->Malloc(4096, s));
+    SA_ASSIGN_OR_FAIL(large, alloc->Malloc(6 * kMiB, s));
+    SA_ASSERT_OK(alloc->Free(small));
+    SA_ASSERT_OK(alloc->Free(large));
+  }
+  SA_ASSERT_OK(alloc->EmptyCache());
+  SA_ASSIGN_OR_FAIL(cached, alloc->Malloc(kMiB, kept));
+  SA_ASSERT_OK(alloc->Free(cached));  // cached on `kept` at destruction
+  SA_ASSERT_OK(d.DestroyStream(gone));
+  const std::int64_t before = HostDriver::DestroyedStreamUses();
+  EXPECT_EQ(d.SynchronizeStream(gone).code(), absl::StatusCode::kFailedPrecondition);  // counted
+  EXPECT_EQ(HostDriver::DestroyedStreamUses(), before + 1);
+  alloc.reset();
+  EXPECT_EQ(HostDriver::DestroyedStreamUses(), before + 1);
+}
+
 TEST(CachingAllocator, ReservedLevelsOffInALongMultiStreamRun) {
   HostDriverOptions options{.capacity = 4 * kGiB, .granularity = 2 * kMiB, .backed = false, .inline_streams = true};
   SA_ASSIGN_OR_FAIL(driver, HostDriver::Create(options));

@@ -1,7 +1,8 @@
 // CudaDriver end to end without a GPU: libcuda is replaced by tests/fake_cuda (the host
 // emulation behind the CUDA driver API, enforcing the driver's rules), so loading through
 // cuGetProcAddress, primary-context handling, the VMM call sequence and error translation all
-// run, and the whole conformance suite runs on CudaDriver.
+// run, and the whole conformance suite runs on CudaDriver, a second time with every byte moved
+// by the driver's copies as on a GPU.
 #include <dlfcn.h>
 
 #include "tests/conformance.h"
@@ -17,7 +18,10 @@ absl::StatusOr<std::unique_ptr<Driver>> MakeFake() {
 }
 
 INSTANTIATE_TEST_SUITE_P(FakeCudaDriver, Conformance,
-                         ::testing::Values(DriverFactory{"fake_cuda", MakeFake, /*direct_access=*/true}),
+                         // Twice: with the test touching blocks directly, and through the
+                         // driver's copies only, as on a GPU (the path gpu_conformance_test takes).
+                         ::testing::Values(DriverFactory{"fake_cuda", MakeFake, /*direct_access=*/true},
+                                           DriverFactory{"fake_cuda_copies", MakeFake, /*direct_access=*/false}),
                          [](const auto& p) { return p.param.name; });
 
 struct Hooks {

@@ -138,7 +138,14 @@ TEST(HostDriver, StreamsRunInOrderAndEventsTrackTheirRecord) {
   EXPECT_TRUE(absl::IsNotFound(d->QueryEvent(e).status()));
   SA_ASSERT_OK(d->DestroyStream(s1));
   SA_ASSERT_OK(d->DestroyStream(s2));
-  EXPECT_TRUE(absl::IsNotFound(d->SynchronizeStream(s1)));
+  // A destroyed stream is not an unknown one: using it is undefined behaviour on a GPU, and
+  // counted here.
+  const std::int64_t uses = HostDriver::DestroyedStreamUses();
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->SynchronizeStream(s1)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->DestroyStream(s2)));
+  EXPECT_EQ(HostDriver::DestroyedStreamUses(), uses + 2);
+  EXPECT_TRUE(absl::IsNotFound(d->SynchronizeStream(s2 + 1000)));
+  EXPECT_EQ(HostDriver::DestroyedStreamUses(), uses + 2);
   EXPECT_TRUE(absl::IsInvalidArgument(d->DestroyStream(kDefaultStream)));
 }
 
@@ -247,8 +254,8 @@ TEST(HostDriver, InlineStreamsFinishWorkBeforeSubmissionReturns) {
   SA_ASSERT_OK(d->MemcpyAsync(dst.data(), src.data(), src.size(), s));
   EXPECT_EQ(dst, src);
   SA_ASSERT_OK(d->DestroyStream(s));
-  EXPECT_TRUE(absl::IsNotFound(d->Enqueue(s, []() {})));
-  EXPECT_TRUE(absl::IsNotFound(d->RecordEvent(e, s)));
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->Enqueue(s, []() {})));
+  EXPECT_TRUE(absl::IsFailedPrecondition(d->RecordEvent(e, s)));
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <deque>
@@ -466,18 +467,14 @@ absl::Status HostDriver::Submit(Stream stream, absl::AnyInvocable<void() &&> op)
   if (options_.inline_streams) {
     {
       MutexLock l(&streams_mu_);
-      if (!streams_.contains(stream)) {
-        return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
-      }
+      if (!streams_.contains(stream)) return NoSuchStream(stream);
     }
     std::move(op)();
     return absl::OkStatus();
   }
   MutexLock l(&streams_mu_);
   auto it = streams_.find(stream);
-  if (it == streams_.end()) {
-    return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
-  }
+  if (it == streams_.end()) return NoSuchStream(stream);
   HostStream* s = it->second.get();
   MutexLock sl(&s->mu);
   s->queue.push_back(std::move(op));
@@ -497,6 +494,21 @@ absl::StatusOr<Stream> HostDriver::CreateStream() {
   return id;
 }
 
+namespace {
+std::atomic<std::int64_t> g_destroyed_stream_uses{0};
+}  // namespace
+
+std::int64_t HostDriver::DestroyedStreamUses() { return g_destroyed_stream_uses.load(); }
+
+absl::Status HostDriver::NoSuchStream(Stream stream) const {
+  if (destroyed_streams_.contains(stream)) {
+    g_destroyed_stream_uses.fetch_add(1);
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "host driver: stream %d was destroyed (on a GPU, using it is undefined behaviour)", stream));
+  }
+  return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
+}
+
 absl::Status HostDriver::DestroyStream(Stream stream) {
   if (stream == kDefaultStream) {
     return absl::InvalidArgumentError("host driver: the default stream cannot be destroyed");
@@ -506,10 +518,12 @@ absl::Status HostDriver::DestroyStream(Stream stream) {
     MutexLock l(&streams_mu_);
     auto it = streams_.find(stream);
     if (it == streams_.end()) {
+      if (destroyed_streams_.contains(stream)) return NoSuchStream(stream);
       return absl::NotFoundError(absl::StrFormat("host driver: DestroyStream: no such stream %d", stream));
     }
     s = std::move(it->second);
     streams_.erase(it);
+    destroyed_streams_.insert(stream);
   }
   if (!s->worker.joinable()) return absl::OkStatus();  // inline: its work is done
   {
@@ -599,9 +613,7 @@ absl::Status HostDriver::StreamWaitEvent(Stream stream, Event event) {
   if (!token.ok()) return token.status();
   if (*token == nullptr) {
     MutexLock l(&streams_mu_);
-    if (!streams_.contains(stream)) {
-      return absl::NotFoundError(absl::StrFormat("host driver: no such stream %d", stream));
-    }
+    if (!streams_.contains(stream)) return NoSuchStream(stream);
     return absl::OkStatus();
   }
   return Submit(stream, [this, t = *std::move(token)]() { WaitToken(t); });

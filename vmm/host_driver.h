@@ -38,14 +38,19 @@
 // threads: work runs when it is submitted, so every event has completed when Record returns,
 // as on a GPU with no kernels queued. A replay (no kernels) is then deterministic: the
 // allocator's event-gated steps no longer depend on when a worker thread got scheduled.
+// A call naming a destroyed stream (undefined behaviour on a GPU: cuStreamSynchronize on one
+// crashed the H100 run of 2026-11-23) fails and is counted process-wide
+// (DestroyedStreamUses), so tests can check that nothing touches a stream after its end.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -80,6 +85,9 @@ class HostDriver final : public Driver {
   absl::Status Map(DevicePtr va, std::size_t bytes, PhysHandle handle) override;
   absl::Status Unmap(DevicePtr va, std::size_t bytes) override;
   absl::Status SetAccess(DevicePtr va, std::size_t bytes) override;
+
+  // Calls, by any HostDriver of this process, that named a destroyed stream.
+  static std::int64_t DestroyedStreamUses();
 
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
@@ -161,7 +169,9 @@ class HostDriver final : public Driver {
 
   Mutex streams_mu_;
   absl::flat_hash_map<Stream, std::unique_ptr<HostStream>> streams_ ABSL_GUARDED_BY(streams_mu_);
-  Stream next_stream_ ABSL_GUARDED_BY(streams_mu_) = 1;
+  Stream next_stream_ ABSL_GUARDED_BY(streams_mu_) = 1;  // ids are never reused
+  absl::flat_hash_set<Stream> destroyed_streams_ ABSL_GUARDED_BY(streams_mu_);
+  absl::Status NoSuchStream(Stream stream) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(streams_mu_);
 
   Mutex events_mu_;
   absl::flat_hash_map<Event, std::unique_ptr<HostEvent>> events_ ABSL_GUARDED_BY(events_mu_);
