@@ -44,6 +44,10 @@ def step_flops(a, seq, mode):
         handle.remove()
     counts = counter.get_flop_counts()["Global"]
     core = sum(v for op, v in counts.items() if is_core(op))
+    if core == 0:
+        raise SystemExit(f"offload_flops: torch {torch.__version__}'s FlopCounterMode counted no attention core "
+                         f"FLOPs (it has no formula for the SDPA kernel this device runs); counted: "
+                         f"{sorted(str(op) for op in counts)}")
     return core, sum(counts.values()) - core
 
 

@@ -54,7 +54,13 @@ def test_bf16_sdpa_keeps_the_core_output_and_recomputes_its_inputs():
     # A fused attention core (flash on an H100): at alpha 0 a layer swaps its input and the
     # core's output and statistics (h is recomputed), far less than swapping all.
     out = run("--dtype", "bfloat16", "--sdpa", "--seq", "4096")
-    assert out["swap"]["bitwise"]
+    if out["reference_repeat_bitwise"]:
+        assert out["swap"]["bitwise"]
+    else:
+        # The fused core's backward is not reproducible on this GPU and PyTorch (two plain runs
+        # differed on the H100 with PyTorch 2.11, cuDNN attention off): swap is held to the
+        # tolerance of the recompute policies instead.
+        assert out["swap"]["max_rel_err"] < 2e-2
     for alpha in ("0.5", "0.0"):
         assert out[alpha]["max_rel_err"] < 2e-2, alpha
         assert out[alpha]["swapped_bytes"] < out["swap"]["swapped_bytes"], alpha

@@ -925,8 +925,13 @@ def test_token_wise_recompute_never_runs_the_attention_core_again():
     # three times).
     import argparse
 
+    from torch.utils.flop_counter import flop_registry
+
     import offload_flops
 
+    if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+        # torch 2.11 (the H100 machine of 2026-11-23) counted 0 FLOPs for the CPU SDPA kernel.
+        pytest.skip(f"torch {torch.__version__}'s FlopCounterMode has no formula for the CPU SDPA kernel")
     a = argparse.Namespace(dim=64, heads=2, hidden=160, recompute_chunk=16)
     counts = {mode: offload_flops.step_flops(a, 48, mode) for mode in offload_flops.MODES}
     native_core, native_other = counts["native"]
