@@ -17,8 +17,9 @@
 // Invariants: pool_of_ holds exactly the live pointers served by private pools (so Free and
 // RecordStream route without asking every allocator); routing_ counts begun, not yet ended
 // captures, pooled_ the entries of pool_of_ and oom_pools_ the pools with use_on_oom set, so
-// while they are zero the hot path takes no lock of this class. Statistics are the sums over all pools: while private pools live, a
-// peak is the sum of per-pool peaks (an upper bound of the device peak).
+// while they are zero the hot path takes no lock of this class. Statistics are the sums over
+// all pools: while private pools live, a peak is the sum of per-pool peaks (an upper bound of
+// the device peak).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -64,8 +65,8 @@ class PoolSet {
   absl::Status ReleasePool(PoolId id);
   // torch.cuda.MemPool(use_on_oom=True): while private pool `id` has users, a default-pool
   // request that would run out of memory is served from it if it can (its cached memory first,
-  // as PyTorch's allocator does); the allocation then belongs to `id`. PyTorch's MemPool
-  // destructor turns this off for a pool that a graph still holds.
+  // as PyTorch's allocator does); the allocation then belongs to `id`. PyTorch 2.11's MemPool
+  // destructor calls it, whatever the pool was created with.
   absl::Status SetUseOnOom(PoolId id, bool use);
   // Users of the pool (0 for an unknown pool).
   int PoolUseCount(PoolId id) const;
