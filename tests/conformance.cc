@@ -347,10 +347,14 @@ TEST_P(Conformance, StressThreadsStreamsContents) {
   EXPECT_GT(s.num_stitches, 0);
   for (std::size_t i = 1; i < streams.size(); ++i) SA_EXPECT_OK(d.DestroyStream(streams[i]));
   // The allocator goes after the streams, its cache empty: it must not touch them (this
-  // crashed on the H100, 2026-11-23; the host driver counts such calls).
+  // crashed on the H100, 2026-11-23). The host driver counts such calls; the fake CUDA library
+  // has its own copy of the counter, out of reach, and a GPU would crash.
+  const bool counted = host != nullptr;
   const std::int64_t before = HostDriver::DestroyedStreamUses();
   alloc.reset();
-  EXPECT_EQ(HostDriver::DestroyedStreamUses(), before);
+  if (counted) {
+    EXPECT_EQ(HostDriver::DestroyedStreamUses(), before);
+  }
 }
 
 // Pinned host memory and timing events (the swap layer's needs): a round trip device -> pinned
