@@ -39,9 +39,9 @@ import tiny_llama  # noqa: E402
 
 # The fused attention kernels' backward may lack a deterministic variant; warn rather than fail.
 torch.use_deterministic_algorithms(True, warn_only=args.sdpa)
-# cuDNN's attention (PyTorch 2.11's first choice for bf16 on an H100) has a nondeterministic
-# backward even then: two runs of the same step differed on 2026-11-23, so no bitwise
-# comparison could hold. Flash attention's backward honours the deterministic setting.
+# cuDNN's attention (PyTorch 2.11's first choice for bf16 on an H100) warns that its backward is
+# nondeterministic even then. With it off, the fused core's step still did not repeat bitwise on
+# the H100 (2026-11-23), so the job reports whether it does (reference_repeat_bitwise).
 torch.backends.cuda.enable_cudnn_sdp(False)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
