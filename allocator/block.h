@@ -115,6 +115,15 @@ struct Mapping {
   std::uint64_t last_free_seq = 0;   // pool sequence number of the last free inside
   std::optional<std::list<Mapping*>::iterator> idle_lru;  // in the idle stitched cache
   bool retiring = false;             // queued for dissolution once its stream is fenced
+  // The segments last reported for this mapping while MappingStore tracks segments: its maximal
+  // runs of present slots (what a snapshot shows as segments), in address order.
+  struct Run {
+    DevicePtr ptr = 0;
+    std::size_t size = 0;
+    Stream stream = kDefaultStream;
+    bool operator==(const Run&) const = default;
+  };
+  std::vector<Run> segments;
 
   DevicePtr slot_address(std::size_t i) const { return va + i * chunk_size; }
   std::size_t headroom_slots() const { return (reserved - size) / chunk_size; }

@@ -68,7 +68,23 @@ CachingAllocator::~CachingAllocator() {
   }
   for (Event e : spare_events_) driver_->DestroyEvent(e).IgnoreError();
   if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(stats_.reserved_bytes.all().current);
+  if (segment_observer_) {
+    std::vector<SegmentEvent> gone = store_->TakeSegmentEventsForTeardown();
+    if (!gone.empty()) segment_observer_(gone);
+  }
   store_.reset();  // releases everything without counting it out (done just above)
+}
+
+void CachingAllocator::SetSegmentObserver(SegmentObserver observer) {
+  MutexLock l(&mu_);
+  if (store_->segments_changed()) PublishSegments();  // to the observer they happened under
+  store_->TrackSegments(static_cast<bool>(observer));
+  segment_observer_ = std::move(observer);
+}
+
+void CachingAllocator::PublishSegments() {
+  std::vector<SegmentEvent> events = store_->TakeSegmentEvents();
+  if (!events.empty() && segment_observer_) segment_observer_(events);
 }
 
 void CachingAllocator::ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) {
@@ -164,7 +180,7 @@ absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) 
   const std::size_t rounded = Policy::RoundSize(size);
   const PoolKind kind = Policy::PoolFor(rounded);
   {
-    MutexLock l(&mu_);
+    ChangeLock l(this);
     if (!pending_.empty()) ProcessPending(/*synchronize=*/false);
     if (!retiring_.empty()) ProcessRetiring(/*synchronize=*/false);
     StreamPool* pool = GetPool(stream);
@@ -198,7 +214,7 @@ absl::StatusOr<void*> CachingAllocator::MallocUnderPressure(std::size_t size, st
     handler = pressure_;
   }
   const PressureRelief relief = handler ? (*handler)(rounded, stream) : PressureRelief{};
-  MutexLock l(&mu_);
+  ChangeLock l(this);
   // Blocks the handler freed may wait for copies (event-deferred frees): out of memory is
   // the moment to wait for them.
   if (relief.freed > 0 && !pending_.empty()) ProcessPending(/*synchronize=*/true);
@@ -213,7 +229,7 @@ absl::StatusOr<void*> CachingAllocator::MallocUnderPressure(std::size_t size, st
 absl::Status CachingAllocator::Free(void* ptr) {
   if (ptr == nullptr) return absl::OkStatus();
   const auto p = reinterpret_cast<DevicePtr>(ptr);
-  MutexLock l(&mu_);
+  ChangeLock l(this);
   auto it = allocated_.find(p);
   if (it == allocated_.end()) return BadPointer("free", p);
   Block* b = it->second;
@@ -878,7 +894,7 @@ absl::Status CachingAllocator::ReleaseCached() {
 
 absl::Status CachingAllocator::EmptyCache() {
   if (keep_cached_.load(std::memory_order_relaxed)) return absl::OkStatus();  // SetKeepCached
-  MutexLock l(&mu_);
+  ChangeLock l(this);
   return ReleaseCached();
 }
 
@@ -1015,7 +1031,7 @@ absl::StatusOr<void*> CachingAllocator::AllocateAt(const LiveAllocation& a) {
         "stitchalloc: allocate_at(%#x, %d bytes, %d requested): the size must be a positive multiple of %d "
         "bytes, at least the requested bytes", a.ptr, a.size, a.requested, Policy::kMinBlockSize));
   }
-  MutexLock l(&mu_);
+  ChangeLock l(this);
   for (int attempt = 0;; ++attempt) {
     if (!pending_.empty()) ProcessPending(/*synchronize=*/attempt > 0);
     const auto& maps = store_->mappings();
@@ -1112,6 +1128,7 @@ absl::Status CachingAllocator::CheckInvariants() const {
     }
     if (cursor != m->va + m->size) return fail("blocks do not cover the mapping");
     if (m->tail != prev) return fail("mapping's tail is not its last block");
+    if (!store_->SegmentsUpToDate(*m)) return fail("tracked segments of a mapping differ from its present runs");
     if (m->reserved < m->size || m->reserved % m->chunk_size != 0) return fail("mapping's reserved range");
     for (std::size_t s = 0; s < m->slots.size(); ++s) {
       const Chunk* c = m->slots[s];

@@ -126,6 +126,15 @@ class CachingAllocator {
   using PressureHandler = std::function<PressureRelief(std::size_t bytes, Stream stream)>;
   void SetPressureHandler(PressureHandler handler);
 
+  // Segment events (mapping_store.h): the segments a snapshot shows that appeared or went, for
+  // PyTorch's segment_alloc / segment_free trace entries. The observer is called at the end of
+  // every call that changed them (and, at destruction, with every segment unmapped), with the
+  // allocator's lock held, so that events reach it in the order the changes happened: it must be
+  // quick and must not call into this allocator. Setting one starts tracking from the segments
+  // there are (no events for them); an empty function stops it.
+  using SegmentObserver = std::function<void(const std::vector<SegmentEvent>&)>;
+  void SetSegmentObserver(SegmentObserver observer);
+
   Stats GetStats() const;
   void ResetPeakStats();
   void ResetAccumulatedStats();
@@ -165,6 +174,23 @@ class CachingAllocator {
 
   CachingAllocator(const Config& config, std::unique_ptr<Driver> driver, std::size_t chunk_size,
                    std::size_t total_memory);
+
+  // mu_, held by a call that may change mappings: on release, the segment observer hears what
+  // changed (one load on the hot path when nothing did).
+  class ABSL_SCOPED_LOCKABLE ChangeLock {
+   public:
+    explicit ChangeLock(CachingAllocator* a) ABSL_EXCLUSIVE_LOCK_FUNCTION(a->mu_) : a_(a) { a_->mu_.Lock(); }
+    ~ChangeLock() ABSL_UNLOCK_FUNCTION() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      if (a_->store_->segments_changed()) a_->PublishSegments();
+      a_->mu_.Unlock();
+    }
+    ChangeLock(const ChangeLock&) = delete;
+    ChangeLock& operator=(const ChangeLock&) = delete;
+
+   private:
+    CachingAllocator* const a_;
+  };
+  void PublishSegments() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The free block of `set` (the `kind` pool) that serves `rounded` (best fit, growable small
@@ -257,6 +283,7 @@ class CachingAllocator {
   std::size_t stitch_cache_limit_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<MappingStore> store_ ABSL_GUARDED_BY(mu_);
+  SegmentObserver segment_observer_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Stream, std::unique_ptr<StreamPool>> pools_ ABSL_GUARDED_BY(mu_);
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);

@@ -242,6 +242,7 @@ absl::StatusOr<Mapping*> MappingStore::Create(StreamPool* pool, PoolKind kind, s
   mappings_.emplace(va, std::move(owned));
   Adopt(m, SlotRange(0, n), borrow, created);
   InsertFree(b);
+  SegmentsMayChange(m);
 
   stats_.segment.Add(static_cast<int>(kind), 1);
   if (bytes >= max_split_size_) stats_.oversize_segments.Add(1);
@@ -294,6 +295,7 @@ absl::StatusOr<Block*> MappingStore::Extend(Mapping* m, const std::vector<SlotRu
   m->tail = b;
   Adopt(m, SlotRange(first_slot, n), borrow, created);
   if (!was_oversize && m->size >= max_split_size_) stats_.oversize_segments.Add(1);
+  SegmentsMayChange(m);
   return MergeAndInsert(b);
 }
 
@@ -393,6 +395,7 @@ Block* MappingStore::Recall(Mapping* m, std::uint32_t slot, Block* at_owner) {
 }
 
 void MappingStore::SetAbsent(Mapping* m, std::uint32_t slot, Block* a) {
+  if ((m->absent[slot] == nullptr) != (a == nullptr)) SegmentsMayChange(m);
   m->absent[slot] = a;
   if (a != nullptr) {
     m->absent_slots.insert(slot);
@@ -651,6 +654,13 @@ absl::Status MappingStore::Dissolve(Mapping* m) {
   ++stats_.num_dissolves;
   emptied_.erase(std::remove(emptied_.begin(), emptied_.end(), m), emptied_.end());
   with_absent_.erase(m->va);
+  if (tracking_) {
+    segment_changes_.erase(m);
+    for (const Mapping::Run& r : m->segments) {
+      segments_gone_.push_back({false, r.ptr, r.size, r.stream, m->kind});
+    }
+    segments_changed_ = !segment_changes_.empty() || !segments_gone_.empty();
+  }
   mappings_.erase(m->va);
   return first;
 }
@@ -661,12 +671,88 @@ void MappingStore::MoveToPool(Mapping* m, StreamPool* to) {
     if (b->is_free()) free_blocks.push_back(b);
   }
   for (Block* b : free_blocks) EraseFree(b);
+  SegmentsMayChange(m);  // a segment belongs to one stream: it goes and comes back on `to`
   m->pool = to;
   m->last_free_seq = 0;
   for (Block* b : free_blocks) {
     b->freed_at = 0;
     InsertFree(b);
   }
+}
+
+std::vector<Mapping::Run> MappingStore::PresentRuns(const Mapping& m) {
+  std::vector<Mapping::Run> runs;
+  const Stream stream = m.pool->stream;
+  for (std::size_t s = 0; s < m.absent.size(); ++s) {
+    if (m.absent[s] != nullptr) continue;
+    const DevicePtr at = m.slot_address(s);
+    if (!runs.empty() && runs.back().ptr + runs.back().size == at) {
+      runs.back().size += m.chunk_size;
+    } else {
+      runs.push_back({at, m.chunk_size, stream});
+    }
+  }
+  return runs;
+}
+
+void MappingStore::TrackSegments(bool on) {
+  tracking_ = on;
+  segments_changed_ = false;
+  segment_changes_.clear();
+  segments_gone_.clear();
+  for (auto& [va, m] : mappings_) {
+    if (on) {
+      m->segments = PresentRuns(*m);
+    } else {
+      m->segments.clear();
+      m->segments.shrink_to_fit();
+    }
+  }
+}
+
+std::vector<SegmentEvent> MappingStore::TakeSegmentEvents() {
+  std::vector<SegmentEvent> out = std::move(segments_gone_);
+  segments_gone_.clear();
+  std::vector<SegmentEvent> mapped;
+  for (Mapping* m : segment_changes_) {
+    std::vector<Mapping::Run> now = PresentRuns(*m);
+    // Both lists are in address order: a merge walk finds the runs only one of them has.
+    std::size_t i = 0, j = 0;
+    while (i < m->segments.size() || j < now.size()) {
+      if (j == now.size() || (i < m->segments.size() && m->segments[i].ptr < now[j].ptr)) {
+        const Mapping::Run& r = m->segments[i++];
+        out.push_back({false, r.ptr, r.size, r.stream, m->kind});
+      } else if (i == m->segments.size() || now[j].ptr < m->segments[i].ptr) {
+        const Mapping::Run& r = now[j++];
+        mapped.push_back({true, r.ptr, r.size, r.stream, m->kind});
+      } else {  // the same start
+        if (!(m->segments[i] == now[j])) {
+          out.push_back({false, m->segments[i].ptr, m->segments[i].size, m->segments[i].stream, m->kind});
+          mapped.push_back({true, now[j].ptr, now[j].size, now[j].stream, m->kind});
+        }
+        ++i;
+        ++j;
+      }
+    }
+    m->segments = std::move(now);
+  }
+  segment_changes_.clear();
+  segments_changed_ = false;
+  auto by_address = [](const SegmentEvent& a, const SegmentEvent& b) { return a.ptr < b.ptr; };
+  std::sort(out.begin(), out.end(), by_address);
+  std::sort(mapped.begin(), mapped.end(), by_address);
+  out.insert(out.end(), mapped.begin(), mapped.end());
+  return out;
+}
+
+std::vector<SegmentEvent> MappingStore::TakeSegmentEventsForTeardown() {
+  if (!tracking_) return {};
+  std::vector<SegmentEvent> out = TakeSegmentEvents();
+  for (auto& [va, m] : mappings_) {
+    for (const Mapping::Run& r : m->segments) out.push_back({false, r.ptr, r.size, r.stream, m->kind});
+  }
+  TrackSegments(false);
+  return out;
 }
 
 std::vector<Mapping*> MappingStore::TakeEmptied() {

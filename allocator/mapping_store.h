@@ -8,6 +8,14 @@
 // oversize_segments, stitched_segment, num_device_alloc/free, num_map/unmap_calls,
 // num_stitches, stitched_bytes, num_dissolves.
 //
+// Segment tracking (for PyTorch's segment_alloc / segment_free trace events): while on, the store
+// remembers each mapping's segments (maximal runs of present slots, as a snapshot shows them) as
+// last reported, and notes every mapping whose slots, size or stream changed since; the runs of a
+// dissolved mapping are queued as unmapped. TakeSegmentEvents turns the difference into events,
+// so that the events reported since tracking began, applied to the segments there were then,
+// give exactly the segments there are now, and every unmapped run was reported mapped with the
+// same address, size and stream. Off (the default), nothing is tracked or allocated for it.
+//
 // Not thread-safe: the CachingAllocator calls it under its mutex.
 #pragma once
 
@@ -20,6 +28,7 @@
 
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocator/block.h"
@@ -33,6 +42,16 @@ struct SlotRun {
   Block* block = nullptr;
   std::uint32_t first_slot = 0;
   std::uint32_t count = 0;
+};
+
+// A segment that appeared (mapped) or went (unmapped): see the file comment.
+struct SegmentEvent {
+  bool mapped = false;
+  DevicePtr ptr = 0;
+  std::size_t size = 0;
+  Stream stream = kDefaultStream;
+  PoolKind kind = PoolKind::kLarge;
+  bool operator==(const SegmentEvent&) const = default;
 };
 
 class MappingStore {
@@ -108,6 +127,26 @@ class MappingStore {
   // lent out or made by a stitch (see Emptied): the caller retires them. Cleared by the call.
   std::vector<Mapping*> TakeEmptied();
 
+  // Segment tracking (see the file comment). Turning it on takes the present segments as the
+  // baseline (no events); turning it off forgets everything tracked.
+  void TrackSegments(bool on);
+  bool tracking_segments() const { return tracking_; }
+  // Whether TakeSegmentEvents has anything to report (one load: the allocator's hot path asks).
+  bool segments_changed() const { return segments_changed_; }
+  // What changed since the last call: the unmapped segments, then the mapped ones, each in
+  // address order.
+  std::vector<SegmentEvent> TakeSegmentEvents();
+  // Every tracked segment as unmapped (after what changed), and tracking off: the allocator's
+  // teardown, which releases them all.
+  std::vector<SegmentEvent> TakeSegmentEventsForTeardown();
+  // The segments of `m` now: its maximal runs of present slots.
+  static std::vector<Mapping::Run> PresentRuns(const Mapping& m);
+  // Whether m's tracked segments are its runs now, or are noted as changed (CheckInvariants).
+  bool SegmentsUpToDate(const Mapping& m) const {
+    if (!tracking_) return m.segments.empty();
+    return segment_changes_.contains(&m) || m.segments == PresentRuns(m);
+  }
+
   // The mapping whose range contains `p`, or nullptr.
   Mapping* Find(DevicePtr p) const;
   const absl::btree_map<DevicePtr, std::unique_ptr<Mapping>>& mappings() const { return mappings_; }
@@ -159,6 +198,12 @@ class MappingStore {
   void Note(absl::Status& first, absl::Status s) {
     if (first.ok() && !s.ok()) first = std::move(s);
   }
+  // Notes that m's segments may have changed (segment tracking).
+  void SegmentsMayChange(Mapping* m) {
+    if (!tracking_) return;
+    segment_changes_.insert(m);
+    segments_changed_ = true;
+  }
 
   Driver& driver_;
   Stats& stats_;
@@ -170,6 +215,10 @@ class MappingStore {
   absl::flat_hash_map<Chunk*, std::unique_ptr<Chunk>> chunks_;
   std::vector<Block*> spare_blocks_;
   std::vector<Mapping*> emptied_;
+  bool tracking_ = false;
+  bool segments_changed_ = false;
+  absl::flat_hash_set<Mapping*> segment_changes_;  // live mappings whose segments may have changed
+  std::vector<SegmentEvent> segments_gone_;        // the unmapped segments of dissolved mappings
 };
 
 }  // namespace stitchalloc
