@@ -12,6 +12,8 @@
 #include <torch/headeronly/version.h>
 
 #include <cstring>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 #include <unordered_set>
@@ -145,7 +147,11 @@ TEST(TorchPlugin, HistoryAndSnapshot) {
 
   cca::SnapshotInfo snap = a->snapshot({0, 0}, true);
   ASSERT_EQ(snap.device_traces.size(), 1u);
-  const auto& trace = snap.device_traces[0];
+  // The allocations and frees, in order (segment entries have their own test below).
+  std::vector<cda::TraceEntry> trace;
+  for (const auto& e : snap.device_traces[0]) {
+    if (e.action_ != cda::TraceEntry::SEGMENT_ALLOC && e.action_ != cda::TraceEntry::SEGMENT_FREE) trace.push_back(e);
+  }
   ASSERT_EQ(trace.size(), 4u);
   EXPECT_EQ(trace[0].action_, cda::TraceEntry::ALLOC);
   EXPECT_EQ(trace[0].addr_, reinterpret_cast<size_t>(p));
@@ -156,7 +162,9 @@ TEST(TorchPlugin, HistoryAndSnapshot) {
   EXPECT_EQ(trace[3].action_, cda::TraceEntry::FREE_COMPLETED);
   EXPECT_EQ(trace[3].addr_, reinterpret_cast<size_t>(p));
   EXPECT_LE(trace[0].time_.t_, trace[3].time_.t_);
-  EXPECT_EQ(tracked.size(), 4u);
+  // The first allocation mapped memory: a segment entry comes first, as in PyTorch's history.
+  EXPECT_EQ(snap.device_traces[0][0].action_, cda::TraceEntry::SEGMENT_ALLOC);
+  EXPECT_EQ(tracked.size(), snap.device_traces[0].size());
 
   size_t allocated = 0, total = 0;
   for (const auto& seg : snap.segments) {
@@ -213,6 +221,105 @@ TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {
   EXPECT_TRUE(a->snapshot(pool, false).segments.empty() || a->snapshot(pool, false).segments[0].owner_private_pool_id != pool);
   a->raw_delete(outside);
   EXPECT_THROW(a->releasePool(0, pool), c10::Error);
+}
+
+// What the memory history says of pools and segments, as PyTorch's allocator says it: every
+// entry names the pool it concerns (NCCL's allocator hook registers a MemPool's memory by it);
+// segment_alloc / segment_free entries follow the segments (so that _memory_viz draws reserved
+// memory over time), carry the pool and the stacks of the allocation that mapped them, and
+// replayed, give the segments of the snapshot; a tracker hears the same entries.
+TEST(TorchPlugin, MemoryHistoryNamesPoolsAndSegments) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  a->init(1);
+  std::vector<cda::TraceEntry> tracked;
+  a->attachAllocatorTraceTracker([&](const cda::TraceEntry& e) { tracked.push_back(e); });
+  static int contexts = 0;
+  a->recordHistory(true, [] { ++contexts; return std::make_shared<c10::GatheredContext>(); }, 1000,
+                   cda::RecordContext::ALL, false, {});
+  const c10::MempoolId_t def{0, 0}, pool{3, 0};
+  void* big = a->raw_alloc_with_stream(20 << 20, StreamId(0));
+  a->beginAllocateToPool(0, pool, [](cudaStream_t s) { return s == StreamId(7); });
+  void* in_pool = a->raw_alloc_with_stream(4 << 20, StreamId(7));
+  a->endAllocateToPool(0, pool);
+
+  // Replays the segment entries up to now and compares them with the snapshot's segments.
+  auto replayed_matches_snapshot = [&] {
+    const cca::SnapshotInfo snap = a->snapshot(def, true);
+    std::map<size_t, std::pair<size_t, c10::MempoolId_t>> live, shown;
+    bool consistent = true;
+    for (const auto& e : snap.device_traces[0]) {
+      if (e.action_ == cda::TraceEntry::SEGMENT_ALLOC) {
+        consistent = live.emplace(e.addr_, std::make_pair(e.size_, e.mempool_)).second && consistent;
+      } else if (e.action_ == cda::TraceEntry::SEGMENT_FREE) {
+        auto it = live.find(e.addr_);
+        consistent = it != live.end() && it->second == std::make_pair(e.size_, e.mempool_) && consistent;
+        if (it != live.end()) live.erase(it);
+      }
+    }
+    for (const auto& seg : snap.segments) shown[seg.address] = {seg.total_size, seg.owner_private_pool_id};
+    return consistent && live == shown;
+  };
+  EXPECT_TRUE(replayed_matches_snapshot());
+
+  std::vector<cda::TraceEntry> trace = a->snapshot(def, true).device_traces[0];
+  ASSERT_EQ(trace.size(), 4u);
+  EXPECT_EQ(trace[0].action_, cda::TraceEntry::SEGMENT_ALLOC);
+  EXPECT_EQ(trace[0].mempool_, def);
+  EXPECT_EQ(trace[1].action_, cda::TraceEntry::ALLOC);
+  EXPECT_EQ(trace[1].mempool_, def);
+  EXPECT_EQ(trace[2].action_, cda::TraceEntry::SEGMENT_ALLOC);
+  EXPECT_EQ(trace[2].mempool_, pool);
+  EXPECT_EQ(trace[2].stream_, StreamId(7));
+  EXPECT_EQ(trace[3].action_, cda::TraceEntry::ALLOC);
+  EXPECT_EQ(trace[3].addr_, reinterpret_cast<size_t>(in_pool));
+  EXPECT_EQ(trace[3].mempool_, pool);
+  // One context per allocation, shared by the segment it mapped.
+  EXPECT_EQ(contexts, 2);
+  ASSERT_NE(trace[1].context_, nullptr);
+  EXPECT_EQ(trace[0].context_, trace[1].context_);
+  EXPECT_EQ(trace[2].context_, trace[3].context_);
+
+  // Freed, released and emptied: frees name the pool, and every segment goes.
+  a->raw_delete(in_pool);
+  a->releasePool(0, pool);
+  a->raw_delete(big);
+  a->emptyCache(def);
+  trace = a->snapshot(def, true).device_traces[0];
+  ASSERT_EQ(trace.size(), 10u);
+  EXPECT_EQ(trace[4].action_, cda::TraceEntry::FREE_REQUESTED);
+  EXPECT_EQ(trace[4].mempool_, pool);
+  EXPECT_EQ(trace[5].action_, cda::TraceEntry::FREE_COMPLETED);
+  EXPECT_EQ(trace[5].mempool_, pool);
+  EXPECT_EQ(trace[6].action_, cda::TraceEntry::SEGMENT_FREE);  // the released pool's memory
+  EXPECT_EQ(trace[6].addr_, trace[2].addr_);
+  EXPECT_EQ(trace[6].size_, trace[2].size_);
+  EXPECT_EQ(trace[6].mempool_, pool);
+  EXPECT_EQ(trace[7].mempool_, def);
+  EXPECT_EQ(trace[8].mempool_, def);
+  EXPECT_EQ(trace[9].action_, cda::TraceEntry::SEGMENT_FREE);
+  EXPECT_EQ(trace[9].addr_, trace[0].addr_);
+  EXPECT_TRUE(a->snapshot(def, false).segments.empty());
+  EXPECT_TRUE(replayed_matches_snapshot());
+
+  ASSERT_EQ(tracked.size(), trace.size());
+  for (size_t i = 0; i < trace.size(); ++i) {
+    EXPECT_EQ(tracked[i].action_, trace[i].action_);
+    EXPECT_EQ(tracked[i].addr_, trace[i].addr_);
+    EXPECT_EQ(tracked[i].mempool_, trace[i].mempool_);
+  }
+
+  // With the history off, a tracker still hears segments and allocations; the history nothing.
+  const int contexts_before = contexts;
+  a->recordHistory(false, nullptr, 1000, cda::RecordContext::NEVER, false, {});
+  void* quiet = a->raw_alloc_with_stream(30 << 20, StreamId(0));
+  ASSERT_EQ(tracked.size(), trace.size() + 2);
+  EXPECT_EQ(tracked[trace.size()].action_, cda::TraceEntry::SEGMENT_ALLOC);
+  EXPECT_EQ(tracked.back().action_, cda::TraceEntry::ALLOC);
+  EXPECT_EQ(tracked.back().context_, nullptr);
+  EXPECT_EQ(contexts, contexts_before);
+  EXPECT_EQ(a->snapshot(def, true).device_traces[0].size(), trace.size());
+  a->raw_delete(quiet);
 }
 
 // CUDA graph trees (torch.compile mode="reduce-overhead") through torch's interface: a private

@@ -128,6 +128,25 @@ absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
   return arena_->Describe(ptr);
 }
 
+PoolId PoolSet::PoolOf(const void* ptr) const {
+  if (pooled_.load(std::memory_order_acquire) == 0) return kDefaultPool;
+  MutexLock lock(&mu_);
+  auto it = pool_of_.find(ptr);
+  return it == pool_of_.end() ? kDefaultPool : it->second;
+}
+
+CachingAllocator::SegmentObserver PoolSet::ObserverFor(PoolId id) const {
+  if (!segment_observer_) return nullptr;
+  return [observer = segment_observer_, id](const std::vector<SegmentEvent>& events) { observer(id, events); };
+}
+
+void PoolSet::SetSegmentObserver(SegmentObserver observer) {
+  MutexLock lock(&mu_);
+  segment_observer_ = std::move(observer);
+  main_->SetSegmentObserver(ObserverFor(kDefaultPool));
+  for (auto& [id, pool] : pools_) pool->allocator->SetSegmentObserver(ObserverFor(id));
+}
+
 absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
   if (id == kDefaultPool) return DefaultPoolError("private pool");
   auto it = pools_.find(id);
@@ -145,6 +164,7 @@ absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
   pool->allocator = *std::move(allocator);
   pool->allocator->SetKeepCached(true);
   pool->allocator->ShareMemoryLimit(reserved_);
+  if (segment_observer_) pool->allocator->SetSegmentObserver(ObserverFor(id));
   return pools_.emplace(id, std::move(pool)).first->second.get();
 }
 

@@ -58,6 +58,9 @@ class PoolSet {
   absl::Status Free(void* ptr);
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  // The pool that serves live allocation `ptr`: a private pool's id, else kDefaultPool (also
+  // for a pointer no pool knows). Takes no lock while no private pool holds an allocation.
+  PoolId PoolOf(const void* ptr) const;
 
   absl::Status CreateOrIncrefPool(PoolId id);
   absl::Status BeginAllocateToPool(PoolId id, StreamFilter filter);
@@ -91,6 +94,12 @@ class PoolSet {
   absl::Status SetMemoryFraction(double fraction);
   double memory_fraction() const { return fraction_.load(std::memory_order_relaxed); }
 
+  // Segment events of every pool (CachingAllocator::SetSegmentObserver) with the pool they
+  // belong to, pools created later included; an empty function stops them. Called with the
+  // pool's allocator lock held (and maybe this set's): it must not call into this PoolSet.
+  using SegmentObserver = std::function<void(PoolId, const std::vector<SegmentEvent>&)>;
+  void SetSegmentObserver(SegmentObserver observer);
+
   Stats GetStats() const;
   absl::flat_hash_map<PoolId, Stats> PrivatePoolStats() const;
   void ResetPeakStats();
@@ -123,6 +132,8 @@ class PoolSet {
   // A default-pool request that failed with `oom`, tried on the use_on_oom pools.
   absl::StatusOr<void*> MallocOnOom(std::size_t size, Stream stream, absl::Status oom);
   void Record(void* p, PoolId id, Pool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The observer of pool `id`'s allocator: segment_observer_ with the pool's id, or none.
+  CachingAllocator::SegmentObserver ObserverFor(PoolId id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Config config_;
   // Reserved bytes of every pool together: the memory fraction caps their sum, as PyTorch's does.
@@ -138,6 +149,7 @@ class PoolSet {
   std::vector<Capture> captures_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<const void*, PoolId> pool_of_ ABSL_GUARDED_BY(mu_);
   Stats retired_ ABSL_GUARDED_BY(mu_);  // accumulated counters of erased pools
+  SegmentObserver segment_observer_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace stitchalloc

@@ -91,6 +91,28 @@ void CopyArray(const StatArray& from, c10::CachingAllocator::StatArray& to) {
   for (int i = 0; i < 3; ++i) CopyStat(from.pools[i], to[i]);
 }
 
+// A context for one history entry (TorchAllocator::Gather): the stacks, whether the entry
+// carries them (in_trace) and whether they describe a live allocation (keep_state).
+struct Gathered {
+  std::shared_ptr<c10::GatheredContext> context;
+  bool keep_state = false;
+  bool in_trace = false;
+};
+
+// The context of the malloc running on this thread, for the segments it maps (OnSegments).
+thread_local const Gathered* t_malloc_context = nullptr;
+
+class MallocContext {
+ public:
+  explicit MallocContext(const Gathered* g) : saved_(t_malloc_context) { t_malloc_context = g; }
+  ~MallocContext() { t_malloc_context = saved_; }
+  MallocContext(const MallocContext&) = delete;
+  MallocContext& operator=(const MallocContext&) = delete;
+
+ private:
+  const Gathered* saved_;
+};
+
 class TorchAllocator final : public cca::CUDAAllocator {
  public:
   explicit TorchAllocator(Config base) : base_(std::move(base)) {}
@@ -247,27 +269,30 @@ class TorchAllocator final : public cca::CUDAAllocator {
   void recordHistory(bool enabled, cda::CreateContextFn context_recorder, size_t alloc_trace_max_entries,
                      cda::RecordContext when, bool clear_history,
                      const std::vector<std::string>& skip_actions) override {
-    std::lock_guard<std::mutex> lock(history_mu_);
-    context_recorder_ = enabled ? context_recorder : nullptr;
-    when_ = enabled ? when : cda::RecordContext::NEVER;
-    max_entries_ = std::max<size_t>(alloc_trace_max_entries, 1);
-    skip_.clear();
-    for (const std::string& a : skip_actions) skip_.insert(cda::parseTraceEntryAction(a));
-    if (clear_history) {
-      for (auto& t : traces_) t.clear();
-    }
-    while (true) {
-      bool trimmed = false;
-      for (auto& t : traces_) {
-        while (t.size() > max_entries_) {
-          t.pop_front();
-          trimmed = true;
-        }
+    {
+      std::lock_guard<std::mutex> lock(history_mu_);
+      context_recorder_ = enabled ? context_recorder : nullptr;
+      when_ = enabled ? when : cda::RecordContext::NEVER;
+      max_entries_ = std::max<size_t>(alloc_trace_max_entries, 1);
+      skip_.clear();
+      for (const std::string& a : skip_actions) skip_.insert(cda::parseTraceEntryAction(a));
+      if (clear_history) {
+        for (auto& t : traces_) t.clear();
       }
-      if (!trimmed) break;
+      while (true) {
+        bool trimmed = false;
+        for (auto& t : traces_) {
+          while (t.size() > max_entries_) {
+            t.pop_front();
+            trimmed = true;
+          }
+        }
+        if (!trimmed) break;
+      }
+      if (!enabled) contexts_.clear();
+      record_history_.store(enabled);
     }
-    if (!enabled) contexts_.clear();
-    record_history_.store(enabled);
+    UpdateSegmentObservers();  // outside history_mu_: their events take it
   }
   void recordAnnotation(const std::vector<std::pair<std::string, std::string>>& md) override {
     if (!record_history_.load()) return;
@@ -284,9 +309,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
   void attachOomRejectionObserver(cca::OomRejectionObserver) override {}  // stitchalloc never pre-empts
 #endif
   void attachAllocatorTraceTracker(cda::AllocatorTraceTracker tracker) override {
-    std::lock_guard<std::mutex> lock(history_mu_);
-    trackers_.push_back(std::move(tracker));
-    has_trackers_.store(true);
+    {
+      std::lock_guard<std::mutex> lock(history_mu_);
+      trackers_.push_back(std::move(tracker));
+      has_trackers_.store(true);
+    }
+    UpdateSegmentObservers();
   }
   void enablePeerAccess(DeviceIndex, DeviceIndex) override {
     // VMM mappings are accessible from their own device only; copies between devices use the
@@ -341,8 +369,9 @@ class TorchAllocator final : public cca::CUDAAllocator {
     TORCH_CHECK(set != nullptr, "stitchalloc free: ", ptr, " was not allocated by stitchalloc");
     const bool history = record_history_.load() || has_trackers_.load();
     const std::size_t size = history ? SizeOf(*set, ptr) : 0;
+    const PoolId pool = history ? set->PoolOf(ptr) : kDefaultPool;
     Check("free", set->Free(ptr));
-    if (history) TraceFree(device, ptr, size, nullptr, kDefaultPool);
+    if (history) TraceFree(device, ptr, size, nullptr, pool);
   }
   // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
   // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
@@ -351,11 +380,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
     PoolSet* set = devices_[device].load();
     if (set == nullptr) return;
     const std::size_t size = SizeOf(*set, ptr);
+    const PoolId pool = set->PoolOf(ptr);
     auto* s = reinterpret_cast<cudaStream_t>(stream);
     if (allocated) {
-      Trace(cda::TraceEntry::ALLOC, device, ptr, size, s, kDefaultPool, /*freeing=*/false);
+      Trace(cda::TraceEntry::ALLOC, device, ptr, size, s, pool, /*freeing=*/false);
     } else {
-      TraceFree(device, ptr, size, s, kDefaultPool);
+      TraceFree(device, ptr, size, s, pool);
     }
   }
   const Config& base() const { return base_; }
@@ -398,6 +428,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     auto created = PoolSet::Create(config);
     if (!created.ok()) Raise("device initialisation", created.status());
     PoolSet* set = created->release();  // lives as long as the process, like the allocator
+    if (record_history_.load() || has_trackers_.load()) ObserveSegments(device, *set);
     devices_[device].store(set, std::memory_order_release);
     device_count_in_use_.fetch_add(1);
     return *set;
@@ -418,22 +449,63 @@ class TorchAllocator final : public cca::CUDAAllocator {
 
   void* Malloc(DeviceIndex device, std::size_t n, cudaStream_t stream) {
     PoolSet& set = Device(device);
+    // The allocation's context is gathered first (it may take the GIL, so never under a lock):
+    // the segments the request maps are recorded with it, as PyTorch's are.
+    const bool history = record_history_.load() || has_trackers_.load();
+    Gathered context;
+    if (history) context = Gather(cda::TraceEntry::ALLOC, /*freeing=*/false);
     absl::StatusOr<void*> p;
-    if (captures_.load() > 0 && !HostDriver()) {
-      // Mapping new memory while a graph is being captured: allowed, as PyTorch's allocator does.
-      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-      p = set.Malloc(n, ToStream(stream));
-    } else {
-      p = set.Malloc(n, ToStream(stream));
+    {
+      MallocContext scope(history ? &context : nullptr);
+      if (captures_.load() > 0 && !HostDriver()) {
+        // Mapping new memory while a graph is being captured: allowed, as PyTorch's allocator does.
+        c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+        p = set.Malloc(n, ToStream(stream));
+      } else {
+        p = set.Malloc(n, ToStream(stream));
+      }
     }
     if (!p.ok()) {
       if (p.status().code() == absl::StatusCode::kResourceExhausted) OnOutOfMemory(device, set, n, stream);
       Raise("malloc", p.status());
     }
-    if (record_history_.load() || has_trackers_.load()) {
-      Trace(cda::TraceEntry::ALLOC, device, *p, SizeOf(set, *p), stream, kDefaultPool, /*freeing=*/false);
+    if (history) {
+      Record(cda::TraceEntry::ALLOC, device, *p, SizeOf(set, *p), stream, set.PoolOf(*p), /*freeing=*/false, context);
     }
     return *p;
+  }
+
+  // Segment events of device `device`'s pool `pool` (PoolSet::SetSegmentObserver): called with
+  // an allocator lock held, so the context is the one the current malloc gathered, if any.
+  void OnSegments(DeviceIndex device, PoolId pool, const std::vector<SegmentEvent>& events) {
+    const Gathered* malloc_context = t_malloc_context;
+    for (const SegmentEvent& e : events) {
+      Gathered context;
+      if (e.mapped && malloc_context != nullptr && malloc_context->in_trace) {
+        context.context = malloc_context->context;
+        context.in_trace = true;
+      }
+      Record(e.mapped ? cda::TraceEntry::SEGMENT_ALLOC : cda::TraceEntry::SEGMENT_FREE, device,
+             reinterpret_cast<void*>(e.ptr), e.size, reinterpret_cast<cudaStream_t>(e.stream), pool,
+             /*freeing=*/false, context);
+    }
+  }
+
+  // Segment events are reported to the memory history while it records or a tracker listens.
+  void UpdateSegmentObservers() {
+    std::lock_guard<std::mutex> lock(create_mu_);
+    for (int d = 0; d < kMaxDevices; ++d) {
+      if (PoolSet* set = devices_[d].load()) ObserveSegments(static_cast<DeviceIndex>(d), *set);
+    }
+  }
+  void ObserveSegments(DeviceIndex device, PoolSet& set) {
+    if (record_history_.load() || has_trackers_.load()) {
+      set.SetSegmentObserver([this, device](PoolId pool, const std::vector<SegmentEvent>& events) {
+        OnSegments(device, pool, events);
+      });
+    } else {
+      set.SetSegmentObserver(nullptr);
+    }
   }
 
   void OnOutOfMemory(DeviceIndex device, PoolSet& set, std::size_t n, cudaStream_t stream) {
@@ -460,7 +532,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
 
   void Trace(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
              PoolId pool, bool freeing) {
-    // Contexts (Python and C++ stacks) are gathered outside every lock, as they may take the GIL.
+    Record(action, device, addr, size, stream, pool, freeing, Gather(action, freeing));
+  }
+
+  // A context (Python and C++ stacks) as the history's settings ask for one: gathered outside
+  // every lock, as it may take the GIL.
+  Gathered Gather(cda::TraceEntry::Action action, bool freeing) {
     cda::CreateContextFn recorder = nullptr;
     cda::RecordContext when = cda::RecordContext::NEVER;
     {
@@ -468,15 +545,24 @@ class TorchAllocator final : public cca::CUDAAllocator {
       recorder = context_recorder_;
       when = when_;
     }
-    std::shared_ptr<c10::GatheredContext> context;
-    const bool keep_state = action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::STATE;
-    const bool in_trace = (action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::ALLOC) ||
-                          (freeing && when >= cda::RecordContext::ALL);
-    if (recorder != nullptr && (keep_state || in_trace)) context = recorder();
+    Gathered g;
+    g.keep_state = action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::STATE;
+    g.in_trace = (action == cda::TraceEntry::ALLOC && when >= cda::RecordContext::ALLOC) ||
+                 (freeing && when >= cda::RecordContext::ALL);
+    if (recorder != nullptr && (g.keep_state || g.in_trace)) g.context = recorder();
+    return g;
+  }
+
+  // The entry in the history (unless its action is skipped) and to every tracker. Takes only
+  // history_mu_ and calls no Python: safe under an allocator lock (OnSegments).
+  void Record(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
+              PoolId pool, bool freeing, const Gathered& g) {
+    const std::shared_ptr<c10::GatheredContext>& context = g.context;
+    const bool keep_state = g.keep_state;
     cda::TraceEntry entry(action, device, reinterpret_cast<std::size_t>(addr), size, stream,
                           c10::MempoolId_t{static_cast<c10::CaptureId_t>(pool.first),
                                            static_cast<c10::CaptureId_t>(pool.second)},
-                          c10::getApproximateTime(), in_trace ? context : nullptr);
+                          c10::getApproximateTime(), g.in_trace ? context : nullptr);
     std::vector<cda::AllocatorTraceTracker> trackers;
     {
       std::lock_guard<std::mutex> lock(history_mu_);

@@ -142,6 +142,47 @@ def _():
     return ok
 
 
+@step("history_pools_and_segments")
+def _():
+    # The memory history as _memory_viz and NCCL's allocator hook read it: segment_alloc /
+    # segment_free entries that, applied to the segments there were when recording began, give
+    # the segments of the snapshot at the end; and (where torch exposes it) the pool each entry
+    # belongs to.
+    if not hasattr(torch.cuda, "MemPool") or not hasattr(torch.cuda, "use_mem_pool"):
+        return "absent"
+    torch.cuda.empty_cache()
+    before = {(s["address"], s["total_size"]) for s in torch.cuda.memory._snapshot()["segments"]}
+    torch.cuda.memory._record_memory_history(max_entries=100000)
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        t = torch.ones(24 * MiB // 4, device=dev)
+    u = torch.ones(40 * MiB // 4, device=dev)
+    pool_ptr, pool_id = t.data_ptr(), tuple(pool.id)
+    mid = torch.cuda.memory._snapshot()
+    del t, u
+    del pool
+    torch.cuda.empty_cache()
+    end = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, consistent = set(before), True
+    actions = set()
+    for e in end["device_traces"][torch.cuda.current_device()]:
+        actions.add(e["action"])
+        key = (e["addr"], e["size"])
+        if e["action"] == "segment_alloc":
+            consistent = consistent and key not in live
+            live.add(key)
+        elif e["action"] == "segment_free":
+            consistent = consistent and key in live
+            live.discard(key)
+    allocs = [e for e in mid["device_traces"][torch.cuda.current_device()]
+              if e["action"] == "alloc" and e["addr"] == pool_ptr]
+    named = "absent" if not allocs or "pool_id" not in allocs[-1] else tuple(allocs[-1]["pool_id"]) == pool_id
+    return {"segment_alloc": "segment_alloc" in actions, "segment_free": "segment_free" in actions,
+            "replay_matches": consistent and live == {(s["address"], s["total_size"]) for s in end["segments"]},
+            "pool_named": named}
+
+
 @step("oom")
 def _():
     total = torch.cuda.get_device_properties(dev).total_memory
