@@ -7,6 +7,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -209,6 +210,43 @@ TEST(SegmentEvents, LendingSplitsTheLendersSegment) {
   SA_ASSERT_OK(alloc->EmptyCache());
   EXPECT_TRUE(model.segments.empty());
   EXPECT_TRUE(model.errors.empty()) << model.errors.front();
+}
+
+// Threads on their own streams allocate and free at once: the observer hears every change in
+// the order it happened (it runs under the allocator's lock), so the model still matches.
+TEST(SegmentEvents, ConcurrentTrafficKeepsTheirOrder) {
+  HostDriver* host = nullptr;
+  auto alloc = MakeAllocator("stitch_cache_mb:32", 1024 * kMiB, &host);
+  Model model;
+  alloc->SetSegmentObserver([&model](const std::vector<SegmentEvent>& e) { model.Apply(e); });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    SA_ASSIGN_OR_FAIL(stream, host->CreateStream());
+    threads.emplace_back([&alloc, stream, t] {
+      std::mt19937_64 rng(100 + t);
+      std::uniform_real_distribution<double> log_size(0, 16);
+      std::vector<void*> live(12, nullptr);
+      for (int k = 0; k < 2000; ++k) {
+        const std::size_t i = rng() % live.size();
+        if (live[i] != nullptr) {
+          EXPECT_TRUE(alloc->Free(live[i]).ok());
+        }
+        auto p = alloc->Malloc(static_cast<std::size_t>(512.0 * std::pow(2.0, log_size(rng))), stream);
+        live[i] = p.ok() ? *p : nullptr;
+        if (k % 500 == 499) {
+          EXPECT_TRUE(alloc->EmptyCache().ok());
+        }
+      }
+      for (void* p : live) EXPECT_TRUE(alloc->Free(p).ok());
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_TRUE(model.errors.empty()) << model.errors.front();
+  EXPECT_GT(model.calls, 100);
+  EXPECT_EQ(model.segments, FromSnapshot(*alloc));
+  SA_ASSERT_OK(alloc->CheckInvariants());
+  SA_ASSERT_OK(alloc->EmptyCache());
+  EXPECT_TRUE(model.segments.empty());
 }
 
 // Destroying the allocator unmaps every segment it still holds, live allocations included.
