@@ -12,6 +12,9 @@
 //
 // Invariants: devices_[d] is set once and never changes; history entries and pointer contexts
 // are guarded by history_mu_, which is never held while calling into a PoolSet or Python.
+// Segment entries are recorded from inside the allocators (OnSegments, under their locks), so
+// the lock order is create_mu_ -> PoolSet -> CachingAllocator -> history_mu_, and contexts
+// (which may take the GIL) are gathered before any of them is taken.
 // Errors: out-of-memory raises c10::OutOfMemoryError (torch.OutOfMemoryError) whose message
 // starts "CUDA out of memory." followed by stitchalloc's report; any other failure raises
 // c10::Error naming the operation.
