@@ -77,7 +77,7 @@ CachingAllocator::~CachingAllocator() {
 
 void CachingAllocator::SetSegmentObserver(SegmentObserver observer) {
   MutexLock l(&mu_);
-  if (store_->segments_changed()) PublishSegments();  // to the observer they happened under
+  PublishSegments();  // what changed so far goes to the observer it happened under
   store_->TrackSegments(static_cast<bool>(observer));
   segment_observer_ = std::move(observer);
 }

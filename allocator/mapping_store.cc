@@ -2,6 +2,8 @@
 #include "allocator/mapping_store.h"
 
 #include <algorithm>
+#include <iterator>
+#include <tuple>
 #include <utility>
 
 #include "vmm/nvtx.h"
@@ -659,7 +661,6 @@ absl::Status MappingStore::Dissolve(Mapping* m) {
     for (const Mapping::Run& r : m->segments) {
       segments_gone_.push_back({false, r.ptr, r.size, r.stream, m->kind});
     }
-    segments_changed_ = !segment_changes_.empty() || !segments_gone_.empty();
   }
   mappings_.erase(m->va);
   return first;
@@ -697,7 +698,6 @@ std::vector<Mapping::Run> MappingStore::PresentRuns(const Mapping& m) {
 
 void MappingStore::TrackSegments(bool on) {
   tracking_ = on;
-  segments_changed_ = false;
   segment_changes_.clear();
   segments_gone_.clear();
   for (auto& [va, m] : mappings_) {
@@ -714,30 +714,20 @@ std::vector<SegmentEvent> MappingStore::TakeSegmentEvents() {
   std::vector<SegmentEvent> out = std::move(segments_gone_);
   segments_gone_.clear();
   std::vector<SegmentEvent> mapped;
+  // Both lists are in address order, ordered so by (ptr, size, stream): a run in only one of them
+  // went or came.
+  auto before = [](const Mapping::Run& a, const Mapping::Run& b) {
+    return std::tie(a.ptr, a.size, a.stream) < std::tie(b.ptr, b.size, b.stream);
+  };
   for (Mapping* m : segment_changes_) {
-    std::vector<Mapping::Run> now = PresentRuns(*m);
-    // Both lists are in address order: a merge walk finds the runs only one of them has.
-    std::size_t i = 0, j = 0;
-    while (i < m->segments.size() || j < now.size()) {
-      if (j == now.size() || (i < m->segments.size() && m->segments[i].ptr < now[j].ptr)) {
-        const Mapping::Run& r = m->segments[i++];
-        out.push_back({false, r.ptr, r.size, r.stream, m->kind});
-      } else if (i == m->segments.size() || now[j].ptr < m->segments[i].ptr) {
-        const Mapping::Run& r = now[j++];
-        mapped.push_back({true, r.ptr, r.size, r.stream, m->kind});
-      } else {  // the same start
-        if (!(m->segments[i] == now[j])) {
-          out.push_back({false, m->segments[i].ptr, m->segments[i].size, m->segments[i].stream, m->kind});
-          mapped.push_back({true, now[j].ptr, now[j].size, now[j].stream, m->kind});
-        }
-        ++i;
-        ++j;
-      }
-    }
+    std::vector<Mapping::Run> now = PresentRuns(*m), went, came;
+    std::set_difference(m->segments.begin(), m->segments.end(), now.begin(), now.end(), std::back_inserter(went), before);
+    std::set_difference(now.begin(), now.end(), m->segments.begin(), m->segments.end(), std::back_inserter(came), before);
+    for (const Mapping::Run& r : went) out.push_back({false, r.ptr, r.size, r.stream, m->kind});
+    for (const Mapping::Run& r : came) mapped.push_back({true, r.ptr, r.size, r.stream, m->kind});
     m->segments = std::move(now);
   }
   segment_changes_.clear();
-  segments_changed_ = false;
   auto by_address = [](const SegmentEvent& a, const SegmentEvent& b) { return a.ptr < b.ptr; };
   std::sort(out.begin(), out.end(), by_address);
   std::sort(mapped.begin(), mapped.end(), by_address);

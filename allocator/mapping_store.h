@@ -131,8 +131,8 @@ class MappingStore {
   // baseline (no events); turning it off forgets everything tracked.
   void TrackSegments(bool on);
   bool tracking_segments() const { return tracking_; }
-  // Whether TakeSegmentEvents has anything to report (one load: the allocator's hot path asks).
-  bool segments_changed() const { return segments_changed_; }
+  // Whether TakeSegmentEvents has anything to report (the allocator's hot path asks).
+  bool segments_changed() const { return !segment_changes_.empty() || !segments_gone_.empty(); }
   // What changed since the last call: the unmapped segments, then the mapped ones, each in
   // address order.
   std::vector<SegmentEvent> TakeSegmentEvents();
@@ -202,7 +202,6 @@ class MappingStore {
   void SegmentsMayChange(Mapping* m) {
     if (!tracking_) return;
     segment_changes_.insert(m);
-    segments_changed_ = true;
   }
 
   Driver& driver_;
@@ -216,7 +215,6 @@ class MappingStore {
   std::vector<Block*> spare_blocks_;
   std::vector<Mapping*> emptied_;
   bool tracking_ = false;
-  bool segments_changed_ = false;
   absl::flat_hash_set<Mapping*> segment_changes_;  // live mappings whose segments may have changed
   std::vector<SegmentEvent> segments_gone_;        // the unmapped segments of dissolved mappings
 };

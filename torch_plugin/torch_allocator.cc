@@ -431,7 +431,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     auto created = PoolSet::Create(config);
     if (!created.ok()) Raise("device initialisation", created.status());
     PoolSet* set = created->release();  // lives as long as the process, like the allocator
-    if (record_history_.load() || has_trackers_.load()) ObserveSegments(device, *set);
+    ObserveSegments(device, *set);
     devices_[device].store(set, std::memory_order_release);
     device_count_in_use_.fetch_add(1);
     return *set;
