@@ -20,7 +20,7 @@ constexpr const char* kKeys[] = {"driver",          "device",          "host_cap
                                  "host_granularity_kb", "chunk_size_mb", "stitching",
                                  "stitch_cache_mb", "mapping_headroom_mb", "max_split_size_mb", "memory_fraction",
                                  "swap_host_limit_mb", "swap_slab_mb", "swap_copy_chunk_mb",
-                                 "swap_lookahead", "swap_keep_last_layers", "swap_min_kb"};
+                                 "swap_lookahead", "swap_keep_last_layers", "swap_min_kb", "ipc"};
 
 std::string Lower(absl::string_view v) {
   std::string s(v);
@@ -126,6 +126,10 @@ absl::Status Apply(absl::string_view key, absl::string_view value, Config& c) {
     auto v = ParseInt(key, value, 0, 4096);
     if (!v.ok()) return v.status();
     c.swap.keep_last_layers = static_cast<int>(*v);
+  } else if (key == "ipc") {
+    auto v = ParseBool(key, value);
+    if (!v.ok()) return v.status();
+    c.driver.cuda.shareable = *v;
   } else if (key == "swap_min_kb") {
     auto v = ParseInt(key, value, 0, std::int64_t{1} << 30);
     if (!v.ok()) return v.status();
@@ -190,13 +194,13 @@ std::string ConfigToString(const Config& c) {
   return absl::StrFormat(
       "driver:%s,device:%d,host_capacity_mb:%d,host_granularity_kb:%d,chunk_size_mb:%d,stitching:%s,"
       "stitch_cache_mb:%s,mapping_headroom_mb:%d,max_split_size_mb:%s,memory_fraction:%g,swap_host_limit_mb:%d,swap_slab_mb:%d,"
-      "swap_copy_chunk_mb:%d,swap_lookahead:%d,swap_keep_last_layers:%d,swap_min_kb:%d",
+      "swap_copy_chunk_mb:%d,swap_lookahead:%d,swap_keep_last_layers:%d,swap_min_kb:%d,ipc:%s",
       driver, c.driver.cuda.device, c.driver.host.capacity / kMiB, c.driver.host.granularity / kKiB,
       c.chunk_size / kMiB, c.stitching ? "true" : "false",
       c.stitch_cache_bytes ? absl::StrCat(*c.stitch_cache_bytes / kMiB) : "auto", c.mapping_headroom / kMiB,
       c.max_split_size == SIZE_MAX ? "unlimited" : absl::StrCat(c.max_split_size / kMiB), c.memory_fraction,
       c.swap.host_limit / kMiB, c.swap.slab / kMiB, c.swap.copy_chunk / kMiB, c.swap.lookahead,
-      c.swap.keep_last_layers, c.swap.min_bytes / kKiB);
+      c.swap.keep_last_layers, c.swap.min_bytes / kKiB, c.driver.cuda.shareable ? "true" : "false");
 }
 
 }  // namespace stitchalloc

@@ -18,11 +18,12 @@ TEST(Config, DefaultsAndEveryKey) {
   auto c = ParseConfig("");
   ASSERT_TRUE(c.ok());
   EXPECT_TRUE(c->stitching);
+  EXPECT_TRUE(c->driver.cuda.shareable);
   EXPECT_EQ(c->driver.choice, DriverChoice::kAuto);
   auto all = ParseConfig(
       " driver:host, device:1,host_capacity_mb:512,host_granularity_kb:64,chunk_size_mb:4,stitching:off,"
       "stitch_cache_mb:128,mapping_headroom_mb:256,max_split_size_mb:64,memory_fraction:0.5,swap_host_limit_mb:4096,swap_slab_mb:64,"
-      "swap_copy_chunk_mb:4,swap_lookahead:2,swap_keep_last_layers:0,swap_min_kb:256 ");
+      "swap_copy_chunk_mb:4,swap_lookahead:2,swap_keep_last_layers:0,swap_min_kb:256,ipc:no ");
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_EQ(all->driver.choice, DriverChoice::kHost);
   EXPECT_EQ(all->driver.cuda.device, 1);
@@ -38,6 +39,7 @@ TEST(Config, DefaultsAndEveryKey) {
   EXPECT_EQ(all->swap.slab, 64 * kMiB);
   EXPECT_EQ(all->swap.copy_chunk, 4 * kMiB);
   EXPECT_EQ(all->swap.lookahead, 2);
+  EXPECT_FALSE(all->driver.cuda.shareable);
   EXPECT_EQ(all->swap.keep_last_layers, 0);
   EXPECT_EQ(all->swap.min_bytes, 256 * kKiB);
   // The canonical form round-trips.

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <thread>
 
+#include <unistd.h>
+
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 
@@ -256,6 +258,102 @@ TEST(HostDriver, InlineStreamsFinishWorkBeforeSubmissionReturns) {
   SA_ASSERT_OK(d->DestroyStream(s));
   EXPECT_TRUE(absl::IsFailedPrecondition(d->Enqueue(s, []() {})));
   EXPECT_TRUE(absl::IsFailedPrecondition(d->RecordEvent(e, s)));
+}
+
+// Sharing (Driver::ExportChunk / ImportChunk): a second driver, standing for another process,
+// maps the same pages; the import is not this device's memory; an exported chunk's pages outlive
+// its release (importers may map them) and are never handed to a new chunk, however many chunks
+// are exported and released after it.
+TEST(HostDriver, ExportedChunksMapInAnotherDriverAndOutliveTheirRelease) {
+  auto exporter = Make();
+  auto importer = Make();
+  SA_ASSIGN_OR_FAIL(h, exporter->CreateChunk(2 * kGran));
+  SA_ASSIGN_OR_FAIL(va, exporter->Reserve(2 * kGran));
+  SA_ASSERT_OK(exporter->Map(va, 2 * kGran, h));
+  SA_ASSERT_OK(exporter->SetAccess(va, 2 * kGran));
+  auto* mine = reinterpret_cast<unsigned char*>(va);
+  std::memset(mine, 0x3c, 2 * kGran);
+  SA_ASSIGN_OR_FAIL(fd, exporter->ExportChunk(h));
+  SA_ASSIGN_OR_FAIL(fd_again, exporter->ExportChunk(h));
+  EXPECT_EQ(fd, fd_again);
+
+  SA_ASSIGN_OR_FAIL(imp, importer->ImportChunk(fd, 2 * kGran));
+  EXPECT_EQ(importer->physical_bytes_in_use(), 0u) << "an import is the exporter's memory";
+  SA_ASSIGN_OR_FAIL(iva, importer->Reserve(2 * kGran));
+  SA_ASSERT_OK(importer->Map(iva, 2 * kGran, imp));
+  SA_ASSERT_OK(importer->SetAccess(iva, 2 * kGran));
+  auto* theirs = reinterpret_cast<unsigned char*>(iva);
+  EXPECT_EQ(theirs[2 * kGran - 1], 0x3c);
+  theirs[5] = 0x77;
+  EXPECT_EQ(mine[5], 0x77);
+
+  SA_ASSERT_OK(exporter->Unmap(va, 2 * kGran));
+  SA_ASSERT_OK(exporter->ReleaseChunk(h));
+  EXPECT_EQ(exporter->physical_bytes_in_use(), 0u);
+  // Many more chunks than the file holds, each exported and released: the file grows rather
+  // than reuse a retired range, and every new chunk starts zeroed.
+  for (int i = 0; i < 600; ++i) {
+    SA_ASSIGN_OR_FAIL(c, exporter->CreateChunk(kGran));
+    SA_ASSIGN_OR_FAIL(cva, exporter->Reserve(kGran));
+    SA_ASSERT_OK(exporter->Map(cva, kGran, c));
+    SA_ASSERT_OK(exporter->SetAccess(cva, kGran));
+    auto* p = reinterpret_cast<unsigned char*>(cva);
+    ASSERT_EQ(p[0], 0) << "chunk " << i << " reused memory an importer still maps";
+    std::memset(p, 0xee, kGran);
+    SA_ASSERT_OK(exporter->ExportChunk(c).status());
+    SA_ASSERT_OK(exporter->Unmap(cva, kGran));
+    SA_ASSERT_OK(exporter->ReleaseChunk(c));
+    SA_ASSERT_OK(exporter->FreeReservation(cva, kGran));
+  }
+  EXPECT_EQ(theirs[0], 0x3c);
+  EXPECT_EQ(theirs[5], 0x77);
+  EXPECT_EQ(theirs[2 * kGran - 1], 0x3c);
+  SA_ASSERT_OK(importer->Unmap(iva, 2 * kGran));
+  SA_ASSERT_OK(importer->ReleaseChunk(imp));
+  EXPECT_EQ(importer->live_chunks(), 0u);
+  EXPECT_TRUE(absl::IsNotFound(exporter->ExportChunk(h).status())) << "a released chunk";
+}
+
+TEST(HostDriver, ImportRejectsWhatNoHostDriverExported) {
+  auto d = Make();
+  int pipe_fds[2];
+  ASSERT_EQ(pipe(pipe_fds), 0);
+  EXPECT_TRUE(absl::IsInvalidArgument(d->ImportChunk(pipe_fds[0], kGran).status()));
+  close(pipe_fds[0]);
+  close(pipe_fds[1]);
+  SA_ASSIGN_OR_FAIL(h, d->CreateChunk(kGran));
+  SA_ASSIGN_OR_FAIL(fd, d->ExportChunk(h));
+  EXPECT_TRUE(absl::IsInvalidArgument(d->ImportChunk(fd, kGran / 2).status())) << "not a granularity multiple";
+  EXPECT_TRUE(absl::IsInvalidArgument(d->ImportChunk(fd, 4 * 16 * kMiB).status())) << "beyond the file";
+  EXPECT_TRUE(absl::IsInvalidArgument(d->ImportChunk(-1, kGran).status()));
+  EXPECT_EQ(d->live_chunks(), 1u) << "failed imports leave nothing behind";
+  SA_ASSERT_OK(d->ReleaseChunk(h));
+
+  HostDriverOptions o{16 * kMiB, kGran};
+  o.backed = false;
+  SA_ASSIGN_OR_FAIL(unbacked, HostDriver::Create(o));
+  EXPECT_FALSE(unbacked->shareable());
+  SA_ASSIGN_OR_FAIL(u, unbacked->CreateChunk(kGran));
+  EXPECT_TRUE(absl::IsFailedPrecondition(unbacked->ExportChunk(u).status()));
+}
+
+TEST(HostDriver, SynchronizeDeviceWaitsForEveryStream) {
+  auto d = Make();
+  SA_ASSIGN_OR_FAIL(s1, d->CreateStream());
+  SA_ASSIGN_OR_FAIL(s2, d->CreateStream());
+  std::atomic<int> done{0};
+  for (Stream s : {kDefaultStream, s1, s2}) {
+    SA_ASSERT_OK(d->Enqueue(s, [&done] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      done.fetch_add(1);
+    }));
+  }
+  SA_ASSERT_OK(d->SynchronizeDevice());
+  EXPECT_EQ(done.load(), 3);
+  const std::int64_t misuses = HostDriver::DestroyedStreamUses();
+  SA_ASSERT_OK(d->DestroyStream(s1));
+  SA_ASSERT_OK(d->SynchronizeDevice());  // a destroyed stream is not waited for, nor counted as used
+  EXPECT_EQ(HostDriver::DestroyedStreamUses(), misuses);
 }
 
 }  // namespace

@@ -4,9 +4,12 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <dlfcn.h>
+#include <unistd.h>
 
+#include <cstdint>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/format.h"
 #include "vmm/nvtx.h"
@@ -51,6 +54,9 @@ struct CudaDriver::Api {
   PFN_cuEventElapsedTime_v2000 cuEventElapsedTime = nullptr;
   PFN_cuMemHostAlloc_v2020 cuMemHostAlloc = nullptr;
   PFN_cuMemFreeHost_v2000 cuMemFreeHost = nullptr;
+  PFN_cuMemExportToShareableHandle_v10020 cuMemExportToShareableHandle = nullptr;
+  PFN_cuMemImportFromShareableHandle_v10020 cuMemImportFromShareableHandle = nullptr;
+  PFN_cuCtxSynchronize_v2000 cuCtxSynchronize = nullptr;
 };
 
 namespace {
@@ -184,6 +190,9 @@ absl::StatusOr<std::unique_ptr<CudaDriver>> CudaDriver::Create(const CudaDriverO
   STITCHALLOC_LOAD(cuEventElapsedTime, 2000);
   STITCHALLOC_LOAD(cuMemHostAlloc, 2020);
   STITCHALLOC_LOAD(cuMemFreeHost, 2000);
+  STITCHALLOC_LOAD(cuMemExportToShareableHandle, 10020);
+  STITCHALLOC_LOAD(cuMemImportFromShareableHandle, 10020);
+  STITCHALLOC_LOAD(cuCtxSynchronize, 2000);
 #undef STITCHALLOC_LOAD
 
   if (auto s = d->Check(a.cuInit(0), "cuInit"); !s.ok()) {
@@ -226,6 +235,11 @@ absl::StatusOr<std::unique_ptr<CudaDriver>> CudaDriver::Create(const CudaDriverO
     return s;
   }
   d->granularity_ = gran;
+  d->shareable_.store(options.shareable);
+  if (!options.shareable) {
+    MutexLock l(&d->export_mu_);
+    d->unshareable_reason_ = "sharing is off in the configuration (ipc:false)";
+  }
   char dev_name[256] = {};
   a.cuDeviceGetName(dev_name, sizeof(dev_name) - 1, dev);
   int version = 0;
@@ -236,6 +250,10 @@ absl::StatusOr<std::unique_ptr<CudaDriver>> CudaDriver::Create(const CudaDriverO
 }
 
 CudaDriver::~CudaDriver() {
+  {
+    MutexLock l(&export_mu_);
+    for (const auto& [h, fd] : exported_) close(fd);
+  }
   if (api_ && context_ != nullptr) api_->cuDevicePrimaryCtxRelease(static_cast<CUdevice>(device_handle_));
   // libcuda stays loaded: the process (and PyTorch) keeps using it.
 }
@@ -253,13 +271,68 @@ absl::StatusOr<PhysHandle> CudaDriver::CreateChunk(std::size_t bytes) {
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = static_cast<CUdevice>(device_handle_);
   CUmemGenericAllocationHandle h = 0;
+  if (shareable()) {
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    const CUresult r = api_->cuMemCreate(&h, bytes, &prop, 0);
+    if (r == CUDA_SUCCESS) return static_cast<PhysHandle>(h);
+    if (r == CUDA_ERROR_OUT_OF_MEMORY) return Check(r, "cuMemCreate");
+    // The handle type is refused here: share nothing from now on, and try without it.
+    MutexLock l(&export_mu_);
+    shareable_.store(false);
+    unshareable_reason_ = std::string(Check(r, "cuMemCreate with a POSIX file descriptor handle type").message());
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  }
   if (auto s = Check(api_->cuMemCreate(&h, bytes, &prop, 0), "cuMemCreate"); !s.ok()) return s;
   return static_cast<PhysHandle>(h);
 }
 
 absl::Status CudaDriver::ReleaseChunk(PhysHandle handle) {
   ContextScope scope(*this);
-  return Check(api_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(handle)), "cuMemRelease");
+  absl::Status s = Check(api_->cuMemRelease(static_cast<CUmemGenericAllocationHandle>(handle)), "cuMemRelease");
+  if (s.ok()) {
+    MutexLock l(&export_mu_);
+    if (auto it = exported_.find(handle); it != exported_.end()) {
+      close(it->second);
+      exported_.erase(it);
+    }
+  }
+  return s;
+}
+
+absl::StatusOr<int> CudaDriver::ExportChunk(PhysHandle handle) {
+  MutexLock l(&export_mu_);
+  if (auto it = exported_.find(handle); it != exported_.end()) return it->second;
+  ContextScope scope(*this);
+  int fd = -1;
+  const CUresult r = api_->cuMemExportToShareableHandle(&fd, static_cast<CUmemGenericAllocationHandle>(handle),
+                                                        CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+  if (r != CUDA_SUCCESS) {
+    absl::Status s = Check(r, "cuMemExportToShareableHandle");
+    if (!unshareable_reason_.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "CUDA driver: device memory cannot be shared with other processes: ", unshareable_reason_));
+    }
+    return s;
+  }
+  exported_.emplace(handle, fd);
+  return fd;
+}
+
+absl::StatusOr<PhysHandle> CudaDriver::ImportChunk(int fd, std::size_t bytes) {
+  if (bytes == 0 || bytes % granularity_ != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "CUDA driver: ImportChunk(%d, %d): size must be a non-zero multiple of the granularity %d", fd, bytes,
+        granularity_));
+  }
+  ContextScope scope(*this);
+  CUmemGenericAllocationHandle h = 0;
+  if (auto s = Check(api_->cuMemImportFromShareableHandle(&h, reinterpret_cast<void*>(static_cast<std::intptr_t>(fd)),
+                                                          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                     "cuMemImportFromShareableHandle");
+      !s.ok()) {
+    return s;
+  }
+  return static_cast<PhysHandle>(h);
 }
 
 absl::StatusOr<DevicePtr> CudaDriver::Reserve(std::size_t bytes) {
@@ -319,6 +392,11 @@ absl::Status CudaDriver::DestroyStream(Stream stream) {
 absl::Status CudaDriver::SynchronizeStream(Stream stream) {
   ContextScope scope(*this);
   return Check(api_->cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize");
+}
+
+absl::Status CudaDriver::SynchronizeDevice() {
+  ContextScope scope(*this);
+  return Check(api_->cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 absl::StatusOr<Event> CudaDriver::CreateEvent() {

@@ -8,11 +8,22 @@
 // only when the calling thread has another context current, and popped afterwards.
 //
 // Streams are CUstream values, so a cudaStream_t from PyTorch passes through unchanged.
+//
+// Sharing: with options.shareable, chunks are created with the POSIX file descriptor handle type
+// (as PyTorch's expandable segments are), so that ExportChunk can hand them to another process.
+// Where the driver refuses that handle type (some containers and virtualised GPUs), the first
+// refusal turns it off for the driver's lifetime: chunks are then created without it,
+// shareable() is false and ExportChunk names the reason. Exported descriptors are kept in
+// exported_ (one per chunk) and closed when the chunk is released.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <memory>
 #include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "vmm/mutex.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -23,6 +34,7 @@ namespace stitchalloc {
 struct CudaDriverOptions {
   int device = 0;
   std::string libcuda_path = "libcuda.so.1";
+  bool shareable = true;  // create chunks exportable to other processes (POSIX file descriptors)
 };
 
 class CudaDriver final : public Driver {
@@ -44,10 +56,14 @@ class CudaDriver final : public Driver {
   absl::Status Map(DevicePtr va, std::size_t bytes, PhysHandle handle) override;
   absl::Status Unmap(DevicePtr va, std::size_t bytes) override;
   absl::Status SetAccess(DevicePtr va, std::size_t bytes) override;
+  bool shareable() const override { return shareable_.load(std::memory_order_relaxed); }
+  absl::StatusOr<int> ExportChunk(PhysHandle handle) override;
+  absl::StatusOr<PhysHandle> ImportChunk(int fd, std::size_t bytes) override;
 
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
   absl::Status SynchronizeStream(Stream stream) override;
+  absl::Status SynchronizeDevice() override;
   absl::StatusOr<Event> CreateEvent() override;
   absl::Status DestroyEvent(Event event) override;
   absl::Status RecordEvent(Event event, Stream stream) override;
@@ -74,6 +90,10 @@ class CudaDriver final : public Driver {
   void* context_ = nullptr;     // CUcontext (the primary context, retained)
   std::size_t granularity_ = 0;
   std::string name_;
+  std::atomic<bool> shareable_{false};
+  Mutex export_mu_;
+  std::string unshareable_reason_ ABSL_GUARDED_BY(export_mu_);
+  absl::flat_hash_map<PhysHandle, int> exported_ ABSL_GUARDED_BY(export_mu_);
 };
 
 }  // namespace stitchalloc

@@ -11,6 +11,10 @@
 // - Map places one whole chunk at an address inside a reservation that is not mapped yet;
 //   the same chunk may be mapped at several addresses at once (aliasing). Mapped memory is
 //   not accessible until SetAccess covers it. Unmap removes whole chunk mappings.
+// - A chunk can be shared with another process: ExportChunk gives a POSIX file descriptor for
+//   it, which the other process obtains with pidfd_getfd and turns into a chunk of its own
+//   driver with ImportChunk (cuMemExportToShareableHandle / cuMemImportFromShareableHandle).
+//   The physical memory lives until the exporter and every importer have released it.
 // - Streams execute their work in order; events mark a point in a stream (Record), can be
 //   polled (Query), waited for by the host (Synchronize) or by another stream (StreamWaitEvent).
 //   An event that was never recorded counts as completed.
@@ -52,10 +56,22 @@ class Driver {
   virtual absl::Status Unmap(DevicePtr va, std::size_t bytes) = 0;
   virtual absl::Status SetAccess(DevicePtr va, std::size_t bytes) = 0;
 
+  // Sharing between processes. ExportChunk returns a file descriptor for a live chunk, owned by
+  // the driver, the same on every call and open until the chunk is released; it fails with
+  // FailedPrecondition when chunks cannot be exported (shareable() false, or the chunk was made
+  // before that was found out). ImportChunk makes a chunk of `bytes` (the exporter's chunk size)
+  // from a descriptor another process exported; the caller keeps its descriptor. The imported
+  // chunk maps like any other and does not count as this device's memory.
+  virtual bool shareable() const = 0;
+  virtual absl::StatusOr<int> ExportChunk(PhysHandle handle) = 0;
+  virtual absl::StatusOr<PhysHandle> ImportChunk(int fd, std::size_t bytes) = 0;
+
   // Streams and events.
   virtual absl::StatusOr<Stream> CreateStream() = 0;
   virtual absl::Status DestroyStream(Stream stream) = 0;
   virtual absl::Status SynchronizeStream(Stream stream) = 0;
+  // Waits until the work of every stream of the device has completed (cuCtxSynchronize).
+  virtual absl::Status SynchronizeDevice() = 0;
   virtual absl::StatusOr<Event> CreateEvent() = 0;
   virtual absl::Status DestroyEvent(Event event) = 0;
   virtual absl::Status RecordEvent(Event event, Stream stream) = 0;

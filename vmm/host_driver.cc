@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -106,6 +107,7 @@ HostDriver::HostDriver(const HostDriverOptions& options, int fd) : options_(opti
   {
     MutexLock l(&mem_mu_);
     free_phys_.emplace(0, 2 * options.capacity);
+    file_size_ = 2 * options.capacity;
     // The device's own address space (see the header); halve until the process can map it.
     const std::size_t gran = options.granularity;
     std::size_t want = std::min(std::max(16 * options.capacity, kTiB), 64 * kTiB);
@@ -148,6 +150,10 @@ HostDriver::~HostDriver() {
   }
   if (va_size_ > 0) munmap(reinterpret_cast<void*>(va_base_), va_size_);
   for (const auto& [ptr, size] : pinned_) munmap(ptr, size);
+  for (const auto& [h, c] : chunks_) {
+    if (c.imported) close(c.fd);
+    if (c.export_fd >= 0) close(c.export_fd);
+  }
   if (fd_ >= 0) close(fd_);
 }
 
@@ -177,22 +183,100 @@ absl::StatusOr<PhysHandle> HostDriver::CreateChunk(std::size_t bytes) {
         "host driver: out of device memory: chunk of %s requested, %s of %s in use",
         FormatBytes(bytes), FormatBytes(used_), FormatBytes(options_.capacity)));
   }
-  const std::optional<std::size_t> offset = TakeFirstFit(free_phys_, bytes);
-  if (!offset) return absl::ResourceExhaustedError("host driver: no contiguous range left in the device memfd");
+  std::optional<std::size_t> offset = TakeFirstFit(free_phys_, bytes);
+  if (!offset) {
+    // Retired (exported) ranges took the room: grow the sparse file.
+    const std::size_t grow = std::max(bytes, options_.capacity);
+    if (fd_ >= 0 && ftruncate(fd_, static_cast<off_t>(file_size_ + grow)) != 0) {
+      return Errno("ftruncate growing the device memfd");
+    }
+    ReturnRange(free_phys_, file_size_, grow);
+    file_size_ += grow;
+    offset = TakeFirstFit(free_phys_, bytes);
+  }
   const PhysHandle h = next_handle_++;
-  chunks_.emplace(h, ChunkRec{*offset, bytes, 0, false});
+  ChunkRec rec;
+  rec.offset = *offset;
+  rec.size = bytes;
+  rec.fd = fd_;
+  chunks_.emplace(h, rec);
   used_ += bytes;
   return h;
 }
 
 void HostDriver::FreePhysical(const ChunkRec& chunk) {
+  if (chunk.imported) {  // the exporter's memory: only this process's reference goes
+    close(chunk.fd);
+    if (chunk.export_fd >= 0) close(chunk.export_fd);
+    return;
+  }
+  used_ -= chunk.size;
+  if (chunk.export_fd >= 0) {  // importers may still map it: retire the range (see the header)
+    close(chunk.export_fd);
+    return;
+  }
   // Return the pages to the system; the range reads as zeros if reused.
   if (fd_ >= 0) {
     fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(chunk.offset),
               static_cast<off_t>(chunk.size));
   }
   ReturnRange(free_phys_, chunk.offset, chunk.size);
-  used_ -= chunk.size;
+}
+
+absl::StatusOr<int> HostDriver::ExportChunk(PhysHandle handle) {
+  MutexLock l(&mem_mu_);
+  auto it = chunks_.find(handle);
+  if (it == chunks_.end() || it->second.released) {
+    return absl::NotFoundError(absl::StrFormat("host driver: ExportChunk(%d): no such chunk", handle));
+  }
+  if (!options_.backed) {
+    return absl::FailedPreconditionError("host driver: ExportChunk: an unbacked host driver has no memory to share");
+  }
+  ChunkRec& c = it->second;
+  if (c.export_fd < 0) {
+    // A descriptor with a file position of its own, which carries the chunk's offset.
+    const std::string path = absl::StrFormat("/proc/self/fd/%d", c.fd);
+    const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return Errno("open of /proc/self/fd for ExportChunk");
+    if (lseek(fd, static_cast<off_t>(c.offset), SEEK_SET) < 0) {
+      absl::Status s = Errno("lseek for ExportChunk");
+      close(fd);
+      return s;
+    }
+    c.export_fd = fd;
+  }
+  return c.export_fd;
+}
+
+absl::StatusOr<PhysHandle> HostDriver::ImportChunk(int fd, std::size_t bytes) {
+  if (bytes == 0 || bytes % options_.granularity != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: ImportChunk(%d, %d): size must be a non-zero multiple of the granularity %d", fd, bytes,
+        options_.granularity));
+  }
+  if (!options_.backed) {
+    return absl::FailedPreconditionError("host driver: ImportChunk: an unbacked host driver cannot map memory");
+  }
+  const off_t offset = lseek(fd, 0, SEEK_CUR);
+  struct stat st = {};
+  if (offset < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+      static_cast<std::size_t>(offset) % options_.granularity != 0 ||
+      static_cast<std::size_t>(st.st_size) < static_cast<std::size_t>(offset) + bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "host driver: ImportChunk(%d, %d): not a descriptor of a chunk that size exported by a host driver", fd,
+        bytes));
+  }
+  const int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) return Errno("dup for ImportChunk");
+  MutexLock l(&mem_mu_);
+  const PhysHandle h = next_handle_++;
+  ChunkRec rec;
+  rec.offset = static_cast<std::size_t>(offset);
+  rec.size = bytes;
+  rec.fd = own;
+  rec.imported = true;
+  chunks_.emplace(h, rec);
+  return h;
 }
 
 absl::Status HostDriver::ReleaseChunk(PhysHandle handle) {
@@ -295,7 +379,7 @@ absl::Status HostDriver::Map(DevicePtr va, std::size_t bytes, PhysHandle handle)
   }
   // The mmap itself waits for SetAccess (without which CUDA forbids access too), so that
   // the chunks of one mapping with consecutive memfd offsets become one mmap call.
-  maps_.emplace(va, MapRec{bytes, handle, c->second.offset, false});
+  maps_.emplace(va, MapRec{bytes, handle, c->second.offset, c->second.fd, false});
   ++c->second.map_count;
   return absl::OkStatus();
 }
@@ -345,15 +429,16 @@ absl::Status HostDriver::SetAccess(DevicePtr va, std::size_t bytes) {
     }
     const DevicePtr run_va = it->first;
     const std::size_t run_offset = it->second.offset;
+    const int run_fd = it->second.fd;
     std::size_t run_bytes = 0;
     auto run_end = it;
     while (run_end != maps_.end() && run_end->first == run_va + run_bytes && !run_end->second.materialized &&
-           run_end->second.offset == run_offset + run_bytes) {
+           run_end->second.fd == run_fd && run_end->second.offset == run_offset + run_bytes) {
       run_bytes += run_end->second.size;
       ++run_end;
     }
-    void* p = mmap(reinterpret_cast<void*>(run_va), run_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_,
-                   static_cast<off_t>(run_offset));
+    void* p = mmap(reinterpret_cast<void*>(run_va), run_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                   run_fd, static_cast<off_t>(run_offset));
     if (p == MAP_FAILED) return Errno("mmap of a chunk");
     for (; it != run_end; ++it) it->second.materialized = true;
   }
@@ -551,6 +636,25 @@ absl::Status HostDriver::SynchronizeStream(Stream stream) {
   auto token = std::make_shared<Token>();
   if (auto s = Submit(stream, [this, token]() { Complete(token); }); !s.ok()) return s;
   WaitToken(token);
+  return absl::OkStatus();
+}
+
+absl::Status HostDriver::SynchronizeDevice() {
+  if (options_.inline_streams) return absl::OkStatus();  // work ran when submitted
+  // A token at the end of every stream's queue, all enqueued under one lock so that no stream
+  // can be destroyed in between; then wait for each.
+  std::vector<std::shared_ptr<Token>> tokens;
+  {
+    MutexLock l(&streams_mu_);
+    for (auto& [id, s] : streams_) {
+      auto token = std::make_shared<Token>();
+      MutexLock sl(&s->mu);
+      s->queue.push_back([this, token]() { Complete(token); });
+      s->cv.Signal();
+      tokens.push_back(std::move(token));
+    }
+  }
+  for (const auto& token : tokens) WaitToken(token);
   return absl::OkStatus();
 }
 

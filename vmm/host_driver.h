@@ -22,7 +22,15 @@
 //   the same pages. Unmap puts the PROT_NONE placeholder back.
 // - The file is twice the capacity (sparse) so that chunk placement never fails for lack of a
 //   contiguous file range while less than `capacity` bytes are in use; `used_` enforces the
-//   capacity.
+//   capacity. Should retired ranges (below) leave no fitting range, the file grows.
+// - Sharing between processes, emulated with the memfd itself. ExportChunk opens the file anew
+//   (/proc/self/fd: a descriptor with its own file position) and seeks it to the chunk's
+//   offset; the importer, which received a duplicate of that descriptor through pidfd_getfd,
+//   reads the offset back with lseek and maps the same pages (ChunkRec::fd is then its own
+//   duplicate, `imported`, and does not count towards `used_`). Since importers may still map
+//   it, an exported chunk's file range is retired when released: its pages are neither
+//   punched out nor handed to another chunk, as CUDA keeps exported memory alive for its
+//   importers. Retired ranges stay in the file until the driver goes.
 //
 // Unbacked mode (HostDriverOptions::backed = false) keeps every structure and check above but
 // creates no memfd and materializes nothing: reservations are still real PROT_NONE ranges (so
@@ -85,6 +93,9 @@ class HostDriver final : public Driver {
   absl::Status Map(DevicePtr va, std::size_t bytes, PhysHandle handle) override;
   absl::Status Unmap(DevicePtr va, std::size_t bytes) override;
   absl::Status SetAccess(DevicePtr va, std::size_t bytes) override;
+  bool shareable() const override { return options_.backed; }
+  absl::StatusOr<int> ExportChunk(PhysHandle handle) override;
+  absl::StatusOr<PhysHandle> ImportChunk(int fd, std::size_t bytes) override;
 
   // Calls, by any HostDriver of this process, that named a destroyed stream.
   static std::int64_t DestroyedStreamUses();
@@ -92,6 +103,7 @@ class HostDriver final : public Driver {
   absl::StatusOr<Stream> CreateStream() override;
   absl::Status DestroyStream(Stream stream) override;
   absl::Status SynchronizeStream(Stream stream) override;
+  absl::Status SynchronizeDevice() override;
   absl::StatusOr<Event> CreateEvent() override;
   absl::Status DestroyEvent(Event event) override;
   absl::Status RecordEvent(Event event, Stream stream) override;
@@ -122,11 +134,15 @@ class HostDriver final : public Driver {
     std::size_t size = 0;
     int map_count = 0;
     bool released = false;
+    int fd = -1;           // the file holding its pages: fd_, or (imported) a descriptor of its own
+    bool imported = false;
+    int export_fd = -1;    // ExportChunk's descriptor, or -1
   };
   struct MapRec {
     std::size_t size = 0;
     PhysHandle handle = 0;
-    std::size_t offset = 0;     // the chunk's offset in the device memfd
+    std::size_t offset = 0;     // the chunk's offset in its file
+    int fd = -1;                // the chunk's file
     bool materialized = false;  // mmap'ed into the address space (done by SetAccess)
   };
   struct Token;
@@ -164,6 +180,7 @@ class HostDriver final : public Driver {
   absl::btree_map<std::size_t, std::size_t> free_va_ ABSL_GUARDED_BY(mem_mu_);  // free ranges of the region
   absl::btree_map<DevicePtr, MapRec> maps_ ABSL_GUARDED_BY(mem_mu_);
   std::size_t used_ ABSL_GUARDED_BY(mem_mu_) = 0;
+  std::size_t file_size_ ABSL_GUARDED_BY(mem_mu_) = 0;  // of the memfd (sparse)
   PhysHandle next_handle_ ABSL_GUARDED_BY(mem_mu_) = 1;
   absl::flat_hash_map<void*, std::size_t> pinned_ ABSL_GUARDED_BY(mem_mu_);  // host "pinned" mmaps
 

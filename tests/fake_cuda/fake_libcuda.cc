@@ -8,10 +8,19 @@
 // for the device with read-write protection. So the same conformance suite that runs on the host
 // driver exercises CudaDriver's loading, symbol lookup, context handling and error translation.
 //
+// Sharing follows CUDA too: only chunks created with the POSIX file descriptor handle type can be
+// exported, each export is a new descriptor the caller owns, and an import does not take the
+// caller's descriptor. The chunk's size, which CUDA knows from the handle, is taken at its
+// first cuMemMap (the host driver needs it to import).
+//
 // Test hooks (C symbols): fake_cuda_push_foreign_context() makes another context current on the
 // calling thread, fake_cuda_pop_context() removes it, fake_cuda_current_context() reads it,
-// fake_cuda_set_capacity_mb() sizes device memory before cuInit.
+// fake_cuda_set_capacity_mb() sizes device memory before cuInit, fake_cuda_refuse_shareable()
+// makes cuMemCreate refuse the POSIX file descriptor handle type (CUDA_ERROR_NOT_SUPPORTED), as
+// some virtualised GPUs do.
 #include <cuda.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <memory>
@@ -20,6 +29,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "vmm/host_driver.h"
 
 namespace {
@@ -36,6 +46,18 @@ CUcontext const kForeign = reinterpret_cast<CUcontext>(0x2000);
 thread_local std::vector<CUcontext> t_stack;
 
 constexpr std::size_t kGranularity = std::size_t{2} << 20;
+
+// Sharing state (under g_share_mu).
+std::mutex g_share_mu;
+bool g_refuse_shareable = false;
+absl::flat_hash_set<CUmemGenericAllocationHandle> g_shareable;  // created with the POSIX fd type
+struct Import {
+  int fd = -1;                                   // our duplicate of the importer's descriptor
+  CUmemGenericAllocationHandle chunk = 0;        // the host driver's chunk, once the size is known
+};
+constexpr CUmemGenericAllocationHandle kImportBit = CUmemGenericAllocationHandle{1} << 62;
+CUmemGenericAllocationHandle g_next_import = kImportBit;
+absl::flat_hash_map<CUmemGenericAllocationHandle, Import> g_imports;
 
 CUresult Translate(const absl::Status& s) {
   if (s.ok()) return CUDA_SUCCESS;
@@ -57,7 +79,9 @@ CUresult Ready() {
 
 bool ValidProp(const CUmemAllocationProp* p) {
   return p != nullptr && p->type == CU_MEM_ALLOCATION_TYPE_PINNED && p->location.type == CU_MEM_LOCATION_TYPE_DEVICE &&
-         p->location.id == 0;
+         p->location.id == 0 &&
+         (p->requestedHandleTypes == CU_MEM_HANDLE_TYPE_NONE ||
+          p->requestedHandleTypes == CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
 }
 
 CUresult CUDAAPI fInit(unsigned int flags) {
@@ -117,14 +141,57 @@ CUresult CUDAAPI fMemCreate(CUmemGenericAllocationHandle* h, size_t size, const 
                             unsigned long long flags) {
   FAKE_READY();
   if (!ValidProp(p) || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  const bool shareable = p->requestedHandleTypes == CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+  std::lock_guard<std::mutex> l(g_share_mu);
+  if (shareable && g_refuse_shareable) return CUDA_ERROR_NOT_SUPPORTED;
   auto r = g_driver->CreateChunk(size);
   if (!r.ok()) return Translate(r.status());
   *h = *r;
+  if (shareable) g_shareable.insert(*h);
   return CUDA_SUCCESS;
 }
 CUresult CUDAAPI fMemRelease(CUmemGenericAllocationHandle h) {
   FAKE_READY();
-  return Translate(g_driver->ReleaseChunk(h));
+  std::lock_guard<std::mutex> l(g_share_mu);
+  if (auto it = g_imports.find(h); it != g_imports.end()) {
+    absl::Status s = it->second.chunk != 0 ? g_driver->ReleaseChunk(it->second.chunk) : absl::OkStatus();
+    close(it->second.fd);
+    g_imports.erase(it);
+    return Translate(s);
+  }
+  CUresult r = Translate(g_driver->ReleaseChunk(h));
+  if (r == CUDA_SUCCESS) g_shareable.erase(h);
+  return r;
+}
+CUresult CUDAAPI fMemExportToShareableHandle(void* out, CUmemGenericAllocationHandle h, CUmemAllocationHandleType type,
+                                             unsigned long long flags) {
+  FAKE_READY();
+  std::lock_guard<std::mutex> l(g_share_mu);
+  if (out == nullptr || flags != 0 || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || !g_shareable.contains(h)) {
+    return CUDA_ERROR_INVALID_VALUE;
+  }
+  auto fd = g_driver->ExportChunk(h);
+  if (!fd.ok()) return Translate(fd.status());
+  const int own = fcntl(*fd, F_DUPFD_CLOEXEC, 0);  // the caller's to close, as CUDA's
+  if (own < 0) return CUDA_ERROR_OPERATING_SYSTEM;
+  *static_cast<int*>(out) = own;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI fMemImportFromShareableHandle(CUmemGenericAllocationHandle* h, void* os_handle,
+                                               CUmemAllocationHandleType type) {
+  FAKE_READY();
+  if (h == nullptr || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_INVALID_VALUE;
+  const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(os_handle));
+  const int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) return CUDA_ERROR_INVALID_VALUE;
+  std::lock_guard<std::mutex> l(g_share_mu);
+  *h = g_next_import++;
+  g_imports.emplace(*h, Import{own, 0});
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI fCtxSynchronize() {
+  FAKE_READY();
+  return Translate(g_driver->SynchronizeDevice());
 }
 CUresult CUDAAPI fMemAddressReserve(CUdeviceptr* p, size_t size, size_t alignment, CUdeviceptr addr,
                                     unsigned long long flags) {
@@ -145,6 +212,17 @@ CUresult CUDAAPI fMemMap(CUdeviceptr p, size_t size, size_t offset, CUmemGeneric
                          unsigned long long flags) {
   FAKE_READY();
   if (offset != 0 || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  {
+    std::lock_guard<std::mutex> l(g_share_mu);
+    if (auto it = g_imports.find(h); it != g_imports.end()) {
+      if (it->second.chunk == 0) {
+        auto chunk = g_driver->ImportChunk(it->second.fd, size);
+        if (!chunk.ok()) return Translate(chunk.status());
+        it->second.chunk = *chunk;
+      }
+      h = it->second.chunk;
+    }
+  }
   return Translate(g_driver->Map(p, size, h));
 }
 CUresult CUDAAPI fMemUnmap(CUdeviceptr p, size_t size) {
@@ -285,6 +363,9 @@ const absl::flat_hash_map<std::string, void*>& Table() {
       {"cuEventElapsedTime", reinterpret_cast<void*>(&fEventElapsedTime)},
       {"cuMemHostAlloc", reinterpret_cast<void*>(&fMemHostAlloc)},
       {"cuMemFreeHost", reinterpret_cast<void*>(&fMemFreeHost)},
+      {"cuMemExportToShareableHandle", reinterpret_cast<void*>(&fMemExportToShareableHandle)},
+      {"cuMemImportFromShareableHandle", reinterpret_cast<void*>(&fMemImportFromShareableHandle)},
+      {"cuCtxSynchronize", reinterpret_cast<void*>(&fCtxSynchronize)},
       {"cuGetErrorName", reinterpret_cast<void*>(&fGetErrorName)},
       {"cuGetErrorString", reinterpret_cast<void*>(&fGetErrorString)},
   };
@@ -316,5 +397,9 @@ __attribute__((visibility("default"))) void* fake_cuda_current_context() {
   return t_stack.empty() ? nullptr : t_stack.back();
 }
 __attribute__((visibility("default"))) void fake_cuda_set_capacity_mb(std::size_t mb) { g_capacity = mb << 20; }
+__attribute__((visibility("default"))) void fake_cuda_refuse_shareable() {
+  std::lock_guard<std::mutex> l(g_share_mu);
+  g_refuse_shareable = true;
+}
 
 }  // extern "C"
