@@ -3,6 +3,7 @@
 #include "allocator/caching_allocator.h"
 
 #include <algorithm>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -919,13 +920,15 @@ absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
   const Block* b = m->head;
   while (b != nullptr && !(p >= b->ptr && p < b->ptr + b->size)) b = b->next;
   if (b != nullptr && b->ptr == p) {
+    // Freeing it again is a double free; anything else is a use after free.
+    const char* what = std::string_view(op) == "free" ? "double free" : "use after free";
     switch (b->state) {
       case BlockState::kFree:
         return absl::InvalidArgumentError(absl::StrFormat(
-            "stitchalloc: %s(%s): double free: the block is already free", op, FormatAddress(p)));
+            "stitchalloc: %s(%s): %s: the block is already free", op, FormatAddress(p), what));
       case BlockState::kPending:
         return absl::InvalidArgumentError(absl::StrFormat(
-            "stitchalloc: %s(%s): double free: the block was freed and waits for stream events", op, FormatAddress(p)));
+            "stitchalloc: %s(%s): %s: the block was freed and waits for stream events", op, FormatAddress(p), what));
       default:
         break;
     }
@@ -1014,6 +1017,42 @@ absl::StatusOr<BlockInfo> CachingAllocator::Describe(const void* ptr) const {
     info.chunks.push_back({m->slot_address(s), m->chunk_size, c->home->slot_address(c->home_slot), c->home != m});
   }
   return info;
+}
+
+absl::StatusOr<SharedRange> CachingAllocator::Share(const void* ptr) {
+  return ShareRange(ptr, reinterpret_cast<DevicePtr>(ptr), 0);
+}
+
+absl::StatusOr<SharedRange> CachingAllocator::ShareRange(const void* allocation, DevicePtr begin, std::size_t bytes) {
+  STITCHALLOC_NVTX_RANGE("share");
+  RaiseDescriptorLimitOnce();
+  const auto p = reinterpret_cast<DevicePtr>(allocation);
+  MutexLock l(&mu_);
+  auto it = allocated_.find(p);
+  if (it == allocated_.end()) return BadPointer("share", p);
+  const Block* b = it->second;
+  const DevicePtr end = b->ptr + b->size;
+  if (begin < b->ptr || begin >= end || (bytes != 0 && bytes > end - begin)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stitchalloc: share(%s, %d bytes): the range is not inside the allocation at %s (%s)", FormatAddress(begin),
+        bytes, FormatAddress(b->ptr), FormatBytes(b->size)));
+  }
+  if (bytes == 0) bytes = end - begin;
+  const Mapping* m = b->mapping;
+  const std::size_t first = (begin - m->va) / m->chunk_size;
+  const std::size_t last = (begin + bytes - 1 - m->va) / m->chunk_size;
+  SharedRange r;
+  r.offset = begin - m->slot_address(first);
+  r.chunk_size = m->chunk_size;
+  for (std::size_t s = first; s <= last; ++s) {
+    absl::StatusOr<int> fd = driver_->ExportChunk(m->slots[s]->handle);
+    if (!fd.ok()) {
+      return absl::Status(fd.status().code(), absl::StrFormat("stitchalloc: share(%s): %s", FormatAddress(begin),
+                                                              fd.status().message()));
+    }
+    r.fds.push_back(*fd);
+  }
+  return r;
 }
 
 std::vector<CachingAllocator::LiveAllocation> CachingAllocator::LiveAllocations() const {

@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "allocator/block.h"
 #include "allocator/config.h"
+#include "allocator/ipc.h"
 #include "allocator/mapping_store.h"
 #include "allocator/policy.h"
 #include "allocator/stats.h"
@@ -140,6 +141,13 @@ class CachingAllocator {
   void ResetAccumulatedStats();
 
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  // For another process (ipc.h): the chunks under live allocation `ptr`, exported by the driver.
+  // ShareRange shares [begin, begin + bytes) of live allocation `allocation` (bytes 0: to its end).
+  // InvalidArgument for a pointer that is not a live allocation or a range outside it;
+  // FailedPrecondition when the driver cannot export (Driver::ExportChunk). The descriptors stay
+  // open while the chunks live, which they do at least as long as the allocation.
+  absl::StatusOr<SharedRange> Share(const void* ptr);
+  absl::StatusOr<SharedRange> ShareRange(const void* allocation, DevicePtr begin, std::size_t bytes);
   std::vector<SegmentInfo> Snapshot() const;
 
   // The allocations live now, in address order (PyTorch's CUDA graph trees checkpoint a private

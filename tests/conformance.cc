@@ -10,6 +10,9 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
+#include "allocator/ipc.h"
 #include "bench/patterns.h"
 #include "vmm/host_driver.h"
 
@@ -68,6 +71,73 @@ TEST_P(Conformance, StitchedRangeAliasesItsChunksBothWays) {
   SA_ASSERT_OK(Download(d, got.data(), s, got.size()));
   EXPECT_EQ(0, std::memcmp(got.data(), backward.data(), got.size())) << "stitched view after writes via homes";
   SA_ASSERT_OK(alloc->Free(s));
+  SA_EXPECT_OK(alloc->CheckInvariants());
+}
+
+// Sharing with another process, as torch.multiprocessing does: a stitched allocation (three
+// chunks from two homes) is exported, its handle decoded and opened through a second driver
+// (another process's view; the cross-process protocol itself is in ipc_test). Both views alias
+// in both directions; the import keeps the memory after the exporter freed it and emptied its
+// cache; bad requests fail cleanly.
+TEST_P(Conformance, SharedAllocationOpensElsewhereAndOutlivesTheExporter) {
+  SA_ASSIGN_OR_FAIL(alloc, Make("mapping_headroom_mb:0"));
+  Driver& d = alloc->driver();
+  if (!d.shareable()) GTEST_SKIP() << "this driver cannot export chunks";
+  SA_ASSIGN_OR_FAIL(other, GetParam().make());
+  const std::size_t c = alloc->chunk_size();
+  SA_ASSIGN_OR_FAIL(a, alloc->Malloc(2 * c));
+  SA_ASSIGN_OR_FAIL(b, alloc->Malloc(2 * c));
+  SA_ASSERT_OK(alloc->Free(a));
+  SA_ASSERT_OK(alloc->Free(b));
+  SA_ASSIGN_OR_FAIL(s, alloc->Malloc(3 * c));
+  SA_ASSIGN_OR_FAIL(info, alloc->Describe(s));
+  ASSERT_TRUE(info.stitched);
+  const auto bytes = Pattern(3 * c, 11);
+  SA_ASSERT_OK(Upload(d, s, bytes.data(), bytes.size()));
+
+  SA_ASSIGN_OR_FAIL(shared, alloc->Share(s));
+  EXPECT_EQ(shared.offset, 0u);
+  EXPECT_EQ(shared.chunk_size, c);
+  ASSERT_EQ(shared.fds.size(), 3u);
+  SA_ASSIGN_OR_FAIL(again, alloc->Share(s));
+  EXPECT_EQ(again.fds, shared.fds) << "one descriptor per chunk, kept";
+  SA_ASSIGN_OR_FAIL(handle, DecodeIpcHandle(EncodeIpcHandle(shared, getpid())));
+  SA_ASSIGN_OR_FAIL(imported, ImportedRange::Open(*other, handle));
+  ASSERT_EQ(imported->size(), 3 * c);
+  void* view = reinterpret_cast<void*>(imported->ptr());
+  EXPECT_NE(view, s);
+  std::vector<std::uint8_t> got(3 * c);
+  SA_ASSERT_OK(Download(*other, got.data(), view, got.size()));
+  EXPECT_EQ(got, bytes) << "the import reads what the exporter wrote";
+  const auto reply = Pattern(3 * c, 12);
+  SA_ASSERT_OK(Upload(*other, view, reply.data(), reply.size()));
+  SA_ASSERT_OK(Download(d, got.data(), s, got.size()));
+  EXPECT_EQ(got, reply) << "the exporter reads what the import wrote";
+
+  // The exporter lets go of everything; the importer's memory stays.
+  SA_ASSERT_OK(alloc->Free(s));
+  SA_ASSERT_OK(alloc->EmptyCache());
+  EXPECT_EQ(alloc->GetStats().reserved_bytes.all().current, 0);
+  SA_ASSIGN_OR_FAIL(fresh, alloc->Malloc(3 * c));  // may reuse the physical memory only if it was really free
+  const auto other_bytes = Pattern(3 * c, 13);
+  SA_ASSERT_OK(Upload(d, fresh, other_bytes.data(), other_bytes.size()));
+  SA_ASSERT_OK(Download(*other, got.data(), view, got.size()));
+  EXPECT_EQ(got, reply) << "the import lost its memory when the exporter released it";
+  imported.reset();
+
+  int on_stack = 0;
+  auto foreign = alloc->Share(&on_stack);
+  EXPECT_TRUE(absl::IsInvalidArgument(foreign.status())) << foreign.status();
+  SA_ASSIGN_OR_FAIL(gone, alloc->Malloc(c));
+  SA_ASSERT_OK(alloc->Free(gone));
+  auto freed = alloc->Share(gone);
+  EXPECT_NE(freed.status().message().find("use after free"), std::string::npos) << freed.status();
+  auto outside = alloc->ShareRange(fresh, reinterpret_cast<DevicePtr>(fresh) + 3 * c, c);
+  EXPECT_TRUE(absl::IsInvalidArgument(outside.status())) << outside.status();
+  SA_ASSIGN_OR_FAIL(tail, alloc->ShareRange(fresh, reinterpret_cast<DevicePtr>(fresh) + c + 512, c));
+  EXPECT_EQ(tail.offset, 512u);
+  EXPECT_EQ(tail.fds.size(), 2u) << "a range over two chunks";
+  SA_ASSERT_OK(alloc->Free(fresh));
   SA_EXPECT_OK(alloc->CheckInvariants());
 }
 

@@ -128,6 +128,14 @@ absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
   return arena_->Describe(ptr);
 }
 
+absl::StatusOr<SharedRange> PoolSet::Share(const void* ptr) {
+  if (pooled_.load(std::memory_order_acquire) > 0) {
+    MutexLock lock(&mu_);
+    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->Share(ptr);
+  }
+  return arena_->Share(ptr);
+}
+
 PoolId PoolSet::PoolOf(const void* ptr) const {
   if (pooled_.load(std::memory_order_acquire) == 0) return kDefaultPool;
   MutexLock lock(&mu_);

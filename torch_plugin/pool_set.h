@@ -58,6 +58,8 @@ class PoolSet {
   absl::Status Free(void* ptr);
   absl::Status RecordStream(void* ptr, Stream stream);
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  // CachingAllocator::Share, by whichever pool (or the arena) serves `ptr`.
+  absl::StatusOr<SharedRange> Share(const void* ptr);
   // The pool that serves live allocation `ptr`: a private pool's id, else kDefaultPool (also
   // for a pointer no pool knows). Takes no lock while no private pool holds an allocation.
   PoolId PoolOf(const void* ptr) const;

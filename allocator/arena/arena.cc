@@ -407,6 +407,19 @@ absl::Status PlannedAllocator::RecordStream(void* ptr, Stream stream) {
   return backing_->RecordStream(ptr, stream);
 }
 
+absl::StatusOr<SharedRange> PlannedAllocator::Share(const void* ptr) {
+  if (engaged_.load(std::memory_order_acquire)) {
+    MutexLock l(&mu_);
+    absl::StatusOr<std::int64_t> off = HeldOffsetLocked(ptr, "share");
+    if (!off.ok()) return off.status();
+    if (*off >= 0) {  // the arena block's chunks under this allocation's range
+      return backing_->ShareRange(base_, reinterpret_cast<DevicePtr>(ptr),
+                                  static_cast<std::size_t>(live_.at(*off) - *off));
+    }
+  }
+  return backing_->Share(ptr);
+}
+
 absl::StatusOr<BlockInfo> PlannedAllocator::Describe(const void* ptr) const {
   if (engaged_.load(std::memory_order_acquire)) {
     MutexLock l(&mu_);

@@ -119,6 +119,8 @@ class PlannedAllocator {
   // The allocation at `ptr`: an arena allocation (its range, and the arena block's mapping), or
   // the caching allocator's answer.
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  // CachingAllocator::Share for an arena allocation too (the arena block's chunks under it).
+  absl::StatusOr<SharedRange> Share(const void* ptr);
 
   // Forgets a cached plan; the arena is freed with the last plan. FailedPrecondition while
   // arena allocations are live or the plan serves the open iteration.
