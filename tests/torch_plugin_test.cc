@@ -2,7 +2,7 @@
 // driver, without a GPU: installation where torch looks the allocator up, refusal after the
 // native allocator is initialised, statistics in torch's types, errors as torch exceptions
 // (torch.OutOfMemoryError with stitchalloc's report), memory history and snapshots, private
-// pools, cacheInfo, getBaseAllocation and the swap entry points. Each test runs in its own
+// pools, cacheInfo, getBaseAllocation, CUDA IPC handles and the swap entry points. Each test runs in its own
 // process (ctest), since an installation lasts for the process. Built only when a CUDA-enabled
 // torch was found.
 #include <c10/core/Allocator.h>
@@ -396,6 +396,59 @@ TEST(TorchPlugin, CacheInfoAndBaseAllocation) {
   EXPECT_LE(largest, 256u << 20);
   int foreign = 0;
   EXPECT_THROW(a->getBaseAllocation(&foreign, &base_size), c10::Error);
+}
+
+// CUDA IPC (what torch.multiprocessing calls): shareIpcHandle gives a handle in PyTorch's
+// expandable-segment format whose offset locates the tensor; getIpcDevPtr maps it (here in the
+// same process; ipc_test does two) and caches it while in use, as PyTorch does; bad input
+// raises c10::Error naming the problem.
+TEST(TorchPlugin, CudaIpcHandlesShareAndOpen) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  const std::size_t n = 5 << 20;
+  void* p = a->raw_alloc_with_stream(n, StreamId(0));
+  std::vector<unsigned char> bytes(n);
+  for (std::size_t i = 0; i < n; ++i) bytes[i] = static_cast<unsigned char>(i * 131 + 7);
+  std::memcpy(p, bytes.data(), n);  // the host driver's memory is host-addressable
+
+  const cca::ShareableHandle shared = a->shareIpcHandle(p);
+  ASSERT_GE(shared.handle.size(), 2u);
+  EXPECT_EQ(shared.handle[0], 2);
+  EXPECT_EQ(shared.handle[1], 'e');
+  EXPECT_LT(shared.offset, 2 << 20) << "offset from the first chunk under the tensor";
+  std::shared_ptr<void> opened = a->getIpcDevPtr(shared.handle);
+  ASSERT_NE(opened, nullptr);
+  EXPECT_NE(opened.get(), p);
+  auto* view = static_cast<unsigned char*>(opened.get()) + shared.offset;
+  EXPECT_EQ(0, std::memcmp(view, bytes.data(), n));
+  view[n - 1] = 0x42;
+  EXPECT_EQ(static_cast<unsigned char*>(p)[n - 1], 0x42);
+  EXPECT_EQ(a->getIpcDevPtr(shared.handle).get(), opened.get()) << "opened once while in use";
+  opened.reset();
+  std::shared_ptr<void> reopened = a->getIpcDevPtr(shared.handle);  // after the last user let go
+  EXPECT_EQ(static_cast<unsigned char*>(reopened.get())[shared.offset + n - 1], 0x42);
+  reopened.reset();
+  a->raw_delete(p);
+
+  int foreign = 0;
+  try {
+    a->shareIpcHandle(&foreign);
+    ADD_FAILURE() << "shared a foreign pointer";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("is not an allocation of stitchalloc"));
+  }
+  try {
+    a->getIpcDevPtr("not a handle");
+    ADD_FAILURE() << "opened garbage";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("IPC handle"));
+  }
+  try {
+    a->getIpcDevPtr(std::string("\x02" "c", 2) + std::string(64, '\0'));
+    ADD_FAILURE() << "opened a cudaMalloc handle without a GPU";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("needs a GPU"));
+  }
 }
 
 // The arena marks reach the installed allocator: the first iteration of a signature is

@@ -21,14 +21,18 @@
 #include <c10/core/Allocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/ApproximateClock.h>
 #include <c10/util/Exception.h>
 #include <torch/headeronly/version.h>
 
+#include <unistd.h>
+
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -41,6 +45,7 @@
 #include "absl/strings/str_cat.h"
 #include "allocator/arena/arena.h"
 #include "allocator/config.h"
+#include "allocator/ipc.h"
 #include "torch_plugin/pool_set.h"
 #include "torch_plugin/torch_internal.h"
 
@@ -260,14 +265,15 @@ class TorchAllocator final : public cca::CUDAAllocator {
     }
     return live == expected_live_allocations;
   }
-  cca::ShareableHandle shareIpcHandle(void*) override {
-    TORCH_CHECK(false,
-                "stitchalloc: sharing CUDA tensors between processes (CUDA IPC) is not supported: its memory "
-                "is mapped with the VMM API, which cudaIpcGetMemHandle cannot export");
+  // ---- CUDA IPC (torch.multiprocessing), in PyTorch's expandable-segment format (ipc.h) ------
+  cca::ShareableHandle shareIpcHandle(void* ptr) override {
+    PoolSet* set = SetOf(ptr);
+    TORCH_CHECK(set != nullptr, "stitchalloc shareIpcHandle: ", ptr, " is not an allocation of stitchalloc");
+    absl::StatusOr<SharedRange> shared = set->Share(ptr);
+    if (!shared.ok()) Raise("shareIpcHandle", shared.status());
+    return {static_cast<ptrdiff_t>(shared->offset), EncodeIpcHandle(*shared, getpid())};
   }
-  std::shared_ptr<void> getIpcDevPtr(std::string) override {
-    TORCH_CHECK(false, "stitchalloc: opening CUDA IPC handles is not supported");
-  }
+  std::shared_ptr<void> getIpcDevPtr(std::string handle) override;
   bool isHistoryEnabled() override { return record_history_.load(); }
   void recordHistory(bool enabled, cda::CreateContextFn context_recorder, size_t alloc_trace_max_entries,
                      cda::RecordContext when, bool clear_history,
@@ -437,6 +443,21 @@ class TorchAllocator final : public cca::CUDAAllocator {
     return *set;
   }
 
+  // The device whose pools serve live allocation `ptr`, or null.
+  PoolSet* SetOf(const void* ptr) {
+    for (int d = 0; d < kMaxDevices; ++d) {
+      PoolSet* set = devices_[d].load();
+      if (set != nullptr && set->Describe(ptr).ok()) return set;
+    }
+    return nullptr;
+  }
+  // Drops the cache entry of an IPC handle whose memory this process no longer uses.
+  void ForgetIpc(const std::string& handle, std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(ipc_mu_);
+    auto it = ipc_open_.find(handle);
+    if (it != ipc_open_.end() && it->second.id == id) ipc_open_.erase(it);
+  }
+
   DeviceIndex DeviceOf(void* ptr) {
     for (int d = 0; d < kMaxDevices; ++d) {
       PoolSet* set = devices_[d].load();
@@ -590,6 +611,17 @@ class TorchAllocator final : public cca::CUDAAllocator {
   std::array<std::atomic<PoolSet*>, kMaxDevices> devices_{};
   std::mutex create_mu_;
 
+  // IPC handles this process has opened, by handle bytes, as PyTorch caches them: a handle opens
+  // once, and opening it again while its memory is in use returns the same pointer. An entry goes
+  // when the last user of the memory does (ForgetIpc; `id` tells a reopened entry apart).
+  struct OpenedIpc {
+    std::uint64_t id = 0;
+    std::weak_ptr<void> memory;
+  };
+  std::mutex ipc_mu_;
+  std::unordered_map<std::string, OpenedIpc> ipc_open_;
+  std::uint64_t ipc_next_id_ = 0;
+
   std::atomic<bool> record_history_{false};
   std::atomic<bool> has_trackers_{false};
   std::mutex history_mu_;
@@ -604,6 +636,43 @@ class TorchAllocator final : public cca::CUDAAllocator {
   std::vector<cda::AllocatorTraceTracker> trackers_;
   c10::ApproximateClockToUnixTimeConverter clock_;
 };
+
+std::shared_ptr<void> TorchAllocator::getIpcDevPtr(std::string handle) {
+  std::lock_guard<std::mutex> lock(ipc_mu_);
+  if (auto it = ipc_open_.find(handle); it != ipc_open_.end()) {
+    if (std::shared_ptr<void> open = it->second.memory.lock()) return open;
+  }
+  absl::StatusOr<IpcHandle> decoded = DecodeIpcHandle(handle);
+  if (!decoded.ok()) Raise("getIpcDevPtr", decoded.status());
+  const DeviceIndex device = CurrentDevice();
+  const std::uint64_t id = ++ipc_next_id_;
+  std::shared_ptr<void> memory;
+  if (decoded->kind == IpcHandle::Kind::kCudaMalloc) {
+    // From PyTorch's allocator without expandable segments: the CUDA runtime opens it.
+    TORCH_CHECK(!HostDriver(), "stitchalloc getIpcDevPtr: the handle is a cudaMalloc one (from PyTorch's own "
+                               "allocator), which needs a GPU; this process runs stitchalloc on the host driver");
+    c10::cuda::CUDAGuard guard(device);
+    cudaIpcMemHandle_t h;
+    std::memcpy(&h, decoded->cuda_ipc_handle.data(), sizeof(h));
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+    memory = std::shared_ptr<void>(p, [this, handle, id, device](void* q) {
+      ForgetIpc(handle, id);
+      c10::cuda::CUDAGuard g(device);
+      C10_CUDA_CHECK_WARN(cudaIpcCloseMemHandle(q));
+    });
+  } else {
+    absl::StatusOr<std::unique_ptr<ImportedRange>> range = ImportedRange::Open(Device(device).main().driver(), *decoded);
+    if (!range.ok()) Raise("getIpcDevPtr", range.status());
+    ImportedRange* r = range->release();
+    memory = std::shared_ptr<void>(reinterpret_cast<void*>(r->ptr()), [this, handle, id, r](void*) {
+      ForgetIpc(handle, id);
+      delete r;  // waits for the device, then unmaps
+    });
+  }
+  ipc_open_[handle] = OpenedIpc{id, memory};
+  return memory;
+}
 
 cca::SnapshotInfo TorchAllocator::snapshot(c10::MempoolId_t mempool_id, bool include_traces) {
   cca::SnapshotInfo info;

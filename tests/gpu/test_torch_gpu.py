@@ -18,6 +18,7 @@ import stitchalloc  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 JOB = os.path.join(os.path.dirname(__file__), "llama_job.py")
 API_JOB = os.path.join(os.path.dirname(__file__), "api_job.py")
+IPC_JOB = os.path.join(os.path.dirname(__file__), "ipc_job.py")
 
 
 def launch(job, way, *extra):
@@ -53,6 +54,26 @@ def test_losses_equal_native_step_by_step(native, way):
     assert out["losses"] == native["losses"]
     assert out["stats_consistent"]
     assert out["stats_keys"] == native["stats_keys"]
+
+
+@pytest.mark.parametrize("sender,receiver", [("stitchalloc", "stitchalloc"), ("stitchalloc", "native"),
+                                             ("native", "stitchalloc"), ("native-expandable", "stitchalloc")])
+def test_cuda_tensor_shared_between_processes(sender, receiver):
+    # torch.multiprocessing's CUDA IPC in every pairing with PyTorch's allocator: stitchalloc's
+    # handles are PyTorch's expandable-segment format, and it opens PyTorch's cudaMalloc ones.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "STITCHALLOC_AUTO_INSTALL",
+                                                            "LD_PRELOAD")}
+    r = subprocess.run([sys.executable, IPC_JOB, "--sender", sender, "--receiver", receiver], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"\nipc {sender} -> {receiver}: {out}")
+    assert out["receiver_error"] is None, out["receiver_error"]
+    assert out["sender_stitchalloc"] == (sender == "stitchalloc")
+    assert out["receiver_stitchalloc"] == (receiver == "stitchalloc")
+    assert out["receiver_equal"], "the receiver read other bytes than the sender wrote"
+    assert out["sender_sees_writes"], "the sender does not see the receiver's writes"
+    assert out["child_exit"] == 0
 
 
 def test_snapshot_renders(tmp_path):
