@@ -28,6 +28,7 @@ struct Hooks {
   void (*push_foreign)() = nullptr;
   void (*pop)() = nullptr;
   void* (*current)() = nullptr;
+  void (*refuse_shareable)(int) = nullptr;
 };
 
 Hooks LoadHooks() {
@@ -37,6 +38,7 @@ Hooks LoadHooks() {
   h.push_foreign = reinterpret_cast<void (*)()>(dlsym(lib, "fake_cuda_push_foreign_context"));
   h.pop = reinterpret_cast<void (*)()>(dlsym(lib, "fake_cuda_pop_context"));
   h.current = reinterpret_cast<void* (*)()>(dlsym(lib, "fake_cuda_current_context"));
+  h.refuse_shareable = reinterpret_cast<void (*)(int)>(dlsym(lib, "fake_cuda_refuse_shareable"));
   return h;
 }
 
@@ -67,6 +69,45 @@ TEST(FakeCudaDriver, WorkRunsInThePrimaryContextAndTheCallersContextIsRestored) 
   EXPECT_EQ(hooks.current(), foreign);
   hooks.pop();
   EXPECT_EQ(hooks.current(), nullptr) << "a pushed context was left behind";
+}
+
+// Chunks are created with the POSIX file descriptor handle type; where the driver refuses it
+// (some virtualised GPUs), allocation goes on without it and sharing fails naming the refusal;
+// ipc:false never asks for it.
+TEST(FakeCudaDriver, SharingFallsBackWhereTheHandleTypeIsRefused) {
+  Hooks hooks = LoadHooks();
+  ASSERT_NE(hooks.refuse_shareable, nullptr);
+  {
+    SA_ASSIGN_OR_FAIL(alloc, MakeAllocator(*MakeFake()));
+    EXPECT_TRUE(alloc->driver().shareable());
+    SA_ASSIGN_OR_FAIL(p, alloc->Malloc(4 * kMiB));
+    SA_ASSIGN_OR_FAIL(shared, alloc->Share(p));
+    EXPECT_EQ(shared.fds.size(), 2u);
+    SA_ASSERT_OK(alloc->Free(p));
+  }
+  hooks.refuse_shareable(1);
+  {
+    SA_ASSIGN_OR_FAIL(alloc, MakeAllocator(*MakeFake()));
+    SA_ASSIGN_OR_FAIL(p, alloc->Malloc(4 * kMiB));  // allocation is unaffected
+    EXPECT_FALSE(alloc->driver().shareable());
+    auto shared = alloc->Share(p);
+    EXPECT_TRUE(absl::IsFailedPrecondition(shared.status())) << shared.status();
+    EXPECT_NE(shared.status().message().find("CUDA_ERROR_NOT_SUPPORTED"), std::string::npos) << shared.status();
+    SA_ASSERT_OK(alloc->Free(p));
+  }
+  hooks.refuse_shareable(0);
+  {
+    CudaDriverOptions o{0, FAKE_LIBCUDA_PATH};
+    o.shareable = false;  // what the config key ipc:false sets
+    SA_ASSIGN_OR_FAIL(driver, CudaDriver::Create(o));
+    SA_ASSIGN_OR_FAIL(alloc, MakeAllocator(std::move(driver)));
+    EXPECT_FALSE(alloc->driver().shareable());
+    SA_ASSIGN_OR_FAIL(p, alloc->Malloc(4 * kMiB));
+    auto shared = alloc->Share(p);
+    EXPECT_TRUE(absl::IsFailedPrecondition(shared.status())) << shared.status();
+    EXPECT_NE(shared.status().message().find("ipc:false"), std::string::npos) << shared.status();
+    SA_ASSERT_OK(alloc->Free(p));
+  }
 }
 
 TEST(FakeCudaDriver, DriverErrorsBecomeStatusesNamingTheCall) {

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "vmm/format.h"
 #include "vmm/nvtx.h"
 
@@ -279,7 +280,8 @@ absl::StatusOr<PhysHandle> CudaDriver::CreateChunk(std::size_t bytes) {
     // The handle type is refused here: share nothing from now on, and try without it.
     MutexLock l(&export_mu_);
     shareable_.store(false);
-    unshareable_reason_ = std::string(Check(r, "cuMemCreate with a POSIX file descriptor handle type").message());
+    unshareable_reason_ = std::string(
+        absl::StripPrefix(Check(r, "cuMemCreate with a POSIX file descriptor handle type").message(), "CUDA driver: "));
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
   }
   if (auto s = Check(api_->cuMemCreate(&h, bytes, &prop, 0), "cuMemCreate"); !s.ok()) return s;

@@ -15,7 +15,7 @@
 //
 // Test hooks (C symbols): fake_cuda_push_foreign_context() makes another context current on the
 // calling thread, fake_cuda_pop_context() removes it, fake_cuda_current_context() reads it,
-// fake_cuda_set_capacity_mb() sizes device memory before cuInit, fake_cuda_refuse_shareable()
+// fake_cuda_set_capacity_mb() sizes device memory before cuInit, fake_cuda_refuse_shareable(1)
 // makes cuMemCreate refuse the POSIX file descriptor handle type (CUDA_ERROR_NOT_SUPPORTED), as
 // some virtualised GPUs do.
 #include <cuda.h>
@@ -319,6 +319,7 @@ CUresult CUDAAPI fGetErrorName(CUresult e, const char** s) {
     case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
     case CUDA_ERROR_INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
     case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
     default: *s = "CUDA_ERROR_UNKNOWN"; break;
   }
   return CUDA_SUCCESS;
@@ -397,9 +398,9 @@ __attribute__((visibility("default"))) void* fake_cuda_current_context() {
   return t_stack.empty() ? nullptr : t_stack.back();
 }
 __attribute__((visibility("default"))) void fake_cuda_set_capacity_mb(std::size_t mb) { g_capacity = mb << 20; }
-__attribute__((visibility("default"))) void fake_cuda_refuse_shareable() {
+__attribute__((visibility("default"))) void fake_cuda_refuse_shareable(int refuse) {
   std::lock_guard<std::mutex> l(g_share_mu);
-  g_refuse_shareable = true;
+  g_refuse_shareable = refuse != 0;
 }
 
 }  // extern "C"
