@@ -85,13 +85,7 @@ TEST_P(Conformance, SharedAllocationOpensElsewhereAndOutlivesTheExporter) {
   if (!d.shareable()) GTEST_SKIP() << "this driver cannot export chunks";
   SA_ASSIGN_OR_FAIL(other, GetParam().make());
   const std::size_t c = alloc->chunk_size();
-  SA_ASSIGN_OR_FAIL(a, alloc->Malloc(2 * c));
-  SA_ASSIGN_OR_FAIL(b, alloc->Malloc(2 * c));
-  SA_ASSERT_OK(alloc->Free(a));
-  SA_ASSERT_OK(alloc->Free(b));
-  SA_ASSIGN_OR_FAIL(s, alloc->Malloc(3 * c));
-  SA_ASSIGN_OR_FAIL(info, alloc->Describe(s));
-  ASSERT_TRUE(info.stitched);
+  SA_ASSIGN_OR_FAIL(s, MallocStitchedThreeChunks(*alloc));
   const auto bytes = Pattern(3 * c, 11);
   SA_ASSERT_OK(Upload(d, s, bytes.data(), bytes.size()));
 

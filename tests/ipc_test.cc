@@ -141,13 +141,7 @@ ChildResult RunChild(const std::string& handle, std::size_t offset, std::size_t 
 TEST(IpcCrossProcess, ChildOpensTheParentsAllocationBothWays) {
   SA_ASSIGN_OR_FAIL(alloc, MakeHostAllocator("mapping_headroom_mb:0"));
   const std::size_t c = alloc->chunk_size();
-  SA_ASSIGN_OR_FAIL(a, alloc->Malloc(2 * c));
-  SA_ASSIGN_OR_FAIL(b, alloc->Malloc(2 * c));
-  SA_ASSERT_OK(alloc->Free(a));
-  SA_ASSERT_OK(alloc->Free(b));
-  SA_ASSIGN_OR_FAIL(s, alloc->Malloc(3 * c));
-  SA_ASSIGN_OR_FAIL(info, alloc->Describe(s));
-  ASSERT_TRUE(info.stitched);
+  SA_ASSIGN_OR_FAIL(s, MallocStitchedThreeChunks(*alloc));
   const DevicePtr begin = reinterpret_cast<DevicePtr>(s) + 4096;
   const std::size_t bytes = 2 * c;
   const auto mine = Pattern(bytes, 21);

@@ -21,6 +21,22 @@ absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeHostAllocator(const std::s
   return CachingAllocator::Create(*cfg, *std::move(driver));
 }
 
+absl::StatusOr<void*> MallocStitchedThreeChunks(CachingAllocator& alloc) {
+  const std::size_t c = alloc.chunk_size();
+  auto a = alloc.Malloc(2 * c);
+  if (!a.ok()) return a.status();
+  auto b = alloc.Malloc(2 * c);
+  if (!b.ok()) return b.status();
+  if (auto s = alloc.Free(*a); !s.ok()) return s;
+  if (auto s = alloc.Free(*b); !s.ok()) return s;
+  auto s = alloc.Malloc(3 * c);
+  if (!s.ok()) return s.status();
+  auto info = alloc.Describe(*s);
+  if (!info.ok()) return info.status();
+  if (!info->stitched) return absl::FailedPreconditionError("the 3-chunk allocation was not stitched");
+  return *s;
+}
+
 std::vector<std::uint8_t> Pattern(std::size_t n, std::uint64_t seed) {
   std::vector<std::uint8_t> v(n);
   std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;

@@ -48,6 +48,11 @@ absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeAllocator(std::unique_ptr<
 // host_granularity_kb, the rest as MakeAllocator.
 absl::StatusOr<std::unique_ptr<CachingAllocator>> MakeHostAllocator(const std::string& config = "");
 
+// A 3-chunk allocation stitched from two freed 2-chunk mappings (the allocator needs
+// mapping_headroom_mb:0, or growing in place would serve it from one mapping instead);
+// FailedPrecondition if it did not stitch.
+absl::StatusOr<void*> MallocStitchedThreeChunks(CachingAllocator& alloc);
+
 // Deterministic bytes for (seed, offset).
 std::vector<std::uint8_t> Pattern(std::size_t n, std::uint64_t seed);
 
