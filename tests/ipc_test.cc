@@ -7,8 +7,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
+#include <cstring>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
@@ -115,6 +119,47 @@ TEST(IpcImport, FailuresLeaveNothingBehind) {
   EXPECT_EQ(driver->live_chunks(), 0u);
   EXPECT_EQ(driver->live_reservations(), 0u);
   SA_ASSERT_OK(exporter->Free(p));
+}
+
+// Shares and opens from several threads while others allocate, free and empty the cache: every
+// import reads exactly what its exporter wrote (also run under TSan).
+TEST(IpcImport, ConcurrentSharesOpensAndFrees) {
+  SA_ASSIGN_OR_FAIL(alloc, MakeHostAllocator("host_capacity_mb:2048"));
+  SA_ASSIGN_OR_FAIL(importer, HostDriver::Create({2 * kGiB, 2 * kMiB}));
+  const std::size_t c = alloc->chunk_size();
+  std::atomic<int> mismatches{0}, failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 40; ++i) {
+        const std::size_t n = (1 + rng() % 4) * c - (rng() % 2) * 4096;
+        auto p = alloc->Malloc(n);
+        if (!p.ok()) {
+          failures.fetch_add(1);
+          continue;
+        }
+        const auto bytes = Pattern(n, 1000 * t + i);
+        std::memcpy(*p, bytes.data(), n);
+        auto shared = alloc->Share(*p);
+        auto handle = shared.ok() ? DecodeIpcHandle(EncodeIpcHandle(*shared, getpid())) : shared.status();
+        auto range = handle.ok() ? ImportedRange::Open(*importer, *handle) : handle.status();
+        if (!range.ok()) {
+          failures.fetch_add(1);
+        } else if (std::memcmp(reinterpret_cast<char*>((*range)->ptr()) + shared->offset, bytes.data(), n) != 0) {
+          mismatches.fetch_add(1);
+        }
+        if (!alloc->Free(*p).ok()) failures.fetch_add(1);
+        if (i % 10 == 9 && !alloc->EmptyCache().ok()) failures.fetch_add(1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(mismatches.load(), 0);
+  SA_EXPECT_OK(alloc->CheckInvariants());
+  EXPECT_EQ(importer->live_chunks(), 0u);
+  EXPECT_EQ(importer->live_reservations(), 0u);
 }
 
 struct ChildResult {
