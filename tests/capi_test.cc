@@ -1,6 +1,7 @@
-// The C API: round trips, errors with messages, statistics by name.
+// The C API: round trips, errors with messages, statistics by name, sharing between processes.
 #include "stitchalloc/stitchalloc.h"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -126,6 +127,58 @@ TEST(CApi, ArenaIterationsAndLayerMarks) {
   ASSERT_EQ(stitchalloc_arena_stat(a, "arena.arena_bytes", &v), STITCHALLOC_OK);
   EXPECT_EQ(v, 0);
   stitchalloc_destroy(a);
+}
+
+// Sharing through the C API: a handle written by one allocator opens in another (standing for
+// another process; ipc_test does two) and maps the same bytes; the opened range outlives the
+// sender's allocation and is unmapped by close or destroy; misuse fails with a message.
+TEST(CApi, ShareOpenAndClose) {
+  stitchalloc_allocator* sender = nullptr;
+  stitchalloc_allocator* receiver = nullptr;
+  ASSERT_EQ(stitchalloc_create("driver:host,host_capacity_mb:256", &sender), STITCHALLOC_OK) << stitchalloc_last_error();
+  ASSERT_EQ(stitchalloc_create("driver:host,host_capacity_mb:256", &receiver), STITCHALLOC_OK);
+  void* p = nullptr;
+  const size_t n = (5 << 20) + 4096;
+  ASSERT_EQ(stitchalloc_malloc(sender, n, 0, &p), STITCHALLOC_OK);
+  std::memset(p, 0x6b, n);  // host driver: host-addressable
+
+  char handle[256];
+  size_t size = 0, offset = 0;
+  EXPECT_EQ(stitchalloc_share(sender, p, handle, 8, &size, &offset), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("the buffer has 8"), std::string::npos);
+  ASSERT_GT(size, 8u);
+  ASSERT_EQ(stitchalloc_share(sender, p, handle, sizeof(handle), &size, &offset), STITCHALLOC_OK)
+      << stitchalloc_last_error();
+  EXPECT_EQ(handle[1], 'e');
+  void* base = nullptr;
+  ASSERT_EQ(stitchalloc_open_shared(receiver, handle, size, &base), STITCHALLOC_OK) << stitchalloc_last_error();
+  auto* view = static_cast<unsigned char*>(base) + offset;
+  EXPECT_EQ(view[0], 0x6b);
+  EXPECT_EQ(view[n - 1], 0x6b);
+  view[n - 1] = 0x01;
+  EXPECT_EQ(static_cast<unsigned char*>(p)[n - 1], 0x01);
+  ASSERT_EQ(stitchalloc_free(sender, p), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_empty_cache(sender), STITCHALLOC_OK);
+  EXPECT_EQ(view[n - 1], 0x01) << "the opened range keeps the memory";
+  ASSERT_EQ(stitchalloc_close_shared(receiver, base), STITCHALLOC_OK);
+  EXPECT_EQ(stitchalloc_close_shared(receiver, base), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("already closed"), std::string::npos);
+
+  int local = 0;
+  EXPECT_EQ(stitchalloc_share(sender, &local, handle, sizeof(handle), &size, &offset),
+            STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("foreign pointer"), std::string::npos);
+  EXPECT_EQ(stitchalloc_share(sender, p, handle, sizeof(handle), nullptr, &offset), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(stitchalloc_open_shared(receiver, "garbage", 7, &base), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(stitchalloc_last_error()).find("IPC handle"), std::string::npos);
+  EXPECT_EQ(stitchalloc_open_shared(receiver, nullptr, 0, &base), STITCHALLOC_ERROR_INVALID_ARGUMENT);
+
+  // One left open: destroy unmaps it.
+  ASSERT_EQ(stitchalloc_malloc(sender, n, 0, &p), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_share(sender, p, handle, sizeof(handle), &size, &offset), STITCHALLOC_OK);
+  ASSERT_EQ(stitchalloc_open_shared(receiver, handle, size, &base), STITCHALLOC_OK);
+  stitchalloc_destroy(receiver);
+  stitchalloc_destroy(sender);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // The C API (include/stitchalloc/stitchalloc.h) over CachingAllocator: status translation,
 // per-thread error messages, and argument checks. No torch header is involved.
+#include <unistd.h>
+
 #include <cstring>
 #include <memory>
 #include <string>
@@ -11,6 +13,7 @@
 #include "allocator/arena/arena.h"
 #include "absl/strings/str_join.h"
 #include "allocator/caching_allocator.h"
+#include "allocator/ipc.h"
 #include "torch_plugin/alloc_conf.h"
 #include "allocator/config.h"
 #include "recompute/policy.h"
@@ -26,6 +29,9 @@ struct stitchalloc_allocator {
   std::unique_ptr<stitchalloc::CachingAllocator> impl;
   std::unique_ptr<stitchalloc::arena::PlannedAllocator> arena;  // in front of impl
   std::string driver_name;
+  // Handles opened with stitchalloc_open_shared, by base address; unmapped before impl's driver goes.
+  stitchalloc::Mutex shared_mu;
+  absl::flat_hash_map<void*, std::unique_ptr<stitchalloc::ImportedRange>> opened ABSL_GUARDED_BY(shared_mu);
 };
 
 namespace {
@@ -93,6 +99,10 @@ stitchalloc_status stitchalloc_create(const char* config, stitchalloc_allocator*
 void stitchalloc_destroy(stitchalloc_allocator* a) {
   if (a == nullptr) return;
   a->arena.reset();  // before the caching allocator it frees into
+  {
+    stitchalloc::MutexLock l(&a->shared_mu);
+    a->opened.clear();  // before the driver they are mapped with
+  }
   delete a;
 }
 
@@ -109,6 +119,63 @@ stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, size_t size, uin
 stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr) {
   STITCHALLOC_CHECK_HANDLE(a);
   return Translate(a->arena->Free(ptr));
+}
+
+stitchalloc_status stitchalloc_share(stitchalloc_allocator* a, void* ptr, void* handle, size_t capacity, size_t* size,
+                                     size_t* offset) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (size == nullptr || offset == nullptr || (handle == nullptr && capacity > 0)) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_share: null output pointer");
+  }
+  absl::StatusOr<stitchalloc::SharedRange> shared = a->arena->Share(ptr);
+  if (!shared.ok()) return Translate(shared.status());
+  const std::string bytes = stitchalloc::EncodeIpcHandle(*shared, getpid());
+  *size = bytes.size();
+  if (bytes.size() > capacity) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
+                absl::StrFormat("stitchalloc_share: the handle needs %d bytes, the buffer has %d", bytes.size(),
+                                capacity));
+  }
+  std::memcpy(handle, bytes.data(), bytes.size());
+  *offset = shared->offset;
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_open_shared(stitchalloc_allocator* a, const void* handle, size_t size, void** base) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  if (handle == nullptr || base == nullptr) {
+    return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT, "stitchalloc_open_shared: null handle or output pointer");
+  }
+  absl::StatusOr<stitchalloc::IpcHandle> decoded =
+      stitchalloc::DecodeIpcHandle(std::string_view(static_cast<const char*>(handle), size));
+  if (!decoded.ok()) return Translate(decoded.status());
+  absl::StatusOr<std::unique_ptr<stitchalloc::ImportedRange>> range =
+      stitchalloc::ImportedRange::Open(a->impl->driver(), *decoded);
+  if (!range.ok()) return Translate(range.status());
+  void* p = reinterpret_cast<void*>((*range)->ptr());
+  stitchalloc::MutexLock l(&a->shared_mu);
+  a->opened.emplace(p, *std::move(range));
+  *base = p;
+  return STITCHALLOC_OK;
+}
+
+stitchalloc_status stitchalloc_close_shared(stitchalloc_allocator* a, void* base) {
+  STITCHALLOC_CHECK_HANDLE(a);
+  std::unique_ptr<stitchalloc::ImportedRange> range;
+  {
+    stitchalloc::MutexLock l(&a->shared_mu);
+    auto it = a->opened.find(base);
+    if (it == a->opened.end()) {
+      return Fail(STITCHALLOC_ERROR_INVALID_ARGUMENT,
+                  absl::StrFormat("stitchalloc_close_shared(%p): not a base stitchalloc_open_shared returned (or "
+                                  "already closed)",
+                                  base));
+    }
+    range = std::move(it->second);
+    a->opened.erase(it);
+  }
+  range.reset();  // waits for the device, then unmaps (outside the lock)
+  return STITCHALLOC_OK;
 }
 
 stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream) {

@@ -58,6 +58,21 @@ STITCHALLOC_API stitchalloc_status stitchalloc_malloc(stitchalloc_allocator* a, 
                                                       void** out);
 /* Frees a pointer stitchalloc_malloc returned; NULL is a no-op. */
 STITCHALLOC_API stitchalloc_status stitchalloc_free(stitchalloc_allocator* a, void* ptr);
+
+/* Sharing with another process, in PyTorch's handle format for expandable segments (so the other
+ * side may be PyTorch): writes the handle of live allocation `ptr` into `handle` (at most
+ * `capacity` bytes; *size receives its length, also when it does not fit, which fails) and
+ * *offset, where the allocation starts in the memory the handle maps. Keep the allocation until
+ * the other process has opened the handle. */
+STITCHALLOC_API stitchalloc_status stitchalloc_share(stitchalloc_allocator* a, void* ptr, void* handle,
+                                                     size_t capacity, size_t* size, size_t* offset);
+/* Maps a handle another process shared (stitchalloc_share, or PyTorch's expandable segments) on
+ * this allocator's device; *base is the start of the mapping (add the sender's offset). It stays
+ * mapped until stitchalloc_close_shared(a, base) or stitchalloc_destroy, and keeps the memory
+ * alive after the sender frees it. */
+STITCHALLOC_API stitchalloc_status stitchalloc_open_shared(stitchalloc_allocator* a, const void* handle, size_t size,
+                                                           void** base);
+STITCHALLOC_API stitchalloc_status stitchalloc_close_shared(stitchalloc_allocator* a, void* base);
 /* Records that `stream` also uses the allocation at `ptr` (torch's record_stream). */
 STITCHALLOC_API stitchalloc_status stitchalloc_record_stream(stitchalloc_allocator* a, void* ptr, uintptr_t stream);
 /* Returns all cached, unused memory to the device (waits for pending stream work first). */
