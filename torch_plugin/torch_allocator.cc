@@ -1,8 +1,8 @@
 // TorchAllocator: stitchalloc as PyTorch's CUDA allocator. A subclass of
 // c10::cuda::CUDACachingAllocator::CUDAAllocator that delegates every request to one PoolSet
 // per device (created when the device is first used) and translates statistics, snapshots,
-// history and errors into PyTorch's types, so torch.cuda.memory_* and torch.cuda.memory._*
-// keep working unchanged.
+// history, CUDA IPC handles (allocator/ipc.h) and errors into PyTorch's types, so
+// torch.cuda.memory_*, torch.cuda.memory._* and torch.multiprocessing keep working unchanged.
 //
 // Installed by stitchalloc_torch_install() (below): it refuses once PyTorch's current CUDA
 // allocator is initialised (torch.cuda has been used), otherwise it stores the instance where
