@@ -299,6 +299,15 @@ TEST(TorchPlugin, MemoryHistoryNamesPoolsAndSegments) {
   EXPECT_EQ(trace[8].mempool_, def);
   EXPECT_EQ(trace[9].action_, cda::TraceEntry::SEGMENT_FREE);
   EXPECT_EQ(trace[9].addr_, trace[0].addr_);
+  // Stacks of frees (RecordContext::ALL), as PyTorch records them: one per free, shared by its
+  // two entries; emptyCache's segment frees carry emptyCache's; releasePool gathers none.
+  ASSERT_NE(trace[4].context_, nullptr);
+  EXPECT_EQ(trace[4].context_, trace[5].context_);
+  EXPECT_EQ(trace[6].context_, nullptr);
+  ASSERT_NE(trace[7].context_, nullptr);
+  EXPECT_EQ(trace[7].context_, trace[8].context_);
+  ASSERT_NE(trace[9].context_, nullptr);
+  EXPECT_NE(trace[9].context_, trace[7].context_);
   EXPECT_TRUE(a->snapshot(def, false).segments.empty());
   EXPECT_TRUE(replayed_matches_snapshot());
 

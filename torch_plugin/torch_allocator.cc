@@ -107,15 +107,16 @@ struct Gathered {
   bool in_trace = false;
 };
 
-// The context of the malloc running on this thread, for the segments it maps (OnSegments).
-thread_local const Gathered* t_malloc_context = nullptr;
+// The context of the call (malloc, free, emptyCache) running on this thread, for
+// the segments it maps or unmaps (OnSegments).
+thread_local const Gathered* t_call_context = nullptr;
 
-class MallocContext {
+class CallContext {
  public:
-  explicit MallocContext(const Gathered* g) : saved_(t_malloc_context) { t_malloc_context = g; }
-  ~MallocContext() { t_malloc_context = saved_; }
-  MallocContext(const MallocContext&) = delete;
-  MallocContext& operator=(const MallocContext&) = delete;
+  explicit CallContext(const Gathered* g) : saved_(t_call_context) { t_call_context = g; }
+  ~CallContext() { t_call_context = saved_; }
+  CallContext(const CallContext&) = delete;
+  CallContext& operator=(const CallContext&) = delete;
 
  private:
   const Gathered* saved_;
@@ -139,6 +140,8 @@ class TorchAllocator final : public cca::CUDAAllocator {
   // ---- c10::DeviceAllocator --------------------------------------------------------------
   bool initialized() override { return initialized_.load(); }
   void emptyCache(c10::MempoolId_t mempool_id) override {
+    const Gathered context = ReleaseContext();
+    CallContext scope(&context);
     for (int d = 0; d < kMaxDevices; ++d) {
       if (PoolSet* set = devices_[d].load()) Check("emptyCache", set->EmptyCache(ToPool(mempool_id)));
     }
@@ -379,8 +382,13 @@ class TorchAllocator final : public cca::CUDAAllocator {
     const bool history = record_history_.load() || has_trackers_.load();
     const std::size_t size = history ? SizeOf(*set, ptr) : 0;
     const PoolId pool = history ? set->PoolOf(ptr) : kDefaultPool;
-    Check("free", set->Free(ptr));
-    if (history) TraceFree(device, ptr, size, nullptr, pool);
+    Gathered context;
+    if (history) context = Gather(cda::TraceEntry::FREE_REQUESTED, /*freeing=*/true);
+    {
+      CallContext scope(history ? &context : nullptr);
+      Check("free", set->Free(ptr));
+    }
+    if (history) TraceFree(device, ptr, size, nullptr, pool, context);
   }
   // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
   // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
@@ -480,7 +488,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
     if (history) context = Gather(cda::TraceEntry::ALLOC, /*freeing=*/false);
     absl::StatusOr<void*> p;
     {
-      MallocContext scope(history ? &context : nullptr);
+      CallContext scope(history ? &context : nullptr);
       if (captures_.load() > 0 && !HostDriver()) {
         // Mapping new memory while a graph is being captured: allowed, as PyTorch's allocator does.
         c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
@@ -500,13 +508,14 @@ class TorchAllocator final : public cca::CUDAAllocator {
   }
 
   // Segment events of device `device`'s pool `pool` (PoolSet::SetSegmentObserver): called with
-  // an allocator lock held, so the context is the one the current malloc gathered, if any.
+  // an allocator lock held, so the context is the one the current call gathered, if any (as in
+  // PyTorch: a malloc's with allocation stacks recorded, a free's or emptyCache's with all).
   void OnSegments(DeviceIndex device, PoolId pool, const std::vector<SegmentEvent>& events) {
-    const Gathered* malloc_context = t_malloc_context;
+    const Gathered* call_context = t_call_context;
     for (const SegmentEvent& e : events) {
       Gathered context;
-      if (e.mapped && malloc_context != nullptr && malloc_context->in_trace) {
-        context.context = malloc_context->context;
+      if (call_context != nullptr && call_context->in_trace) {
+        context.context = call_context->context;
         context.in_trace = true;
       }
       Record(e.mapped ? cda::TraceEntry::SEGMENT_ALLOC : cda::TraceEntry::SEGMENT_FREE, device,
@@ -548,10 +557,20 @@ class TorchAllocator final : public cca::CUDAAllocator {
     }
   }
 
-  // A free in the trace: PyTorch's pair of entries, requested then completed.
+  // A free in the trace: PyTorch's pair of entries, requested then completed, with one context.
   void TraceFree(DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream, PoolId pool) {
-    Trace(cda::TraceEntry::FREE_REQUESTED, device, addr, size, stream, pool, /*freeing=*/true);
-    Trace(cda::TraceEntry::FREE_COMPLETED, device, addr, size, stream, pool, /*freeing=*/true);
+    TraceFree(device, addr, size, stream, pool, Gather(cda::TraceEntry::FREE_REQUESTED, /*freeing=*/true));
+  }
+  void TraceFree(DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream, PoolId pool,
+                 const Gathered& context) {
+    Record(cda::TraceEntry::FREE_REQUESTED, device, addr, size, stream, pool, /*freeing=*/true, context);
+    Record(cda::TraceEntry::FREE_COMPLETED, device, addr, size, stream, pool, /*freeing=*/true, context);
+  }
+  // The context of emptyCache, gathered when the history wants stacks of frees (as PyTorch's;
+  // its releasePool gathers none, nor does this one).
+  Gathered ReleaseContext() {
+    if (!record_history_.load() && !has_trackers_.load()) return {};
+    return Gather(cda::TraceEntry::SEGMENT_FREE, /*freeing=*/true);
   }
 
   void Trace(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
