@@ -270,9 +270,9 @@ class TorchAllocator final : public cca::CUDAAllocator {
   }
   // ---- CUDA IPC (torch.multiprocessing), in PyTorch's expandable-segment format (ipc.h) ------
   cca::ShareableHandle shareIpcHandle(void* ptr) override {
-    PoolSet* set = SetOf(ptr);
-    TORCH_CHECK(set != nullptr, "stitchalloc shareIpcHandle: ", ptr, " is not an allocation of stitchalloc");
-    absl::StatusOr<SharedRange> shared = set->Share(ptr);
+    const int device = DeviceIndexOf(ptr);
+    TORCH_CHECK(device >= 0, "stitchalloc shareIpcHandle: ", ptr, " is not an allocation of stitchalloc");
+    absl::StatusOr<SharedRange> shared = devices_[device].load()->Share(ptr);
     if (!shared.ok()) Raise("shareIpcHandle", shared.status());
     return {static_cast<ptrdiff_t>(shared->offset), EncodeIpcHandle(*shared, getpid())};
   }
@@ -451,13 +451,13 @@ class TorchAllocator final : public cca::CUDAAllocator {
     return *set;
   }
 
-  // The device whose pools serve live allocation `ptr`, or null.
-  PoolSet* SetOf(const void* ptr) {
+  // The device whose pools serve live allocation `ptr`, or -1.
+  int DeviceIndexOf(const void* ptr) const {
     for (int d = 0; d < kMaxDevices; ++d) {
       PoolSet* set = devices_[d].load();
-      if (set != nullptr && set->Describe(ptr).ok()) return set;
+      if (set != nullptr && set->Describe(ptr).ok()) return d;
     }
-    return nullptr;
+    return -1;
   }
   // Drops the cache entry of an IPC handle whose memory this process no longer uses.
   void ForgetIpc(const std::string& handle, std::uint64_t id) {
@@ -466,12 +466,10 @@ class TorchAllocator final : public cca::CUDAAllocator {
     if (it != ipc_open_.end() && it->second.id == id) ipc_open_.erase(it);
   }
 
-  DeviceIndex DeviceOf(void* ptr) {
-    for (int d = 0; d < kMaxDevices; ++d) {
-      PoolSet* set = devices_[d].load();
-      if (set != nullptr && set->Describe(ptr).ok()) return static_cast<DeviceIndex>(d);
-    }
-    TORCH_CHECK(false, "stitchalloc free: ", ptr, " was not allocated by stitchalloc");
+  DeviceIndex DeviceOf(void* ptr) const {
+    const int d = DeviceIndexOf(ptr);
+    TORCH_CHECK(d >= 0, "stitchalloc free: ", ptr, " was not allocated by stitchalloc");
+    return static_cast<DeviceIndex>(d);
   }
 
   static std::size_t SizeOf(PoolSet& set, void* ptr) {
