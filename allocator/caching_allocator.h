@@ -40,6 +40,7 @@
 #include "allocator/ipc.h"
 #include "allocator/mapping_store.h"
 #include "allocator/policy.h"
+#include "allocator/pool_allocator.h"
 #include "allocator/stats.h"
 #include "vmm/driver.h"
 #include "vmm/mutex.h"
@@ -80,7 +81,7 @@ struct SegmentInfo {
   std::vector<BlockSummary> blocks;
 };
 
-class CachingAllocator {
+class CachingAllocator final : public PoolAllocator {
  public:
   // Opens the driver named by config (auto: CUDA if present, host otherwise).
   static absl::StatusOr<std::unique_ptr<CachingAllocator>> Create(const Config& config);
@@ -88,31 +89,31 @@ class CachingAllocator {
   static absl::StatusOr<std::unique_ptr<CachingAllocator>> Create(const Config& config,
                                                                   std::unique_ptr<Driver> driver);
   // Releases all device memory, including blocks still allocated.
-  ~CachingAllocator();
+  ~CachingAllocator() override;
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
   // At least `size` bytes, 512-byte aligned, usable in order on `stream`. InvalidArgument for
   // size 0 or above 1 PiB; ResourceExhausted (the out-of-memory report) when even a release
   // of cached memory cannot make room.
-  absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream);
+  absl::StatusOr<void*> Malloc(std::size_t size, Stream stream = kDefaultStream) override;
   // Returns a block; a null pointer is a no-op. The block is reused on its stream at once and
   // by other streams after the work recorded on them (RecordStream) completes.
-  absl::Status Free(void* ptr);
+  absl::Status Free(void* ptr) override;
   // Marks an allocated block as used by `stream` as well (torch's Tensor.record_stream).
-  absl::Status RecordStream(void* ptr, Stream stream);
+  absl::Status RecordStream(void* ptr, Stream stream) override;
   // Waits for pending stream events, then returns every cached chunk to the driver.
-  absl::Status EmptyCache();
+  absl::Status EmptyCache() override;
   // Caps reserved memory at `fraction` of the device's total memory, in (0, 1].
-  absl::Status SetMemoryFraction(double fraction);
+  absl::Status SetMemoryFraction(double fraction) override;
   // While set, cached memory stays mapped where it is: EmptyCache returns nothing, and a request
   // that does not fit fails with the out-of-memory report instead of releasing the cache first.
   // A private pool keeps it set while a captured CUDA graph may replay at its addresses.
-  void SetKeepCached(bool keep) { keep_cached_.store(keep, std::memory_order_relaxed); }
+  void SetKeepCached(bool keep) override { keep_cached_.store(keep, std::memory_order_relaxed); }
   // The memory limit (memory_fraction) then caps the reserved bytes of every allocator sharing
   // `total` together, as PyTorch's fraction caps a device's pools together: each adds its
   // reserved bytes to it (those it holds already at once) and takes them out when it goes.
-  void ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total);
+  void ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) override;
 
   // Called when a request would otherwise fail with out-of-memory, after cached memory was
   // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
@@ -133,40 +134,32 @@ class CachingAllocator {
   // allocator's lock held, so that events reach it in the order the changes happened: it must be
   // quick and must not call into this allocator. Setting one starts tracking from the segments
   // there are (no events for them); an empty function stops it.
-  using SegmentObserver = std::function<void(const std::vector<SegmentEvent>&)>;
-  void SetSegmentObserver(SegmentObserver observer);
+  void SetSegmentObserver(SegmentObserver observer) override;
 
-  Stats GetStats() const;
-  void ResetPeakStats();
-  void ResetAccumulatedStats();
+  Stats GetStats() const override;
+  void ResetPeakStats() override;
+  void ResetAccumulatedStats() override;
 
-  absl::StatusOr<BlockInfo> Describe(const void* ptr) const;
+  absl::StatusOr<BlockInfo> Describe(const void* ptr) const override;
   // For another process (ipc.h): the chunks under live allocation `ptr`, exported by the driver.
   // ShareRange shares [begin, begin + bytes) of live allocation `allocation` (bytes 0: to its end).
   // InvalidArgument for a pointer that is not a live allocation or a range outside it;
   // FailedPrecondition when the driver cannot export (Driver::ExportChunk). The descriptors stay
   // open while the chunks live, which they do at least as long as the allocation.
-  absl::StatusOr<SharedRange> Share(const void* ptr);
+  absl::StatusOr<SharedRange> Share(const void* ptr) override;
   absl::StatusOr<SharedRange> ShareRange(const void* allocation, DevicePtr begin, std::size_t bytes);
-  std::vector<SegmentInfo> Snapshot() const;
+  std::vector<SegmentInfo> Snapshot() const override;
 
   // The allocations live now, in address order (PyTorch's CUDA graph trees checkpoint a private
   // pool's state with these, and restore it with AllocateAt).
-  struct LiveAllocation {
-    DevicePtr ptr = 0;
-    std::size_t size = 0;       // the block's bytes (rounded)
-    std::size_t requested = 0;
-    Stream stream = kDefaultStream;
-    bool operator==(const LiveAllocation&) const = default;
-  };
-  std::vector<LiveAllocation> LiveAllocations() const;
+  std::vector<LiveAllocation> LiveAllocations() const override;
   // Allocates exactly [a.ptr, a.ptr + a.size) for a.stream, a.requested bytes asked for. The
   // range must lie in one free block of that stream's pool (frees still waiting for other
   // streams' events are waited for first); otherwise FailedPrecondition says what is there,
   // and nothing changes.
-  absl::StatusOr<void*> AllocateAt(const LiveAllocation& a);
+  absl::StatusOr<void*> AllocateAt(const LiveAllocation& a) override;
   // Walks every structure and checks the invariants of block.h and the statistics. For tests.
-  absl::Status CheckInvariants() const;
+  absl::Status CheckInvariants() const override;
 
   Driver& driver() const { return *driver_; }
   const Config& config() const { return config_; }

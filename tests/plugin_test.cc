@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -377,6 +378,169 @@ TEST(PoolSet, UseOnOomPoolServesTheDefaultPoolOnlyWhenItWouldRunOut) {
   EXPECT_EQ(set->SetUseOnOom(kDefaultPool, true).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(set->SetUseOnOom(PoolId{77, 0}, true).code(), absl::StatusCode::kFailedPrecondition);
   SA_ASSERT_OK(set->main().CheckInvariants());
+}
+
+// torch.cuda.MemPool(allocator): the pool's segments come from its own allocator (here
+// functions over the host driver's memory, as a CUDAPluggableAllocator over cuMem would give
+// device memory), sub-allocated as PyTorch's allocator does; everything else about a private pool
+// holds: routing, isolation, statistics, snapshots, release. The allocator sees every segment
+// come back.
+TEST(PoolSet, MemPoolWithItsOwnAllocatorServesItsSegments) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  Driver& driver = set->main().driver();
+  std::vector<std::size_t> asked;
+  std::vector<void*> freed;
+  absl::flat_hash_map<void*, std::pair<PhysHandle, std::size_t>> made;
+  auto source = SegmentSource::FromFunctions(
+      [&](std::size_t bytes) -> void* {
+        asked.push_back(bytes);
+        auto chunk = driver.CreateChunk(RoundUp(bytes, driver.granularity()));
+        auto va = driver.Reserve(RoundUp(bytes, driver.granularity()));
+        if (!chunk.ok() || !va.ok()) return nullptr;
+        if (!driver.Map(*va, RoundUp(bytes, driver.granularity()), *chunk).ok()) return nullptr;
+        if (!driver.SetAccess(*va, RoundUp(bytes, driver.granularity())).ok()) return nullptr;
+        made[reinterpret_cast<void*>(*va)] = {*chunk, RoundUp(bytes, driver.granularity())};
+        return reinterpret_cast<void*>(*va);
+      },
+      [&](void* p) {
+        freed.push_back(p);
+        auto [chunk, bytes] = made.at(p);
+        EXPECT_TRUE(driver.Unmap(reinterpret_cast<DevicePtr>(p), bytes).ok());
+        EXPECT_TRUE(driver.FreeReservation(reinterpret_cast<DevicePtr>(p), bytes).ok());
+        EXPECT_TRUE(driver.ReleaseChunk(chunk).ok());
+        made.erase(p);
+      },
+      "the test's allocator");
+  const PoolId pool{9, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(pool, std::move(source)));
+  // A pool's allocator is fixed when it is made.
+  auto again = set->CreateOrIncrefPool(pool, SegmentSource::FromFunctions([](std::size_t) { return nullptr; },
+                                                                           [](void*) {}, "another"));
+  EXPECT_TRUE(absl::IsFailedPrecondition(again)) << again;
+  EXPECT_EQ(set->PoolUseCount(pool), 1);
+
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream s) { return s == kCapture; }));
+  SA_ASSIGN_OR_FAIL(a, set->Malloc(3 << 20, kCapture));
+  SA_ASSIGN_OR_FAIL(b, set->Malloc(5 << 20, kCapture));
+  SA_ASSIGN_OR_FAIL(c, set->Malloc(1000, kCapture));
+  SA_ASSIGN_OR_FAIL(outside, set->Malloc(3 << 20, kDefaultStream));  // the default pool's
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // use_mem_pool's exit: the MemPool is the one user left
+  EXPECT_EQ(set->PoolUseCount(pool), 1);
+  EXPECT_EQ(asked, (std::vector<std::size_t>{20 << 20, 2 << 20})) << "PyTorch's segment sizes, shared";
+  EXPECT_EQ(set->PoolOf(a), pool);
+  EXPECT_EQ(set->PoolOf(outside), kDefaultPool);
+  EXPECT_EQ(static_cast<char*>(b) - static_cast<char*>(a), 3 << 20);
+  // Bytes through the driver, as kernels would write them.
+  auto bytes = Pattern(5 << 20, 4);
+  SA_ASSERT_OK(Upload(driver, b, bytes.data(), bytes.size()));
+  std::vector<std::uint8_t> back(bytes.size());
+  SA_ASSERT_OK(Download(driver, back.data(), b, back.size()));
+  EXPECT_EQ(back, bytes);
+
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).reserved_bytes.all().current, 22 << 20);
+  EXPECT_EQ(set->GetStats().reserved_bytes.all().current, (22 << 20) + set->main().GetStats().reserved_bytes.all().current);
+  int in_pool = 0;
+  for (const PoolSet::Segment& seg : set->Snapshot(pool)) {
+    EXPECT_EQ(seg.pool, pool);
+    ++in_pool;
+  }
+  EXPECT_EQ(in_pool, 2);
+  SA_ASSIGN_OR_FAIL(info, set->Describe(b));
+  EXPECT_EQ(info.mapping_size, 20u << 20);
+  auto shared = set->Share(b);
+  EXPECT_TRUE(absl::IsFailedPrecondition(shared.status())) << shared.status();
+  EXPECT_THAT(std::string(shared.status().message()), HasSubstr("the test's allocator"));
+
+  // Freed, the blocks stay in the pool's cache while it has a user (a graph may replay there).
+  for (void* p : {a, b, c}) SA_ASSERT_OK(set->Free(p));
+  SA_ASSERT_OK(set->EmptyCache());
+  EXPECT_TRUE(freed.empty());
+  // The MemPool goes: its cache returns to its allocator and the pool disappears.
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_TRUE(set->PrivatePools().empty());
+  EXPECT_EQ(freed.size(), 2u);
+  EXPECT_TRUE(made.empty());
+  SA_ASSERT_OK(set->Free(outside));
+  SA_ASSERT_OK(set->main().CheckInvariants());
+}
+
+// torch.cuda.MemPool(no_split=True): set right after the pool is made, every allocation of it
+// holds a whole segment (of the driver's memory here, one chunk each); once the pool holds
+// memory it cannot change.
+TEST(PoolSet, NoSplitPoolGivesEveryAllocationItsOwnSegment) {
+  auto set = MakePoolSet();
+  ASSERT_NE(set, nullptr);
+  const PoolId pool{10, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(pool));
+  SA_ASSERT_OK(set->SetNoSplit(pool));
+  SA_ASSERT_OK(set->SetNoSplit(pool));  // idempotent
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  std::vector<void*> live;
+  for (std::size_t n : {std::size_t{4096}, std::size_t{4096}, std::size_t{3} << 20, std::size_t{3} << 20}) {
+    SA_ASSIGN_OR_FAIL(p, set->Malloc(n, kDefaultStream));
+    SA_ASSIGN_OR_FAIL(info, set->Describe(p));
+    EXPECT_EQ(info.ptr, info.mapping_va);
+    EXPECT_EQ(info.size, info.mapping_size);
+    live.push_back(p);
+  }
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // use_mem_pool's exit
+  EXPECT_EQ(set->Snapshot(pool).size(), 4u);
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).reserved_bytes.all().current, (2 << 20) * 2 + (20 << 20) * 2);
+  // Whole driver segments share like the default pool's chunks.
+  SA_ASSIGN_OR_FAIL(shared, set->Share(live[2]));
+  EXPECT_EQ(shared.fds.size(), 1u);
+  EXPECT_EQ(shared.offset, 0u);
+  for (void* p : live) SA_ASSERT_OK(set->Free(p));
+
+  // A pool that holds memory keeps how it splits.
+  const PoolId used{11, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(used));
+  SA_ASSERT_OK(set->BeginAllocateToPool(used, [](Stream) { return true; }));
+  SA_ASSIGN_OR_FAIL(q, set->Malloc(4096, kDefaultStream));
+  SA_ASSERT_OK(set->EndAllocateToPool(used));
+  SA_ASSERT_OK(set->ReleasePool(used));
+  const absl::Status late = set->SetNoSplit(used);
+  EXPECT_TRUE(absl::IsFailedPrecondition(late)) << late;
+  EXPECT_THAT(std::string(late.message()), HasSubstr("holds memory already"));
+  EXPECT_TRUE(absl::IsFailedPrecondition(set->SetNoSplit(PoolId{99, 0})));
+  EXPECT_TRUE(absl::IsInvalidArgument(set->SetNoSplit(kDefaultPool)));
+  SA_ASSERT_OK(set->Free(q));
+  SA_ASSERT_OK(set->ReleasePool(used));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  EXPECT_TRUE(set->PrivatePools().empty());
+  EXPECT_EQ(set->GetStats().reserved_bytes.all().current, set->main().GetStats().reserved_bytes.all().current);
+}
+
+// When a pool's own allocator runs out, the default pool's cache goes back to the device first,
+// as PyTorch's allocator releases its cached blocks before reporting out of memory.
+TEST(PoolSet, OwnAllocatorOutOfMemoryReleasesTheDefaultPoolsCacheFirst) {
+  Config c = HostConfig();  // 256 MiB
+  SA_ASSIGN_OR_FAIL(set, PoolSet::Create(c));
+  SA_ASSIGN_OR_FAIL(big, set->Malloc(200ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->Free(big));  // 200 MiB cached in the default pool
+  const PoolId pool{12, 0};
+  SA_ASSERT_OK(set->CreateOrIncrefPool(pool));
+  SA_ASSERT_OK(set->SetNoSplit(pool));  // whole driver segments: they need the device's memory
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  SA_ASSIGN_OR_FAIL(p, set->Malloc(100ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));  // use_mem_pool's exit
+  EXPECT_EQ(set->main().GetStats().reserved_bytes.all().current, 0) << "the default pool's cache went back";
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).num_alloc_retries, 1);
+  // Past the device: out of memory, explained, and the set stays usable.
+  SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  auto oom = set->Malloc(200ull << 20, kDefaultStream);
+  SA_ASSERT_OK(set->EndAllocateToPool(pool));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  ASSERT_TRUE(absl::IsResourceExhausted(oom.status())) << oom.status();
+  EXPECT_THAT(std::string(oom.status().message()), HasSubstr("no_split"));
+  SA_ASSERT_OK(set->Free(p));
+  SA_ASSERT_OK(set->ReleasePool(pool));
+  SA_ASSIGN_OR_FAIL(again, set->Malloc(200ull << 20, kDefaultStream));
+  SA_ASSERT_OK(set->Free(again));
 }
 
 TEST(PoolSet, ReleasedPoolLivesUntilItsLastAllocationIsFreed) {

@@ -87,7 +87,7 @@ absl::Status PoolSet::SetUseOnOom(PoolId id, bool use) {
   return absl::OkStatus();
 }
 
-CachingAllocator* PoolSet::OwnerOf(const void* ptr) const {
+PoolAllocator* PoolSet::OwnerOf(const void* ptr) const {
   auto it = pool_of_.find(ptr);
   if (it == pool_of_.end()) return nullptr;
   return pools_.at(it->second)->allocator.get();
@@ -115,7 +115,7 @@ absl::Status PoolSet::Free(void* ptr) {
 absl::Status PoolSet::RecordStream(void* ptr, Stream stream) {
   if (pooled_.load(std::memory_order_acquire) > 0) {
     MutexLock lock(&mu_);
-    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->RecordStream(ptr, stream);
+    if (PoolAllocator* owner = OwnerOf(ptr)) return owner->RecordStream(ptr, stream);
   }
   return arena_->RecordStream(ptr, stream);
 }
@@ -123,7 +123,7 @@ absl::Status PoolSet::RecordStream(void* ptr, Stream stream) {
 absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
   if (pooled_.load(std::memory_order_acquire) > 0) {
     MutexLock lock(&mu_);
-    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->Describe(ptr);
+    if (PoolAllocator* owner = OwnerOf(ptr)) return owner->Describe(ptr);
   }
   return arena_->Describe(ptr);
 }
@@ -131,7 +131,7 @@ absl::StatusOr<BlockInfo> PoolSet::Describe(const void* ptr) const {
 absl::StatusOr<SharedRange> PoolSet::Share(const void* ptr) {
   if (pooled_.load(std::memory_order_acquire) > 0) {
     MutexLock lock(&mu_);
-    if (CachingAllocator* owner = OwnerOf(ptr)) return owner->Share(ptr);
+    if (PoolAllocator* owner = OwnerOf(ptr)) return owner->Share(ptr);
   }
   return arena_->Share(ptr);
 }
@@ -143,7 +143,7 @@ PoolId PoolSet::PoolOf(const void* ptr) const {
   return it == pool_of_.end() ? kDefaultPool : it->second;
 }
 
-CachingAllocator::SegmentObserver PoolSet::ObserverFor(PoolId id) const {
+PoolAllocator::SegmentObserver PoolSet::ObserverFor(PoolId id) const {
   if (!segment_observer_) return nullptr;
   return [observer = segment_observer_, id](const std::vector<SegmentEvent>& events) { observer(id, events); };
 }
@@ -155,25 +155,83 @@ void PoolSet::SetSegmentObserver(SegmentObserver observer) {
   for (auto& [id, pool] : pools_) pool->allocator->SetSegmentObserver(ObserverFor(id));
 }
 
-absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id) {
+absl::StatusOr<PoolSet::Pool*> PoolSet::GetOrCreate(PoolId id, std::shared_ptr<SegmentSource> source) {
   if (id == kDefaultPool) return DefaultPoolError("private pool");
   auto it = pools_.find(id);
-  if (it != pools_.end()) return it->second.get();
+  if (it != pools_.end()) {
+    if (source != nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "createOrIncrefPool: pool ", Name(id), " exists already; a pool's own allocator is given when it is created"));
+    }
+    return it->second.get();
+  }
   STITCHALLOC_NVTX_RANGE("stitchalloc::PoolSet::CreatePool");
-  Config config = config_;
-  config.memory_fraction = fraction_.load(std::memory_order_relaxed);
-  // A graph captured into the pool replays at the addresses it was captured with, freed ones
-  // included: the pool never remaps (no stitching: its mappings are never retired, dissolved or
-  // refilled) and keeps its cache while it has users (see the file comment).
-  config.stitching = false;
-  auto allocator = CachingAllocator::Create(config);
+  auto allocator = MakeAllocator(source, /*no_split=*/false);
   if (!allocator.ok()) return allocator.status();
   auto pool = std::make_unique<Pool>();
   pool->allocator = *std::move(allocator);
+  pool->source = std::move(source);
+  Pool* p = pools_.emplace(id, std::move(pool)).first->second.get();
+  Attach(id, p);
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<PoolAllocator>> PoolSet::MakeAllocator(const std::shared_ptr<SegmentSource>& source,
+                                                                      bool no_split) {
+  Config config = config_;
+  config.memory_fraction = fraction_.load(std::memory_order_relaxed);
+  if (source == nullptr && !no_split) {
+    // A graph captured into the pool replays at the addresses it was captured with, freed ones
+    // included: the pool never remaps (no stitching: its mappings are never retired, dissolved or
+    // refilled) and keeps its cache while it has users (see the file comment).
+    config.stitching = false;
+    auto a = CachingAllocator::Create(config);
+    if (!a.ok()) return a.status();
+    return std::unique_ptr<PoolAllocator>(*std::move(a));
+  }
+  SegmentPool::Options options;
+  options.no_split = no_split;
+  // As PyTorch's allocator releases its cached blocks when a pool's allocator fails: the default
+  // pool's cache goes back to the device, where the pool's allocator can find it. Runs under mu_
+  // (Malloc holds it) and takes only the default pool's own lock.
+  options.on_source_exhausted = [main = main_.get()] { main->EmptyCache().IgnoreError(); };
+  std::shared_ptr<SegmentSource> from =
+      source != nullptr ? source : std::make_shared<DriverSegmentSource>(&main_->driver());
+  auto a = SegmentPool::Create(config, &main_->driver(), std::move(from), std::move(options));
+  if (!a.ok()) return a.status();
+  return std::unique_ptr<PoolAllocator>(*std::move(a));
+}
+
+void PoolSet::Attach(PoolId id, Pool* pool) {
   pool->allocator->SetKeepCached(true);
   pool->allocator->ShareMemoryLimit(reserved_);
   if (segment_observer_) pool->allocator->SetSegmentObserver(ObserverFor(id));
-  return pools_.emplace(id, std::move(pool)).first->second.get();
+}
+
+absl::Status PoolSet::SetNoSplit(PoolId id) {
+  if (id == kDefaultPool) return DefaultPoolError("setNoSplit");
+  MutexLock lock(&mu_);
+  auto it = pools_.find(id);
+  if (it == pools_.end()) return absl::FailedPreconditionError(absl::StrCat("setNoSplit: no private pool ", Name(id)));
+  Pool* pool = it->second.get();
+  if (pool->no_split) return absl::OkStatus();
+  const Stats now = pool->allocator->GetStats();
+  if (now.reserved_bytes.all().current != 0 || pool->live != 0) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "setNoSplit: pool %s holds memory already (%d bytes reserved, %d allocations); no_split is set when the "
+        "pool is created",
+        Name(id), now.reserved_bytes.all().current, pool->live));
+  }
+  auto allocator = MakeAllocator(pool->source, /*no_split=*/true);
+  if (!allocator.ok()) return allocator.status();
+  Stats gone = now;
+  gone.ReleaseAll();
+  retired_.Accumulate(gone);
+  pool->allocator = *std::move(allocator);  // the old one held nothing
+  pool->no_split = true;
+  Attach(id, pool);
+  pool->allocator->SetKeepCached(pool->users > 0);
+  return absl::OkStatus();
 }
 
 void PoolSet::MaybeErase(PoolId id) {
@@ -189,9 +247,9 @@ void PoolSet::MaybeErase(PoolId id) {
   pools_.erase(it);  // the allocator returns all its memory
 }
 
-absl::Status PoolSet::CreateOrIncrefPool(PoolId id) {
+absl::Status PoolSet::CreateOrIncrefPool(PoolId id, std::shared_ptr<SegmentSource> source) {
   MutexLock lock(&mu_);
-  auto pool = GetOrCreate(id);
+  auto pool = GetOrCreate(id, std::move(source));
   if (!pool.ok()) return pool.status();
   ++(*pool)->users;
   (*pool)->allocator->SetKeepCached(true);
@@ -274,7 +332,7 @@ absl::StatusOr<PoolSet::Restored> PoolSet::RestorePool(PoolId id, std::vector<Ca
   auto it = pools_.find(id);
   if (it == pools_.end()) return absl::NotFoundError(absl::StrCat("setCheckpointPoolState: no private pool ", Name(id)));
   Pool* pool = it->second.get();
-  CachingAllocator& a = *pool->allocator;
+  PoolAllocator& a = *pool->allocator;
   const std::vector<Live> now = a.LiveAllocations();
   const auto whole = [](const Live& x, const Live& y) {
     return std::tie(x.ptr, x.size, x.requested, x.stream) < std::tie(y.ptr, y.size, y.requested, y.stream);

@@ -35,6 +35,8 @@
 #include "allocator/arena/arena.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/config.h"
+#include "allocator/pool_allocator.h"
+#include "allocator/segment_pool.h"
 #include "vmm/mutex.h"
 
 namespace stitchalloc {
@@ -64,7 +66,14 @@ class PoolSet {
   // for a pointer no pool knows). Takes no lock while no private pool holds an allocation.
   PoolId PoolOf(const void* ptr) const;
 
-  absl::Status CreateOrIncrefPool(PoolId id);
+  // `source`: the pool's own allocator (torch.cuda.MemPool(allocator)); its segments come from
+  // it and are sub-allocated by a SegmentPool (segment_pool.h), as PyTorch's allocator serves such
+  // a pool. Only when the pool is created: an existing pool keeps what it was made with.
+  absl::Status CreateOrIncrefPool(PoolId id, std::shared_ptr<SegmentSource> source = nullptr);
+  // torch.cuda.MemPool(no_split=True): every allocation of the pool holds a whole segment (a
+  // SegmentPool over the pool's own allocator, or over whole driver segments). Only while the
+  // pool holds no memory (PyTorch sets it right after creating the pool).
+  absl::Status SetNoSplit(PoolId id);
   absl::Status BeginAllocateToPool(PoolId id, StreamFilter filter);
   absl::Status EndAllocateToPool(PoolId id);
   absl::Status ReleasePool(PoolId id);
@@ -118,7 +127,9 @@ class PoolSet {
 
  private:
   struct Pool {
-    std::unique_ptr<CachingAllocator> allocator;
+    std::unique_ptr<PoolAllocator> allocator;
+    std::shared_ptr<SegmentSource> source;  // the pool's own allocator, if it has one
+    bool no_split = false;
     int users = 0;
     std::int64_t live = 0;  // allocations not yet freed
     bool use_on_oom = false;
@@ -128,14 +139,20 @@ class PoolSet {
     StreamFilter filter;
   };
   explicit PoolSet(const Config& config, std::unique_ptr<CachingAllocator> main);
-  absl::StatusOr<Pool*> GetOrCreate(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Pool*> GetOrCreate(PoolId id, std::shared_ptr<SegmentSource> source = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The allocator of a pool: a CachingAllocator, or a SegmentPool when it has a source or no_split.
+  absl::StatusOr<std::unique_ptr<PoolAllocator>> MakeAllocator(const std::shared_ptr<SegmentSource>& source,
+                                                               bool no_split) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Wires a pool's allocator into the device: memory limit, observer, cache kept while in use.
+  void Attach(PoolId id, Pool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeErase(PoolId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  CachingAllocator* OwnerOf(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  PoolAllocator* OwnerOf(const void* ptr) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A default-pool request that failed with `oom`, tried on the use_on_oom pools.
   absl::StatusOr<void*> MallocOnOom(std::size_t size, Stream stream, absl::Status oom);
   void Record(void* p, PoolId id, Pool* pool) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The observer of pool `id`'s allocator: segment_observer_ with the pool's id, or none.
-  CachingAllocator::SegmentObserver ObserverFor(PoolId id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  PoolAllocator::SegmentObserver ObserverFor(PoolId id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Config config_;
   // Reserved bytes of every pool together: the memory fraction caps their sum, as PyTorch's does.

@@ -46,6 +46,7 @@
 #include "allocator/arena/arena.h"
 #include "allocator/config.h"
 #include "allocator/ipc.h"
+#include "allocator/segment_pool.h"
 #include "torch_plugin/pool_set.h"
 #include "torch_plugin/torch_internal.h"
 
@@ -86,6 +87,40 @@ struct PoolCheckpoint final : cca::AllocatorState {
   DeviceIndex device;
   PoolId pool;
   std::vector<CachingAllocator::LiveAllocation> blocks;
+};
+
+// The allocator of a torch.cuda.MemPool(allocator) (a CUDAPluggableAllocator: NCCL's ncclMemAlloc,
+// vLLM's cuMem allocator, ...): its raw_alloc / raw_delete make the pool's segments, which a
+// SegmentPool sub-allocates, as PyTorch's allocator uses a pool's allocator. Called with the
+// pool's lock held, as PyTorch calls it with its own; its exceptions become Statuses there.
+class MemPoolSource final : public SegmentSource {
+ public:
+  explicit MemPoolSource(std::shared_ptr<cca::CUDAAllocator> allocator)
+      : allocator_(std::move(allocator)), name_(absl::StrCat("the MemPool's own allocator (", allocator_->name(), ")")) {}
+  absl::StatusOr<Segment> Allocate(std::size_t bytes) override {
+    try {
+      void* p = allocator_->raw_alloc(bytes);
+      if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat(name_, " returned no memory for ", bytes, " bytes"));
+      return Segment{reinterpret_cast<DevicePtr>(p), bytes};
+    } catch (const c10::OutOfMemoryError& e) {
+      return absl::ResourceExhaustedError(absl::StrCat(name_, ": ", e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat(name_, " failed: ", e.what()));
+    }
+  }
+  absl::Status Release(const Segment& segment) override {
+    try {
+      allocator_->raw_delete(reinterpret_cast<void*>(segment.ptr));
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat(name_, " failed to free a segment: ", e.what()));
+    }
+  }
+  std::string name() const override { return name_; }
+
+ private:
+  const std::shared_ptr<cca::CUDAAllocator> allocator_;
+  const std::string name_;
 };
 
 void CopyStat(const Stat& from, c10::CachingAllocator::Stat& to) {
@@ -253,9 +288,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
   }
   void createOrIncrefPool(DeviceIndex device, c10::MempoolId_t mempool_id,
                           std::shared_ptr<cca::CUDAAllocator> allocator) override {
-    TORCH_CHECK(allocator == nullptr || allocator.get() == this,
-                "stitchalloc: a MemPool with its own allocator is not supported under stitchalloc");
-    Check("createOrIncrefPool", Device(device).CreateOrIncrefPool(ToPool(mempool_id)));
+    std::shared_ptr<SegmentSource> source;
+    if (allocator != nullptr && allocator.get() != this) source = std::make_shared<MemPoolSource>(std::move(allocator));
+    Check("createOrIncrefPool", Device(device).CreateOrIncrefPool(ToPool(mempool_id), std::move(source)));
+  }
+  void setNoSplit(DeviceIndex device, c10::MempoolId_t mempool_id) override {
+    Check("setNoSplit", Device(device).SetNoSplit(ToPool(mempool_id)));
   }
   bool checkPoolLiveAllocations(DeviceIndex device, c10::MempoolId_t mempool_id,
                                 const std::unordered_set<void*>& expected_live_allocations) override {
