@@ -11,6 +11,7 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <torch/headeronly/version.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -221,6 +222,103 @@ TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {
   EXPECT_TRUE(a->snapshot(pool, false).segments.empty() || a->snapshot(pool, false).segments[0].owner_private_pool_id != pool);
   a->raw_delete(outside);
   EXPECT_THROW(a->releasePool(0, pool), c10::Error);
+}
+
+// torch.cuda.MemPool(no_split=True) through c10: every allocation of the pool is a segment of
+// its own in the snapshot; once the pool holds memory, setNoSplit is refused.
+TEST(TorchPlugin, NoSplitMemPoolThroughTorchsInterface) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  const c10::MempoolId_t pool{5, 0};
+  a->createOrIncrefPool(0, pool, nullptr);  // torch.cuda.MemPool(no_split=True)'s constructor
+  a->setNoSplit(0, pool);
+  a->beginAllocateToPool(0, pool, [](cudaStream_t s) { return s == StreamId(7); });
+  void* x = a->raw_alloc_with_stream(4096, StreamId(7));
+  void* y = a->raw_alloc_with_stream(4096, StreamId(7));
+  a->endAllocateToPool(0, pool);
+  a->releasePool(0, pool);  // use_mem_pool's exit
+  std::vector<const void*> starts;
+  for (const auto& seg : a->snapshot(pool, false).segments) {
+    if (seg.owner_private_pool_id != pool) continue;
+    ASSERT_EQ(seg.blocks.size(), 1u) << "a no_split segment holds one block";
+    EXPECT_TRUE(seg.blocks[0].allocated);
+    starts.push_back(reinterpret_cast<const void*>(seg.address));
+  }
+  EXPECT_THAT(starts, ::testing::UnorderedElementsAre(x, y));
+  try {
+    a->setNoSplit(0, pool);  // already set: nothing to do
+  } catch (const c10::Error& e) {
+    ADD_FAILURE() << e.what();
+  }
+  const c10::MempoolId_t used{6, 0};
+  a->beginAllocateToPool(0, used, [](cudaStream_t s) { return s == StreamId(7); });
+  void* z = a->raw_alloc_with_stream(4096, StreamId(7));
+  a->endAllocateToPool(0, used);
+  try {
+    a->setNoSplit(0, used);
+    ADD_FAILURE() << "setNoSplit on a pool that holds memory";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("holds memory already"));
+  }
+  for (void* p : {x, y, z}) a->raw_delete(p);
+  a->releasePool(0, used);
+  a->releasePool(0, pool);
+  EXPECT_EQ(a->getPoolUseCount(0, pool), 0);
+}
+
+// torch.cuda.MemPool(allocator): the pool's segments come from the given allocator's raw_alloc
+// and go back through its raw_delete. Where CUDA is present, the pluggable allocator's functions
+// (host memory here, which the host driver uses as device memory) serve the pool; without CUDA
+// the pluggable allocator itself cannot tell its device, and that failure must reach the caller
+// as torch's error naming the pool's allocator, with nothing else disturbed.
+std::vector<std::size_t> g_pluggable_sizes;
+int g_pluggable_frees = 0;
+
+TEST(TorchPlugin, MemPoolWithItsOwnAllocatorThroughTorchsInterface) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  auto pluggable = torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [](size_t size, int, cudaStream_t) -> void* {
+        g_pluggable_sizes.push_back(size);
+        return std::aligned_alloc(4096, size);
+      },
+      [](void* p, size_t, int, cudaStream_t) {
+        ++g_pluggable_frees;
+        std::free(p);
+      });
+  const c10::MempoolId_t pool{8, 0};
+  a->createOrIncrefPool(0, pool, pluggable);
+  EXPECT_EQ(a->getPoolUseCount(0, pool), 1);
+  a->beginAllocateToPool(0, pool, [](cudaStream_t s) { return s == StreamId(7); });
+  void* p = nullptr;
+  std::string error;
+  try {
+    p = a->raw_alloc_with_stream(3 << 20, StreamId(7));
+  } catch (const c10::Error& e) {
+    error = e.what();
+  }
+  a->endAllocateToPool(0, pool);
+  a->releasePool(0, pool);
+  void* outside = a->raw_alloc_with_stream(1 << 20, StreamId(0));  // the default pool is unaffected
+  ASSERT_NE(outside, nullptr);
+  if (p != nullptr) {
+    EXPECT_EQ(g_pluggable_sizes, std::vector<std::size_t>{20 << 20});
+    std::memset(p, 0x5a, 3 << 20);
+    bool found = false;
+    for (const auto& seg : a->snapshot(pool, false).segments) {
+      found = found || (seg.owner_private_pool_id == pool && seg.address == reinterpret_cast<size_t>(p) &&
+                        seg.total_size == (20u << 20));
+    }
+    EXPECT_TRUE(found) << "the pluggable allocator's segment, in the pool";
+    a->raw_delete(p);
+  } else {
+    EXPECT_THAT(error, HasSubstr("the MemPool's own allocator (pluggable) failed"));
+    EXPECT_TRUE(g_pluggable_sizes.empty());
+  }
+  a->raw_delete(outside);
+  a->releasePool(0, pool);  // the MemPool goes: its segments go back through raw_delete
+  EXPECT_EQ(g_pluggable_frees, static_cast<int>(g_pluggable_sizes.size()));
+  for (const auto& seg : a->snapshot({0, 0}, false).segments) EXPECT_NE(seg.owner_private_pool_id, pool);
 }
 
 // What the memory history says of pools and segments, as PyTorch's allocator says it: every

@@ -104,6 +104,8 @@ class MemPoolSource final : public SegmentSource {
       return Segment{reinterpret_cast<DevicePtr>(p), bytes};
     } catch (const c10::OutOfMemoryError& e) {
       return absl::ResourceExhaustedError(absl::StrCat(name_, ": ", e.what_without_backtrace()));
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(name_, " failed: ", e.what_without_backtrace()));
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat(name_, " failed: ", e.what()));
     }
@@ -112,6 +114,8 @@ class MemPoolSource final : public SegmentSource {
     try {
       allocator_->raw_delete(reinterpret_cast<void*>(segment.ptr));
       return absl::OkStatus();
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(name_, " failed to free a segment: ", e.what_without_backtrace()));
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat(name_, " failed to free a segment: ", e.what()));
     }

@@ -142,6 +142,65 @@ def _():
     return ok
 
 
+@step("mem_pool_no_split")
+def _():
+    # torch.cuda.MemPool(no_split=True): every tensor of the pool holds a segment of its own.
+    import inspect
+
+    if "no_split" not in inspect.signature(torch.cuda.MemPool.__init__).parameters:
+        return "absent"
+    pool = torch.cuda.MemPool(no_split=True)
+    with torch.cuda.use_mem_pool(pool):
+        xs = [torch.full((1000,), i, dtype=torch.uint8, device=dev) for i in range(3)]
+    ptrs = {x.data_ptr() for x in xs}
+    mine = [s for s in torch.cuda.memory_snapshot(pool.id) if s["address"] in ptrs]
+    ok = all(int(x[0]) == i for i, x in enumerate(xs))
+    del xs
+    del pool
+    return {"segments_starting_at_a_tensor": len(mine), "one_block_each": all(len(s["blocks"]) == 1 for s in mine),
+            "values": ok}
+
+
+@step("mem_pool_own_allocator")
+def _():
+    # torch.cuda.MemPool(allocator): segments come from the pool's own allocator (here functions
+    # over cuMemAlloc, as a CUDAPluggableAllocator would give), and all go back to it.
+    if not hasattr(torch._C, "_cuda_customAllocator"):
+        return "absent"
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    calls = {"alloc": [], "free": 0}
+    alloc_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p)
+    free_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p)
+
+    def alloc(size, device, stream):
+        p = ctypes.c_uint64()
+        if cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(size)) != 0:
+            return None
+        calls["alloc"].append(size)
+        return p.value
+
+    def free(ptr, size, device, stream):
+        cuda.cuMemFree_v2(ctypes.c_uint64(ptr))
+        calls["free"] += 1
+
+    alloc_fn, free_fn = alloc_t(alloc), free_t(free)
+    allocator = torch._C._cuda_customAllocator(ctypes.cast(alloc_fn, ctypes.c_void_p).value,
+                                               ctypes.cast(free_fn, ctypes.c_void_p).value)
+    pool = torch.cuda.MemPool(allocator)
+    with torch.cuda.use_mem_pool(pool):
+        t = torch.full((3 * MiB // 4,), 2.0, device=dev)
+        v = torch.full((5 * MiB // 4,), 3.0, device=dev)
+    u = torch.full((3 * MiB // 4,), 1.0, device=dev)  # outside the pool
+    ok = bool((t * v[: t.numel()] + u == 7.0).all())
+    sizes = list(calls["alloc"])
+    del t, v, u
+    del pool
+    torch.cuda.empty_cache()
+    return {"values": ok, "segment_sizes": sizes, "all_returned": calls["free"] == len(sizes)}
+
+
 @step("history_pools_and_segments")
 def _():
     # The memory history as _memory_viz and NCCL's allocator hook read it: segment_alloc /
