@@ -101,8 +101,8 @@ class SegmentPool final : public PoolAllocator {
     std::function<void()> on_source_exhausted;
   };
   // `driver` provides events (for RecordStream) and the device's total memory (the memory
-  // fraction's base); it must outlive the pool. The source is shared so that a pool can be
-  // rebuilt over it (PoolSet::SetNoSplit).
+  // fraction's base); it must outlive the pool. The source is shared: PoolSet keeps a pool's own
+  // allocator to rebuild the pool over it (SetNoSplit).
   static absl::StatusOr<std::unique_ptr<SegmentPool>> Create(const Config& config, Driver* driver,
                                                              std::shared_ptr<SegmentSource> source,
                                                              Options options);
@@ -130,8 +130,6 @@ class SegmentPool final : public PoolAllocator {
   absl::Status CheckInvariants() const override;
 
   bool no_split() const { return options_.no_split; }
-  const SegmentSource& source() const { return *source_; }
-  const std::shared_ptr<SegmentSource>& shared_source() const { return source_; }
 
  private:
   struct Seg;

@@ -519,17 +519,24 @@ TEST(PoolSet, NoSplitPoolGivesEveryAllocationItsOwnSegment) {
 TEST(PoolSet, OwnAllocatorOutOfMemoryReleasesTheDefaultPoolsCacheFirst) {
   Config c = HostConfig();  // 256 MiB
   SA_ASSIGN_OR_FAIL(set, PoolSet::Create(c));
+  std::atomic<bool> capturing{true};
+  set->SetCaptureProbe([&] { return capturing.load(); });
   SA_ASSIGN_OR_FAIL(big, set->Malloc(200ull << 20, kDefaultStream));
   SA_ASSERT_OK(set->Free(big));  // 200 MiB cached in the default pool
   const PoolId pool{12, 0};
   SA_ASSERT_OK(set->CreateOrIncrefPool(pool));
   SA_ASSERT_OK(set->SetNoSplit(pool));  // whole driver segments: they need the device's memory
   SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
+  // While a graph is being captured, the default pool keeps its cache: out of memory.
+  auto during_capture = set->Malloc(100ull << 20, kDefaultStream);
+  EXPECT_TRUE(absl::IsResourceExhausted(during_capture.status())) << during_capture.status();
+  EXPECT_EQ(set->main().GetStats().reserved_bytes.all().current, 200ll << 20);
+  capturing = false;
   SA_ASSIGN_OR_FAIL(p, set->Malloc(100ull << 20, kDefaultStream));
   SA_ASSERT_OK(set->EndAllocateToPool(pool));
   SA_ASSERT_OK(set->ReleasePool(pool));  // use_mem_pool's exit
   EXPECT_EQ(set->main().GetStats().reserved_bytes.all().current, 0) << "the default pool's cache went back";
-  EXPECT_EQ(set->PrivatePoolStats().at(pool).num_alloc_retries, 1);
+  EXPECT_EQ(set->PrivatePoolStats().at(pool).num_alloc_retries, 2);
   // Past the device: out of memory, explained, and the set stays usable.
   SA_ASSERT_OK(set->BeginAllocateToPool(pool, [](Stream) { return true; }));
   auto oom = set->Malloc(200ull << 20, kDefaultStream);

@@ -192,9 +192,13 @@ absl::StatusOr<std::unique_ptr<PoolAllocator>> PoolSet::MakeAllocator(const std:
   SegmentPool::Options options;
   options.no_split = no_split;
   // As PyTorch's allocator releases its cached blocks when a pool's allocator fails: the default
-  // pool's cache goes back to the device, where the pool's allocator can find it. Runs under mu_
-  // (Malloc holds it) and takes only the default pool's own lock.
-  options.on_source_exhausted = [main = main_.get()] { main->EmptyCache().IgnoreError(); };
+  // pool's cache goes back to the device, where the pool's allocator can find it; not while a
+  // graph is being captured (SetCaptureProbe). Runs under mu_ (Malloc holds it) and takes only
+  // the default pool's own lock.
+  options.on_source_exhausted = [main = main_.get(), probe = capture_probe_] {
+    if (probe != nullptr && (*probe)()) return;
+    main->EmptyCache().IgnoreError();
+  };
   std::shared_ptr<SegmentSource> from =
       source != nullptr ? source : std::make_shared<DriverSegmentSource>(&main_->driver());
   auto a = SegmentPool::Create(config, &main_->driver(), std::move(from), std::move(options));
@@ -206,6 +210,11 @@ void PoolSet::Attach(PoolId id, Pool* pool) {
   pool->allocator->SetKeepCached(true);
   pool->allocator->ShareMemoryLimit(reserved_);
   if (segment_observer_) pool->allocator->SetSegmentObserver(ObserverFor(id));
+}
+
+void PoolSet::SetCaptureProbe(std::function<bool()> probe) {
+  MutexLock lock(&mu_);
+  capture_probe_ = probe ? std::make_shared<const std::function<bool()>>(std::move(probe)) : nullptr;
 }
 
 absl::Status PoolSet::SetNoSplit(PoolId id) {

@@ -1,6 +1,8 @@
 // PoolSet: everything one device needs under PyTorch, without PyTorch: the default pool (a
 // CachingAllocator behind the plan-guided arena) and the private pools that CUDA graph capture
-// and torch.cuda.MemPool ask for, each its own CachingAllocator on the same device.
+// and torch.cuda.MemPool ask for, each its own allocator on the same device (PoolAllocator): a
+// CachingAllocator, or a SegmentPool for a MemPool with its own allocator (its segments come
+// from that allocator) or created with no_split (each allocation a whole segment).
 //
 // Private pools follow PyTorch's semantics: CreateOrIncrefPool / BeginAllocateToPool add a
 // user; while a pool is being allocated to, requests on streams its filter accepts are served
@@ -103,6 +105,12 @@ class PoolSet {
   // that pool's cached memory only.
   absl::Status EmptyCache(PoolId id = kDefaultPool);
   absl::Status SetMemoryFraction(double fraction);
+  // Whether the calling thread's stream is being captured into a CUDA graph (the torch layer's
+  // answer; none: never). While it is, a pool whose own allocator runs out does not have the
+  // default pool release its cache (unmapping, and waiting for events, have no place in a
+  // capture; PyTorch's allocator releases nothing while any pool is being allocated to). Set it
+  // before the first private pool is made.
+  void SetCaptureProbe(std::function<bool()> probe);
   double memory_fraction() const { return fraction_.load(std::memory_order_relaxed); }
 
   // Segment events of every pool (CachingAllocator::SetSegmentObserver) with the pool they
@@ -169,6 +177,7 @@ class PoolSet {
   absl::flat_hash_map<const void*, PoolId> pool_of_ ABSL_GUARDED_BY(mu_);
   Stats retired_ ABSL_GUARDED_BY(mu_);  // accumulated counters of erased pools
   SegmentObserver segment_observer_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const std::function<bool()>> capture_probe_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace stitchalloc

@@ -487,6 +487,10 @@ class TorchAllocator final : public cca::CUDAAllocator {
     auto created = PoolSet::Create(config);
     if (!created.ok()) Raise("device initialisation", created.status());
     PoolSet* set = created->release();  // lives as long as the process, like the allocator
+    if (!HostDriver()) {
+      set->SetCaptureProbe(
+          [] { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; });
+    }
     ObserveSegments(device, *set);
     devices_[device].store(set, std::memory_order_release);
     device_count_in_use_.fetch_add(1);
