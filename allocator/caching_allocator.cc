@@ -171,13 +171,7 @@ void* CachingAllocator::Account(Block* b, PoolKind kind, std::size_t size) {
 }
 
 absl::StatusOr<void*> CachingAllocator::Malloc(std::size_t size, Stream stream) {
-  if (size == 0) {
-    return absl::InvalidArgumentError("stitchalloc: malloc(0): the size must be at least 1 byte");
-  }
-  if (size > Policy::kMaxRequest) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "stitchalloc: malloc(%d): impossible size (%s; the limit is 1 PiB)", size, FormatBytes(size)));
-  }
+  if (absl::Status bad = Policy::CheckRequest(size); !bad.ok()) return bad;
   const std::size_t rounded = Policy::RoundSize(size);
   const PoolKind kind = Policy::PoolFor(rounded);
   {
@@ -900,10 +894,7 @@ absl::Status CachingAllocator::EmptyCache() {
 }
 
 absl::Status CachingAllocator::SetMemoryFraction(double fraction) {
-  if (!(fraction > 0.0 && fraction <= 1.0)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "stitchalloc: memory fraction %g is outside (0, 1]", fraction));
-  }
+  if (absl::Status bad = Policy::CheckFraction(fraction); !bad.ok()) return bad;
   MutexLock l(&mu_);
   limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * fraction);
   return absl::OkStatus();
@@ -1065,11 +1056,7 @@ std::vector<CachingAllocator::LiveAllocation> CachingAllocator::LiveAllocations(
 }
 
 absl::StatusOr<void*> CachingAllocator::AllocateAt(const LiveAllocation& a) {
-  if (a.size == 0 || a.size % Policy::kMinBlockSize != 0 || a.requested > a.size) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "stitchalloc: allocate_at(%#x, %d bytes, %d requested): the size must be a positive multiple of %d "
-        "bytes, at least the requested bytes", a.ptr, a.size, a.requested, Policy::kMinBlockSize));
-  }
+  if (absl::Status bad = Policy::CheckPlacement(a.ptr, a.size, a.requested); !bad.ok()) return bad;
   ChangeLock l(this);
   for (int attempt = 0;; ++attempt) {
     if (!pending_.empty()) ProcessPending(/*synchronize=*/attempt > 0);

@@ -47,6 +47,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "allocator/block.h"
 #include "allocator/config.h"
 #include "allocator/mapping_store.h"
@@ -70,6 +71,16 @@ class Policy {
         chunk_size_(chunk_size) {}
 
   static std::size_t RoundSize(std::size_t n) { return n < kMinBlockSize ? kMinBlockSize : RoundUp(n, kMinBlockSize); }
+  // The checks every allocator of a device applies to its input, with the messages users see:
+  // a malloc size (1 byte to 1 PiB), a placement (AllocateAt: a positive multiple of
+  // kMinBlockSize holding the requested bytes), a memory fraction (in (0, 1]).
+  static absl::Status CheckRequest(std::size_t size) {
+    if (size - 1 < kMaxRequest) [[likely]] return absl::OkStatus();  // 0 wraps around
+    return RequestError(size);
+  }
+  static absl::Status RequestError(std::size_t size);
+  static absl::Status CheckPlacement(DevicePtr ptr, std::size_t size, std::size_t requested);
+  static absl::Status CheckFraction(double fraction);
   static PoolKind PoolFor(std::size_t rounded) { return rounded <= kSmallSize ? PoolKind::kSmall : PoolKind::kLarge; }
 
   // PyTorch's max_split_size rules for serving `rounded` from a free block of `block_size`.
