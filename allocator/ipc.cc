@@ -71,6 +71,18 @@ std::string EncodeIpcHandle(const SharedRange& range, pid_t pid) {
   return out;
 }
 
+absl::StatusOr<std::string> EncodeCudaMallocHandle(std::string_view cuda_ipc_handle) {
+  if (cuda_ipc_handle.size() != kCudaIpcHandleBytes) {
+    return Bad(absl::StrFormat("a cudaIpcMemHandle_t has %d bytes, not %d", kCudaIpcHandleBytes,
+                               cuda_ipc_handle.size()));
+  }
+  std::string out(2, '\0');
+  out[0] = kIpcHandleVersion;
+  out[1] = kTypeCudaMalloc;
+  out.append(cuda_ipc_handle);
+  return out;
+}
+
 absl::StatusOr<IpcHandle> DecodeIpcHandle(std::string_view bytes) {
   IpcHandle h;
   if (bytes.size() == kCudaIpcHandleBytes) {  // from a PyTorch older than versioned handles

@@ -64,6 +64,10 @@ void RaiseDescriptorLimitOnce();
 
 // The handle of `range`, exported by process `pid`.
 std::string EncodeIpcHandle(const SharedRange& range, pid_t pid);
+// PyTorch's handle for memory the CUDA runtime shares itself (type 'c': a cudaIpcMemHandle_t,
+// kCudaIpcHandleBytes long), as its allocator writes for cudaMalloc segments. stitchalloc writes it
+// for memory a MemPool's own allocator made (torch_plugin). InvalidArgument for another length.
+absl::StatusOr<std::string> EncodeCudaMallocHandle(std::string_view cuda_ipc_handle);
 // InvalidArgument for anything that is not a well-formed handle of a known version and type.
 absl::StatusOr<IpcHandle> DecodeIpcHandle(std::string_view bytes);
 

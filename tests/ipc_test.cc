@@ -51,6 +51,15 @@ TEST(IpcFormat, DecodesItsOwnAndPyTorchsCudaMallocHandles) {
   SA_ASSIGN_OR_FAIL(old, DecodeIpcHandle(cuda_handle));  // unversioned, from an older PyTorch
   EXPECT_EQ(old.kind, IpcHandle::Kind::kCudaMalloc);
   EXPECT_EQ(old.cuda_ipc_handle, cuda_handle);
+
+  // stitchalloc writes the same bytes for memory a MemPool's own allocator made.
+  SA_ASSIGN_OR_FAIL(written, EncodeCudaMallocHandle(cuda_handle));
+  EXPECT_EQ(written, std::string("\x02" "c", 2) + cuda_handle);
+  SA_ASSIGN_OR_FAIL(back, DecodeIpcHandle(written));
+  EXPECT_EQ(back.kind, IpcHandle::Kind::kCudaMalloc);
+  EXPECT_EQ(back.cuda_ipc_handle, cuda_handle);
+  const auto short_handle = EncodeCudaMallocHandle(cuda_handle.substr(1));
+  EXPECT_TRUE(absl::IsInvalidArgument(short_handle.status())) << short_handle.status();
 }
 
 TEST(IpcFormat, RejectsMalformedHandles) {

@@ -314,9 +314,24 @@ class TorchAllocator final : public cca::CUDAAllocator {
   cca::ShareableHandle shareIpcHandle(void* ptr) override {
     const int device = DeviceIndexOf(ptr);
     TORCH_CHECK(device >= 0, "stitchalloc shareIpcHandle: ", ptr, " is not an allocation of stitchalloc");
-    absl::StatusOr<SharedRange> shared = devices_[device].load()->Share(ptr);
-    if (!shared.ok()) Raise("shareIpcHandle", shared.status());
-    return {static_cast<ptrdiff_t>(shared->offset), EncodeIpcHandle(*shared, getpid())};
+    PoolSet& set = *devices_[device].load();
+    absl::StatusOr<SharedRange> shared = set.Share(ptr);
+    if (shared.ok()) return {static_cast<ptrdiff_t>(shared->offset), EncodeIpcHandle(*shared, getpid())};
+    if (absl::IsFailedPrecondition(shared.status()) && !HostDriver()) {
+      // Memory stitchalloc did not make (a MemPool's own allocator): the CUDA runtime may share
+      // it, as PyTorch's allocator shares its cudaMalloc segments ('c' handle, segment offset).
+      absl::StatusOr<BlockInfo> info = set.Describe(ptr);
+      cudaIpcMemHandle_t h;
+      c10::cuda::CUDAGuard guard(static_cast<DeviceIndex>(device));
+      if (info.ok() && cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(info->mapping_va)) == cudaSuccess) {
+        absl::StatusOr<std::string> handle =
+            EncodeCudaMallocHandle(std::string_view(reinterpret_cast<const char*>(&h), sizeof(h)));
+        if (!handle.ok()) Raise("shareIpcHandle", handle.status());
+        return {static_cast<ptrdiff_t>(reinterpret_cast<DevicePtr>(ptr) - info->mapping_va), *std::move(handle)};
+      }
+      (void)cudaGetLastError();  // the runtime's refusal is not a sticky error; the report follows
+    }
+    Raise("shareIpcHandle", shared.status());
   }
   std::shared_ptr<void> getIpcDevPtr(std::string handle) override;
   bool isHistoryEnabled() override { return record_history_.load(); }

@@ -4,7 +4,9 @@ under stitchalloc or PyTorch's native allocator, in a fresh process (tests/gpu/t
     python ipc_job.py --sender stitchalloc --receiver native
 
 Senders: stitchalloc, native (cudaMalloc segments: 'c' handles), native-expandable (expandable
-segments: 'e' handles, the format stitchalloc writes). Receivers: stitchalloc, native. The
+segments: 'e' handles, the format stitchalloc writes), stitchalloc-pluggable (stitchalloc, the
+tensor in a MemPool whose own allocator is cuMemAlloc: 'c' handles, as PyTorch writes for its
+cudaMalloc segments). Receivers: stitchalloc, native. The
 receiver reads the tensor (a view that starts inside its storage), checks every element, adds
 one in place and reports; the sender checks that it sees the additions. Prints one JSON line.
 """
@@ -21,12 +23,33 @@ SKIP = 1000                # the view sent starts this many elements into its st
 
 
 def setup(kind):
-    if kind == "stitchalloc":
+    if kind in ("stitchalloc", "stitchalloc-pluggable"):
         import stitchalloc
 
         stitchalloc.install()
     elif kind == "native-expandable":
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
+def pluggable_pool():
+    """A MemPool whose own allocator is cuMemAlloc / cuMemFree (what a CUDAPluggableAllocator gives)."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    alloc_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p)
+    free_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p)
+
+    def alloc(size, device, stream):
+        p = ctypes.c_uint64()
+        return p.value if cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(size)) == 0 else None
+
+    def free(ptr, size, device, stream):
+        cuda.cuMemFree_v2(ctypes.c_uint64(ptr))
+
+    fns = (alloc_t(alloc), free_t(free))  # kept alive with the pool
+    allocator = torch._C._cuda_customAllocator(ctypes.cast(fns[0], ctypes.c_void_p).value,
+                                               ctypes.cast(fns[1], ctypes.c_void_p).value)
+    return torch.cuda.MemPool(allocator), fns
 
 
 def using_stitchalloc():
@@ -54,7 +77,8 @@ def receive(kind, inbox, outbox):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sender", choices=["stitchalloc", "native", "native-expandable"], required=True)
+    ap.add_argument("--sender", choices=["stitchalloc", "native", "native-expandable", "stitchalloc-pluggable"],
+                    required=True)
     ap.add_argument("--receiver", choices=["stitchalloc", "native"], required=True)
     args = ap.parse_args()
     os.environ.pop("STITCHALLOC_AUTO_INSTALL", None)  # the receiver installs only when told
@@ -63,7 +87,12 @@ def main():
     inbox, outbox = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=receive, args=(args.receiver, inbox, outbox))
     child.start()
-    base = torch.arange(N, device="cuda", dtype=torch.float32)
+    if args.sender == "stitchalloc-pluggable":
+        pool, keep = pluggable_pool()
+        with torch.cuda.use_mem_pool(pool):
+            base = torch.arange(N, device="cuda", dtype=torch.float32)
+    else:
+        base = torch.arange(N, device="cuda", dtype=torch.float32)
     inbox.put(base[SKIP:])
     got = outbox.get(timeout=300)
     child.join(timeout=120)

@@ -57,7 +57,9 @@ def test_losses_equal_native_step_by_step(native, way):
 
 
 @pytest.mark.parametrize("sender,receiver", [("stitchalloc", "stitchalloc"), ("stitchalloc", "native"),
-                                             ("native", "stitchalloc"), ("native-expandable", "stitchalloc")])
+                                             ("native", "stitchalloc"), ("native-expandable", "stitchalloc"),
+                                             ("stitchalloc-pluggable", "stitchalloc"),
+                                             ("stitchalloc-pluggable", "native")])
 def test_cuda_tensor_shared_between_processes(sender, receiver):
     # torch.multiprocessing's CUDA IPC in every pairing with PyTorch's allocator: stitchalloc's
     # handles are PyTorch's expandable-segment format, and it opens PyTorch's cudaMalloc ones.
@@ -69,7 +71,7 @@ def test_cuda_tensor_shared_between_processes(sender, receiver):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"\nipc {sender} -> {receiver}: {out}")
     assert out["receiver_error"] is None, out["receiver_error"]
-    assert out["sender_stitchalloc"] == (sender == "stitchalloc")
+    assert out["sender_stitchalloc"] == sender.startswith("stitchalloc")
     assert out["receiver_stitchalloc"] == (receiver == "stitchalloc")
     assert out["receiver_equal"], "the receiver read other bytes than the sender wrote"
     assert out["sender_sees_writes"], "the sender does not see the receiver's writes"
