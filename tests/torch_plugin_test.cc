@@ -2,7 +2,8 @@
 // driver, without a GPU: installation where torch looks the allocator up, refusal after the
 // native allocator is initialised, statistics in torch's types, errors as torch exceptions
 // (torch.OutOfMemoryError with stitchalloc's report), memory history and snapshots, private
-// pools, cacheInfo, getBaseAllocation, CUDA IPC handles and the swap entry points. Each test runs in its own
+// pools (MemPool with its own allocator, no_split), cacheInfo, getBaseAllocation, CUDA IPC
+// handles and the swap entry points. Each test runs in its own
 // process (ctest), since an installation lasts for the process. Built only when a CUDA-enabled
 // torch was found.
 #include <c10/core/Allocator.h>
