@@ -13,6 +13,8 @@
 //   BM_Stitch8Chunks              stitch 8 free chunks from 8 mappings into one range, then
 //                                 unstitch (chunks return home): 8 maps + 8 unmaps + reserve/free
 //   BM_HostMapUnmap               the host driver's map + set-access + unmap of one 2 MiB chunk
+//   BM_SegmentPool{CachedMallocFree,NoSplitMallocFree}/<bytes>  the pair of BM_CachedMallocFree in
+//                                 a SegmentPool (a MemPool with its own allocator; no_split)
 // stitchalloc side by side with the model of PyTorch's native allocator (bench/models; the
 // model takes a mutex per call as PyTorch does per device; stitchalloc's host driver maps no
 // memory and runs stream work inline, see StitchallocSide):
@@ -23,6 +25,7 @@
 //                                              round-robin over 1 or 4 streams
 //   BM_Threads_{Stitchalloc,Native}/threads:N  cached pairs from N threads on one allocator
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -32,6 +35,7 @@
 #include "allocator/arena/arena.h"
 #include "allocator/caching_allocator.h"
 #include "allocator/mapping_store.h"
+#include "allocator/segment_pool.h"
 #include "benchmark/benchmark.h"
 #include "bench/models/torch_model.h"
 #include "vmm/host_driver.h"
@@ -48,13 +52,14 @@ std::unique_ptr<CachingAllocator> MakeAllocator(const HostDriverOptions& options
 // The measured loop: malloc+free pairs of state.range(0) bytes after one warm-up pair. With
 // `pin`, a live block allocated right after the warm-up one keeps the freed block from merging
 // with the free rest of its mapping, so every pair reuses one cached block whole.
-void MallocFreePairs(benchmark::State& state, CachingAllocator& alloc, bool pin) {
+template <typename Allocator>
+void MallocFreePairs(benchmark::State& state, Allocator& alloc, bool pin) {
   const auto size = static_cast<std::size_t>(state.range(0));
-  void* warm = *alloc.Malloc(size);
-  void* pinned = pin ? *alloc.Malloc(size) : nullptr;
+  void* warm = *alloc.Malloc(size, kDefaultStream);
+  void* pinned = pin ? *alloc.Malloc(size, kDefaultStream) : nullptr;
   alloc.Free(warm).IgnoreError();
   for (auto _ : state) {
-    void* p = *alloc.Malloc(size);
+    void* p = *alloc.Malloc(size, kDefaultStream);
     benchmark::DoNotOptimize(p);
     alloc.Free(p).IgnoreError();
   }
@@ -93,6 +98,23 @@ void BM_SplitMergePair(benchmark::State& state) {
   MallocFreePairs(state, *alloc, /*pin=*/false);
 }
 BENCHMARK(BM_SplitMergePair)->Arg(512)->Arg(64 << 10);
+
+// A MemPool with its own allocator (SegmentPool over host memory from aligned_alloc, standing in
+// for a CUDAPluggableAllocator), as BM_CachedMallocFree: the same pinned cached pair; with
+// no_split, every pair reuses one whole segment.
+void SegmentPoolPairs(benchmark::State& state, bool no_split) {
+  auto host = *HostDriver::Create({16 * kGiB, 2 * kMiB});
+  auto source = SegmentSource::FromFunctions([](std::size_t n) { return std::aligned_alloc(4096, n); },
+                                             [](void* p) { std::free(p); }, "aligned_alloc");
+  SegmentPool::Options options;
+  options.no_split = no_split;
+  auto pool = *SegmentPool::Create(Config{}, host.get(), std::move(source), std::move(options));
+  MallocFreePairs(state, *pool, /*pin=*/true);
+}
+void BM_SegmentPoolCachedMallocFree(benchmark::State& state) { SegmentPoolPairs(state, /*no_split=*/false); }
+BENCHMARK(BM_SegmentPoolCachedMallocFree)->Arg(512)->Arg(64 << 10)->Arg(8 << 20)->Arg(256 << 20);
+void BM_SegmentPoolNoSplitMallocFree(benchmark::State& state) { SegmentPoolPairs(state, /*no_split=*/true); }
+BENCHMARK(BM_SegmentPoolNoSplitMallocFree)->Arg(512)->Arg(64 << 10)->Arg(8 << 20);
 
 void BM_SplitMerge(benchmark::State& state) {
   auto alloc = MakeAllocator();
