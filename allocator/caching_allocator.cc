@@ -97,8 +97,7 @@ void CachingAllocator::ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t
 }
 
 std::size_t CachingAllocator::LimitedReserved() const {
-  const std::int64_t r = shared_reserved_ != nullptr ? shared_reserved_->load() : stats_.reserved_bytes.all().current;
-  return static_cast<std::size_t>(std::max<std::int64_t>(r, 0));
+  return ReservedAgainstLimit(shared_reserved_.get(), stats_.reserved_bytes.all().current);
 }
 
 std::size_t CachingAllocator::memory_limit() const {

@@ -29,6 +29,13 @@ namespace stitchalloc {
 struct BlockInfo;
 struct SegmentInfo;
 
+// The reserved bytes a pool's memory limit is checked against: those of every pool of the device
+// when they share a total (ShareMemoryLimit), else the pool's own.
+inline std::size_t ReservedAgainstLimit(const std::atomic<std::int64_t>* shared, std::int64_t own) {
+  const std::int64_t r = shared != nullptr ? shared->load() : own;
+  return r > 0 ? static_cast<std::size_t>(r) : 0;
+}
+
 class PoolAllocator {
  public:
   virtual ~PoolAllocator() = default;

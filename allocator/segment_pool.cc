@@ -251,8 +251,7 @@ void* SegmentPool::Account(Blk* b, std::size_t requested) {
 std::size_t SegmentPool::Reserved() const { return static_cast<std::size_t>(stats_.reserved_bytes.all().current); }
 
 std::size_t SegmentPool::LimitedReserved() const {
-  const std::int64_t r = shared_reserved_ != nullptr ? shared_reserved_->load() : stats_.reserved_bytes.all().current;
-  return static_cast<std::size_t>(std::max<std::int64_t>(r, 0));
+  return ReservedAgainstLimit(shared_reserved_.get(), stats_.reserved_bytes.all().current);
 }
 
 void SegmentPool::AddReserved(std::int64_t delta, PoolKind kind) {
@@ -537,12 +536,12 @@ void SegmentPool::ResetAccumulatedStats() {
   stats_.ResetAccumulated();
 }
 
-const SegmentPool::Blk* SegmentPool::Find(DevicePtr p) const {
+SegmentPool::Blk* SegmentPool::Find(DevicePtr p) const {
   auto it = segments_.upper_bound(p);
   if (it == segments_.begin()) return nullptr;
   const Seg* s = std::prev(it)->second.get();
   if (p >= s->mem.ptr + s->mem.size) return nullptr;
-  const Blk* b = s->head;
+  Blk* b = s->head;
   while (b != nullptr && p >= b->ptr + b->size) b = b->next;
   return b;
 }
@@ -664,7 +663,7 @@ absl::StatusOr<void*> SegmentPool::AllocateAt(const LiveAllocation& a) {
   if (absl::Status bad = Policy::CheckPlacement(a.ptr, a.size, a.requested); !bad.ok()) return bad;
   MutexLock l(&mu_);
   if (!pending_.empty()) ProcessPending(/*synchronize=*/true);
-  Blk* b = const_cast<Blk*>(Find(a.ptr));
+  Blk* b = Find(a.ptr);
   if (b == nullptr || b->state != BlockState::kFree || b->seg->stream != a.stream ||
       a.ptr + a.size > b->ptr + b->size) {
     return absl::FailedPreconditionError(absl::StrFormat(

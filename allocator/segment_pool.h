@@ -129,7 +129,6 @@ class SegmentPool final : public PoolAllocator {
   absl::StatusOr<void*> AllocateAt(const LiveAllocation& a) override;
   absl::Status CheckInvariants() const override;
 
-  bool no_split() const { return options_.no_split; }
 
  private:
   struct Seg;
@@ -180,7 +179,9 @@ class SegmentPool final : public PoolAllocator {
   std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddReserved(std::int64_t delta, PoolKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status BadPointer(const char* op, DevicePtr p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  const Blk* Find(DevicePtr p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The block holding address `p`, or null (blocks are reached through pointers: a const pool
+  // still hands out a mutable one, for AllocateAt).
+  Blk* Find(DevicePtr p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string OutOfMemoryReport(std::size_t size, std::size_t rounded, Stream stream,
                                 const absl::Status& cause) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
