@@ -12,11 +12,13 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <torch/headeronly/version.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 #include <unordered_set>
 
@@ -193,6 +195,102 @@ TEST(TorchPlugin, HistoryAndSnapshot) {
   void* r = a->raw_alloc_with_stream(1024, StreamId(0));
   a->raw_delete(r);
   EXPECT_TRUE(a->snapshot({0, 0}, true).device_traces[0].empty());
+}
+
+// torch.cuda.memory._set_memory_metadata, _record_memory_history(compile_context=True) and
+// (torch 2.14 on) _annotate_tensor: what the entries of the memory history carry.
+TEST(TorchPlugin, HistoryEntriesCarryUserMetadataCompileContextAndAnnotations) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  std::vector<cda::TraceEntry> tracked;
+  a->attachAllocatorTraceTracker([&](const cda::TraceEntry& e) { tracked.push_back(e); });
+  a->recordHistory(true, nullptr, 1000, cda::RecordContext::ALL, false, {});
+  auto entries = [&] { return a->snapshot({0, 0}, true).device_traces[0]; };
+
+  // The metadata is the calling thread's: another thread neither sees it nor stamps it. Every
+  // entry a call makes carries it, those of the segments it maps included.
+  EXPECT_EQ(a->getUserMetadata(), "");
+  a->setUserMetadata("{\"phase\":\"forward\"}");
+  EXPECT_EQ(a->getUserMetadata(), "{\"phase\":\"forward\"}");
+  void* p = a->raw_alloc_with_stream(5 << 20, StreamId(0));
+  const size_t by_this_thread = entries().size();
+  std::string other_thread_sees = "unset";
+  void* q = nullptr;
+  std::thread([&] {
+    other_thread_sees = a->getUserMetadata();
+    q = a->raw_alloc_with_stream(4096, StreamId(0));
+  }).join();
+  EXPECT_EQ(other_thread_sees, "");
+  const size_t by_the_other = entries().size();
+  a->setUserMetadata("");
+  a->raw_delete(q);
+  std::vector<cda::TraceEntry> trace = entries();
+  ASSERT_EQ(by_this_thread, 2u);  // p's segment, then p
+  EXPECT_EQ(trace[0].action_, cda::TraceEntry::SEGMENT_ALLOC);
+  EXPECT_EQ(trace[1].action_, cda::TraceEntry::ALLOC);
+  ASSERT_GT(by_the_other, by_this_thread);
+  ASSERT_EQ(trace.size(), by_the_other + 2);  // q's two free entries
+  for (size_t i = 0; i < trace.size(); ++i) {
+    EXPECT_EQ(trace[i].user_metadata_, i < by_this_thread ? "{\"phase\":\"forward\"}" : "") << "entry " << i;
+    EXPECT_EQ(trace[i].compile_context_, "");
+  }
+  EXPECT_EQ(tracked.size(), trace.size());
+  EXPECT_EQ(tracked[1].user_metadata_, "{\"phase\":\"forward\"}");  // trackers hear the same
+
+  // Compiled regions nest; entries carry the innermost; an unmatched pop is harmless.
+  std::string outer = "Torch-Compiled Region: 0/0", inner = "Torch-Compiled Region: 1/0";
+  const size_t mark = trace.size();
+  a->pushCompileContext(outer);
+  void* r = a->raw_alloc_with_stream(4096, StreamId(0));  // q's cached block: no segment entry
+  a->pushCompileContext(inner);
+  a->raw_delete(r);
+  a->popCompileContext();
+  void* t = a->raw_alloc_with_stream(4096, StreamId(0));
+  a->popCompileContext();
+  a->popCompileContext();
+  a->raw_delete(t);
+  trace = entries();
+  std::vector<std::pair<int, std::string>> regions;
+  for (size_t i = mark; i < trace.size(); ++i) regions.emplace_back(trace[i].action_, trace[i].compile_context_);
+  const std::vector<std::pair<int, std::string>> want = {
+      {cda::TraceEntry::ALLOC, outer},          {cda::TraceEntry::FREE_REQUESTED, inner},
+      {cda::TraceEntry::FREE_COMPLETED, inner}, {cda::TraceEntry::ALLOC, outer},
+      {cda::TraceEntry::FREE_REQUESTED, ""},    {cda::TraceEntry::FREE_COMPLETED, ""}};
+  EXPECT_EQ(regions, want);
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+  EXPECT_TRUE(a->supportsUserMetadata());
+  // An annotation: its own entry at the allocation's base, with the allocation's size and pool,
+  // the annotation as its metadata; the allocation's own entries are unchanged.
+  const size_t before = entries().size();
+  a->setUserMetadata("ignored by the annotation");
+  a->annotateMemory(p, "packed for backward");
+  a->setUserMetadata("");
+  trace = entries();
+  ASSERT_EQ(trace.size(), before + 1);
+  const cda::TraceEntry& note = trace.back();
+  EXPECT_EQ(note.action_, cda::TraceEntry::ANNOTATE);
+  EXPECT_EQ(note.addr_, reinterpret_cast<size_t>(p));
+  EXPECT_EQ(note.size_, 5u << 20);
+  EXPECT_EQ(note.user_metadata_, "packed for backward");
+  EXPECT_EQ(note.mempool_, (c10::MempoolId_t{0, 0}));
+  EXPECT_EQ(tracked.back().action_, cda::TraceEntry::ANNOTATE);
+  // Not the base of a live allocation: torch's error naming the pointer, and nothing recorded.
+  void* inside = static_cast<char*>(p) + 512;
+  try {
+    a->annotateMemory(inside, "x");
+    ADD_FAILURE() << "an interior pointer was annotated";
+  } catch (const c10::Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no live allocation found at pointer"));
+  }
+  a->raw_delete(p);
+  EXPECT_THROW(a->annotateMemory(p, "after free"), c10::Error);
+  EXPECT_EQ(entries().size(), before + 1 + 2);  // p's two free entries only (its segment is cached)
+  a->recordHistory(false, nullptr, 1000, cda::RecordContext::NEVER, false, {});
+#else
+  a->raw_delete(p);
+  a->recordHistory(false, nullptr, 1000, cda::RecordContext::NEVER, false, {});
+#endif
 }
 
 TEST(TorchPlugin, PrivatePoolsThroughTorchsInterface) {

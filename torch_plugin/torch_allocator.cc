@@ -57,6 +57,9 @@
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
 #define STITCHALLOC_TORCH_HAS_POOL_STATS 1  // DeviceStats::reserved_bytes_by_private_pools
 #endif
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+#define STITCHALLOC_TORCH_HAS_ANNOTATIONS 1  // annotateMemory, supportsUserMetadata, TraceEntry::ANNOTATE
+#endif
 
 namespace stitchalloc {
 namespace {
@@ -149,6 +152,12 @@ struct Gathered {
 // The context of the call (malloc, free, emptyCache) running on this thread, for
 // the segments it maps or unmaps (OnSegments).
 thread_local const Gathered* t_call_context = nullptr;
+
+// What torch.cuda.memory._set_memory_metadata set on this thread, and the compiled regions
+// (torch.compile) this thread is inside while the history records their names: every history
+// entry this thread makes carries the metadata and the innermost region, as PyTorch's do.
+thread_local std::string t_user_metadata;
+thread_local std::vector<std::string> t_compile_context;
 
 class CallContext {
  public:
@@ -370,6 +379,36 @@ class TorchAllocator final : public cca::CUDAAllocator {
     std::lock_guard<std::mutex> lock(history_mu_);
     annotations_.push_back(std::move(entry));
   }
+  // torch.cuda.memory._set_memory_metadata / _get_memory_metadata: per thread, as PyTorch
+  // documents it, on every entry the thread makes on any device.
+  void setUserMetadata(const std::string& metadata) override { t_user_metadata = metadata; }
+  std::string getUserMetadata() override { return t_user_metadata; }
+  // _record_memory_history(compile_context=True): torch pushes the name of each compiled region
+  // the thread enters and pops it on leaving; entries carry the innermost one.
+  void pushCompileContext(std::string& md) override { t_compile_context.push_back(md); }
+  void popCompileContext() override {
+    if (!t_compile_context.empty()) t_compile_context.pop_back();
+  }
+#ifdef STITCHALLOC_TORCH_HAS_ANNOTATIONS
+  bool supportsUserMetadata() override { return true; }
+  // torch.cuda.memory._annotate_tensor: an "annotate" entry for live allocation `ptr` (its base
+  // address), with the stacks the history keeps for allocations. Nothing while no history
+  // records and no tracker listens; a pointer that is not a live allocation is an error, as in
+  // PyTorch.
+  void annotateMemory(const void* ptr, const std::string& metadata) override {
+    if (!record_history_.load() && !has_trackers_.load()) return;
+    const int device = DeviceIndexOf(ptr);
+    TORCH_CHECK(device >= 0, "stitchalloc annotateMemory: no live allocation found at pointer ", ptr,
+                " (a tensor's storage from stitchalloc is needed, at its base address)");
+    PoolSet& set = *devices_[device].load();
+    absl::StatusOr<BlockInfo> info = set.Describe(ptr);
+    TORCH_CHECK(info.ok(), "stitchalloc annotateMemory: no live allocation found at pointer ", ptr);
+    Gathered context = Gather(cda::TraceEntry::ALLOC, /*freeing=*/false);
+    context.keep_state = false;  // the allocation keeps the stacks of its malloc
+    Record(cda::TraceEntry::ANNOTATE, static_cast<DeviceIndex>(device), const_cast<void*>(ptr), info->size,
+           reinterpret_cast<cudaStream_t>(info->stream), set.PoolOf(ptr), /*freeing=*/false, context, &metadata);
+  }
+#endif
   void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {
     std::lock_guard<std::mutex> lock(history_mu_);
     oom_observers_.push_back(std::move(observer));
@@ -657,14 +696,17 @@ class TorchAllocator final : public cca::CUDAAllocator {
 
   // The entry in the history (unless its action is skipped) and to every tracker. Takes only
   // history_mu_ and calls no Python: safe under an allocator lock (OnSegments).
+  // `metadata`: the entry's user metadata when not the thread's (an annotation's own).
   void Record(cda::TraceEntry::Action action, DeviceIndex device, void* addr, std::size_t size, cudaStream_t stream,
-              PoolId pool, bool freeing, const Gathered& g) {
+              PoolId pool, bool freeing, const Gathered& g, const std::string* metadata = nullptr) {
     const std::shared_ptr<c10::GatheredContext>& context = g.context;
     const bool keep_state = g.keep_state;
     cda::TraceEntry entry(action, device, reinterpret_cast<std::size_t>(addr), size, stream,
                           c10::MempoolId_t{static_cast<c10::CaptureId_t>(pool.first),
                                            static_cast<c10::CaptureId_t>(pool.second)},
-                          c10::getApproximateTime(), g.in_trace ? context : nullptr);
+                          c10::getApproximateTime(), g.in_trace ? context : nullptr,
+                          t_compile_context.empty() ? std::string() : t_compile_context.back(),
+                          metadata != nullptr ? *metadata : t_user_metadata);
     std::vector<cda::AllocatorTraceTracker> trackers;
     {
       std::lock_guard<std::mutex> lock(history_mu_);

@@ -242,6 +242,44 @@ def _():
             "pool_named": named}
 
 
+@step("history_metadata")
+def _():
+    # What a script writes into the memory history besides stacks: _set_memory_metadata on the
+    # entries of the calling thread, the compiled region an entry was made in
+    # (compile_context=True; torch names regions "Torch-Compiled Region: i/j"), and, from torch
+    # 2.14, _annotate_tensor's "annotate" entries.
+    mm = torch.cuda.memory
+    if not hasattr(mm, "_set_memory_metadata"):
+        return "absent"
+    supported = mm._memory_metadata_supported() if hasattr(mm, "_memory_metadata_supported") else "absent"
+    mm._record_memory_history(max_entries=100000, compile_context=True)
+    mm._set_memory_metadata({"phase": "forward"})
+    got = mm._get_memory_metadata()
+    x = torch.empty(3 * MiB, dtype=torch.uint8, device=dev)
+    mm._set_memory_metadata("")
+    with torch.profiler.record_function("Torch-Compiled Region: 0/0"):
+        y = torch.empty(5000, dtype=torch.uint8, device=dev)
+    annotated = "absent"
+    if hasattr(mm, "_annotate_tensor"):
+        mm._annotate_tensor(x[1:], "packed")  # a view: keyed to its storage's base
+        annotated = True
+    trace = mm._snapshot()["device_traces"][torch.cuda.current_device()]
+    mm._record_memory_history(enabled=None)
+    x_ptr, y_ptr = x.data_ptr(), y.data_ptr()
+    del x, y
+
+    def of(action, addr):
+        return [e for e in trace if e["action"] == action and e["addr"] == addr]
+
+    if annotated is True:
+        notes = of("annotate", x_ptr)
+        annotated = [(e["size"], e.get("user_metadata")) for e in notes]
+    return {"supported": supported, "get": got,
+            "alloc_metadata": [e.get("user_metadata") for e in of("alloc", x_ptr)],
+            "alloc_in_region": [e.get("compile_context") for e in of("alloc", y_ptr)],
+            "annotated": annotated}
+
+
 @step("oom")
 def _():
     total = torch.cuda.get_device_properties(dev).total_memory

@@ -321,6 +321,51 @@ def test_stats_snapshot_render_and_out_of_memory():
 
 
 @needs_plugin
+def test_memory_metadata_apis():
+    # torch.cuda.memory's metadata calls reach stitchalloc (no warning that the backend ignores
+    # them). What the entries carry is checked through c10's interface (torch_plugin_test) and
+    # against PyTorch's allocator on a GPU (api_job.py, history_metadata): recording a history
+    # needs a device here.
+    r = run_python(f"""
+        import json, threading, warnings, torch, stitchalloc
+        stitchalloc.install("{HOST}")
+        mm, C = torch.cuda.memory, torch._C
+        out = {{"has_query": hasattr(mm, "_memory_metadata_supported")}}
+        if out["has_query"]:
+            out["supported"] = mm._memory_metadata_supported()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mm._set_memory_metadata({{"phase": "forward", "step": 3}})
+            out["get"] = mm._get_memory_metadata()
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(mm._get_memory_metadata()))
+            t.start(); t.join()
+            out["other_thread"] = seen[0]
+            mm._set_memory_metadata(out["get"])  # save / set / restore round trip
+            out["restored"] = mm._get_memory_metadata()
+            mm._set_memory_metadata("")
+            out["cleared"] = mm._get_memory_metadata()
+            if hasattr(C, "_cuda_annotateMemory"):
+                p = C._cuda_cudaCachingAllocator_raw_alloc(1 << 20, 0)
+                C._cuda_annotateMemory(p, "no history is recording: nothing happens")
+                C._cuda_cudaCachingAllocator_raw_delete(p)
+        out["warnings"] = [str(w.message) for w in caught]
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, r.stderr
+    import json
+    out = json.loads(r.stdout)
+    if out["has_query"]:
+        assert out["supported"] is True
+    assert out["get"] == '{"phase":"forward","step":3}'  # a dict is kept as its compact JSON
+    assert out["other_thread"] == ""
+    assert out["restored"] == out["get"]
+    assert out["cleared"] == ""
+    assert not [w for w in out["warnings"] if "does not support" in w], out["warnings"]
+    assert "does not support" not in r.stderr
+
+
+@needs_plugin
 def test_arena_marks_from_python():
     r = run_python(f"""
         import json, torch, stitchalloc
