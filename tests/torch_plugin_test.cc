@@ -608,6 +608,73 @@ TEST(TorchPlugin, CacheInfoAndBaseAllocation) {
 // expandable-segment format whose offset locates the tensor; getIpcDevPtr maps it (here in the
 // same process; ipc_test does two) and caches it while in use, as PyTorch does; bad input
 // raises c10::Error naming the problem.
+// torch.cuda.memory.caching_allocator_enable(False): PyTorch's uncached mode, each allocation
+// its own segment, given back when freed, outside the statistics and the history.
+TEST(TorchPlugin, UncachedModeWhileTheCachingAllocatorIsDisabled) {
+  Install();
+  cca::CUDAAllocator* a = cca::get();
+  auto allocated = [&] { return a->getDeviceStats(0).allocated_bytes[0].current; };
+  auto reserved = [&] { return a->getDeviceStats(0).reserved_bytes[0].current; };
+  a->recordHistory(true, nullptr, 1000, cda::RecordContext::ALL, false, {});
+  void* cached = a->raw_alloc_with_stream(1 << 20, StreamId(0));  // made while caching
+  const auto allocated0 = allocated(), reserved0 = reserved();
+  const size_t entries0 = a->snapshot({0, 0}, true).device_traces[0].size();
+
+  EXPECT_TRUE(a->isEnabled());
+  a->enable(false);
+  EXPECT_FALSE(a->isEnabled());
+  EXPECT_NE(a->raw_deleter(), nullptr);
+  const std::size_t n = 3 << 20;
+  void* p = a->raw_alloc_with_stream(n, StreamId(0));
+  std::vector<unsigned char> bytes(n);
+  for (std::size_t i = 0; i < n; ++i) bytes[i] = static_cast<unsigned char>(i * 7 + 1);
+  std::memcpy(p, bytes.data(), n);
+  c10::DataPtr t = a->allocate(1000);
+  EXPECT_EQ(t.get_deleter(), a->raw_deleter());
+  std::memset(t.get(), 0x5a, 1000);
+  EXPECT_EQ(allocated(), allocated0);  // outside the statistics and the history, as in PyTorch
+  EXPECT_EQ(reserved(), reserved0);
+  EXPECT_EQ(a->snapshot({0, 0}, true).device_traces[0].size(), entries0);
+  size_t base_size = 0;
+  EXPECT_EQ(a->getBaseAllocation(p, &base_size), p);
+  EXPECT_EQ(base_size, 4u << 20);  // its own segment, rounded to the host driver's 2 MiB
+  // Another process's view of it (here: this one's): the same bytes.
+  const cca::ShareableHandle shared = a->shareIpcHandle(p);
+  EXPECT_EQ(shared.offset, 0);
+  std::shared_ptr<void> opened = a->getIpcDevPtr(shared.handle);
+  EXPECT_EQ(0, std::memcmp(opened.get(), bytes.data(), n));
+  opened.reset();
+
+  // Nothing is kept: most of the device in turns of different sizes (256 MiB, of which 2 MiB is
+  // the default pool's for `cached` and 8 MiB the two above), each fitting only if the one before
+  // went back.
+  for (std::size_t mib : {200, 240, 180, 240}) {
+    void* big = a->raw_alloc(mib << 20);
+    a->raw_delete(big);
+  }
+  // Out of memory: torch's error, naming the mode; the allocator goes on.
+  try {
+    a->raw_alloc(300 << 20);
+    ADD_FAILURE() << "300 MiB on a 256 MiB device";
+  } catch (const c10::OutOfMemoryError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("PYTORCH_NO_CUDA_MEMORY_CACHING"));
+  }
+  int foreign = 0;
+  EXPECT_THROW(a->raw_delete(&foreign), c10::Error);
+
+  // Memory is freed the way it was made, whatever the mode is by then.
+  a->raw_delete(cached);                      // made cached, freed while uncached
+  EXPECT_EQ(allocated(), allocated0 - (1 << 20));
+  a->enable(true);
+  EXPECT_EQ(0, std::memcmp(p, bytes.data(), n));
+  a->raw_delete(p);                           // made uncached, freed while caching
+  t.clear();                                  // its own deleter
+  void* again = a->raw_alloc_with_stream(1 << 20, StreamId(0));
+  EXPECT_EQ(allocated(), allocated0);         // cached again
+  a->raw_delete(again);
+  a->recordHistory(false, nullptr, 1000, cda::RecordContext::NEVER, false, {});
+}
+
 TEST(TorchPlugin, CudaIpcHandlesShareAndOpen) {
   Install();
   cca::CUDAAllocator* a = cca::get();

@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/ApproximateClock.h>
 #include <c10/util/Exception.h>
+#include <c10/util/env.h>
 #include <torch/headeronly/version.h>
 
 #include <unistd.h>
@@ -49,6 +50,7 @@
 #include "allocator/segment_pool.h"
 #include "torch_plugin/pool_set.h"
 #include "torch_plugin/torch_internal.h"
+#include "torch_plugin/uncached.h"
 
 // What differs between the torch versions the plugin supports (2.11 to 2.15, checked by compiling).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
@@ -71,6 +73,7 @@ using c10::DeviceIndex;
 constexpr int kMaxDevices = 64;
 
 void RawDelete(void* ptr);
+void UncachedDelete(void* ptr);
 
 [[noreturn]] void Raise(const char* op, const absl::Status& s) {
   if (s.code() == absl::StatusCode::kResourceExhausted) {
@@ -130,6 +133,34 @@ class MemPoolSource final : public SegmentSource {
   const std::string name_;
 };
 
+// PyTorch's uncached mode under CUDA (uncached.h): each allocation a cudaMalloc of its own, as
+// PyTorch's allocator then makes them, so that compute-sanitizer sees each tensor's exact bounds.
+// cudaFree waits for the device itself.
+class CudaMallocSource final : public SegmentSource {
+ public:
+  explicit CudaMallocSource(DeviceIndex device) : device_(device) {}
+  absl::StatusOr<Segment> Allocate(std::size_t bytes) override {
+    c10::cuda::CUDAGuard guard(device_);
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaSuccess) return Segment{reinterpret_cast<DevicePtr>(p), bytes};
+    (void)cudaGetLastError();  // not sticky: the report follows
+    const std::string why = absl::StrCat("cudaMalloc: ", cudaGetErrorString(e));
+    return e == cudaErrorMemoryAllocation ? absl::ResourceExhaustedError(why) : absl::InternalError(why);
+  }
+  absl::Status Release(const Segment& segment) override {
+    c10::cuda::CUDAGuard guard(device_);
+    const cudaError_t e = cudaFree(reinterpret_cast<void*>(segment.ptr));
+    if (e == cudaSuccess) return absl::OkStatus();
+    (void)cudaGetLastError();
+    return absl::InternalError(absl::StrCat("cudaFree: ", cudaGetErrorString(e)));
+  }
+  std::string name() const override { return absl::StrCat("cudaMalloc on device ", static_cast<int>(device_)); }
+
+ private:
+  const DeviceIndex device_;
+};
+
 void CopyStat(const Stat& from, c10::CachingAllocator::Stat& to) {
   to.current = from.current;
   to.peak = from.peak;
@@ -177,10 +208,14 @@ class TorchAllocator final : public cca::CUDAAllocator {
   // ---- c10::Allocator ------------------------------------------------------------------
   c10::DataPtr allocate(size_t n) override {
     const DeviceIndex device = CurrentDevice();
+    if (Uncached()) {
+      void* p = n == 0 ? nullptr : UncachedMalloc(device, n);
+      return {p, p, &UncachedDelete, c10::Device(c10::DeviceType::CUDA, device)};
+    }
     void* p = n == 0 ? nullptr : Malloc(device, n, reinterpret_cast<cudaStream_t>(CurrentStreamOf(device)));
     return {p, p, &RawDelete, c10::Device(c10::DeviceType::CUDA, device)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &RawDelete; }
+  c10::DeleterFnPtr raw_deleter() const override { return Uncached() ? &UncachedDelete : &RawDelete; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     C10_CUDA_CHECK(cudaMemcpy(dest, src, count, cudaMemcpyDeviceToDevice));
   }
@@ -229,10 +264,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
   void* raw_alloc(size_t nbytes) override {
     if (nbytes == 0) return nullptr;
     const DeviceIndex device = CurrentDevice();
+    if (Uncached()) return UncachedMalloc(device, nbytes);
     return Malloc(device, nbytes, reinterpret_cast<cudaStream_t>(CurrentStreamOf(device)));
   }
   void* raw_alloc_with_stream(size_t nbytes, cudaStream_t stream) override {
     if (nbytes == 0) return nullptr;
+    if (Uncached()) return UncachedMalloc(CurrentDevice(), nbytes);
     return Malloc(CurrentDevice(), nbytes, stream);
   }
   void raw_delete(void* ptr) override { Free(ptr); }
@@ -247,13 +284,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
     Check("setMemoryFraction", Device(device).SetMemoryFraction(fraction));
   }
   std::vector<cca::StreamSegmentSize> getExpandableSegmentSizes(DeviceIndex) override { return {}; }
-  void enable(bool value) override {
-    if (!value) {
-      TORCH_WARN_ONCE("stitchalloc: disabling the caching allocator is not supported; allocations stay cached");
-    }
-    enabled_ = value;
-  }
-  bool isEnabled() const override { return enabled_; }
+  // torch.cuda.memory.caching_allocator_enable: while disabled (or with
+  // PYTORCH_NO_CUDA_MEMORY_CACHING=1 from the start), PyTorch's uncached mode (uncached.h).
+  // Memory keeps the mode it was allocated in: a pointer is freed the way it was made, whatever
+  // the mode is by then.
+  void enable(bool value) override { enabled_.store(value, std::memory_order_relaxed); }
+  bool isEnabled() const override { return enabled_.load(std::memory_order_relaxed); }
   void cacheInfo(DeviceIndex device, size_t* largest) override {
     PoolSet& set = Device(device);
     const Stats s = set.GetStats();
@@ -262,6 +298,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
     *largest = std::max({*largest, set.LargestFreeBlock(), static_cast<size_t>(std::max<std::int64_t>(fresh, 0))});
   }
   void* getBaseAllocation(void* ptr, size_t* size) override {
+    if (uncached_.live() != 0) {
+      if (std::optional<UncachedAllocations::Live> live = uncached_.Find(ptr)) {
+        if (size != nullptr) *size = live->segment.size;
+        return ptr;
+      }
+    }
     for (int d = 0; d < kMaxDevices; ++d) {
       PoolSet* set = devices_[d].load();
       if (set == nullptr) continue;
@@ -321,6 +363,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
   }
   // ---- CUDA IPC (torch.multiprocessing), in PyTorch's expandable-segment format (ipc.h) ------
   cca::ShareableHandle shareIpcHandle(void* ptr) override {
+    if (uncached_.live() != 0 && uncached_.Find(ptr).has_value()) return ShareUncached(ptr);
     const int device = DeviceIndexOf(ptr);
     TORCH_CHECK(device >= 0, "stitchalloc shareIpcHandle: ", ptr, " is not an allocation of stitchalloc");
     PoolSet& set = *devices_[device].load();
@@ -471,6 +514,10 @@ class TorchAllocator final : public cca::CUDAAllocator {
   // ---- used by RawDelete and the C entry points ----------------------------------------
   void Free(void* ptr) {
     if (ptr == nullptr) return;
+    if (uncached_.live() != 0) [[unlikely]] {
+      // raw_alloc's memory from the uncached mode, freed by raw_delete (even after the mode ended).
+      if (absl::Status s = uncached_.Free(ptr); !absl::IsNotFound(s)) return Check("free", s);
+    }
     DeviceIndex device = 0;
     if (device_count_in_use_.load() > 1) device = DeviceOf(ptr);
     PoolSet* set = devices_[device].load();
@@ -485,6 +532,11 @@ class TorchAllocator final : public cca::CUDAAllocator {
       Check("free", set->Free(ptr));
     }
     if (history) TraceFree(device, ptr, size, nullptr, pool, context);
+  }
+  // The deleter of allocate()'s uncached memory (a deleter of its own, so that recordStream
+  // leaves it alone, as PyTorch's does: cudaFree waits for every stream).
+  void FreeUncached(void* ptr) {
+    if (ptr != nullptr) Check("free", uncached_.Free(ptr));
   }
   // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
   // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
@@ -549,6 +601,38 @@ class TorchAllocator final : public cca::CUDAAllocator {
     devices_[device].store(set, std::memory_order_release);
     device_count_in_use_.fetch_add(1);
     return *set;
+  }
+
+  // PyTorch's uncached mode (uncached.h): on, or off from caching_allocator_enable.
+  bool Uncached() const { return force_uncached_ || !enabled_.load(std::memory_order_relaxed); }
+  void* UncachedMalloc(DeviceIndex device, std::size_t n) {
+    absl::StatusOr<void*> p = uncached_.Allocate(device, n);
+    if (!p.ok()) Raise("malloc", p.status());
+    return *p;
+  }
+  absl::StatusOr<UncachedAllocations::DeviceSource> MakeUncachedSource(int device) {
+    if (HostDriver()) {
+      Driver* driver = &Device(static_cast<DeviceIndex>(device)).main().driver();
+      return UncachedAllocations::DeviceSource{std::make_unique<DriverSegmentSource>(driver),
+                                               [driver] { return driver->SynchronizeDevice(); }};
+    }
+    return UncachedAllocations::DeviceSource{std::make_unique<CudaMallocSource>(static_cast<DeviceIndex>(device)),
+                                             nullptr};
+  }
+  // An uncached allocation for another process: a 'c' handle of its cudaMalloc, as PyTorch
+  // shares its uncached memory, or on the host driver its segment's chunk.
+  cca::ShareableHandle ShareUncached(void* ptr) {
+    if (HostDriver()) {
+      absl::StatusOr<SharedRange> shared = uncached_.Share(ptr);
+      if (!shared.ok()) Raise("shareIpcHandle", shared.status());
+      return {static_cast<ptrdiff_t>(shared->offset), EncodeIpcHandle(*shared, getpid())};
+    }
+    cudaIpcMemHandle_t h;
+    C10_CUDA_CHECK(cudaIpcGetMemHandle(&h, ptr));
+    absl::StatusOr<std::string> handle =
+        EncodeCudaMallocHandle(std::string_view(reinterpret_cast<const char*>(&h), sizeof(h)));
+    if (!handle.ok()) Raise("shareIpcHandle", handle.status());
+    return {0, *std::move(handle)};
   }
 
   // The device whose pools serve live allocation `ptr`, or -1.
@@ -727,7 +811,9 @@ class TorchAllocator final : public cca::CUDAAllocator {
   std::atomic<int> device_count_{0};
   std::atomic<int> device_count_in_use_{0};
   std::atomic<int> captures_{0};
-  bool enabled_ = true;
+  std::atomic<bool> enabled_{true};
+  const bool force_uncached_ = c10::utils::check_env("PYTORCH_NO_CUDA_MEMORY_CACHING") == true;
+  UncachedAllocations uncached_{[this](int device) { return MakeUncachedSource(device); }};
   std::array<std::atomic<PoolSet*>, kMaxDevices> devices_{};
   std::mutex create_mu_;
 
@@ -878,6 +964,7 @@ std::mutex g_install_mu;
 thread_local std::string g_last_error;
 
 void RawDelete(void* ptr) { g_allocator.load()->Free(ptr); }
+void UncachedDelete(void* ptr) { g_allocator.load()->FreeUncached(ptr); }
 
 }  // namespace
 }  // namespace stitchalloc

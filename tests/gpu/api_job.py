@@ -280,6 +280,33 @@ def _():
             "annotated": annotated}
 
 
+@step("uncached")
+def _():
+    # torch.cuda.memory.caching_allocator_enable(False): each allocation its own cudaMalloc, given
+    # back to the device when freed, outside memory_allocated / memory_reserved.
+    mm = torch.cuda.memory
+    if not hasattr(mm, "caching_allocator_enable"):
+        return "absent"
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    a0, r0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    free0 = torch.cuda.mem_get_info()[0]
+    mm.caching_allocator_enable(False)
+    try:
+        x = torch.full((256 * MiB // 4,), 3.0, device=dev)
+        free1 = torch.cuda.mem_get_info()[0]
+        stats_untouched = torch.cuda.memory_allocated() == a0 and torch.cuda.memory_reserved() == r0
+        value = x.sum().item()
+        del x
+        torch.cuda.synchronize()
+        free2 = torch.cuda.mem_get_info()[0]
+    finally:
+        mm.caching_allocator_enable(True)
+    return {"stats_untouched": stats_untouched, "value": value,
+            "device_memory_taken": free0 - free1 >= 256 * MiB,
+            "given_back_at_free": free2 >= free1 + 256 * MiB}
+
+
 @step("oom")
 def _():
     total = torch.cuda.get_device_properties(dev).total_memory

@@ -127,7 +127,8 @@ def test_memory_apis_match_native():
     assert not errors, errors
     for key in ("allocated_delta", "reserved_covers_allocated", "peaks", "empty_cache", "stats_and_summary",
                 "mem_get_info", "record_stream", "cudnn_benchmark", "mem_pool", "history_pools_and_segments",
-                "mem_pool_no_split", "mem_pool_own_allocator", "history_metadata"):
+                "mem_pool_no_split", "mem_pool_own_allocator", "history_metadata",
+                "uncached"):
         assert ours[key] == nat[key], (key, ours[key], nat[key])
     assert nat["oom"]["raised"] == ours["oom"]["raised"] == "OutOfMemoryError"
     assert ours["oom"]["mentions_stitchalloc"]  # the core's diagnostic message

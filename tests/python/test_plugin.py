@@ -366,6 +366,35 @@ def test_memory_metadata_apis():
 
 
 @needs_plugin
+def test_no_cuda_memory_caching_variable():
+    # PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under PyTorch's allocator: every allocation is made and
+    # given back on its own, outside the statistics; caching_allocator_enable has the same effect.
+    code = f"""
+        import json, torch, stitchalloc
+        stitchalloc.install("{HOST}")
+        C = torch._C
+        out = {{}}
+        ptrs = [C._cuda_cudaCachingAllocator_raw_alloc(n, 0) for n in (1000, 3 << 20, 150 << 20)]
+        out["allocated"] = C._cuda_memoryStats(0)["allocated_bytes"]["all"]["current"]
+        for p in ptrs:
+            C._cuda_cudaCachingAllocator_raw_delete(p)
+        big = C._cuda_cudaCachingAllocator_raw_alloc(200 << 20, 0)  # fits only if the 150 MiB went back
+        C._cuda_cudaCachingAllocator_raw_delete(big)
+        out["reserved"] = C._cuda_memoryStats(0)["reserved_bytes"]["all"]["current"]
+        print(json.dumps(out))
+        """
+    uncached = run_python(code, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    assert uncached.returncode == 0, uncached.stderr
+    import json
+    assert json.loads(uncached.stdout) == {"allocated": 0, "reserved": 0}
+    cached = run_python(code)  # the same under caching: counted, and the 200 MiB fits by releasing
+    assert cached.returncode == 0, cached.stderr
+    out = json.loads(cached.stdout)
+    assert out["allocated"] == 1024 + (3 << 20) + (150 << 20)
+    assert out["reserved"] >= 200 << 20
+
+
+@needs_plugin
 def test_arena_marks_from_python():
     r = run_python(f"""
         import json, torch, stitchalloc
