@@ -65,6 +65,15 @@ absl::Status SwapManager::BeginIteration(int num_layers) {
 }
 
 absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer, Release release) {
+  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kNot);
+}
+
+absl::StatusOr<SwapManager::Ticket> SwapManager::Keep(void* device_ptr, std::size_t bytes, int layer, Release release) {
+  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kForeign);
+}
+
+absl::StatusOr<SwapManager::Ticket> SwapManager::Register(void* device_ptr, std::size_t bytes, int layer,
+                                                          Release release, KeptWhy keep) {
   if (device_ptr == nullptr) return absl::InvalidArgumentError("swap manager: offload of a null pointer");
   if (bytes == 0) return absl::InvalidArgumentError("swap manager: offload of 0 bytes");
   MutexLock l(&mu_);
@@ -78,7 +87,11 @@ absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::
   e.bytes = bytes;
   e.device = device_ptr;
   e.release = std::move(release);
-  if (bytes < options_.min_bytes) {
+  if (keep == KeptWhy::kForeign) {
+    e.state = TicketState::kKept;
+    e.why = KeptWhy::kForeign;
+    ++stats_.kept_foreign;
+  } else if (bytes < options_.min_bytes) {
     e.state = TicketState::kKept;
     e.why = KeptWhy::kSmall;
     ++stats_.kept_small;
@@ -335,14 +348,15 @@ std::string SwapManager::PressureNoteLocked(std::int64_t moved, std::size_t move
     std::int64_t count = 0;
     std::size_t bytes = 0;
   };
-  Held registered, last, small, no_host, failed;
+  Held registered, last, small, no_host, failed, foreign;
   for (const auto& [t, e] : tickets_) {
     Held* h = nullptr;
     if (e.state == TicketState::kRegistered) h = &registered;
     if (e.state == TicketState::kKept) {
-      h = e.why == KeptWhy::kLastLayers ? &last
-          : e.why == KeptWhy::kSmall    ? &small
+      h = e.why == KeptWhy::kLastLayers     ? &last
+          : e.why == KeptWhy::kSmall        ? &small
           : e.why == KeptWhy::kNoHostMemory ? &no_host
+          : e.why == KeptWhy::kForeign      ? &foreign
                                             : &failed;
     }
     if (h == nullptr) continue;
@@ -355,9 +369,11 @@ std::string SwapManager::PressureNoteLocked(std::int64_t moved, std::size_t move
       "Swap manager under this pressure: moved %d saved tensors (%s) to pinned host memory. Still on the "
       "device, waiting for their backward: %s for want of pinned memory (the pool has %s of its %s limit in "
       "use, swap_host_limit_mb), %s of the last layers (swap_keep_last_layers), %s below swap_min_kb, %s of "
-      "layers whose forward has not ended, %s whose copy could not be issued.",
+      "layers whose forward has not ended, %s whose copy could not be issued, %s in memory the allocator did "
+      "not make.",
       moved, FormatBytes(moved_bytes), part(no_host), FormatBytes(pool.in_use_bytes),
-      FormatBytes(pool_->options().capacity), part(last), part(small), part(registered), part(failed));
+      FormatBytes(pool_->options().capacity), part(last), part(small), part(registered), part(failed),
+      part(foreign));
 }
 
 void SwapManager::DeferHostFree(CopyEngine::CopyId copy, void* host) { deferred_.push_back({copy, host}); }

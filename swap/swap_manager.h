@@ -6,7 +6,8 @@
 //   kRegistered   on the device, waiting for its layer's forward to end
 //   kKept         stays on the device (Entry::why): one of the last `keep_last_layers` layers
 //                 (their backward follows at once), smaller than `min_bytes`, no pinned memory
-//                 was left, or the copy could not be issued
+//                 was left, the copy could not be issued, or memory the allocator did not make
+//                 (Keep: how it is owned and freed is not the manager's to know)
 //   kOffloading   device-to-host copy in flight; the device block was freed with a stream use
 //                 on the copy stream, so the allocator reuses it only once the copy completed
 //   kOnHost       in pinned memory only
@@ -69,7 +70,7 @@ struct SwapOptions {
 
 enum class TicketState : std::uint8_t { kRegistered, kKept, kOffloading, kOnHost, kPrefetching };
 // Why a kKept ticket stays on the device.
-enum class KeptWhy : std::uint8_t { kNot, kLastLayers, kSmall, kNoHostMemory, kCopyFailed };
+enum class KeptWhy : std::uint8_t { kNot, kLastLayers, kSmall, kNoHostMemory, kCopyFailed, kForeign };
 
 struct SwapStats {
   std::int64_t registered = 0;
@@ -78,6 +79,7 @@ struct SwapStats {
   std::int64_t kept_last_layers = 0;
   std::int64_t kept_small = 0;
   std::int64_t kept_no_host_memory = 0;  // pinned pool exhausted: stayed on the device
+  std::int64_t kept_foreign = 0;         // memory the allocator did not make (Keep)
   std::int64_t prefetch_failures = 0;    // no device memory for a prefetch (retried at Wait)
   std::int64_t waits = 0;
   std::int64_t late_prefetches = 0;      // Wait found the tensor still on the host
@@ -114,6 +116,11 @@ class SwapManager {
   // manager. InvalidArgument for a null pointer, zero bytes or a layer outside the iteration.
   // With `release`, the block is borrowed (see the top of this file) and called at most once.
   absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr);
+  // A saved tensor in memory the allocator did not make (another process's, opened by CUDA IPC;
+  // an allocation of PyTorch's uncached mode; another library's): a ticket like Offload's that
+  // keeps it on the device (kKept, kForeign), since how that memory is owned and freed is not
+  // the manager's to know. Validates as Offload does.
+  absl::StatusOr<Ticket> Keep(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr);
   // Layer `layer`'s forward ended: issues its offloads.
   absl::Status ForwardEnd(int layer);
   // Backward reached layer `layer`: issues the prefetches of the `lookahead` layers below it.
@@ -154,6 +161,8 @@ class SwapManager {
   SwapManager(CachingAllocator* a, PinnedPool* p, CopyEngine* e, Stream compute, const SwapOptions& o)
       : alloc_(a), pool_(p), engine_(e), compute_(compute), options_(o) {}
 
+  // Offload and Keep: a new ticket, kept on the device at once when `keep` says why.
+  absl::StatusOr<Ticket> Register(void* device_ptr, std::size_t bytes, int layer, Release release, KeptWhy keep);
   absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evict's note: what it moved, and the tickets still on the device by why.
   std::string PressureNoteLocked(std::int64_t moved, std::size_t moved_bytes) const

@@ -630,6 +630,42 @@ TEST(SwapManager, OutOfMemoryReportSaysWhatTheSwapManagerHolds) {
   }
 }
 
+// Memory the allocator did not make (under PyTorch: a tensor opened from another process, one of
+// the uncached mode) is registered and kept where it is: never copied, never evicted, named in
+// the out-of-memory report, handed back as it was.
+TEST(SwapManager, ForeignMemoryIsKeptNeverCopiedNorEvicted) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 32 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0, .min_bytes = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(2));
+  std::vector<std::uint8_t> foreign = Pattern(2 * kMiB, 5);
+  int released = 0;
+  EXPECT_TRUE(absl::IsInvalidArgument(r.swap->Keep(nullptr, 16, 0).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(r.swap->Keep(foreign.data(), 0, 0).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(r.swap->Keep(foreign.data(), foreign.size(), 2).status()));
+  SA_ASSIGN_OR_FAIL(kept, r.swap->Keep(foreign.data(), foreign.size(), 0, [&](std::optional<Stream>) { ++released; }));
+  std::vector<Saved> saved;
+  SaveFilled(r, 3 * kMiB, 0, 9, &saved);
+  SA_ASSERT_OK(r.swap->ForwardEnd(0));
+  SA_ASSERT_OK(r.swap->ForwardEnd(1));
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeDevice());
+  SA_ASSIGN_OR_FAIL(state, r.swap->State(kept));
+  EXPECT_EQ(state, TicketState::kKept);
+  EXPECT_EQ(r.swap->GetStats().kept_foreign, 1);
+  EXPECT_EQ(r.swap->GetStats().offloads, 1);  // the allocator's tensor only
+  // Under pressure it is not evicted, and the report says what it is.
+  auto oom = r.alloc->Malloc(70 * kMiB, r.compute);  // more than the device
+  ASSERT_TRUE(absl::IsResourceExhausted(oom.status())) << oom.status();
+  const std::string message(oom.status().message());
+  EXPECT_NE(message.find("1 (2.00 MiB) in memory the allocator did not make"), std::string::npos) << message;
+  EXPECT_EQ(r.swap->GetStats().evicted, 0);
+  SA_ASSIGN_OR_FAIL(back, r.swap->Wait(kept));
+  EXPECT_EQ(back, foreign.data());
+  EXPECT_EQ(foreign, Pattern(2 * kMiB, 5));
+  EXPECT_EQ(released, 0);  // its owner keeps it
+  SA_ASSERT_OK(r.swap->BackwardBegin(1));
+  CheckAndFree(r, saved[0]);
+}
+
 // Training steps as a GPU runs them, on worker-thread streams: the compute stream's "kernels"
 // write each saved tensor and read it back in the backward, the copy streams move it, the
 // device is too small for one step's activations and the pinned pool too small for all of them

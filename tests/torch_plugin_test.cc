@@ -862,9 +862,17 @@ TEST(TorchPlugin, SwapThroughTheInstalledAllocatorKeepsTheMemoryHistoryWhole) {
   EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("no swap session on device 0"));
 
   ASSERT_EQ(stitchalloc_torch_swap_begin(0, 2), 0) << stitchalloc_torch_last_error();
-  int local = 0;
-  EXPECT_EQ(stitchalloc_torch_swap_offload(0, &local, sizeof local, 0, release, &p, &ticket), -1);
-  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("is not a live stitchalloc allocation"));
+  // Memory stitchalloc did not make (here: the stack; under PyTorch, a tensor opened from
+  // another process or one of the uncached mode) gets a ticket but stays where it is.
+  static int foreign_released = 0;
+  std::vector<unsigned char> foreign(1 << 20, 0x33);
+  uint64_t tf = 0;
+  ASSERT_EQ(stitchalloc_torch_swap_offload(0, foreign.data(), foreign.size(), 0, [](void*) { ++foreign_released; },
+                                           nullptr, &tf),
+            0)
+      << stitchalloc_torch_last_error();
+  EXPECT_EQ(stitchalloc_torch_swap_state(0, tf), 1);  // kept
+  EXPECT_THAT(std::string(stitchalloc_torch_swap_stats(0)), HasSubstr("swap.kept_foreign 1\n"));
   EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, 2 * kP, 0, release, &p, &ticket), -1);
   EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("overrun its allocation"));
   EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 0, release, &p, nullptr), -1);
@@ -879,6 +887,16 @@ TEST(TorchPlugin, SwapThroughTheInstalledAllocatorKeepsTheMemoryHistoryWhole) {
   ASSERT_EQ(stitchalloc_torch_swap_forward_end(0, 1), 0) << stitchalloc_torch_last_error();
   EXPECT_EQ(p.released, 1);  // the device blocks went back to their owners as the copies left
   EXPECT_EQ(q.released, 1);
+  EXPECT_EQ(stitchalloc_torch_swap_state(0, tf), 1);  // the foreign one stayed
+  EXPECT_EQ(foreign_released, 0);
+  {
+    void* kept = nullptr;
+    int kept_same = -1;
+    ASSERT_EQ(stitchalloc_torch_swap_wait(0, tf, &kept, &kept_same), 0) << stitchalloc_torch_last_error();
+    EXPECT_EQ(kept, foreign.data());
+    EXPECT_EQ(kept_same, 1);
+    EXPECT_EQ(foreign[12345], 0x33);
+  }
   ASSERT_EQ(stitchalloc_torch_swap_backward_begin(0, 1), 0) << stitchalloc_torch_last_error();  // layer 0 back
   EXPECT_EQ(stitchalloc_torch_swap_state(0, tp), 4);  // prefetching
   ASSERT_EQ(stitchalloc_torch_swap_cancel(0, tq), 0) << stitchalloc_torch_last_error();  // q died meanwhile

@@ -113,10 +113,13 @@ __attribute__((visibility("default"))) int stitchalloc_torch_swap_offload(int de
   return OnSession("stitchalloc_torch_swap_offload", device, false, [&](SwapSession& s) -> absl::Status {
     PoolSet* set = s.set;
     Driver* driver = &set->main().driver();
+    // Memory stitchalloc did not make (opened from another process, PyTorch's uncached mode,
+    // another library's) stays on the device: its owner frees it, not the swap manager.
+    bool foreign = false;
     if (ptr != nullptr) {
       auto info = set->Describe(ptr);
-      if (!info.ok()) return absl::InvalidArgumentError(absl::StrFormat("%p is not a live stitchalloc allocation", ptr));
-      if (info->size < bytes) {
+      foreign = !info.ok();
+      if (!foreign && info->size < bytes) {
         return absl::InvalidArgumentError(
             absl::StrFormat("%d bytes at %p overrun its allocation of %d bytes", bytes, ptr, info->size));
       }
@@ -132,7 +135,8 @@ __attribute__((visibility("default"))) int stitchalloc_torch_swap_offload(int de
         // A failing free must not unwind through the swap manager; the block is then leaked.
       }
     };
-    auto t = s.manager->Offload(ptr, bytes, layer, std::move(give_back));
+    auto t = foreign ? s.manager->Keep(ptr, bytes, layer, std::move(give_back))
+                     : s.manager->Offload(ptr, bytes, layer, std::move(give_back));
     if (!t.ok()) return t.status();
     *ticket = *t;
     return absl::OkStatus();
@@ -207,6 +211,7 @@ __attribute__((visibility("default"))) const char* stitchalloc_torch_swap_stats(
     line("swap.prefetches", m.prefetches);
     line("swap.kept_last_layers", m.kept_last_layers);
     line("swap.kept_small", m.kept_small);
+    line("swap.kept_foreign", m.kept_foreign);
     line("swap.kept_no_host_memory", m.kept_no_host_memory);
     line("swap.prefetch_failures", m.prefetch_failures);
     line("swap.waits", m.waits);
