@@ -25,6 +25,8 @@ namespace stitchalloc {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::FillPattern;
+using testing::HoldsPattern;
 using testing::Pattern;
 
 // Host memory as a MemPool's own allocator would give device memory: 4 KiB-aligned segments of
@@ -99,15 +101,6 @@ Fixture Make(SegmentPool::Options options = {}, Config config = {}, std::size_t 
   return f;
 }
 
-void Fill(void* p, std::size_t n, std::uint64_t seed) {
-  const auto bytes = Pattern(n, seed);
-  std::memcpy(p, bytes.data(), n);
-}
-bool Holds(const void* p, std::size_t n, std::uint64_t seed) {
-  const auto bytes = Pattern(n, seed);
-  return std::memcmp(p, bytes.data(), n) == 0;
-}
-
 TEST(SegmentPool, SegmentSizesSplitsAndMergesFollowPyTorch) {
   auto f = Make();
   // Small requests share one 2 MiB segment, split at 512-byte granules.
@@ -134,13 +127,13 @@ TEST(SegmentPool, SegmentSizesSplitsAndMergesFollowPyTorch) {
   EXPECT_EQ(s.inactive_split_bytes.all().current, static_cast<std::int64_t>(2 * kMiB - 1536 + 10 * kMiB));
 
   // Bytes stay where they were written.
-  Fill(a, 1000, 1);
-  Fill(b, 100, 2);
-  Fill(c, 5 * kMiB, 3);
-  Fill(d, 5 * kMiB, 4);
-  Fill(e, 30 * kMiB - 100, 5);
-  EXPECT_TRUE(Holds(a, 1000, 1) && Holds(b, 100, 2) && Holds(c, 5 * kMiB, 3) && Holds(d, 5 * kMiB, 4) &&
-              Holds(e, 30 * kMiB - 100, 5));
+  FillPattern(a, 1000, 1);
+  FillPattern(b, 100, 2);
+  FillPattern(c, 5 * kMiB, 3);
+  FillPattern(d, 5 * kMiB, 4);
+  FillPattern(e, 30 * kMiB - 100, 5);
+  EXPECT_TRUE(HoldsPattern(a, 1000, 1) && HoldsPattern(b, 100, 2) && HoldsPattern(c, 5 * kMiB, 3) && HoldsPattern(d, 5 * kMiB, 4) &&
+              HoldsPattern(e, 30 * kMiB - 100, 5));
 
   // Freed blocks merge: the segments are whole again, and cached (nothing returned).
   for (void* p : {b, a, d, c, e}) {
@@ -473,7 +466,7 @@ TEST(SegmentPool, DriverSegmentsAreOneChunkEachAndShareable) {
   auto pool = *SegmentPool::Create({}, host.get(), source, {.no_split = true, .on_source_exhausted = nullptr});
   SA_ASSIGN_OR_FAIL(p, pool->Malloc(5 * kMiB, kDefaultStream));
   EXPECT_EQ(host->physical_bytes_in_use(), 20 * kMiB);
-  Fill(p, 5 * kMiB, 9);
+  FillPattern(p, 5 * kMiB, 9);
   SA_ASSIGN_OR_FAIL(shared, pool->Share(p));
   EXPECT_EQ(shared.offset, 0u);
   EXPECT_EQ(shared.chunk_size, 20 * kMiB);
@@ -483,7 +476,7 @@ TEST(SegmentPool, DriverSegmentsAreOneChunkEachAndShareable) {
   SA_ASSIGN_OR_FAIL(va, host->Reserve(shared.chunk_size));
   SA_ASSERT_OK(host->Map(va, shared.chunk_size, imported));
   SA_ASSERT_OK(host->SetAccess(va, shared.chunk_size));
-  EXPECT_TRUE(Holds(reinterpret_cast<void*>(va), 5 * kMiB, 9));
+  EXPECT_TRUE(HoldsPattern(reinterpret_cast<void*>(va), 5 * kMiB, 9));
   SA_ASSERT_OK(host->Unmap(va, shared.chunk_size));
   SA_ASSERT_OK(host->FreeReservation(va, shared.chunk_size));
   SA_ASSERT_OK(host->ReleaseChunk(imported));
@@ -523,7 +516,7 @@ TEST(SegmentPool, ConcurrentThreadsKeepEveryByte) {
         if (!mine.empty() && rng() % 2 == 0) {
           const std::size_t k = rng() % mine.size();
           auto [p, what] = mine[k];
-          if (!Holds(p, what.first, what.second)) ++failures;
+          if (!HoldsPattern(p, what.first, what.second)) ++failures;
           if (!f.pool->Free(p).ok()) ++failures;
           mine.erase(mine.begin() + static_cast<std::ptrdiff_t>(k));
         } else {
@@ -534,13 +527,13 @@ TEST(SegmentPool, ConcurrentThreadsKeepEveryByte) {
             continue;
           }
           const std::uint64_t seed = rng();
-          Fill(*p, n, seed);
+          FillPattern(*p, n, seed);
           mine.push_back({*p, {n, seed}});
         }
         if (i % 100 == 99 && t == 0) (void)f.pool->EmptyCache();
       }
       for (auto& [p, what] : mine) {
-        if (!Holds(p, what.first, what.second)) ++failures;
+        if (!HoldsPattern(p, what.first, what.second)) ++failures;
         if (!f.pool->Free(p).ok()) ++failures;
       }
     });

@@ -1,5 +1,6 @@
 #include "tests/test_util.h"
 
+#include <cstring>
 #include <utility>
 
 #include "vmm/host_driver.h"
@@ -47,6 +48,16 @@ std::vector<std::uint8_t> Pattern(std::size_t n, std::uint64_t seed) {
     v[i] = static_cast<std::uint8_t>(x);
   }
   return v;
+}
+
+void FillPattern(void* p, std::size_t n, std::uint64_t seed) {
+  const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+  std::memcpy(p, bytes.data(), n);
+}
+
+bool HoldsPattern(const void* p, std::size_t n, std::uint64_t seed) {
+  const std::vector<std::uint8_t> bytes = Pattern(n, seed);
+  return std::memcmp(p, bytes.data(), n) == 0;
 }
 
 absl::Status Upload(Driver& d, void* device_dst, const void* host_src, std::size_t n, Stream s) {

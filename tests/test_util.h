@@ -55,6 +55,10 @@ absl::StatusOr<void*> MallocStitchedThreeChunks(CachingAllocator& alloc);
 
 // Deterministic bytes for (seed, offset).
 std::vector<std::uint8_t> Pattern(std::size_t n, std::uint64_t seed);
+// Writes Pattern(n, seed) to host-addressable memory at `p` (the host driver's device memory
+// is), and whether `p` holds it.
+void FillPattern(void* p, std::size_t n, std::uint64_t seed);
+bool HoldsPattern(const void* p, std::size_t n, std::uint64_t seed);
 
 // Copies through the driver on `stream` and waits: works for device and host memory alike.
 absl::Status Upload(Driver& d, void* device_dst, const void* host_src, std::size_t n, Stream s = kDefaultStream);

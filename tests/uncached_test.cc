@@ -18,6 +18,8 @@ namespace stitchalloc {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::FillPattern;
+using testing::HoldsPattern;
 using testing::Pattern;
 
 constexpr std::size_t kMiB = 1 << 20;
@@ -45,15 +47,6 @@ std::unique_ptr<Fixture> Make(std::size_t capacity = 64 * kMiB) {
   return f;
 }
 
-void Fill(void* p, std::size_t n, std::uint64_t seed) {
-  const auto bytes = Pattern(n, seed);
-  std::memcpy(p, bytes.data(), n);
-}
-bool Holds(const void* p, std::size_t n, std::uint64_t seed) {
-  const auto bytes = Pattern(n, seed);
-  return std::memcmp(p, bytes.data(), n) == 0;
-}
-
 TEST(Uncached, EachAllocationIsItsOwnSegmentAndGoesBackWhenFreed) {
   auto f = Make();
   SA_ASSIGN_OR_FAIL(a, f->uncached->Allocate(0, 1000));
@@ -67,14 +60,14 @@ TEST(Uncached, EachAllocationIsItsOwnSegmentAndGoesBackWhenFreed) {
   EXPECT_EQ(live->segment.ptr, reinterpret_cast<DevicePtr>(b));
   EXPECT_EQ(live->segment.size, 4 * kMiB);
   EXPECT_FALSE(f->uncached->Find(static_cast<char*>(b) + 1).has_value());
-  Fill(a, 1000, 1);
-  Fill(b, 3 * kMiB, 2);
-  EXPECT_TRUE(Holds(a, 1000, 1));
-  EXPECT_TRUE(Holds(b, 3 * kMiB, 2));
+  FillPattern(a, 1000, 1);
+  FillPattern(b, 3 * kMiB, 2);
+  EXPECT_TRUE(HoldsPattern(a, 1000, 1));
+  EXPECT_TRUE(HoldsPattern(b, 3 * kMiB, 2));
   SA_ASSERT_OK(f->uncached->Free(a));
   EXPECT_EQ(f->synchronized, 1);  // the device finished with it before it went
   EXPECT_EQ(f->host->physical_bytes_in_use(), 4 * kMiB);
-  EXPECT_TRUE(Holds(b, 3 * kMiB, 2));
+  EXPECT_TRUE(HoldsPattern(b, 3 * kMiB, 2));
   SA_ASSERT_OK(f->uncached->Free(b));
   EXPECT_EQ(f->host->physical_bytes_in_use(), 0u);
   EXPECT_EQ(f->uncached->live(), 0u);
@@ -163,7 +156,7 @@ TEST(Uncached, AFailedFactoryOrAShortSegmentLeavesNothingBehind) {
 TEST(Uncached, SharedSegmentOpensElsewhereWithTheSameBytes) {
   auto f = Make();
   SA_ASSIGN_OR_FAIL(p, f->uncached->Allocate(0, 3 * kMiB));
-  Fill(p, 3 * kMiB, 7);
+  FillPattern(p, 3 * kMiB, 7);
   SA_ASSIGN_OR_FAIL(shared, f->uncached->Share(p));
   EXPECT_EQ(shared.offset, 0u);
   EXPECT_EQ(shared.chunk_size, 4 * kMiB);
@@ -172,7 +165,7 @@ TEST(Uncached, SharedSegmentOpensElsewhereWithTheSameBytes) {
   SA_ASSIGN_OR_FAIL(va, f->host->Reserve(shared.chunk_size));
   SA_ASSERT_OK(f->host->Map(va, shared.chunk_size, imported));
   SA_ASSERT_OK(f->host->SetAccess(va, shared.chunk_size));
-  EXPECT_TRUE(Holds(reinterpret_cast<void*>(va), 3 * kMiB, 7));
+  EXPECT_TRUE(HoldsPattern(reinterpret_cast<void*>(va), 3 * kMiB, 7));
   SA_ASSERT_OK(f->host->Unmap(va, shared.chunk_size));
   SA_ASSERT_OK(f->host->FreeReservation(va, shared.chunk_size));
   SA_ASSERT_OK(f->host->ReleaseChunk(imported));
@@ -197,18 +190,18 @@ TEST(Uncached, ThreadsKeepEveryByte) {
             continue;
           }
           const std::uint64_t seed = i * 31 + t;
-          Fill(*p, n, seed);
+          FillPattern(*p, n, seed);
           held.push_back({*p, {n, seed}});
         } else {
           const std::size_t k = rng() % held.size();
           auto [p, meta] = held[k];
-          if (!Holds(p, meta.first, meta.second)) ++failures;
+          if (!HoldsPattern(p, meta.first, meta.second)) ++failures;
           if (!f->uncached->Free(p).ok()) ++failures;
           held.erase(held.begin() + static_cast<std::ptrdiff_t>(k));
         }
       }
       for (auto& [p, meta] : held) {
-        if (!Holds(p, meta.first, meta.second) || !f->uncached->Free(p).ok()) ++failures;
+        if (!HoldsPattern(p, meta.first, meta.second) || !f->uncached->Free(p).ok()) ++failures;
       }
     });
   }
