@@ -39,10 +39,13 @@ std::unique_ptr<Fixture> Make(std::size_t capacity = 64 * kMiB) {
   Fixture* raw = f.get();
   f->uncached = std::make_unique<UncachedAllocations>([raw](int) -> absl::StatusOr<UncachedAllocations::DeviceSource> {
     ++raw->made;
-    return UncachedAllocations::DeviceSource{std::make_unique<DriverSegmentSource>(raw->host.get()), [raw] {
-                                               ++raw->synchronized;
-                                               return raw->host->SynchronizeDevice();
-                                             }};
+    return UncachedAllocations::DeviceSource{
+        std::make_unique<DriverSegmentSource>(raw->host.get()),
+        [raw] {
+          ++raw->synchronized;
+          return raw->host->SynchronizeDevice();
+        },
+        [raw] { return raw->host->GetMemInfo(); }};
   });
   return f;
 }
@@ -84,7 +87,11 @@ TEST(Uncached, OutOfMemoryNamesTheModeAndHoldsNothing) {
   auto too_much = f->uncached->Allocate(0, 40 * kMiB);
   ASSERT_TRUE(absl::IsResourceExhausted(too_much.status())) << too_much.status();
   EXPECT_THAT(std::string(too_much.status().message()), HasSubstr("PYTORCH_NO_CUDA_MEMORY_CACHING"));
-  EXPECT_THAT(std::string(too_much.status().message()), HasSubstr("41943040 bytes on device 0"));
+  // Explained in numbers: the request, the device's memory, what the mode holds.
+  EXPECT_THAT(std::string(too_much.status().message()), HasSubstr("41943040 bytes (40.00 MiB) on device 0"));
+  EXPECT_THAT(std::string(too_much.status().message()), HasSubstr("the device has 24.00 MiB free of 64.00 MiB"));
+  EXPECT_THAT(std::string(too_much.status().message()),
+              HasSubstr("the mode's 1 live allocations there hold 40.00 MiB"));
   EXPECT_EQ(f->uncached->live(), 1u);
   EXPECT_EQ(f->host->physical_bytes_in_use(), 40 * kMiB);
   SA_ASSERT_OK(f->uncached->Free(a));
@@ -138,7 +145,7 @@ TEST(Uncached, AFailedFactoryOrAShortSegmentLeavesNothingBehind) {
     if (++calls == 1) return absl::UnavailableError("no context yet");
     auto s = std::make_unique<ShortSource>();
     source = s.get();
-    return UncachedAllocations::DeviceSource{std::move(s), nullptr};
+    return UncachedAllocations::DeviceSource{std::move(s), nullptr, nullptr};
   });
   // The factory's error reaches the caller; the next request asks it again.
   auto first = uncached.Allocate(0, 4096);

@@ -611,13 +611,14 @@ class TorchAllocator final : public cca::CUDAAllocator {
     return *p;
   }
   absl::StatusOr<UncachedAllocations::DeviceSource> MakeUncachedSource(int device) {
+    Driver* driver = &Device(static_cast<DeviceIndex>(device)).main().driver();
+    auto mem_info = [driver] { return driver->GetMemInfo(); };
     if (HostDriver()) {
-      Driver* driver = &Device(static_cast<DeviceIndex>(device)).main().driver();
       return UncachedAllocations::DeviceSource{std::make_unique<DriverSegmentSource>(driver),
-                                               [driver] { return driver->SynchronizeDevice(); }};
+                                               [driver] { return driver->SynchronizeDevice(); }, mem_info};
     }
     return UncachedAllocations::DeviceSource{std::make_unique<CudaMallocSource>(static_cast<DeviceIndex>(device)),
-                                             nullptr};
+                                             nullptr, mem_info};
   }
   // An uncached allocation for another process: a 'c' handle of its cudaMalloc, as PyTorch
   // shares its uncached memory, or on the host driver its segment's chunk.

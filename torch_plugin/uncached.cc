@@ -7,24 +7,25 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "allocator/policy.h"
+#include "vmm/format.h"
 
 namespace stitchalloc {
 namespace {
 
-constexpr const char* kMode = "uncached (PYTORCH_NO_CUDA_MEMORY_CACHING=1 or caching_allocator_enable(False))";
+constexpr const char* kMode = "uncached mode (PYTORCH_NO_CUDA_MEMORY_CACHING=1 or caching_allocator_enable(False))";
 
 }  // namespace
 
 absl::StatusOr<UncachedAllocations::DeviceSource*> UncachedAllocations::SourceOf(int device) {
   if (device < 0 || device >= kMaxDevices) {
-    return absl::InvalidArgumentError(absl::StrCat("stitchalloc ", kMode, ": device ", device, " is out of range"));
+    return absl::InvalidArgumentError(absl::StrCat(kMode, ": device ", device, " is out of range"));
   }
   auto it = devices_.find(device);
   if (it != devices_.end()) return it->second.get();
   absl::StatusOr<DeviceSource> made = factory_(device);
   if (!made.ok()) return made.status();
   if (made->source == nullptr) {
-    return absl::InternalError(absl::StrCat("stitchalloc ", kMode, ": no memory source for device ", device));
+    return absl::InternalError(absl::StrCat(kMode, ": no memory source for device ", device));
   }
   auto& slot = devices_[device];
   slot = std::make_unique<DeviceSource>(*std::move(made));
@@ -43,17 +44,32 @@ absl::StatusOr<void*> UncachedAllocations::Allocate(int device, std::size_t byte
   absl::StatusOr<SegmentSource::Segment> segment = source->source->Allocate(bytes);
   if (!segment.ok()) {
     const absl::Status& s = segment.status();
-    return absl::Status(s.code(), absl::StrCat("stitchalloc ", kMode, ": ", bytes, " bytes on device ", device,
-                                               " from ", source->source->name(), ": ", s.message()));
+    std::string numbers;
+    if (absl::IsResourceExhausted(s)) {
+      if (source->mem_info) {
+        if (absl::StatusOr<MemInfo> info = source->mem_info(); info.ok()) {
+          absl::StrAppend(&numbers, "; the device has ", FormatBytes(info->free_bytes), " free of ",
+                          FormatBytes(info->total_bytes));
+        }
+      }
+      MutexLock l(&mu_);
+      std::size_t count = 0;
+      for (const auto& [p, live] : live_) count += live.device == device;
+      absl::StrAppend(&numbers, "; the mode's ", count, " live allocations there hold ",
+                      FormatBytes(held_bytes_[device]));
+    }
+    return absl::Status(s.code(), absl::StrCat(kMode, ": ", bytes, " bytes (", FormatBytes(bytes), ") on device ",
+                                               device, " from ", source->source->name(), ": ", s.message(), numbers));
   }
   if (segment->ptr == 0 || segment->size < bytes) {
     source->source->Release(*segment).IgnoreError();
-    return absl::InternalError(absl::StrFormat("stitchalloc %s: %s gave %u bytes at %#x for a request of %u",
+    return absl::InternalError(absl::StrFormat("%s: %s gave %u bytes at %#x for a request of %u",
                                                kMode, source->source->name(), segment->size, segment->ptr, bytes));
   }
   void* p = reinterpret_cast<void*>(segment->ptr);
   MutexLock l(&mu_);
   live_[p] = Live{device, *segment};
+  held_bytes_[device] += segment->size;
   count_.store(live_.size(), std::memory_order_relaxed);
   return p;
 }
@@ -65,10 +81,11 @@ absl::Status UncachedAllocations::Free(const void* ptr) {
     MutexLock l(&mu_);
     auto it = live_.find(ptr);
     if (it == live_.end()) {
-      return absl::NotFoundError(absl::StrFormat("stitchalloc %s: %p is not a live allocation", kMode, ptr));
+      return absl::NotFoundError(absl::StrFormat("%s: %p is not a live allocation", kMode, ptr));
     }
     freed = it->second;
     live_.erase(it);
+    held_bytes_[freed.device] -= freed.segment.size;
     count_.store(live_.size(), std::memory_order_relaxed);
     source = devices_.at(freed.device).get();
   }
@@ -87,7 +104,7 @@ std::optional<UncachedAllocations::Live> UncachedAllocations::Find(const void* p
 absl::StatusOr<SharedRange> UncachedAllocations::Share(const void* ptr) {
   std::optional<Live> live = Find(ptr);
   if (!live.has_value()) {
-    return absl::NotFoundError(absl::StrFormat("stitchalloc %s: %p is not a live allocation", kMode, ptr));
+    return absl::NotFoundError(absl::StrFormat("%s: %p is not a live allocation", kMode, ptr));
   }
   DeviceSource* source = nullptr;
   {

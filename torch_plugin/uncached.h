@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "allocator/ipc.h"
 #include "allocator/segment_pool.h"
+#include "vmm/types.h"
 #include "vmm/mutex.h"
 
 namespace stitchalloc {
@@ -36,6 +37,8 @@ class UncachedAllocations {
     // Waits until the device has finished with memory being released (may be empty: the
     // source's Release waits itself, as cudaFree does).
     std::function<absl::Status()> synchronize;
+    // The device's free and total memory, for out-of-memory reports (may be empty).
+    std::function<absl::StatusOr<MemInfo>()> mem_info;
   };
   using Factory = std::function<absl::StatusOr<DeviceSource>(int device)>;
   explicit UncachedAllocations(Factory factory) : factory_(std::move(factory)) {}
@@ -43,8 +46,8 @@ class UncachedAllocations {
   UncachedAllocations& operator=(const UncachedAllocations&) = delete;
 
   // A segment of at least `bytes` for device `device` (0..kMaxDevices-1). InvalidArgument for
-  // 0 bytes or an impossible size; ResourceExhausted, naming the mode and the source's cause,
-  // when the device has no memory for it.
+  // 0 bytes or an impossible size; ResourceExhausted when the device has no memory for it, with
+  // the mode, the source's cause, the device's free and total memory and what the mode holds.
   absl::StatusOr<void*> Allocate(int device, std::size_t bytes);
   // Releases live allocation `ptr` once the device has finished with it. NotFound when `ptr` is
   // not one (nothing happens then); on a release error the allocation is forgotten all the same
@@ -71,6 +74,7 @@ class UncachedAllocations {
   mutable Mutex mu_;
   absl::flat_hash_map<int, std::unique_ptr<DeviceSource>> devices_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<const void*, Live> live_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<int, std::size_t> held_bytes_ ABSL_GUARDED_BY(mu_);  // by device
   std::atomic<std::size_t> count_{0};
 };
 
