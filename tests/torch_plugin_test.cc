@@ -663,7 +663,7 @@ TEST(TorchPlugin, UncachedModeWhileTheCachingAllocatorIsDisabled) {
   EXPECT_THROW(a->raw_delete(&foreign), c10::Error);
 
   // Memory is freed the way it was made, whatever the mode is by then.
-  a->raw_delete(cached);                      // made cached, freed while uncached
+  a->raw_deleter()(cached);                   // made cached, freed with the uncached deleter
   EXPECT_EQ(allocated(), allocated0 - (1 << 20));
   a->enable(true);
   EXPECT_EQ(0, std::memcmp(p, bytes.data(), n));

@@ -534,9 +534,12 @@ class TorchAllocator final : public cca::CUDAAllocator {
     if (history) TraceFree(device, ptr, size, nullptr, pool, context);
   }
   // The deleter of allocate()'s uncached memory (a deleter of its own, so that recordStream
-  // leaves it alone, as PyTorch's does: cudaFree waits for every stream).
+  // leaves it alone, as PyTorch's does: cudaFree waits for every stream). raw_deleter() gives it
+  // out while the mode is on; a cached pointer freed with it goes where it came from.
   void FreeUncached(void* ptr) {
-    if (ptr != nullptr) Check("free", uncached_.Free(ptr));
+    if (ptr == nullptr) return;
+    if (absl::Status s = uncached_.Free(ptr); !absl::IsNotFound(s)) return Check("free", s);
+    Free(ptr);
   }
   // A block of the swap manager's own (a prefetch), allocated or about to be freed by it: in the
   // memory history like PyTorch's allocations, so that a trace pairs every free with its alloc.
