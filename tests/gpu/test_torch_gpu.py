@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 JOB = os.path.join(os.path.dirname(__file__), "llama_job.py")
 API_JOB = os.path.join(os.path.dirname(__file__), "api_job.py")
 IPC_JOB = os.path.join(os.path.dirname(__file__), "ipc_job.py")
+OOB_JOB = os.path.join(os.path.dirname(__file__), "oob_job.py")
 
 
 def launch(job, way, *extra):
@@ -133,3 +134,25 @@ def test_memory_apis_match_native():
     assert nat["oom"]["raised"] == ours["oom"]["raised"] == "OutOfMemoryError"
     assert ours["oom"]["mentions_stitchalloc"]  # the core's diagnostic message
     assert ours["oom"]["num_ooms"] >= 1
+
+
+def _memcheck(way, uncached):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "STITCHALLOC_AUTO_INSTALL",
+                                                            "LD_PRELOAD", "PYTORCH_NO_CUDA_MEMORY_CACHING")}
+    if uncached:
+        env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+    r = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", sys.executable, OOB_JOB,
+                        "--way", way], env=env, capture_output=True, text=True, timeout=900)
+    return r.returncode, "Invalid __global__ read" in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(d, "compute-sanitizer"), os.X_OK)
+                            for d in os.environ.get("PATH", "").split(os.pathsep)), reason="needs compute-sanitizer")
+def test_uncached_mode_lets_memcheck_see_a_read_past_a_tensor():
+    # PYTORCH_NO_CUDA_MEMORY_CACHING=1 is how one debugs an illegal access: each tensor its own
+    # cudaMalloc, whose bounds memcheck knows. Under stitchalloc as under PyTorch's allocator.
+    observed = {(way, uncached): _memcheck(way, uncached) for way in ("native", "install") for uncached in (True, False)}
+    print(f"\n(way, uncached) -> (exit code, memcheck reported the read): {observed}")
+    assert observed[("native", True)] == (9, True)
+    assert observed[("install", True)] == (9, True)
+    assert observed[("install", False)] == observed[("native", False)]  # with caching: the same as PyTorch's
