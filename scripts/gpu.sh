@@ -140,10 +140,12 @@ install_package() {
     --config-settings=cmake.define.STITCHALLOC_WERROR=OFF . && echo "${sources}" > /tmp/stitchalloc-installed
 }
 
+# PYTEST_ARGS (e.g. -k 'not memcheck') narrows a run that would not fit one call.
 run_pytest() {
-  echo "== pytest $*"
+  echo "== pytest $* ${PYTEST_ARGS:-}"
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
   (cd tests && STITCHALLOC_REPLAY="${PWD}/../build/gpu/bench/stitchalloc-replay" \
-    "${PY}" -m pytest -v -s -rs --durations=15 "$@") || echo "gpu: PYTEST FAILED ($*)"
+    "${PY}" -m pytest -v -s -rs --durations=15 "$@" ${PYTEST_ARGS:-}) || echo "gpu: PYTEST FAILED ($*)"
 }
 
 phase_pytest-torch() {
