@@ -253,7 +253,7 @@ def _():
         return "absent"
     supported = mm._memory_metadata_supported() if hasattr(mm, "_memory_metadata_supported") else "absent"
     mm._record_memory_history(max_entries=100000, compile_context=True)
-    mm._set_memory_metadata({"phase": "forward"})
+    mm._set_memory_metadata('{"phase":"forward"}')  # a str: torch 2.11 takes no dict
     got = mm._get_memory_metadata()
     x = torch.empty(3 * MiB, dtype=torch.uint8, device=dev)
     mm._set_memory_metadata("")
