@@ -327,7 +327,7 @@ def test_memory_metadata_apis():
     # against PyTorch's allocator on a GPU (api_job.py, history_metadata): recording a history
     # needs a device here.
     r = run_python(f"""
-        import json, threading, warnings, torch, stitchalloc
+        import inspect, json, threading, warnings, torch, stitchalloc
         stitchalloc.install("{HOST}")
         mm, C = torch.cuda.memory, torch._C
         out = {{"has_query": hasattr(mm, "_memory_metadata_supported")}}
@@ -335,8 +335,9 @@ def test_memory_metadata_apis():
             out["supported"] = mm._memory_metadata_supported()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            # A dict is kept as its compact JSON (torch 2.14 on; before, a str only).
-            mm._set_memory_metadata({{"phase": "forward", "step": 3}} if out["has_query"] else '{{"phase":"forward","step":3}}')
+            # A dict is kept as its compact JSON where torch takes one (2.15 on; a str before).
+            takes_dict = "dict" in str(inspect.signature(mm._set_memory_metadata))
+            mm._set_memory_metadata({{"phase": "forward", "step": 3}} if takes_dict else '{{"phase":"forward","step":3}}')
             out["get"] = mm._get_memory_metadata()
             seen = []
             t = threading.Thread(target=lambda: seen.append(mm._get_memory_metadata()))
