@@ -121,12 +121,13 @@ TEST(Uncached, BadInputIsRefusedAndChangesNothing) {
   EXPECT_EQ(f->host->physical_bytes_in_use(), 0u);
 }
 
-// A source that gives half of what is asked for, and counts what comes back.
+// A source that gives half of what is asked for (or, with `full`, the same whole buffer every
+// time), and counts what comes back.
 class ShortSource final : public SegmentSource {
  public:
   absl::StatusOr<Segment> Allocate(std::size_t bytes) override {
     ++allocated;
-    return Segment{reinterpret_cast<DevicePtr>(buffer.data()), bytes / 2};
+    return Segment{reinterpret_cast<DevicePtr>(buffer.data()), full ? buffer.size() : bytes / 2};
   }
   absl::Status Release(const Segment&) override {
     ++released;
@@ -134,11 +135,12 @@ class ShortSource final : public SegmentSource {
   }
   std::string name() const override { return "a short source"; }
   std::vector<char> buffer = std::vector<char>(1 << 20);
+  bool full = false;
   int allocated = 0;
   int released = 0;
 };
 
-TEST(Uncached, AFailedFactoryOrAShortSegmentLeavesNothingBehind) {
+TEST(Uncached, AFailedFactoryOrASourceBreakingItsContractLeavesNothingBehind) {
   int calls = 0;
   ShortSource* source = nullptr;
   UncachedAllocations uncached([&](int) -> absl::StatusOr<UncachedAllocations::DeviceSource> {
@@ -158,6 +160,16 @@ TEST(Uncached, AFailedFactoryOrAShortSegmentLeavesNothingBehind) {
   EXPECT_EQ(source->allocated, 1);
   EXPECT_EQ(source->released, 1);  // handed back
   EXPECT_EQ(uncached.live(), 0u);
+  // Memory that is still live, handed out again: refused, and the first allocation stays.
+  source->full = true;
+  SA_ASSIGN_OR_FAIL(first_live, uncached.Allocate(0, 4096));
+  auto again = uncached.Allocate(0, 4096);
+  EXPECT_TRUE(absl::IsInternal(again.status())) << again.status();
+  EXPECT_THAT(std::string(again.status().message()), HasSubstr("which is still live"));
+  EXPECT_EQ(uncached.live(), 1u);
+  ASSERT_TRUE(uncached.Find(first_live).has_value());
+  SA_ASSERT_OK(uncached.Free(first_live));
+  EXPECT_EQ(source->released, 3);
 }
 
 TEST(Uncached, SharedSegmentOpensElsewhereWithTheSameBytes) {

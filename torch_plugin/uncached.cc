@@ -67,11 +67,18 @@ absl::StatusOr<void*> UncachedAllocations::Allocate(int device, std::size_t byte
                                                kMode, source->source->name(), segment->size, segment->ptr, bytes));
   }
   void* p = reinterpret_cast<void*>(segment->ptr);
-  MutexLock l(&mu_);
-  live_[p] = Live{device, *segment};
-  held_bytes_[device] += segment->size;
-  count_.store(live_.size(), std::memory_order_relaxed);
-  return p;
+  {
+    MutexLock l(&mu_);
+    if (live_.try_emplace(p, Live{device, *segment}).second) {
+      held_bytes_[device] += segment->size;
+      count_.store(live_.size(), std::memory_order_relaxed);
+      return p;
+    }
+  }
+  // The source handed out memory that is still live: it keeps neither (this one goes back).
+  source->source->Release(*segment).IgnoreError();
+  return absl::InternalError(
+      absl::StrFormat("%s: %s gave %#x, which is still live", kMode, source->source->name(), segment->ptr));
 }
 
 absl::Status UncachedAllocations::Free(const void* ptr) {
