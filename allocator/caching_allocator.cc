@@ -42,16 +42,13 @@ absl::StatusOr<std::unique_ptr<CachingAllocator>> CachingAllocator::Create(const
 
 CachingAllocator::CachingAllocator(const Config& config, std::unique_ptr<Driver> driver,
                                    std::size_t chunk_size, std::size_t total_memory)
-    : config_(config),
+    : PoolAllocator(config, total_memory),
+      config_(config),
       driver_(std::move(driver)),
       chunk_size_(chunk_size),
-      total_memory_(total_memory),
       policy_(config, driver_->granularity(), chunk_size) {
   MutexLock l(&mu_);
-  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * config.memory_fraction);
   stitch_cache_limit_ = config.stitch_cache_bytes.value_or(total_memory_);
-  stats_.max_split_size =
-      config.max_split_size == SIZE_MAX ? -1 : static_cast<std::int64_t>(config.max_split_size);
   store_ = std::make_unique<MappingStore>(*driver_, stats_, config.max_split_size);
 }
 
@@ -88,22 +85,7 @@ void CachingAllocator::PublishSegments() {
   if (!events.empty() && segment_observer_) segment_observer_(events);
 }
 
-void CachingAllocator::ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) {
-  MutexLock l(&mu_);
-  if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(stats_.reserved_bytes.all().current);
-  shared_reserved_ = std::move(total);
-  if (shared_reserved_ != nullptr) shared_reserved_->fetch_add(stats_.reserved_bytes.all().current);
-  store_->ShareReserved(shared_reserved_.get());
-}
-
-std::size_t CachingAllocator::LimitedReserved() const {
-  return ReservedAgainstLimit(shared_reserved_.get(), stats_.reserved_bytes.all().current);
-}
-
-std::size_t CachingAllocator::memory_limit() const {
-  MutexLock l(&mu_);
-  return limit_;
-}
+void CachingAllocator::SharedReservedChanged() { store_->ShareReserved(shared_reserved_.get()); }
 
 // ---- hot path ------------------------------------------------------------------------------
 
@@ -892,13 +874,6 @@ absl::Status CachingAllocator::EmptyCache() {
   return ReleaseCached();
 }
 
-absl::Status CachingAllocator::SetMemoryFraction(double fraction) {
-  if (absl::Status bad = Policy::CheckFraction(fraction); !bad.ok()) return bad;
-  MutexLock l(&mu_);
-  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * fraction);
-  return absl::OkStatus();
-}
-
 // ---- errors ----------------------------------------------------------------------------------
 
 absl::Status CachingAllocator::BadPointer(const char* op, DevicePtr p) const {
@@ -969,21 +944,6 @@ std::string CachingAllocator::OutOfMemoryReport(std::size_t size, std::size_t ro
 }
 
 // ---- introspection -----------------------------------------------------------------------------
-
-Stats CachingAllocator::GetStats() const {
-  MutexLock l(&mu_);
-  return stats_;
-}
-
-void CachingAllocator::ResetPeakStats() {
-  MutexLock l(&mu_);
-  stats_.ResetPeak();
-}
-
-void CachingAllocator::ResetAccumulatedStats() {
-  MutexLock l(&mu_);
-  stats_.ResetAccumulated();
-}
 
 absl::StatusOr<BlockInfo> CachingAllocator::Describe(const void* ptr) const {
   const auto p = reinterpret_cast<DevicePtr>(ptr);

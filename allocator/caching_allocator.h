@@ -104,16 +104,6 @@ class CachingAllocator final : public PoolAllocator {
   absl::Status RecordStream(void* ptr, Stream stream) override;
   // Waits for pending stream events, then returns every cached chunk to the driver.
   absl::Status EmptyCache() override;
-  // Caps reserved memory at `fraction` of the device's total memory, in (0, 1].
-  absl::Status SetMemoryFraction(double fraction) override;
-  // While set, cached memory stays mapped where it is: EmptyCache returns nothing, and a request
-  // that does not fit fails with the out-of-memory report instead of releasing the cache first.
-  // A private pool keeps it set while a captured CUDA graph may replay at its addresses.
-  void SetKeepCached(bool keep) override { keep_cached_.store(keep, std::memory_order_relaxed); }
-  // The memory limit (memory_fraction) then caps the reserved bytes of every allocator sharing
-  // `total` together, as PyTorch's fraction caps a device's pools together: each adds its
-  // reserved bytes to it (those it holds already at once) and takes them out when it goes.
-  void ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) override;
 
   // Called when a request would otherwise fail with out-of-memory, after cached memory was
   // released: handler(bytes, stream) may free allocations (the swap manager moving tensors that
@@ -135,10 +125,6 @@ class CachingAllocator final : public PoolAllocator {
   // quick and must not call into this allocator. Setting one starts tracking from the segments
   // there are (no events for them); an empty function stops it.
   void SetSegmentObserver(SegmentObserver observer) override;
-
-  Stats GetStats() const override;
-  void ResetPeakStats() override;
-  void ResetAccumulatedStats() override;
 
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const override;
   // For another process (ipc.h): the chunks under live allocation `ptr`, exported by the driver.
@@ -165,7 +151,6 @@ class CachingAllocator final : public PoolAllocator {
   const Config& config() const { return config_; }
   const std::string& driver_fallback_reason() const { return fallback_reason_; }
   std::size_t chunk_size() const { return chunk_size_; }
-  std::size_t memory_limit() const;
 
  private:
   struct PendingFree {
@@ -192,6 +177,7 @@ class CachingAllocator final : public PoolAllocator {
     CachingAllocator* const a_;
   };
   void PublishSegments() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SharedReservedChanged() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   StreamPool* GetPool(Stream stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The free block of `set` (the `kind` pool) that serves `rounded` (best fit, growable small
@@ -272,30 +258,22 @@ class CachingAllocator final : public PoolAllocator {
   const Config config_;
   const std::unique_ptr<Driver> driver_;
   const std::size_t chunk_size_;
-  const std::size_t total_memory_;
   const Policy policy_;
   std::string fallback_reason_;
 
   Mutex pressure_mu_;
   std::shared_ptr<const PressureHandler> pressure_ ABSL_GUARDED_BY(pressure_mu_);
   std::atomic<bool> has_pressure_handler_{false};
-  mutable Mutex mu_;
-  std::size_t limit_ ABSL_GUARDED_BY(mu_);
   std::size_t stitch_cache_limit_ ABSL_GUARDED_BY(mu_);
-  Stats stats_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<MappingStore> store_ ABSL_GUARDED_BY(mu_);
   SegmentObserver segment_observer_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<Stream, std::unique_ptr<StreamPool>> pools_ ABSL_GUARDED_BY(mu_);
   StreamPool* last_pool_ ABSL_GUARDED_BY(mu_) = nullptr;
   absl::flat_hash_map<DevicePtr, Block*> allocated_ ABSL_GUARDED_BY(mu_);
-  std::atomic<bool> keep_cached_{false};
   // Misses so far (MallocSlow calls), and the largest Chunk::contested_until set: no chunk is
   // contested once misses_ reaches it.
   std::uint64_t misses_ ABSL_GUARDED_BY(mu_) = 0;
   std::uint64_t contested_horizon_ ABSL_GUARDED_BY(mu_) = 0;
-  std::shared_ptr<std::atomic<std::int64_t>> shared_reserved_ ABSL_GUARDED_BY(mu_);
-  // Reserved bytes the memory limit is checked against: the shared total, or this allocator's.
-  std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<PendingFree> pending_ ABSL_GUARDED_BY(mu_);
   std::vector<Event> spare_events_ ABSL_GUARDED_BY(mu_);
   std::list<Mapping*> idle_lru_ ABSL_GUARDED_BY(mu_);

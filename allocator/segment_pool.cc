@@ -150,16 +150,11 @@ absl::StatusOr<std::unique_ptr<SegmentPool>> SegmentPool::Create(const Config& c
 
 SegmentPool::SegmentPool(const Config& config, Driver* driver, std::shared_ptr<SegmentSource> source,
                          Options options, std::size_t total_memory)
-    : config_(config),
+    : PoolAllocator(config, total_memory),
+      config_(config),
       driver_(driver),
       source_(std::move(source)),
-      options_(std::move(options)),
-      total_memory_(total_memory) {
-  MutexLock l(&mu_);
-  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * config.memory_fraction);
-  stats_.max_split_size =
-      config.max_split_size == SIZE_MAX ? -1 : static_cast<std::int64_t>(config.max_split_size);
-}
+      options_(std::move(options)) {}
 
 SegmentPool::~SegmentPool() {
   MutexLock l(&mu_);
@@ -249,10 +244,6 @@ void* SegmentPool::Account(Blk* b, std::size_t requested) {
 }
 
 std::size_t SegmentPool::Reserved() const { return static_cast<std::size_t>(stats_.reserved_bytes.all().current); }
-
-std::size_t SegmentPool::LimitedReserved() const {
-  return ReservedAgainstLimit(shared_reserved_.get(), stats_.reserved_bytes.all().current);
-}
 
 void SegmentPool::AddReserved(std::int64_t delta, PoolKind kind) {
   const int pool = static_cast<int>(kind);
@@ -502,38 +493,9 @@ absl::Status SegmentPool::EmptyCache() {
   return absl::OkStatus();
 }
 
-absl::Status SegmentPool::SetMemoryFraction(double fraction) {
-  if (absl::Status bad = Policy::CheckFraction(fraction); !bad.ok()) return bad;
-  MutexLock l(&mu_);
-  limit_ = static_cast<std::size_t>(static_cast<double>(total_memory_) * fraction);
-  return absl::OkStatus();
-}
-
-void SegmentPool::ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) {
-  MutexLock l(&mu_);
-  if (shared_reserved_ != nullptr) shared_reserved_->fetch_sub(stats_.reserved_bytes.all().current);
-  shared_reserved_ = std::move(total);
-  if (shared_reserved_ != nullptr) shared_reserved_->fetch_add(stats_.reserved_bytes.all().current);
-}
-
 void SegmentPool::SetSegmentObserver(SegmentObserver observer) {
   MutexLock l(&mu_);
   observer_ = std::move(observer);
-}
-
-Stats SegmentPool::GetStats() const {
-  MutexLock l(&mu_);
-  return stats_;
-}
-
-void SegmentPool::ResetPeakStats() {
-  MutexLock l(&mu_);
-  stats_.ResetPeak();
-}
-
-void SegmentPool::ResetAccumulatedStats() {
-  MutexLock l(&mu_);
-  stats_.ResetAccumulated();
 }
 
 SegmentPool::Blk* SegmentPool::Find(DevicePtr p) const {

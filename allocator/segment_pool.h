@@ -113,14 +113,7 @@ class SegmentPool final : public PoolAllocator {
   absl::Status Free(void* ptr) override;
   absl::Status RecordStream(void* ptr, Stream stream) override;
   absl::Status EmptyCache() override;
-  absl::Status SetMemoryFraction(double fraction) override;
-  void SetKeepCached(bool keep) override { keep_cached_.store(keep, std::memory_order_relaxed); }
-  void ShareMemoryLimit(std::shared_ptr<std::atomic<std::int64_t>> total) override;
   void SetSegmentObserver(SegmentObserver observer) override;
-
-  Stats GetStats() const override;
-  void ResetPeakStats() override;
-  void ResetAccumulatedStats() override;
 
   absl::StatusOr<BlockInfo> Describe(const void* ptr) const override;
   absl::StatusOr<SharedRange> Share(const void* ptr) override;
@@ -176,7 +169,6 @@ class SegmentPool final : public PoolAllocator {
   void ReleaseSegment(Seg* s, std::vector<SegmentEvent>* events) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Publish(std::vector<SegmentEvent> events) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::size_t Reserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::size_t LimitedReserved() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddReserved(std::int64_t delta, PoolKind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status BadPointer(const char* op, DevicePtr p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The block holding address `p`, or null (blocks are reached through pointers: a const pool
@@ -189,12 +181,6 @@ class SegmentPool final : public PoolAllocator {
   Driver* const driver_;
   const std::shared_ptr<SegmentSource> source_;
   const Options options_;
-  const std::size_t total_memory_;
-  std::atomic<bool> keep_cached_{false};
-  mutable Mutex mu_;
-  std::size_t limit_ ABSL_GUARDED_BY(mu_);
-  Stats stats_ ABSL_GUARDED_BY(mu_);
-  std::shared_ptr<std::atomic<std::int64_t>> shared_reserved_ ABSL_GUARDED_BY(mu_);
   SegmentObserver observer_ ABSL_GUARDED_BY(mu_);
   absl::btree_map<DevicePtr, std::unique_ptr<Seg>> segments_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::pair<Stream, PoolKind>, FreeSet> free_ ABSL_GUARDED_BY(mu_);
