@@ -49,6 +49,7 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 (``stitchalloc.offload_plan``), with the host memory capped by the pinned pool's limit.
 """
 
+import contextlib
 import os
 import statistics
 import time
@@ -355,13 +356,15 @@ class Offload:
         checkpoint_whole = self._alpha == 0.0 and not llama
 
         if llama:
-            self._wrap_token_local(i, layer)
+            self._wrap_token_local(i, layer, pack)
             if self._token_wise:
                 self._wrap_attention(i, layer, pack)
 
         def forward(*args, **kwargs):
             me = owner()
-            if me is None or not torch.is_grad_enabled():
+            if me is None or not torch.is_grad_enabled() or _in_backward(torch):
+                # In a backward: the layer's forward recomputed by a torch.utils.checkpoint the
+                # model runs it under (reentrant). What it saves is used by this backward at once.
                 return original(*args, **kwargs)
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
@@ -399,7 +402,7 @@ class Offload:
         layer.forward = forward
         self._undo.append(lambda: layer.__dict__.pop("forward", None))
 
-    def _wrap_token_local(self, i, layer):
+    def _wrap_token_local(self, i, layer, pack):
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
         torch = self._torch
         norm, mlp = layer.post_attention_layernorm, layer.mlp
@@ -412,7 +415,8 @@ class Offload:
 
         def fused(h):
             me = owner()
-            if me is None or not torch.is_grad_enabled() or h.dim() < 2:
+            if (me is None or me._in_layer != i or not torch.is_grad_enabled() or h.dim() < 2
+                    or not _innermost(torch, pack)):
                 return block(h)
             # The measuring iteration of policy "auto" recomputes the whole block (the least
             # memory: at a length that needs alpha < 1, swapping everything would not fit), and
@@ -476,7 +480,7 @@ class Offload:
             # The closures below live until the layer's backward: they must not hold x (it is
             # swapped), only the other arguments.
             me = owner()
-            replay = (me is not None and me._in_layer == i and torch.is_grad_enabled())
+            replay = me is not None and me._in_layer == i and torch.is_grad_enabled() and _innermost(torch, pack)
             if replay:
                 kwargs = me._without_cache(kwargs)
             if args:
@@ -540,7 +544,7 @@ class _Recomputed:
 class _Core:
     """One attention core call of one replayed attention block."""
 
-    __slots__ = ("node", "entry", "meta", "slots", "out")
+    __slots__ = ("node", "entry", "meta", "slots", "out", "keep")
 
     def __init__(self):
         self.node = None  # the core's autograd node; None: not one fused node, recomputed
@@ -548,12 +552,14 @@ class _Core:
         self.meta = None  # _layout of q, k, v as the node saw them
         self.slots = None  # q, k, v recomputed, during the layer's backward
         self.out = None  # the core's output as the layer's pack hook saved it
+        self.keep = False  # its backward keeps the node's saved tensors (retain_graph=True)
 
 
 class _AttentionState:
     """One attention block call of one iteration: its cores, in call order."""
 
-    __slots__ = ("owner", "pack", "cores", "next", "extras", "run", "x", "input_edge", "output_node")
+    __slots__ = ("owner", "pack", "cores", "next", "extras", "run", "x", "input_edge", "output_node",
+                 "forward_context")
 
     def __init__(self, owner, pack, run):
         self.owner = owner
@@ -565,12 +571,15 @@ class _AttentionState:
         self.x = None  # the layer input as the layer's pack hook saved it (swapped)
         self.input_edge = None  # where x came from in the graph, and where the block's output goes:
         self.output_node = None  # to recognise h = x + output (residual_input)
+        self.forward_context = None  # autocast and random generators of the forward (_ForwardContext)
 
     def replay(self, torch, x, grad):
         """The block's output again, from x: the fused cores return their saved outputs (with
         their own nodes as backward when `grad`), the unfused ones run again."""
         self.next = 0
-        with _functions(torch)["CoreMode"](_replay(torch, self, grad)):
+        context = self.forward_context
+        mode = _functions(torch)["CoreMode"](_replay(torch, self, grad))
+        with context.generators(torch), context.autocast(torch), mode:
             result = self.run(x)
         if self.next != len(self.cores):
             raise RuntimeError("stitchalloc.offload: the attention block, recomputed, called the attention core "
@@ -711,6 +720,73 @@ def _chunks(tokens, chunk):
     return [(start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
 
 
+class _ForwardContext:
+    """What a recompute in the backward must run under to repeat the forward exactly, as
+    torch.utils.checkpoint restores it: the forward's random number generators (the CPU's and
+    the tensor's device's) and its autocast settings (the tensor's device type and the CPU's), so
+    that a dropout draws the same mask again and a model trained under ``torch.autocast``
+    recomputes in the same precision. ``generators()`` sets the generators to the forward's for
+    its duration (afterwards they continue where they were, as if the recompute had drawn
+    nothing); ``autocast()`` is entered around the recomputed forward only, not around the
+    gradients computed from it (autocast applies to forward operations)."""
+
+    __slots__ = ("device_type", "autocast_settings", "cache", "cpu_rng", "devices", "device_rngs")
+
+    def __init__(self, torch, t):
+        from torch.utils.checkpoint import get_device_states
+
+        self.device_type = t.device.type
+        types = ["cpu"] if self.device_type == "cpu" else [self.device_type, "cpu"]
+        self.autocast_settings = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in types
+                                  if torch.amp.is_autocast_available(d)]
+        self.cache = torch.is_autocast_cache_enabled()
+        self.cpu_rng = torch.get_rng_state()
+        self.devices, self.device_rngs = get_device_states(t) if self.device_type != "cpu" else ([], [])
+
+    @contextlib.contextmanager
+    def generators(self, torch):
+        from torch.utils.checkpoint import set_device_states
+
+        fork_type = self.device_type if self.device_type != "cpu" else "cuda"
+        with torch.random.fork_rng(devices=self.devices, device_type=fork_type):
+            torch.set_rng_state(self.cpu_rng)
+            if self.devices:
+                set_device_states(self.devices, self.device_rngs, device_type=self.device_type)
+            yield
+
+    @contextlib.contextmanager
+    def autocast(self, torch):
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype in self.autocast_settings:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
+            yield
+
+
+def _innermost(torch, pack):
+    """Whether ``pack`` (a layer's) is the innermost saved-tensor hook, so that what autograd
+    saves now goes to it. Not so inside a torch.utils.checkpoint the layer runs itself: the
+    checkpoint's hooks get the tensors, and its recompute in the backward runs without ours;
+    the layer's blocks then run as they are, in the forward as in that recompute."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    hooks = top(False)
+    return hooks is not None and hooks[0] is pack
+
+
+def _in_backward(torch):
+    """Whether a backward pass is running on this thread."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _keep_graph(torch):
+    """Whether the running backward keeps the graph (``retain_graph=True``): then a recompute
+    keeps what it needs for the next backward through the same graph instead of letting it go."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(keep()) if keep is not None else False
+
+
 def _counted(torch, ctx, x):
     """ctx.block(x) and the bytes its graph saves (x and the block's parameters excluded):
     policy "auto"'s measure of what the block keeps when not recomputed."""
@@ -800,10 +876,12 @@ def _functions(torch):
 
             core = ctx.core
             grads = torch.autograd.grad([GradientEdge(core.node, 0)],
-                                        [GradientEdge(core.entry, index) for index in range(3)], [grad])
-            core.slots = None
-            core.node = None
-            core.entry = None
+                                        [GradientEdge(core.entry, index) for index in range(3)], [grad],
+                                        retain_graph=core.keep)
+            core.slots = None  # the recomputed q, k, v (a later replay recomputes them again)
+            if not core.keep:
+                core.node = None
+                core.entry = None
             return (None, *grads)
 
     class TokenLocal(torch.autograd.Function):
@@ -821,6 +899,7 @@ def _functions(torch):
             ctx.source = source  # with a source, x is h[..., k:, :], recomputed from it
             ctx.k = k
             ctx.chunk = chunk
+            ctx.forward_context = _ForwardContext(torch, x)
             if source is None:
                 ctx.save_for_backward(x)
             with torch.no_grad():
@@ -836,46 +915,50 @@ def _functions(torch):
 
         @staticmethod
         def backward(ctx, grad):
+            keep = _keep_graph(torch)
             if ctx.source is None:
                 (x,) = ctx.saved_tensors
             else:
                 h = ctx.source.residual_input(torch)
                 x = h.narrow(-2, ctx.k, h.shape[-2] - ctx.k).contiguous()
                 del h
-                ctx.source = None
+                if not keep:
+                    ctx.source = None
             x = x.detach()
             tokens = x.shape[-2]
             gx, sums, saved = None, None, 0
-            for start, n in _chunks(tokens, ctx.chunk):
-                # One chunk's recompute and backward at a time: the block is token-local, so only
-                # one chunk's intermediate tensors are on the device at once.
-                part = x.narrow(-2, start, n).detach().requires_grad_(True)
-                with torch.enable_grad():
-                    if ctx.count is None:
-                        y = ctx.block(part)
+            # The chunks draw random numbers in the forward's order, from the forward's state.
+            with ctx.forward_context.generators(torch):
+                for start, n in _chunks(tokens, ctx.chunk):
+                    # One chunk's recompute and backward at a time: the block is token-local, so only
+                    # one chunk's intermediate tensors are on the device at once.
+                    part = x.narrow(-2, start, n).detach().requires_grad_(True)
+                    with torch.enable_grad(), ctx.forward_context.autocast(torch):
+                        if ctx.count is None:
+                            y = ctx.block(part)
+                        else:
+                            y, nbytes = _counted(torch, ctx, part)
+                            saved += nbytes
+                    y = output_edge(y)
+                    gpart, gparams = input_and_parameter_grads(y, part, ctx.params, grad.narrow(-2, start, n))
+                    del y
+                    if start + n == tokens and ctx.count is not None:
+                        ctx.count(saved)
+                    if n == tokens:
+                        return (None, None, None, None, None, gpart, *gparams)
+                    if gx is None:
+                        gx = gpart.new_empty(x.shape)
+                        # Parameter gradients summed over chunks in float32 at least (float64 stays),
+                        # rounded to the parameter's dtype once at the end.
+                        sums = [None if gp is None else gp.to(torch.promote_types(gp.dtype, torch.float32), copy=True)
+                                for gp in gparams]
                     else:
-                        y, nbytes = _counted(torch, ctx, part)
-                        saved += nbytes
-                y = output_edge(y)
-                gpart, gparams = input_and_parameter_grads(y, part, ctx.params, grad.narrow(-2, start, n))
-                del y
-                if start + n == tokens and ctx.count is not None:
-                    ctx.count(saved)
-                if n == tokens:
-                    return (None, None, None, None, None, gpart, *gparams)
-                if gx is None:
-                    gx = gpart.new_empty(x.shape)
-                    # Parameter gradients summed over chunks in float32 at least (float64 stays),
-                    # rounded to the parameter's dtype once at the end.
-                    sums = [None if gp is None else gp.to(torch.promote_types(gp.dtype, torch.float32), copy=True)
-                            for gp in gparams]
-                else:
-                    for total, gp in zip(sums, gparams):
-                        if gp is not None:
-                            total.add_(gp)
-                gx.narrow(-2, start, n).copy_(gpart)
-            gparams = [None if total is None else total.to(p.dtype) for total, p in zip(sums, ctx.params)]
-            return (None, None, None, None, None, gx, *gparams)
+                        for total, gp in zip(sums, gparams):
+                            if gp is not None:
+                                total.add_(gp)
+                    gx.narrow(-2, start, n).copy_(gpart)
+                gparams = [None if total is None else total.to(p.dtype) for total, p in zip(sums, ctx.params)]
+                return (None, None, None, None, None, gx, *gparams)
 
     class AttentionReplay(torch.autograd.Function):
         """y = self_attn(input_layernorm(x)), saving only x (and, through the core's node, the
@@ -885,6 +968,7 @@ def _functions(torch):
         def forward(ctx, state, x, *params):
             ctx.state = state
             ctx.params = params
+            state.forward_context = _ForwardContext(torch, x)
             # Saved through the layer's pack hook (swapped) where residual_input finds it too.
             state.x = state.pack(x)
             with CoreMode(_capture(torch, state)):
@@ -902,12 +986,18 @@ def _functions(torch):
         @staticmethod
         def backward(ctx, grad):
             state = ctx.state
+            # Under retain_graph=True the next backward through this graph replays the block
+            # again: the state stays, and the cores' nodes keep what they saved.
+            keep = _keep_graph(torch)
+            for core in state.cores:
+                core.keep = keep
             x = _unpack_packed(state.x).detach().requires_grad_(True)
             with torch.enable_grad():
                 y = output_edge(state.replay(torch, x, grad=True))
             gx, gparams = input_and_parameter_grads(y, x, ctx.params, grad)
-            state.cores = []
-            state.x = state.run = state.input_edge = state.output_node = None
+            if not keep:
+                state.cores = []
+                state.x = state.run = state.input_edge = state.output_node = None
             return (None, gx, *gparams)
 
     _FUNCTIONS.update(CoreMode=CoreMode, Entry=Entry, CoreGrad=CoreGrad, TokenLocal=TokenLocal,

@@ -2,7 +2,7 @@
 process under stitchalloc; prints one JSON line (tests/gpu/test_offload_gpu.py reads it).
 
     python tests/gpu/offload_job.py [--dtype float32|bfloat16] [--seq N] [--layers N] [--sdpa]
-                                    [--recompute-chunk N] [--loss-chunk N]
+                                    [--recompute-chunk N] [--loss-chunk N] [--autocast]
 
 Deterministic (fixed seeds, deterministic algorithms, TF32 off). Compares policy "swap"
 (expected bitwise equal) and alphas 0.5 / 0 (token-wise recompute: within tolerance), and
@@ -28,7 +28,11 @@ p.add_argument("--recompute-chunk", type=int, default=8192,
                help="stitchalloc.offload's recompute_chunk for the recompute policies; shorter than --seq, alpha 0 "
                     "also runs with the MLP block whole (\"0.0-whole\") for the peaks")
 p.add_argument("--loss-chunk", type=int, default=0, help="tiny_llama's loss in chunks of this many tokens (0: whole)")
+p.add_argument("--autocast", action="store_true", help="a float32 model whose forward runs under "
+               "torch.autocast('cuda', bfloat16), the backward outside it (the usual mixed precision)")
 args = p.parse_args()
+if args.autocast and args.dtype != "float32":
+    p.error("--autocast trains a float32 model in bf16 precision: leave --dtype at float32")
 
 stitchalloc.install(os.environ.get("STITCHALLOC_TEST_CONF", "swap_min_kb:64"))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -61,7 +65,8 @@ def grads():
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = model.loss(batch, chunk=args.loss_chunk)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast):
+        loss = model.loss(batch, chunk=args.loss_chunk)
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
@@ -70,7 +75,7 @@ def grads():
 
 out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.dim, "sdpa": args.sdpa,
        "hidden": model.layers[0].mlp.gate_proj.out_features, "recompute_chunk": args.recompute_chunk,
-       "loss_chunk": args.loss_chunk}
+       "loss_chunk": args.loss_chunk, "autocast": args.autocast}
 ref_loss, ref, ref_peak = grads()
 out["peak_allocated_without"] = ref_peak
 # Whether the step itself is reproducible: without that no offload policy can be bitwise.

@@ -50,6 +50,19 @@ def test_bf16_recompute_within_bf16_tolerance():
         assert out[policy]["peak_allocated"] < out["peak_allocated_without"], policy
 
 
+def test_autocast_recompute_runs_in_the_forwards_precision():
+    # A float32 model trained under torch.autocast (bf16): the recompute in the backward must run
+    # in bf16 as the forward did (docs/offload.md); in float32 it failed on mixed dtypes in the
+    # fused core, or computed other gradients.
+    out = run("--autocast", "--sdpa", "--seq", "2048")
+    assert out["autocast"]
+    if out["reference_repeat_bitwise"]:
+        assert out["swap"]["bitwise"]
+    for alpha in ("0.5", "0.0"):
+        assert out[alpha]["max_rel_err"] < 2e-2, alpha
+    assert out["0.0"]["peak_allocated"] < out["peak_allocated_without"]
+
+
 def test_bf16_sdpa_keeps_the_core_output_and_recomputes_its_inputs():
     # A fused attention core (flash on an H100): at alpha 0 a layer swaps its input and the
     # core's output and statistics (h is recomputed), far less than swapping all.

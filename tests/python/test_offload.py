@@ -407,6 +407,184 @@ def test_the_recomputed_attention_output_is_freed_before_its_backward():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
+@pytest.mark.parametrize("policy", ["recompute", 0.5])
+def test_recompute_runs_under_the_forwards_autocast(policy, sdpa):
+    # The usual mixed precision: a float32 model, the forward under torch.autocast, the backward
+    # outside it. The recompute in the backward must run the blocks in the forward's precision
+    # (bf16 products) as torch.utils.checkpoint does; in float32 it computed other values (2.6%
+    # off in the gradients) and, with sdpa, failed on mixed dtypes.
+    def step(model, batch):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model, batch = tiny_llama.TinyLlama(layers=4, sdpa=sdpa), tokens()
+    ref_loss, ref = step(model, batch)
+    with stitchalloc.offload(model, policy=policy, backend=RecordingBackend(), recompute_chunk=0) as off:
+        loss, got = step(model, batch)
+        assert not torch.is_autocast_enabled("cpu")  # the forward's setting did not leak
+    assert off.stats()["waited"] > 0
+    assert torch.equal(loss, ref_loss)
+    # Alpha 0 recomputes every token in the forward's shapes: float32 rounding only. Alpha 0.5
+    # multiplies half the tokens at a time: bf16 rounding of other partial products.
+    rtol = 1e-5 if policy == "recompute" else 2e-2
+    for a, b in zip(ref, got):
+        assert b.dtype == a.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * a.abs().max().item())
+
+
+class RandomScale(torch.nn.Module):
+    """x times uniform noise (a dropout, in effect), logging every draw: (grad enabled, noise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def forward(self, x):
+        noise = torch.rand(x.shape, dtype=x.dtype)
+        self.draws.append((torch.is_grad_enabled(), noise))
+        return x * noise
+
+
+class FixedScale(torch.nn.Module):
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x):
+        return x * self.noise
+
+
+@pytest.mark.parametrize("chunk", [0, 7], ids=["whole", "chunks-of-7"])
+@pytest.mark.parametrize("policy", ["recompute", 0.5])
+def test_recompute_draws_the_forwards_random_numbers(policy, chunk):
+    # Random draws inside the recomputed blocks (dropout) must come out the same when the
+    # backward recomputes them, or the gradients are of another function. Each layer's MLP and
+    # attention output are followed by a RandomScale: every recompute must repeat its forward's
+    # draws exactly, the gradients must be those of the model with the forward's draws fixed,
+    # and the generator must go on as if only the forward had drawn.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    for layer in model.layers:
+        layer.mlp = torch.nn.Sequential(layer.mlp, RandomScale())
+        layer.self_attn.o_proj = torch.nn.Sequential(layer.self_attn.o_proj, RandomScale())
+    torch.manual_seed(3)
+    with stitchalloc.offload(model, policy=policy, backend=RecordingBackend(), recompute_chunk=chunk):
+        loss, got = grads_of(model, batch)
+    after = torch.rand(4)
+    forward_draws = []
+    for layer in model.layers:
+        attention, mlp = layer.self_attn.o_proj[1].draws, layer.mlp[1].draws
+        # The attention block: drawn in the forward, then by every replay (the residual's
+        # recompute and the block's backward), always the same noise.
+        assert len(attention) == 3
+        assert all(torch.equal(noise, attention[0][1]) for _, noise in attention)
+        # The MLP block: the forward's draws (the swapped first tokens with grad, then the
+        # recomputed range's chunks without), then the recompute's chunks, each the same.
+        recomputed = [noise for grad, noise in mlp if not grad]
+        again = mlp[len(mlp) - len(recomputed):]
+        head = [noise for _, noise in mlp[:len(mlp) - 2 * len(recomputed)]]
+        assert len(recomputed) == (1 if chunk == 0 else 3 if policy == 0.5 else 5)
+        assert len(head) == (1 if policy == 0.5 else 0)
+        assert all(grad for grad, _ in again)
+        assert all(torch.equal(noise, n) for (_, noise), n in zip(again, recomputed))
+        forward_draws += [attention[0][1], *head, *recomputed]
+        layer.mlp[1] = FixedScale(torch.cat([*head, *recomputed], dim=-2))
+        layer.self_attn.o_proj[1] = FixedScale(attention[0][1])
+    torch.manual_seed(3)
+    for noise in forward_draws:
+        torch.rand(noise.shape, dtype=noise.dtype)
+    assert torch.equal(torch.rand(4), after)
+    ref_loss, ref = grads_of(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def backward_twice(model, batch):
+    """Two losses of one forward, each with a backward of its own (retain_graph=True first)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(batch[:, :-1])
+    first = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    second = logits.pow(2).mean()
+    first.backward(retain_graph=True)
+    second.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def two_forwards_one_backward(model, batch):
+    """Gradient accumulation over two micro-batches whose losses are summed before one backward."""
+    model.zero_grad(set_to_none=True)
+    (model.loss(batch) + model.loss(batch.flip(1))).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+@pytest.mark.parametrize("step", [backward_twice, two_forwards_one_backward])
+def test_graphs_used_twice(step, policy, sdpa):
+    # A second backward through a retained graph replays the recomputed blocks again (the first
+    # backward used to drop what they need: "not enough values to unpack"); two forwards before
+    # one backward interleave two graphs' tickets. Both as without offload, every ticket used.
+    model, batch = make_model(layers=4, sdpa=sdpa), tokens()
+    ref = step(model, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
+        got = step(model, batch)
+        again = step(model, batch)
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    assert backend.live == {}
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "auto"])
+@pytest.mark.parametrize("order", ["checkpoint-inside", "checkpoint-outside"])
+def test_layers_the_model_checkpoints_itself(order, policy, reentrant):
+    # A model that runs its layers under torch.utils.checkpoint itself (transformers'
+    # gradient_checkpointing_enable, or a wrapper around each layer's forward). Inside the
+    # offload wrapper, the checkpoint's hooks get the saved tensors, and the blocks run as they
+    # are in its forward and in its recompute alike (token-wise replay in one and not the other
+    # failed the checkpoint's metadata check). Outside it (transformers calls the layer, which
+    # is the offload wrapper, under the checkpoint), offload's hooks get them; a reentrant
+    # checkpoint runs its forward without autograd and its recompute in the backward, neither of
+    # which offload touches (it used to offload the recompute's tensors in the backward, only to
+    # wait for them at once), so the checkpoint alone saves the memory there.
+    import torch.utils.checkpoint as cp
+
+    def checkpointed(model):
+        def wrap(forward):
+            return lambda *x, **k: cp.checkpoint(forward, *x, use_reentrant=reentrant, **k)
+
+        for layer in model.layers:
+            layer.forward = wrap(layer.forward)
+
+    model, batch = make_model(layers=4, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend()
+    if order == "checkpoint-inside":
+        checkpointed(model)
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        if order == "checkpoint-outside":
+            checkpointed(model)
+        loss, got = grads_of(model, batch)
+        loss2, got2 = grads_of(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b, c in zip(ref, got, got2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+    assert backend.live == {} and off.stats()["waited"] == off.stats()["offloaded"]
+    if order == "checkpoint-outside" and reentrant:
+        assert off.stats()["offloaded"] == 0 and not backend.log
+    else:
+        assert off.stats()["offloaded"] > 0 and off.stats()["iterations"] == 2
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
