@@ -148,7 +148,7 @@ class _Storage:
 
     def __del__(self):
         # Died before any unpack (no backward, or the graph was freed): drop the pending copy.
-        if self.restored is None and self.ticket is not None:
+        if getattr(self, "restored", None) is None and getattr(self, "ticket", None) is not None:
             try:
                 self.owner._backend.cancel(self.ticket)
                 self.owner._cancelled += 1
@@ -203,6 +203,7 @@ class Offload:
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
+        self._unpack_hook = _eager(torch, self._unpack)
         self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0,
                                                                "local_layers": 0, "times": [], "layers": 0}
         self.layer_forward_seconds = None  # measured by policy "auto": the median layer's forward
@@ -262,7 +263,7 @@ class Offload:
                     self._measure["bytes"] += t.untyped_storage().nbytes()
             return _Saved(s, t)
 
-        return pack
+        return _eager(torch, pack)
 
     def _capturing(self):
         """Whether a CUDA graph is being captured on the current stream (torch.cuda.graph,
@@ -360,26 +361,30 @@ class Offload:
             if self._token_wise:
                 self._wrap_attention(i, layer, pack)
 
-        def forward(*args, **kwargs):
+        def on_grad(grad):
+            me = owner()
+            if me is not None:
+                me._backward_begin(i)
+            return grad
+
+        def begin(args):
+            """Whether this call is offloaded (then the Offload and the measure's start time)."""
             me = owner()
             if me is None or not torch.is_grad_enabled() or _in_backward(torch):
                 # In a backward: the layer's forward recomputed by a torch.utils.checkpoint the
                 # model runs it under (reentrant). What it saves is used by this backward at once.
-                return original(*args, **kwargs)
+                return None
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()
             me._in_layer = i
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack):
-                    if checkpoint_whole:
-                        import torch.utils.checkpoint as cp
+            return me, start
 
-                        out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
-                    else:
-                        out = original(*args, **kwargs)
-            finally:
-                me._in_layer = None
+        def failed(me):
+            me._in_layer = None
+
+        def end(me, start, out):
+            me._in_layer = None
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -390,16 +395,32 @@ class Offload:
             me._forward_end(i)
             first = out[0] if isinstance(out, (tuple, list)) else out
             if torch.is_tensor(first) and first.requires_grad:
-                def on_grad(grad, me_ref=owner):
-                    m = me_ref()
-                    if m is not None:
-                        m._backward_begin(i)
-                    return grad
-
                 first.register_hook(on_grad)
             return out
 
-        layer.forward = forward
+        on_grad, begin, end, failed = (_eager(torch, f) for f in (on_grad, begin, end, failed))
+
+        def forward(*args, **kwargs):
+            # Under torch.compile only the layer's own computation (`original`) is compiled:
+            # begin, end and the hooks run eagerly.
+            began = begin(args)
+            if began is None:
+                return original(*args, **kwargs)
+            me, start = began
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack_hook):
+                    if checkpoint_whole:
+                        import torch.utils.checkpoint as cp
+
+                        out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
+                    else:
+                        out = original(*args, **kwargs)
+            except BaseException:
+                failed(me)
+                raise
+            return end(me, start, out)
+
+        layer.forward = _eager(torch, forward, recursive=False)
         self._undo.append(lambda: layer.__dict__.pop("forward", None))
 
     def _wrap_token_local(self, i, layer, pack):
@@ -443,7 +464,7 @@ class Offload:
                                            me._recompute_chunk, rest, *params))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
-        norm.forward = fused
+        norm.forward = _eager(torch, fused)
         mlp.forward = lambda x: x  # already applied inside fused
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: mlp.__dict__.pop("forward", None))
@@ -511,7 +532,7 @@ class Offload:
             return (y,) + state.extras if state.extras is not None else y
 
         norm.forward = lambda h: h  # applied inside the attention block's forward
-        attn.forward = forward
+        attn.forward = _eager(torch, forward)
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: attn.__dict__.pop("forward", None))
 
@@ -760,6 +781,15 @@ class _ForwardContext:
             for device_type, enabled, dtype in self.autocast_settings:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
             yield
+
+
+def _eager(torch, fn, recursive=True):
+    """``fn``, never traced by torch.compile: offload's hooks and wrappers act on Python state
+    (tickets, the layer schedule, storage addresses) at run time, which a compiled graph would
+    freeze or guard on (dynamo used to trace the pack hook anew for each storage address until
+    its recompile limit). ``recursive=False`` leaves what ``fn`` calls compilable."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn, recursive=recursive) if disable is not None else fn
 
 
 def _innermost(torch, pack):

@@ -11,6 +11,7 @@ import gc
 import os
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -583,6 +584,43 @@ def test_layers_the_model_checkpoints_itself(order, policy, reentrant):
         assert off.stats()["offloaded"] == 0 and not backend.log
     else:
         assert off.stats()["offloaded"] > 0 and off.stats()["iterations"] == 2
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5])
+def test_compiled_model(policy):
+    # torch.compile over an offloaded model (aot_eager: AOTAutograd's compiled functions, whose
+    # saved tensors go through offload's hooks as eager ones do, without a C compiler). The
+    # hooks and wrappers run eagerly: dynamo used to compile the pack hook anew for every
+    # storage address until its recompile limit. The layers' own code stays compiled.
+    from torch._dynamo.utils import counters
+
+    def step(compiled, model, batch):
+        model.zero_grad(set_to_none=True)
+        logits = compiled(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    model, batch = make_model(layers=3), tokens()
+    torch._dynamo.reset()
+    ref = step(torch.compile(model, backend="aot_eager"), model, batch)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            compiled = torch.compile(model, backend="aot_eager")
+            got = step(compiled, model, batch)
+            graphs = counters["stats"]["unique_graphs"]
+            again = [step(compiled, model, batch) for _ in range(3)][-1]
+    assert counters["stats"]["unique_graphs"] == graphs > 0  # nothing compiled again in later steps
+    assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]  # nothing of offload's traced
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    assert off.stats()["iterations"] == 4 and off.stats()["waited"] == off.stats()["offloaded"] > 0
+    assert backend.live == {}
 
 
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
