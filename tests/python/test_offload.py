@@ -862,6 +862,37 @@ def test_transformers_decoder_layers(family, kv_heads):
     assert chunked.bytes_out == backend.bytes_out
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("policy", ["auto", "recompute", "swap"])
+def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
+    # A common fine-tuning setup: transformers' own gradient checkpointing and a float32 model
+    # under bf16 autocast, with offload added. transformers runs the checkpoint inside the
+    # layer's forward (offload's wrapper outside it): the checkpoint gets the saved tensors and
+    # offload swaps what the checkpoint keeps, the layer input. Under "auto" (the default) and
+    # non-reentrant checkpointing this failed the checkpoint's metadata check before 2026-11-23.
+    model = transformers_model("llama", 2).float()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = grads()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        for _ in range(2):
+            loss, got = grads()
+            assert torch.equal(loss, ref_loss)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * a.abs().max().item())
+    assert off.stats()["offloaded"] == off.stats()["waited"] == 2 * 3  # each layer's input, twice
+    assert backend.live == {}
+
+
 def test_transformers_kv_cache_is_turned_off_with_one_warning():
     # With the model's default use_cache=True the attention would extend the cache twice (forward
     # and replay): it runs without it, as under gradient checkpointing, and says so once.
