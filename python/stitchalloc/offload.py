@@ -197,8 +197,13 @@ class Offload:
                              "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
                              "policy='swap' or 'recompute' for other layers")
         self._param_storages = set()
+        # The running layer's parameters as its forward sees them: FSDP2 gathers them into new
+        # storage for each forward (views of which, such as a weight's transpose, are saved).
+        self._layer_param_storages = frozenset()
         for p in model.parameters():
-            self._param_storages.add(p.untyped_storage().data_ptr())
+            address = _storage_address(p)
+            if address is not None:
+                self._param_storages.add(address)
         self._device = None
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
@@ -245,7 +250,9 @@ class Offload:
 
         def pack(t):
             if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
-                    or t.untyped_storage().data_ptr() in self._param_storages or t.untyped_storage().nbytes() == 0):
+                    or t.untyped_storage().data_ptr() in self._param_storages
+                    or t.untyped_storage().data_ptr() in self._layer_param_storages
+                    or t.untyped_storage().nbytes() == 0):
                 return t
             if self._capturing():
                 return t
@@ -378,13 +385,16 @@ class Offload:
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()
             me._in_layer = i
+            me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
             return me, start
 
         def failed(me):
             me._in_layer = None
+            me._layer_param_storages = frozenset()
 
         def end(me, start, out):
             me._in_layer = None
+            me._layer_param_storages = frozenset()
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -429,7 +439,11 @@ class Offload:
         norm, mlp = layer.post_attention_layernorm, layer.mlp
         norm_forward, mlp_forward = norm.forward, mlp.forward
         owner = weakref.ref(self)
-        params = tuple(p for p in list(norm.parameters()) + list(mlp.parameters()))
+
+        def params():
+            # Read at each call: FSDP2 puts its unsharded parameters on the modules for the
+            # forward (and its sharded ones back after it).
+            return (*norm.parameters(), *mlp.parameters())
 
         def block(h):
             return mlp_forward(norm_forward(h))
@@ -461,7 +475,7 @@ class Offload:
                 parts.append(block(head.clone() if source is not None else head.contiguous()))
             rest = h.narrow(-2, k, tokens - k).contiguous()
             parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
-                                           me._recompute_chunk, rest, *params))
+                                           me._recompute_chunk, rest, *params()))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         norm.forward = _eager(torch, fused)
@@ -493,7 +507,9 @@ class Offload:
         norm, attn = layer.input_layernorm, layer.self_attn
         norm_forward, attn_forward = norm.forward, attn.forward
         owner = weakref.ref(self)
-        params = tuple(list(norm.parameters()) + list(attn.parameters()))
+
+        def params():
+            return (*norm.parameters(), *attn.parameters())  # read at each call, as above
 
         def forward(*args, **kwargs):
             # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
@@ -520,7 +536,7 @@ class Offload:
             if not replay or not torch.is_tensor(x) or x.dim() < 2:
                 return run(x)
             state = _AttentionState(me, pack, run)
-            y = _AttentionReplay.apply(state, x, *params)
+            y = _AttentionReplay.apply(state, x, *params())
             # For the token-local block that follows: h = x + y can be recomputed instead of
             # swapped (its wrapper checks that h is that sum).
             if x.requires_grad:
@@ -781,6 +797,18 @@ class _ForwardContext:
             for device_type, enabled, dtype in self.autocast_settings:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
             yield
+
+
+def _storage_address(t):
+    """Where ``t``'s storage is; for a distributed tensor (FSDP2's parameters are DTensors, which
+    have no storage of their own) its local shard's; None where there is none to read."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is not None:
+        t = to_local()
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 def _eager(torch, fn, recursive=True):

@@ -623,6 +623,60 @@ def test_compiled_model(policy):
     assert backend.live == {}
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank on the CPU (FSDP2 on a device mesh of one)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+def test_fsdp2_sharded_layers(one_process_group, policy):
+    # FSDP2 (fully_shard): parameters are DTensors (offload() failed reading their storage), each
+    # forward gathers them into new storage and puts those on the modules, and views of them
+    # (a weight's transpose) are saved. They are not swapped, and the token-wise blocks take the
+    # gathered parameters of the call, not those of the time offload() wrapped them (whose
+    # gradients then never came).
+    from torch.distributed.fsdp import fully_shard
+
+    batch = tokens()
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        logits = model(batch[:, :-1])  # through Module.__call__, where FSDP2's hooks run
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+        return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
+
+    plain = make_model(layers=3)
+    ref = step(plain)
+    expected = RecordingBackend()
+    with stitchalloc.offload(plain, policy=policy, backend=expected):
+        step(plain)
+    sharded = make_model(layers=3)
+    for layer in sharded.layers:
+        fully_shard(layer, mesh=one_process_group)
+    fully_shard(sharded, mesh=one_process_group)
+    backend = RecordingBackend()
+    with stitchalloc.offload(sharded, policy=policy, backend=backend) as off:
+        got = step(sharded)
+        again = step(sharded)
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    assert off.stats()["offloaded"] == 2 * sum(1 for e in expected.log if e[0] == "offload")
+    assert backend.bytes_out == 2 * expected.bytes_out  # the same tensors as without FSDP, no parameter
+    assert backend.live == {}
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
