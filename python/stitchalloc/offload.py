@@ -95,6 +95,11 @@ class _StitchallocBackend:
     def accepts(self, t):
         return t.is_cuda
 
+    @staticmethod
+    def device_of(t):
+        """The device whose swap manager takes ``t`` (stitchalloc.swap.offload picks it so)."""
+        return t.device.index
+
     def begin(self, num_layers, device):
         self._swap.begin_iteration(num_layers, device)
 
@@ -204,7 +209,9 @@ class Offload:
             address = _storage_address(p)
             if address is not None:
                 self._param_storages.add(address)
-        self._device = None
+        # The devices this iteration's saved tensors are on, in order of first use: a model split
+        # over several GPUs (transformers' device_map) has a swap manager on each.
+        self._devices = []
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
@@ -256,9 +263,10 @@ class Offload:
                 return t
             if self._capturing():
                 return t
-            if self._device is None:
-                self._device = t.device.index if t.device.index is not None else 0
-                self._backend.begin(len(self._layers), self._device)
+            device = self._device_of(t)
+            if device not in self._devices:
+                self._backend.begin(len(self._layers), device)
+                self._devices.append(device)
             ptr = t.untyped_storage().data_ptr()
             s = self._by_ptr.get(ptr)
             if s is None:
@@ -306,19 +314,19 @@ class Offload:
                     "before the layer's forward ended; its copy would not match what autograd saved")
             s.tensor = None
         self._by_ptr.clear()
-        if self._device is not None:
-            self._backend.forward_end(layer, self._device)
+        for device in self._devices:
+            self._backend.forward_end(layer, device)
 
     def _backward_begin(self, layer):
-        if self._device is not None:
-            self._backend.backward_begin(layer, self._device)
+        for device in self._devices:
+            self._backend.backward_begin(layer, device)
         if layer == 0:
             self._iteration_done()
 
     def _iteration_done(self):
         self.iterations += 1
-        device = self._device_or_zero()
-        self._device = None
+        device = self._devices[0] if self._devices else 0
+        self._devices = []
         m = self._measure
         if m is None or m["layers"] == 0:
             return
@@ -346,13 +354,14 @@ class Offload:
         self._alpha, self.plan_text = offload_plan(n, s_in, s_attn, other, bandwidth, seconds,
                                                    self._backend.host_bytes(device))
 
+    def _device_of(self, t):
+        device_of = getattr(self._backend, "device_of", None)
+        return device_of(t) if device_of is not None else (t.device.index or 0)
+
     def _count_local(self, nbytes):
         if self._measure is not None:
             self._measure["local"] += nbytes
             self._measure["local_layers"] += 1
-
-    def _device_or_zero(self):
-        return self._device if self._device is not None else 0
 
     # ---- wrapping -------------------------------------------------------------------------
     def _wrap(self, i, layer):
@@ -398,8 +407,9 @@ class Offload:
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
-                if me._device is not None and torch.cuda.is_available():
-                    torch.cuda.synchronize(me._device)
+                if torch.cuda.is_available():
+                    for device in me._devices:
+                        torch.cuda.synchronize(device)
                 me._measure["times"].append(time.perf_counter() - start)
                 me._measure["layers"] += 1
             me._forward_end(i)

@@ -623,6 +623,81 @@ def test_compiled_model(policy):
     assert backend.live == {}
 
 
+class TwoDeviceBackend(RecordingBackend):
+    """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
+    the others on device 0. Like the real managers, each refuses offloads before its own begin
+    and moves only its own tickets at a layer's end."""
+
+    def __init__(self):
+        super().__init__()
+        self.begun = set()
+
+    @staticmethod
+    def device_of(t):
+        return 1 if t.dtype == torch.float32 else 0
+
+    def begin(self, num_layers, device):
+        self.begun.add(device)
+        self.log.append(("begin", num_layers, device))
+
+    def offload(self, t, layer):
+        device = self.device_of(t)
+        if device not in self.begun:
+            raise RuntimeError(f"swap manager of device {device}: layer {layer} outside the iteration")
+        ticket = super().offload(t, layer)
+        self.live[ticket]["device"] = device
+        return ticket
+
+    def forward_end(self, layer, device):
+        for e in self.live.values():
+            if e["layer"] == layer and e["device"] == device and e["tensor"] is not None:
+                e["host"] = self._flat(e["tensor"].untyped_storage()).clone()
+                self.bytes_out += e["host"].numel()
+                e["tensor"] = None
+        self.log.append(("forward_end", layer, device))
+
+    def backward_begin(self, layer, device):
+        self.log.append(("backward_begin", layer, device))
+
+    def wait_storage(self, ticket):
+        assert self.live[ticket]["host"] is not None, "waited for a ticket that was never copied out"
+        return super().wait_storage(ticket)
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5])
+def test_a_model_split_over_two_devices(policy):
+    # transformers' device_map places the first layers on one GPU and the rest on another, and
+    # moves each layer's input with a forward pre-hook. Each device has its own swap manager:
+    # each begins the iteration, and every layer boundary goes to both (only the first device's
+    # manager was told of them, so the second refused its first offload). Emulated on the CPU
+    # with float32 standing for the second device.
+    torch.manual_seed(0)
+    model = tiny_llama.TinyLlama(layers=4).double()
+    for layer in model.layers[2:]:
+        layer.float()
+    model.layers[2].register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
+    model.norm.register_forward_pre_hook(lambda m, args: tuple(a.double() for a in args))
+    batch = tokens()
+    ref_loss, ref = grads_of(model, batch)
+    backend = TwoDeviceBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        loss, got = grads_of(model, batch)
+        loss2, got2 = grads_of(model, batch)
+    assert torch.equal(loss, ref_loss) and torch.equal(loss2, ref_loss)
+    for a, b, c in zip(ref, got, got2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-6)
+        assert torch.equal(b, c)
+    log = backend.log
+    assert [e for e in log if e[0] == "begin"] == [("begin", 4, 0), ("begin", 4, 1)] * 2
+    for layer in range(4):
+        # Layers 0 and 1 end before device 1 saved anything; from then on both devices hear of
+        # every boundary. Twice: two iterations.
+        ends = [e[2] for e in log if e[:2] == ("forward_end", layer)]
+        assert ends == ([0] if layer < 2 else [0, 1]) * 2
+        assert [e[2] for e in log if e[:2] == ("backward_begin", layer)] == [0, 1] * 2
+    assert backend.live == {} and off.stats()["waited"] == off.stats()["offloaded"] > 0
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     """A gloo process group of one rank on the CPU (FSDP2 on a device mesh of one)."""
