@@ -14,8 +14,11 @@ How it hooks in (nothing in the training loop changes):
 - a saved tensor that dies without being used (no backward) cancels its ticket.
 
 Token-wise recompute for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
-recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``), under
-every policy but "swap":
+recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``, and
+no ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` as Gemma's layers have), under
+every policy but "swap". A layer that calls ``mlp`` on anything but what its
+``post_attention_layernorm`` returned is refused at that call (its split would compute another
+function):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -56,6 +59,10 @@ import time
 import weakref
 
 _LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# Layers with these norm the attention's output before the residual and the MLP's input with a
+# norm of its own (Gemma 2 and 3): their post_attention_layernorm is not the MLP's norm, so the
+# token-local block mlp(post_attention_layernorm(h)) does not exist there.
+_OTHER_MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 def offload_plan(layers, input_bytes, attention_bytes, other_bytes, copy_bytes_per_second, layer_forward_seconds,
@@ -189,7 +196,9 @@ class Offload:
         self._recompute_chunk = recompute_chunk
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
-        self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS) for layer in self._layers]
+        self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
+                       and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
+        self._token_local_outputs = {}  # layer -> what its token-local block returned, until mlp is called
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -372,10 +381,9 @@ class Offload:
         llama = self._llama[i]
         checkpoint_whole = self._alpha == 0.0 and not llama
 
-        if llama:
+        if llama and self._token_wise:  # under "swap" the layer runs as it is
             self._wrap_token_local(i, layer, pack)
-            if self._token_wise:
-                self._wrap_attention(i, layer, pack)
+            self._wrap_attention(i, layer, pack)
 
         def on_grad(grad):
             me = owner()
@@ -459,6 +467,26 @@ class Offload:
             return mlp_forward(norm_forward(h))
 
         def fused(h):
+            out = token_local(h)
+            me = owner()
+            if me is not None:
+                me._token_local_outputs[i] = out
+            return out
+
+        def mlp_applied(x):
+            """The layer's call of mlp, already applied: it must be on what the token-local block
+            returned, or the layer is not built as the block assumes."""
+            me = owner()
+            expected = me._token_local_outputs.pop(i, None) if me is not None else x
+            if x is not expected:
+                raise RuntimeError(
+                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp on something other than "
+                    "post_attention_layernorm's output, so its token-wise recompute (which runs "
+                    "mlp(post_attention_layernorm(h)) as one block) would compute another function; use "
+                    "policy='swap'")
+            return x
+
+        def token_local(h):
             me = owner()
             if (me is None or me._in_layer != i or not torch.is_grad_enabled() or h.dim() < 2
                     or not _innermost(torch, pack)):
@@ -489,7 +517,7 @@ class Offload:
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         norm.forward = _eager(torch, fused)
-        mlp.forward = lambda x: x  # already applied inside fused
+        mlp.forward = _eager(torch, mlp_applied)
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: mlp.__dict__.pop("forward", None))
 

@@ -1022,6 +1022,84 @@ def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
     assert backend.live == {}
 
 
+def test_transformers_gemma3_layers_are_swapped_whole():
+    # Gemma 3's decoder layers have Llama's four module names, but post_attention_layernorm norms
+    # the attention's output before the residual and the MLP has norms of its own around it
+    # (pre_ and post_feedforward_layernorm). Taken for Llama's, the token-wise split ran
+    # mlp(post_attention_layernorm(attention output)): the loss changed by 0.045 and the gradients
+    # by 130%, silently. They are now layers of another family: "auto" swaps them whole
+    # (bitwise), "recompute" checkpoints them, an alpha below 1 is refused.
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma 3")
+    config = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=256, attn_implementation="sdpa",
+                                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).double().train()
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_loss, ref = grads()
+    for policy in ("auto", "recompute"):
+        backend = RecordingBackend()
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            for _ in range(2):
+                loss, got = grads()
+                assert torch.equal(loss, ref_loss), policy
+                assert all(torch.equal(a, b) for a, b in zip(ref, got)), policy
+        assert off.stats()["offloaded"] == off.stats()["waited"] > 0 and backend.live == {}
+        if policy == "auto":
+            assert off.alpha == 1.0
+    with pytest.raises(ValueError, match="Llama-family"):
+        stitchalloc.offload(model, policy=0.5, backend=RecordingBackend())
+
+
+class NormedAttentionOutputLayer(torch.nn.Module):
+    """Llama's four module names, built otherwise: post_attention_layernorm norms the attention's
+    output before the residual, and the MLP runs on a norm of another name."""
+
+    def __init__(self, dim=64, heads=4, hidden=172):
+        super().__init__()
+        self.input_layernorm = tiny_llama.RMSNorm(dim)
+        self.self_attn = tiny_llama.Attention(dim, heads, sdpa=True)
+        self.post_attention_layernorm = tiny_llama.RMSNorm(dim)
+        self.ffn_norm = tiny_llama.RMSNorm(dim)
+        self.mlp = tiny_llama.MLP(dim, hidden)
+
+    def forward(self, x):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x)))
+        return h + self.mlp(self.ffn_norm(h))
+
+
+def test_a_layer_built_otherwise_is_refused_not_miscomputed():
+    # A layer of an unknown family with Llama's names: the token-wise split would compute another
+    # function (silently, before 2026-11-23). The layer's call of mlp shows it: mlp gets what
+    # ffn_norm returned, not the token-local block's output, and the step fails with the reason.
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(NormedAttentionOutputLayer() for _ in range(3)).double()
+    x0 = torch.randn(2, 17, 64, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        x = x0
+        for layer in layers:
+            x = layer(x)
+        return x.pow(2).mean()
+
+    ref = run()
+    with stitchalloc.offload(layers, layers=list(layers), policy=0.5, backend=RecordingBackend()):
+        with pytest.raises(RuntimeError, match="calls mlp on something other than post_attention_layernorm"):
+            run()
+    with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
+        assert torch.equal(run(), ref)
+
+
 def test_transformers_kv_cache_is_turned_off_with_one_warning():
     # With the model's default use_cache=True the attention would extend the cache twice (forward
     # and replay): it runs without it, as under gradient checkpointing, and says so once.
