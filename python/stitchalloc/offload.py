@@ -199,6 +199,7 @@ class Offload:
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
                        and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
         self._token_local_outputs = {}  # layer -> what its token-local block returned, until mlp is called
+        self._attention_inputs = {}  # layer -> what its input_layernorm got, until self_attn is called
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -566,6 +567,11 @@ class Offload:
                 others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 rebuild = (lambda h: ((), {**others, "hidden_states": h}))
             del args, kwargs
+            if me is not None and x is not me._attention_inputs.pop(i, None):
+                raise RuntimeError(
+                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls self_attn on something other than "
+                    "input_layernorm's output, so its token-wise recompute (which runs "
+                    "self_attn(input_layernorm(x)) as one block) would compute another function; use policy='swap'")
 
             def run(h):
                 a, kw = rebuild(norm_forward(h))
@@ -585,7 +591,14 @@ class Offload:
             me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 
-        norm.forward = lambda h: h  # applied inside the attention block's forward
+        def normed(h):
+            """input_layernorm, applied inside the attention block: what self_attn must get."""
+            me = owner()
+            if me is not None:
+                me._attention_inputs[i] = h
+            return h
+
+        norm.forward = _eager(torch, normed)
         attn.forward = _eager(torch, forward)
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: attn.__dict__.pop("forward", None))

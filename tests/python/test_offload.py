@@ -1078,12 +1078,25 @@ class NormedAttentionOutputLayer(torch.nn.Module):
         return h + self.mlp(self.ffn_norm(h))
 
 
-def test_a_layer_built_otherwise_is_refused_not_miscomputed():
+class UnnormedAttentionLayer(NormedAttentionOutputLayer):
+    """Llama's names again: input_layernorm norms the MLP's input and self_attn gets x raw."""
+
+    def forward(self, x):
+        h = x + self.self_attn(x)
+        return h + self.mlp(self.post_attention_layernorm(self.input_layernorm(h)))
+
+
+@pytest.mark.parametrize("layer_class, message", [
+    (NormedAttentionOutputLayer, "calls mlp on something other than post_attention_layernorm"),
+    (UnnormedAttentionLayer, "calls self_attn on something other than input_layernorm"),
+], ids=["mlp-on-another-norm", "attention-on-the-raw-input"])
+def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message):
     # A layer of an unknown family with Llama's names: the token-wise split would compute another
-    # function (silently, before 2026-11-23). The layer's call of mlp shows it: mlp gets what
-    # ffn_norm returned, not the token-local block's output, and the step fails with the reason.
+    # function (silently, before 2026-11-23). The layer's calls show it: mlp gets what ffn_norm
+    # returned, not the token-local block's output, or self_attn gets x instead of what
+    # input_layernorm returned; the step fails with the reason.
     torch.manual_seed(0)
-    layers = torch.nn.ModuleList(NormedAttentionOutputLayer() for _ in range(3)).double()
+    layers = torch.nn.ModuleList(layer_class() for _ in range(3)).double()
     x0 = torch.randn(2, 17, 64, dtype=torch.float64, requires_grad=True)
 
     def run():
@@ -1094,7 +1107,7 @@ def test_a_layer_built_otherwise_is_refused_not_miscomputed():
 
     ref = run()
     with stitchalloc.offload(layers, layers=list(layers), policy=0.5, backend=RecordingBackend()):
-        with pytest.raises(RuntimeError, match="calls mlp on something other than post_attention_layernorm"):
+        with pytest.raises(RuntimeError, match=message):
             run()
     with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
         assert torch.equal(run(), ref)
