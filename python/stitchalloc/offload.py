@@ -201,8 +201,8 @@ class Offload:
                                                      else float(policy))
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
                        and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
-        self._token_local_outputs = {}  # layer -> what its token-local block returned, until mlp is called
-        self._attention_inputs = {}  # layer -> what its input_layernorm got, until self_attn is called
+        # (layer, norm) -> what the norm returned, until the block after it (mlp, self_attn) gets it
+        self._norm_outputs = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -269,10 +269,11 @@ class Offload:
         torch = self._torch
 
         def pack(t):
-            if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
-                    or t.untyped_storage().data_ptr() in self._param_storages
-                    or t.untyped_storage().data_ptr() in self._layer_param_storages
-                    or t.untyped_storage().nbytes() == 0):
+            if not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter):
+                return t
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self._param_storages or ptr in self._layer_param_storages or storage.nbytes() == 0:
                 return t
             if self._capturing():
                 return t
@@ -280,7 +281,6 @@ class Offload:
             if device not in self._devices:
                 self._backend.begin(len(self._layers), device)
                 self._devices.append(device)
-            ptr = t.untyped_storage().data_ptr()
             s = self._by_ptr.get(ptr)
             if s is None:
                 s = _Storage(self, self._backend.offload(t, layer), layer, t)
@@ -288,7 +288,7 @@ class Offload:
                 self._pending.setdefault(layer, []).append(s)
                 self.offloaded += 1
                 if self._measure is not None:
-                    self._measure["bytes"] += t.untyped_storage().nbytes()
+                    self._measure["bytes"] += storage.nbytes()
             return _Saved(s, t)
 
         return _eager(torch, pack)
@@ -409,13 +409,13 @@ class Offload:
             me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
             return me, start
 
-        def failed(me):
+        def leave(me):
+            """The layer's forward is over (returned or raised)."""
             me._in_layer = None
             me._layer_param_storages = frozenset()
 
         def end(me, start, out):
-            me._in_layer = None
-            me._layer_param_storages = frozenset()
+            leave(me)
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -430,7 +430,7 @@ class Offload:
                 first.register_hook(on_grad)
             return out
 
-        on_grad, begin, end, failed = (_eager(torch, f) for f in (on_grad, begin, end, failed))
+        on_grad, begin, end, failed = (_eager(torch, f) for f in (on_grad, begin, end, leave))
 
         def forward(*args, **kwargs):
             # Under torch.compile only the layer's own computation (`original`) is compiled:
@@ -472,22 +472,12 @@ class Offload:
 
         def fused(h):
             out = token_local(h)
-            me = owner()
-            if me is not None:
-                me._token_local_outputs[i] = out
+            _wired(owner(), i, layer, "post_attention_layernorm", out)
             return out
 
         def mlp_applied(x):
-            """The layer's call of mlp, already applied: it must be on what the token-local block
-            returned, or the layer is not built as the block assumes."""
-            me = owner()
-            expected = me._token_local_outputs.pop(i, None) if me is not None else x
-            if x is not expected:
-                raise RuntimeError(
-                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp on something other than "
-                    "post_attention_layernorm's output, so its token-wise recompute (which runs "
-                    "mlp(post_attention_layernorm(h)) as one block) would compute another function; use "
-                    "policy='swap'")
+            """The layer's call of mlp, already applied inside the token-local block."""
+            _wired(owner(), i, layer, "post_attention_layernorm", x, "mlp")
             return x
 
         def token_local(h):
@@ -570,11 +560,7 @@ class Offload:
                 others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 rebuild = (lambda h: ((), {**others, "hidden_states": h}))
             del args, kwargs
-            if me is not None and x is not me._attention_inputs.pop(i, None):
-                raise RuntimeError(
-                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls self_attn on something other than "
-                    "input_layernorm's output, so its token-wise recompute (which runs "
-                    "self_attn(input_layernorm(x)) as one block) would compute another function; use policy='swap'")
+            _wired(me, i, layer, "input_layernorm", x, "self_attn")
 
             def run(h):
                 a, kw = rebuild(norm_forward(h))
@@ -596,15 +582,29 @@ class Offload:
 
         def normed(h):
             """input_layernorm, applied inside the attention block: what self_attn must get."""
-            me = owner()
-            if me is not None:
-                me._attention_inputs[i] = h
+            _wired(owner(), i, layer, "input_layernorm", h)
             return h
 
         norm.forward = _eager(torch, normed)
         attn.forward = _eager(torch, forward)
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: attn.__dict__.pop("forward", None))
+
+
+def _wired(me, i, layer, norm, t, callee=None):
+    """The token-wise blocks assume that layer i calls ``callee`` (mlp, self_attn) on exactly what
+    ``norm`` returned. Without ``callee``: the norm returned ``t``. With it: ``callee`` got ``t``,
+    which must be that; otherwise the layer is built otherwise and the step fails with the reason
+    (its split would compute another function)."""
+    if me is None:
+        return
+    if callee is None:
+        me._norm_outputs[i, norm] = t
+    elif t is not me._norm_outputs.pop((i, norm), None):
+        raise RuntimeError(
+            f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
+            f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "
+            "compute another function; use policy='swap'")
 
 
 def _storage_address(t):
