@@ -18,7 +18,8 @@ recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` a
 no ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` as Gemma's layers have), under
 every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
-function):
+function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
+keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -201,8 +202,12 @@ class Offload:
                                                      else float(policy))
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
                        and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
-        # (layer, norm) -> what the norm returned, until the block after it (mlp, self_attn) gets it
+        # (layer, norm) -> what the norm returned where it applied its token-wise block, until the
+        # block's callee (mlp, self_attn) gets it
         self._norm_outputs = {}
+        self._ours = set()  # the forwards offload put on modules (_why_whole)
+        self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
+        self._warned_whole = set()
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -250,7 +255,7 @@ class Offload:
 
     def stats(self):
         return {"iterations": self.iterations, "offloaded": self.offloaded, "waited": self._waited,
-                "cancelled": self._cancelled, "alpha": self._alpha}
+                "cancelled": self._cancelled, "alpha": self._alpha, "blocks_run_whole": self._run_whole}
 
     def remove(self):
         for undo in reversed(self._undo):
@@ -366,10 +371,36 @@ class Offload:
             return
         self._alpha, self.plan_text = offload_plan(n, s_in, s_attn, other, bandwidth, seconds,
                                                    self._backend.host_bytes(device))
+        if self._run_whole:
+            # Their tensors were swapped and counted as the attention block's: the plan's figures
+            # hold for the calls that split.
+            self.plan_text += (f"\n(measured with {self._run_whole} token-wise block calls run as they are, "
+                               "because of hooks: see the warning)")
 
     def _device_of(self, t):
         device_of = getattr(self._backend, "device_of", None)
         return device_of(t) if device_of is not None else (t.device.index or 0)
+
+    def _own(self, forward):
+        self._ours.add(forward)
+        return forward
+
+    def _runs_whole(self, i, block, top):
+        """Whether layer i's token-wise ``block`` (called through the modules ``top``) must run as
+        it is in this call, its saved tensors swapped (_why_whole); warns once per reason."""
+        reason = _why_whole(self._torch, top, self._ours)
+        if reason is None:
+            return False
+        self._run_whole += 1
+        if reason not in self._warned_whole:
+            import warnings
+
+            self._warned_whole.add(reason)
+            warnings.warn(f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors swapped, "
+                          f"none recomputed) while {reason}: token-wise, it would run without autograd in the "
+                          "forward, so a tensor kept from inside it would have no gradient, or a hook would see "
+                          "another module's tensors", stacklevel=4)
+        return True
 
     def _count_local(self, nbytes):
         if self._measure is not None:
@@ -410,12 +441,17 @@ class Offload:
             return me, start
 
         def leave(me):
-            """The layer's forward is over (returned or raised)."""
+            """The layer's forward is over (returned or raised). Returns the norms whose token-wise
+            block was applied but whose output never reached the block's callee."""
             me._in_layer = None
             me._layer_param_storages = frozenset()
+            unused = [norm for (j, norm) in list(me._norm_outputs) if j == i]
+            for norm in unused:
+                del me._norm_outputs[i, norm]
+            return unused
 
         def end(me, start, out):
-            leave(me)
+            unused = leave(me)
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -425,6 +461,12 @@ class Offload:
                 me._measure["times"].append(time.perf_counter() - start)
                 me._measure["layers"] += 1
             me._forward_end(i)
+            if unused:
+                callee = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}[unused[0]]
+                raise RuntimeError(
+                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {unused[0]} but not {callee} on "
+                    f"its output, so its token-wise recompute (which runs {callee}({unused[0]}(...)) as one block) "
+                    "computed another function; use policy='swap'")
             first = out[0] if isinstance(out, (tuple, list)) else out
             if torch.is_tensor(first) and first.requires_grad:
                 first.register_hook(on_grad)
@@ -471,20 +513,26 @@ class Offload:
             return mlp_forward(norm_forward(h))
 
         def fused(h):
-            out = token_local(h)
-            _wired(owner(), i, layer, "post_attention_layernorm", out)
+            """post_attention_layernorm: the whole token-local block when it splits, else the norm."""
+            me = owner()
+            out = token_local(me, h)
+            applied = out is not None
+            if not applied:
+                out = norm_forward(h)
+            _wired(me, i, layer, "post_attention_layernorm", out, applied=applied)
             return out
 
         def mlp_applied(x):
-            """The layer's call of mlp, already applied inside the token-local block."""
-            _wired(owner(), i, layer, "post_attention_layernorm", x, "mlp")
-            return x
+            """The layer's call of mlp: already applied inside the token-local block, if it split."""
+            if _wired(owner(), i, layer, "post_attention_layernorm", x, "mlp"):
+                return x
+            return mlp_forward(x)
 
-        def token_local(h):
-            me = owner()
-            if (me is None or me._in_layer != i or not torch.is_grad_enabled() or h.dim() < 2
-                    or not _innermost(torch, pack)):
-                return block(h)
+        def token_local(me, h):
+            """The block's output, split by tokens; None where it runs as it is."""
+            if (me is None or me._in_layer != i or not torch.is_grad_enabled() or not torch.is_tensor(h)
+                    or h.dim() < 2 or not _innermost(torch, pack)):
+                return None
             # The measuring iteration of policy "auto" recomputes the whole block (the least
             # memory: at a length that needs alpha < 1, swapping everything would not fit), and
             # the block's recompute counts what it saves (the plan's "other").
@@ -492,13 +540,14 @@ class Offload:
             alpha = 0.0 if measuring else me._alpha
             tokens = h.shape[-2]
             k = min(tokens, max(0, round(alpha * tokens)))
+            if k == tokens or me._runs_whole(i, "mlp", (norm, mlp)):
+                me._attention_states.pop(i, None)
+                return None
             # h = x + the attention block's output: recomputed from what that block keeps
             # rather than swapped, when the graph shows it is exactly that sum.
             source = me._attention_states.pop(i, None)
             if source is not None and not source.is_residual_of(h):
                 source = None
-            if k == tokens:
-                return block(h)
             parts = []
             if k > 0:
                 # With h recomputed, a view of it saved by the block would swap all of h: the
@@ -510,8 +559,8 @@ class Offload:
                                            me._recompute_chunk, rest, *params()))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
-        norm.forward = _eager(torch, fused)
-        mlp.forward = _eager(torch, mlp_applied)
+        norm.forward = self._own(_eager(torch, fused))
+        mlp.forward = self._own(_eager(torch, mlp_applied))
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: mlp.__dict__.pop("forward", None))
 
@@ -543,31 +592,38 @@ class Offload:
         def params():
             return (*norm.parameters(), *attn.parameters())  # read at each call, as above
 
+        def normed(h):
+            """input_layernorm: the identity when the attention block is replayed (the block norms
+            x itself, so that it saves only x), else the norm."""
+            me = owner()
+            replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
+                      and h.dim() >= 2 and _innermost(torch, pack) and not me._runs_whole(i, "self_attn", (norm, attn)))
+            out = h if replay else norm_forward(h)
+            _wired(me, i, layer, "input_layernorm", out, applied=replay)
+            return out
+
         def forward(*args, **kwargs):
             # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
             # hidden_states= (transformers); input_layernorm, now the identity, left them raw.
             # The closures below live until the layer's backward: they must not hold x (it is
             # swapped), only the other arguments.
             me = owner()
-            replay = me is not None and me._in_layer == i and torch.is_grad_enabled() and _innermost(torch, pack)
-            if replay:
-                kwargs = me._without_cache(kwargs)
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not _wired(me, i, layer, "input_layernorm", x, "self_attn"):
+                return attn_forward(*args, **kwargs)
+            kwargs = me._without_cache(kwargs)
             if args:
-                x, rest, others = args[0], args[1:], kwargs
+                rest, others = args[1:], kwargs
                 rebuild = (lambda h: ((h,) + rest, others))
             else:
-                x = kwargs["hidden_states"]
                 others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 rebuild = (lambda h: ((), {**others, "hidden_states": h}))
             del args, kwargs
-            _wired(me, i, layer, "input_layernorm", x, "self_attn")
 
             def run(h):
                 a, kw = rebuild(norm_forward(h))
                 return attn_forward(*a, **kw)
 
-            if not replay or not torch.is_tensor(x) or x.dim() < 2:
-                return run(x)
             state = _AttentionState(me, pack, run)
             y = _AttentionReplay.apply(state, x, *params())
             # For the token-local block that follows: h = x + y can be recomputed instead of
@@ -580,31 +636,106 @@ class Offload:
             me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 
-        def normed(h):
-            """input_layernorm, applied inside the attention block: what self_attn must get."""
-            _wired(owner(), i, layer, "input_layernorm", h)
-            return h
-
-        norm.forward = _eager(torch, normed)
-        attn.forward = _eager(torch, forward)
+        norm.forward = self._own(_eager(torch, normed))
+        attn.forward = self._own(_eager(torch, forward))
         self._undo.append(lambda: norm.__dict__.pop("forward", None))
         self._undo.append(lambda: attn.__dict__.pop("forward", None))
 
 
-def _wired(me, i, layer, norm, t, callee=None):
-    """The token-wise blocks assume that layer i calls ``callee`` (mlp, self_attn) on exactly what
-    ``norm`` returned. Without ``callee``: the norm returned ``t``. With it: ``callee`` got ``t``,
-    which must be that; otherwise the layer is built otherwise and the step fails with the reason
-    (its split would compute another function)."""
+def _wired(me, i, layer, norm, t, callee=None, applied=False):
+    """The token-wise blocks run ``callee``(``norm``(...)) (mlp, self_attn) as one block, applied
+    when layer i calls ``norm``; that is only right if the layer then calls ``callee`` on exactly
+    what ``norm`` returned. Without ``callee``: ``norm`` returned ``t``, the block ``applied`` or
+    not. With it: ``callee`` got ``t``; returns whether the block was applied, and fails with the
+    reason if it was and ``t`` is something else (the split would compute another function)."""
     if me is None:
-        return
+        return False
     if callee is None:
-        me._norm_outputs[i, norm] = t
-    elif t is not me._norm_outputs.pop((i, norm), None):
+        if applied:
+            me._norm_outputs[i, norm] = t
+        else:
+            me._norm_outputs.pop((i, norm), None)
+        return applied
+    entry = me._norm_outputs.pop((i, norm), None)
+    if entry is None:
+        return False
+    if t is not entry:
         raise RuntimeError(
             f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
             f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "
             "compute another function; use policy='swap'")
+    return True
+
+
+def _why_whole(torch, top, ours):
+    """Why a token-wise block must run as it is now (a reason, for the warning), or None.
+
+    In the forward a token-wise block runs without autograd (its recompute in the backward has
+    the graph), called through two modules ``top`` (a norm, then mlp or self_attn) whose
+    forwards offload replaced (``ours``). Neither fits:
+    - a hook on one of those two: it would see the whole block's output or input, not its own
+      module's, and a pre-hook would not run before the block (FSDP2's unshard, on a module
+      sharded on its own);
+    - something inside the block that can keep what it sees: a forward hook (transformers'
+      output recorders while they record, such as router_logits for a mixture of experts'
+      load-balancing loss), or a forward replaced by someone else (transformers 4's recorders).
+      What it keeps has no autograd graph: a loss computed from it would get no gradient.
+    Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
+    FlopCounterMode), transformers' recorders while they do not record, accelerate's device
+    hooks. A hook that keeps a tensor it computed itself from what it saw is not detected."""
+    for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
+        if not _harmless(hook):
+            return f"a global forward hook ({_hook_name(hook)}) is registered"
+    for owner in top:
+        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+            for hook in getattr(owner, kind, {}).values():
+                if _recording(hook) is not False:
+                    return (f"{type(owner).__name__} has a {kind.strip('_').replace('_', ' ')[:-1]} "
+                            f"({_hook_name(hook)})")
+        for module in owner.modules():
+            if module is not owner:
+                for hook in module._forward_hooks.values():
+                    if not _harmless(hook):
+                        key = _recording(hook)
+                        return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
+                                if isinstance(key, str) else
+                                f"{type(module).__name__} has a forward hook ({_hook_name(hook)})")
+            forward = module.__dict__.get("forward")
+            if forward is not None and forward not in ours and not _accelerate_hooked(module):
+                return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"
+    return None
+
+
+def _recording(hook):
+    """For transformers' output recorder (utils/output_capturing.py): the key it records now, or
+    False while it does not record; None for any other hook."""
+    code = getattr(hook, "__code__", None)
+    if code is None or code.co_name != "output_capturing_hook" or "key" not in code.co_freevars:
+        return None
+    try:
+        key = hook.__closure__[code.co_freevars.index("key")].cell_contents
+        collector = hook.__globals__["_active_collector"].get()
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return str(getattr(hook, "__qualname__", "?"))  # another version: assume it records
+    return key if collector is not None and key in collector else False
+
+
+def _harmless(hook):
+    """A forward hook that keeps nothing it sees: torch's own, or a transformers recorder at rest."""
+    target = getattr(hook, "func", hook)  # functools.partial
+    module = getattr(target, "__module__", None) or ""
+    return module == "torch" or module.startswith("torch.") or _recording(hook) is False
+
+
+def _accelerate_hooked(module):
+    """accelerate's hooks (device placement, CPU offload of weights) replace a module's forward."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and type(hook).__module__.startswith("accelerate.")
+
+
+def _hook_name(hook):
+    target = getattr(hook, "func", hook)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 
 
 def _storage_address(t):

@@ -1000,7 +1000,7 @@ def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
     # offload swaps what the checkpoint keeps, the layer input. Under "auto" (the default) and
     # non-reentrant checkpointing this failed the checkpoint's metadata check before 2026-11-23.
     model = transformers_model("llama", 2).float()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})  # gradient_checkpointing_enable before 5.x
     ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
 
     def grads():
@@ -1088,7 +1088,7 @@ class UnnormedAttentionLayer(NormedAttentionOutputLayer):
 
 @pytest.mark.parametrize("layer_class, message", [
     (NormedAttentionOutputLayer, "calls mlp on something other than post_attention_layernorm"),
-    (UnnormedAttentionLayer, "calls self_attn on something other than input_layernorm"),
+    (UnnormedAttentionLayer, "calls input_layernorm but not self_attn on its output"),
 ], ids=["mlp-on-another-norm", "attention-on-the-raw-input"])
 def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message):
     # A layer of an unknown family with Llama's names: the token-wise split would compute another
@@ -1111,6 +1111,175 @@ def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message
             run()
     with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
         assert torch.equal(run(), ref)
+
+
+def mixtral_model():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        num_local_experts=4, num_experts_per_tok=2, attn_implementation="sdpa",
+                                        experts_implementation="eager")  # the grouped kernel has no float64
+    torch.manual_seed(0)
+    return config, transformers.MixtralForCausalLM(config).double().train()
+
+
+@pytest.mark.parametrize("policy", ["auto", "recompute", 0.5])
+def test_transformers_moe_router_logits_keep_their_gradient(policy):
+    # A mixture of experts trained with its load-balancing loss (transformers' Mixtral with
+    # output_router_logits=True): transformers records the router's logits with a forward hook
+    # inside the mlp. Token-wise, the mlp ran without autograd in the forward, so the recorded
+    # logits had no graph and the auxiliary loss no gradient: the loss was right and the
+    # gradients up to 4.5% off, silently (before 2026-11-23). While the recorder records, the mlp
+    # runs as it is (its saved tensors swapped), with one warning naming it; when it does not,
+    # the token-wise split is back (the hook stays installed).
+    config, model = mixtral_model()
+    ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False, **kw)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = grads(output_router_logits=True)
+    plain_loss, plain = grads()
+    assert not torch.equal(ref_loss, plain_loss)  # the auxiliary loss is in the first
+    backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha < 1: its blocks split too
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        with pytest.warns(UserWarning, match="transformers records router_logits from MixtralTopKRouter") as record:
+            for _ in range(2):
+                loss, got = grads(output_router_logits=True)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert sum("runs as it is" in str(w.message) for w in record) == 1
+        assert off.stats()["blocks_run_whole"] == 2 * 3
+        swapped = backend.bytes_out
+        backend.bytes_out = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, got = grads()
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=0)
+        for a, b in zip(plain, got):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert off.stats()["blocks_run_whole"] == 2 * 3
+        assert backend.bytes_out < swapped / 2  # split again
+    assert backend.live == {}
+
+
+class KeptActivations:
+    """A forward hook keeping what a module returns, for a loss term (an activation penalty)."""
+
+    def __init__(self):
+        self.kept = []
+
+    def __call__(self, module, args, output):
+        self.kept.append(output)
+
+    def penalty(self):
+        total = sum(t.pow(2).mean() for t in self.kept)
+        self.kept.clear()
+        return total
+
+
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+@pytest.mark.parametrize("policy", ["recompute", 0.5])
+def test_a_hook_keeping_a_tensor_inside_a_token_wise_block(where, policy):
+    # A user's forward hook inside a token-wise block keeps the module's output for a loss term.
+    # Token-wise, the block ran without autograd in the forward and the term's gradient was lost,
+    # silently. The block runs as it is while the hook is there, and splits again once removed.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    hook = KeptActivations()
+    handles = [layer.get_submodule(where).register_forward_hook(hook) for layer in model.layers]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        (model.loss(batch) + hook.penalty()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ref = step()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        with pytest.warns(UserWarning, match="has a forward hook .*KeptActivations"):
+            got = step()
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert off.stats()["blocks_run_whole"] == 3
+        for h in handles:
+            h.remove()
+        _, ref_plain = grads_of(model, batch)
+        _, got = grads_of(model, batch)
+        assert off.stats()["blocks_run_whole"] == 3
+    for a, b in zip(ref_plain, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+def test_hooks_on_the_modules_a_block_is_called_through(policy):
+    # The token-wise blocks are called through input_layernorm / self_attn and
+    # post_attention_layernorm / mlp, whose forwards offload replaced: a hook there would see the
+    # block's tensors, not its module's (the norm's hook got the MLP's output), and a pre-hook
+    # would not run before the block. With one, the block runs as it is: a hook on a norm sees
+    # the norm's output, and a pre-hook changing the mlp's input changes the result as without
+    # offload. Where the block does not split (no grad, alpha 1), it always ran as it is.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append(output.detach().clone())
+        return hook
+
+    def doubled(module, args):
+        return (2 * args[0],)
+
+    handles = []
+    for layer in model.layers:
+        handles.append(layer.input_layernorm.register_forward_hook(record("input_layernorm")))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(record("post_attention_layernorm")))
+        handles.append(layer.mlp.register_forward_pre_hook(doubled))
+    ref_loss, ref = grads_of(model, batch)
+    expected, seen = seen, {}
+    backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha < 1: its blocks split too
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        with pytest.warns(UserWarning, match="runs as it is"):
+            for _ in range(2):
+                loss, got = grads_of(model, batch)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+                for name, outputs in expected.items():
+                    assert len(seen[name]) == len(outputs)
+                    for a, b in zip(outputs, seen[name]):
+                        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+                seen = {}
+        assert off.stats()["blocks_run_whole"] == 2 * 3 * 2
+        with torch.no_grad():
+            assert torch.equal(model.loss(batch), ref_loss.detach())
+        seen = {}
+    assert backend.live == {}
+    for h in handles:
+        h.remove()
+
+
+def test_harmless_hooks_leave_the_split_alone():
+    # Hooks that keep nothing: torch's own (FlopCounterMode's module tracker registers global
+    # forward hooks; FSDP2's are torch's too) and a transformers recorder while it does not record
+    # (test_transformers_moe_router_logits_keep_their_gradient). The blocks still split.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend) as off:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with FlopCounterMode(display=False):
+                loss, got = grads_of(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert off.stats()["blocks_run_whole"] == 0 and off.stats()["offloaded"] > 0
 
 
 def test_transformers_kv_cache_is_turned_off_with_one_warning():
