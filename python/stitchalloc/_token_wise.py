@@ -16,12 +16,16 @@ Data structures and their invariants:
   generator states); the generators continue afterwards as if only the forward had drawn.
 - Under ``retain_graph=True`` (``_keep_graph``) a backward keeps the state it replays from, so
   that the next backward through the same graph can replay again; otherwise it lets it go.
+- Nothing here forms a reference cycle with the autograd graph (a ``_Recomputed`` holds its core
+  weakly, a state its block's node weakly): a graph that dies without backward frees its states
+  and tickets by reference counting at once, not at the cycle collector's next full pass.
 
 Nothing here imports torch at module level: torch is imported by the caller and passed in, and
 the Functions are built on first use (``_functions``).
 """
 
 import contextlib
+import weakref
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -40,19 +44,21 @@ class _Deferred:
 
 class _Recomputed:
     """What the core's node keeps instead of q, k or v: the index of the tensor recomputed
-    before the layer's backward."""
+    before the layer's backward. The core is held weakly: the core holds its node, and a cycle
+    through the node's saved tensors (C++, which Python's collector cannot see) would keep the
+    node, and the layer's swapped tensors with it, alive after the graph died without backward."""
 
     __slots__ = ("core", "index")
 
     def __init__(self, core, index):
-        self.core = core
+        self.core = core  # weakref.ref(_Core)
         self.index = index
 
 
 class _Core:
     """One attention core call of one replayed attention block."""
 
-    __slots__ = ("node", "entry", "meta", "slots", "out", "keep")
+    __slots__ = ("node", "entry", "meta", "slots", "out", "keep", "__weakref__")
 
     def __init__(self):
         self.node = None  # the core's autograd node; None: not one fused node, recomputed
@@ -78,7 +84,9 @@ class _AttentionState:
         self.run = run  # the block, from the raw layer input
         self.x = None  # the layer input as the layer's pack hook saved it (swapped)
         self.input_edge = None  # where x came from in the graph, and where the block's output goes:
-        self.output_node = None  # to recognise h = x + output (residual_input)
+        # to recognise h = x + output (residual_input); held weakly, as the block's own node
+        # holds this state: a cycle would outlive the graph until the collector's next full pass
+        self.output_node = None
         self.forward_context = None  # autocast and random generators of the forward (_ForwardContext)
 
     def replay(self, torch, x, grad):
@@ -104,12 +112,13 @@ class _AttentionState:
         """Whether h is exactly x + the block's output in the graph (the residual connection of
         transformers' decoder layers), so that residual_input() recomputes it."""
         node = h.grad_fn
-        if node is None or self.output_node is None or self.input_edge is None or node.name() != "AddBackward0":
+        output_node = self.output_node() if self.output_node is not None else None
+        if node is None or output_node is None or self.input_edge is None or node.name() != "AddBackward0":
             return False
         if getattr(node, "_saved_alpha", 1) != 1:
             return False
         edges = {(id(f), n) for f, n in node.next_functions}
-        return edges == {(id(self.output_node), 0), (id(self.input_edge.node), self.input_edge.output_nr)}
+        return edges == {(id(output_node), 0), (id(self.input_edge.node), self.input_edge.output_nr)}
 
 
 def _layout(t):
@@ -126,7 +135,8 @@ def _sdpa_arguments(args, kwargs):
 
 def _unpack_core(saved):
     if isinstance(saved, _Recomputed):
-        slots = saved.core.slots
+        core = saved.core()
+        slots = core.slots if core is not None else None
         if slots is None:
             raise RuntimeError("stitchalloc.offload: the attention core's backward ran before its inputs were "
                                "recomputed (was the layer's graph used twice?)")
@@ -155,6 +165,7 @@ def _capture(torch, state):
                                "(dropout_p > 0); use policy='swap' or train without attention dropout")
         q, k, v = bound["query"], bound["key"], bound["value"]
         core = _Core()
+        core_ref = weakref.ref(core)  # the hooks below live as long as the core's node (_Recomputed)
         anchor = torch.empty(0, device=q.device, requires_grad=True)
         # Autograd keeps the pack hook as long as what it packed: the hook must hold no tensor
         # (q, k and v would stay on the device until the backward), only their addresses and
@@ -165,7 +176,7 @@ def _capture(torch, state):
         def pack(t):
             key = (t.data_ptr(), t.dtype, tuple(t.size()), tuple(t.stride()))
             if key in stand_in_keys:
-                return _Recomputed(core, stand_in_keys.index(key))
+                return _Recomputed(core_ref, stand_in_keys.index(key))
             d = _Deferred(t)
             held.append(d)
             return d

@@ -212,6 +212,7 @@ class Offload:
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
         self._in_layer = None  # the layer whose forward runs under our hooks
+        self._backward_seen = False  # a layer's backward began since the iteration's last one ended
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         self._warned_cache = False
         self._warned_capture = False
@@ -338,10 +339,15 @@ class Offload:
     def _backward_begin(self, layer):
         for device in self._devices:
             self._backend.backward_begin(layer, device)
+        self._backward_seen = True
         if layer == 0:
             self._iteration_done()
 
     def _iteration_done(self):
+        """The iteration's backward reached the first layer, or a backward ran and a forward
+        starts again (a backward that stops above the first layer: the layers below frozen, with
+        frozen embeddings; torch.autograd.grad for some parameters)."""
+        self._backward_seen = False
         self.iterations += 1
         device = self._devices[0] if self._devices else 0
         self._devices = []
@@ -352,8 +358,8 @@ class Offload:
         n = len(self._layers)
         # The measuring iteration swapped what every alpha swaps: the layer input, the attention
         # block's tensors and the attention output the token-local block starts from. The plan's
-        # "other" is what that block saves when it is not recomputed (counted by its recompute,
-        # in the backward of every layer but the first, which comes after this point).
+        # "other" is what that block saves when it is not recomputed (counted by its recompute in
+        # the backward of the layers before this point: all but the first when it is reached).
         per_layer = m["bytes"] / m["layers"]
         s_in = m["input"] / m["layers"]
         s_attn = max(per_layer - s_in, 0.0)
@@ -433,6 +439,8 @@ class Offload:
                 # In a backward: the layer's forward recomputed by a torch.utils.checkpoint the
                 # model runs it under (reentrant). What it saves is used by this backward at once.
                 return None
+            if me._backward_seen:
+                me._iteration_done()
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()
@@ -632,7 +640,7 @@ class Offload:
                 from torch.autograd.graph import get_gradient_edge
 
                 state.input_edge = get_gradient_edge(x)
-                state.output_node = y.grad_fn
+                state.output_node = weakref.ref(y.grad_fn)
             me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 

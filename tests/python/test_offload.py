@@ -196,18 +196,34 @@ def test_other_layers_swap_whole_and_reject_a_token_split():
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
-def test_saved_tensors_that_die_without_backward_cancel_their_tickets():
-    model, batch = make_model(), tokens()
+@pytest.mark.parametrize("sdpa", [False, True], ids=["attention-spelled-out", "sdpa"])
+@pytest.mark.parametrize("policy", ["swap", "recompute", 0.5])
+def test_saved_tensors_that_die_without_backward_cancel_their_tickets(policy, sdpa):
+    # A forward whose loss is dropped (a training loop skipping a non-finite loss; validation
+    # with autograd on) returns every ticket (their pinned host memory) when the graph dies, by
+    # reference counting alone: the collector of cycles may not run for a long time. Under
+    # token-wise recompute each layer's attention state and its node formed a cycle that only
+    # the collector freed, one layer per full collection (before 2026-11-23), and the attention
+    # core's node another, through its saved tensors, which it never freed.
+    model, batch = make_model(sdpa=sdpa), tokens()
     backend = RecordingBackend()
-    with stitchalloc.offload(model, policy="swap", backend=backend) as off:
-        loss = model.loss(batch)
-        issued = sum(1 for e in backend.log if e[0] == "offload")
-        assert issued > 0 and len(backend.live) == issued
-        del loss
-        gc.collect()
-    assert backend.live == {}
-    assert sum(1 for e in backend.log if e[0] == "cancel") == issued
-    assert off.stats()["cancelled"] == issued
+    gc.collect()
+    gc.disable()
+    try:
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            loss = model.loss(batch)
+            issued = sum(1 for e in backend.log if e[0] == "offload")
+            assert issued > 0 and len(backend.live) == issued
+            del loss
+            assert backend.live == {}
+            # A backward that stops above the first layer: the layers below die unused.
+            top = list(model.layers[-1].parameters())
+            torch.autograd.grad(model.loss(batch), top)
+            assert backend.live == {}
+    finally:
+        gc.enable()
+    assert sum(1 for e in backend.log if e[0] == "cancel") == off.stats()["cancelled"] >= issued
+    assert off.stats()["cancelled"] + off.stats()["waited"] == off.stats()["offloaded"]
 
 
 def test_in_place_change_after_saving_is_an_error_not_a_wrong_gradient():
@@ -1111,6 +1127,43 @@ def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message
             run()
     with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
         assert torch.equal(run(), ref)
+
+
+@pytest.mark.parametrize("stop", ["frozen-lower-layers", "grad-of-the-top-layers"])
+def test_a_backward_that_stops_above_the_first_layer(stop):
+    # The iteration used to end only when the backward reached the first layer. Fine-tuning the
+    # top layers (embeddings and lower layers frozen) or torch.autograd.grad for some parameters
+    # stops above it: "auto" then measured forever and never planned. A forward after a backward
+    # now ends the iteration too. Gradients as without offload; every ticket used or cancelled.
+    model, batch = make_model(layers=4, sdpa=True), tokens()
+    top = [p for layer in model.layers[2:] for p in layer.parameters()]
+    if stop == "frozen-lower-layers":
+        model.embed_tokens.requires_grad_(False)
+        for layer in model.layers[:2]:
+            layer.requires_grad_(False)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        if stop == "frozen-lower-layers":
+            loss.backward()
+            return [p.grad.clone() for p in top]
+        return list(torch.autograd.grad(loss, top))
+
+    ref = step()
+    backend = RecordingBackend(bandwidth=1e3)
+    with stitchalloc.offload(model, policy="auto", backend=backend) as off:
+        got = step()
+        assert off.alpha is None and off.stats()["iterations"] == 0  # the backward never reached layer 0
+        again = step()
+        assert off.alpha == 0.0 and off.stats()["iterations"] == 1  # planned when the second forward began
+        assert off.measured["other"] > 1.0  # what the MLP block saves, counted by the recomputes
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+    gc.collect()
+    assert backend.live == {}
+    assert [e for e in backend.log if e[0] == "begin"] == [("begin", 4)] * 2
 
 
 class Adapted(torch.nn.Module):
