@@ -202,8 +202,8 @@ class Offload:
                                                      else float(policy))
         self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
                        and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
-        # (layer, norm) -> what the norm returned where it applied its token-wise block, until the
-        # block's callee (mlp, self_attn) gets it
+        # (layer, norm) -> (what the norm returned, whether it applied its token-wise block), in a
+        # layer's forward under our hooks, until the block's callee (mlp, self_attn) gets it
         self._norm_outputs = {}
         self._ours = set()  # the forwards offload put on modules (_why_whole)
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
@@ -453,9 +453,9 @@ class Offload:
             block was applied but whose output never reached the block's callee."""
             me._in_layer = None
             me._layer_param_storages = frozenset()
-            unused = [norm for (j, norm) in list(me._norm_outputs) if j == i]
-            for norm in unused:
-                del me._norm_outputs[i, norm]
+            unused = [norm for (j, norm) in list(me._norm_outputs) if j == i and me._norm_outputs[j, norm][1]]
+            for key in [key for key in me._norm_outputs if key[0] == i]:
+                del me._norm_outputs[key]
             return unused
 
         def end(me, start, out):
@@ -654,20 +654,28 @@ def _wired(me, i, layer, norm, t, callee=None, applied=False):
     """The token-wise blocks run ``callee``(``norm``(...)) (mlp, self_attn) as one block, applied
     when layer i calls ``norm``; that is only right if the layer then calls ``callee`` on exactly
     what ``norm`` returned. Without ``callee``: ``norm`` returned ``t``, the block ``applied`` or
-    not. With it: ``callee`` got ``t``; returns whether the block was applied, and fails with the
-    reason if it was and ``t`` is something else (the split would compute another function)."""
+    not (run as it is). With it: ``callee`` got ``t``; returns whether the block was applied, and
+    fails with the reason if it was and ``t`` is something else (the split would compute another
+    function), or if the layer, running token-wise, calls mlp without post_attention_layernorm
+    before it: mlp may then get input_layernorm's output, which is x itself while the attention
+    block is replayed (a parallel block, mlp and self_attn on one norm)."""
     if me is None:
         return False
     if callee is None:
-        if applied:
-            me._norm_outputs[i, norm] = t
-        else:
-            me._norm_outputs.pop((i, norm), None)
+        if me._in_layer == i:
+            me._norm_outputs[i, norm] = (t, applied)
         return applied
     entry = me._norm_outputs.pop((i, norm), None)
     if entry is None:
+        if callee == "mlp" and me._in_layer == i:
+            raise RuntimeError(
+                f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp without {norm} before it, so "
+                "it may get input_layernorm's output, which is the layer input itself while the attention block "
+                "is recomputed token-wise; use policy='swap'")
         return False
-    if t is not entry:
+    if not entry[1]:
+        return False
+    if t is not entry[0]:
         raise RuntimeError(
             f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
             f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "

@@ -1102,10 +1102,21 @@ class UnnormedAttentionLayer(NormedAttentionOutputLayer):
         return h + self.mlp(self.post_attention_layernorm(self.input_layernorm(h)))
 
 
+class ParallelLayer(NormedAttentionOutputLayer):
+    """Llama's names in a parallel block: self_attn and mlp both on input_layernorm's output
+    (post_attention_layernorm unused). While the attention block is replayed that output is x
+    itself: the mlp would get x unnormed."""
+
+    def forward(self, x):
+        h = self.input_layernorm(x)
+        return x + self.self_attn(h) + self.mlp(h)
+
+
 @pytest.mark.parametrize("layer_class, message", [
     (NormedAttentionOutputLayer, "calls mlp on something other than post_attention_layernorm"),
     (UnnormedAttentionLayer, "calls input_layernorm but not self_attn on its output"),
-], ids=["mlp-on-another-norm", "attention-on-the-raw-input"])
+    (ParallelLayer, "calls mlp without post_attention_layernorm before it"),
+], ids=["mlp-on-another-norm", "attention-on-the-raw-input", "parallel-block"])
 def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message):
     # A layer of an unknown family with Llama's names: the token-wise split would compute another
     # function (silently, before 2026-11-23). The layer's calls show it: mlp gets what ffn_norm
