@@ -275,7 +275,12 @@ class Offload:
         torch = self._torch
 
         def pack(t):
-            if not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter):
+            # A parameter, or a view of one (a weight's transpose, which a linear layer saves):
+            # FSDP2's gathered parameters among them, also those a module sharded on its own
+            # gathers after the layer's forward began (whose storage FSDP2 frees after that
+            # module's forward, so a copy of it would read nothing).
+            if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
+                    or isinstance(t._base, torch.nn.Parameter)):
                 return t
             storage = t.untyped_storage()
             ptr = storage.data_ptr()

@@ -768,6 +768,49 @@ def test_fsdp2_sharded_layers(one_process_group, policy):
     assert backend.live == {}
 
 
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
+    # fully_shard on mlp and self_attn as well as on the layers: those modules' gathered
+    # parameters appear after the layer's forward began, and FSDP2 frees them when the module's
+    # forward ends. Views of them (a weight's transpose) were swapped, and the copy read an empty
+    # storage ("setStorage: ... out of bounds for storage of size 0", before 2026-11-23). A view
+    # of a parameter is never swapped. Token-wise, the blocks run as they are: FSDP2's pre-hook
+    # on mlp or self_attn must gather before the block runs.
+    from torch.distributed.fsdp import fully_shard
+
+    batch = tokens()
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        logits = model(batch[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+        return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
+
+    ref = step(make_model(layers=3))
+    sharded = make_model(layers=3)
+    for layer in sharded.layers:
+        fully_shard(layer.mlp, mesh=one_process_group)
+        fully_shard(layer.self_attn, mesh=one_process_group)
+        fully_shard(layer, mesh=one_process_group)
+    fully_shard(sharded, mesh=one_process_group)
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(sharded, policy=policy, backend=backend) as off:
+            got = step(sharded)
+            again = step(sharded)
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
+    if policy == "swap":
+        assert off.stats()["blocks_run_whole"] == 0 and not whole
+    else:
+        assert off.stats()["blocks_run_whole"] == 2 * 3 * 2
+        assert len(whole) == 2 and all("forward pre hook (torch.distributed" in m for m in whole)
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
