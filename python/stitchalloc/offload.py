@@ -705,7 +705,7 @@ def _why_whole(torch, top, ours):
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
     hooks. A hook that keeps a tensor it computed itself from what it saw is not detected."""
     for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
-        if not _harmless(hook):
+        if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
     for owner in top:
         for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
@@ -716,11 +716,12 @@ def _why_whole(torch, top, ours):
         for module in owner.modules():
             if module is not owner:
                 for hook in module._forward_hooks.values():
-                    if not _harmless(hook):
-                        key = _recording(hook)
-                        return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
-                                if isinstance(key, str) else
-                                f"{type(module).__name__} has a forward hook ({_hook_name(hook)})")
+                    key = _recording(hook)
+                    if key is False or _torch_own(hook):
+                        continue
+                    return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
+                            if isinstance(key, str) else
+                            f"{type(module).__name__} has a forward hook ({_hook_name(hook)})")
             forward = module.__dict__.get("forward")
             if forward is not None and forward not in ours and not _accelerate_hooked(module):
                 return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"
@@ -741,11 +742,11 @@ def _recording(hook):
     return key if collector is not None and key in collector else False
 
 
-def _harmless(hook):
-    """A forward hook that keeps nothing it sees: torch's own, or a transformers recorder at rest."""
+def _torch_own(hook):
+    """A hook of torch's own (FSDP2's, the module tracker's): it keeps nothing it sees."""
     target = getattr(hook, "func", hook)  # functools.partial
     module = getattr(target, "__module__", None) or ""
-    return module == "torch" or module.startswith("torch.") or _recording(hook) is False
+    return module == "torch" or module.startswith("torch.")
 
 
 def _accelerate_hooked(module):

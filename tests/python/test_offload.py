@@ -7,6 +7,7 @@ manager itself runs through torch.ops.stitchalloc on the host driver (subprocess
 byte-exact, the kept last layer, cancel, statistics and errors.
 """
 
+import functools
 import gc
 import os
 import sys
@@ -730,6 +731,14 @@ def one_process_group(tmp_path):
         dist.destroy_process_group()
 
 
+def fsdp_step(model, batch):
+    """One training step through Module.__call__ (where FSDP2's hooks run); the full gradients."""
+    model.zero_grad(set_to_none=True)
+    logits = model(batch[:, :-1])
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
+    return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
 def test_fsdp2_sharded_layers(one_process_group, policy):
     # FSDP2 (fully_shard): parameters are DTensors (offload() failed reading their storage), each
@@ -740,12 +749,7 @@ def test_fsdp2_sharded_layers(one_process_group, policy):
     from torch.distributed.fsdp import fully_shard
 
     batch = tokens()
-
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        logits = model(batch[:, :-1])  # through Module.__call__, where FSDP2's hooks run
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
-        return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
+    step = functools.partial(fsdp_step, batch=batch)
 
     plain = make_model(layers=3)
     ref = step(plain)
@@ -779,12 +783,7 @@ def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
     from torch.distributed.fsdp import fully_shard
 
     batch = tokens()
-
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        logits = model(batch[:, :-1])
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
-        return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
+    step = functools.partial(fsdp_step, batch=batch)
 
     ref = step(make_model(layers=3))
     sharded = make_model(layers=3)
