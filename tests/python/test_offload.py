@@ -7,7 +7,6 @@ manager itself runs through torch.ops.stitchalloc on the host driver (subprocess
 byte-exact, the kept last layer, cancel, statistics and errors.
 """
 
-import functools
 import gc
 import os
 import sys
@@ -739,6 +738,25 @@ def fsdp_step(model, batch):
     return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()]
 
 
+def fsdp_steps_match(mesh, policy, backend, batch, ref, blocks):
+    """A 3-layer model under FSDP2 (each layer, with ``blocks`` its mlp and self_attn too, then the
+    model) and offload: two steps, each with the gradients ``ref``, the second bitwise equal."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = make_model(layers=3)
+    for layer in sharded.layers:
+        for module in ((layer.mlp, layer.self_attn) if blocks else ()) + (layer,):
+            fully_shard(module, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    with stitchalloc.offload(sharded, policy=policy, backend=backend) as off:
+        got = fsdp_step(sharded, batch)
+        again = fsdp_step(sharded, batch)
+    for a, b, c in zip(ref, got, again):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert torch.equal(b, c)
+    return off
+
+
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
 def test_fsdp2_sharded_layers(one_process_group, policy):
     # FSDP2 (fully_shard): parameters are DTensors (offload() failed reading their storage), each
@@ -746,27 +764,14 @@ def test_fsdp2_sharded_layers(one_process_group, policy):
     # (a weight's transpose) are saved. They are not swapped, and the token-wise blocks take the
     # gathered parameters of the call, not those of the time offload() wrapped them (whose
     # gradients then never came).
-    from torch.distributed.fsdp import fully_shard
-
     batch = tokens()
-    step = functools.partial(fsdp_step, batch=batch)
-
     plain = make_model(layers=3)
-    ref = step(plain)
+    ref = fsdp_step(plain, batch)
     expected = RecordingBackend()
     with stitchalloc.offload(plain, policy=policy, backend=expected):
-        step(plain)
-    sharded = make_model(layers=3)
-    for layer in sharded.layers:
-        fully_shard(layer, mesh=one_process_group)
-    fully_shard(sharded, mesh=one_process_group)
+        fsdp_step(plain, batch)
     backend = RecordingBackend()
-    with stitchalloc.offload(sharded, policy=policy, backend=backend) as off:
-        got = step(sharded)
-        again = step(sharded)
-    for a, b, c in zip(ref, got, again):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        assert torch.equal(b, c)
+    off = fsdp_steps_match(one_process_group, policy, backend, batch, ref, blocks=False)
     assert off.stats()["offloaded"] == 2 * sum(1 for e in expected.log if e[0] == "offload")
     assert backend.bytes_out == 2 * expected.bytes_out  # the same tensors as without FSDP, no parameter
     assert backend.live == {}
@@ -780,27 +785,12 @@ def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
     # storage ("setStorage: ... out of bounds for storage of size 0", before 2026-11-23). A view
     # of a parameter is never swapped. Token-wise, the blocks run as they are: FSDP2's pre-hook
     # on mlp or self_attn must gather before the block runs.
-    from torch.distributed.fsdp import fully_shard
-
     batch = tokens()
-    step = functools.partial(fsdp_step, batch=batch)
-
-    ref = step(make_model(layers=3))
-    sharded = make_model(layers=3)
-    for layer in sharded.layers:
-        fully_shard(layer.mlp, mesh=one_process_group)
-        fully_shard(layer.self_attn, mesh=one_process_group)
-        fully_shard(layer, mesh=one_process_group)
-    fully_shard(sharded, mesh=one_process_group)
+    ref = fsdp_step(make_model(layers=3), batch)
     backend = RecordingBackend()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with stitchalloc.offload(sharded, policy=policy, backend=backend) as off:
-            got = step(sharded)
-            again = step(sharded)
-    for a, b, c in zip(ref, got, again):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        assert torch.equal(b, c)
+        off = fsdp_steps_match(one_process_group, policy, backend, batch, ref, blocks=True)
     whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
     if policy == "swap":
         assert off.stats()["blocks_run_whole"] == 0 and not whole
