@@ -232,7 +232,7 @@ TEST(TorchPlugin, HistoryEntriesCarryUserMetadataCompileContextAndAnnotations) {
   ASSERT_EQ(trace.size(), by_the_other + 2);  // q's two free entries
   for (size_t i = 0; i < trace.size(); ++i) {
     EXPECT_EQ(trace[i].user_metadata_, i < by_this_thread ? "{\"phase\":\"forward\"}" : "") << "entry " << i;
-    EXPECT_EQ(trace[i].compile_context_, "");
+    EXPECT_EQ(trace[i].compile_context_, "N/A");  // PyTorch's word for outside any compiled region
   }
   EXPECT_EQ(tracked.size(), trace.size());
   EXPECT_EQ(tracked[1].user_metadata_, "{\"phase\":\"forward\"}");  // trackers hear the same
@@ -255,7 +255,7 @@ TEST(TorchPlugin, HistoryEntriesCarryUserMetadataCompileContextAndAnnotations) {
   const std::vector<std::pair<int, std::string>> want = {
       {cda::TraceEntry::ALLOC, outer},          {cda::TraceEntry::FREE_REQUESTED, inner},
       {cda::TraceEntry::FREE_COMPLETED, inner}, {cda::TraceEntry::ALLOC, outer},
-      {cda::TraceEntry::FREE_REQUESTED, ""},    {cda::TraceEntry::FREE_COMPLETED, ""}};
+      {cda::TraceEntry::FREE_REQUESTED, "N/A"}, {cda::TraceEntry::FREE_COMPLETED, "N/A"}};
   EXPECT_EQ(regions, want);
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)

@@ -793,7 +793,7 @@ class TorchAllocator final : public cca::CUDAAllocator {
                           c10::MempoolId_t{static_cast<c10::CaptureId_t>(pool.first),
                                            static_cast<c10::CaptureId_t>(pool.second)},
                           c10::getApproximateTime(), g.in_trace ? context : nullptr,
-                          t_compile_context.empty() ? std::string() : t_compile_context.back(),
+                          t_compile_context.empty() ? std::string("N/A") : t_compile_context.back(),
                           metadata != nullptr ? *metadata : t_user_metadata);
     std::vector<cda::AllocatorTraceTracker> trackers;
     {
