@@ -446,9 +446,13 @@ def test_recompute_runs_under_the_forwards_autocast(policy, sdpa):
         assert not torch.is_autocast_enabled("cpu")  # the forward's setting did not leak
     assert off.stats()["waited"] > 0
     assert torch.equal(loss, ref_loss)
-    # Alpha 0 recomputes every token in the forward's shapes: float32 rounding only. Alpha 0.5
+    # Alpha 0 recomputes every token in the forward's shapes: on this project's CI machine float32
+    # rounding only, but on the GPU machine's CPU of 2026-11-24 (torch 2.11, 16 threads) the sdpa
+    # case differed by up to 1.7e-3 of the largest gradient (bf16 rounding in some product). 5e-3
+    # still fails a recompute in float32: 1.4% of the largest gradient off spelled out, mixed
+    # dtypes with sdpa (checked 2026-11-24 by disabling the recompute's autocast). Alpha 0.5
     # multiplies half the tokens at a time: bf16 rounding of other partial products.
-    rtol = 1e-5 if policy == "recompute" else 2e-2
+    rtol = 5e-3 if policy == "recompute" else 2e-2
     for a, b in zip(ref, got):
         assert b.dtype == a.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * a.abs().max().item())
@@ -1048,7 +1052,10 @@ def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
     # offload swaps what the checkpoint keeps, the layer input. Under "auto" (the default) and
     # non-reentrant checkpointing this failed the checkpoint's metadata check before 2026-11-23.
     model = transformers_model("llama", 2).float()
-    model.activation_checkpointing_enable({"use_reentrant": reentrant})  # gradient_checkpointing_enable before 5.x
+    # transformers 5.23 renamed gradient_checkpointing_enable (the GPU machine's older release has
+    # only the old name); the first argument is the checkpoint's keyword arguments in both.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})
     ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
 
     def grads():
