@@ -10,7 +10,6 @@ recorded as "error: ..." under its name instead of stopping the job.
 
 import argparse
 import json
-import os
 import traceback
 
 p = argparse.ArgumentParser()

@@ -144,7 +144,10 @@ def _memcheck(way, uncached):
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     r = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", sys.executable, OOB_JOB,
                         "--way", way], env=env, capture_output=True, text=True, timeout=900)
-    return r.returncode, "Invalid __global__ read" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    errors = [line for line in out.splitlines() if line.startswith("========= ") and "ERROR SUMMARY" not in line]
+    print(f"\n{way}, uncached={uncached}: memcheck exit {r.returncode}; its report:\n" + "\n".join(errors[:40]))
+    return r.returncode, "Invalid __global__ read" in out
 
 
 @pytest.mark.skipif(not any(os.access(os.path.join(d, "compute-sanitizer"), os.X_OK)
