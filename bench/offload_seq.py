@@ -7,6 +7,10 @@ One probe (one process: an OOM leaves nothing behind):
 prints one JSON line: ok, oom, seconds per step, tokens/s, MFU, peak reserved / allocated, and for
 offload the copy engine's busy seconds per step. offload-nocopy runs the same hooks and recompute
 with every saved tensor left in place (bench/offload_backends.py; no stitchalloc needed).
+native-stitchalloc and checkpoint-stitchalloc are native and checkpoint with stitchalloc.install()
+(--conf) as the allocator and no offload: what stitching alone changes (on 2026-11-24 PyTorch's
+allocator ran checkpoint's first step at 389,120 tokens and then ran out of memory with
+15.21 GiB reserved but unallocated).
 
 The search (doubling, then bisection to --resolution tokens, one process per probe), then tokens/s
 and MFU at each mode's longest length and, for offload, at checkpoint's longest length, and the
@@ -37,7 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def args_parser():
     p = argparse.ArgumentParser()
     p.add_argument("command", choices=["probe", "search", "hiding"])
-    p.add_argument("--mode", default="native", choices=["native", "checkpoint", "offload", "offload-nocopy"])
+    p.add_argument("--mode", default="native", choices=["native", "checkpoint", "offload", "offload-nocopy",
+                                                        "native-stitchalloc", "checkpoint-stitchalloc"])
     p.add_argument("--modes", default="native,checkpoint,offload")
     p.add_argument("--policy", default="auto", help="offload policy: auto, swap, recompute or an alpha")
     p.add_argument("--seq", type=int, default=4096)
@@ -67,7 +72,10 @@ def args_parser():
 
 
 def probe(a):
-    if a.mode == "offload":
+    base = a.mode.removesuffix("-stitchalloc")  # native or checkpoint under stitchalloc's allocator
+    if a.mode == "offload" or base != a.mode:
+        if a.device != "cuda":
+            sys.exit(f"offload_seq: --mode {a.mode} needs --device cuda (stitchalloc allocates CUDA memory)")
         import stitchalloc
 
         stitchalloc.install(a.conf)
@@ -84,7 +92,7 @@ def probe(a):
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     handle = None
-    if a.mode == "checkpoint":
+    if base == "checkpoint":
         model.checkpoint_layers()
     elif a.mode in ("offload", "offload-nocopy"):
         import stitchalloc

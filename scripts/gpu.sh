@@ -218,7 +218,8 @@ phase_offload() {
 phase_probes() {
   use_kit
   # Single lengths instead of a search (a step at 300k+ tokens takes a minute or more):
-  # PROBES="native:47104 checkpoint:389120 offload:196608 hiding:32768", each one process of
+  # PROBES="native:47104 checkpoint:389120 offload:196608 hiding:32768" (also checkpoint-stitchalloc
+  # and native-stitchalloc: stitchalloc's allocator without offload), each one process of
   # bench/offload_seq.py with one timed step after the warm-up; PROBE_ARGS adds arguments to all
   # (e.g. "--conf swap_host_limit_mb:110000", or "--steps 0": the warm-up step only, whether the
   # length fits), PROBE_TIMEOUT bounds each (seconds, default 300).

@@ -1701,6 +1701,10 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     probe = json.loads(r.stdout.strip().splitlines()[-1])
     assert probe["ok"] and probe["first_step_seconds"] > 0 and "tokens_per_second" not in probe
     assert probe["recompute_chunk"] == 16
+    # The modes that install stitchalloc need a CUDA device and say so.
+    r = subprocess.run([sys.executable, bench, "probe", "--device", "cpu", "--mode", "checkpoint-stitchalloc"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "needs --device cuda" in r.stderr
 
 
 def test_token_wise_recompute_never_runs_the_attention_core_again():
