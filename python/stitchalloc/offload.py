@@ -234,6 +234,7 @@ class Offload:
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
+        self._removed = False  # remove() ran: the forwards wrapped pass every call through
         self._unpack_hook = _eager(torch, self._unpack)
         self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0,
                                                                "local_layers": 0, "times": [], "layers": 0}
@@ -259,9 +260,30 @@ class Offload:
                 "cancelled": self._cancelled, "alpha": self._alpha, "blocks_run_whole": self._run_whole}
 
     def remove(self):
+        """Undoes the wrapping: each forward this Offload replaced gets back what was there before
+        (an instance attribute of its own, such as accelerate's hook, included). Where someone
+        wrapped a forward after offload did, their wrapper stays (popping it would undo their
+        change); the wrapper of offload's under it passes every call through from now on. A
+        graph already recorded still swaps back and recomputes in its backward."""
+        self._removed = True
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+    def _replace_forward(self, module, forward):
+        """module.forward = forward, with its undo (see remove)."""
+        before = module.__dict__.get("forward", _MISSING)
+        module.forward = forward
+
+        def undo():
+            if module.__dict__.get("forward") is not forward:
+                return  # wrapped again since: see remove()
+            if before is _MISSING:
+                del module.__dict__["forward"]
+            else:
+                module.forward = before
+
+        self._undo.append(undo)
 
     def __enter__(self):
         return self
@@ -423,7 +445,8 @@ class Offload:
         torch = self._torch
         original = layer.forward
         pack = self._pack(i)
-        owner = weakref.ref(self)
+        owner = weakref.ref(self)  # in the backward (a graph recorded before remove() included)
+        live = _live_ref(self)  # in the forward: None once removed
         llama = self._llama[i]
         checkpoint_whole = self._alpha == 0.0 and not llama
 
@@ -439,7 +462,7 @@ class Offload:
 
         def begin(args):
             """Whether this call is offloaded (then the Offload and the measure's start time)."""
-            me = owner()
+            me = live()
             if me is None or not torch.is_grad_enabled() or _in_backward(torch):
                 # In a backward: the layer's forward recomputed by a torch.utils.checkpoint the
                 # model runs it under (reentrant). What it saves is used by this backward at once.
@@ -507,15 +530,14 @@ class Offload:
                 raise
             return end(me, start, out)
 
-        layer.forward = _eager(torch, forward, recursive=False)
-        self._undo.append(lambda: layer.__dict__.pop("forward", None))
+        self._replace_forward(layer, _eager(torch, forward, recursive=False))
 
     def _wrap_token_local(self, i, layer, pack):
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
         torch = self._torch
         norm, mlp = layer.post_attention_layernorm, layer.mlp
         norm_forward, mlp_forward = norm.forward, mlp.forward
-        owner = weakref.ref(self)
+        owner = _live_ref(self)
 
         def params():
             # Read at each call: FSDP2 puts its unsharded parameters on the modules for the
@@ -572,10 +594,8 @@ class Offload:
                                            me._recompute_chunk, rest, *params()))
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
-        norm.forward = self._own(_eager(torch, fused))
-        mlp.forward = self._own(_eager(torch, mlp_applied))
-        self._undo.append(lambda: norm.__dict__.pop("forward", None))
-        self._undo.append(lambda: mlp.__dict__.pop("forward", None))
+        self._replace_forward(norm, self._own(_eager(torch, fused)))
+        self._replace_forward(mlp, self._own(_eager(torch, mlp_applied)))
 
     _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")  # transformers' names, by version
 
@@ -600,7 +620,7 @@ class Offload:
         torch = self._torch
         norm, attn = layer.input_layernorm, layer.self_attn
         norm_forward, attn_forward = norm.forward, attn.forward
-        owner = weakref.ref(self)
+        owner = _live_ref(self)
 
         def params():
             return (*norm.parameters(), *attn.parameters())  # read at each call, as above
@@ -649,10 +669,8 @@ class Offload:
             me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 
-        norm.forward = self._own(_eager(torch, normed))
-        attn.forward = self._own(_eager(torch, forward))
-        self._undo.append(lambda: norm.__dict__.pop("forward", None))
-        self._undo.append(lambda: attn.__dict__.pop("forward", None))
+        self._replace_forward(norm, self._own(_eager(torch, normed)))
+        self._replace_forward(attn, self._own(_eager(torch, forward)))
 
 
 def _wired(me, i, layer, norm, t, callee=None, applied=False):
@@ -770,6 +788,22 @@ def _storage_address(t):
         return t.untyped_storage().data_ptr()
     except RuntimeError:
         return None
+
+
+_MISSING = object()
+
+
+def _live_ref(offload):
+    """A weak reference to ``offload`` that also answers None once offload.remove() ran: what the
+    wrapped forwards hold, so that a removed Offload's wrappers, still called through a wrapper
+    someone put on top of them, run the module as it is."""
+    ref = weakref.ref(offload)
+
+    def live():
+        me = ref()
+        return None if me is None or me._removed else me
+
+    return live
 
 
 def _eager(torch, fn, recursive=True):

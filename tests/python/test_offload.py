@@ -266,6 +266,47 @@ def test_remove_restores_the_model_and_state_dict_never_changes():
     assert backend.log == []  # nothing is saved without autograd
 
 
+def test_remove_gives_back_forwards_of_others():
+    # accelerate and similar libraries put a forward of their own on the instance (accelerate's
+    # add_hook_to_module): remove() restores it rather than deleting it. A wrapper someone puts
+    # on after offload stays after remove() (deleting it would undo their change), and offload's
+    # wrapper under it runs the module as it is from then on.
+    model, batch = make_model(layers=2), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    layer = model.layers[0]
+    calls = []
+
+    def theirs(module):
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            calls.append(type(module).__name__)
+            return inner(*args, **kwargs)
+
+        return forward
+
+    before = {m: theirs(m) for m in (layer, layer.mlp, layer.self_attn, layer.input_layernorm)}
+    for m, f in before.items():
+        m.forward = f
+    backend = RecordingBackend()
+    off = stitchalloc.offload(model, policy=0.5, backend=backend)
+    later = theirs(layer.post_attention_layernorm)
+    layer.post_attention_layernorm.forward = later
+    off.remove()
+    for m, f in before.items():
+        assert m.__dict__["forward"] is f
+    assert layer.post_attention_layernorm.__dict__["forward"] is later
+    assert "forward" not in model.layers[1].post_attention_layernorm.__dict__
+    del calls[:]
+    backend.log.clear()
+    loss, got = grads_of(model, batch)
+    assert backend.log == []  # nothing swapped: offload's wrapper under `later` passes through
+    assert sorted(calls) == sorted(["DecoderLayer", "MLP", "Attention", "RMSNorm", "RMSNorm"]), calls
+    assert torch.equal(loss, ref_loss)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
 def test_auto_measures_one_iteration_then_plans_alpha():
     model, batch = make_model(), tokens(seq=65)
     ref_loss, ref = grads_of(model, batch)
