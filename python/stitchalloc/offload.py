@@ -335,11 +335,8 @@ class Offload:
         if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return False
         if not self._warned_capture:
-            import warnings
-
-            warnings.warn("stitchalloc.offload: a CUDA graph is being captured; the tensors it saves for backward "
-                          "stay on the device (offload's copies and schedule cannot be replayed by a graph)",
-                          stacklevel=3)
+            _warn(torch, "stitchalloc.offload: a CUDA graph is being captured; the tensors it saves for backward "
+                  "stay on the device (offload's copies and schedule cannot be replayed by a graph)")
             self._warned_capture = True
         return True
 
@@ -426,13 +423,10 @@ class Offload:
             return False
         self._run_whole += 1
         if reason not in self._warned_whole:
-            import warnings
-
             self._warned_whole.add(reason)
-            warnings.warn(f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors swapped, "
-                          f"none recomputed) while {reason}: token-wise, it would run without autograd in the "
-                          "forward, so a tensor kept from inside it would have no gradient, or a hook would see "
-                          "another module's tensors", stacklevel=4)
+            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors swapped, "
+                  f"none recomputed) while {reason}: token-wise, it would run without autograd in the forward, so a "
+                  "tensor kept from inside it would have no gradient, or a hook would see another module's tensors")
         return True
 
     def _count_local(self, nbytes):
@@ -607,11 +601,9 @@ class Offload:
         if not names:
             return kwargs
         if not self._warned_cache:
-            import warnings
-
-            warnings.warn("stitchalloc.offload: the attention blocks are recomputed in the backward, so they run "
-                          "without the KV cache (as under gradient checkpointing); the cache the model returns lacks "
-                          "these layers. Pass use_cache=False to the model to silence this.", stacklevel=4)
+            _warn(self._torch, "stitchalloc.offload: the attention blocks are recomputed in the backward, so they run "
+                  "without the KV cache (as under gradient checkpointing); the cache the model returns lacks these "
+                  "layers. Pass use_cache=False to the model to silence this.")
             self._warned_cache = True
         return {k: (None if k in names else v) for k, v in kwargs.items()}
 
@@ -791,6 +783,20 @@ def _storage_address(t):
 
 
 _MISSING = object()
+
+
+def _warn(torch, message):
+    """A UserWarning attributed to the first caller outside stitchalloc and torch: the model line
+    that called the layer, not a frame of offload's wrappers or of torch.compiler.disable's (the
+    location a fixed stacklevel gave). skip_file_prefixes does this from Python 3.12 on."""
+    import sys
+    import warnings
+
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__name__], torch))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _live_ref(offload):

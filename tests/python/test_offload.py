@@ -114,6 +114,8 @@ def test_nothing_is_offloaded_while_a_cuda_graph_is_captured(monkeypatch):
             loss, got = grads_of(model, batch)
             grads_of(model, batch)
     assert sum("CUDA graph" in str(w.message) for w in warned) == 1
+    # Attributed to the model's line that saved the tensor, not to offload's or torch's frames.
+    assert [os.path.basename(w.filename) for w in warned if "CUDA graph" in str(w.message)] == ["tiny_llama.py"]
     assert off.offloaded == 0
     assert not [e for e in backend.log if e[0] in ("offload", "begin", "wait")]
     assert torch.equal(loss, ref_loss)
@@ -1433,7 +1435,7 @@ def test_hooks_on_the_modules_a_block_is_called_through(policy):
     expected, seen = seen, {}
     backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha < 1: its blocks split too
     with stitchalloc.offload(model, policy=policy, backend=backend) as off:
-        with pytest.warns(UserWarning, match="runs as it is"):
+        with pytest.warns(UserWarning, match="runs as it is") as record:
             for _ in range(2):
                 loss, got = grads_of(model, batch)
                 torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
@@ -1445,6 +1447,7 @@ def test_hooks_on_the_modules_a_block_is_called_through(policy):
                         torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
                 seen = {}
         assert off.stats()["blocks_run_whole"] == 2 * 3 * 2
+        assert {os.path.basename(w.filename) for w in record if "runs as it is" in str(w.message)} == {"tiny_llama.py"}
         with torch.no_grad():
             assert torch.equal(model.loss(batch), ref_loss.detach())
         seen = {}
@@ -1486,6 +1489,10 @@ def test_transformers_kv_cache_is_turned_off_with_one_warning():
             loss.backward()
             model(input_ids=ids, labels=ids).loss.backward()
     assert sum("KV cache" in str(w.message) for w in record) == 1
+    # Attributed to transformers' line that called the layer (first caller outside stitchalloc
+    # and torch).
+    where = [w.filename for w in record if "KV cache" in str(w.message)][0]
+    assert os.sep + "transformers" + os.sep in where, where
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
 
 
