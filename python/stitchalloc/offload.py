@@ -213,6 +213,12 @@ class Offload:
         self._token_wise = policy == "auto" or self._alpha < 1.0
         self._in_layer = None  # the layer whose forward runs under our hooks
         self._backward_seen = False  # a layer's backward began since the iteration's last one ended
+        # Offloaded layer calls of this iteration (any layer; the first layer's), and the first
+        # layer's backwards begun: the iteration ends when the last of those backwards begins (a
+        # layer called twice per forward, two forwards before one backward: one iteration).
+        self._forwards = 0
+        self._forwards0 = 0
+        self._backwards0 = 0
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         self._warned_cache = False
         self._warned_capture = False
@@ -365,13 +371,17 @@ class Offload:
             self._backend.backward_begin(layer, device)
         self._backward_seen = True
         if layer == 0:
-            self._iteration_done()
+            self._backwards0 += 1
+            if 0 < self._forwards0 <= self._backwards0:
+                self._iteration_done()
 
     def _iteration_done(self):
-        """The iteration's backward reached the first layer, or a backward ran and a forward
-        starts again (a backward that stops above the first layer: the layers below frozen, with
-        frozen embeddings; torch.autograd.grad for some parameters)."""
+        """The iteration's backward reached the first layer as often as its forward called it, or
+        a backward ran and a forward starts again (a backward that stops above the first layer:
+        the layers below frozen, with frozen embeddings; torch.autograd.grad for some
+        parameters)."""
         self._backward_seen = False
+        self._forwards = self._forwards0 = self._backwards0 = 0
         self.iterations += 1
         device = self._devices[0] if self._devices else 0
         self._devices = []
@@ -462,7 +472,13 @@ class Offload:
                 # model runs it under (reentrant). What it saves is used by this backward at once.
                 return None
             if me._backward_seen:
-                me._iteration_done()
+                if me._forwards:
+                    me._iteration_done()
+                else:  # the backward was another one through a graph whose iteration ended (retain_graph)
+                    me._backward_seen = False
+            me._forwards += 1
+            if i == 0:
+                me._forwards0 += 1
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()

@@ -604,6 +604,38 @@ def test_graphs_used_twice(step, policy, sdpa):
         assert torch.equal(b, c)
     assert backend.live == {}
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0
+    assert off.stats()["iterations"] == 2  # one per step: not one per backward, nor per forward
+
+
+class Looped(tiny_llama.TinyLlama):
+    """Weights shared across depth: every layer applied twice per forward (as in ALBERT or a
+    looped transformer)."""
+
+    def hidden(self, tokens):
+        x = self.embed_tokens(tokens)
+        for _ in range(2):
+            for layer in self.layers:
+                x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5, "auto"])
+def test_layers_called_twice_per_forward(policy):
+    # Each layer's backward begins twice per step: one iteration is still one step (it was
+    # two, and "auto" planned in the middle of the first backward).
+    torch.manual_seed(0)
+    model, batch = Looped(layers=3).double(), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha 0: copies cannot hide
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        for step in range(2):
+            loss, got = grads_of(model, batch)
+            assert off.stats()["iterations"] == step + 1
+            assert off.alpha is not None  # "auto": planned at the end of the first step's backward
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert backend.live == {} and off.stats()["waited"] == off.stats()["offloaded"] > 0
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
