@@ -434,9 +434,10 @@ class Offload:
         self._run_whole += 1
         if reason not in self._warned_whole:
             self._warned_whole.add(reason)
-            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors swapped, "
-                  f"none recomputed) while {reason}: token-wise, it would run without autograd in the forward, so a "
-                  "tensor kept from inside it would have no gradient, or a hook would see another module's tensors")
+            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors "
+                  f"swapped, none recomputed) while {reason}: token-wise, it would run without autograd in the "
+                  "forward, so a tensor kept from inside it would have no gradient, or a hook would see another "
+                  "module's tensors")
         return True
 
     def _count_local(self, nbytes):
