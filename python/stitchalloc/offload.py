@@ -715,6 +715,12 @@ def _wired(me, i, layer, norm, t, callee=None, applied=False):
     return True
 
 
+# A module's hooks (its attribute -> the words of the warning). register_full_backward_hook and
+# register_full_backward_pre_hook fill the last two.
+_HOOK_KINDS = {"_forward_pre_hooks": "forward pre hook", "_forward_hooks": "forward hook",
+               "_backward_pre_hooks": "full backward pre hook", "_backward_hooks": "full backward hook"}
+
+
 def _why_whole(torch, top, ours):
     """Why a token-wise block must run as it is now (a reason, for the warning), or None.
 
@@ -727,7 +733,10 @@ def _why_whole(torch, top, ours):
     - something inside the block that can keep what it sees: a forward hook (transformers'
       output recorders while they record, such as router_logits for a mixture of experts'
       load-balancing loss), or a forward replaced by someone else (transformers 4's recorders).
-      What it keeps has no autograd graph: a loss computed from it would get no gradient.
+      What it keeps has no autograd graph: a loss computed from it would get no gradient;
+    - a pre-hook or backward hook inside the block: a pre-hook would see each token range two
+      or three times (the forward, the recompute, the attention's replays), a backward hook
+      each recompute range's gradient instead of the whole one.
     Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
     hooks. A hook that keeps a tensor it computed itself from what it saw is not detected."""
@@ -735,20 +744,20 @@ def _why_whole(torch, top, ours):
         if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
     for owner in top:
-        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+        for kind in _HOOK_KINDS:
             for hook in getattr(owner, kind, {}).values():
                 if _recording(hook) is not False:
-                    return (f"{type(owner).__name__} has a {kind.strip('_').replace('_', ' ')[:-1]} "
-                            f"({_hook_name(hook)})")
+                    return f"{type(owner).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})"
         for module in owner.modules():
             if module is not owner:
-                for hook in module._forward_hooks.values():
-                    key = _recording(hook)
-                    if key is False or _torch_own(hook):
-                        continue
-                    return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
-                            if isinstance(key, str) else
-                            f"{type(module).__name__} has a forward hook ({_hook_name(hook)})")
+                for kind in _HOOK_KINDS:
+                    for hook in getattr(module, kind, {}).values():
+                        key = _recording(hook) if kind == "_forward_hooks" else None
+                        if key is False or _torch_own(hook):
+                            continue
+                        return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
+                                if isinstance(key, str) else
+                                f"{type(module).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})")
             forward = module.__dict__.get("forward")
             if forward is not None and forward not in ours and not _accelerate_hooked(module):
                 return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"

@@ -1439,6 +1439,57 @@ def test_a_hook_keeping_a_tensor_inside_a_token_wise_block(where, policy):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+class SeenTensors:
+    """A pre-hook or a backward hook that records what it sees (a calibration pass's input
+    statistics, a gradient monitor): the shapes, and the sum of squares over all calls."""
+
+    def __init__(self):
+        self.shapes, self.total = [], 0.0
+
+    def see(self, t):
+        self.shapes.append(tuple(t.shape))
+        self.total += float(t.detach().double().pow(2).sum())
+
+    def pre(self, module, args):
+        self.see(args[0])
+
+    def backward(self, module, grad_input, grad_output):
+        self.see(grad_output[0])
+
+    def backward_pre(self, module, grad_output):
+        self.see(grad_output[0])
+
+
+@pytest.mark.parametrize("kind", ["forward_pre", "full_backward", "full_backward_pre"])
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+def test_pre_and_backward_hooks_inside_a_token_wise_block(where, kind):
+    # Token-wise, a block runs range by range without autograd in the forward and again with it
+    # before its backward: a pre-hook inside it saw each range twice, a backward hook each
+    # range's gradient instead of the whole one. While such a hook is there, the block runs as
+    # it is, and the hook sees what it sees without offload.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref, got = SeenTensors(), SeenTensors()
+    register = {"forward_pre": lambda m, h: m.register_forward_pre_hook(h.pre),
+                "full_backward": lambda m, h: m.register_full_backward_hook(h.backward),
+                "full_backward_pre": lambda m, h: m.register_full_backward_pre_hook(h.backward_pre)}[kind]
+    handles = [register(layer.get_submodule(where), ref) for layer in model.layers]
+    ref_loss, ref_grads = grads_of(model, batch)
+    for h in handles:
+        h.remove()
+    handles = [register(layer.get_submodule(where), got) for layer in model.layers]
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend(), recompute_chunk=7) as off:
+        with pytest.warns(UserWarning, match=f"has a {kind.replace('_', ' ')} hook"):
+            loss, grads = grads_of(model, batch)
+        assert off.stats()["blocks_run_whole"] == 3
+    for h in handles:
+        h.remove()
+    assert got.shapes == ref.shapes
+    assert got.total == pytest.approx(ref.total, rel=1e-9)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
 def test_hooks_on_the_modules_a_block_is_called_through(policy):
     # The token-wise blocks are called through input_layernorm / self_attn and
