@@ -750,8 +750,11 @@ def _why_whole(torch, top, ours):
                     return f"{type(owner).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})"
         for module in owner.modules():
             if module is not owner:
+                hooks = module.__dict__
                 for kind in _HOOK_KINDS:
-                    for hook in getattr(module, kind, {}).values():
+                    if not hooks.get(kind):
+                        continue  # the usual case: this check runs at every block call
+                    for hook in hooks[kind].values():
                         key = _recording(hook) if kind == "_forward_hooks" else None
                         if key is False or _torch_own(hook):
                             continue
