@@ -213,10 +213,10 @@ class Offload:
         self._token_wise = policy == "auto" or self._alpha < 1.0
         self._in_layer = None  # the layer whose forward runs under our hooks
         self._backward_seen = False  # a layer's backward began since the iteration's last one ended
-        # Offloaded layer calls of this iteration (any layer; the first layer's), and the first
-        # layer's backwards begun: the iteration ends when the last of those backwards begins (a
-        # layer called twice per forward, two forwards before one backward: one iteration).
-        self._forwards = 0
+        # Whether a layer's forward ran offloaded in this iteration; the first layer's offloaded
+        # calls, and its backwards begun: the iteration ends when the last of those backwards
+        # begins (a layer called twice per forward, two forwards before one backward: one).
+        self._forward_seen = False
         self._forwards0 = 0
         self._backwards0 = 0
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
@@ -381,7 +381,8 @@ class Offload:
         the layers below frozen, with frozen embeddings; torch.autograd.grad for some
         parameters)."""
         self._backward_seen = False
-        self._forwards = self._forwards0 = self._backwards0 = 0
+        self._forward_seen = False
+        self._forwards0 = self._backwards0 = 0
         self.iterations += 1
         device = self._devices[0] if self._devices else 0
         self._devices = []
@@ -473,11 +474,11 @@ class Offload:
                 # model runs it under (reentrant). What it saves is used by this backward at once.
                 return None
             if me._backward_seen:
-                if me._forwards:
+                if me._forward_seen:
                     me._iteration_done()
                 else:  # the backward was another one through a graph whose iteration ended (retain_graph)
                     me._backward_seen = False
-            me._forwards += 1
+            me._forward_seen = True
             if i == 0:
                 me._forwards0 += 1
             start = time.perf_counter() if me._measure is not None else None
@@ -721,6 +722,17 @@ _HOOK_KINDS = {"_forward_pre_hooks": "forward pre hook", "_forward_hooks": "forw
                "_backward_pre_hooks": "full backward pre hook", "_backward_hooks": "full backward hook"}
 
 
+def _hooks(module):
+    """(kind, hook) for every hook on ``module``, kind one of _HOOK_KINDS. Empty tables (the usual
+    case) are passed over at once: this runs at every token-wise block call."""
+    tables = module.__dict__
+    for kind in _HOOK_KINDS:
+        table = tables.get(kind)
+        if table:
+            for hook in table.values():
+                yield kind, hook
+
+
 def _why_whole(torch, top, ours):
     """Why a token-wise block must run as it is now (a reason, for the warning), or None.
 
@@ -744,23 +756,18 @@ def _why_whole(torch, top, ours):
         if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
     for owner in top:
-        for kind in _HOOK_KINDS:
-            for hook in getattr(owner, kind, {}).values():
-                if _recording(hook) is not False:
-                    return f"{type(owner).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})"
+        for kind, hook in _hooks(owner):
+            if _recording(hook) is not False:
+                return f"{type(owner).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})"
         for module in owner.modules():
             if module is not owner:
-                hooks = module.__dict__
-                for kind in _HOOK_KINDS:
-                    if not hooks.get(kind):
-                        continue  # the usual case: this check runs at every block call
-                    for hook in hooks[kind].values():
-                        key = _recording(hook) if kind == "_forward_hooks" else None
-                        if key is False or _torch_own(hook):
-                            continue
-                        return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
-                                if isinstance(key, str) else
-                                f"{type(module).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})")
+                for kind, hook in _hooks(module):
+                    key = _recording(hook) if kind == "_forward_hooks" else None
+                    if key is False or _torch_own(hook):
+                        continue
+                    return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
+                            if isinstance(key, str) else
+                            f"{type(module).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})")
             forward = module.__dict__.get("forward")
             if forward is not None and forward not in ours and not _accelerate_hooked(module):
                 return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"
