@@ -19,7 +19,9 @@ no ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` as Gemma's lay
 every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
-keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts):
+keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
+and from the call on where a module in it kept a tensor in an attribute (``_kept_tensors``: that
+call runs again as it is):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -55,6 +57,7 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 (``stitchalloc.offload_plan``), with the host memory capped by the pinned pool's limit.
 """
 
+import operator
 import os
 import statistics
 import time
@@ -208,6 +211,9 @@ class Offload:
         self._ours = set()  # the forwards offload put on modules (_why_whole)
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
+        # (layer, block) -> why it runs as it is from now on: a module in it kept a tensor in an
+        # attribute in a token-wise call (_keeps_tensors)
+        self._keeping = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -428,10 +434,36 @@ class Offload:
 
     def _runs_whole(self, i, block, top):
         """Whether layer i's token-wise ``block`` (called through the modules ``top``) must run as
-        it is in this call, its saved tensors swapped (_why_whole); warns once per reason."""
-        reason = _why_whole(self._torch, top, self._ours)
+        it is in this call, its saved tensors swapped (_why_whole, _keeps_tensors); warns once
+        per reason."""
+        reason = self._keeping.get((i, block)) or _why_whole(self._torch, top, self._ours)
         if reason is None:
             return False
+        self._whole(i, block, reason)
+        return True
+
+    def _keeps_tensors(self, i, block, snapshot):
+        """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
+        an attribute during the call (_kept_tensors). What it kept has no autograd graph (and, from
+        the MLP's ranges, only the last range's tokens), so a loss using it would be wrong. Then
+        the attributes get back what they held before the call, the caller runs the call again as
+        it is (which sets them as without offload), and the block runs as it is from now on."""
+        kept = _kept_tensors(self._torch, snapshot)
+        if not kept:
+            return False
+        for module, name, before in kept:
+            if before is _MISSING:
+                del module.__dict__[name]
+            else:
+                module.__dict__[name] = before
+        module, name, _ = kept[0]
+        path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
+        reason = f"{path} ({type(module).__name__}) keeps a tensor in its attribute '{name}'"
+        self._keeping[i, block] = reason
+        self._whole(i, block, reason)
+        return True
+
+    def _whole(self, i, block, reason):
         self._run_whole += 1
         if reason not in self._warned_whole:
             self._warned_whole.add(reason)
@@ -439,7 +471,6 @@ class Offload:
                   f"swapped, none recomputed) while {reason}: token-wise, it would run without autograd in the "
                   "forward, so a tensor kept from inside it would have no gradient, or a hook would see another "
                   "module's tensors")
-        return True
 
     def _count_local(self, nbytes):
         if self._measure is not None:
@@ -595,6 +626,7 @@ class Offload:
             source = me._attention_states.pop(i, None)
             if source is not None and not source.is_residual_of(h):
                 source = None
+            snapshot = _attribute_snapshot((norm, mlp))
             parts = []
             if k > 0:
                 # With h recomputed, a view of it saved by the block would swap all of h: the
@@ -604,6 +636,8 @@ class Offload:
             rest = h.narrow(-2, k, tokens - k).contiguous()
             parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
                                            me._recompute_chunk, rest, *params()))
+            if me._keeps_tensors(i, "mlp", snapshot):
+                return None  # the caller runs it again as it is
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
         self._replace_forward(norm, self._own(_eager(torch, fused)))
@@ -654,21 +688,29 @@ class Offload:
             x = args[0] if args else kwargs.get("hidden_states")
             if not _wired(me, i, layer, "input_layernorm", x, "self_attn"):
                 return attn_forward(*args, **kwargs)
-            kwargs = me._without_cache(kwargs)
+            stripped = me._without_cache(kwargs)
             if args:
-                rest, others = args[1:], kwargs
+                rest, others = args[1:], stripped
                 rebuild = (lambda h: ((h,) + rest, others))
             else:
-                others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                others = {k: v for k, v in stripped.items() if k != "hidden_states"}
                 rebuild = (lambda h: ((), {**others, "hidden_states": h}))
-            del args, kwargs
+            del stripped
 
             def run(h):
                 a, kw = rebuild(norm_forward(h))
                 return attn_forward(*a, **kw)
 
             state = _AttentionState(me, pack, run)
+            snapshot = _attribute_snapshot((norm, attn))
             y = _AttentionReplay.apply(state, x, *params())
+            if me._keeps_tensors(i, "self_attn", snapshot):
+                # Again as it is, with the arguments as given (a KV cache included).
+                del y, state
+                if args:
+                    return attn_forward(norm_forward(x), *args[1:], **kwargs)
+                return attn_forward(**{**kwargs, "hidden_states": norm_forward(x)})
+            del args, kwargs
             # For the token-local block that follows: h = x + y can be recomputed instead of
             # swapped (its wrapper checks that h is that sum).
             if x.requires_grad:
@@ -751,7 +793,7 @@ def _why_whole(torch, top, ours):
       each recompute range's gradient instead of the whole one.
     Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
-    hooks. A hook that keeps a tensor it computed itself from what it saw is not detected."""
+    hooks. A forward that keeps a tensor in an attribute is seen after the call (_kept_tensors)."""
     for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
         if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
@@ -759,19 +801,70 @@ def _why_whole(torch, top, ours):
         for kind, hook in _hooks(owner):
             if _recording(hook) is not False:
                 return f"{type(owner).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})"
-        for module in owner.modules():
-            if module is not owner:
-                for kind, hook in _hooks(module):
-                    key = _recording(hook) if kind == "_forward_hooks" else None
-                    if key is False or _torch_own(hook):
-                        continue
-                    return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
-                            if isinstance(key, str) else
-                            f"{type(module).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})")
-            forward = module.__dict__.get("forward")
-            if forward is not None and forward not in ours and not _accelerate_hooked(module):
-                return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"
+    for module in _block_modules(top):
+        if module not in top:
+            for kind, hook in _hooks(module):
+                key = _recording(hook) if kind == "_forward_hooks" else None
+                if key is False or _torch_own(hook):
+                    continue
+                return (f"transformers records {key} from {type(module).__name__} (output_{key}=True)"
+                        if isinstance(key, str) else
+                        f"{type(module).__name__} has a {_HOOK_KINDS[kind]} ({_hook_name(hook)})")
+        forward = module.__dict__.get("forward")
+        if forward is not None and forward not in ours and not _accelerate_hooked(module):
+            return f"{type(module).__name__}'s forward is replaced ({_hook_name(forward)})"
     return None
+
+
+def _block_modules(top):
+    """The modules ``top`` and every module inside them, by a plain walk of their ``_modules``
+    tables: this runs at every token-wise block call, and ``modules()`` (which builds each
+    module's name) cost 6.5 us of the hook check's 8 us for a Llama MLP block."""
+    found, stack = [], list(top)
+    while stack:
+        module = stack.pop()
+        if module is None:  # register_module(name, None)
+            continue
+        found.append(module)
+        children = module.__dict__.get("_modules")
+        if children:
+            stack.extend(children.values())
+    return found
+
+
+def _attribute_snapshot(top):
+    """The plain attributes of the modules ``top`` and those inside them, as a call is about to
+    run them (_kept_tensors): each module with a copy of its ``__dict__``, which holds the values
+    so that an identity compared later is theirs. Parameters, buffers and submodules sit in tables
+    of their own there, whose identity does not change."""
+    return [(module, module.__dict__.copy()) for module in _block_modules(top)]
+
+
+def _kept_tensors(torch, snapshot):
+    """(module, name, value before) for each attribute that the call since ``snapshot`` set to a
+    tensor, or to a list, tuple or dict holding one (``before`` _MISSING where it is new).
+    Not seen: a tensor put into a container the module already held (a list appended to), a
+    buffer reassigned, a tensor kept outside the block's modules."""
+    kept = []
+    for module, before in snapshot:
+        now = module.__dict__
+        if len(now) == len(before) and all(map(operator.is_, now.values(), before.values())):
+            continue
+        for name, value in now.items():
+            old = before.get(name, _MISSING)
+            if old is not value and _holds_tensor(torch, value):
+                kept.append((module, name, old))
+    return kept
+
+
+def _holds_tensor(torch, value):
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return False
+    return any(torch.is_tensor(v) for v in value)
 
 
 def _recording(hook):

@@ -1490,6 +1490,105 @@ def test_pre_and_backward_hooks_inside_a_token_wise_block(where, kind):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+class KeepingLinear(torch.nn.Linear):
+    """A projection that keeps what it returns in an attribute (an activation penalty or an
+    auxiliary loss read by the training loop, as DeepSpeed's MoE layer keeps ``l_aux``)."""
+
+    def forward(self, x):
+        self.kept = super().forward(x)
+        return self.kept
+
+
+def keeping(model, where):
+    """Replaces the projection ``where`` of each layer by a KeepingLinear with its weights."""
+    kept = []
+    for layer in model.layers:
+        parent_name, name = where.rsplit(".", 1)
+        parent, old = layer.get_submodule(parent_name), layer.get_submodule(where)
+        new = KeepingLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        new.weight = old.weight
+        setattr(parent, name, new)
+        kept.append(new)
+    return kept
+
+
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
+    # A module inside a token-wise block keeps its output in an attribute, and the loss uses it.
+    # Token-wise, the block ran without autograd in the forward (and the MLP range by range), so
+    # the kept tensor had no graph (and only the last range's tokens): the term's gradient was
+    # lost, silently (before 2026-11-24). Now the attribute is seen to change: that call runs
+    # again as it is, and the block runs as it is from then on, with one warning naming it.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    kept = keeping(model, where)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch) + sum(m.kept.pow(2).mean() for m in kept)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = step()
+    backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha < 1: its blocks split too
+    with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
+        with pytest.warns(UserWarning, match=r"\(KeepingLinear\) keeps a tensor in its attribute 'kept'") as record:
+            for _ in range(2):
+                loss, got = step()
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert sum("runs as it is" in str(w.message) for w in record) == 1
+        assert off.stats()["blocks_run_whole"] == 2 * 3
+    assert backend.live == {}
+
+
+class CountingLinear(torch.nn.Linear):
+    """A projection whose forward changes attributes that hold no tensor, and one that keeps a
+    tensor in a dict (``kept``, only while ``keep`` is set)."""
+
+    calls = 0
+    keep = False
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.calls += 1
+        self.last_shape = tuple(x.shape)
+        if self.keep:
+            self.kept = {"out": out}
+        return out
+
+
+def test_attributes_holding_no_tensor_leave_the_split_alone():
+    # Counters and shapes set in a forward keep nothing of the block's tensors: the blocks still
+    # split, with no warning. A dict holding a tensor is a tensor kept, as a bare one is.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    counting = []
+    for layer in model.layers:
+        old = layer.mlp.up_proj
+        layer.mlp.up_proj = CountingLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        layer.mlp.up_proj.weight = old.weight
+        counting.append(layer.mlp.up_proj)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, got = grads_of(model, batch)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert off.stats()["blocks_run_whole"] == 0
+        assert all(m.calls > 1 for m in counting)  # the forward's ranges and the recompute's
+        for m in counting:
+            m.keep = True
+        with pytest.warns(UserWarning, match=r"\(CountingLinear\) keeps a tensor in its attribute 'kept'"):
+            model.zero_grad(set_to_none=True)
+            model.loss(batch).backward()
+        assert off.stats()["blocks_run_whole"] == 3
+        assert all(m.kept["out"].shape[-2] == batch.shape[-1] - 1 for m in counting)  # every token
+
+
 @pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
 def test_hooks_on_the_modules_a_block_is_called_through(policy):
     # The token-wise blocks are called through input_layernorm / self_attn and
