@@ -1900,6 +1900,23 @@ def test_chunked_loss_equals_the_whole_and_keeps_one_chunks_logits(chunk):
     assert max(largest, default=0) <= 2 * min(chunk, 64), largest
 
 
+def test_block_checks_bench_runs():
+    """bench/offload_block_checks.py: a row per transformers layer type and block, with both
+    checks timed (a few calls: the plumbing, not the numbers)."""
+    import subprocess
+
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "offload_block_checks.py"), "--number", "20",
+                        "--repeat", "1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [(name, block) for name in ("llama", "mixtral", "qwen2_moe")
+                                                  for block in ("self_attn", "mlp")]
+    for row in rows:
+        assert int(row[2]) >= 2 and float(row[3]) > 0 and float(row[4]) > 0
+
+
 def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     """bench/offload_seq.py's plumbing (probes in subprocesses, doubling, table, JSON) with tiny
     shapes on the CPU, where nothing runs out of memory: every mode reaches the limit."""

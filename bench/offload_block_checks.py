@@ -1,0 +1,61 @@
+"""What stitchalloc.offload's checks cost per token-wise block call, on the host.
+
+Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
+first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
+the call, whether a module in it kept a tensor in an attribute (_attribute_snapshot before,
+_kept_tensors after). This times both, outside any model run, for transformers' Llama, Mixtral
+and Qwen2-MoE layers (small shapes: the checks walk modules, not tensors, so their cost does not
+depend on the sizes). timeit, best of --repeat x --number calls.
+
+    .venv/bin/python bench/offload_block_checks.py   (PYTHONPATH=python, or stitchalloc installed)
+"""
+
+import argparse
+import importlib
+import platform
+import sys
+import timeit
+
+
+def layers(transformers):
+    small = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    yield "mixtral", transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **small, num_local_experts=8, num_experts_per_tok=2))
+    yield "qwen2_moe", transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **small, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=60,
+        num_experts_per_tok=4))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--number", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    offload = importlib.import_module("stitchalloc.offload")
+    attributes = hasattr(offload, "_attribute_snapshot")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
+    print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'attribute check':>16s}")
+
+    def best(fn):
+        return min(timeit.repeat(fn, number=args.number, repeat=args.repeat)) / args.number * 1e6
+
+    for name, model in layers(transformers):
+        layer = model.model.layers[0]
+        for block, top in (("self_attn", (layer.input_layernorm, layer.self_attn)),
+                           ("mlp", (layer.post_attention_layernorm, layer.mlp))):
+            modules = sum(1 for t in top for _ in t.modules())
+            hook = best(lambda: offload._why_whole(torch, top, set()))
+            attr = (f"{best(lambda: offload._kept_tensors(torch, offload._attribute_snapshot(top))):16.2f}"
+                    if attributes else f"{'(none)':>16s}")
+            print(f"{name:10s} {block:9s} {modules:7d} {hook:11.2f} {attr}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
