@@ -20,8 +20,9 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
-and from the call on where a module in it kept a tensor in an attribute (``_kept_tensors``: that
-call runs again as it is):
+and in a call where a module in it keeps a tensor in an attribute (``_kept_tensors``: a
+token-wise call that did runs again as it is, and the block's next calls run as they are until
+one keeps none):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -211,9 +212,11 @@ class Offload:
         self._ours = set()  # the forwards offload put on modules (_why_whole)
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
-        # (layer, block) -> why it runs as it is from now on: a module in it kept a tensor in an
-        # attribute in a token-wise call (_keeps_tensors)
+        # (layer, block) -> why it runs as it is: a module in it kept a tensor in an attribute at
+        # its last call (_keeps_tensors, _keeping_before); layer -> the attribute snapshot of its
+        # attention block run as it is for that reason, from its norm to its self_attn call
         self._keeping = {}
+        self._watching = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
         self._token_wise = policy == "auto" or self._alpha < 1.0
@@ -361,6 +364,7 @@ class Offload:
 
     def _forward_end(self, layer):
         self._attention_states.pop(layer, None)  # not consumed: nothing may outlive the forward
+        self._watching.pop(layer, None)
         pending = self._pending.pop(layer, [])
         for s in pending:
             if s.tensor._version != s.version:
@@ -434,20 +438,36 @@ class Offload:
 
     def _runs_whole(self, i, block, top):
         """Whether layer i's token-wise ``block`` (called through the modules ``top``) must run as
-        it is in this call, its saved tensors swapped (_why_whole, _keeps_tensors); warns once
-        per reason."""
-        reason = self._keeping.get((i, block)) or _why_whole(self._torch, top, self._ours)
+        it is in this call, its saved tensors swapped, for a hook (_why_whole); warns once per
+        reason."""
+        reason = _why_whole(self._torch, top, self._ours)
         if reason is None:
             return False
         self._whole(i, block, reason)
         return True
+
+    def _keeping_before(self, i, block, top):
+        """For a block whose last call kept a tensor in an attribute (_keeps_tensors): this call
+        runs as it is too, and the snapshot returned watches it (_keeping_after). None for others."""
+        reason = self._keeping.get((i, block))
+        if reason is None:
+            return None
+        self._whole(i, block, reason)
+        return _attribute_snapshot(top)
+
+    def _keeping_after(self, i, block, snapshot):
+        """After a call that _keeping_before watched: a call that kept no tensor ends the running
+        as it is (a lazily made constant is kept once; an auxiliary loss at every call)."""
+        if not _kept_tensors(self._torch, snapshot):
+            self._keeping.pop((i, block), None)
 
     def _keeps_tensors(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
         an attribute during the call (_kept_tensors). What it kept has no autograd graph (and, from
         the MLP's ranges, only the last range's tokens), so a loss using it would be wrong. Then
         the attributes get back what they held before the call, the caller runs the call again as
-        it is (which sets them as without offload), and the block runs as it is from now on."""
+        it is (which sets them as without offload), and the block's next calls run as they are
+        until one keeps none (_keeping_before)."""
         kept = _kept_tensors(self._torch, snapshot)
         if not kept:
             return False
@@ -621,6 +641,12 @@ class Offload:
             if k == tokens or me._runs_whole(i, "mlp", (norm, mlp)):
                 me._attention_states.pop(i, None)
                 return None
+            watch = me._keeping_before(i, "mlp", (norm, mlp))
+            if watch is not None:
+                me._attention_states.pop(i, None)
+                out = block(h)  # as it is: no hook on norm or mlp (_runs_whole), their forwards ours
+                me._keeping_after(i, "mlp", watch)
+                return out
             # h = x + the attention block's output: recomputed from what that block keeps
             # rather than swapped, when the graph shows it is exactly that sum.
             source = me._attention_states.pop(i, None)
@@ -675,6 +701,11 @@ class Offload:
             me = owner()
             replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
                       and h.dim() >= 2 and _innermost(torch, pack) and not me._runs_whole(i, "self_attn", (norm, attn)))
+            if replay:
+                watch = me._keeping_before(i, "self_attn", (norm, attn))
+                if watch is not None:
+                    me._watching[i] = watch  # until the layer calls self_attn (forward below)
+                    replay = False
             out = h if replay else norm_forward(h)
             _wired(me, i, layer, "input_layernorm", out, applied=replay)
             return out
@@ -687,7 +718,11 @@ class Offload:
             me = owner()
             x = args[0] if args else kwargs.get("hidden_states")
             if not _wired(me, i, layer, "input_layernorm", x, "self_attn"):
-                return attn_forward(*args, **kwargs)
+                watch = me._watching.pop(i, None) if me is not None else None
+                out = attn_forward(*args, **kwargs)
+                if watch is not None:
+                    me._keeping_after(i, "self_attn", watch)
+                return out
             stripped = me._without_cache(kwargs)
             if args:
                 rest, others = args[1:], stripped

@@ -1118,6 +1118,64 @@ def test_transformers_decoder_layers(family, kv_heads):
     assert chunked.bytes_out == backend.bytes_out
 
 
+# transformers' Llama-family decoders (input_layernorm, self_attn, post_attention_layernorm, mlp in
+# that order) beyond Llama and Qwen2, with what each config needs at tiny sizes. Mixtures of
+# experts use the eager experts (the grouped kernel has no float64).
+_FAMILIES = {
+    "mistral": {}, "qwen3": {}, "granite": {}, "starcoder2": {}, "olmo": {}, "olmo2": {}, "ernie4_5": {}, "arcee": {},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "smollm3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "glm": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "experts_implementation": "eager"},
+    "qwen2_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "experts_implementation": "eager"},
+    "qwen3_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "experts_implementation": "eager"},
+    "deepseek_v3": {"q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "experts_implementation": "eager"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_transformers_llama_families_split_token_wise(family):
+    # Under "recompute", in ranges of 16 tokens: the plain model's loss and gradients, a fraction
+    # of what "swap" swaps, and no block run as it is (none of these keeps a tensor in an
+    # attribute, or has a hook inside).
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoConfig.for_model(family, vocab_size=256, hidden_size=64, intermediate_size=172,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, attn_implementation="sdpa",
+                                             **_FAMILIES[family])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(auto).double().train()
+    ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_loss, ref = grads()
+    backend = RecordingBackend()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=16) as off:
+            loss, got = grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert len(got) == len(ref)
+    # DeepSeek-V3's router computes in float32, whose sums differ on other shapes.
+    tolerance = {"rtol": 1e-5, "atol": 1e-9} if family == "deepseek_v3" else {"rtol": 1e-9, "atol": 1e-12}
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, **tolerance)
+    assert off.stats()["blocks_run_whole"] == 0 and off.stats()["offloaded"] > 0 and backend.live == {}
+    swap = RecordingBackend()
+    with stitchalloc.offload(model, policy="swap", backend=swap):
+        grads()
+    assert backend.bytes_out < swap.bytes_out / 4  # split token-wise, not swapped whole
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("policy", ["auto", "recompute", "swap"])
 def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
@@ -1519,7 +1577,7 @@ def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
     # Token-wise, the block ran without autograd in the forward (and the MLP range by range), so
     # the kept tensor had no graph (and only the last range's tokens): the term's gradient was
     # lost, silently (before 2026-11-24). Now the attribute is seen to change: that call runs
-    # again as it is, and the block runs as it is from then on, with one warning naming it.
+    # again as it is, and so do the block's next calls while they keep one, with one warning.
     model, batch = make_model(layers=3, sdpa=True), tokens()
     kept = keeping(model, where)
 
@@ -1587,6 +1645,46 @@ def test_attributes_holding_no_tensor_leave_the_split_alone():
             model.loss(batch).backward()
         assert off.stats()["blocks_run_whole"] == 3
         assert all(m.kept["out"].shape[-2] == batch.shape[-1] - 1 for m in counting)  # every token
+
+
+class LazyMask(torch.nn.Module):
+    """A module that makes a constant tensor at its first call and keeps it in a plain attribute
+    (not a buffer), as some models build masks or tables."""
+
+    def forward(self, x):
+        if not hasattr(self, "mask"):
+            self.mask = torch.ones(x.shape[-1], dtype=x.dtype)
+        return x * self.mask
+
+
+@pytest.mark.parametrize("where", ["mlp", "self_attn"])
+def test_a_tensor_kept_once_splits_the_block_again(where):
+    # A tensor kept at the first call only: that call runs twice (token-wise, then as it is),
+    # the next one as it is, watched; it keeps nothing, so the block splits again after it.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    for layer in model.layers:
+        inner = layer.mlp.up_proj if where == "mlp" else layer.self_attn.v_proj
+        wrapped = torch.nn.Sequential(inner, LazyMask())
+        if where == "mlp":
+            layer.mlp.up_proj = wrapped
+        else:
+            layer.self_attn.v_proj = wrapped
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
+        swapped = []
+        with pytest.warns(UserWarning, match=r"\(LazyMask\) keeps a tensor in its attribute 'mask'") as record:
+            for step in range(3):
+                backend.bytes_out = 0
+                loss, got = grads_of(model, batch)
+                swapped.append(backend.bytes_out)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+                assert off.stats()["blocks_run_whole"] == 3 * min(step + 1, 2)
+        assert sum("runs as it is" in str(w.message) for w in record) == 1
+        assert swapped[0] > swapped[2] and swapped[1] > swapped[2]  # whole, then split again
+    assert backend.live == {}
 
 
 @pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
