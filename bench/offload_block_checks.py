@@ -2,8 +2,9 @@
 
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
-the call, whether a module in it kept a tensor in an attribute (_attribute_snapshot before,
-_kept_tensors after). This times both, outside any model run, for transformers' Llama, Mixtral
+the call, whether a module in it kept a tensor in an attribute or changed a buffer
+(_state_snapshot before, _changed_state after; _attribute_snapshot and _kept_tensors in their
+first form, attributes only). This times both, outside any model run, for transformers' Llama, Mixtral
 and Qwen2-MoE layers (small shapes: the checks walk modules, not tensors, so their cost does not
 depend on the sizes). timeit, best of --repeat x --number calls.
 
@@ -37,10 +38,17 @@ def main():
     import transformers
 
     offload = importlib.import_module("stitchalloc.offload")
-    attributes = hasattr(offload, "_attribute_snapshot")
+    if hasattr(offload, "_state_snapshot"):
+        def state_check(top):
+            return offload._changed_state(offload._state_snapshot(torch, top))
+    elif hasattr(offload, "_attribute_snapshot"):
+        def state_check(top):
+            return offload._kept_tensors(torch, offload._attribute_snapshot(top))
+    else:
+        state_check = None
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
-    print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'attribute check':>16s}")
+    print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")
 
     def best(fn):
         return min(timeit.repeat(fn, number=args.number, repeat=args.repeat)) / args.number * 1e6
@@ -51,8 +59,7 @@ def main():
                            ("mlp", (layer.post_attention_layernorm, layer.mlp))):
             modules = sum(1 for t in top for _ in t.modules())
             hook = best(lambda: offload._why_whole(torch, top, set()))
-            attr = (f"{best(lambda: offload._kept_tensors(torch, offload._attribute_snapshot(top))):16.2f}"
-                    if attributes else f"{'(none)':>16s}")
+            attr = f"{best(lambda: state_check(top)):16.2f}" if state_check else f"{'(none)':>16s}"
             print(f"{name:10s} {block:9s} {modules:7d} {hook:11.2f} {attr}")
     return 0
 

@@ -20,9 +20,9 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
-and in a call where a module in it keeps a tensor in an attribute (``_kept_tensors``: a
-token-wise call that did runs again as it is, and the block's next calls run as they are until
-one keeps none):
+and in a call where a module in it keeps a tensor in an attribute or changes a buffer
+(``_changed_state``: a token-wise call that did is undone and runs again as it is, and the
+block's next calls run as they are until one changes neither):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -447,50 +447,55 @@ class Offload:
         return True
 
     def _keeping_before(self, i, block, top):
-        """For a block whose last call kept a tensor in an attribute (_keeps_tensors): this call
-        runs as it is too, and the snapshot returned watches it (_keeping_after). None for others."""
+        """For a block whose last call kept a tensor in an attribute or changed a buffer
+        (_keeps_tensors): this call runs as it is too, and the snapshot returned watches it
+        (_keeping_after). None for others."""
         reason = self._keeping.get((i, block))
         if reason is None:
             return None
-        self._whole(i, block, reason)
-        return _attribute_snapshot(top)
+        self._whole(i, block, *reason)
+        return _state_snapshot(self._torch, top)
 
     def _keeping_after(self, i, block, snapshot):
-        """After a call that _keeping_before watched: a call that kept no tensor ends the running
-        as it is (a lazily made constant is kept once; an auxiliary loss at every call)."""
-        if not _kept_tensors(self._torch, snapshot):
+        """After a call that _keeping_before watched: a call that changed nothing ends the running
+        as it is (a lazily made constant is kept once; an auxiliary loss, a counter at every call)."""
+        if not _changed_state(snapshot):
             self._keeping.pop((i, block), None)
 
     def _keeps_tensors(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
-        an attribute during the call (_kept_tensors). What it kept has no autograd graph (and, from
-        the MLP's ranges, only the last range's tokens), so a loss using it would be wrong. Then
-        the attributes get back what they held before the call, the caller runs the call again as
-        it is (which sets them as without offload), and the block's next calls run as they are
-        until one keeps none (_keeping_before)."""
-        kept = _kept_tensors(self._torch, snapshot)
-        if not kept:
+        an attribute or changed a buffer during the call (_changed_state). What it kept has no
+        autograd graph (and, from the MLP's ranges, only the last range's tokens), so a loss using
+        it would be wrong; a buffer changed once per range, and would change again in the
+        recompute. Then attributes and buffers get back what they held before the call, the caller
+        runs the call again as it is (which changes them as without offload), and the block's next
+        calls run as they are until one changes neither (_keeping_before)."""
+        changed = _changed_state(snapshot)
+        if not changed:
             return False
-        for module, name, before in kept:
-            if before is _MISSING:
-                del module.__dict__[name]
-            else:
-                module.__dict__[name] = before
-        module, name, _ = kept[0]
+        _restore_state(self._torch, changed)
+        module, kind, name = changed[0][:3]
         path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
-        reason = f"{path} ({type(module).__name__}) keeps a tensor in its attribute '{name}'"
+        if kind == "attribute":
+            reason = (f"{path} ({type(module).__name__}) keeps a tensor in its attribute '{name}'",
+                      "token-wise, the block would run without autograd in the forward, in token ranges, so what "
+                      "it keeps would have no gradient and only the last range's tokens")
+        else:
+            reason = (f"{path} ({type(module).__name__}) changes its buffer '{name}'",
+                      "token-wise, the block would run in token ranges in the forward and again before its "
+                      "backward, changing the buffer once per range and again in the recompute")
         self._keeping[i, block] = reason
-        self._whole(i, block, reason)
+        self._whole(i, block, *reason)
         return True
 
-    def _whole(self, i, block, reason):
+    def _whole(self, i, block, reason, why=None):
         self._run_whole += 1
         if reason not in self._warned_whole:
             self._warned_whole.add(reason)
+            why = why or ("token-wise, it would run without autograd in the forward, so a tensor kept from inside it "
+                          "would have no gradient, or a hook would see another module's tensors")
             _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors "
-                  f"swapped, none recomputed) while {reason}: token-wise, it would run without autograd in the "
-                  "forward, so a tensor kept from inside it would have no gradient, or a hook would see another "
-                  "module's tensors")
+                  f"swapped, none recomputed) while {reason}: {why}")
 
     def _count_local(self, nbytes):
         if self._measure is not None:
@@ -652,7 +657,7 @@ class Offload:
             source = me._attention_states.pop(i, None)
             if source is not None and not source.is_residual_of(h):
                 source = None
-            snapshot = _attribute_snapshot((norm, mlp))
+            snapshot = _state_snapshot(torch, (norm, mlp))
             parts = []
             if k > 0:
                 # With h recomputed, a view of it saved by the block would swap all of h: the
@@ -737,7 +742,7 @@ class Offload:
                 return attn_forward(*a, **kw)
 
             state = _AttentionState(me, pack, run)
-            snapshot = _attribute_snapshot((norm, attn))
+            snapshot = _state_snapshot(torch, (norm, attn))
             y = _AttentionReplay.apply(state, x, *params())
             if me._keeps_tensors(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).
@@ -828,7 +833,8 @@ def _why_whole(torch, top, ours):
       each recompute range's gradient instead of the whole one.
     Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
-    hooks. A forward that keeps a tensor in an attribute is seen after the call (_kept_tensors)."""
+    hooks. A forward that keeps a tensor in an attribute or changes a buffer is seen after the
+    call (_changed_state)."""
     for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
         if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
@@ -867,39 +873,83 @@ def _block_modules(top):
     return found
 
 
-def _attribute_snapshot(top):
-    """The plain attributes of the modules ``top`` and those inside them, as a call is about to
-    run them (_kept_tensors): each module with a copy of its ``__dict__``, which holds the values
-    so that an identity compared later is theirs. Parameters, buffers and submodules sit in tables
-    of their own there, whose identity does not change."""
-    return [(module, module.__dict__.copy()) for module in _block_modules(top)]
+def _state_snapshot(torch, top):
+    """What the modules ``top`` and those inside them hold, as a call is about to run them
+    (_changed_state): for each module, a copy of its ``__dict__`` (its plain attributes; the
+    copy holds the values, so that an identity compared later is theirs; parameters, buffers
+    and submodules sit in tables of their own there, whose identity does not change), and for
+    a module with buffers, each buffer with its version counter and a copy of its values, to
+    undo a change made in place. This runs at every token-wise block call; transformers' Llama
+    family has no buffers inside its blocks (the rotary tables are the model's)."""
+    snapshot = []
+    for module in _block_modules(top):
+        tables = module.__dict__
+        buffers = tables.get("_buffers")
+        saved = None
+        if buffers:
+            with torch.no_grad():
+                saved = {name: (b, b._version, b.clone()) for name, b in buffers.items() if b is not None}
+        snapshot.append((module, tables.copy(), saved))
+    return snapshot
 
 
-def _kept_tensors(torch, snapshot):
-    """(module, name, value before) for each attribute that the call since ``snapshot`` set to a
-    tensor, or to a list, tuple or dict holding one (``before`` _MISSING where it is new).
-    Not seen: a tensor put into a container the module already held (a list appended to), a
-    buffer reassigned, a tensor kept outside the block's modules."""
-    kept = []
-    for module, before in snapshot:
+def _changed_state(snapshot):
+    """(module, kind, name, before) for what the call since ``snapshot`` changed: an attribute
+    (kind "attribute") now holding a tensor, or a list, tuple or dict holding one (``before``
+    _MISSING where it is new); a buffer (kind "buffer") added, replaced or changed in place
+    (``before``: (tensor, version, copy), or _MISSING). Not seen: a tensor put into a container the
+    module already held (a list appended to), a tensor kept outside the block's modules."""
+    changed = []
+    for module, before, buffers in snapshot:
         now = module.__dict__
-        if len(now) == len(before) and all(map(operator.is_, now.values(), before.values())):
+        if not (len(now) == len(before) and all(map(operator.is_, now.values(), before.values()))):
+            for name, value in now.items():
+                old = before.get(name, _MISSING)
+                if old is not value and _holds_tensor(value):
+                    changed.append((module, "attribute", name, old))
+        current = now.get("_buffers")
+        if buffers is None and not current:
             continue
-        for name, value in now.items():
-            old = before.get(name, _MISSING)
-            if old is not value and _holds_tensor(torch, value):
-                kept.append((module, name, old))
-    return kept
+        buffers = buffers or {}
+        for name, value in current.items():
+            old = buffers.get(name, _MISSING)
+            if value is None and old is _MISSING:
+                continue
+            if old is _MISSING or old[0] is not value or old[0]._version != old[1]:
+                changed.append((module, "buffer", name, old))
+        changed.extend((module, "buffer", name, old) for name, old in buffers.items() if name not in current)
+    return changed
 
 
-def _holds_tensor(torch, value):
-    if torch.is_tensor(value):
+def _restore_state(torch, changed):
+    """Undoes what _changed_state found: attributes and buffers get back what they held."""
+    for module, kind, name, before in changed:
+        if kind == "attribute":
+            if before is _MISSING:
+                del module.__dict__[name]
+            else:
+                module.__dict__[name] = before
+            continue
+        if before is _MISSING:
+            del module._buffers[name]
+            continue
+        tensor, version, values = before
+        if tensor._version != version:
+            with torch.no_grad():
+                tensor.copy_(values)
+        module._buffers[name] = tensor
+
+
+def _holds_tensor(value):
+    from torch import is_tensor
+
+    if is_tensor(value):
         return True
     if isinstance(value, dict):
         value = value.values()
     elif not isinstance(value, (list, tuple)):
         return False
-    return any(torch.is_tensor(v) for v in value)
+    return any(is_tensor(v) for v in value)
 
 
 def _recording(hook):
