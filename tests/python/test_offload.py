@@ -7,6 +7,7 @@ manager itself runs through torch.ops.stitchalloc on the host driver (subprocess
 byte-exact, the kept last layer, cancel, statistics and errors.
 """
 
+import functools
 import gc
 import os
 import sys
@@ -1067,6 +1068,15 @@ def test_attention_called_with_keywords_returning_a_tuple():
     assert backend.bytes_out == 2 * 3 * (2 * x + lse)
 
 
+def hf_grads(model, ids, **kwargs):
+    """One step of a transformers causal LM on ``ids`` (its own labels): the loss, and every
+    parameter's gradient (None where it got none: an expert no token was routed to)."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
 def transformers_model(family, kv_heads):
     transformers = pytest.importorskip("transformers")
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -1087,11 +1097,7 @@ def test_transformers_decoder_layers(family, kv_heads):
     model = transformers_model(family, kv_heads)
     ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
 
-    def grads(**kw):
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids, **kw)
-        out.loss.backward()
-        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+    grads = functools.partial(hf_grads, model, ids)
 
     ref_loss, ref = grads(use_cache=False)
     swap = RecordingBackend()
@@ -1153,11 +1159,7 @@ def test_transformers_llama_families_split_token_wise(family):
     model = transformers.AutoModelForCausalLM.from_config(auto).double().train()
     ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    grads = functools.partial(hf_grads, model, ids, use_cache=False)
 
     ref_loss, ref = grads()
     backend = RecordingBackend()
@@ -1231,11 +1233,7 @@ def test_transformers_gemma3_layers_are_swapped_whole():
     model = transformers.Gemma3ForCausalLM(config).double().train()
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
 
-    def grads():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    grads = functools.partial(hf_grads, model, ids, use_cache=False)
 
     ref_loss, ref = grads()
     for policy in ("auto", "recompute"):
@@ -1421,11 +1419,7 @@ def test_transformers_moe_router_logits_keep_their_gradient(policy):
     config, model = mixtral_model()
     ids = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(1))
 
-    def grads(**kw):
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids, use_cache=False, **kw)
-        out.loss.backward()
-        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+    grads = functools.partial(hf_grads, model, ids, use_cache=False)
 
     ref_loss, ref = grads(output_router_logits=True)
     plain_loss, plain = grads()
