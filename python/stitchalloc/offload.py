@@ -212,9 +212,10 @@ class Offload:
         self._ours = set()  # the forwards offload put on modules (_why_whole)
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
-        # (layer, block) -> why it runs as it is: a module in it kept a tensor in an attribute at
-        # its last call (_keeps_tensors, _keeping_before); layer -> the attribute snapshot of its
-        # attention block run as it is for that reason, from its norm to its self_attn call
+        # (layer, block) -> (reason, why) it runs as it is: a module in it kept a tensor in an
+        # attribute or changed a buffer at its last call (_changed_and_undone, _keeping_before);
+        # layer -> the state snapshot of its attention block run as it is for that reason, from
+        # its norm to its self_attn call
         self._keeping = {}
         self._watching = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
@@ -448,7 +449,7 @@ class Offload:
 
     def _keeping_before(self, i, block, top):
         """For a block whose last call kept a tensor in an attribute or changed a buffer
-        (_keeps_tensors): this call runs as it is too, and the snapshot returned watches it
+        (_changed_and_undone): this call runs as it is too, and the snapshot returned watches it
         (_keeping_after). None for others."""
         reason = self._keeping.get((i, block))
         if reason is None:
@@ -462,7 +463,7 @@ class Offload:
         if not _changed_state(snapshot):
             self._keeping.pop((i, block), None)
 
-    def _keeps_tensors(self, i, block, snapshot):
+    def _changed_and_undone(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
         an attribute or changed a buffer during the call (_changed_state). What it kept has no
         autograd graph (and, from the MLP's ranges, only the last range's tokens), so a loss using
@@ -667,7 +668,7 @@ class Offload:
             rest = h.narrow(-2, k, tokens - k).contiguous()
             parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
                                            me._recompute_chunk, rest, *params()))
-            if me._keeps_tensors(i, "mlp", snapshot):
+            if me._changed_and_undone(i, "mlp", snapshot):
                 return None  # the caller runs it again as it is
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
@@ -744,7 +745,7 @@ class Offload:
             state = _AttentionState(me, pack, run)
             snapshot = _state_snapshot(torch, (norm, attn))
             y = _AttentionReplay.apply(state, x, *params())
-            if me._keeps_tensors(i, "self_attn", snapshot):
+            if me._changed_and_undone(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).
                 del y, state
                 if args:
@@ -879,8 +880,9 @@ def _state_snapshot(torch, top):
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
     and submodules sit in tables of their own there, whose identity does not change), and for
     a module with buffers, each buffer with its version counter and a copy of its values, to
-    undo a change made in place. This runs at every token-wise block call; transformers' Llama
-    family has no buffers inside its blocks (the rotary tables are the model's)."""
+    undo a change made in place. This runs at every token-wise block call; of transformers' Llama
+    family only DeepSeek-V3 has a buffer inside its blocks (its router's, a float per expert;
+    the rotary tables are the model's)."""
     snapshot = []
     for module in _block_modules(top):
         tables = module.__dict__

@@ -1147,7 +1147,7 @@ _FAMILIES = {
 def test_transformers_llama_families_split_token_wise(family):
     # Under "recompute", in ranges of 16 tokens: the plain model's loss and gradients, a fraction
     # of what "swap" swaps, and no block run as it is (none of these keeps a tensor in an
-    # attribute, or has a hook inside).
+    # attribute or changes a buffer inside a block, or has a hook there).
     transformers = pytest.importorskip("transformers")
     if family not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no {family}")
