@@ -22,7 +22,9 @@ function). A block runs as it is (its saved tensors swapped) in a call where a h
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
 and in a call where a module in it keeps a tensor in an attribute or changes a buffer
 (``_changed_state``: a token-wise call that did is undone and runs again as it is, and the
-block's next calls run as they are until one changes neither):
+block's next calls run as they are until one changes neither; one that does so only while
+autograd records is seen in the recompute, ``_changed_in_recompute``, and runs as it is from
+its next call):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -489,6 +491,34 @@ class Offload:
         self._whole(i, block, *reason)
         return True
 
+    def _changed_in_recompute(self, i, block, top, run):
+        """``run()``, a recompute of layer i's token-wise ``block`` before its backward, watched:
+        a module state change there that the forward's call did not make (or it would have been
+        caught then, _changed_and_undone) means that the block's forward depends on whether
+        autograd records (``torch.is_grad_enabled()``, ``requires_grad``), and that this step's
+        forward, token-wise, ran without that change. What the recompute changed stays (a count
+        made only when autograd records comes out as without offload); the block runs as it is
+        from its next call (_keeping_before), with a warning."""
+        if (i, block) in self._keeping:
+            return run()
+        snapshot = _state_snapshot(self._torch, top)
+        out = run()
+        changed = _changed_state(snapshot)
+        if changed:
+            module, kind, name = changed[0][:3]
+            path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
+            what = f"its attribute '{name}' (a tensor)" if kind == "attribute" else f"its buffer '{name}'"
+            reason = f"{path} ({type(module).__name__}) changes {what} only when autograd records"
+            self._keeping[i, block] = (reason, "token-wise, the block runs without autograd in the forward")
+            if reason in self._warned_whole:
+                return out
+            self._warned_whole.add(reason)
+            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block: {path} ({type(module).__name__}) "
+                  f"changed {what} in the recompute before the block's backward, and not in its forward, which "
+                  "runs without autograd token-wise: this step's forward ran without that change. The block runs as "
+                  "it is from its next call.")
+        return out
+
     def _whole(self, i, block, reason, why=None):
         self._run_whole += 1
         if reason not in self._warned_whole:
@@ -614,6 +644,9 @@ class Offload:
             return (*norm.parameters(), *mlp.parameters())
 
         def block(h):
+            me = owner()
+            if me is not None and _in_backward(torch):  # the recompute, before the layer's backward
+                return me._changed_in_recompute(i, "mlp", (norm, mlp), lambda: mlp_forward(norm_forward(h)))
             return mlp_forward(norm_forward(h))
 
         def fused(h):
@@ -739,8 +772,14 @@ class Offload:
             del stripped
 
             def run(h):
-                a, kw = rebuild(norm_forward(h))
-                return attn_forward(*a, **kw)
+                def call():
+                    a, kw = rebuild(norm_forward(h))
+                    return attn_forward(*a, **kw)
+
+                me = owner()
+                if me is not None and _in_backward(torch):  # the replay before the layer's backward
+                    return me._changed_in_recompute(i, "self_attn", (norm, attn), call)
+                return call()
 
             state = _AttentionState(me, pack, run)
             snapshot = _state_snapshot(torch, (norm, attn))
@@ -1053,8 +1092,6 @@ def _in_backward(torch):
     """Whether a backward pass is running on this thread."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
-
-
 
 
 def _find_layers(model):

@@ -1732,6 +1732,75 @@ def test_a_buffer_changed_in_place_inside_a_token_wise_block(where, policy):
     assert backend.live == {}
 
 
+class WhileRecording(torch.nn.Module):
+    """A module that keeps its input and counts tokens only while autograd records (as code that
+    adds an auxiliary loss only in training steps does)."""
+
+    kept = None
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.kept = x
+            self.seen += x.shape[:-1].numel()
+        return x
+
+
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+def test_a_forward_that_depends_on_autograd_recording(where):
+    # Token-wise, a block's forward runs without autograd and its recompute with it: a module
+    # that keeps a tensor or counts only while autograd records did so in the recompute, not in
+    # the forward, so the first step's loss lacked its term. That is seen in the recompute (one
+    # warning), and the block runs as it is from the next call: the next step is as without
+    # offload. The count is right in both (the recompute counted what the forward did not).
+    import copy
+
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    watched = []
+    for layer in model.layers:
+        parent_name, name = where.rsplit(".", 1)
+        parent = layer.get_submodule(parent_name)
+        setattr(parent, name, torch.nn.Sequential(getattr(parent, name), WhileRecording()))
+        watched.append(parent.get_submodule(name)[1])
+    reference = copy.deepcopy(model)
+
+    def step(m, modules):
+        m.zero_grad(set_to_none=True)
+        loss = m.loss(batch)
+        loss = loss + sum(w.kept.pow(2).mean() for w in modules if w.kept is not None)
+        for w in modules:
+            w.kept = None
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    reference_watched = [layer.get_submodule(where)[1] for layer in reference.layers]
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
+        with pytest.warns(UserWarning, match=r"\(WhileRecording\) changed its attribute 'kept' \(a tensor\) in the "
+                                             r"recompute") as record:
+            ref_loss, _ = step(reference, reference_watched)
+            loss, _ = step(model, watched)
+        assert float(ref_loss) - float(loss) > 1e-3  # the first step ran without the kept term
+        assert sum("recompute before the block's backward" in str(w.message) for w in record) == 1
+        assert off.stats()["blocks_run_whole"] == 0
+        for a, b in zip(reference.buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # told once already
+            ref_loss, ref = step(reference, reference_watched)
+            loss, got = step(model, watched)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        for a, b in zip(reference.buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+        assert off.stats()["blocks_run_whole"] == 3
+    assert backend.live == {}
+
+
 @pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
 def test_hooks_on_the_modules_a_block_is_called_through(policy):
     # The token-wise blocks are called through input_layernorm / self_attn and
