@@ -1554,17 +1554,39 @@ class KeepingLinear(torch.nn.Linear):
         return self.kept
 
 
-def keeping(model, where):
-    """Replaces the projection ``where`` of each layer by a KeepingLinear with its weights."""
-    kept = []
+def in_each_layer(model, where, make):
+    """Puts ``make(old)`` where each layer has the module ``where`` (old); returns the new ones."""
+    made = []
     for layer in model.layers:
         parent_name, name = where.rsplit(".", 1)
-        parent, old = layer.get_submodule(parent_name), layer.get_submodule(where)
-        new = KeepingLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+        parent = layer.get_submodule(parent_name)
+        made.append(make(getattr(parent, name)))
+        setattr(parent, name, made[-1])
+    return made
+
+
+def projection(cls):
+    """For in_each_layer: a ``cls`` (an nn.Linear) with the old projection's weights."""
+    def make(old):
+        new = cls(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
         new.weight = old.weight
-        setattr(parent, name, new)
-        kept.append(new)
-    return kept
+        return new
+    return make
+
+
+def after(cls):
+    """For in_each_layer: a Sequential of the old module and a new ``cls()`` (its [1])."""
+    return lambda old: torch.nn.Sequential(old, cls())
+
+
+def assert_same_step(expected, got, reference=None, model=None):
+    """Loss and gradients (and buffers, given both models) as the step without offload."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    for a, b in zip(expected[1], got[1]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    if reference is not None:
+        for a, b in zip(reference.buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
@@ -1576,7 +1598,7 @@ def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
     # lost, silently (before 2026-11-24). Now the attribute is seen to change: that call runs
     # again as it is, and so do the block's next calls while they keep one, with one warning.
     model, batch = make_model(layers=3, sdpa=True), tokens()
-    kept = keeping(model, where)
+    kept = in_each_layer(model, where, projection(KeepingLinear))
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -1589,10 +1611,7 @@ def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
     with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
         with pytest.warns(UserWarning, match=r"\(KeepingLinear\) keeps a tensor in its attribute 'kept'") as record:
             for _ in range(2):
-                loss, got = step()
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                for a, b in zip(ref, got):
-                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+                assert_same_step((ref_loss, ref), step())
         assert sum("runs as it is" in str(w.message) for w in record) == 1
         assert off.stats()["blocks_run_whole"] == 2 * 3
     assert backend.live == {}
@@ -1619,20 +1638,13 @@ def test_attributes_holding_no_tensor_leave_the_split_alone():
     # split, with no warning. A dict holding a tensor is a tensor kept, as a bare one is.
     model, batch = make_model(layers=3, sdpa=True), tokens()
     ref_loss, ref = grads_of(model, batch)
-    counting = []
-    for layer in model.layers:
-        old = layer.mlp.up_proj
-        layer.mlp.up_proj = CountingLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
-        layer.mlp.up_proj.weight = old.weight
-        counting.append(layer.mlp.up_proj)
+    counting = in_each_layer(model, "mlp.up_proj", projection(CountingLinear))
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            loss, got = grads_of(model, batch)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-        for a, b in zip(ref, got):
-            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+            got = grads_of(model, batch)
+        assert_same_step((ref_loss, ref), got)
         assert off.stats()["blocks_run_whole"] == 0
         assert all(m.calls > 1 for m in counting)  # the forward's ranges and the recompute's
         for m in counting:
@@ -1654,30 +1666,22 @@ class LazyMask(torch.nn.Module):
         return x * self.mask
 
 
-@pytest.mark.parametrize("where", ["mlp", "self_attn"])
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
 def test_a_tensor_kept_once_splits_the_block_again(where):
     # A tensor kept at the first call only: that call runs twice (token-wise, then as it is),
     # the next one as it is, watched; it keeps nothing, so the block splits again after it.
     model, batch = make_model(layers=3, sdpa=True), tokens()
     ref_loss, ref = grads_of(model, batch)
-    for layer in model.layers:
-        inner = layer.mlp.up_proj if where == "mlp" else layer.self_attn.v_proj
-        wrapped = torch.nn.Sequential(inner, LazyMask())
-        if where == "mlp":
-            layer.mlp.up_proj = wrapped
-        else:
-            layer.self_attn.v_proj = wrapped
+    in_each_layer(model, where, after(LazyMask))
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
         swapped = []
         with pytest.warns(UserWarning, match=r"\(LazyMask\) keeps a tensor in its attribute 'mask'") as record:
             for step in range(3):
                 backend.bytes_out = 0
-                loss, got = grads_of(model, batch)
+                got = grads_of(model, batch)
                 swapped.append(backend.bytes_out)
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                for a, b in zip(ref, got):
-                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+                assert_same_step((ref_loss, ref), got)
                 assert off.stats()["blocks_run_whole"] == 3 * min(step + 1, 2)
         assert sum("runs as it is" in str(w.message) for w in record) == 1
         assert swapped[0] > swapped[2] and swapped[1] > swapped[2]  # whole, then split again
@@ -1710,22 +1714,13 @@ def test_a_buffer_changed_in_place_inside_a_token_wise_block(where, policy):
     import copy
 
     model, batch = make_model(layers=3, sdpa=True), tokens()
-    for layer in model.layers:
-        parent_name, name = where.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        setattr(parent, name, torch.nn.Sequential(getattr(parent, name), TokenStats()))
+    in_each_layer(model, where, after(TokenStats))
     reference = copy.deepcopy(model)
     backend = RecordingBackend()
     with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
         with pytest.warns(UserWarning, match=r"\(TokenStats\) changes its buffer 'seen'") as record:
             for step in range(2):
-                ref_loss, ref = grads_of(reference, batch)
-                loss, got = grads_of(model, batch)
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                for a, b in zip(ref, got):
-                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-                for a, b in zip(reference.buffers(), model.buffers()):
-                    torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+                assert_same_step(grads_of(reference, batch), grads_of(model, batch), reference, model)
         assert next(model.buffers()) == 2 * batch.shape[0] * (batch.shape[1] - 1)  # two steps' tokens
         assert sum("runs as it is" in str(w.message) for w in record) == 1
         assert off.stats()["blocks_run_whole"] == 2 * 3
@@ -1759,12 +1754,8 @@ def test_a_forward_that_depends_on_autograd_recording(where):
     import copy
 
     model, batch = make_model(layers=3, sdpa=True), tokens()
-    watched = []
-    for layer in model.layers:
-        parent_name, name = where.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        setattr(parent, name, torch.nn.Sequential(getattr(parent, name), WhileRecording()))
-        watched.append(parent.get_submodule(name)[1])
+    in_each_layer(model, where, after(WhileRecording))
+    watched = [layer.get_submodule(where)[1] for layer in model.layers]
     reference = copy.deepcopy(model)
 
     def step(m, modules):
@@ -1790,13 +1781,9 @@ def test_a_forward_that_depends_on_autograd_recording(where):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # told once already
-            ref_loss, ref = step(reference, reference_watched)
-            loss, got = step(model, watched)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-        for a, b in zip(ref, got):
-            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        for a, b in zip(reference.buffers(), model.buffers()):
-            torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+            expected = step(reference, reference_watched)
+            got = step(model, watched)
+        assert_same_step(expected, got, reference, model)
         assert off.stats()["blocks_run_whole"] == 3
     assert backend.live == {}
 
