@@ -477,14 +477,13 @@ class Offload:
         if not changed:
             return False
         _restore_state(self._torch, changed)
-        module, kind, name = changed[0][:3]
-        path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
+        who, kind, name = self._who(i, changed[0])
         if kind == "attribute":
-            reason = (f"{path} ({type(module).__name__}) keeps a tensor in its attribute '{name}'",
+            reason = (f"{who} keeps a tensor in its attribute '{name}'",
                       "token-wise, the block would run without autograd in the forward, in token ranges, so what "
                       "it keeps would have no gradient and only the last range's tokens")
         else:
-            reason = (f"{path} ({type(module).__name__}) changes its buffer '{name}'",
+            reason = (f"{who} changes its buffer '{name}'",
                       "token-wise, the block would run in token ranges in the forward and again before its "
                       "backward, changing the buffer once per range and again in the recompute")
         self._keeping[i, block] = reason
@@ -505,28 +504,35 @@ class Offload:
         out = run()
         changed = _changed_state(snapshot)
         if changed:
-            module, kind, name = changed[0][:3]
-            path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
+            who, kind, name = self._who(i, changed[0])
             what = f"its attribute '{name}' (a tensor)" if kind == "attribute" else f"its buffer '{name}'"
-            reason = f"{path} ({type(module).__name__}) changes {what} only when autograd records"
+            reason = f"{who} changes {what} only when autograd records"
             self._keeping[i, block] = (reason, "token-wise, the block runs without autograd in the forward")
-            if reason in self._warned_whole:
-                return out
-            self._warned_whole.add(reason)
-            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block: {path} ({type(module).__name__}) "
-                  f"changed {what} in the recompute before the block's backward, and not in its forward, which "
-                  "runs without autograd token-wise: this step's forward ran without that change. The block runs as "
-                  "it is from its next call.")
+            self._warn_once(reason, f"stitchalloc.offload: layer {i}'s {block} block: {who} changed {what} in the "
+                            "recompute before the block's backward, and not in its forward, which runs without "
+                            "autograd token-wise: this step's forward ran without that change. The block runs as it "
+                            "is from its next call.")
         return out
+
+    def _who(self, i, change):
+        """'path (type)' of the module a _changed_state entry of layer i names, the kind, the name."""
+        module, kind, name = change[:3]
+        path = next((n for n, m in self._layers[i].named_modules() if m is module), "?")
+        return f"{path} ({type(module).__name__})", kind, name
+
+    def _warn_once(self, reason, message):
+        if reason not in self._warned_whole:
+            self._warned_whole.add(reason)
+            _warn(self._torch, message)
 
     def _whole(self, i, block, reason, why=None):
         self._run_whole += 1
-        if reason not in self._warned_whole:
-            self._warned_whole.add(reason)
-            why = why or ("token-wise, it would run without autograd in the forward, so a tensor kept from inside it "
-                          "would have no gradient, or a hook would see another module's tensors")
-            _warn(self._torch, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors "
-                  f"swapped, none recomputed) while {reason}: {why}")
+        if reason in self._warned_whole:
+            return  # told already: no message built at every call run as it is
+        why = why or ("token-wise, it would run without autograd in the forward, so a tensor kept from inside it "
+                      "would have no gradient, or a hook would see another module's tensors")
+        self._warn_once(reason, f"stitchalloc.offload: layer {i}'s {block} block runs as it is (its saved tensors "
+                        f"swapped, none recomputed) while {reason}: {why}")
 
     def _count_local(self, nbytes):
         if self._measure is not None:
