@@ -3,9 +3,9 @@
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
 the call, whether a module in it kept a tensor in an attribute or changed a buffer
-(_state_snapshot before, _changed_state after; _attribute_snapshot and _kept_tensors in their
-first form, attributes only). This times both, outside any model run, for transformers' Llama, Mixtral
-and Qwen2-MoE layers (small shapes: the checks walk modules, not tensors, so their cost does not
+(_state_snapshot before, _changed_state after; absent before 2026-11-24, then printed as
+"(none)"). This times both, outside any model run, for transformers' Llama, Mixtral and Qwen2-MoE
+layers (small shapes: the checks walk modules, not tensors, so their cost does not
 depend on the sizes). timeit, best of --repeat x --number calls.
 
     .venv/bin/python bench/offload_block_checks.py   (PYTHONPATH=python, or stitchalloc installed)
@@ -38,14 +38,8 @@ def main():
     import transformers
 
     offload = importlib.import_module("stitchalloc.offload")
-    if hasattr(offload, "_state_snapshot"):
-        def state_check(top):
-            return offload._changed_state(offload._state_snapshot(torch, top))
-    elif hasattr(offload, "_attribute_snapshot"):
-        def state_check(top):
-            return offload._kept_tensors(torch, offload._attribute_snapshot(top))
-    else:
-        state_check = None
+    state_check = ((lambda top: offload._changed_state(offload._state_snapshot(torch, top)))
+                   if hasattr(offload, "_state_snapshot") else None)
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
     print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")
