@@ -2,9 +2,9 @@
 
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
-the call, whether a module in it kept a tensor in an attribute or changed a buffer
-(_state_snapshot before, _changed_state after; absent before 2026-11-24, then printed as
-"(none)"). This times both, outside any model run, for transformers' Llama, Mixtral and Qwen2-MoE
+the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-25, put one into a
+list or dict it holds) or changed a buffer (_state_snapshot before, _changed_state after;
+absent before 2026-11-24, then printed as "(none)"). This times both, outside any model run, for transformers' Llama, Mixtral and Qwen2-MoE
 layers (small shapes: the checks walk modules, not tensors, so their cost does not
 depend on the sizes). timeit, best of --repeat x --number calls.
 
@@ -22,6 +22,12 @@ def layers(transformers):
     small = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2)
     yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    # The same with a list held by a projection in each block (an auxiliary loss collected):
+    # the state check then also copies and compares that list (from 2026-11-25).
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    model.model.layers[0].mlp.up_proj.collected = []
+    model.model.layers[0].self_attn.v_proj.collected = []
+    yield "llama+list", model
     yield "mixtral", transformers.MixtralForCausalLM(transformers.MixtralConfig(
         **small, num_local_experts=8, num_experts_per_tok=2))
     yield "qwen2_moe", transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(

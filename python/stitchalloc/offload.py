@@ -20,8 +20,8 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
-and in a call where a module in it keeps a tensor in an attribute or changes a buffer
-(``_changed_state``: a token-wise call that did is undone and runs again as it is, and the
+and in a call where a module in it keeps a tensor in an attribute (or in a list or dict it
+holds) or changes a buffer (``_changed_state``: a token-wise call that did is undone and runs again as it is, and the
 block's next calls run as they are until one changes neither; one that does so only while
 autograd records is seen in the recompute, ``_changed_in_recompute``, and runs as it is from
 its next call):
@@ -60,6 +60,7 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 (``stitchalloc.offload_plan``), with the host memory capped by the pinned pool's limit.
 """
 
+import collections
 import operator
 import os
 import statistics
@@ -215,7 +216,7 @@ class Offload:
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
         # (layer, block) -> (reason, why) it runs as it is: a module in it kept a tensor in an
-        # attribute or changed a buffer at its last call (_changed_and_undone, _keeping_before);
+        # attribute (or a container it holds) or changed a buffer at its last call (_changed_and_undone, _keeping_before);
         # layer -> the state snapshot of its attention block run as it is for that reason, from
         # its norm to its self_attn call
         self._keeping = {}
@@ -450,8 +451,8 @@ class Offload:
         return True
 
     def _keeping_before(self, i, block, top):
-        """For a block whose last call kept a tensor in an attribute or changed a buffer
-        (_changed_and_undone): this call runs as it is too, and the snapshot returned watches it
+        """For a block whose last call kept a tensor in an attribute (or a container it holds) or
+        changed a buffer (_changed_and_undone): this call runs as it is too, and the snapshot returned watches it
         (_keeping_after). None for others."""
         reason = self._keeping.get((i, block))
         if reason is None:
@@ -467,10 +468,11 @@ class Offload:
 
     def _changed_and_undone(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
-        an attribute or changed a buffer during the call (_changed_state). What it kept has no
-        autograd graph (and, from the MLP's ranges, only the last range's tokens), so a loss using
-        it would be wrong; a buffer changed once per range, and would change again in the
-        recompute. Then attributes and buffers get back what they held before the call, the caller
+        an attribute (or put one in a list or dict it holds) or changed a buffer during the call
+        (_changed_state). What it kept has no autograd graph (and, from the MLP's ranges, only the
+        last range's tokens, or one per range), so a loss using it would be wrong; a buffer changed
+        once per range, and would change again in the recompute. Then attributes, containers and
+        buffers get back what they held before the call, the caller
         runs the call again as it is (which changes them as without offload), and the block's next
         calls run as they are until one changes neither (_keeping_before)."""
         changed = _changed_state(snapshot)
@@ -482,6 +484,10 @@ class Offload:
             reason = (f"{who} keeps a tensor in its attribute '{name}'",
                       "token-wise, the block would run without autograd in the forward, in token ranges, so what "
                       "it keeps would have no gradient and only the last range's tokens")
+        elif kind == "container":
+            reason = (f"{who} changes what its attribute '{name}' holds (a tensor)",
+                      "token-wise, the block would run without autograd in the forward, in token ranges, so what "
+                      "it puts there would have no gradient, once per range, and again in the recompute")
         else:
             reason = (f"{who} changes its buffer '{name}'",
                       "token-wise, the block would run in token ranges in the forward and again before its "
@@ -505,7 +511,8 @@ class Offload:
         changed = _changed_state(snapshot)
         if changed:
             who, kind, name = self._who(i, changed[0])
-            what = f"its attribute '{name}' (a tensor)" if kind == "attribute" else f"its buffer '{name}'"
+            what = {"attribute": f"its attribute '{name}' (a tensor)",
+                    "container": f"what its attribute '{name}' holds (a tensor)"}.get(kind, f"its buffer '{name}'")
             reason = f"{who} changes {what} only when autograd records"
             self._keeping[i, block] = (reason, "token-wise, the block runs without autograd in the forward")
             self._warn_once(reason, f"stitchalloc.offload: layer {i}'s {block} block: {who} changed {what} in the "
@@ -879,8 +886,8 @@ def _why_whole(torch, top, ours):
       each recompute range's gradient instead of the whole one.
     Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
-    hooks. A forward that keeps a tensor in an attribute or changes a buffer is seen after the
-    call (_changed_state)."""
+    hooks. A forward that keeps a tensor in an attribute (or a list or dict it holds) or changes
+    a buffer is seen after the call (_changed_state)."""
     for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
         if not (_torch_own(hook) or _recording(hook) is False):
             return f"a global forward hook ({_hook_name(hook)}) is registered"
@@ -923,11 +930,12 @@ def _state_snapshot(torch, top):
     """What the modules ``top`` and those inside them hold, as a call is about to run them
     (_changed_state): for each module, a copy of its ``__dict__`` (its plain attributes; the
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
-    and submodules sit in tables of their own there, whose identity does not change), and for
-    a module with buffers, each buffer with its version counter and a copy of its values, to
-    undo a change made in place. This runs at every token-wise block call; of transformers' Llama
-    family only DeepSeek-V3 has a buffer inside its blocks (its router's, a float per expert;
-    the rotary tables are the model's)."""
+    and submodules sit in tables of their own there, whose identity does not change), a copy of
+    each list, dict or deque among those attributes (_containers: an auxiliary loss appended to a
+    list the module holds), and for a module with buffers, each buffer with its version counter
+    and a copy of its values, to undo a change made in place. This runs at every token-wise block
+    call; of transformers' Llama family only DeepSeek-V3 has a buffer inside its blocks (its
+    router's, a float per expert; the rotary tables are the model's), and none a container."""
     snapshot = []
     for module in _block_modules(top):
         tables = module.__dict__
@@ -936,24 +944,71 @@ def _state_snapshot(torch, top):
         if buffers:
             with torch.no_grad():
                 saved = {name: (b, b._version, b.clone()) for name, b in buffers.items() if b is not None}
-        snapshot.append((module, tables.copy(), saved))
+        snapshot.append((module, tables.copy(), saved, _containers(tables)))
     return snapshot
+
+
+def _module_tables():
+    """The names of the tables nn.Module keeps in every module's ``__dict__`` (parameters,
+    buffers, submodules, hooks), and how many of them are of each container type."""
+    import torch
+
+    tables = torch.nn.Module().__dict__
+    kinds = list(map(type, tables.values()))
+    return frozenset(tables), tuple(kinds.count(kind) for kind in _CONTAINER_TYPES)
+
+
+_CONTAINER_TYPES = (list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
+_MODULE_TABLES = None
+
+
+def _containers(tables):
+    """[(name, container, copy)] for the lists, dicts (OrderedDict, defaultdict) and deques among a
+    module's plain attributes (``tables``, its ``__dict__``), or None where it has none. Counting
+    each container type among the values, against what nn.Module's own tables make, settles
+    almost every module at C speed (a Llama MLP block: six modules, no container of their own);
+    names are looked at only where that count is over."""
+    global _MODULE_TABLES
+    if _MODULE_TABLES is None:
+        _MODULE_TABLES = _module_tables()
+    names, own = _MODULE_TABLES
+    kinds = list(map(type, tables.values()))
+    if not any(kinds.count(kind) > n for kind, n in zip(_CONTAINER_TYPES, own)):
+        return None
+    found = [(name, value, value.copy()) for name, value in tables.items()
+             if type(value) in _CONTAINER_TYPES and name not in names]
+    return found or None
+
+
+def _same_contents(container, copy):
+    """Whether ``container`` holds the very objects ``copy`` (its copy, _containers) held."""
+    if len(container) != len(copy):
+        return False
+    if isinstance(container, dict):
+        return all(container.get(key, _MISSING) is value for key, value in copy.items())
+    return all(map(operator.is_, container, copy))
 
 
 def _changed_state(snapshot):
     """(module, kind, name, before) for what the call since ``snapshot`` changed: an attribute
     (kind "attribute") now holding a tensor, or a list, tuple or dict holding one (``before``
-    _MISSING where it is new); a buffer (kind "buffer") added, replaced or changed in place
-    (``before``: (tensor, version, copy), or _MISSING). Not seen: a tensor put into a container the
-    module already held (a list appended to), a tensor kept outside the block's modules."""
+    _MISSING where it is new); a list, dict or deque the module already held (kind "container",
+    ``before``: (container, copy)) whose contents changed, holding a tensor before or after; a
+    buffer (kind "buffer") added, replaced or changed in place (``before``: (tensor, version,
+    copy), or _MISSING). Not seen: a tensor put into a container nested in another, a tensor kept
+    outside the block's modules."""
     changed = []
-    for module, before, buffers in snapshot:
+    for module, before, buffers, containers in snapshot:
         now = module.__dict__
         if not (len(now) == len(before) and all(map(operator.is_, now.values(), before.values()))):
             for name, value in now.items():
                 old = before.get(name, _MISSING)
                 if old is not value and _holds_tensor(value):
                     changed.append((module, "attribute", name, old))
+        if containers is not None:
+            for name, container, copy in containers:
+                if not _same_contents(container, copy) and (_holds_tensor(container) or _holds_tensor(copy)):
+                    changed.append((module, "container", name, (container, copy)))
         current = now.get("_buffers")
         if buffers is None and not current:
             continue
@@ -969,13 +1024,19 @@ def _changed_state(snapshot):
 
 
 def _restore_state(torch, changed):
-    """Undoes what _changed_state found: attributes and buffers get back what they held."""
+    """Undoes what _changed_state found: attributes, containers and buffers get back what they
+    held."""
     for module, kind, name, before in changed:
         if kind == "attribute":
             if before is _MISSING:
                 del module.__dict__[name]
             else:
                 module.__dict__[name] = before
+            continue
+        if kind == "container":
+            container, copy = before
+            container.clear()
+            (container.update if isinstance(container, dict) else container.extend)(copy)
             continue
         if before is _MISSING:
             del module._buffers[name]
@@ -994,7 +1055,7 @@ def _holds_tensor(value):
         return True
     if isinstance(value, dict):
         value = value.values()
-    elif not isinstance(value, (list, tuple)):
+    elif not isinstance(value, (list, tuple, collections.deque)):
         return False
     return any(is_tensor(v) for v in value)
 

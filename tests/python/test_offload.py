@@ -7,6 +7,7 @@ manager itself runs through torch.ops.stitchalloc on the host driver (subprocess
 byte-exact, the kept last layer, cancel, statistics and errors.
 """
 
+import collections
 import functools
 import gc
 import os
@@ -1615,6 +1616,125 @@ def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
         assert sum("runs as it is" in str(w.message) for w in record) == 1
         assert off.stats()["blocks_run_whole"] == 2 * 3
     assert backend.live == {}
+
+
+class CollectingLinear(torch.nn.Linear):
+    """A projection that puts what it returns into a container it has held since it was made,
+    for the training loop to take (``take``): an auxiliary loss collected in a list, as some
+    mixture-of-experts layers collect theirs, or in a dict or a deque."""
+
+    def __init__(self, *args, container=list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.collected = container()
+
+    def forward(self, x):
+        out = super().forward(x)
+        if isinstance(self.collected, dict):
+            self.collected[len(self.collected)] = out
+        else:
+            self.collected.append(out)
+        return out
+
+    def take(self):
+        got = list(self.collected.values() if isinstance(self.collected, dict) else self.collected)
+        self.collected.clear()
+        return got
+
+
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+@pytest.mark.parametrize("container", [list, dict, collections.deque], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("policy", ["recompute", 0.5])
+def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, container, policy):
+    # As a tensor kept in an attribute, but put into a list, dict or deque the module already
+    # held: the attribute itself does not change, its contents do. Token-wise (before
+    # 2026-11-25), the container got one tensor per token range of the MLP, with no graph, and
+    # more in the recompute; a loss over them was wrong, silently. Now the contents are compared
+    # too: that call is undone and runs again as it is, and so do the block's next calls.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    collecting = in_each_layer(model, where, projection(functools.partial(CollectingLinear, container=container)))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        taken = [m.take() for m in collecting]
+        assert [len(t) for t in taken] == [1] * len(collecting)  # one call a step, every token
+        assert all(t[0].shape[-2] == batch.shape[-1] - 1 for t in taken)
+        loss = loss + sum(t[0].pow(2).mean() for t in taken)
+        loss.backward()
+        assert all(len(m.collected) == 0 for m in collecting)  # nothing put there in the recompute
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = step()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
+        with pytest.warns(UserWarning, match=r"\(CollectingLinear\) changes what its attribute 'collected' holds"):
+            for _ in range(2):
+                assert_same_step((ref_loss, ref), step())
+        assert off.stats()["blocks_run_whole"] == 2 * 3
+    assert backend.live == {}
+
+
+class CollectingWhileRecording(CollectingLinear):
+    """A CollectingLinear that collects only while autograd records."""
+
+    def forward(self, x):
+        return super().forward(x) if torch.is_grad_enabled() else torch.nn.Linear.forward(self, x)
+
+
+def test_a_container_filled_only_while_autograd_records():
+    # Token-wise, the forward runs without autograd: nothing is collected there, and the
+    # recompute before the backward collects instead. That is seen in the recompute (one
+    # warning), and the MLP block runs as it is from its next call, which collects as without
+    # offload.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    collecting = in_each_layer(model, "mlp.up_proj", projection(CollectingWhileRecording))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        taken = [m.take() for m in collecting]
+        loss = loss + sum(t.pow(2).mean() for got in taken for t in got)
+        loss.backward()
+        return (loss.detach(), [p.grad.clone() for p in model.parameters()]), taken
+
+    expected, _ = step()
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
+        with pytest.warns(UserWarning, match=r"\(CollectingWhileRecording\) changed what its attribute 'collected' "
+                                             r"holds \(a tensor\) in the recompute"):
+            _, taken = step()
+        assert taken == [[]] * 3  # the forward collected nothing
+        assert all(len(m.collected) > 1 for m in collecting)  # the recompute did, chunk by chunk
+        for m in collecting:
+            m.take()
+        got, taken = step()
+        assert_same_step(expected, got)
+        assert [len(t) for t in taken] == [1] * 3
+        assert off.stats()["blocks_run_whole"] == 3
+    assert backend.live == {}
+
+
+def test_a_container_changed_without_tensors_leaves_the_split_alone():
+    # A list of shapes logged at each call holds no tensor of the block: the block still splits.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+
+    class ShapeLogging(torch.nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shapes = []
+
+        def forward(self, x):
+            self.shapes.append(tuple(x.shape))
+            return super().forward(x)
+
+    logging = in_each_layer(model, "mlp.up_proj", projection(ShapeLogging))
+    with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend(), recompute_chunk=7) as off:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_same_step((ref_loss, ref), grads_of(model, batch))
+        assert off.stats()["blocks_run_whole"] == 0
+    assert all(len(m.shapes) > 2 for m in logging)  # reference call, forward ranges, recompute chunks
 
 
 class CountingLinear(torch.nn.Linear):
