@@ -2,7 +2,7 @@
 
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
-the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-25, put one into a
+the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-24, put one into a
 list or dict it holds) or changed a buffer (_state_snapshot before, _changed_state after;
 absent before 2026-11-24, then printed as "(none)"). This times both, outside any model run, for transformers' Llama, Mixtral and Qwen2-MoE
 layers (small shapes: the checks walk modules, not tensors, so their cost does not
@@ -13,6 +13,7 @@ depend on the sizes). timeit, best of --repeat x --number calls.
 
 import argparse
 import importlib
+import inspect
 import platform
 import sys
 import timeit
@@ -23,7 +24,7 @@ def layers(transformers):
                  num_key_value_heads=2)
     yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
     # The same with a list held by a projection in each block (an auxiliary loss collected):
-    # the state check then also copies and compares that list (from 2026-11-25).
+    # the state check then also copies and compares that list (from 2026-11-24).
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
     model.model.layers[0].mlp.up_proj.collected = []
     model.model.layers[0].self_attn.v_proj.collected = []
@@ -44,8 +45,13 @@ def main():
     import transformers
 
     offload = importlib.import_module("stitchalloc.offload")
-    state_check = ((lambda top: offload._changed_state(offload._state_snapshot(torch, top)))
-                   if hasattr(offload, "_state_snapshot") else None)
+    state_check = None
+    if hasattr(offload, "_state_snapshot"):
+        # From 2026-11-24 offload keeps a dict between calls for the container look (quiet).
+        takes_quiet = "quiet" in inspect.signature(offload._state_snapshot).parameters
+        quiet = {}
+        state_check = (lambda top: offload._changed_state(offload._state_snapshot(torch, top, quiet))) if takes_quiet \
+            else (lambda top: offload._changed_state(offload._state_snapshot(torch, top)))
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
     print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")

@@ -220,6 +220,7 @@ class Offload:
         # layer -> the state snapshot of its attention block run as it is for that reason, from
         # its norm to its self_attn call
         self._keeping = {}
+        self._quiet = {}  # module -> its attributes, while it holds no container or tensor (_containers)
         self._watching = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
         # block's token-local part; "auto" does too, whatever alpha its plan gives.
@@ -458,7 +459,7 @@ class Offload:
         if reason is None:
             return None
         self._whole(i, block, *reason)
-        return _state_snapshot(self._torch, top)
+        return _state_snapshot(self._torch, top, self._quiet)
 
     def _keeping_after(self, i, block, snapshot):
         """After a call that _keeping_before watched: a call that changed nothing ends the running
@@ -506,7 +507,7 @@ class Offload:
         from its next call (_keeping_before), with a warning."""
         if (i, block) in self._keeping:
             return run()
-        snapshot = _state_snapshot(self._torch, top)
+        snapshot = _state_snapshot(self._torch, top, self._quiet)
         out = run()
         changed = _changed_state(snapshot)
         if changed:
@@ -704,7 +705,7 @@ class Offload:
             source = me._attention_states.pop(i, None)
             if source is not None and not source.is_residual_of(h):
                 source = None
-            snapshot = _state_snapshot(torch, (norm, mlp))
+            snapshot = _state_snapshot(torch, (norm, mlp), me._quiet)
             parts = []
             if k > 0:
                 # With h recomputed, a view of it saved by the block would swap all of h: the
@@ -795,7 +796,7 @@ class Offload:
                 return call()
 
             state = _AttentionState(me, pack, run)
-            snapshot = _state_snapshot(torch, (norm, attn))
+            snapshot = _state_snapshot(torch, (norm, attn), me._quiet)
             y = _AttentionReplay.apply(state, x, *params())
             if me._changed_and_undone(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).
@@ -926,7 +927,7 @@ def _block_modules(top):
     return found
 
 
-def _state_snapshot(torch, top):
+def _state_snapshot(torch, top, quiet=None):
     """What the modules ``top`` and those inside them hold, as a call is about to run them
     (_changed_state): for each module, a copy of its ``__dict__`` (its plain attributes; the
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
@@ -935,7 +936,8 @@ def _state_snapshot(torch, top):
     list the module holds), and for a module with buffers, each buffer with its version counter
     and a copy of its values, to undo a change made in place. This runs at every token-wise block
     call; of transformers' Llama family only DeepSeek-V3 has a buffer inside its blocks (its
-    router's, a float per expert; the rotary tables are the model's), and none a container."""
+    router's, a float per expert; the rotary tables are the model's), and none a container.
+    ``quiet``: the caller's dict for _containers, kept between calls."""
     snapshot = []
     for module in _block_modules(top):
         tables = module.__dict__
@@ -944,40 +946,49 @@ def _state_snapshot(torch, top):
         if buffers:
             with torch.no_grad():
                 saved = {name: (b, b._version, b.clone()) for name, b in buffers.items() if b is not None}
-        snapshot.append((module, tables.copy(), saved, _containers(tables)))
+        # _containers' look, skipped here for a module whose attributes are as quiet has them
+        # (its call would cost a fifth of the check).
+        values = quiet.get(module) if quiet is not None else None
+        containers = (None if values is not None and len(values) == len(tables)
+                      and all(map(operator.is_, values, tables.values())) else _containers(module, tables, quiet))
+        snapshot.append((module, tables.copy(), saved, containers))
     return snapshot
 
 
-def _module_tables():
-    """The names of the tables nn.Module keeps in every module's ``__dict__`` (parameters,
-    buffers, submodules, hooks), and how many of them are of each container type."""
-    import torch
-
-    tables = torch.nn.Module().__dict__
-    kinds = list(map(type, tables.values()))
-    return frozenset(tables), tuple(kinds.count(kind) for kind in _CONTAINER_TYPES)
-
-
 _CONTAINER_TYPES = (list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
-_MODULE_TABLES = None
+_MODULE_TABLES = []  # the names of the tables nn.Module keeps in every module's __dict__
 
 
-def _containers(tables):
+def _containers(module, tables, quiet=None):
     """[(name, container, copy)] for the lists, dicts (OrderedDict, defaultdict) and deques among a
-    module's plain attributes (``tables``, its ``__dict__``), or None where it has none. Counting
-    each container type among the values, against what nn.Module's own tables make, settles
-    almost every module at C speed (a Llama MLP block: six modules, no container of their own);
-    names are looked at only where that count is over."""
-    global _MODULE_TABLES
-    if _MODULE_TABLES is None:
-        _MODULE_TABLES = _module_tables()
-    names, own = _MODULE_TABLES
-    kinds = list(map(type, tables.values()))
-    if not any(kinds.count(kind) > n for kind, n in zip(_CONTAINER_TYPES, own)):
-        return None
+    module's plain attributes (``tables``, its ``__dict__``; not nn.Module's own tables of
+    parameters, buffers, submodules and hooks), or None where it has none.
+
+    ``quiet`` (module -> the values of its ``__dict__``) saves the look at every value, which cost
+    three times the rest of the state check (17 us a Llama block call, of 25): a module found with
+    neither a container nor a tensor among its attributes is entered there, and while its
+    attributes are the very objects entered (an identity comparison, at C speed) it has none.
+    The entry holds those values, so none can be freed and another object take its address
+    unseen; none but nn.Module's own tables (its parameters, buffers and submodules, which the
+    module holds anyway) holds a tensor (one level down, as _holds_tensor looks), so no
+    activation is kept alive by it. A module holding a tensor or a container is looked at in full at each call."""
+    if not _MODULE_TABLES:
+        import torch
+
+        _MODULE_TABLES.append(frozenset(torch.nn.Module().__dict__))
+    own = _MODULE_TABLES[0]
     found = [(name, value, value.copy()) for name, value in tables.items()
-             if type(value) in _CONTAINER_TYPES and name not in names]
-    return found or None
+             if type(value) in _CONTAINER_TYPES and name not in own]
+    if found:
+        if quiet is not None:
+            quiet.pop(module, None)
+        return found
+    if quiet is not None:
+        if any(_holds_tensor(value) for name, value in tables.items() if name not in own):
+            quiet.pop(module, None)
+        else:
+            quiet[module] = tuple(tables.values())
+    return None
 
 
 def _same_contents(container, copy):

@@ -1647,7 +1647,7 @@ class CollectingLinear(torch.nn.Linear):
 def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, container, policy):
     # As a tensor kept in an attribute, but put into a list, dict or deque the module already
     # held: the attribute itself does not change, its contents do. Token-wise (before
-    # 2026-11-25), the container got one tensor per token range of the MLP, with no graph, and
+    # 2026-11-24), the container got one tensor per token range of the MLP, with no graph, and
     # more in the recompute; a loss over them was wrong, silently. Now the contents are compared
     # too: that call is undone and runs again as it is, and so do the block's next calls.
     model, batch = make_model(layers=3, sdpa=True), tokens()
@@ -2230,7 +2230,7 @@ def test_block_checks_bench_runs():
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
-    assert [(row[0], row[1]) for row in rows] == [(name, block) for name in ("llama", "mixtral", "qwen2_moe")
+    assert [(row[0], row[1]) for row in rows] == [(name, block) for name in ("llama", "llama+list", "mixtral", "qwen2_moe")
                                                   for block in ("self_attn", "mlp")]
     for row in rows:
         assert int(row[2]) >= 2 and float(row[3]) > 0 and float(row[4]) > 0
