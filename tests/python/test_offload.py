@@ -1714,6 +1714,40 @@ def test_a_container_filled_only_while_autograd_records():
     assert backend.live == {}
 
 
+class MaybeCollecting(CollectingLinear):
+    """A CollectingLinear that collects only once it has been given a container."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.collected = None
+
+    def forward(self, x):
+        return torch.nn.Linear.forward(self, x) if self.collected is None else super().forward(x)
+
+
+def test_a_container_given_between_steps_is_seen():
+    # A module with neither a container nor a tensor is remembered with its attributes (offload
+    # looks at their types again only when one is another object): a list given to it between
+    # steps is seen at its next call, as one it held from the start.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    collecting = in_each_layer(model, "mlp.up_proj", projection(MaybeCollecting))
+    ref_loss, ref = grads_of(model, batch)
+    with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend(), recompute_chunk=7) as off:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_same_step((ref_loss, ref), grads_of(model, batch))
+        assert off.stats()["blocks_run_whole"] == 0
+        assert all(m in off._quiet for m in collecting)
+        for m in collecting:
+            m.collected = []
+        with pytest.warns(UserWarning, match=r"\(MaybeCollecting\) changes what its attribute 'collected' holds"):
+            got = grads_of(model, batch)
+        assert_same_step((ref_loss, ref), got)
+        assert [len(m.collected) for m in collecting] == [1] * 3  # one call, every token, no recompute's
+        assert all(m.collected[0].shape[-2] == batch.shape[-1] - 1 for m in collecting)
+        assert off.stats()["blocks_run_whole"] == 3
+
+
 def test_a_container_changed_without_tensors_leaves_the_split_alone():
     # A list of shapes logged at each call holds no tensor of the block: the block still splits.
     model, batch = make_model(layers=3, sdpa=True), tokens()
