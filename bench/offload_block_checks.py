@@ -2,10 +2,11 @@
 
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
-the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-24, put one into a
-list or dict it holds) or changed a buffer (_state_snapshot before, _changed_state after;
-absent before 2026-11-24, then printed as "(none)"). This times both, outside any model run, for transformers' Llama, Mixtral and Qwen2-MoE
-layers (small shapes: the checks walk modules, not tensors, so their cost does not
+the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-24, put one
+into a list or dict it holds) or changed a buffer (_state_snapshot before, _changed_state after;
+absent before 2026-11-24, then printed as "(none)"). This times both, outside any model run, for
+transformers' Llama (also with a list held by two projections, "llama+list"), Mixtral and
+Qwen2-MoE layers (small shapes: the checks walk modules, not tensors, so their cost does not
 depend on the sizes). timeit, best of --repeat x --number calls.
 
     .venv/bin/python bench/offload_block_checks.py   (PYTHONPATH=python, or stitchalloc installed)

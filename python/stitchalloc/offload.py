@@ -21,10 +21,10 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
 and in a call where a module in it keeps a tensor in an attribute (or in a list or dict it
-holds) or changes a buffer (``_changed_state``: a token-wise call that did is undone and runs again as it is, and the
-block's next calls run as they are until one changes neither; one that does so only while
-autograd records is seen in the recompute, ``_changed_in_recompute``, and runs as it is from
-its next call):
+holds) or changes a buffer (``_changed_state``: a token-wise call that did is undone and runs
+again as it is, and the block's next calls run as they are until one changes neither; one that
+does so only while autograd records is seen in the recompute, ``_changed_in_recompute``, and
+runs as it is from its next call):
 
 - the attention block (``self_attn(input_layernorm(x))``) saves only the layer input x and what
   the attention core itself produced: when the block calls F.scaled_dot_product_attention and
@@ -216,7 +216,8 @@ class Offload:
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
         # (layer, block) -> (reason, why) it runs as it is: a module in it kept a tensor in an
-        # attribute (or a container it holds) or changed a buffer at its last call (_changed_and_undone, _keeping_before);
+        # attribute (or a container it holds) or changed a buffer at its last call
+        # (_changed_and_undone, _keeping_before);
         # layer -> the state snapshot of its attention block run as it is for that reason, from
         # its norm to its self_attn call
         self._keeping = {}
@@ -453,8 +454,8 @@ class Offload:
 
     def _keeping_before(self, i, block, top):
         """For a block whose last call kept a tensor in an attribute (or a container it holds) or
-        changed a buffer (_changed_and_undone): this call runs as it is too, and the snapshot returned watches it
-        (_keeping_after). None for others."""
+        changed a buffer (_changed_and_undone): this call runs as it is too, and the snapshot
+        returned watches it (_keeping_after). None for others."""
         reason = self._keeping.get((i, block))
         if reason is None:
             return None
@@ -473,9 +474,9 @@ class Offload:
         (_changed_state). What it kept has no autograd graph (and, from the MLP's ranges, only the
         last range's tokens, or one per range), so a loss using it would be wrong; a buffer changed
         once per range, and would change again in the recompute. Then attributes, containers and
-        buffers get back what they held before the call, the caller
-        runs the call again as it is (which changes them as without offload), and the block's next
-        calls run as they are until one changes neither (_keeping_before)."""
+        buffers get back what they held before the call, the caller runs the call again as it is
+        (which changes them as without offload), and the block's next calls run as they are until
+        one changes neither (_keeping_before)."""
         changed = _changed_state(snapshot)
         if not changed:
             return False
@@ -964,14 +965,15 @@ def _containers(module, tables, quiet=None):
     module's plain attributes (``tables``, its ``__dict__``; not nn.Module's own tables of
     parameters, buffers, submodules and hooks), or None where it has none.
 
-    ``quiet`` (module -> the values of its ``__dict__``) saves the look at every value, which cost
-    three times the rest of the state check (17 us a Llama block call, of 25): a module found with
-    neither a container nor a tensor among its attributes is entered there, and while its
-    attributes are the very objects entered (an identity comparison, at C speed) it has none.
-    The entry holds those values, so none can be freed and another object take its address
-    unseen; none but nn.Module's own tables (its parameters, buffers and submodules, which the
-    module holds anyway) holds a tensor (one level down, as _holds_tensor looks), so no
-    activation is kept alive by it. A module holding a tensor or a container is looked at in full at each call."""
+    ``quiet`` (module -> the values of its ``__dict__``) saves this look at every value, which made
+    the state check 23-28 us a Llama block call instead of 8-12 (13-17 with ``quiet``;
+    bench/offload_block_checks.py): a module found with neither a container nor a tensor among
+    its attributes is entered there, and while its attributes are the very objects entered (an
+    identity comparison, at C speed; _state_snapshot) it has none. The entry holds those values,
+    so none can be freed and another object take its address unseen; none but nn.Module's own
+    tables (its parameters, buffers and submodules, which the module holds anyway) holds a tensor
+    (one level down, as _holds_tensor looks), so no activation is kept alive by it. A module
+    holding a tensor or a container is looked at in full at each call."""
     if not _MODULE_TABLES:
         import torch
 

@@ -2264,8 +2264,8 @@ def test_block_checks_bench_runs():
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
-    assert [(row[0], row[1]) for row in rows] == [(name, block) for name in ("llama", "llama+list", "mixtral", "qwen2_moe")
-                                                  for block in ("self_attn", "mlp")]
+    names = ("llama", "llama+list", "mixtral", "qwen2_moe")
+    assert [(row[0], row[1]) for row in rows] == [(name, block) for name in names for block in ("self_attn", "mlp")]
     for row in rows:
         assert int(row[2]) >= 2 and float(row[3]) > 0 and float(row[4]) > 0
 
