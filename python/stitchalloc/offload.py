@@ -61,6 +61,7 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 """
 
 import collections
+import functools
 import operator
 import os
 import statistics
@@ -957,7 +958,14 @@ def _state_snapshot(torch, top, quiet=None):
 
 
 _CONTAINER_TYPES = (list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
-_MODULE_TABLES = []  # the names of the tables nn.Module keeps in every module's __dict__
+
+
+@functools.cache
+def _module_tables():
+    """The names of the tables nn.Module keeps in every module's ``__dict__``."""
+    import torch
+
+    return frozenset(torch.nn.Module().__dict__)
 
 
 def _containers(module, tables, quiet=None):
@@ -974,11 +982,7 @@ def _containers(module, tables, quiet=None):
     tables (its parameters, buffers and submodules, which the module holds anyway) holds a tensor
     (one level down, as _holds_tensor looks), so no activation is kept alive by it. A module
     holding a tensor or a container is looked at in full at each call."""
-    if not _MODULE_TABLES:
-        import torch
-
-        _MODULE_TABLES.append(frozenset(torch.nn.Module().__dict__))
-    own = _MODULE_TABLES[0]
+    own = _module_tables()
     found = [(name, value, value.copy()) for name, value in tables.items()
              if type(value) in _CONTAINER_TYPES and name not in own]
     if found:

@@ -1641,6 +1641,18 @@ class CollectingLinear(torch.nn.Linear):
         return got
 
 
+def collecting_step(model, batch, collecting):
+    """A step whose loss adds a penalty on each tensor the CollectingLinears ``collecting`` put
+    into their containers in the forward (taken out before the backward): (loss, gradients), and
+    what each one held."""
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(batch)
+    taken = [m.take() for m in collecting]
+    loss = loss + sum(t.pow(2).mean() for got in taken for t in got)
+    loss.backward()
+    return (loss.detach(), [p.grad.clone() for p in model.parameters()]), taken
+
+
 @pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
 @pytest.mark.parametrize("container", [list, dict, collections.deque], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("policy", ["recompute", 0.5])
@@ -1654,15 +1666,11 @@ def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, container, 
     collecting = in_each_layer(model, where, projection(functools.partial(CollectingLinear, container=container)))
 
     def step():
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        taken = [m.take() for m in collecting]
+        got, taken = collecting_step(model, batch, collecting)
         assert [len(t) for t in taken] == [1] * len(collecting)  # one call a step, every token
         assert all(t[0].shape[-2] == batch.shape[-1] - 1 for t in taken)
-        loss = loss + sum(t[0].pow(2).mean() for t in taken)
-        loss.backward()
         assert all(len(m.collected) == 0 for m in collecting)  # nothing put there in the recompute
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+        return got
 
     ref_loss, ref = step()
     backend = RecordingBackend()
@@ -1690,12 +1698,7 @@ def test_a_container_filled_only_while_autograd_records():
     collecting = in_each_layer(model, "mlp.up_proj", projection(CollectingWhileRecording))
 
     def step():
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        taken = [m.take() for m in collecting]
-        loss = loss + sum(t.pow(2).mean() for got in taken for t in got)
-        loss.backward()
-        return (loss.detach(), [p.grad.clone() for p in model.parameters()]), taken
+        return collecting_step(model, batch, collecting)
 
     expected, _ = step()
     backend = RecordingBackend()
