@@ -3,11 +3,13 @@
 Each token-wise block call (transformers' decoder layers: the attention block and the MLP block)
 first checks for hooks that would see or keep the block's tensors (_why_whole), then, around
 the call, whether a module in it kept a tensor in an attribute (or, from 2026-11-24, put one
-into a list or dict it holds) or changed a buffer (_state_snapshot before, _changed_state after;
+into a list or dict it holds; after 55f307f also into a set, a subclass of those, or a
+container nested in another) or changed a buffer (_state_snapshot before, _changed_state after;
 absent before 2026-11-24, then printed as "(none)"). This times both, outside any model run, for
-transformers' Llama (also with a list held by two projections, "llama+list"), Mixtral and
-Qwen2-MoE layers (small shapes: the checks walk modules, not tensors, so their cost does not
-depend on the sizes). timeit, best of --repeat x --number calls.
+transformers' Llama (also with a list held by two projections, "llama+list", and with a list
+inside a dict, "llama+nest"), Mixtral and Qwen2-MoE layers (small shapes: the checks walk
+modules, not tensors, so their cost does not depend on the sizes). timeit, best of --repeat x
+--number calls.
 
     .venv/bin/python bench/offload_block_checks.py   (PYTHONPATH=python, or stitchalloc installed)
 """
@@ -30,6 +32,11 @@ def layers(transformers):
     model.model.layers[0].mlp.up_proj.collected = []
     model.model.layers[0].self_attn.v_proj.collected = []
     yield "llama+list", model
+    # The same with the list inside a dict (looked into after 55f307f).
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    model.model.layers[0].mlp.up_proj.collected = {"aux": []}
+    model.model.layers[0].self_attn.v_proj.collected = {"aux": []}
+    yield "llama+nest", model
     yield "mixtral", transformers.MixtralForCausalLM(transformers.MixtralConfig(
         **small, num_local_experts=8, num_experts_per_tok=2))
     yield "qwen2_moe", transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(

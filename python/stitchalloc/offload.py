@@ -20,7 +20,7 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 ``post_attention_layernorm`` returned is refused at that call (its split would compute another
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
-and in a call where a module in it keeps a tensor in an attribute (or in a list or dict it
+and in a call where a module in it keeps a tensor in an attribute (or in a container it
 holds) or changes a buffer (``_changed_state``: a token-wise call that did is undone and runs
 again as it is, and the block's next calls run as they are until one changes neither; one that
 does so only while autograd records is seen in the recompute, ``_changed_in_recompute``, and
@@ -471,7 +471,7 @@ class Offload:
 
     def _changed_and_undone(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
-        an attribute (or put one in a list or dict it holds) or changed a buffer during the call
+        an attribute (or put one in a container it holds) or changed a buffer during the call
         (_changed_state). What it kept has no autograd graph (and, from the MLP's ranges, only the
         last range's tokens, or one per range), so a loss using it would be wrong; a buffer changed
         once per range, and would change again in the recompute. Then attributes, containers and
@@ -889,7 +889,7 @@ def _why_whole(torch, top, ours):
       each recompute range's gradient instead of the whole one.
     Harmless inside the block: hooks of torch's own (FSDP2's, the module tracker of
     FlopCounterMode), transformers' recorders while they do not record, accelerate's device
-    hooks. A forward that keeps a tensor in an attribute (or a list or dict it holds) or changes
+    hooks. A forward that keeps a tensor in an attribute (or a container it holds) or changes
     a buffer is seen after the call (_changed_state)."""
     for hook in getattr(torch.nn.modules.module, "_global_forward_hooks", {}).values():
         if not (_torch_own(hook) or _recording(hook) is False):
@@ -934,8 +934,8 @@ def _state_snapshot(torch, top, quiet=None):
     (_changed_state): for each module, a copy of its ``__dict__`` (its plain attributes; the
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
     and submodules sit in tables of their own there, whose identity does not change), a copy of
-    each list, dict or deque among those attributes (_containers: an auxiliary loss appended to a
-    list the module holds), and for a module with buffers, each buffer with its version counter
+    each list, dict, deque or set among those attributes or inside them (_containers: an
+    auxiliary loss appended to a list the module holds), and for a module with buffers, each buffer with its version counter
     and a copy of its values, to undo a change made in place. This runs at every token-wise block
     call; of transformers' Llama family only DeepSeek-V3 has a buffer inside its blocks (its
     router's, a float per expert; the rotary tables are the model's), and none a container.
@@ -957,7 +957,15 @@ def _state_snapshot(torch, top, quiet=None):
     return snapshot
 
 
-_CONTAINER_TYPES = (list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
+# The mutable containers a module's attributes are looked into for (_containers), subclasses
+# included: a dict subclass keeps OrderedDict's methods (which it lists first) or dict's, and so
+# on, for _restore_state. Tuples and frozensets cannot change, but are walked for containers
+# inside them.
+_MUTABLE = (collections.OrderedDict, dict, list, collections.deque, set)
+_NESTED = _MUTABLE + (tuple, frozenset)
+# How deep containers are walked from a module's attribute (1: the attribute's own value): an
+# auxiliary loss appended to a list inside a dict the module holds is at depth 3.
+_NESTING = 4
 
 
 @functools.cache
@@ -969,9 +977,11 @@ def _module_tables():
 
 
 def _containers(module, tables, quiet=None):
-    """[(name, container, copy)] for the lists, dicts (OrderedDict, defaultdict) and deques among a
-    module's plain attributes (``tables``, its ``__dict__``; not nn.Module's own tables of
-    parameters, buffers, submodules and hooks), or None where it has none.
+    """[(name, [(container, copy)])] for each of a module's plain attributes (``tables``, its
+    ``__dict__``; not nn.Module's own tables of parameters, buffers, submodules and hooks) that is
+    or holds a mutable container (_tree: lists, dicts, deques and sets, subclasses included, and
+    those nested in them or in tuples, _NESTING levels down), each container with a copy of what
+    it holds; None where there is none.
 
     ``quiet`` (module -> the values of its ``__dict__``) saves this look at every value, which made
     the state check 23-28 us a Llama block call instead of 8-12 (13-17 with ``quiet``;
@@ -980,11 +990,15 @@ def _containers(module, tables, quiet=None):
     identity comparison, at C speed; _state_snapshot) it has none. The entry holds those values,
     so none can be freed and another object take its address unseen; none but nn.Module's own
     tables (its parameters, buffers and submodules, which the module holds anyway) holds a tensor
-    (one level down, as _holds_tensor looks), so no activation is kept alive by it. A module
+    (_NESTING levels down, as _holds_tensor looks), so no activation is kept alive by it. A module
     holding a tensor or a container is looked at in full at each call."""
     own = _module_tables()
-    found = [(name, value, value.copy()) for name, value in tables.items()
-             if type(value) in _CONTAINER_TYPES and name not in own]
+    found = []
+    for name, value in tables.items():
+        if isinstance(value, _NESTED) and name not in own:
+            pairs = _tree(value, [], _NESTING)
+            if pairs:
+                found.append((name, pairs))
     if found:
         if quiet is not None:
             quiet.pop(module, None)
@@ -997,23 +1011,56 @@ def _containers(module, tables, quiet=None):
     return None
 
 
+def _tree(value, pairs, depth):
+    """``pairs`` with (container, copy) appended for ``value`` if it is a mutable container, and
+    for each one inside it (a dict's values, the items of the others, tuples and frozensets
+    walked too) down to ``depth`` levels. A copy is a dict for a dict, else a list: the very
+    objects held (_same_contents compares by identity)."""
+    if isinstance(value, dict):
+        items = dict(value)
+        pairs.append((value, items))
+        items = items.values()
+    else:
+        items = list(value)
+        if not isinstance(value, (tuple, frozenset)):
+            pairs.append((value, items))
+    if depth > 1 and _any_of(items, _NESTED):
+        for item in items:
+            if isinstance(item, _NESTED):
+                _tree(item, pairs, depth - 1)
+    return pairs
+
+
+def _any_of(items, kinds):
+    """Whether an object of a type in ``kinds`` (or a subclass) is among ``items``, from the set of
+    their types: a C loop of some 20 ns an item, where asking each item ``isinstance`` costs 150-200
+    ns (torch.is_tensor on an object that is not a tensor too: _holds_tensor on a list of 1,000
+    floats took 198-370 us so, 22-24 now; bench/offload_container_scan.py). The state check pays
+    this at each call for each container a module holds (_tree looks for containers inside it)."""
+    return any(issubclass(kind, kinds) for kind in set(map(type, items)))
+
+
 def _same_contents(container, copy):
-    """Whether ``container`` holds the very objects ``copy`` (its copy, _containers) held."""
+    """Whether ``container`` holds the very objects ``copy`` (its copy, _tree) held."""
     if len(container) != len(copy):
         return False
     if isinstance(container, dict):
-        return all(container.get(key, _MISSING) is value for key, value in copy.items())
+        return all(dict.get(container, key, _MISSING) is value for key, value in copy.items())
+    if isinstance(container, set):
+        return set(map(id, container)) == set(map(id, copy))  # both alive, ids unique
     return all(map(operator.is_, container, copy))
 
 
 def _changed_state(snapshot):
     """(module, kind, name, before) for what the call since ``snapshot`` changed: an attribute
     (kind "attribute") now holding a tensor, or a list, tuple or dict holding one (``before``
-    _MISSING where it is new); a list, dict or deque the module already held (kind "container",
-    ``before``: (container, copy)) whose contents changed, holding a tensor before or after; a
-    buffer (kind "buffer") added, replaced or changed in place (``before``: (tensor, version,
-    copy), or _MISSING). Not seen: a tensor put into a container nested in another, a tensor kept
-    outside the block's modules."""
+    _MISSING where it is new), looked into as _holds_tensor does; an attribute (kind "container",
+    ``before``: [(container, copy)] for those whose contents changed) that is or holds lists,
+    dicts, deques or sets (_containers) one of which now holds other objects, a tensor among them
+    before or after; a buffer (kind "buffer") added, replaced or changed in place (``before``:
+    (tensor, version, copy), or _MISSING). Not seen: a tensor put into a container more than
+    _NESTING levels down, or into an attribute of an object the module holds that is neither a
+    container nor a module (a tracker object's list), or kept outside the block's modules."""
     changed = []
     for module, before, buffers, containers in snapshot:
         now = module.__dict__
@@ -1023,9 +1070,10 @@ def _changed_state(snapshot):
                 if old is not value and _holds_tensor(value):
                     changed.append((module, "attribute", name, old))
         if containers is not None:
-            for name, container, copy in containers:
-                if not _same_contents(container, copy) and (_holds_tensor(container) or _holds_tensor(copy)):
-                    changed.append((module, "container", name, (container, copy)))
+            for name, pairs in containers:
+                differ = [(c, copy) for c, copy in pairs if not _same_contents(c, copy)]
+                if any(_holds_tensor(c) or _holds_tensor(copy) for c, copy in differ):
+                    changed.append((module, "container", name, differ))
         current = now.get("_buffers")
         if buffers is None and not current:
             continue
@@ -1051,9 +1099,10 @@ def _restore_state(torch, changed):
                 module.__dict__[name] = before
             continue
         if kind == "container":
-            container, copy = before
-            container.clear()
-            (container.update if isinstance(container, dict) else container.extend)(copy)
+            for container, copy in before:
+                base = next(b for b in _MUTABLE if isinstance(container, b))
+                base.clear(container)
+                (base.extend if base in (list, collections.deque) else base.update)(container, copy)
             continue
         if before is _MISSING:
             del module._buffers[name]
@@ -1065,16 +1114,29 @@ def _restore_state(torch, changed):
         module._buffers[name] = tensor
 
 
-def _holds_tensor(value):
-    from torch import is_tensor
-
-    if is_tensor(value):
+def _holds_tensor(value, depth=_NESTING):
+    """Whether ``value`` is a tensor or holds one: in a dict's values or a list's, tuple's, deque's
+    or set's items (subclasses included), down to ``depth`` levels of them."""
+    tensor = _tensor_type()
+    kind = type(value)
+    if issubclass(kind, tensor):
         return True
-    if isinstance(value, dict):
+    if issubclass(kind, dict):
         value = value.values()
-    elif not isinstance(value, (list, tuple, collections.deque)):
+    elif not issubclass(kind, _NESTED):
         return False
-    return any(is_tensor(v) for v in value)
+    kinds = set(map(type, value))  # as _any_of
+    if any(issubclass(k, tensor) for k in kinds):
+        return True
+    return (depth > 1 and any(issubclass(k, _NESTED) for k in kinds)
+            and any(_holds_tensor(v, depth - 1) for v in value if isinstance(v, _NESTED)))
+
+
+@functools.cache
+def _tensor_type():
+    import torch
+
+    return torch.Tensor
 
 
 def _recording(hook):

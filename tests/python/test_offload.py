@@ -504,15 +504,21 @@ def test_recompute_runs_under_the_forwards_autocast(policy, sdpa):
 
 
 class RandomScale(torch.nn.Module):
-    """x times uniform noise (a dropout, in effect), logging every draw: (grad enabled, noise)."""
+    """x times uniform noise (a dropout, in effect), logging every draw: (grad enabled, noise).
+    The log is kept by the test, outside the module's state: a list of tensors the module held
+    would be seen by offload's state check, and its block run as it is."""
 
     def __init__(self):
         super().__init__()
-        self.draws = []
+        self.log = [].append
+
+    @property
+    def draws(self):
+        return self.log.__self__
 
     def forward(self, x):
         noise = torch.rand(x.shape, dtype=x.dtype)
-        self.draws.append((torch.is_grad_enabled(), noise))
+        self.log((torch.is_grad_enabled(), noise))
         return x * noise
 
 
@@ -1618,26 +1624,51 @@ def test_a_forward_keeping_a_tensor_in_an_attribute(where, policy):
     assert backend.live == {}
 
 
+class AuxLosses(list):
+    """A list subclass, as a model's own container type might be."""
+
+
+# How a CollectingLinear holds what it collects: (make the holder, put a tensor there, the
+# containers to take it from). The last ones nest the container in another, or in a tuple.
+LAYOUTS = {
+    "list": (list, list.append, lambda c: [c]),
+    "dict": (dict, lambda c, t: c.__setitem__(len(c), t), lambda c: [c]),
+    "deque": (collections.deque, collections.deque.append, lambda c: [c]),
+    "set": (set, set.add, lambda c: [c]),
+    "list subclass": (AuxLosses, AuxLosses.append, lambda c: [c]),
+    "list in dict": (lambda: {"aux": []}, lambda c, t: c["aux"].append(t), lambda c: [c["aux"]]),
+    "defaultdict(list)": (lambda: collections.defaultdict(list), lambda c, t: c["aux"].append(t),
+                          lambda c: list(c.values())),
+    "lists in tuple": (lambda: ([], []), lambda c, t: c[1].append(t), lambda c: list(c)),
+    "dict in list in dict": (lambda: {"by_layer": [{}]}, lambda c, t: c["by_layer"][0].__setitem__("aux", t),
+                             lambda c: [c["by_layer"][0]]),
+}
+
+
 class CollectingLinear(torch.nn.Linear):
     """A projection that puts what it returns into a container it has held since it was made,
     for the training loop to take (``take``): an auxiliary loss collected in a list, as some
-    mixture-of-experts layers collect theirs, or in a dict or a deque."""
+    mixture-of-experts layers collect theirs, or in another container (``layout``, one of
+    LAYOUTS), perhaps nested in another."""
 
-    def __init__(self, *args, container=list, **kwargs):
+    def __init__(self, *args, layout="list", **kwargs):
         super().__init__(*args, **kwargs)
-        self.collected = container()
+        make, self._put, self._containers = LAYOUTS[layout]
+        self.collected = make()
 
     def forward(self, x):
         out = super().forward(x)
-        if isinstance(self.collected, dict):
-            self.collected[len(self.collected)] = out
-        else:
-            self.collected.append(out)
+        self._put(self.collected, out)
         return out
 
+    def held(self):
+        """The tensors in the containers."""
+        return [t for c in self._containers(self.collected) for t in (c.values() if isinstance(c, dict) else c)]
+
     def take(self):
-        got = list(self.collected.values() if isinstance(self.collected, dict) else self.collected)
-        self.collected.clear()
+        got = self.held()
+        for c in self._containers(self.collected):
+            c.clear()
         return got
 
 
@@ -1654,22 +1685,23 @@ def collecting_step(model, batch, collecting):
 
 
 @pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
-@pytest.mark.parametrize("container", [list, dict, collections.deque], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("policy", ["recompute", 0.5])
-def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, container, policy):
-    # As a tensor kept in an attribute, but put into a list, dict or deque the module already
-    # held: the attribute itself does not change, its contents do. Token-wise (before
-    # 2026-11-24), the container got one tensor per token range of the MLP, with no graph, and
+def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, layout, policy):
+    # As a tensor kept in an attribute, but put into a container the module already held: the
+    # attribute itself does not change, its contents do. Token-wise (before 2026-11-24 for a
+    # list, dict or deque; up to 55f307f for a set, a list subclass or a container nested in
+    # another), the container got one tensor per token range of the MLP, with no graph, and
     # more in the recompute; a loss over them was wrong, silently. Now the contents are compared
     # too: that call is undone and runs again as it is, and so do the block's next calls.
     model, batch = make_model(layers=3, sdpa=True), tokens()
-    collecting = in_each_layer(model, where, projection(functools.partial(CollectingLinear, container=container)))
+    collecting = in_each_layer(model, where, projection(functools.partial(CollectingLinear, layout=layout)))
 
     def step():
         got, taken = collecting_step(model, batch, collecting)
         assert [len(t) for t in taken] == [1] * len(collecting)  # one call a step, every token
         assert all(t[0].shape[-2] == batch.shape[-1] - 1 for t in taken)
-        assert all(len(m.collected) == 0 for m in collecting)  # nothing put there in the recompute
+        assert all(m.held() == [] for m in collecting)  # nothing put there in the recompute
         return got
 
     ref_loss, ref = step()
@@ -1707,7 +1739,7 @@ def test_a_container_filled_only_while_autograd_records():
                                              r"holds \(a tensor\) in the recompute"):
             _, taken = step()
         assert taken == [[]] * 3  # the forward collected nothing
-        assert all(len(m.collected) > 1 for m in collecting)  # the recompute did, chunk by chunk
+        assert all(len(m.held()) > 1 for m in collecting)  # the recompute did, chunk by chunk
         for m in collecting:
             m.take()
         got, taken = step()
@@ -2267,10 +2299,23 @@ def test_block_checks_bench_runs():
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
-    names = ("llama", "llama+list", "mixtral", "qwen2_moe")
+    names = ("llama", "llama+list", "llama+nest", "mixtral", "qwen2_moe")
     assert [(row[0], row[1]) for row in rows] == [(name, block) for name in names for block in ("self_attn", "mlp")]
     for row in rows:
         assert int(row[2]) >= 2 and float(row[3]) > 0 and float(row[4]) > 0
+
+
+def test_container_scan_bench_runs():
+    """bench/offload_container_scan.py: a row per list length, each of the three costs timed."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "offload_container_scan.py"), "--repeat", "1",
+                        "--sizes", "10,100"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["10", "100"]
+    assert all(len(row) == 4 and all(float(x) > 0 for x in row[1:]) for row in rows)
 
 
 def test_longest_sequence_bench_runs_on_cpu(tmp_path):

@@ -1,0 +1,48 @@
+"""What offload's state check costs per container a module inside a token-wise block holds, by
+its length, on the host.
+
+A module that holds a container (an auxiliary-loss list, a log) has it copied before each
+token-wise block call and compared after (stitchalloc.offload's _containers and
+_same_contents), and a container or attribute is asked whether it holds a tensor
+(_holds_tensor). This times the three for a list of N floats held by a module. timeit, best of
+--repeat; us per call.
+
+    .venv/bin/python bench/offload_container_scan.py   (PYTHONPATH=python, or stitchalloc installed)
+"""
+
+import argparse
+import importlib
+import platform
+import timeit
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sizes", default="10,1000,100000")
+    args = parser.parse_args()
+    import torch
+
+    offload = importlib.import_module("stitchalloc.offload")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}; "
+          f"best of {args.repeat}; us per call")
+    print(f"{'items':>8s} {'copy (_containers)':>19s} {'compare':>9s} {'holds tensor':>13s}")
+    for n in map(int, args.sizes.split(",")):
+        module = torch.nn.Module()
+        module.log = [float(i) for i in range(n)]
+        tables = module.__dict__
+        entry = offload._containers(module, tables)[0]
+        # 55f307f: (name, container, copy); after it: (name, [(container, copy), ...]).
+        container, copied = entry[1][0] if len(entry) == 2 else entry[1:]
+        number = max(1, 200000 // n)
+
+        def best(fn):
+            return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
+
+        print(f"{n:8d} {best(lambda: offload._containers(module, tables)):19.2f} "
+              f"{best(lambda: offload._same_contents(container, copied)):9.2f} "
+              f"{best(lambda: offload._holds_tensor(module.log)):13.2f}")
+
+
+if __name__ == "__main__":
+    main()
