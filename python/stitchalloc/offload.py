@@ -483,18 +483,8 @@ class Offload:
             return False
         _restore_state(self._torch, changed)
         who, kind, name = self._who(i, changed[0])
-        if kind == "attribute":
-            reason = (f"{who} keeps a tensor in its attribute '{name}'",
-                      "token-wise, the block would run without autograd in the forward, in token ranges, so what "
-                      "it keeps would have no gradient and only the last range's tokens")
-        elif kind == "container":
-            reason = (f"{who} changes what its attribute '{name}' holds (a tensor)",
-                      "token-wise, the block would run without autograd in the forward, in token ranges, so what "
-                      "it puts there would have no gradient, once per range, and again in the recompute")
-        else:
-            reason = (f"{who} changes its buffer '{name}'",
-                      "token-wise, the block would run in token ranges in the forward and again before its "
-                      "backward, changing the buffer once per range and again in the recompute")
+        does, _, why = _CHANGE_WORDS[kind]
+        reason = (f"{who} {does.format(name)}", why)
         self._keeping[i, block] = reason
         self._whole(i, block, *reason)
         return True
@@ -514,8 +504,7 @@ class Offload:
         changed = _changed_state(snapshot)
         if changed:
             who, kind, name = self._who(i, changed[0])
-            what = {"attribute": f"its attribute '{name}' (a tensor)",
-                    "container": f"what its attribute '{name}' holds (a tensor)"}.get(kind, f"its buffer '{name}'")
+            what = _CHANGE_WORDS[kind][1].format(name)
             reason = f"{who} changes {what} only when autograd records"
             self._keeping[i, block] = (reason, "token-wise, the block runs without autograd in the forward")
             self._warn_once(reason, f"stitchalloc.offload: layer {i}'s {block} block: {who} changed {what} in the "
@@ -858,6 +847,22 @@ def _wired(me, i, layer, norm, t, callee=None, applied=False):
 # register_full_backward_pre_hook fill the last two.
 _HOOK_KINDS = {"_forward_pre_hooks": "forward pre hook", "_forward_hooks": "forward hook",
                "_backward_pre_hooks": "full backward pre hook", "_backward_hooks": "full backward hook"}
+
+
+# The words of the warnings for each kind of _changed_state entry: what the module does (in the
+# forward's token-wise call), what it changes (in the recompute's), and why that call cannot stay
+# token-wise. {} is the attribute's or buffer's name.
+_CHANGE_WORDS = {
+    "attribute": ("keeps a tensor in its attribute '{}'", "its attribute '{}' (a tensor)",
+                  "token-wise, the block would run without autograd in the forward, in token ranges, so what it "
+                  "keeps would have no gradient and only the last range's tokens"),
+    "container": ("changes what its attribute '{}' holds (a tensor)", "what its attribute '{}' holds (a tensor)",
+                  "token-wise, the block would run without autograd in the forward, in token ranges, so what it "
+                  "puts there would have no gradient, once per range, and again in the recompute"),
+    "buffer": ("changes its buffer '{}'", "its buffer '{}'",
+               "token-wise, the block would run in token ranges in the forward and again before its backward, "
+               "changing the buffer once per range and again in the recompute"),
+}
 
 
 def _hooks(module):
