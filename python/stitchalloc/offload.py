@@ -1046,11 +1046,15 @@ def _any_of(items, kinds):
 
 
 def _same_contents(container, copy):
-    """Whether ``container`` holds the very objects ``copy`` (its copy, _tree) held."""
+    """Whether ``container`` holds the very objects ``copy`` (its copy, _tree) held, in the same
+    order (a dict's keys too: a forward may reorder an OrderedDict)."""
     if len(container) != len(copy):
         return False
     if isinstance(container, dict):
-        return all(dict.get(container, key, _MISSING) is value for key, value in copy.items())
+        # An OrderedDict's own order is not its dict's (move_to_end changes only the former).
+        base = collections.OrderedDict if isinstance(container, collections.OrderedDict) else dict
+        return (all(map(operator.is_, base.keys(container), copy.keys()))
+                and all(map(operator.is_, base.values(container), copy.values())))
     if isinstance(container, set):
         return set(map(id, container)) == set(map(id, copy))  # both alive, ids unique
     return all(map(operator.is_, container, copy))

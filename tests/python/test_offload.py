@@ -1714,6 +1714,73 @@ def test_a_forward_putting_a_tensor_into_a_container_it_holds(where, layout, pol
     assert backend.live == {}
 
 
+class Ordered(collections.OrderedDict):
+    """An OrderedDict subclass whose own update refuses, as transformers' ModelOutput's does."""
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("update refused")
+
+
+def test_the_state_check_gives_every_container_kind_back_as_it_was():
+    # Each kind the state check looks into, changed in every way a forward could (appended to,
+    # replaced, emptied, a nested container swapped, one added), with tensors: seen, and given
+    # back with the very objects, their order, a defaultdict's factory and a deque's maxlen.
+    import importlib
+
+    offload = importlib.import_module("stitchalloc.offload")
+    t, u = torch.ones(2), torch.zeros(3)
+    module = torch.nn.Module()
+    inner = [1, t]
+    module.a = collections.defaultdict(list, {"k": inner})
+    module.b = collections.deque([1, 2], maxlen=3)
+    module.c = {frozenset({"x"}), 5}
+    module.d = Ordered([("x", 1), ("y", (2, [3]))])
+    module.e = ([], {"z": []})
+    module.f = []
+    module.f.append(module.f)  # a list holding itself: walked four levels, no further
+    before = {name: (value, offload._tree(value, [], offload._NESTING)) for name, value in
+              ((n, module.__dict__[n]) for n in "abcdef")}
+    snapshot = offload._state_snapshot(torch, (module,))
+    module.a["k"].append(u)
+    module.a["new"].append(t)
+    module.b.append(u)
+    module.c.add(u)
+    module.d["y"][1].append(t)
+    module.d.move_to_end("x")
+    module.e[1]["z"].append(u)
+    module.e[0].extend([t, u])
+    module.f.insert(0, t)
+    changed = offload._changed_state(snapshot)
+    assert sorted(name for _, kind, name, _ in changed if kind == "container") == list("abcdef")
+    offload._restore_state(torch, changed)
+    assert offload._changed_state(snapshot) == []
+    for name, (value, pairs) in before.items():
+        assert module.__dict__[name] is value
+        for container, copy in pairs:
+            assert offload._same_contents(container, copy)
+    assert module.a.default_factory is list and list(module.a) == ["k"] and module.a["k"] is inner
+    assert inner == [1, t] and module.b.maxlen == 3 and list(module.b) == [1, 2]
+    assert list(module.d) == ["x", "y"] and module.d["y"][1] == [3]
+    assert module.e == ([], {"z": []}) and len(module.f) == 1 and module.f[0] is module.f
+    assert not any(isinstance(v, torch.Tensor) for v in module.c)
+
+
+def test_a_container_deeper_than_the_walk_is_not_seen():
+    # The documented limit: four levels from the attribute (the attribute's own value is the
+    # first). A tensor put into a container at the fifth is not seen; at the fourth it is.
+    import importlib
+
+    offload = importlib.import_module("stitchalloc.offload")
+    module = torch.nn.Module()
+    module.deep = [[[[[]]]]]
+    snapshot = offload._state_snapshot(torch, (module,))
+    module.deep[0][0][0][0].append(torch.ones(1))
+    assert offload._changed_state(snapshot) == []
+    module.deep[0][0][0][0].clear()
+    module.deep[0][0][0].append(torch.ones(1))
+    assert [(kind, name) for _, kind, name, _ in offload._changed_state(snapshot)] == [("container", "deep")]
+
+
 class CollectingWhileRecording(CollectingLinear):
     """A CollectingLinear that collects only while autograd records."""
 
