@@ -4,8 +4,11 @@ its length, on the host.
 A module that holds a container (an auxiliary-loss list, a log) has it copied before each
 token-wise block call and compared after (stitchalloc.offload's _containers and
 _same_contents), and a container or attribute is asked whether it holds a tensor
-(_holds_tensor). This times the three for a list of N floats held by a module. timeit, best of
---repeat; us per call.
+(_holds_tensor). This times the three for a list of N floats held by a module. A module with
+buffers has them copied too, where the call may be undone (the forward's token-wise call; after
+39e0ac2 not in the recompute's nor the watch's checks): the second table times the snapshot
+of a module holding one buffer of N bytes, with and without the copy. timeit, best of --repeat;
+us per call.
 
     .venv/bin/python bench/offload_container_scan.py   (PYTHONPATH=python, or stitchalloc installed)
 """
@@ -20,6 +23,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sizes", default="10,1000,100000")
+    parser.add_argument("--buffer-sizes", default="65536,8388608")
     args = parser.parse_args()
     import torch
 
@@ -42,6 +46,24 @@ def main():
         print(f"{n:8d} {best(lambda: offload._containers(module, tables)):19.2f} "
               f"{best(lambda: offload._same_contents(container, copied)):9.2f} "
               f"{best(lambda: offload._holds_tensor(module.log)):13.2f}")
+
+    import inspect
+
+    copies = "copies" in inspect.signature(offload._state_snapshot).parameters
+    print()
+    print(f"{'buffer bytes':>12s} {'snapshot, copy':>15s} {'snapshot, versions only':>24s}")
+    for n in map(int, args.buffer_sizes.split(",")):
+        module = torch.nn.Module()
+        module.register_buffer("packed", torch.zeros(n, dtype=torch.uint8))
+        number = max(1, (1 << 24) // n)
+
+        def best(fn):
+            return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
+
+        with_copy = best(lambda: offload._state_snapshot(torch, (module,)))
+        without = (f"{best(lambda: offload._state_snapshot(torch, (module,), copies=False)):24.2f}" if copies
+                   else f"{'(always copied)':>24s}")
+        print(f"{n:12d} {with_copy:15.2f} {without}")
 
 
 if __name__ == "__main__":

@@ -461,7 +461,7 @@ class Offload:
         if reason is None:
             return None
         self._whole(i, block, *reason)
-        return _state_snapshot(self._torch, top, self._quiet)
+        return _state_snapshot(self._torch, top, self._quiet, copies=False)  # watched, never undone
 
     def _keeping_after(self, i, block, snapshot):
         """After a call that _keeping_before watched: a call that changed nothing ends the running
@@ -499,7 +499,7 @@ class Offload:
         from its next call (_keeping_before), with a warning."""
         if (i, block) in self._keeping:
             return run()
-        snapshot = _state_snapshot(self._torch, top, self._quiet)
+        snapshot = _state_snapshot(self._torch, top, self._quiet, copies=False)  # what it changes stays
         out = run()
         changed = _changed_state(snapshot)
         if changed:
@@ -934,7 +934,7 @@ def _block_modules(top):
     return found
 
 
-def _state_snapshot(torch, top, quiet=None):
+def _state_snapshot(torch, top, quiet=None, copies=True):
     """What the modules ``top`` and those inside them hold, as a call is about to run them
     (_changed_state): for each module, a copy of its ``__dict__`` (its plain attributes; the
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
@@ -944,7 +944,11 @@ def _state_snapshot(torch, top, quiet=None):
     and a copy of its values, to undo a change made in place. This runs at every token-wise block
     call; of transformers' Llama family only DeepSeek-V3 has a buffer inside its blocks (its
     router's, a float per expert; the rotary tables are the model's), and none a container.
-    ``quiet``: the caller's dict for _containers, kept between calls."""
+    ``quiet``: the caller's dict for _containers, kept between calls. ``copies``: whether the
+    buffers' values are copied, which only a snapshot that may be undone (_restore_state, after
+    the forward's token-wise call) needs; the recompute's and the watch's compare versions only.
+    A module whose buffers are large (a quantized linear's packed weights, scales and zeros are
+    buffers) would otherwise have them copied once per recomputed range of every layer."""
     snapshot = []
     for module in _block_modules(top):
         tables = module.__dict__
@@ -952,7 +956,8 @@ def _state_snapshot(torch, top, quiet=None):
         saved = None
         if buffers:
             with torch.no_grad():
-                saved = {name: (b, b._version, b.clone()) for name, b in buffers.items() if b is not None}
+                saved = {name: (b, b._version, b.clone() if copies else None)
+                         for name, b in buffers.items() if b is not None}
         # _containers' look, skipped here for a module whose attributes are as quiet has them
         # (its call would cost a fifth of the check).
         values = quiet.get(module) if quiet is not None else None

@@ -1983,6 +1983,45 @@ def test_a_buffer_changed_in_place_inside_a_token_wise_block(where, policy):
     assert backend.live == {}
 
 
+class PackedLinear(torch.nn.Linear):
+    """A projection that also holds a large buffer it never changes, as a quantized linear holds
+    its packed weights, scales and zeros in buffers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("packed", torch.zeros(1 << 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("where", ["mlp.up_proj", "self_attn.v_proj"])
+def test_an_unchanged_buffer_is_copied_only_where_a_call_may_be_undone(where, monkeypatch):
+    # The state check copies a block's buffers to give them back if the call changed one. Only
+    # the forward's token-wise call is ever undone; up to 39e0ac2 the recompute's check (one
+    # per recomputed range of recompute_chunk tokens) and the replays' copied them too, so a
+    # quantized model's packed weights were copied once per range of every layer.
+    model, batch = make_model(layers=3, sdpa=True), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    packed = {id(m.packed) for m in in_each_layer(model, where, projection(PackedLinear))}
+    copies = collections.Counter()
+    clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):
+        if id(self) in packed:
+            copies["in backward" if torch._C._current_graph_task_id() != -1 else "in forward"] += 1
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy="recompute", backend=backend, recompute_chunk=7) as off:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                assert_same_step((ref_loss, ref), grads_of(model, batch))
+        assert off.stats()["blocks_run_whole"] == 0
+    # One token-wise call of the block a layer a step in the forward, none in the backward.
+    assert copies == {"in forward": 2 * 3}
+    assert backend.live == {}
+
+
 class WhileRecording(torch.nn.Module):
     """A module that keeps its input and counts tokens only while autograd records (as code that
     adds an auxiliary loss only in training steps does)."""
@@ -2377,12 +2416,15 @@ def test_container_scan_bench_runs():
     import subprocess
 
     r = subprocess.run([sys.executable, os.path.join(BENCH, "offload_container_scan.py"), "--repeat", "1",
-                        "--sizes", "10,100"], capture_output=True, text=True, timeout=300,
+                        "--sizes", "10,100", "--buffer-sizes", "1024"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    containers, buffers = r.stdout.split("\n\n")
+    rows = [line.split() for line in containers.splitlines()[2:]]
     assert [row[0] for row in rows] == ["10", "100"]
     assert all(len(row) == 4 and all(float(x) > 0 for x in row[1:]) for row in rows)
+    rows = [line.split() for line in buffers.splitlines()[1:]]
+    assert len(rows) == 1 and rows[0][0] == "1024" and all(float(x) > 0 for x in rows[0][1:])
 
 
 def test_longest_sequence_bench_runs_on_cpu(tmp_path):
