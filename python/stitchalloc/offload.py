@@ -940,10 +940,11 @@ def _state_snapshot(torch, top, quiet=None, copies=True):
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
     and submodules sit in tables of their own there, whose identity does not change), a copy of
     each list, dict, deque or set among those attributes or inside them (_containers: an
-    auxiliary loss appended to a list the module holds), and for a module with buffers, each buffer with its version counter
-    and a copy of its values, to undo a change made in place. This runs at every token-wise block
-    call; of transformers' Llama family only DeepSeek-V3 has a buffer inside its blocks (its
-    router's, a float per expert; the rotary tables are the model's), and none a container.
+    auxiliary loss appended to a list the module holds), and for a module with buffers, each
+    buffer with its version counter and (``copies``) a copy of its values, to undo a change made
+    in place. This runs at every token-wise block call; of transformers' Llama family only
+    DeepSeek-V3 has a buffer inside its blocks (its router's, a float per expert; the rotary
+    tables are the model's), and none a container.
     ``quiet``: the caller's dict for _containers, kept between calls. ``copies``: whether the
     buffers' values are copied, which only a snapshot that may be undone (_restore_state, after
     the forward's token-wise call) needs; the recompute's and the watch's compare versions only.
