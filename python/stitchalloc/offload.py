@@ -1035,20 +1035,32 @@ def _tree(value, pairs, depth):
         items = list(value)
         if not isinstance(value, (tuple, frozenset)):
             pairs.append((value, items))
-    if depth > 1 and _any_of(items, _NESTED):
+    if depth > 1 and _any_of(_types(items), _NESTED):
         for item in items:
             if isinstance(item, _NESTED):
                 _tree(item, pairs, depth - 1)
     return pairs
 
 
-def _any_of(items, kinds):
-    """Whether an object of a type in ``kinds`` (or a subclass) is among ``items``, from the set of
-    their types: a C loop of some 20 ns an item, where asking each item ``isinstance`` costs 150-200
-    ns (torch.is_tensor on an object that is not a tensor too: _holds_tensor on a list of 1,000
-    floats took 198-370 us so, 22-24 now; bench/offload_container_scan.py). The state check pays
-    this at each call for each container a module holds (_tree looks for containers inside it)."""
-    return any(issubclass(kind, kinds) for kind in set(map(type, items)))
+def _types(items):
+    """The set of the types of ``items``: a C loop of some 20 ns an item, where asking each item
+    ``isinstance`` costs 150-200 ns (torch.is_tensor on an object that is not a tensor too:
+    _holds_tensor on a list of 1,000 floats took 198-370 us so, 22-24 now;
+    bench/offload_container_scan.py). The state check pays this at each call for each container
+    a module holds (_tree looks for containers inside it)."""
+    return set(map(type, items))
+
+
+def _any_of(types, kinds):
+    """Whether a type in ``types`` (_types) is one of ``kinds`` or a subclass of one."""
+    return any(issubclass(kind, kinds) for kind in types)
+
+
+def _base(container):
+    """The builtin type in _MUTABLE whose methods ``container`` is compared and given back with
+    (OrderedDict before dict: a subclass's own methods, such as ModelOutput's refusing update,
+    are not called)."""
+    return next(base for base in _MUTABLE if isinstance(container, base))
 
 
 def _same_contents(container, copy):
@@ -1058,7 +1070,7 @@ def _same_contents(container, copy):
         return False
     if isinstance(container, dict):
         # An OrderedDict's own order is not its dict's (move_to_end changes only the former).
-        base = collections.OrderedDict if isinstance(container, collections.OrderedDict) else dict
+        base = _base(container)
         return (all(map(operator.is_, base.keys(container), copy.keys()))
                 and all(map(operator.is_, base.values(container), copy.values())))
     if isinstance(container, set):
@@ -1115,7 +1127,7 @@ def _restore_state(torch, changed):
             continue
         if kind == "container":
             for container, copy in before:
-                base = next(b for b in _MUTABLE if isinstance(container, b))
+                base = _base(container)
                 base.clear(container)
                 (base.extend if base in (list, collections.deque) else base.update)(container, copy)
             continue
@@ -1140,10 +1152,10 @@ def _holds_tensor(value, depth=_NESTING):
         value = value.values()
     elif not issubclass(kind, _NESTED):
         return False
-    kinds = set(map(type, value))  # as _any_of
-    if any(issubclass(k, tensor) for k in kinds):
+    types = _types(value)
+    if _any_of(types, tensor):
         return True
-    return (depth > 1 and any(issubclass(k, _NESTED) for k in kinds)
+    return (depth > 1 and _any_of(types, _NESTED)
             and any(_holds_tensor(v, depth - 1) for v in value if isinstance(v, _NESTED)))
 
 

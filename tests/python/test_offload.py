@@ -10,6 +10,7 @@ byte-exact, the kept last layer, cancel, statistics and errors.
 import collections
 import functools
 import gc
+import importlib
 import os
 import sys
 import time
@@ -27,8 +28,9 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 sys.path.insert(0, BENCH)
 
 import stitchalloc  # noqa: E402
-
 from test_plugin import HOST, needs_plugin, run_python  # noqa: E402
+
+offload_module = importlib.import_module("stitchalloc.offload")  # the package's offload() hides the module
 
 
 class RecordingBackend:
@@ -1725,9 +1727,6 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
     # Each kind the state check looks into, changed in every way a forward could (appended to,
     # replaced, emptied, a nested container swapped, one added), with tensors: seen, and given
     # back with the very objects, their order, a defaultdict's factory and a deque's maxlen.
-    import importlib
-
-    offload = importlib.import_module("stitchalloc.offload")
     t, u = torch.ones(2), torch.zeros(3)
     module = torch.nn.Module()
     inner = [1, t]
@@ -1738,9 +1737,9 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
     module.e = ([], {"z": []})
     module.f = []
     module.f.append(module.f)  # a list holding itself: walked four levels, no further
-    before = {name: (value, offload._tree(value, [], offload._NESTING)) for name, value in
+    before = {name: (value, offload_module._tree(value, [], offload_module._NESTING)) for name, value in
               ((n, module.__dict__[n]) for n in "abcdef")}
-    snapshot = offload._state_snapshot(torch, (module,))
+    snapshot = offload_module._state_snapshot(torch, (module,))
     module.a["k"].append(u)
     module.a["new"].append(t)
     module.b.append(u)
@@ -1750,14 +1749,14 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
     module.e[1]["z"].append(u)
     module.e[0].extend([t, u])
     module.f.insert(0, t)
-    changed = offload._changed_state(snapshot)
+    changed = offload_module._changed_state(snapshot)
     assert sorted(name for _, kind, name, _ in changed if kind == "container") == list("abcdef")
-    offload._restore_state(torch, changed)
-    assert offload._changed_state(snapshot) == []
+    offload_module._restore_state(torch, changed)
+    assert offload_module._changed_state(snapshot) == []
     for name, (value, pairs) in before.items():
         assert module.__dict__[name] is value
         for container, copy in pairs:
-            assert offload._same_contents(container, copy)
+            assert offload_module._same_contents(container, copy)
     assert module.a.default_factory is list and list(module.a) == ["k"] and module.a["k"] is inner
     assert inner == [1, t] and module.b.maxlen == 3 and list(module.b) == [1, 2]
     assert list(module.d) == ["x", "y"] and module.d["y"][1] == [3]
@@ -1768,17 +1767,14 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
 def test_a_container_deeper_than_the_walk_is_not_seen():
     # The documented limit: four levels from the attribute (the attribute's own value is the
     # first). A tensor put into a container at the fifth is not seen; at the fourth it is.
-    import importlib
-
-    offload = importlib.import_module("stitchalloc.offload")
     module = torch.nn.Module()
     module.deep = [[[[[]]]]]
-    snapshot = offload._state_snapshot(torch, (module,))
+    snapshot = offload_module._state_snapshot(torch, (module,))
     module.deep[0][0][0][0].append(torch.ones(1))
-    assert offload._changed_state(snapshot) == []
+    assert offload_module._changed_state(snapshot) == []
     module.deep[0][0][0][0].clear()
     module.deep[0][0][0].append(torch.ones(1))
-    assert [(kind, name) for _, kind, name, _ in offload._changed_state(snapshot)] == [("container", "deep")]
+    assert [(kind, name) for _, kind, name, _ in offload_module._changed_state(snapshot)] == [("container", "deep")]
 
 
 class CollectingWhileRecording(CollectingLinear):
