@@ -52,14 +52,17 @@ def main():
     import torch
     import transformers
 
-    offload = importlib.import_module("stitchalloc.offload")
+    try:  # the checks left offload.py for _block_checks.py on 2026-11-24
+        checks = importlib.import_module("stitchalloc._block_checks")
+    except ImportError:
+        checks = importlib.import_module("stitchalloc.offload")
     state_check = None
-    if hasattr(offload, "_state_snapshot"):
+    if hasattr(checks, "_state_snapshot"):
         # From 2026-11-24 offload keeps a dict between calls for the container look (quiet).
-        takes_quiet = "quiet" in inspect.signature(offload._state_snapshot).parameters
+        takes_quiet = "quiet" in inspect.signature(checks._state_snapshot).parameters
         quiet = {}
-        state_check = (lambda top: offload._changed_state(offload._state_snapshot(torch, top, quiet))) if takes_quiet \
-            else (lambda top: offload._changed_state(offload._state_snapshot(torch, top)))
+        state_check = (lambda top: checks._changed_state(checks._state_snapshot(torch, top, quiet))) if takes_quiet \
+            else (lambda top: checks._changed_state(checks._state_snapshot(torch, top)))
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
     print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")
@@ -72,7 +75,7 @@ def main():
         for block, top in (("self_attn", (layer.input_layernorm, layer.self_attn)),
                            ("mlp", (layer.post_attention_layernorm, layer.mlp))):
             modules = sum(1 for t in top for _ in t.modules())
-            hook = best(lambda: offload._why_whole(torch, top, set()))
+            hook = best(lambda: checks._why_whole(torch, top, set()))
             attr = f"{best(lambda: state_check(top)):16.2f}" if state_check else f"{'(none)':>16s}"
             print(f"{name:10s} {block:9s} {modules:7d} {hook:11.2f} {attr}")
     return 0

@@ -2,7 +2,7 @@
 its length, on the host.
 
 A module that holds a container (an auxiliary-loss list, a log) has it copied before each
-token-wise block call and compared after (stitchalloc.offload's _containers and
+token-wise block call and compared after (stitchalloc._block_checks' _containers and
 _same_contents), and a container or attribute is asked whether it holds a tensor
 (_holds_tensor). This times the three for a list of N floats held by a module. A module with
 buffers has them copied too, where the call may be undone (the forward's token-wise call; after
@@ -27,7 +27,10 @@ def main():
     args = parser.parse_args()
     import torch
 
-    offload = importlib.import_module("stitchalloc.offload")
+    try:  # the checks left offload.py for _block_checks.py on 2026-11-24
+        checks = importlib.import_module("stitchalloc._block_checks")
+    except ImportError:
+        checks = importlib.import_module("stitchalloc.offload")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}; "
           f"best of {args.repeat}; us per call")
     print(f"{'items':>8s} {'copy (_containers)':>19s} {'compare':>9s} {'holds tensor':>13s}")
@@ -35,7 +38,7 @@ def main():
         module = torch.nn.Module()
         module.log = [float(i) for i in range(n)]
         tables = module.__dict__
-        entry = offload._containers(module, tables)[0]
+        entry = checks._containers(module, tables)[0]
         # 55f307f: (name, container, copy); after it: (name, [(container, copy), ...]).
         container, copied = entry[1][0] if len(entry) == 2 else entry[1:]
         number = max(1, 200000 // n)
@@ -43,13 +46,13 @@ def main():
         def best(fn):
             return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
 
-        print(f"{n:8d} {best(lambda: offload._containers(module, tables)):19.2f} "
-              f"{best(lambda: offload._same_contents(container, copied)):9.2f} "
-              f"{best(lambda: offload._holds_tensor(module.log)):13.2f}")
+        print(f"{n:8d} {best(lambda: checks._containers(module, tables)):19.2f} "
+              f"{best(lambda: checks._same_contents(container, copied)):9.2f} "
+              f"{best(lambda: checks._holds_tensor(module.log)):13.2f}")
 
     import inspect
 
-    copies = "copies" in inspect.signature(offload._state_snapshot).parameters
+    copies = "copies" in inspect.signature(checks._state_snapshot).parameters
     print()
     print(f"{'buffer bytes':>12s} {'snapshot, copy':>15s} {'snapshot, versions only':>24s}")
     for n in map(int, args.buffer_sizes.split(",")):
@@ -60,8 +63,8 @@ def main():
         def best(fn):
             return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
 
-        with_copy = best(lambda: offload._state_snapshot(torch, (module,)))
-        without = (f"{best(lambda: offload._state_snapshot(torch, (module,), copies=False)):24.2f}" if copies
+        with_copy = best(lambda: checks._state_snapshot(torch, (module,)))
+        without = (f"{best(lambda: checks._state_snapshot(torch, (module,), copies=False)):24.2f}" if copies
                    else f"{'(always copied)':>24s}")
         print(f"{n:12d} {with_copy:15.2f} {without}")
 

@@ -30,7 +30,7 @@ sys.path.insert(0, BENCH)
 import stitchalloc  # noqa: E402
 from test_plugin import HOST, needs_plugin, run_python  # noqa: E402
 
-offload_module = importlib.import_module("stitchalloc.offload")  # the package's offload() hides the module
+block_checks = importlib.import_module("stitchalloc._block_checks")
 
 
 class RecordingBackend:
@@ -1737,9 +1737,9 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
     module.e = ([], {"z": []})
     module.f = []
     module.f.append(module.f)  # a list holding itself: walked four levels, no further
-    before = {name: (value, offload_module._tree(value, [], offload_module._NESTING)) for name, value in
+    before = {name: (value, block_checks._tree(value, [], block_checks._NESTING)) for name, value in
               ((n, module.__dict__[n]) for n in "abcdef")}
-    snapshot = offload_module._state_snapshot(torch, (module,))
+    snapshot = block_checks._state_snapshot(torch, (module,))
     module.a["k"].append(u)
     module.a["new"].append(t)
     module.b.append(u)
@@ -1749,14 +1749,14 @@ def test_the_state_check_gives_every_container_kind_back_as_it_was():
     module.e[1]["z"].append(u)
     module.e[0].extend([t, u])
     module.f.insert(0, t)
-    changed = offload_module._changed_state(snapshot)
+    changed = block_checks._changed_state(snapshot)
     assert sorted(name for _, kind, name, _ in changed if kind == "container") == list("abcdef")
-    offload_module._restore_state(torch, changed)
-    assert offload_module._changed_state(snapshot) == []
+    block_checks._restore_state(torch, changed)
+    assert block_checks._changed_state(snapshot) == []
     for name, (value, pairs) in before.items():
         assert module.__dict__[name] is value
         for container, copy in pairs:
-            assert offload_module._same_contents(container, copy)
+            assert block_checks._same_contents(container, copy)
     assert module.a.default_factory is list and list(module.a) == ["k"] and module.a["k"] is inner
     assert inner == [1, t] and module.b.maxlen == 3 and list(module.b) == [1, 2]
     assert list(module.d) == ["x", "y"] and module.d["y"][1] == [3]
@@ -1769,12 +1769,12 @@ def test_a_container_deeper_than_the_walk_is_not_seen():
     # first). A tensor put into a container at the fifth is not seen; at the fourth it is.
     module = torch.nn.Module()
     module.deep = [[[[[]]]]]
-    snapshot = offload_module._state_snapshot(torch, (module,))
+    snapshot = block_checks._state_snapshot(torch, (module,))
     module.deep[0][0][0][0].append(torch.ones(1))
-    assert offload_module._changed_state(snapshot) == []
+    assert block_checks._changed_state(snapshot) == []
     module.deep[0][0][0][0].clear()
     module.deep[0][0][0].append(torch.ones(1))
-    assert [(kind, name) for _, kind, name, _ in offload_module._changed_state(snapshot)] == [("container", "deep")]
+    assert [(kind, name) for _, kind, name, _ in block_checks._changed_state(snapshot)] == [("container", "deep")]
 
 
 class CollectingWhileRecording(CollectingLinear):
