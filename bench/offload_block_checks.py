@@ -22,7 +22,7 @@ import sys
 import timeit
 
 
-def layers(transformers):
+def layers(torch, transformers):
     small = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2)
     yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
@@ -37,6 +37,12 @@ def layers(transformers):
     model.model.layers[0].mlp.up_proj.collected = {"aux": []}
     model.model.layers[0].self_attn.v_proj.collected = {"aux": []}
     yield "llama+nest", model
+    # The same with a tensor in a plain attribute of two projections (a running count kept
+    # outside the buffers): watched by version counter, and copied, from 2026-11-24 (stop 34).
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    model.model.layers[0].mlp.up_proj.seen = torch.zeros(())
+    model.model.layers[0].self_attn.v_proj.seen = torch.zeros(())
+    yield "llama+tensor", model
     yield "mixtral", transformers.MixtralForCausalLM(transformers.MixtralConfig(
         **small, num_local_experts=8, num_experts_per_tok=2))
     yield "qwen2_moe", transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
@@ -65,19 +71,19 @@ def main():
             else (lambda top: checks._changed_state(checks._state_snapshot(torch, top)))
     print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.machine()}; best of {args.repeat} x {args.number} calls; us per call")
-    print(f"{'layers':10s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")
+    print(f"{'layers':12s} {'block':9s} {'modules':>7s} {'hook check':>11s} {'state check':>16s}")
 
     def best(fn):
         return min(timeit.repeat(fn, number=args.number, repeat=args.repeat)) / args.number * 1e6
 
-    for name, model in layers(transformers):
+    for name, model in layers(torch, transformers):
         layer = model.model.layers[0]
         for block, top in (("self_attn", (layer.input_layernorm, layer.self_attn)),
                            ("mlp", (layer.post_attention_layernorm, layer.mlp))):
             modules = sum(1 for t in top for _ in t.modules())
             hook = best(lambda: checks._why_whole(torch, top, set()))
             attr = f"{best(lambda: state_check(top)):16.2f}" if state_check else f"{'(none)':>16s}"
-            print(f"{name:10s} {block:9s} {modules:7d} {hook:11.2f} {attr}")
+            print(f"{name:12s} {block:9s} {modules:7d} {hook:11.2f} {attr}")
     return 0
 
 

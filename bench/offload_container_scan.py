@@ -6,8 +6,9 @@ token-wise block call and compared after (stitchalloc._block_checks' _containers
 _same_contents), and a container or attribute is asked whether it holds a tensor
 (_holds_tensor). This times the three for a list of N floats held by a module. A module with
 buffers has them copied too, where the call may be undone (the forward's token-wise call; after
-39e0ac2 not in the recompute's nor the watch's checks): the second table times the snapshot
-of a module holding one buffer of N bytes, with and without the copy. timeit, best of --repeat;
+39e0ac2 not in the recompute's nor the watch's checks), and from 2026-11-24 so has a tensor
+held in a plain attribute: the second table times the snapshot of a module holding one tensor of
+N bytes as a buffer or a plain attribute, with and without the copy. timeit, best of --repeat;
 us per call.
 
     .venv/bin/python bench/offload_container_scan.py   (PYTHONPATH=python, or stitchalloc installed)
@@ -39,8 +40,9 @@ def main():
         module.log = [float(i) for i in range(n)]
         tables = module.__dict__
         entry = checks._containers(module, tables)[0]
-        # 55f307f: (name, container, copy); after it: (name, [(container, copy), ...]).
-        container, copied = entry[1][0] if len(entry) == 2 else entry[1:]
+        # 55f307f: (name, container, copy); after it: (name, [(container, copy), ...]), and from
+        # 2026-11-24 (stop 34) (name, [(container, copy), ...], [tensor, ...]).
+        container, copied = entry[1:3] if entry[1] is module.log else entry[1][0]
         number = max(1, 200000 // n)
 
         def best(fn):
@@ -54,20 +56,23 @@ def main():
 
     copies = "copies" in inspect.signature(checks._state_snapshot).parameters
     print()
-    print(f"{'buffer bytes':>12s} {'snapshot, copy':>15s} {'snapshot, versions only':>24s}")
-    for n in map(int, args.buffer_sizes.split(",")):
-        module = torch.nn.Module()
-        module.register_buffer("packed", torch.zeros(n, dtype=torch.uint8))
-        number = max(1, (1 << 24) // n)
+    print(f"{'held as':>9s} {'bytes':>9s} {'snapshot, copy':>15s} {'snapshot, versions only':>24s}")
+    for held in ("buffer", "attribute"):
+        for n in map(int, args.buffer_sizes.split(",")):
+            module = torch.nn.Module()
+            if held == "buffer":
+                module.register_buffer("packed", torch.zeros(n, dtype=torch.uint8))
+            else:
+                module.packed = torch.zeros(n, dtype=torch.uint8)  # watched from 2026-11-24 (stop 34)
+            number = max(1, (1 << 24) // n)
 
-        def best(fn):
-            return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
+            def best(fn):
+                return min(timeit.repeat(fn, number=number, repeat=args.repeat)) / number * 1e6
 
-        with_copy = best(lambda: checks._state_snapshot(torch, (module,)))
-        without = (f"{best(lambda: checks._state_snapshot(torch, (module,), copies=False)):24.2f}" if copies
-                   else f"{'(always copied)':>24s}")
-        print(f"{n:12d} {with_copy:15.2f} {without}")
-
+            with_copy = best(lambda: checks._state_snapshot(torch, (module,)))
+            without = (f"{best(lambda: checks._state_snapshot(torch, (module,), copies=False)):24.2f}" if copies
+                       else f"{'(always copied)':>24s}")
+            print(f"{held:>9s} {n:9d} {with_copy:15.2f} {without}")
 
 if __name__ == "__main__":
     main()

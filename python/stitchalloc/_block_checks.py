@@ -7,23 +7,30 @@ Data structures and their invariants:
 
 - A snapshot (``_state_snapshot``) is a list with one entry per module of the block (the two
   modules ``top`` the block is called through and every module inside them, ``_block_modules``):
-  (module, a copy of its ``__dict__``, its buffers, its containers). The ``__dict__`` copy holds
-  the attribute values themselves, so that an identity compared after the call is theirs and no
-  object can be freed and another take its address in between. Buffers are
-  {name: (tensor, version counter, copy or None)}: a copy only where the call may be undone
-  (``copies``). Containers are None, or [(attribute name, [(container, copy)])] for every
-  mutable container (list, dict, deque, set, subclasses included) at or inside the attribute,
-  ``_NESTING`` levels down through containers and tuples (``_tree``); a copy is a dict for a
-  dict, else a list, of the very objects held.
+  (module, a copy of its ``__dict__``, its buffers, its containers, its held tensors). The
+  ``__dict__`` copy holds the attribute values themselves, so that an identity compared after
+  the call is theirs and no object can be freed and another take its address in between.
+  Buffers are {name: (tensor, version counter, copy or None)}: a copy only where the call may
+  be undone (``copies``). Containers are None, or [(attribute name, [(container, copy)],
+  [tensor])] for each attribute that is a tensor or is or holds a mutable container (list,
+  dict, deque, set, subclasses included) or a tensor, ``_NESTING`` levels down through
+  containers and tuples (``_tree``); a copy is a dict for a dict, else a list, of the very
+  objects held. Held tensors are below.
 - ``quiet`` (module -> the values of its ``__dict__``, kept by the caller between calls) holds a
-  module only while none of those values is or holds a container or a tensor (``_NESTING``
-  levels down); while a module's attributes are exactly those objects the container look is
-  skipped for it. The entry holds the values, so none can be replaced at the same address
-  unseen, and it keeps no activation alive (it holds no tensor but nn.Module's own tables').
+  module only while none of those values is or holds a container or a tensor other than a
+  parameter (``_NESTING`` levels down); while a module's attributes are exactly those objects
+  the container look is skipped for it. The entry holds the values, so none can be replaced at
+  the same address unseen, and it keeps no activation alive.
 - ``_changed_state`` gives (module, kind, name, before) entries, kind one of ``_CHANGE_WORDS``;
   ``_restore_state`` puts each ``before`` back (containers through their builtin base's methods,
-  so that a subclass's own, possibly refusing, ``update`` is not called). After it, a fresh
-  ``_changed_state`` on the same snapshot finds nothing.
+  so that a subclass's own, possibly refusing, ``update`` is not called; a tensor changed in
+  place gets its copy's values, which moves its version counter on, so a snapshot is used for
+  one call only).
+- Held tensors are [(attribute name, (tensor, version counter, copy or None))]: each tensor a
+  module holds outside its tables (a plain attribute, or an item of the containers or tuples
+  ``_tree`` walks), once, not one of its buffers, not a parameter (a tied weight held twice is
+  not copied at every call). An inference tensor has no version counter (reading it raises) and
+  cannot change in place where blocks are checked: its version is None and it is never copied.
 
 Both run at every token-wise block call, so the common case (a block whose modules hold no
 container, tensor attribute or buffer, and no hooks) costs a few identity comparisons a module;
@@ -44,7 +51,8 @@ _HOOK_KINDS = {"_forward_pre_hooks": "forward pre hook", "_forward_hooks": "forw
 
 # The words of the warnings for each kind of _changed_state entry: what the module does (in the
 # forward's token-wise call), what it changes (in the recompute's), and why that call cannot stay
-# token-wise. {} is the attribute's or buffer's name.
+# token-wise. {} is the attribute's or buffer's name (for a held tensor, the attribute it is or
+# is in).
 _CHANGE_WORDS = {
     "attribute": ("keeps a tensor in its attribute '{}'", "its attribute '{}' (a tensor)",
                   "token-wise, the block would run without autograd in the forward, in token ranges, so what it "
@@ -55,6 +63,9 @@ _CHANGE_WORDS = {
     "buffer": ("changes its buffer '{}'", "its buffer '{}'",
                "token-wise, the block would run in token ranges in the forward and again before its backward, "
                "changing the buffer once per range and again in the recompute"),
+    "tensor": ("changes the tensor in its attribute '{}' in place", "the tensor in its attribute '{}'",
+               "token-wise, the block would run in token ranges in the forward and again before its backward, "
+               "changing the tensor once per range and again in the recompute"),
 }
 
 
@@ -133,32 +144,60 @@ def _state_snapshot(torch, top, quiet=None, copies=True):
     copy holds the values, so that an identity compared later is theirs; parameters, buffers
     and submodules sit in tables of their own there, whose identity does not change), a copy of
     each list, dict, deque or set among those attributes or inside them (_containers: an
-    auxiliary loss appended to a list the module holds), and for a module with buffers, each
-    buffer with its version counter and (``copies``) a copy of its values, to undo a change made
-    in place. This runs at every token-wise block call; of transformers' Llama family only
-    DeepSeek-V3 has a buffer inside its blocks (its router's, a float per expert; the rotary
-    tables are the model's), and none a container.
-    ``quiet``: the caller's dict for _containers, kept between calls. ``copies``: whether the
-    buffers' values are copied, which only a snapshot that may be undone (_restore_state, after
-    the forward's token-wise call) needs; the recompute's and the watch's compare versions only.
-    A module whose buffers are large (a quantized linear's packed weights, scales and zeros are
-    buffers) would otherwise have them copied once per recomputed range of every layer."""
+    auxiliary loss appended to a list the module holds), each buffer with its version counter,
+    and each other tensor it holds (a plain attribute, or in those containers or tuples; not a
+    parameter) with its version counter: a running count kept outside the buffers. ``copies``:
+    whether the buffers' and those tensors' values are copied too, to undo a change made in
+    place, which only a snapshot that may be undone (_restore_state, after the forward's
+    token-wise call) needs; the recompute's and the watch's compare versions only. A module
+    whose buffers are large (a quantized linear's packed weights, scales and zeros are buffers)
+    would otherwise have them copied once per recomputed range of every layer. This runs at
+    every token-wise block call; of transformers' Llama family only DeepSeek-V3 has a buffer
+    inside its blocks (its router's, a float per expert; the rotary tables are the model's),
+    and none a container or a tensor attribute. ``quiet``: the caller's dict for _containers,
+    kept between calls."""
     snapshot = []
     for module in _block_modules(top):
         tables = module.__dict__
         buffers = tables.get("_buffers")
         saved = None
         if buffers:
-            with torch.no_grad():
-                saved = {name: (b, b._version, b.clone() if copies else None)
-                         for name, b in buffers.items() if b is not None}
+            saved = {name: _versioned(torch, b, copies) for name, b in buffers.items() if b is not None}
         # _containers' look, skipped here for a module whose attributes are as quiet has them
-        # (its call would cost a fifth of the check).
+        # (its call would cost a fifth of the check; such a module holds no tensor).
         values = quiet.get(module) if quiet is not None else None
         containers = (None if values is not None and len(values) == len(tables)
                       and all(map(operator.is_, values, tables.values())) else _containers(module, tables, quiet))
-        snapshot.append((module, tables.copy(), saved, containers))
+        held = None
+        if containers is not None:
+            ids = {id(entry[0]) for entry in saved.values()} if saved else set()  # copied once
+            held = []
+            for name, _, tensors in containers:
+                for t in tensors:
+                    if id(t) not in ids:
+                        ids.add(id(t))
+                        held.append((name, _versioned(torch, t, copies)))
+        snapshot.append((module, tables.copy(), saved, containers, held))
     return snapshot
+
+
+def _versioned(torch, t, copies):
+    """(t, its version counter, a copy of its values if ``copies`` else None). An inference
+    tensor has no version counter (reading it raises) and cannot be changed in place outside
+    inference mode, where blocks are not checked (they run as they are without autograd): its
+    version is None, and it is not copied."""
+    if t.is_inference():
+        return t, None, None
+    if not copies:
+        return t, t._version, None
+    with torch.no_grad():
+        return t, t._version, t.clone()
+
+
+def _changed_in_place(entry):
+    """Whether a _versioned entry's tensor was changed in place since."""
+    t, version, _ = entry
+    return version is not None and t._version != version
 
 
 # The mutable containers a module's attributes are looked into for (_containers), subclasses
@@ -181,11 +220,14 @@ def _module_tables():
 
 
 def _containers(module, tables, quiet=None):
-    """[(name, [(container, copy)])] for each of a module's plain attributes (``tables``, its
-    ``__dict__``; not nn.Module's own tables of parameters, buffers, submodules and hooks) that is
-    or holds a mutable container (_tree: lists, dicts, deques and sets, subclasses included, and
-    those nested in them or in tuples, _NESTING levels down), each container with a copy of what
-    it holds; None where there is none.
+    """[(name, [(container, copy)], [tensor])] for each of a module's plain attributes
+    (``tables``, its ``__dict__``; not nn.Module's own tables of parameters, buffers, submodules
+    and hooks) that is a tensor, or is or holds a mutable container or a tensor (_tree: lists,
+    dicts, deques and sets, subclasses included, and those nested in them or in tuples,
+    _NESTING levels down, and the tensors among their items), each container with a copy of
+    what it holds; None where there is none. Parameters are not among the tensors (nn.Module's
+    own are not watched either; a forward does not change them, and copying them would copy
+    weights at every call).
 
     ``quiet`` (module -> the values of its ``__dict__``) saves this look at every value, which made
     the state check 23-28 us a Llama block call instead of 8-12 (13-17 with ``quiet``;
@@ -194,32 +236,37 @@ def _containers(module, tables, quiet=None):
     identity comparison, at C speed; _state_snapshot) it has none. The entry holds those values,
     so none can be freed and another object take its address unseen; none but nn.Module's own
     tables (its parameters, buffers and submodules, which the module holds anyway) holds a tensor
-    (_NESTING levels down, as _holds_tensor looks), so no activation is kept alive by it. A module
-    holding a tensor or a container is looked at in full at each call."""
+    other than a parameter (_NESTING levels down, as _tree looks), so no activation is kept alive
+    by it. A module holding a tensor or a container is looked at in full at each call."""
     own = _module_tables()
+    tensor = _tensor_type()
     found = []
     for name, value in tables.items():
-        if isinstance(value, _NESTED) and name not in own:
-            pairs = _tree(value, [], _NESTING)
-            if pairs:
-                found.append((name, pairs))
+        if name in own:
+            continue
+        if isinstance(value, tensor):
+            if _watched(value):
+                found.append((name, [], [value]))
+        elif isinstance(value, _NESTED):
+            pairs, tensors = [], []
+            _tree(value, pairs, _NESTING, tensors)
+            if pairs or tensors:
+                found.append((name, pairs, tensors))
     if found:
         if quiet is not None:
             quiet.pop(module, None)
         return found
     if quiet is not None:
-        if any(_holds_tensor(value) for name, value in tables.items() if name not in own):
-            quiet.pop(module, None)
-        else:
-            quiet[module] = tuple(tables.values())
+        quiet[module] = tuple(tables.values())
     return None
 
 
-def _tree(value, pairs, depth):
+def _tree(value, pairs, depth, tensors=None):
     """``pairs`` with (container, copy) appended for ``value`` if it is a mutable container, and
     for each one inside it (a dict's values, the items of the others, tuples and frozensets
-    walked too) down to ``depth`` levels. A copy is a dict for a dict, else a list: the very
-    objects held (_same_contents compares by identity)."""
+    walked too) down to ``depth`` levels; and ``tensors`` (if given) with the tensors among
+    their items (_watched ones). A copy is a dict for a dict, else a list: the very objects
+    held (_same_contents compares by identity)."""
     if isinstance(value, dict):
         items = dict(value)
         pairs.append((value, items))
@@ -228,11 +275,20 @@ def _tree(value, pairs, depth):
         items = list(value)
         if not isinstance(value, (tuple, frozenset)):
             pairs.append((value, items))
-    if depth > 1 and _any_of(_types(items), _NESTED):
+    types = _types(items)
+    if tensors is not None and _any_of(types, _tensor_type()):
+        tensors.extend(item for item in items if isinstance(item, _tensor_type()) and _watched(item))
+    if depth > 1 and _any_of(types, _NESTED):
         for item in items:
             if isinstance(item, _NESTED):
-                _tree(item, pairs, depth - 1)
+                _tree(item, pairs, depth - 1, tensors)
     return pairs
+
+
+def _watched(t):
+    """Whether a tensor a module holds outside its tables is compared by version counter: not a
+    parameter (one held twice, a tied weight, say, is not copied at every call)."""
+    return not isinstance(t, _parameter_type())
 
 
 def _types(items):
@@ -278,11 +334,14 @@ def _changed_state(snapshot):
     ``before``: [(container, copy)] for those whose contents changed) that is or holds lists,
     dicts, deques or sets (_containers) one of which now holds other objects, a tensor among them
     before or after; a buffer (kind "buffer") added, replaced or changed in place (``before``:
-    (tensor, version, copy), or _MISSING). Not seen: a tensor put into a container more than
-    _NESTING levels down, or into an attribute of an object the module holds that is neither a
-    container nor a module (a tracker object's list), or kept outside the block's modules."""
+    (tensor, version, copy), or _MISSING); another tensor the module held (kind "tensor", the
+    name of the attribute it is or is in; ``before``: (tensor, version, copy)) changed in place.
+    Not seen: a tensor put into a container more than _NESTING levels down (or changed in place
+    there, one level further), or into an attribute of an object the module holds that is
+    neither a container nor a module (a tracker object's list), or kept outside the block's
+    modules; a parameter changed in place."""
     changed = []
-    for module, before, buffers, containers in snapshot:
+    for module, before, buffers, containers, held in snapshot:
         now = module.__dict__
         if not (len(now) == len(before) and all(map(operator.is_, now.values(), before.values()))):
             for name, value in now.items():
@@ -290,10 +349,12 @@ def _changed_state(snapshot):
                 if old is not value and _holds_tensor(value):
                     changed.append((module, "attribute", name, old))
         if containers is not None:
-            for name, pairs in containers:
+            for name, pairs, _ in containers:
                 differ = [(c, copy) for c, copy in pairs if not _same_contents(c, copy)]
                 if any(_holds_tensor(c) or _holds_tensor(copy) for c, copy in differ):
                     changed.append((module, "container", name, differ))
+        if held:
+            changed.extend((module, "tensor", name, entry) for name, entry in held if _changed_in_place(entry))
         current = now.get("_buffers")
         if buffers is None and not current:
             continue
@@ -302,7 +363,7 @@ def _changed_state(snapshot):
             old = buffers.get(name, _MISSING)
             if value is None and old is _MISSING:
                 continue
-            if old is _MISSING or old[0] is not value or old[0]._version != old[1]:
+            if old is _MISSING or old[0] is not value or _changed_in_place(old):
                 changed.append((module, "buffer", name, old))
         changed.extend((module, "buffer", name, old) for name, old in buffers.items() if name not in current)
     return changed
@@ -310,7 +371,7 @@ def _changed_state(snapshot):
 
 def _restore_state(torch, changed):
     """Undoes what _changed_state found: attributes, containers and buffers get back what they
-    held."""
+    held, tensors changed in place their values (from a snapshot taken with ``copies``)."""
     for module, kind, name, before in changed:
         if kind == "attribute":
             if before is _MISSING:
@@ -327,11 +388,12 @@ def _restore_state(torch, changed):
         if before is _MISSING:
             del module._buffers[name]
             continue
-        tensor, version, values = before
-        if tensor._version != version:
+        tensor, _, values = before
+        if _changed_in_place(before):
             with torch.no_grad():
                 tensor.copy_(values)
-        module._buffers[name] = tensor
+        if kind == "buffer":
+            module._buffers[name] = tensor
 
 
 def _holds_tensor(value, depth=_NESTING):
@@ -357,6 +419,13 @@ def _tensor_type():
     import torch
 
     return torch.Tensor
+
+
+@functools.cache
+def _parameter_type():
+    import torch
+
+    return torch.nn.Parameter
 
 
 def _recording(hook):

@@ -21,7 +21,8 @@ every policy but "swap". A layer that calls ``mlp`` on anything but what its
 function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
 and in a call where a module in it keeps a tensor in an attribute (or in a container it
-holds) or changes a buffer (``_changed_state``: a token-wise call that did is undone and runs
+holds) or changes a buffer or another tensor it holds in place (``_changed_state``: a
+token-wise call that did is undone and runs
 again as it is, and the block's next calls run as they are until one changes neither; one that
 does so only while autograd records is seen in the recompute, ``_changed_in_recompute``, and
 runs as it is from its next call):
@@ -216,7 +217,7 @@ class Offload:
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
         # (layer, block) -> (reason, why) it runs as it is: a module in it kept a tensor in an
-        # attribute (or a container it holds) or changed a buffer at its last call
+        # attribute (or a container it holds) or changed a buffer or held tensor at its last call
         # (_changed_and_undone, _keeping_before);
         # layer -> the state snapshot of its attention block run as it is for that reason, from
         # its norm to its self_attn call
@@ -454,7 +455,7 @@ class Offload:
 
     def _keeping_before(self, i, block, top):
         """For a block whose last call kept a tensor in an attribute (or a container it holds) or
-        changed a buffer (_changed_and_undone): this call runs as it is too, and the snapshot
+        changed a buffer or held tensor (_changed_and_undone): this call runs as it is too, and the snapshot
         returned watches it (_keeping_after). None for others."""
         reason = self._keeping.get((i, block))
         if reason is None:
@@ -470,11 +471,12 @@ class Offload:
 
     def _changed_and_undone(self, i, block, snapshot):
         """After a token-wise call of layer i's ``block``: whether a module in it kept a tensor in
-        an attribute (or put one in a container it holds) or changed a buffer during the call
-        (_changed_state). What it kept has no autograd graph (and, from the MLP's ranges, only the
-        last range's tokens, or one per range), so a loss using it would be wrong; a buffer changed
-        once per range, and would change again in the recompute. Then attributes, containers and
-        buffers get back what they held before the call, the caller runs the call again as it is
+        an attribute (or put one in a container it holds) or changed a buffer or another tensor it
+        holds in place during the call (_changed_state). What it kept has no autograd graph (and,
+        from the MLP's ranges, only the last range's tokens, or one per range), so a loss using it
+        would be wrong; a buffer or tensor changed once per range, and would change again in the
+        recompute. Then attributes, containers, buffers and tensors get back what they held before
+        the call, the caller runs the call again as it is
         (which changes them as without offload), and the block's next calls run as they are until
         one changes neither (_keeping_before)."""
         changed = _changed_state(snapshot)
