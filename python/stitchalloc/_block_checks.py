@@ -168,17 +168,24 @@ def _state_snapshot(torch, top, quiet=None, copies=True):
         values = quiet.get(module) if quiet is not None else None
         containers = (None if values is not None and len(values) == len(tables)
                       and all(map(operator.is_, values, tables.values())) else _containers(module, tables, quiet))
-        held = None
-        if containers is not None:
-            ids = {id(entry[0]) for entry in saved.values()} if saved else set()  # copied once
-            held = []
-            for name, _, tensors in containers:
-                for t in tensors:
-                    if id(t) not in ids:
-                        ids.add(id(t))
-                        held.append((name, _versioned(torch, t, copies)))
+        held = _held(torch, containers, saved, copies) if containers is not None else None
         snapshot.append((module, tables.copy(), saved, containers, held))
     return snapshot
+
+
+def _held(torch, containers, buffers, copies):
+    """[(attribute name, _versioned entry)] for the tensors _containers found, each once, none
+    that is among ``buffers`` (a module's _versioned buffers: copied there already). The set
+    of those seen is made only for a module that holds a tensor."""
+    held, seen = [], None
+    for name, _, tensors in containers:
+        for t in tensors:
+            if seen is None:
+                seen = {id(entry[0]) for entry in buffers.values()} if buffers else set()
+            if id(t) not in seen:
+                seen.add(id(t))
+                held.append((name, _versioned(torch, t, copies)))
+    return held
 
 
 def _versioned(torch, t, copies):
@@ -276,8 +283,9 @@ def _tree(value, pairs, depth, tensors=None):
         if not isinstance(value, (tuple, frozenset)):
             pairs.append((value, items))
     types = _types(items)
-    if tensors is not None and _any_of(types, _tensor_type()):
-        tensors.extend(item for item in items if isinstance(item, _tensor_type()) and _watched(item))
+    tensor = _tensor_type()
+    if tensors is not None and _any_of(types, tensor):
+        tensors.extend(item for item in items if isinstance(item, tensor) and _watched(item))
     if depth > 1 and _any_of(types, _NESTED):
         for item in items:
             if isinstance(item, _NESTED):
