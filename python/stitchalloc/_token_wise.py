@@ -7,7 +7,14 @@ Data structures and their invariants:
 - ``_AttentionState``: one attention block call of one iteration. ``x`` is the layer input as the
   layer's pack hook saved it (swapped); ``cores`` the attention core calls in call order, each a
   ``_Core``. A replay (``replay()``) must call the core exactly as often as the forward did, with
-  q, k, v of the forward's layouts; otherwise it raises rather than compute something else.
+  q, k, v of the forward's layouts; otherwise it raises rather than compute something else. A
+  core is kept fused only while ``fuse``: a fused core's gradient reaches q, k and v alone, so a
+  replay that finds another of its tensor arguments needing one (a mask computed from
+  parameters) runs that core again with autograd and calls ``unfuse`` (offload then stops
+  fusing that layer's cores).
+- ``_NotReplayable``: raised from a block's forward, before anything it computed is kept, for a
+  block no replay can reproduce (attention dropout; tensors returned besides the output, as
+  attention weights or an MoE block's router scores); the caller runs the block as it is instead.
 - ``_Core``: a fused core keeps its own autograd node (``node``), whose saved q, k, v are
   ``_Recomputed`` markers filled (``slots``) by the replay just before the node's backward runs,
   and whose other saved tensors (output, softmax statistics) went through the layer's pack hook.
@@ -29,6 +36,24 @@ import weakref
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _NotReplayable(RuntimeError):
+    """The attention block cannot be replayed: ``reason`` (what it does) and ``why`` (what a
+    replay would get wrong), for the caller's warning."""
+
+    def __init__(self, reason, why, context=None):
+        super().__init__(f"stitchalloc.offload: a token-wise block cannot be replayed ({reason}): {why}")
+        self.reason = reason
+        self.why = why
+        self.context = context  # the _ForwardContext taken when the refused call began
+
+
+# Why a token-local block returning anything but one tensor (transformers' GPT-OSS MoE block
+# returns its router scores beside its output) runs as it is.
+_MORE_THAN_A_TENSOR = ("it returns more than its output tensor (an MoE block's router scores?)",
+                       "split by tokens, what it returns besides would cover one range of tokens and have no "
+                       "autograd graph")
 
 
 class _Deferred:
@@ -73,11 +98,13 @@ class _AttentionState:
     """One attention block call of one iteration: its cores, in call order."""
 
     __slots__ = ("owner", "pack", "cores", "next", "extras", "run", "x", "input_edge", "output_node",
-                 "forward_context")
+                 "forward_context", "fuse", "unfuse")
 
-    def __init__(self, owner, pack, run):
+    def __init__(self, owner, pack, run, fuse=True, unfuse=None):
         self.owner = owner
         self.pack = pack
+        self.fuse = fuse  # whether a core run as one fused node keeps that node (else recomputed)
+        self.unfuse = unfuse  # called with the names of a fused core's other arguments needing grad
         self.cores = []
         self.next = 0
         self.extras = None  # what the block returns besides its output (transformers: (None,))
@@ -161,8 +188,9 @@ def _capture(torch, state):
     def handler(func, args, kwargs):
         bound = _sdpa_arguments(args, kwargs)
         if float(bound.get("dropout_p", 0.0) or 0.0) != 0.0:
-            raise RuntimeError("stitchalloc.offload: token-wise recompute cannot replay attention dropout "
-                               "(dropout_p > 0); use policy='swap' or train without attention dropout")
+            raise _NotReplayable("it calls the attention core with dropout (dropout_p > 0)",
+                                 "a replay before the layer's backward could not draw the same mask",
+                                 state.forward_context)
         q, k, v = bound["query"], bound["key"], bound["value"]
         core = _Core()
         core_ref = weakref.ref(core)  # the hooks below live as long as the core's node (_Recomputed)
@@ -190,7 +218,7 @@ def _capture(torch, state):
         node = out.grad_fn if torch.is_tensor(out) else None
         entry = stand_ins[0].grad_fn
         edges = list(node.next_functions) if node is not None else []
-        if len(edges) == 3 and all(f is entry and n == index for index, (f, n) in enumerate(edges)):
+        if state.fuse and len(edges) == 3 and all(f is entry and n == index for index, (f, n) in enumerate(edges)):
             core.node = node
             core.entry = entry
             core.meta = [_layout(s) for s in stand_ins]
@@ -224,6 +252,15 @@ def _replay(torch, state, grad=True):
         if not grad:
             return _unpack_packed(core.out)
         bound = _sdpa_arguments(args, kwargs)
+        # The core's node was captured without autograd and takes gradients for q, k and v only;
+        # a mask that needs one (computed from parameters, as Doge's dynamic mask is) would get
+        # none, and neither would what it was computed from. Such a core is run again instead.
+        needs = [n for n, a in bound.items()
+                 if n not in ("query", "key", "value") and torch.is_tensor(a) and a.requires_grad]
+        if needs:
+            if state.unfuse is not None:
+                state.unfuse(needs)
+            return func(*args, **kwargs)
         qkv = (bound["query"], bound["key"], bound["value"])
         got = [_layout(t) for t in qkv]
         if got != core.meta:
@@ -274,6 +311,15 @@ class _ForwardContext:
             if self.devices:
                 set_device_states(self.devices, self.device_rngs, device_type=self.device_type)
             yield
+
+    def rewind(self, torch):
+        """Sets the generators back to where they were when the forward began, and leaves them
+        there: a block run again as it is then draws what it would have drawn without offload."""
+        from torch.utils.checkpoint import set_device_states
+
+        torch.set_rng_state(self.cpu_rng)
+        if self.devices:
+            set_device_states(self.devices, self.device_rngs, device_type=self.device_type)
 
     @contextlib.contextmanager
     def autocast(self, torch):
@@ -409,6 +455,8 @@ def _functions(torch):
                 y = None
                 for start, n in _chunks(x.shape[-2], chunk):
                     part = block(x.narrow(-2, start, n))
+                    if not torch.is_tensor(part):
+                        raise _NotReplayable(*_MORE_THAN_A_TENSOR, ctx.forward_context)
                     if n == x.shape[-2]:
                         return part
                     if y is None:
@@ -479,9 +527,10 @@ def _functions(torch):
             if isinstance(result, (tuple, list)):
                 extras = tuple(result[1:])
                 if any(torch.is_tensor(e) for e in extras):
-                    raise RuntimeError("stitchalloc.offload: the attention block returns tensors besides its output "
-                                       "(attention weights?); token-wise recompute needs an attention "
-                                       "implementation that does not (sdpa), or policy='swap'")
+                    raise _NotReplayable("it returns tensors besides its output (attention weights: an attention "
+                                         "implementation such as eager's)",
+                                         "replayed, they would have no autograd graph (sdpa returns none)",
+                                         state.forward_context)
                 state.extras = extras
                 result = result[0]
             return result

@@ -62,19 +62,25 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 (``stitchalloc.offload_plan``), with the host memory capped by the pinned pool's limit.
 """
 
+import functools
 import os
 import statistics
 import time
 import weakref
 
 from ._block_checks import _CHANGE_WORDS, _MISSING, _changed_state, _restore_state, _state_snapshot, _why_whole
-from ._token_wise import _AttentionReplay, _AttentionState, _TokenLocal
+from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState, _ForwardContext, _NotReplayable,
+                          _TokenLocal)
 
 _LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 # Layers with these norm the attention's output before the residual and the MLP's input with a
-# norm of its own (Gemma 2 and 3): their post_attention_layernorm is not the MLP's norm, so the
-# token-local block mlp(post_attention_layernorm(h)) does not exist there.
-_OTHER_MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+# norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's norm, so
+# the token-local block mlp(post_attention_layernorm(h)) does not exist there.
+_OTHER_MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm",
+                    # MiniMax: its residuals are the norms' outputs (scaled by attn_alpha_factor and
+                    # mlp_alpha_factor), which a token-wise block replaces; found by
+                    # bench/offload_families.py, whose _wired checks cannot see it (docs/offload.md)
+                    "attn_alpha_factor")
 
 
 def offload_plan(layers, input_bytes, attention_bytes, other_bytes, copy_bytes_per_second, layer_forward_seconds,
@@ -222,6 +228,16 @@ class Offload:
         # layer -> the state snapshot of its attention block run as it is for that reason, from
         # its norm to its self_attn call
         self._keeping = {}
+        # (layer, block) -> (reason, why) it runs as it is for good: no replay can reproduce it
+        # (attention dropout, attention weights returned; _NotReplayable)
+        self._not_replayable = {}
+        # layer -> the names of its attention core's arguments that needed a gradient: its cores
+        # are no longer kept fused, but recomputed with the block (_AttentionState.unfuse)
+        self._unfused = {}
+        # Layers whose token-wise forward completed with both blocks split (_wired held), and the
+        # layers found wired otherwise at a first call, which run as they are for good (_Miswired)
+        self._proven = set()
+        self._plain = {}
         self._quiet = {}  # module -> its attributes, while it holds no container or tensor (_containers)
         self._watching = {}
         # Every policy but "swap" (alpha 1 given as a number is "swap") recomputes the attention
@@ -443,10 +459,33 @@ class Offload:
         self._ours.add(forward)
         return forward
 
+    def _unproven_failure(self, i, layer, what, failure):
+        """What to raise for ``failure`` of layer i's ``what`` inside its token-wise split: at the
+        layer's first calls (not yet _proven) a _Miswired, so that the layer runs again as it is
+        (an mlp that needs more than the norm's output, DeepSeek-V4's input_ids); None (the
+        failure itself) once the layer has split, or when it is out of memory (the call as it is
+        needs more)."""
+        if i in self._proven or isinstance(failure, (_Miswired, getattr(self._torch, "OutOfMemoryError", ()))):
+            return None
+        return _Miswired(f"stitchalloc.offload: layer {i}'s ({type(layer).__name__}) {what} failed "
+                         f"({type(failure).__name__}: {failure}); use policy='swap'")
+
+    def _plain_call(self, i):
+        """Whether layer i runs as it is for good (_Miswired at its first call): then a block of it
+        is counted as run as it is."""
+        if i not in self._plain:
+            return False
+        self._run_whole += 1
+        return True
+
     def _runs_whole(self, i, block, top):
         """Whether layer i's token-wise ``block`` (called through the modules ``top``) must run as
         it is in this call, its saved tensors swapped, for a hook (_why_whole); warns once per
         reason."""
+        fixed = self._not_replayable.get((i, block))
+        if fixed is not None:
+            self._whole(i, block, *fixed)
+            return True
         reason = _why_whole(self._torch, top, self._ours)
         if reason is None:
             return False
@@ -513,6 +552,19 @@ class Offload:
                             "autograd token-wise: this step's forward ran without that change. The block runs as it "
                             "is from its next call.")
         return out
+
+    def _unfuse(self, i, names):
+        """Layer i's attention core got arguments besides q, k, v that need a gradient (a mask
+        computed from parameters): from its next call the core is recomputed with the block
+        before the layer's backward instead of keeping its output (this call's replay has run it
+        again already, _replay)."""
+        if i in self._unfused:
+            return
+        self._unfused[i] = tuple(names)
+        self._warn_once(("unfused", tuple(names)),
+                        f"stitchalloc.offload: layer {i}'s attention core gets {', '.join(names)} needing a gradient "
+                        "(computed from parameters or the layer input): the core is recomputed before the layer's "
+                        "backward instead of keeping its output, so that the gradient reaches them")
 
     def _who(self, i, change):
         """'path (type)' of the module a _changed_state entry of layer i names, the kind, the name."""
@@ -591,8 +643,17 @@ class Offload:
                 del me._norm_outputs[key]
             return unused
 
-        def end(me, start, out):
+        def finish(me):
+            """The layer's forward returned: every norm whose block was applied reached its callee."""
             unused = leave(me)
+            if unused:
+                callee = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}[unused[0]]
+                raise _Miswired(
+                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {unused[0]} but not {callee} on "
+                    f"its output, so its token-wise recompute (which runs {callee}({unused[0]}(...)) as one block) "
+                    "computed another function; use policy='swap'")
+
+        def end(me, start, out):
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -602,18 +663,46 @@ class Offload:
                 me._measure["times"].append(time.perf_counter() - start)
                 me._measure["layers"] += 1
             me._forward_end(i)
-            if unused:
-                callee = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}[unused[0]]
-                raise RuntimeError(
-                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {unused[0]} but not {callee} on "
-                    f"its output, so its token-wise recompute (which runs {callee}({unused[0]}(...)) as one block) "
-                    "computed another function; use policy='swap'")
             first = out[0] if isinstance(out, (tuple, list)) else out
             if torch.is_tensor(first) and first.requires_grad:
                 first.register_hook(on_grad)
             return out
 
-        on_grad, begin, end, failed = (_eager(torch, f) for f in (on_grad, begin, end, leave))
+        def probe(me, args, kwargs):
+            """At a token-wise layer's first calls (until one splits both blocks): what the call may
+            have to undo to run again as it is (_Miswired)."""
+            if not (llama and me._token_wise) or i in me._proven or i in me._plain:
+                return None
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not torch.is_tensor(x):
+                return None
+            return _state_snapshot(torch, (layer,), me._quiet), _ForwardContext(torch, x), me._run_whole
+
+        def as_it_is(me, probed, miswired, args, kwargs):
+            """Layer i is not wired as its token-wise blocks assume (or a block of it, run alone,
+            failed): what its call changed is given back, the random generators rewound, and it
+            runs again as it is, as do its next calls (with one warning), if that succeeds."""
+            snapshot, context, _ = probed
+            _restore_state(torch, _changed_state(snapshot))
+            context.rewind(torch)
+            me._plain[i] = str(miswired)
+            me._in_layer = i
+            me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack_hook):
+                    out = original(*args, **kwargs)
+            except BaseException:
+                del me._plain[i]  # failed as it is too: the error is the layer's own
+                raise
+            finally:
+                leave(me)
+            reason = str(miswired).replace("; use policy='swap'", "")
+            me._warn_once(("plain", type(layer)), f"{reason}. Layer {i} runs as it is from this call on (its saved "
+                          "tensors swapped, none recomputed), as will every layer of its type that fails so.")
+            return out
+
+        on_grad, begin, end, failed, finish, probe, as_it_is = (
+            _eager(torch, f) for f in (on_grad, begin, end, leave, finish, probe, as_it_is))
 
         def forward(*args, **kwargs):
             # Under torch.compile only the layer's own computation (`original`) is compiled:
@@ -622,6 +711,7 @@ class Offload:
             if began is None:
                 return original(*args, **kwargs)
             me, start = began
+            probed = probe(me, args, kwargs)
             try:
                 with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack_hook):
                     if checkpoint_whole:
@@ -630,9 +720,18 @@ class Offload:
                         out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
                     else:
                         out = original(*args, **kwargs)
+                finish(me)
+            except _Miswired as miswired:
+                failed(me)
+                if probed is None:
+                    raise
+                _drop_frames(miswired)  # the failed call's tensors and tickets go before the call again
+                out = as_it_is(me, probed, miswired, args, kwargs)
             except BaseException:
                 failed(me)
                 raise
+            if probed is not None and i not in me._plain and me._run_whole == probed[2]:
+                me._proven.add(i)  # both blocks split: wired as they assume
             return end(me, start, out)
 
         self._replace_forward(layer, _eager(torch, forward, recursive=False))
@@ -665,16 +764,22 @@ class Offload:
             _wired(me, i, layer, "post_attention_layernorm", out, applied=applied)
             return out
 
-        def mlp_applied(x):
+        def mlp_applied(x, *args, **kwargs):
             """The layer's call of mlp: already applied inside the token-local block, if it split."""
             if _wired(owner(), i, layer, "post_attention_layernorm", x, "mlp"):
+                if args or kwargs:
+                    names = [f"argument {n + 2}" for n in range(len(args))] + list(kwargs)
+                    raise _Miswired(
+                        f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp with {', '.join(names)} "
+                        "besides post_attention_layernorm's output, which its token-wise block (run where "
+                        "post_attention_layernorm is called) did not have; use policy='swap'")
                 return x
-            return mlp_forward(x)
+            return mlp_forward(x, *args, **kwargs)
 
         def token_local(me, h):
             """The block's output, split by tokens; None where it runs as it is."""
             if (me is None or me._in_layer != i or not torch.is_grad_enabled() or not torch.is_tensor(h)
-                    or h.dim() < 2 or not _innermost(torch, pack)):
+                    or h.dim() < 2 or not _innermost(torch, pack) or me._plain_call(i)):
                 return None
             # The measuring iteration of policy "auto" recomputes the whole block (the least
             # memory: at a length that needs alpha < 1, swapping everything would not fit), and
@@ -699,14 +804,34 @@ class Offload:
                 source = None
             snapshot = _state_snapshot(torch, (norm, mlp), me._quiet)
             parts = []
-            if k > 0:
-                # With h recomputed, a view of it saved by the block would swap all of h: the
-                # first tokens get storage of their own.
-                head = h.narrow(-2, 0, k)
-                parts.append(block(head.clone() if source is not None else head.contiguous()))
-            rest = h.narrow(-2, k, tokens - k).contiguous()
-            parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
-                                           me._recompute_chunk, rest, *params()))
+            # The random generators before the swapped first tokens run (_TokenLocal takes its own).
+            context = _ForwardContext(torch, h) if k > 0 else None
+            try:
+                if k > 0:
+                    # With h recomputed, a view of it saved by the block would swap all of h: the
+                    # first tokens get storage of their own.
+                    head = h.narrow(-2, 0, k)
+                    parts.append(block(head.clone() if source is not None else head.contiguous()))
+                    if not torch.is_tensor(parts[0]):
+                        raise _NotReplayable(*_MORE_THAN_A_TENSOR, context)
+                rest = h.narrow(-2, k, tokens - k).contiguous()
+                parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
+                                               me._recompute_chunk, rest, *params()))
+            except _NotReplayable as refused:
+                # Never split: this call and the next run as they are, from the state and random
+                # generators the call began with (what it changed given back).
+                parts.clear()
+                _restore_state(torch, _changed_state(snapshot))
+                (context or refused.context).rewind(torch)
+                me._not_replayable[i, "mlp"] = (refused.reason, refused.why)
+                me._whole(i, "mlp", refused.reason, refused.why)
+                return None  # the caller runs it as it is
+            except Exception as failure:
+                miswired = me._unproven_failure(i, layer, "mlp block, run on post_attention_layernorm's output "
+                                                "alone,", failure)
+                if miswired is None:
+                    raise
+                raise miswired from failure
             if me._changed_and_undone(i, "mlp", snapshot):
                 return None  # the caller runs it again as it is
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
@@ -745,7 +870,8 @@ class Offload:
             x itself, so that it saves only x), else the norm."""
             me = owner()
             replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
-                      and h.dim() >= 2 and _innermost(torch, pack) and not me._runs_whole(i, "self_attn", (norm, attn)))
+                      and h.dim() >= 2 and _innermost(torch, pack) and not me._plain_call(i)
+                      and not me._runs_whole(i, "self_attn", (norm, attn)))
             if replay:
                 watch = me._keeping_before(i, "self_attn", (norm, attn))
                 if watch is not None:
@@ -787,10 +913,26 @@ class Offload:
                     return me._changed_in_recompute(i, "self_attn", (norm, attn), call)
                 return call()
 
-            state = _AttentionState(me, pack, run)
+            state = _AttentionState(me, pack, run, fuse=i not in me._unfused,
+                                    unfuse=functools.partial(me._unfuse, i))
             snapshot = _state_snapshot(torch, (norm, attn), me._quiet)
-            y = _AttentionReplay.apply(state, x, *params())
-            if me._changed_and_undone(i, "self_attn", snapshot):
+            try:
+                y = _AttentionReplay.apply(state, x, *params())
+            except _NotReplayable as refused:  # (before the next clause: it is an Exception too)
+                # Never token-wise: this call and the next run as they are. What the block's run
+                # changed is given back, and the random generators rewound, so that the call
+                # draws and changes what it would without offload.
+                y = None
+                _restore_state(torch, _changed_state(snapshot))
+                state.forward_context.rewind(torch)
+                me._not_replayable[i, "self_attn"] = (refused.reason, refused.why)
+                me._whole(i, "self_attn", refused.reason, refused.why)
+            except Exception as failure:
+                miswired = me._unproven_failure(i, layer, "attention block, run token-wise,", failure)
+                if miswired is None:
+                    raise
+                raise miswired from failure
+            if y is None or me._changed_and_undone(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).
                 del y, state
                 if args:
@@ -811,6 +953,25 @@ class Offload:
         self._replace_forward(attn, self._own(_eager(torch, forward)))
 
 
+def _drop_frames(error):
+    """Clears the locals of the finished frames ``error`` and the errors it chains passed through:
+    they hold what the failed call computed (tensors, tickets), which a frame holding the error
+    itself would otherwise keep until the cycle collector's next pass."""
+    import traceback
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+class _Miswired(RuntimeError):
+    """Layer i is not wired as the token-wise blocks assume (_wired), or its block, run alone,
+    failed. Raised out of the layer's forward: at the layer's first token-wise call the layer
+    runs again as it is (_wrap); later, the step fails with this message."""
+
+
 def _wired(me, i, layer, norm, t, callee=None, applied=False):
     """The token-wise blocks run ``callee``(``norm``(...)) (mlp, self_attn) as one block, applied
     when layer i calls ``norm``; that is only right if the layer then calls ``callee`` on exactly
@@ -828,8 +989,8 @@ def _wired(me, i, layer, norm, t, callee=None, applied=False):
         return applied
     entry = me._norm_outputs.pop((i, norm), None)
     if entry is None:
-        if callee == "mlp" and me._in_layer == i:
-            raise RuntimeError(
+        if callee == "mlp" and me._in_layer == i and i not in me._plain:
+            raise _Miswired(
                 f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp without {norm} before it, so "
                 "it may get input_layernorm's output, which is the layer input itself while the attention block "
                 "is recomputed token-wise; use policy='swap'")
@@ -837,7 +998,7 @@ def _wired(me, i, layer, norm, t, callee=None, applied=False):
     if not entry[1]:
         return False
     if t is not entry[0]:
-        raise RuntimeError(
+        raise _Miswired(
             f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
             f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "
             "compute another function; use policy='swap'")

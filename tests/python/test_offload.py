@@ -1190,6 +1190,61 @@ def test_transformers_llama_families_split_token_wise(family):
     assert 0 < backend.bytes_out < swap.bytes_out / 4  # split token-wise, not swapped whole
 
 
+# transformers' decoders with Llama's four module names whose blocks cannot all split, each with
+# the warning it gives (None: none) and whether its layers are taken for Llama's.
+_UNSPLIT_FAMILIES = {
+    # attention core given a mask computed from parameters and v (Doge's dynamic mask)
+    "doge": ({}, "attn_mask needing a gradient", True),
+    # attention with sinks, eager only (weights returned), and an MoE block returning router scores
+    "gpt_oss": ({"experts_implementation": "eager", "attn_implementation": "eager"}, "runs as it is", True),
+    # attention dropout (its residual dropout off: split by tokens, the MLP's draws differ)
+    "seed_oss": ({"attention_dropout": 0.1, "residual_dropout": 0.0}, "with dropout", True),
+    # norms of its own around the MLP (pre_ and post_mlp_layernorm), as Gemma 2 and 3
+    "afmoe": ({"experts_implementation": "eager", "num_dense_layers": 1}, None, False),
+    # residuals taken from the norms' outputs, which the token-wise blocks replace (silently wrong,
+    # gradients off by up to 1,100x, before 2026-11-24)
+    "minimax": ({"experts_implementation": "eager", "num_local_experts": 4, "num_experts_per_tok": 2}, None, False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_UNSPLIT_FAMILIES))
+def test_transformers_families_whose_blocks_do_not_all_split(family):
+    # Up to 2026-11-24: Doge's A and dt_proj got no gradient under every policy but "swap", silently;
+    # GPT-OSS and SeedOSS failed the step under every policy but "swap" ("auto" included); AFMoE
+    # failed it (its mlp does not take post_attention_layernorm's output). Now: the plain model's
+    # loss and gradients, random draws included, under "recompute" and "auto".
+    transformers = pytest.importorskip("transformers")
+    if family not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    extra, told, llama = _UNSPLIT_FAMILIES[family]
+    extra = {"attn_implementation": "sdpa", **extra}
+    auto = transformers.AutoConfig.for_model(family, vocab_size=256, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, max_position_embeddings=256, pad_token_id=0,
+                                             bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(auto).double().train()
+    ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        torch.manual_seed(7)
+        return hf_grads(model, ids, use_cache=False)
+
+    expected = grads()  # (an expert no token was routed to has no gradient: assert_same_grads compares that too)
+    for policy in ("recompute", "auto"):
+        backend = RecordingBackend()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+                for _ in range(2):
+                    assert_same_grads(expected, grads())
+        ours = [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+        assert (told is None and not ours) or any(told in m for m in ours), (policy, ours)
+        assert all(off._llama) == llama
+        assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] > 0
+        assert backend.live == {}
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("policy", ["auto", "recompute", "swap"])
 def test_transformers_gradient_checkpointing_under_autocast(policy, reentrant):
@@ -1294,18 +1349,62 @@ class ParallelLayer(NormedAttentionOutputLayer):
         return x + self.self_attn(h) + self.mlp(h)
 
 
+class SwitchingLayer(NormedAttentionOutputLayer):
+    """Llama's wiring until ``other`` is set, then NormedAttentionOutputLayer's."""
+
+    other = False
+
+    def forward(self, x):
+        if self.other:
+            return super().forward(x)
+        h = x + self.self_attn(self.input_layernorm(x))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 @pytest.mark.parametrize("layer_class, message", [
     (NormedAttentionOutputLayer, "calls mlp on something other than post_attention_layernorm"),
     (UnnormedAttentionLayer, "calls input_layernorm but not self_attn on its output"),
     (ParallelLayer, "calls mlp without post_attention_layernorm before it"),
 ], ids=["mlp-on-another-norm", "attention-on-the-raw-input", "parallel-block"])
-def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message):
+def test_a_layer_built_otherwise_runs_as_it_is_not_miscomputed(layer_class, message):
     # A layer of an unknown family with Llama's names: the token-wise split would compute another
     # function (silently, before 2026-11-23). The layer's calls show it: mlp gets what ffn_norm
     # returned, not the token-local block's output, or self_attn gets x instead of what
-    # input_layernorm returned; the step fails with the reason.
+    # input_layernorm returned. Up to 2026-11-24 the step then failed with the reason; now, at
+    # the layer's first call, the layer runs again as it is, as do its next calls (one warning).
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(layer_class() for _ in range(3)).double()
+    x0 = torch.randn(2, 17, 64, dtype=torch.float64, requires_grad=True)
+    params = [x0] + list(layers.parameters())
+
+    def run():
+        x = x0
+        for layer in layers:
+            x = layer(x)
+        loss = x.pow(2).mean()
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)  # (an unused norm)
+
+    ref = run()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(layers, layers=list(layers), policy=0.5, backend=RecordingBackend()) as off:
+            for _ in range(2):
+                loss, grads = run()
+                assert torch.equal(loss, ref[0]) and all(a is b or torch.equal(a, b) for a, b in zip(ref[1], grads))
+    ours = [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+    assert len(ours) == 1 and message in ours[0] and "runs as it is from this call on" in ours[0], ours
+    assert off._plain.keys() == {0, 1, 2}
+    with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
+        loss, grads = run()
+        assert torch.equal(loss, ref[0]) and all(a is b or torch.equal(a, b) for a, b in zip(ref[1], grads))
+
+
+def test_a_layer_wired_otherwise_after_it_split_fails_the_step():
+    # Once a layer's call has split both blocks, a later call wired otherwise (control flow that
+    # changed) is past undoing at the layer's level: that step fails with the reason, as every
+    # such step did before 2026-11-24, rather than compute another function.
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(SwitchingLayer() for _ in range(3)).double()
     x0 = torch.randn(2, 17, 64, dtype=torch.float64, requires_grad=True)
 
     def run():
@@ -1314,12 +1413,12 @@ def test_a_layer_built_otherwise_is_refused_not_miscomputed(layer_class, message
             x = layer(x)
         return x.pow(2).mean()
 
-    ref = run()
-    with stitchalloc.offload(layers, layers=list(layers), policy=0.5, backend=RecordingBackend()):
-        with pytest.raises(RuntimeError, match=message):
+    with stitchalloc.offload(layers, layers=list(layers), policy=0.5, backend=RecordingBackend()) as off:
+        run().backward()
+        assert off._proven == {0, 1, 2} and not off._plain
+        layers[1].other = True
+        with pytest.raises(RuntimeError, match="calls mlp on something other than post_attention_layernorm"):
             run()
-    with stitchalloc.offload(layers, layers=list(layers), policy="swap", backend=RecordingBackend()):
-        assert torch.equal(run(), ref)
 
 
 @pytest.mark.parametrize("stop", ["frozen-lower-layers", "grad-of-the-top-layers"])
@@ -2152,8 +2251,9 @@ def test_an_unchanged_buffer_is_copied_only_where_a_call_may_be_undone(where, mo
 
     monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
     assert_split_silently(model, batch, (ref_loss, ref))
-    # One token-wise call of the block a layer a step in the forward, none in the backward.
-    assert copies == {"in forward": 2 * 3}
+    # One token-wise call of the block a layer a step in the forward, none in the backward; and
+    # once a layer at its first call, which may have to run again as it is (_Miswired).
+    assert copies == {"in forward": 2 * 3 + 3}
 
 
 class WhileRecording(torch.nn.Module):
@@ -2337,15 +2437,269 @@ def test_h_is_swapped_when_it_is_not_the_plain_residual_sum():
     assert backend.bytes_out == 3 * (3 * x + lse)  # x, the core's output and statistics, and h
 
 
-@pytest.mark.parametrize("attention, message", [({"dropout": 0.1}, "dropout"), ({"weights": True}, "besides its output")])
-def test_attention_the_replay_cannot_reproduce_is_refused(attention, message):
+def seeded_grads(run, params, seed=5):
+    """The loss of ``run`` and every parameter's gradient (None where it got none), from the same
+    random generator state each time (attention dropout draws alike)."""
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = run(tokens(seq=65))
+    loss.backward()
+    return loss.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_same_grads(expected, got):
+    """Loss and gradients as ``expected``, to float64 round-off; a gradient missing on either side fails."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    assert [g is None for g in got[1]] == [g is None for g in expected[1]]
+    for a, b in zip(expected[1], got[1]):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+@pytest.mark.parametrize("attention, reason", [({"dropout": 0.1}, "with dropout"),
+                                               ({"weights": True}, "tensors besides its output")],
+                         ids=["dropout", "weights"])
+def test_an_attention_block_no_replay_can_reproduce_runs_as_it_is(attention, reason, policy):
+    # Attention dropout (a replay could not draw the mask again) and attention weights returned
+    # beside the output (they would have no graph): up to 2026-11-24 the step failed under every
+    # policy but "swap", "auto" (the default) included, although PyTorch runs it. Now the block
+    # runs as it is, from the state and random generators its call began with, and the layer's
+    # MLP block still splits: the loss and gradients of the model without offload, dropout masks
+    # included, with one warning.
     model, layers, run = kwargs_model(**attention)
-    with stitchalloc.offload(model, layers=list(layers), policy="recompute", backend=RecordingBackend()):
-        with pytest.raises(RuntimeError, match=message):
-            run(tokens(seq=65))
-    # "swap" recomputes nothing, so it takes them.
-    with stitchalloc.offload(model, layers=list(layers), policy="swap", backend=RecordingBackend()):
-        run(tokens(seq=65)).backward()
+    params = list(model.parameters())
+    expected = seeded_grads(run, params)
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
+            for _ in range(2):
+                assert_same_grads(expected, seeded_grads(run, params))
+    whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
+    assert len(whole) == 1 and "self_attn block" in whole[0] and reason in whole[0], whole
+    assert off.stats()["blocks_run_whole"] == 2 * 3
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
+    # "swap" recomputes nothing, so it never looks.
+    with stitchalloc.offload(model, layers=list(layers), policy="swap", backend=RecordingBackend()) as off:
+        assert_same_grads(expected, seeded_grads(run, params))
+    assert off.stats()["blocks_run_whole"] == 0
+
+
+class RouterMLP(torch.nn.Module):
+    """An MLP returning (output, router scores), as transformers' GPT-OSS MoE block does."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.inner = mlp
+        self.router = torch.nn.Linear(64, 4, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        scores = torch.softmax(self.router(x), dim=-1)
+        return self.inner(x) * scores[..., :1], scores
+
+
+class RouterLayer(KwargsLayer):
+    def __init__(self, layer, **attention):
+        super().__init__(layer, **attention)
+        self.mlp = RouterMLP(layer.mlp)
+
+    def forward(self, hidden_states, position_embeddings=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                          position_embeddings=position_embeddings)
+        hidden_states = residual + hidden_states
+        out, scores = self.mlp(self.post_attention_layernorm(hidden_states))
+        self.aux = scores.square().mean()  # read by the loss below: it needs its graph
+        return hidden_states + out
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+def test_an_mlp_block_returning_more_than_a_tensor_runs_as_it_is(policy):
+    # Split by tokens, an MLP returning a tuple failed the step (AttributeError in the split,
+    # GPT-OSS's MoE block); it now runs as it is, with one warning, and what it returns besides
+    # its output has every token and its graph (a loss over the router scores is right).
+    torch.manual_seed(3)
+    model, layers, run = kwargs_model(layer_class=RouterLayer)
+    params = list(model.parameters()) + [p for layer in layers for p in layer.mlp.router.parameters()]
+
+    def loss_with_aux(batch):
+        return run(batch) + sum(layer.aux for layer in layers)
+
+    expected = seeded_grads(loss_with_aux, params)
+    assert all(g is not None for g in expected[1])
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
+            for _ in range(2):
+                assert_same_grads(expected, seeded_grads(loss_with_aux, params))
+    whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
+    assert len(whole) == 1 and "mlp block" in whole[0] and "more than its output tensor" in whole[0], whole
+    # (Under "auto" a plan with alpha 1 swaps the second step's MLP blocks whole without a look.)
+    assert off.stats()["blocks_run_whole"] == 3 * (2 if off.alpha < 1 else 1)
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
+
+
+class OwnMlpNormLayer(KwargsLayer):
+    """AFMoE's wiring under other names: post_attention_layernorm norms the attention's output
+    before the residual, and the MLP has a norm of its own (here ``ffn_norm``)."""
+
+    def __init__(self, layer, **attention):
+        super().__init__(layer, **attention)
+        self.ffn_norm = tiny_llama.RMSNorm(64).double()
+        with torch.no_grad():
+            self.ffn_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, hidden_states, position_embeddings=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                          position_embeddings=position_embeddings)
+        hidden_states = residual + self.post_attention_layernorm(hidden_states)
+        self.calls = getattr(self, "calls", torch.zeros((), dtype=torch.int64))
+        self.calls.add_(1)  # changed in place at each call: counted once a call with offload too
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+class TokenIdMlp(torch.nn.Module):
+    """An MLP taking the token ids too (DeepSeek-V4's hash-routed MoE block takes input_ids):
+    without them it fails (``strict``) or computes something else."""
+
+    def __init__(self, mlp, strict):
+        super().__init__()
+        self.inner = mlp
+        self.strict = strict
+        self.table = torch.nn.Embedding(256, 64, dtype=torch.float64)
+
+    def forward(self, x, input_ids=None):
+        if input_ids is None:
+            if self.strict:
+                return self.inner(x) * input_ids.reshape(-1)  # AttributeError, as DeepSeek-V4's
+            return self.inner(x)
+        return self.inner(x) * torch.sigmoid(self.table(input_ids))
+
+
+class TokenIdLayer(KwargsLayer):
+    strict = True
+
+    def __init__(self, layer, **attention):
+        super().__init__(layer, **attention)
+        self.mlp = TokenIdMlp(layer.mlp, self.strict)
+
+    def forward(self, hidden_states, position_embeddings=None, input_ids=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+                                          position_embeddings=position_embeddings)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), input_ids=input_ids)
+
+
+class LaxTokenIdLayer(TokenIdLayer):
+    strict = False
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+@pytest.mark.parametrize("layer_class, told", [(OwnMlpNormLayer, "calls mlp on something other than"),
+                                               (TokenIdLayer, "failed (AttributeError"),
+                                               (LaxTokenIdLayer, "calls mlp with input_ids")],
+                         ids=["own-mlp-norm", "mlp-needs-ids", "mlp-takes-ids"])
+def test_a_layer_wired_otherwise_runs_as_it_is_from_its_first_call(layer_class, told, policy):
+    # Layers with Llama's four module names wired otherwise: AFMoE's (the MLP's norm is another
+    # module), DeepSeek-V4's (the MLP takes input_ids besides the norm's output; without them it
+    # raises, or, with a default, it would compute another function). Up to 2026-11-24 the step
+    # failed (the first with "calls mlp on something other than ...", the second with the MLP's
+    # AttributeError, the third with a TypeError). Now the layer's first call finds it, gives back
+    # what the call changed, rewinds the random generators and runs the layer as it is, as are its
+    # next calls: the plain model's loss and gradients, a count changed once a call, one warning.
+    model, layers, plain_run = kwargs_model(layer_class=layer_class)
+    params = list(model.parameters()) + [p for layer in layers for p in layer.parameters()
+                                         if all(p is not q for q in model.parameters())]
+
+    def run(batch):
+        if layer_class is OwnMlpNormLayer:
+            return plain_run(batch)
+        ids = batch[:, :-1]
+        x = model.embed_tokens(ids)
+        pos = torch.arange(x.shape[1])
+        for layer in layers:
+            x = layer(x, position_embeddings=pos, input_ids=ids)
+        logits = model.lm_head(model.norm(x))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    expected = seeded_grads(run, params)
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
+            for _ in range(2):
+                assert_same_grads(expected, seeded_grads(run, params))
+    ours = [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+    assert len(ours) == 1 and told in ours[0] and "runs as it is from this call on" in ours[0], ours
+    assert off._plain.keys() == {0, 1, 2} and not off._proven
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
+    if layer_class is OwnMlpNormLayer:
+        assert all(layer.calls.item() == 3 for layer in layers)  # one reference step and two with offload
+
+
+class LearnedMaskAttention(KwargsAttention):
+    """An attention core given a float mask computed from a parameter and from v, as Doge's dynamic
+    mask is (transformers' DogeAttention)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.gate = torch.nn.Parameter(torch.linspace(-0.5, 0.5, inner.heads, dtype=torch.float64))
+
+    def forward(self, hidden_states, position_embeddings=None):
+        a = self.inner
+        b, t, d = hidden_states.shape
+        shape = (b, t, a.heads, d // a.heads)
+        q = a.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = a.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = a.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = tiny_llama.rope(q, position_embeddings), tiny_llama.rope(k, position_embeddings)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        bias = (self.gate[:, None] * v.mean(-1))[:, :, None, :].expand(b, a.heads, t, t)
+        mask = bias.masked_fill(~causal, float("-inf"))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return a.o_proj(y.transpose(1, 2).reshape(b, t, d)), None
+
+
+class LearnedMaskLayer(KwargsLayer):
+    def __init__(self, layer, **attention):
+        super().__init__(layer, **attention)
+        self.self_attn = LearnedMaskAttention(layer.self_attn)
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+def test_an_attention_mask_needing_a_gradient_gets_it(policy):
+    # The fused core's replay gave gradients to q, k and v only. A mask computed from a parameter
+    # (Doge's) got none: up to 2026-11-24 that parameter's gradient was None and v's missed the
+    # mask's share, silently (transformers' Doge: A and dt_proj without gradient). Now the replay
+    # runs such a core again with autograd, and from the next call the core is not kept fused:
+    # its output and statistics are no longer swapped for nothing.
+    model, layers, run = kwargs_model(layer_class=LearnedMaskLayer)
+    params = list(model.parameters()) + [layer.self_attn.gate for layer in layers]
+    expected = seeded_grads(run, params)
+    assert all(g is not None for g in expected[1])
+    steps = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=RecordingBackend()) as off:
+            for _ in range(3):
+                before = off.stats()["offloaded"]
+                assert_same_grads(expected, seeded_grads(run, params))
+                steps.append(off.stats()["offloaded"] - before)
+    told = [str(w.message) for w in record if "needing a gradient" in str(w.message)]
+    assert len(told) == 1 and "attn_mask" in told[0], told
+    assert off.stats()["blocks_run_whole"] == 0
+    # Per layer, the first step also swapped the core's output and log-sum-exp, dropped unread,
+    # and h (x + the block's output; recomputed with the block from x from then on); the next
+    # ones swap none of the three. ("auto" measures at alpha 0 in its first step, then splits.)
+    assert steps[1] == steps[2], steps
+    if policy != "auto":
+        assert steps[0] == steps[1] + 3 * 3, steps
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"]
 
 
 class SlowIssueBackend(RecordingBackend):
@@ -2543,6 +2897,22 @@ def test_block_checks_bench_runs():
     assert [(row[0], row[1]) for row in rows] == [(name, block) for name in names for block in ("self_attn", "mlp")]
     for row in rows:
         assert int(row[2]) >= 2 and float(row[3]) > 0 and float(row[4]) > 0
+
+
+def test_families_bench_runs():
+    """bench/offload_families.py: a row per model type asked for, with its verdict (a split
+    family's three policies, a family of another structure swapped whole), exit 0."""
+    import subprocess
+
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "offload_families.py"), "llama", "gemma3_text", "doge"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:-1]}
+    assert rows["llama"][2] == "split" and rows["doge"][2] == "split" and rows["gemma3_text"][2] == "whole"
+    assert r.stdout.count("warned=0") == 3 and r.stdout.count("warned=1") == 3  # doge: the unfused core
+    assert r.stdout.splitlines()[-1] == "totals: split 2, whole 1"
 
 
 def test_container_scan_bench_runs():
