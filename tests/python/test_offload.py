@@ -913,9 +913,12 @@ class KwargsAttention(torch.nn.Module):
         k = a.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = a.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = tiny_llama.rope(q, position_embeddings), tiny_llama.rope(k, position_embeddings)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        y = self.core(q, k, v)
         out = a.o_proj(y.transpose(1, 2).reshape(b, t, d))
         return out, (y.sum() if self.weights else None)
+
+    def core(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
 
 
 class KwargsLayer(torch.nn.Module):
@@ -2457,6 +2460,21 @@ def assert_same_grads(expected, got):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+def steps_as_without_offload(model, layers, run, params, policy):
+    """Two steps of ``run`` under offload, each with the loss and gradients of the model without
+    it (seeded_grads, assert_same_grads), and every ticket ended; returns the Offload and
+    stitchalloc's warnings."""
+    expected = seeded_grads(run, params)
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
+            for _ in range(2):
+                assert_same_grads(expected, seeded_grads(run, params))
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
+    return off, [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+
+
 @pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
 @pytest.mark.parametrize("attention, reason", [({"dropout": 0.1}, "with dropout"),
                                                ({"weights": True}, "tensors besides its output")],
@@ -2470,18 +2488,11 @@ def test_an_attention_block_no_replay_can_reproduce_runs_as_it_is(attention, rea
     # included, with one warning.
     model, layers, run = kwargs_model(**attention)
     params = list(model.parameters())
-    expected = seeded_grads(run, params)
-    backend = RecordingBackend()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
-            for _ in range(2):
-                assert_same_grads(expected, seeded_grads(run, params))
-    whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
-    assert len(whole) == 1 and "self_attn block" in whole[0] and reason in whole[0], whole
+    off, whole = steps_as_without_offload(model, layers, run, params, policy)
+    assert len(whole) == 1 and "self_attn block runs as it is" in whole[0] and reason in whole[0], whole
     assert off.stats()["blocks_run_whole"] == 2 * 3
-    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
     # "swap" recomputes nothing, so it never looks.
+    expected = seeded_grads(run, params)
     with stitchalloc.offload(model, layers=list(layers), policy="swap", backend=RecordingBackend()) as off:
         assert_same_grads(expected, seeded_grads(run, params))
     assert off.stats()["blocks_run_whole"] == 0
@@ -2527,19 +2538,11 @@ def test_an_mlp_block_returning_more_than_a_tensor_runs_as_it_is(policy):
     def loss_with_aux(batch):
         return run(batch) + sum(layer.aux for layer in layers)
 
-    expected = seeded_grads(loss_with_aux, params)
-    assert all(g is not None for g in expected[1])
-    backend = RecordingBackend()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
-            for _ in range(2):
-                assert_same_grads(expected, seeded_grads(loss_with_aux, params))
-    whole = [str(w.message) for w in record if "runs as it is" in str(w.message)]
-    assert len(whole) == 1 and "mlp block" in whole[0] and "more than its output tensor" in whole[0], whole
+    assert all(g is not None for g in seeded_grads(loss_with_aux, params)[1])
+    off, whole = steps_as_without_offload(model, layers, loss_with_aux, params, policy)
+    assert len(whole) == 1 and "mlp block runs as it is" in whole[0] and "more than its output tensor" in whole[0]
     # (Under "auto" a plan with alpha 1 swaps the second step's MLP blocks whole without a look.)
     assert off.stats()["blocks_run_whole"] == 3 * (2 if off.alpha < 1 else 1)
-    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
 
 
 class OwnMlpNormLayer(KwargsLayer):
@@ -2627,17 +2630,9 @@ def test_a_layer_wired_otherwise_runs_as_it_is_from_its_first_call(layer_class, 
         logits = model.lm_head(model.norm(x))
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
-    expected = seeded_grads(run, params)
-    backend = RecordingBackend()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
-            for _ in range(2):
-                assert_same_grads(expected, seeded_grads(run, params))
-    ours = [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+    off, ours = steps_as_without_offload(model, layers, run, params, policy)
     assert len(ours) == 1 and told in ours[0] and "runs as it is from this call on" in ours[0], ours
     assert off._plain.keys() == {0, 1, 2} and not off._proven
-    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
     if layer_class is OwnMlpNormLayer:
         assert all(layer.calls.item() == 3 for layer in layers)  # one reference step and two with offload
 
@@ -2650,19 +2645,12 @@ class LearnedMaskAttention(KwargsAttention):
         super().__init__(inner)
         self.gate = torch.nn.Parameter(torch.linspace(-0.5, 0.5, inner.heads, dtype=torch.float64))
 
-    def forward(self, hidden_states, position_embeddings=None):
-        a = self.inner
-        b, t, d = hidden_states.shape
-        shape = (b, t, a.heads, d // a.heads)
-        q = a.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = a.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = a.v_proj(hidden_states).view(shape).transpose(1, 2)
-        q, k = tiny_llama.rope(q, position_embeddings), tiny_llama.rope(k, position_embeddings)
+    def core(self, q, k, v):
+        b, heads, t, _ = q.shape
         causal = torch.ones(t, t, dtype=torch.bool).tril()
-        bias = (self.gate[:, None] * v.mean(-1))[:, :, None, :].expand(b, a.heads, t, t)
+        bias = (self.gate[:, None] * v.mean(-1))[:, :, None, :].expand(b, heads, t, t)
         mask = bias.masked_fill(~causal, float("-inf"))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return a.o_proj(y.transpose(1, 2).reshape(b, t, d)), None
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LearnedMaskLayer(KwargsLayer):
