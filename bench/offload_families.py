@@ -132,9 +132,7 @@ def survey(transformers, offload_module, stitchalloc, model_type):
         except Exception as e:
             return "-", "skipped", f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     name = type(layers[0]).__name__
-    llama = (all(hasattr(layers[0], p) for p in offload_module._LLAMA_PARTS)
-             and not any(hasattr(layers[0], p) for p in offload_module._OTHER_MLP_NORMS))
-    if not llama:
+    if not offload_module._is_llama(layers[0]):
         return name, "whole", attention
     cells, verdict = [], "split"
     for policy in POLICIES:

@@ -39,7 +39,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 class _NotReplayable(RuntimeError):
-    """The attention block cannot be replayed: ``reason`` (what it does) and ``why`` (what a
+    """A token-wise block cannot be replayed: ``reason`` (what it does) and ``why`` (what a
     replay would get wrong), for the caller's warning."""
 
     def __init__(self, reason, why, context=None):
@@ -303,13 +303,9 @@ class _ForwardContext:
 
     @contextlib.contextmanager
     def generators(self, torch):
-        from torch.utils.checkpoint import set_device_states
-
         fork_type = self.device_type if self.device_type != "cpu" else "cuda"
         with torch.random.fork_rng(devices=self.devices, device_type=fork_type):
-            torch.set_rng_state(self.cpu_rng)
-            if self.devices:
-                set_device_states(self.devices, self.device_rngs, device_type=self.device_type)
+            self.rewind(torch)
             yield
 
     def rewind(self, torch):

@@ -73,14 +73,18 @@ from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState
                           _TokenLocal)
 
 _LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-# Layers with these norm the attention's output before the residual and the MLP's input with a
-# norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's norm, so
-# the token-local block mlp(post_attention_layernorm(h)) does not exist there.
-_OTHER_MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm",
-                    # MiniMax: its residuals are the norms' outputs (scaled by attn_alpha_factor and
-                    # mlp_alpha_factor), which a token-wise block replaces; found by
-                    # bench/offload_families.py, whose _wired checks cannot see it (docs/offload.md)
-                    "attn_alpha_factor")
+# Layers with the first three norm the attention's output before the residual and the MLP's input
+# with a norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's
+# norm, so the token-local block mlp(post_attention_layernorm(h)) does not exist there.
+# So do layers with these: MiniMax's residuals are the norms' outputs (scaled by
+# attn_alpha_factor and mlp_alpha_factor), which a token-wise block replaces; found by
+# bench/offload_families.py, which _wired's checks cannot see (docs/offload.md).
+_OTHER_WIRING = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm", "attn_alpha_factor")
+
+
+def _is_llama(layer):
+    """Whether ``layer`` is taken for a Llama-family decoder layer, whose blocks split token-wise."""
+    return all(hasattr(layer, p) for p in _LLAMA_PARTS) and not any(hasattr(layer, p) for p in _OTHER_WIRING)
 
 
 def offload_plan(layers, input_bytes, attention_bytes, other_bytes, copy_bytes_per_second, layer_forward_seconds,
@@ -214,8 +218,7 @@ class Offload:
         self._recompute_chunk = recompute_chunk
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
-        self._llama = [all(hasattr(layer, p) for p in _LLAMA_PARTS)
-                       and not any(hasattr(layer, p) for p in _OTHER_MLP_NORMS) for layer in self._layers]
+        self._llama = [_is_llama(layer) for layer in self._layers]
         # (layer, norm) -> (what the norm returned, whether it applied its token-wise block), in a
         # layer's forward under our hooks, until the block's callee (mlp, self_attn) gets it
         self._norm_outputs = {}
@@ -231,9 +234,9 @@ class Offload:
         # (layer, block) -> (reason, why) it runs as it is for good: no replay can reproduce it
         # (attention dropout, attention weights returned; _NotReplayable)
         self._not_replayable = {}
-        # layer -> the names of its attention core's arguments that needed a gradient: its cores
+        # layers whose attention core got arguments needing a gradient besides q, k, v: their cores
         # are no longer kept fused, but recomputed with the block (_AttentionState.unfuse)
-        self._unfused = {}
+        self._unfused = set()
         # Layers whose token-wise forward completed with both blocks split (_wired held), and the
         # layers found wired otherwise at a first call, which run as they are for good (_Miswired)
         self._proven = set()
@@ -459,16 +462,27 @@ class Offload:
         self._ours.add(forward)
         return forward
 
-    def _unproven_failure(self, i, layer, what, failure):
-        """What to raise for ``failure`` of layer i's ``what`` inside its token-wise split: at the
-        layer's first calls (not yet _proven) a _Miswired, so that the layer runs again as it is
-        (an mlp that needs more than the norm's output, DeepSeek-V4's input_ids); None (the
-        failure itself) once the layer has split, or when it is out of memory (the call as it is
-        needs more)."""
+    def _raise_if_unproven(self, i, layer, what, failure):
+        """For ``failure`` of layer i's ``what`` inside its token-wise split, at the layer's first
+        calls (not yet _proven): raises a _Miswired from it, so that the layer runs again as it is
+        (an mlp that needs more than the norm's output, DeepSeek-V4's input_ids). Returns (the
+        caller re-raises the failure itself) once the layer has split, or when it is out of
+        memory (the call as it is needs more)."""
         if i in self._proven or isinstance(failure, (_Miswired, getattr(self._torch, "OutOfMemoryError", ()))):
-            return None
-        return _Miswired(f"stitchalloc.offload: layer {i}'s ({type(layer).__name__}) {what} failed "
-                         f"({type(failure).__name__}: {failure}); use policy='swap'")
+            return
+        raise _Miswired(f"stitchalloc.offload: layer {i}'s ({type(layer).__name__}) {what} failed "
+                        f"({type(failure).__name__}: {failure}); use policy='swap'") from failure
+
+    def _refused(self, i, block, snapshot, context, refused):
+        """Layer i's ``block`` cannot be replayed (_NotReplayable): what its call changed is given
+        back (``snapshot``) and the random generators rewound (``context``, where the call began),
+        so that the caller's run as it is changes and draws what it would without offload; the
+        block runs as it is from now on."""
+        _restore_state(self._torch, _changed_state(snapshot))
+        if context is not None:
+            context.rewind(self._torch)
+        self._not_replayable[i, block] = (refused.reason, refused.why)
+        self._whole(i, block, refused.reason, refused.why)
 
     def _plain_call(self, i):
         """Whether layer i runs as it is for good (_Miswired at its first call): then a block of it
@@ -560,7 +574,7 @@ class Offload:
         again already, _replay)."""
         if i in self._unfused:
             return
-        self._unfused[i] = tuple(names)
+        self._unfused.add(i)
         self._warn_once(("unfused", tuple(names)),
                         f"stitchalloc.offload: layer {i}'s attention core gets {', '.join(names)} needing a gradient "
                         "(computed from parameters or the layer input): the core is recomputed before the layer's "
@@ -629,9 +643,13 @@ class Offload:
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
                 me._measure["input"] += args[0].untyped_storage().nbytes()
+            enter(me)
+            return me, start
+
+        def enter(me):
+            """The layer's forward runs under our hooks (until leave)."""
             me._in_layer = i
             me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
-            return me, start
 
         def leave(me):
             """The layer's forward is over (returned or raised). Returns the norms whose token-wise
@@ -686,8 +704,7 @@ class Offload:
             _restore_state(torch, _changed_state(snapshot))
             context.rewind(torch)
             me._plain[i] = str(miswired)
-            me._in_layer = i
-            me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
+            enter(me)
             try:
                 with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack_hook):
                     out = original(*args, **kwargs)
@@ -804,8 +821,9 @@ class Offload:
                 source = None
             snapshot = _state_snapshot(torch, (norm, mlp), me._quiet)
             parts = []
-            # The random generators before the swapped first tokens run (_TokenLocal takes its own).
-            context = _ForwardContext(torch, h) if k > 0 else None
+            # The random generators before the swapped first tokens run (_TokenLocal takes its own),
+            # for a call that may find the block returns more than a tensor: a layer's first ones.
+            context = _ForwardContext(torch, h) if k > 0 and i not in me._proven else None
             try:
                 if k > 0:
                     # With h recomputed, a view of it saved by the block would swap all of h: the
@@ -817,21 +835,13 @@ class Offload:
                 rest = h.narrow(-2, k, tokens - k).contiguous()
                 parts.append(_TokenLocal.apply(block, me._count_local if measuring else None, source, k,
                                                me._recompute_chunk, rest, *params()))
-            except _NotReplayable as refused:
-                # Never split: this call and the next run as they are, from the state and random
-                # generators the call began with (what it changed given back).
+            except _NotReplayable as refused:  # (before the next clause: it is an Exception too)
                 parts.clear()
-                _restore_state(torch, _changed_state(snapshot))
-                (context or refused.context).rewind(torch)
-                me._not_replayable[i, "mlp"] = (refused.reason, refused.why)
-                me._whole(i, "mlp", refused.reason, refused.why)
+                me._refused(i, "mlp", snapshot, context if k > 0 else refused.context, refused)
                 return None  # the caller runs it as it is
             except Exception as failure:
-                miswired = me._unproven_failure(i, layer, "mlp block, run on post_attention_layernorm's output "
-                                                "alone,", failure)
-                if miswired is None:
-                    raise
-                raise miswired from failure
+                me._raise_if_unproven(i, layer, "mlp block, run on post_attention_layernorm's output alone,", failure)
+                raise
             if me._changed_and_undone(i, "mlp", snapshot):
                 return None  # the caller runs it again as it is
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
@@ -919,19 +929,11 @@ class Offload:
             try:
                 y = _AttentionReplay.apply(state, x, *params())
             except _NotReplayable as refused:  # (before the next clause: it is an Exception too)
-                # Never token-wise: this call and the next run as they are. What the block's run
-                # changed is given back, and the random generators rewound, so that the call
-                # draws and changes what it would without offload.
                 y = None
-                _restore_state(torch, _changed_state(snapshot))
-                state.forward_context.rewind(torch)
-                me._not_replayable[i, "self_attn"] = (refused.reason, refused.why)
-                me._whole(i, "self_attn", refused.reason, refused.why)
+                me._refused(i, "self_attn", snapshot, refused.context, refused)
             except Exception as failure:
-                miswired = me._unproven_failure(i, layer, "attention block, run token-wise,", failure)
-                if miswired is None:
-                    raise
-                raise miswired from failure
+                me._raise_if_unproven(i, layer, "attention block, run token-wise,", failure)
+                raise
             if y is None or me._changed_and_undone(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).
                 del y, state
