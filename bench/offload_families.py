@@ -12,7 +12,8 @@ prints a row:
                                       blocks run as they are, stitchalloc warnings
 
 Verdicts: ``split`` (taken for Llama's: blocks split token-wise, gradients equal to 1e-6 of the
-largest entry of each), ``whole`` (another structure: its saved tensors swapped whole, not run
+largest entry of each), ``as-is`` (taken for Llama's, but its first calls showed every layer
+wired otherwise, so they ran as they are; gradients equal as for ``split``), ``whole`` (another structure: its saved tensors swapped whole, not run
 here: nothing of it is recomputed token-wise), ``BAD`` (a gradient differs, or one is missing on
 one side only), ``FAILED`` (offload raised where the plain model ran), and ``skipped`` (the tiny
 model could not be built or run without offload: a configuration this script does not know how
@@ -21,8 +22,14 @@ dropout in the MLP) draws them per range of tokens under offload, so its gradien
 plain model's by design; the script turns dropout (and PhiMoE's router jitter noise) off except in
 the attention core (which, if on, makes the attention block run as it is).
 
+With ``--by-calls`` the names offload knows for layers wired otherwise (``_OTHER_WIRING``:
+Gemma's feed-forward norms, AFMoE's, MiniMax's residual factors) are forgotten, so that every
+layer with Llama's four module names is taken for Llama's and only the checks of its calls
+(``stitchalloc._wiring``) stand between it and a split that computes another function: a
+family they miss shows as BAD.
+
 Usage: PYTHONPATH=python STITCHALLOC_LIBRARY_DIR=build/default/torch_plugin \
-           .venv/bin/python bench/offload_families.py [model_type ...]
+           .venv/bin/python bench/offload_families.py [--by-calls] [model_type ...]
 Exits 1 when a row is BAD or FAILED. About 8 minutes on 2 cores for transformers 5.23's ~190 types.
 Raw output: bench/results/host-offload-families-<date>.txt.
 """
@@ -134,7 +141,7 @@ def survey(transformers, offload_module, stitchalloc, model_type):
     name = type(layers[0]).__name__
     if not offload_module._is_llama(layers[0]):
         return name, "whole", attention
-    cells, verdict = [], "split"
+    cells, verdict, plain = [], "split", True
     for policy in POLICIES:
         backend = RecordingBackend()
         with warnings.catch_warnings(record=True) as record, contextlib.redirect_stderr(io.StringIO()):
@@ -151,23 +158,31 @@ def survey(transformers, offload_module, stitchalloc, model_type):
                     abs(got[0] - expected[0]) / max(abs(expected[0]), 1e-300))
         if worst > 1e-6:
             verdict = "BAD"
+        plain = plain and len(off._plain) == len(off._layers)
         cells.append(f"{policy}: {worst:.1e} whole={off.stats()['blocks_run_whole']} warned={ours}")
+    if verdict == "split" and plain:
+        verdict = "as-is"
     return name, verdict, f"{attention} | " + " | ".join(cells)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types (default: every causal LM)")
+    parser.add_argument("--by-calls", action="store_true",
+                        help="forget the names of layers wired otherwise: only the checks of the calls remain")
     args = parser.parse_args()
     import transformers
 
     import stitchalloc
 
     offload_module = importlib.import_module("stitchalloc.offload")
+    if args.by_calls:
+        offload_module._OTHER_WIRING = ()
     transformers.logging.set_verbosity_error()
     names = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     types = args.types or sorted(names)
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}; policies {POLICIES}")
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}; policies {POLICIES}"
+          + ("; layers wired otherwise found by their calls only (--by-calls)" if args.by_calls else ""))
     print(f"{'model_type':28s} {'layer':34s} {'verdict':8s} detail")
     counts = {}
     for model_type in types:

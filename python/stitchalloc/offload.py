@@ -15,10 +15,11 @@ How it hooks in (nothing in the training loop changes):
 
 Token-wise recompute for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
 recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``, and
-no ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` as Gemma's layers have), under
-every policy but "swap". A layer that calls ``mlp`` on anything but what its
-``post_attention_layernorm`` returned is refused at that call (its split would compute another
-function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
+none of the markers of other wirings, ``_OTHER_WIRING``), under every policy but "swap". A layer
+whose calls show it is wired otherwise (``_wiring``: a callee called on something other than its
+norm's output, a norm's output used otherwise, an MLP taking more than it) runs as it is from its
+first call on, and a step in which a layer that has split is found so fails (its split would
+compute another function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
 keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
 and in a call where a module in it keeps a tensor in an attribute (or in a container it
 holds) or changes a buffer or another tensor it holds in place (``_changed_state``: a
@@ -71,14 +72,17 @@ import weakref
 from ._block_checks import _CHANGE_WORDS, _MISSING, _changed_state, _restore_state, _state_snapshot, _why_whole
 from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState, _ForwardContext, _NotReplayable,
                           _TokenLocal)
+from ._wiring import (_callee_got, _Miswired, _norm_returned, _NormOutputWatch, _passed_to, _raise_unused,
+                      _unused_norms)
 
 _LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 # Layers with the first three norm the attention's output before the residual and the MLP's input
 # with a norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's
 # norm, so the token-local block mlp(post_attention_layernorm(h)) does not exist there.
 # So do layers with these: MiniMax's residuals are the norms' outputs (scaled by
-# attn_alpha_factor and mlp_alpha_factor), which a token-wise block replaces; found by
-# bench/offload_families.py, which _wired's checks cannot see (docs/offload.md).
+# attn_alpha_factor and mlp_alpha_factor), which a token-wise block replaces. _wiring's checks
+# find each of these at a layer's first call too (it then runs as it is); named here, they are
+# layers of another family from the start, which "recompute" checkpoints whole.
 _OTHER_WIRING = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm", "attn_alpha_factor")
 
 
@@ -219,9 +223,11 @@ class Offload:
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
         self._llama = [_is_llama(layer) for layer in self._layers]
-        # (layer, norm) -> (what the norm returned, whether it applied its token-wise block), in a
-        # layer's forward under our hooks, until the block's callee (mlp, self_attn) gets it
+        # (layer, norm) -> _NormOutput (what the layer got, whether the norm applied its token-wise
+        # block, what the block goes on with), in a layer's forward under our hooks, until the
+        # block's callee (mlp, self_attn) gets it (_wiring)
         self._norm_outputs = {}
+        self._watch = None  # the running layer's _NormOutputWatch, at its first calls
         self._ours = set()  # the forwards offload put on modules (_why_whole)
         self._run_whole = 0  # token-wise block calls run as they are (_runs_whole)
         self._warned_whole = set()
@@ -237,7 +243,7 @@ class Offload:
         # layers whose attention core got arguments needing a gradient besides q, k, v: their cores
         # are no longer kept fused, but recomputed with the block (_AttentionState.unfuse)
         self._unfused = set()
-        # Layers whose token-wise forward completed with both blocks split (_wired held), and the
+        # Layers whose token-wise forward completed with both blocks split (wired as they assume), and the
         # layers found wired otherwise at a first call, which run as they are for good (_Miswired)
         self._proven = set()
         self._plain = {}
@@ -655,21 +661,13 @@ class Offload:
             """The layer's forward is over (returned or raised). Returns the norms whose token-wise
             block was applied but whose output never reached the block's callee."""
             me._in_layer = None
+            me._watch = None
             me._layer_param_storages = frozenset()
-            unused = [norm for (j, norm) in list(me._norm_outputs) if j == i and me._norm_outputs[j, norm][1]]
-            for key in [key for key in me._norm_outputs if key[0] == i]:
-                del me._norm_outputs[key]
-            return unused
+            return _unused_norms(me, i)
 
         def finish(me):
             """The layer's forward returned: every norm whose block was applied reached its callee."""
-            unused = leave(me)
-            if unused:
-                callee = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}[unused[0]]
-                raise _Miswired(
-                    f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {unused[0]} but not {callee} on "
-                    f"its output, so its token-wise recompute (which runs {callee}({unused[0]}(...)) as one block) "
-                    "computed another function; use policy='swap'")
+            _raise_unused(i, layer, leave(me))
 
         def end(me, start, out):
             if start is not None:
@@ -735,6 +733,13 @@ class Offload:
                         import torch.utils.checkpoint as cp
 
                         out = cp.checkpoint(original, *args, use_reentrant=False, **kwargs)
+                    elif probed is not None:
+                        # A first call: the norms' outputs are watched (_wiring), the layer run
+                        # eagerly (a compiled layer would guard on the watch's mode).
+                        me._watch = _NormOutputWatch(torch, i, layer)
+                        with me._watch:
+                            out = _eager(torch, original)(*args, **kwargs)
+                            me._watch.returned(out)
                     else:
                         out = original(*args, **kwargs)
                 finish(me)
@@ -774,23 +779,25 @@ class Offload:
         def fused(h):
             """post_attention_layernorm: the whole token-local block when it splits, else the norm."""
             me = owner()
+            _passed_to(me, "post_attention_layernorm", h)
             out = token_local(me, h)
             applied = out is not None
             if not applied:
                 out = norm_forward(h)
-            _wired(me, i, layer, "post_attention_layernorm", out, applied=applied)
-            return out
+            return _norm_returned(me, i, layer, "post_attention_layernorm", out, applied)
 
         def mlp_applied(x, *args, **kwargs):
             """The layer's call of mlp: already applied inside the token-local block, if it split."""
-            if _wired(owner(), i, layer, "post_attention_layernorm", x, "mlp"):
+            out = _callee_got(owner(), i, layer, "post_attention_layernorm", x, "mlp")
+            if out is not None:
                 if args or kwargs:
                     names = [f"argument {n + 2}" for n in range(len(args))] + list(kwargs)
                     raise _Miswired(
                         f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp with {', '.join(names)} "
                         "besides post_attention_layernorm's output, which its token-wise block (run where "
                         "post_attention_layernorm is called) did not have; use policy='swap'")
-                return x
+                return out
+            _passed_to(owner(), "mlp", (x, args, kwargs))
             return mlp_forward(x, *args, **kwargs)
 
         def token_local(me, h):
@@ -879,6 +886,7 @@ class Offload:
             """input_layernorm: the identity when the attention block is replayed (the block norms
             x itself, so that it saves only x), else the norm."""
             me = owner()
+            _passed_to(me, "input_layernorm", h)
             replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
                       and h.dim() >= 2 and _innermost(torch, pack) and not me._plain_call(i)
                       and not me._runs_whole(i, "self_attn", (norm, attn)))
@@ -887,9 +895,7 @@ class Offload:
                 if watch is not None:
                     me._watching[i] = watch  # until the layer calls self_attn (forward below)
                     replay = False
-            out = h if replay else norm_forward(h)
-            _wired(me, i, layer, "input_layernorm", out, applied=replay)
-            return out
+            return _norm_returned(me, i, layer, "input_layernorm", h if replay else norm_forward(h), replay)
 
         def forward(*args, **kwargs):
             # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
@@ -897,8 +903,10 @@ class Offload:
             # The closures below live until the layer's backward: they must not hold x (it is
             # swapped), only the other arguments.
             me = owner()
-            x = args[0] if args else kwargs.get("hidden_states")
-            if not _wired(me, i, layer, "input_layernorm", x, "self_attn"):
+            x = _callee_got(me, i, layer, "input_layernorm", args[0] if args else kwargs.get("hidden_states"),
+                            "self_attn")
+            if x is None:
+                _passed_to(me, "self_attn", (args, kwargs))
                 watch = me._watching.pop(i, None) if me is not None else None
                 out = attn_forward(*args, **kwargs)
                 if watch is not None:
@@ -966,45 +974,6 @@ def _drop_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
-
-
-class _Miswired(RuntimeError):
-    """Layer i is not wired as the token-wise blocks assume (_wired), or its block, run alone,
-    failed. Raised out of the layer's forward: at the layer's first token-wise call the layer
-    runs again as it is (_wrap); later, the step fails with this message."""
-
-
-def _wired(me, i, layer, norm, t, callee=None, applied=False):
-    """The token-wise blocks run ``callee``(``norm``(...)) (mlp, self_attn) as one block, applied
-    when layer i calls ``norm``; that is only right if the layer then calls ``callee`` on exactly
-    what ``norm`` returned. Without ``callee``: ``norm`` returned ``t``, the block ``applied`` or
-    not (run as it is). With it: ``callee`` got ``t``; returns whether the block was applied, and
-    fails with the reason if it was and ``t`` is something else (the split would compute another
-    function), or if the layer, running token-wise, calls mlp without post_attention_layernorm
-    before it: mlp may then get input_layernorm's output, which is x itself while the attention
-    block is replayed (a parallel block, mlp and self_attn on one norm)."""
-    if me is None:
-        return False
-    if callee is None:
-        if me._in_layer == i:
-            me._norm_outputs[i, norm] = (t, applied)
-        return applied
-    entry = me._norm_outputs.pop((i, norm), None)
-    if entry is None:
-        if callee == "mlp" and me._in_layer == i and i not in me._plain:
-            raise _Miswired(
-                f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp without {norm} before it, so "
-                "it may get input_layernorm's output, which is the layer input itself while the attention block "
-                "is recomputed token-wise; use policy='swap'")
-        return False
-    if not entry[1]:
-        return False
-    if t is not entry[0]:
-        raise _Miswired(
-            f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
-            f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "
-            "compute another function; use policy='swap'")
-    return True
 
 
 def _storage_address(t):
