@@ -13,8 +13,9 @@ prints a row:
 
 Verdicts: ``split`` (taken for Llama's: blocks split token-wise, gradients equal to 1e-6 of the
 largest entry of each), ``as-is`` (taken for Llama's, but its first calls showed every layer
-wired otherwise, so they ran as they are; gradients equal as for ``split``), ``whole`` (another structure: its saved tensors swapped whole, not run
-here: nothing of it is recomputed token-wise), ``BAD`` (a gradient differs, or one is missing on
+wired otherwise, so they ran as they are; gradients equal as for ``split``), ``whole`` (another
+structure: its saved tensors swapped whole, not run here: nothing of it is recomputed
+token-wise), ``BAD`` (a gradient differs, or one is missing on
 one side only), ``FAILED`` (offload raised where the plain model ran), and ``skipped`` (the tiny
 model could not be built or run without offload: a configuration this script does not know how
 to shrink; the reason follows). A family whose token-local block draws random numbers (residual

@@ -1,5 +1,5 @@
 """Whether a Llama-family layer is wired as ``stitchalloc.offload``'s token-wise blocks assume
-(docs/offload.md, "Layers wired otherwise").
+(docs/offload.md, "Using it from PyTorch").
 
 The token-wise split runs ``callee(norm(...))`` as one block where the layer calls ``norm``:
 ``self_attn(input_layernorm(x))`` and ``mlp(post_attention_layernorm(h))``. What the layer then
@@ -53,8 +53,8 @@ _NormOutput = collections.namedtuple("_NormOutput", "returned applied source")
 _METADATA = frozenset((
     "shape", "size", "dim", "ndim", "ndimension", "dtype", "device", "layout", "requires_grad", "is_leaf",
     "grad_fn", "is_contiguous", "stride", "storage_offset", "numel", "nelement", "element_size", "__len__",
-    "data_ptr", "untyped_storage", "get_device", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized",
-    "is_floating_point", "is_complex", "is_inference", "names", "_version", "_base", "output_nr",
+    "data_ptr", "get_device", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized",
+    "is_floating_point", "is_complex", "is_inference", "names", "_version", "output_nr",
     "__repr__", "__str__", "__format__"))
 
 

@@ -19,8 +19,8 @@ none of the markers of other wirings, ``_OTHER_WIRING``), under every policy but
 whose calls show it is wired otherwise (``_wiring``: a callee called on something other than its
 norm's output, a norm's output used otherwise, an MLP taking more than it) runs as it is from its
 first call on, and a step in which a layer that has split is found so fails (its split would
-compute another function). A block runs as it is (its saved tensors swapped) in a call where a hook could see or
-keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
+compute another function). A block runs as it is (its saved tensors swapped) in a call where a
+hook could see or keep its tensors (``_why_whole``: transformers' router-logit recorder of a mixture of experts),
 and in a call where a module in it keeps a tensor in an attribute (or in a container it
 holds) or changes a buffer or another tensor it holds in place (``_changed_state``: a
 token-wise call that did is undone and runs

@@ -2775,8 +2775,8 @@ def test_a_layer_returning_a_norms_output_runs_as_it_is(policy):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + extra
 
     off, ours = steps_as_without_offload(model, layers, run, list(model.parameters()), policy)
-    assert len(ours) == 1 and "uses post_attention_layernorm's output otherwise than by calling mlp on it (it returns " \
-        "it)" in ours[0], ours
+    told = "uses post_attention_layernorm's output otherwise than by calling mlp on it (it returns it)"
+    assert len(ours) == 1 and told in ours[0], ours
     assert off._plain.keys() == {0, 1, 2}
 
 
@@ -3061,6 +3061,23 @@ def test_families_bench_runs():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.split("\n")[2].split()[2] == "as-is" and r.stdout.count("warned=1") == 3, r.stdout
     assert r.stdout.splitlines()[-1] == "totals: as-is 1"
+
+
+def test_watch_cost_bench_runs():
+    """bench/offload_watch_cost.py: the functions through the watch's mode in a layer's first call
+    (a first call of a split layer is watched), the mode's cost per function, both timings."""
+    import re
+    import subprocess
+
+    pytest.importorskip("transformers")
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "offload_watch_cost.py"), "--tokens", "64", "--dim", "64",
+                        "--hidden", "128", "--heads", "4", "--layers", "2", "--chunk", "16", "--repeat", "2"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    calls, checked = map(int, re.search(r"first call: (\d+) \((\d+) with", r.stdout).groups())
+    assert calls >= checked > 0
+    assert r.stdout.count("layer_forward_seconds, first iteration") == 2
 
 
 def test_container_scan_bench_runs():
