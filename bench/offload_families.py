@@ -50,10 +50,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, moe_intermediate_size=32,
-             num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, pad_token_id=0,
-             bos_token_id=1, eos_token_id=2, use_cache=False)
-# Multi-head latent attention (DeepSeek-V2/V3 and their kin) sizes its heads otherwise.
-MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+             num_experts=4, num_local_experts=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+             rotary_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+# Multi-head latent attention (DeepSeek-V2/V3 and their kin) sizes its heads otherwise; head_dim
+# is the rotary part's where a family keeps one.
+MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
            first_k_dense_replace=1, n_group=1, topk_group=1)
 DROPOUTS = ("hidden_dropout", "residual_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "dropout",
             "mlp_dropout", "ffn_dropout", "embedding_dropout", "router_jitter_noise", "input_jitter_noise")
@@ -66,8 +67,11 @@ def tiny_config(transformers, model_type):
     default = transformers.AutoConfig.for_model(model_type)
     sizes = {k: v for k, v in SMALL.items() if hasattr(default, k) or k == "head_dim"}
     if hasattr(default, "kv_lora_rank"):
-        sizes.update(MLA)
-        sizes.pop("head_dim")
+        sizes.update({k: v for k, v in MLA.items() if hasattr(default, k) or k in ("kv_lora_rank", "q_lora_rank")})
+        if hasattr(default, "head_dim"):
+            sizes["head_dim"] = MLA["qk_rope_head_dim"]
+        else:
+            sizes.pop("head_dim")
     config = None
     for extra in ({"experts_implementation": "eager"}, {}):
         with contextlib.suppress(Exception):
