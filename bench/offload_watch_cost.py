@@ -94,7 +94,8 @@ def main():
           f"{args.tokens} tokens, recompute_chunk {args.chunk}")
 
     # 1. Torch functions through the mode in one layer's first call, and those it checked.
-    Watch = wiring._NormOutputWatch(torch, 0, model.model.layers[0]).__class__
+    names = offload_module._llama_names(model.model.layers[0])
+    Watch = wiring._NormOutputWatch(torch, 0, model.model.layers[0], names).__class__
     seen = {"calls": 0, "checked": 0}
     dispatch = Watch.__torch_function__
 
@@ -123,8 +124,8 @@ def main():
         return (time.perf_counter() - start) / n
 
     plain = min(adds() for _ in range(args.repeat))
-    watch = Watch(0, model.model.layers[0])
-    watch.alias(torch.zeros(4), "input_layernorm")
+    watch = Watch(0, model.model.layers[0], names)
+    watch.alias(torch.zeros(4), names[:2])
     with watch:
         watched = min(adds() for _ in range(args.repeat))
     extra = watched - plain
@@ -137,7 +138,7 @@ def main():
     real = offload_module._NormOutputWatch
     for r in range(args.repeat):
         for kind in (("watch", "null") if r % 2 == 0 else ("null", "watch")):  # each first as often
-            offload_module._NormOutputWatch = real if kind == "watch" else (lambda _, i, layer: NullWatch(i, layer))
+            offload_module._NormOutputWatch = real if kind == "watch" else (lambda _, i, layer, n: NullWatch(i, layer))
             try:
                 times[kind].append(first_iteration(stitchalloc, RecordingBackend, model, ids, args.chunk))
             finally:

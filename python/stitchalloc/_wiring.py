@@ -20,20 +20,25 @@ reason:
   or keep a block's tensors makes the block run as it is, so nothing was replaced): torch's
   module tracker (FlopCounterMode) registers gradient hooks on every module's inputs and
   outputs, a norm's output among them. The callee gets the alias and maps it back
-  (``_callee_got``); nothing of stitchalloc's operates on an alias, so the mode sees only the
-  layer's own uses;
+  (``_callee_got``); nothing of stitchalloc's operates on an alias, and its wrappers run without
+  the mode (``_unwatched``), so the mode sees only the layer's own torch functions;
 - the layer calls ``mlp`` without ``post_attention_layernorm`` before it (a parallel block: mlp
   may get input_layernorm's output, which is x itself while the attention block is replayed).
 
-Data structures: ``Offload._norm_outputs`` maps (layer, norm) to ``_NormOutput`` (what the layer
-got, whether the block was applied, the tensor the callee continues with) from the norm's call to
-its callee's; ``_NormOutputWatch.watched`` maps id(alias) to (alias, norm) while the layer's
-forward runs (the alias held, so that the id stays its own).
+The four modules go by the layer's naming (offload's ``_LLAMA_NAMINGS``: transformers'
+input_layernorm, self_attn, post_attention_layernorm, mlp, or Meta's reference attention_norm,
+attention, ffn_norm, feed_forward); this docstring uses transformers'.
+
+Data structures: ``Offload._norm_outputs`` maps (layer, block) (ATTENTION, MLP) to ``_NormOutput``
+(what the layer got, whether the block was applied, the tensor the callee continues with) from
+the norm's call to its callee's; ``_NormOutputWatch.watched`` maps id(alias) to (alias, (norm,
+callee)) while the layer's forward runs (the alias held, so that the id stays its own).
 
 Nothing here imports torch at module level (the mode's class is built on first use).
 """
 
 import collections
+import contextlib
 import sys
 
 
@@ -43,7 +48,15 @@ class _Miswired(RuntimeError):
     as it is (offload's ``_wrap``); after it has split, the step fails with this message."""
 
 
-_CALLEES = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
+# A layer's two token-wise blocks, by role: the attention block is its modules 0 and 1 (norm,
+# callee), the MLP block its modules 2 and 3, in the layer's naming (offload's _LLAMA_NAMINGS:
+# input_layernorm, self_attn, post_attention_layernorm, mlp in transformers).
+ATTENTION, MLP = 0, 1
+
+
+def _norm_and_callee(names, block):
+    return names[2 * block], names[2 * block + 1]
+
 
 # (what the layer got from the norm, whether its block was applied, what the callee continues with)
 _NormOutput = collections.namedtuple("_NormOutput", "returned applied source")
@@ -58,34 +71,36 @@ _METADATA = frozenset((
     "__repr__", "__str__", "__format__"))
 
 
-def _norm_returned(me, i, layer, norm, t, applied):
-    """Layer i's ``norm`` returns: ``t`` (the norm's output, or with its block ``applied``, what
-    the layer gets instead). Returns what the layer gets: ``t``, or at a watched call (the
-    layer's first ones) a fresh alias of it that the watch flags any other use of."""
+def _norm_returned(me, i, layer, names, block, t, applied):
+    """Layer i's norm of ``block`` (ATTENTION, MLP; ``names``: the layer's four module names)
+    returns: ``t`` (the norm's output, or with its block ``applied``, what the layer gets
+    instead). Returns what the layer gets: ``t``, or at a watched call (the layer's first ones) a
+    fresh alias of it that the watch flags any other use of."""
     if me is None or me._in_layer != i:
         return t
     returned = t
     watch = me._watch
     if applied and watch is not None:
-        returned = watch.alias(t, norm)
-    me._norm_outputs[i, norm] = _NormOutput(returned, applied, t)
+        returned = watch.alias(t, _norm_and_callee(names, block))
+    me._norm_outputs[i, block] = _NormOutput(returned, applied, t)
     return returned
 
 
-def _callee_got(me, i, layer, norm, t, callee):
-    """Layer i calls ``callee`` (mlp, self_attn) on ``t``. Returns the tensor the block goes on
-    with (the norm's real output: x for self_attn, the block's output for mlp) if ``norm``'s block
-    was applied, else None (the callee runs as it is on ``t``). Raises _Miswired if the block was
-    applied and ``t`` is not what ``norm`` returned (the split would compute another function),
-    or if the layer, running token-wise, calls mlp without post_attention_layernorm before it."""
+def _callee_got(me, i, layer, names, block, t):
+    """Layer i calls the callee of ``block`` (mlp, self_attn) on ``t``. Returns the tensor the
+    block goes on with (the norm's real output: x for self_attn, the block's output for mlp) if
+    the norm's block was applied, else None (the callee runs as it is on ``t``). Raises _Miswired
+    if the block was applied and ``t`` is not what the norm returned (the split would compute
+    another function), or if the layer, running token-wise, calls mlp without its norm before it."""
     if me is None:
         return None
-    entry = me._norm_outputs.pop((i, norm), None)
+    norm, callee = _norm_and_callee(names, block)
+    entry = me._norm_outputs.pop((i, block), None)
     if entry is None:
-        if callee == "mlp" and me._in_layer == i and i not in me._plain:
+        if block == MLP and me._in_layer == i and i not in me._plain:
             raise _Miswired(
-                f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp without {norm} before it, so "
-                "it may get input_layernorm's output, which is the layer input itself while the attention block "
+                f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} without {norm} before it, "
+                f"so it may get {names[0]}'s output, which is the layer input itself while the attention block "
                 "is recomputed token-wise; use policy='swap'")
         return None
     if not entry.applied:
@@ -103,14 +118,33 @@ def _passed_to(me, module, value):
     for): at a watched call, a norm's output in it is a use other than its callee's."""
     watch = me._watch if me is not None else None
     if watch is not None:
-        norm = watch.which(value)
-        if norm is not None:
-            raise watch.miswired(norm, f"it passes it to {module}")
+        found = watch.which(value)
+        if found is not None:
+            raise watch.miswired(found, f"it passes it to {module}")
+
+
+@contextlib.contextmanager
+def _unwatched(torch, me):
+    """stitchalloc's own code inside a watched layer forward (the four modules' forwards, ours)
+    runs without the watch's mode: it never gets an alias (``_callee_got`` maps them back,
+    ``_passed_to`` refuses them), and its torch functions, most of the layer's, would each pay
+    the mode's Python call (bench/offload_watch_cost.py). Where another mode was entered above
+    the watch, the watch stays."""
+    watch = me._watch if me is not None else None
+    current = getattr(torch.overrides, "_get_current_function_mode", None)
+    if watch is None or current is None or current() is not watch:
+        yield
+        return
+    watch.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        watch.__enter__()
 
 
 def _unused_norms(me, i):
-    """Ends layer i's norm entries (its forward is over); returns the norms whose block was applied
-    but whose callee never got what they returned."""
+    """Ends layer i's norm entries (its forward is over); returns the blocks whose norm applied
+    the block but whose callee never got what the norm returned."""
     keys = [key for key in me._norm_outputs if key[0] == i]
     unused = [key[1] for key in keys if me._norm_outputs[key].applied]
     for key in keys:
@@ -118,24 +152,26 @@ def _unused_norms(me, i):
     return unused
 
 
-def _raise_unused(i, layer, unused):
+def _raise_unused(i, layer, names, unused):
+    """Raises _Miswired for the first of the ``unused`` blocks (_unused_norms), if any."""
     if unused:
-        norm = unused[0]
+        norm, callee = _norm_and_callee(names, unused[0])
         raise _Miswired(
-            f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {norm} but not {_CALLEES[norm]} on "
-            f"its output, so its token-wise recompute (which runs {_CALLEES[norm]}({norm}(...)) as one block) "
+            f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {norm} but not {callee} on "
+            f"its output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) "
             "computed another function; use policy='swap'")
 
 
 _WATCH = {}
 
 
-def _NormOutputWatch(torch, i, layer):
+def _NormOutputWatch(torch, i, layer, names):
     """A torch-function mode for layer i's forward at a first call: flags (raises _Miswired) the
-    layer's uses of a norm output other than its callee's call (see the module docstring)."""
+    layer's uses of a norm output other than its callee's call (see the module docstring);
+    ``names``: the layer's four module names."""
     if not _WATCH:
         _WATCH["class"] = _watch_class(torch)
-    return _WATCH["class"](i, layer)
+    return _WATCH["class"](i, layer, names)
 
 
 def _in_call_of(torch, modules):
@@ -166,30 +202,29 @@ def _watch_class(torch):
     class Watch(TorchFunctionMode):
         __doc__ = _NormOutputWatch.__doc__
 
-        def __init__(self, i, layer):
+        def __init__(self, i, layer, names):
             super().__init__()
             self.i = i
             self.layer = layer
-            self.watched = {}  # id(alias) -> (alias, norm)
-            self.modules = tuple(getattr(layer, name) for name in ("input_layernorm", "self_attn",
-                                                                   "post_attention_layernorm", "mlp"))
+            self.watched = {}  # id(alias) -> (alias, (norm, callee))
+            self.modules = tuple(getattr(layer, name) for name in names)
 
-        def alias(self, t, norm):
-            """A fresh alias of ``t`` standing for ``norm``'s output, watched from now on."""
+        def alias(self, t, norm_and_callee):
+            """A fresh alias of ``t`` standing for a norm's output, watched from now on."""
             a = t.view_as(t)
-            self.watched[id(a)] = (a, norm)
+            self.watched[id(a)] = (a, norm_and_callee)
             return a
 
         def which(self, value):
-            """The norm whose watched output ``value`` is or holds, else None."""
+            """(norm, callee) of the norm whose watched output ``value`` is or holds, else None."""
             for t in tensors(value):
                 entry = self.watched.get(id(t))
                 if entry is not None and entry[0] is t:
                     return entry[1]
             return None
 
-        def miswired(self, norm, use):
-            callee = _CALLEES[norm]
+        def miswired(self, norm_and_callee, use):
+            norm, callee = norm_and_callee
             return _Miswired(
                 f"stitchalloc.offload: layer {self.i} ({type(self.layer).__name__}) uses {norm}'s output otherwise "
                 f"than by calling {callee} on it ({use}), so its token-wise recompute (which runs "
@@ -198,19 +233,19 @@ def _watch_class(torch):
 
         def returned(self, out):
             """The layer's forward returned ``out``: a norm's output in it is a use too."""
-            norm = self.which(out)
-            if norm is not None:
-                raise self.miswired(norm, "it returns it")
+            found = self.which(out)
+            if found is not None:
+                raise self.miswired(found, "it returns it")
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if self.watched:
-                norm = self.which((args, kwargs))
-                if norm is not None:
+                found = self.which((args, kwargs))
+                if found is not None:
                     name = resolve_name(func) or getattr(func, "__name__", repr(func))
                     if (name.removesuffix(".__get__").rsplit(".", 1)[-1] not in _METADATA
                             and not _in_call_of(torch, self.modules)):
-                        raise self.miswired(norm, name)
+                        raise self.miswired(found, name)
             return func(*args, **kwargs)
 
     return Watch

@@ -14,8 +14,9 @@ How it hooks in (nothing in the training loop changes):
 - a saved tensor that dies without being used (no backward) cancels its ticket.
 
 Token-wise recompute for Llama-family decoder layers (transformers' LlamaDecoderLayer and Qwen2,
-recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``, and
-none of the markers of other wirings, ``_OTHER_WIRING``), under every policy but "swap". A layer
+recognised by ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp``, or
+Meta's reference naming, ``attention_norm``, ``attention``, ``ffn_norm`` and ``feed_forward``
+(torchtitan), and none of the markers of other wirings, ``_OTHER_WIRING``), under every policy but "swap". A layer
 whose calls show it is wired otherwise (``_wiring``: a callee called on something other than its
 norm's output, a norm's output used otherwise, an MLP taking more than it) runs as it is from its
 first call on, and a step in which a layer that has split is found so fails (its split would
@@ -72,10 +73,14 @@ import weakref
 from ._block_checks import _CHANGE_WORDS, _MISSING, _changed_state, _restore_state, _state_snapshot, _why_whole
 from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState, _ForwardContext, _NotReplayable,
                           _TokenLocal)
-from ._wiring import (_callee_got, _Miswired, _norm_returned, _NormOutputWatch, _passed_to, _raise_unused,
-                      _unused_norms)
+from ._wiring import (ATTENTION, MLP, _callee_got, _Miswired, _norm_returned, _NormOutputWatch, _passed_to,
+                      _raise_unused, _unused_norms, _unwatched)
 
-_LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# A Llama-family decoder layer's four modules (attention norm, attention, MLP norm, MLP) in the
+# namings of the code that builds such layers: transformers' (LlamaDecoderLayer, Qwen2, ...) and
+# Meta's reference Llama's (torchtitan's TransformerBlock and the many models written after it).
+_LLAMA_NAMINGS = (("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+                  ("attention_norm", "attention", "ffn_norm", "feed_forward"))
 # Layers with the first three norm the attention's output before the residual and the MLP's input
 # with a norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's
 # norm, so the token-local block mlp(post_attention_layernorm(h)) does not exist there.
@@ -86,9 +91,17 @@ _LLAMA_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp
 _OTHER_WIRING = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre_mlp_layernorm", "attn_alpha_factor")
 
 
+def _llama_names(layer):
+    """The names of ``layer``'s four modules (one of _LLAMA_NAMINGS) if it is taken for a
+    Llama-family decoder layer, whose blocks split token-wise; else None."""
+    if any(hasattr(layer, p) for p in _OTHER_WIRING):
+        return None
+    return next((names for names in _LLAMA_NAMINGS if all(hasattr(layer, p) for p in names)), None)
+
+
 def _is_llama(layer):
     """Whether ``layer`` is taken for a Llama-family decoder layer, whose blocks split token-wise."""
-    return all(hasattr(layer, p) for p in _LLAMA_PARTS) and not any(hasattr(layer, p) for p in _OTHER_WIRING)
+    return _llama_names(layer) is not None
 
 
 def offload_plan(layers, input_bytes, attention_bytes, other_bytes, copy_bytes_per_second, layer_forward_seconds,
@@ -222,7 +235,8 @@ class Offload:
         self._recompute_chunk = recompute_chunk
         self._alpha = None if policy == "auto" else (1.0 if policy == "swap" else 0.0 if policy == "recompute"
                                                      else float(policy))
-        self._llama = [_is_llama(layer) for layer in self._layers]
+        self._names = [_llama_names(layer) for layer in self._layers]
+        self._llama = [names is not None for names in self._names]
         # (layer, norm) -> _NormOutput (what the layer got, whether the norm applied its token-wise
         # block, what the block goes on with), in a layer's forward under our hooks, until the
         # block's callee (mlp, self_attn) gets it (_wiring)
@@ -265,7 +279,8 @@ class Offload:
         self._warned_capture = False
         if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
-                             "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp); use "
+                             "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp, or "
+                             "attention_norm, attention, ffn_norm, feed_forward); use "
                              "policy='swap' or 'recompute' for other layers")
         self._param_storages = set()
         # The running layer's parameters as its forward sees them: FSDP2 gathers them into new
@@ -619,6 +634,7 @@ class Offload:
         owner = weakref.ref(self)  # in the backward (a graph recorded before remove() included)
         live = _live_ref(self)  # in the forward: None once removed
         llama = self._llama[i]
+        names = self._names[i]
         checkpoint_whole = self._alpha == 0.0 and not llama
 
         if llama and self._token_wise:  # under "swap" the layer runs as it is
@@ -667,7 +683,7 @@ class Offload:
 
         def finish(me):
             """The layer's forward returned: every norm whose block was applied reached its callee."""
-            _raise_unused(i, layer, leave(me))
+            _raise_unused(i, layer, names, leave(me))
 
         def end(me, start, out):
             if start is not None:
@@ -736,7 +752,7 @@ class Offload:
                     elif probed is not None:
                         # A first call: the norms' outputs are watched (_wiring), the layer run
                         # eagerly (a compiled layer would guard on the watch's mode).
-                        me._watch = _NormOutputWatch(torch, i, layer)
+                        me._watch = _NormOutputWatch(torch, i, layer, names)
                         with me._watch:
                             out = _eager(torch, original)(*args, **kwargs)
                             me._watch.returned(out)
@@ -761,7 +777,9 @@ class Offload:
     def _wrap_token_local(self, i, layer, pack):
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
         torch = self._torch
-        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        names = self._names[i]
+        norm_name, mlp_name = names[2], names[3]
+        norm, mlp = getattr(layer, norm_name), getattr(layer, mlp_name)
         norm_forward, mlp_forward = norm.forward, mlp.forward
         owner = _live_ref(self)
 
@@ -779,26 +797,29 @@ class Offload:
         def fused(h):
             """post_attention_layernorm: the whole token-local block when it splits, else the norm."""
             me = owner()
-            _passed_to(me, "post_attention_layernorm", h)
-            out = token_local(me, h)
-            applied = out is not None
-            if not applied:
-                out = norm_forward(h)
-            return _norm_returned(me, i, layer, "post_attention_layernorm", out, applied)
+            _passed_to(me, norm_name, h)
+            with _unwatched(torch, me):
+                out = token_local(me, h)
+                applied = out is not None
+                if not applied:
+                    out = norm_forward(h)
+            return _norm_returned(me, i, layer, names, MLP, out, applied)
 
         def mlp_applied(x, *args, **kwargs):
             """The layer's call of mlp: already applied inside the token-local block, if it split."""
-            out = _callee_got(owner(), i, layer, "post_attention_layernorm", x, "mlp")
+            out = _callee_got(owner(), i, layer, names, MLP, x)
             if out is not None:
                 if args or kwargs:
-                    names = [f"argument {n + 2}" for n in range(len(args))] + list(kwargs)
+                    more = [f"argument {n + 2}" for n in range(len(args))] + list(kwargs)
                     raise _Miswired(
-                        f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls mlp with {', '.join(names)} "
-                        "besides post_attention_layernorm's output, which its token-wise block (run where "
-                        "post_attention_layernorm is called) did not have; use policy='swap'")
+                        f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {mlp_name} with "
+                        f"{', '.join(more)} besides {norm_name}'s output, which its token-wise block (run where "
+                        f"{norm_name} is called) did not have; use policy='swap'")
                 return out
-            _passed_to(owner(), "mlp", (x, args, kwargs))
-            return mlp_forward(x, *args, **kwargs)
+            me = owner()
+            _passed_to(me, mlp_name, (x, args, kwargs))
+            with _unwatched(torch, me):
+                return mlp_forward(x, *args, **kwargs)
 
         def token_local(me, h):
             """The block's output, split by tokens; None where it runs as it is."""
@@ -847,7 +868,7 @@ class Offload:
                 me._refused(i, "mlp", snapshot, context if k > 0 else refused.context, refused)
                 return None  # the caller runs it as it is
             except Exception as failure:
-                me._raise_if_unproven(i, layer, "mlp block, run on post_attention_layernorm's output alone,", failure)
+                me._raise_if_unproven(i, layer, f"{mlp_name} block, run on {norm_name}'s output alone,", failure)
                 raise
             if me._changed_and_undone(i, "mlp", snapshot):
                 return None  # the caller runs it again as it is
@@ -875,7 +896,9 @@ class Offload:
     def _wrap_attention(self, i, layer, pack):
         """self_attn(input_layernorm(x)) as one _AttentionReplay (see the module docstring)."""
         torch = self._torch
-        norm, attn = layer.input_layernorm, layer.self_attn
+        names = self._names[i]
+        norm_name, attn_name = names[0], names[1]
+        norm, attn = getattr(layer, norm_name), getattr(layer, attn_name)
         norm_forward, attn_forward = norm.forward, attn.forward
         owner = _live_ref(self)
 
@@ -886,27 +909,35 @@ class Offload:
             """input_layernorm: the identity when the attention block is replayed (the block norms
             x itself, so that it saves only x), else the norm."""
             me = owner()
-            _passed_to(me, "input_layernorm", h)
-            replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
-                      and h.dim() >= 2 and _innermost(torch, pack) and not me._plain_call(i)
-                      and not me._runs_whole(i, "self_attn", (norm, attn)))
-            if replay:
-                watch = me._keeping_before(i, "self_attn", (norm, attn))
-                if watch is not None:
-                    me._watching[i] = watch  # until the layer calls self_attn (forward below)
-                    replay = False
-            return _norm_returned(me, i, layer, "input_layernorm", h if replay else norm_forward(h), replay)
+            _passed_to(me, norm_name, h)
+            with _unwatched(torch, me):
+                replay = (me is not None and me._in_layer == i and torch.is_grad_enabled() and torch.is_tensor(h)
+                          and h.dim() >= 2 and _innermost(torch, pack) and not me._plain_call(i)
+                          and not me._runs_whole(i, "self_attn", (norm, attn)))
+                if replay:
+                    watch = me._keeping_before(i, "self_attn", (norm, attn))
+                    if watch is not None:
+                        me._watching[i] = watch  # until the layer calls self_attn (forward below)
+                        replay = False
+                out = h if replay else norm_forward(h)
+            return _norm_returned(me, i, layer, names, ATTENTION, out, replay)
 
         def forward(*args, **kwargs):
-            # The layer calls self_attn with the hidden states positionally (tiny_llama) or as
-            # hidden_states= (transformers); input_layernorm, now the identity, left them raw.
-            # The closures below live until the layer's backward: they must not hold x (it is
-            # swapped), only the other arguments.
+            # The layer calls self_attn with the hidden states positionally (tiny_llama, Meta's
+            # naming) or as hidden_states= (transformers); input_layernorm, now the identity, left
+            # them raw.
             me = owner()
-            x = _callee_got(me, i, layer, "input_layernorm", args[0] if args else kwargs.get("hidden_states"),
-                            "self_attn")
+            x = _callee_got(me, i, layer, names, ATTENTION, args[0] if args else kwargs.get("hidden_states"))
             if x is None:
-                _passed_to(me, "self_attn", (args, kwargs))
+                _passed_to(me, attn_name, (args, kwargs))
+            with _unwatched(torch, me):
+                return called(me, x, args, kwargs)
+
+        def called(me, x, args, kwargs):
+            """self_attn's call: replayed from x (the raw layer input), or as it is where x is None.
+            The closures below live until the layer's backward: they must not hold x (it is
+            swapped), only the other arguments."""
+            if x is None:
                 watch = me._watching.pop(i, None) if me is not None else None
                 out = attn_forward(*args, **kwargs)
                 if watch is not None:
@@ -940,7 +971,7 @@ class Offload:
                 y = None
                 me._refused(i, "self_attn", snapshot, refused.context, refused)
             except Exception as failure:
-                me._raise_if_unproven(i, layer, "attention block, run token-wise,", failure)
+                me._raise_if_unproven(i, layer, f"{attn_name} block, run token-wise,", failure)
                 raise
             if y is None or me._changed_and_undone(i, "self_attn", snapshot):
                 # Again as it is, with the arguments as given (a KV cache included).

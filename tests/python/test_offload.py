@@ -2790,6 +2790,87 @@ def test_a_layer_reading_its_norms_outputs_metadata_splits(policy):
     assert off.stats()["blocks_run_whole"] == 0
 
 
+class MetaAttention(torch.nn.Module):
+    """Meta's reference Llama attention (torchtitan's): the rotary positions passed positionally."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, freqs_cis):
+        a = self.inner
+        b, t, d = x.shape
+        shape = (b, t, a.heads, d // a.heads)
+        q = a.q_proj(x).view(shape).transpose(1, 2)
+        k = a.k_proj(x).view(shape).transpose(1, 2)
+        v = a.v_proj(x).view(shape).transpose(1, 2)
+        q, k = tiny_llama.rope(q, freqs_cis), tiny_llama.rope(k, freqs_cis)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return a.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(torch.nn.Module):
+    """Meta's reference Llama block under its own names (attention_norm, attention, ffn_norm,
+    feed_forward), as torchtitan builds it; ``residual_from_the_norm`` wires it as MiniMax."""
+
+    residual_from_the_norm = False
+
+    def __init__(self, layer):
+        super().__init__()
+        self.attention_norm = layer.input_layernorm
+        self.attention = MetaAttention(layer.self_attn)
+        self.ffn_norm = layer.post_attention_layernorm
+        self.feed_forward = layer.mlp
+
+    def forward(self, x, freqs_cis):
+        if self.residual_from_the_norm:
+            n = self.attention_norm(x)
+            h = n * 0.5 + self.attention(n, freqs_cis)
+        else:
+            h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MinimaxLikeBlock(TransformerBlock):
+    residual_from_the_norm = True
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+@pytest.mark.parametrize("block_class", [TransformerBlock, MinimaxLikeBlock], ids=["llama", "residual-from-the-norm"])
+def test_meta_named_layers_split_token_wise(block_class, policy):
+    # Meta's reference Llama (and torchtitan, and much code after it) names a layer's modules
+    # attention_norm, attention, ffn_norm and feed_forward and passes the rotary positions
+    # positionally. Up to 2026-11-24 such layers were swapped whole ("auto", alpha 0.5 refused);
+    # now they split as transformers' do, with the plain model's loss and gradients and a
+    # quarter of the bytes swapped, and a block wired otherwise is found at its first call.
+    model = make_model(layers=3, sdpa=True)
+    blocks = torch.nn.ModuleList(block_class(layer) for layer in model.layers)
+
+    def run(batch):
+        x = model.embed_tokens(batch[:, :-1])
+        pos = torch.arange(x.shape[1])
+        for block in blocks:
+            x = block(x, pos)
+        logits = model.lm_head(model.norm(x))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    params = list(model.parameters())
+    off, ours = steps_as_without_offload(model, blocks, run, params, policy)
+    assert all(off._llama)
+    if block_class is TransformerBlock:
+        assert not ours and off._proven == {0, 1, 2} and off.stats()["blocks_run_whole"] == 0
+        split, swap = RecordingBackend(), RecordingBackend()
+        with stitchalloc.offload(model, layers=list(blocks), policy="recompute", backend=split):
+            seeded_grads(run, params)
+        with stitchalloc.offload(model, layers=list(blocks), policy="swap", backend=swap):
+            seeded_grads(run, params)
+        assert 0 < split.bytes_out < swap.bytes_out / 4
+    else:
+        told = "uses attention_norm's output otherwise than by calling attention on it (torch.Tensor.mul)"
+        assert len(ours) == 1 and told in ours[0], ours
+        assert off._plain.keys() == {0, 1, 2}
+
+
 class LearnedMaskAttention(KwargsAttention):
     """An attention core given a float mask computed from a parameter and from v, as Doge's dynamic
     mask is (transformers' DogeAttention)."""
