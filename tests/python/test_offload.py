@@ -2790,23 +2790,12 @@ def test_a_layer_reading_its_norms_outputs_metadata_splits(policy):
     assert off.stats()["blocks_run_whole"] == 0
 
 
-class MetaAttention(torch.nn.Module):
-    """Meta's reference Llama attention (torchtitan's): the rotary positions passed positionally."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
+class MetaAttention(KwargsAttention):
+    """Meta's reference Llama attention (torchtitan's): the rotary positions passed positionally,
+    one tensor returned."""
 
     def forward(self, x, freqs_cis):
-        a = self.inner
-        b, t, d = x.shape
-        shape = (b, t, a.heads, d // a.heads)
-        q = a.q_proj(x).view(shape).transpose(1, 2)
-        k = a.k_proj(x).view(shape).transpose(1, 2)
-        v = a.v_proj(x).view(shape).transpose(1, 2)
-        q, k = tiny_llama.rope(q, freqs_cis), tiny_llama.rope(k, freqs_cis)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return a.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return super().forward(x, position_embeddings=freqs_cis)[0]
 
 
 class TransformerBlock(torch.nn.Module):
