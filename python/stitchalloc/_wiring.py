@@ -45,7 +45,12 @@ import sys
 class _Miswired(RuntimeError):
     """Layer i is not wired as the token-wise blocks assume, or its block, run alone, failed.
     Raised out of the layer's forward: at the layer's first token-wise calls the layer runs again
-    as it is (offload's ``_wrap``); after it has split, the step fails with this message."""
+    as it is (offload's ``_wrap``, whose warning gives ``reason``); after it has split, the step
+    fails with this message, which adds what the user can do."""
+
+    def __init__(self, reason):
+        super().__init__(f"{reason}")
+        self.reason = reason
 
 
 # A layer's two token-wise blocks, by role: the attention block is its modules 0 and 1 (norm,
@@ -101,7 +106,7 @@ def _callee_got(me, i, layer, names, block, t):
             raise _Miswired(
                 f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} without {norm} before it, "
                 f"so it may get {names[0]}'s output, which is the layer input itself while the attention block "
-                "is recomputed token-wise; use policy='swap'")
+                "is recomputed token-wise")
         return None
     if not entry.applied:
         return None
@@ -109,7 +114,7 @@ def _callee_got(me, i, layer, names, block, t):
         raise _Miswired(
             f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {callee} on something other than "
             f"{norm}'s output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) would "
-            "compute another function; use policy='swap'")
+            "compute another function")
     return entry.source
 
 
@@ -123,23 +128,39 @@ def _passed_to(me, module, value):
             raise watch.miswired(found, f"it passes it to {module}")
 
 
-@contextlib.contextmanager
+_NOT_WATCHED = contextlib.nullcontext()
+
+
+class _Unwatched:
+    """The watch's mode taken off the mode stack for a ``with`` block, and put back after it."""
+
+    __slots__ = ("watch",)
+
+    def __init__(self, watch):
+        self.watch = watch
+
+    def __enter__(self):
+        self.watch.__exit__(None, None, None)
+
+    def __exit__(self, *exc):
+        self.watch.__enter__()
+        return False
+
+
 def _unwatched(torch, me):
-    """stitchalloc's own code inside a watched layer forward (the four modules' forwards, ours)
-    runs without the watch's mode: it never gets an alias (``_callee_got`` maps them back,
-    ``_passed_to`` refuses them), and its torch functions, most of the layer's, would each pay
-    the mode's Python call (bench/offload_watch_cost.py). Where another mode was entered above
-    the watch, the watch stays."""
+    """A context for stitchalloc's own code inside a watched layer forward (the four modules'
+    forwards, ours): it runs without the watch's mode. It never gets an alias (``_callee_got``
+    maps them back, ``_passed_to`` refuses them), and its torch functions, most of the layer's,
+    would each pay the mode's Python call (bench/offload_watch_cost.py). Where another mode was
+    entered above the watch, the watch stays. Outside a watched call (a layer's every call after
+    its first ones) a shared null context: the blocks' hot path pays one attribute check."""
     watch = me._watch if me is not None else None
+    if watch is None:
+        return _NOT_WATCHED
     current = getattr(torch.overrides, "_get_current_function_mode", None)
-    if watch is None or current is None or current() is not watch:
-        yield
-        return
-    watch.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        watch.__enter__()
+    if current is None or current() is not watch:
+        return _NOT_WATCHED
+    return _Unwatched(watch)
 
 
 def _unused_norms(me, i):
@@ -159,7 +180,7 @@ def _raise_unused(i, layer, names, unused):
         raise _Miswired(
             f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {norm} but not {callee} on "
             f"its output, so its token-wise recompute (which runs {callee}({norm}(...)) as one block) "
-            "computed another function; use policy='swap'")
+            "computed another function")
 
 
 _WATCH = {}
@@ -228,8 +249,7 @@ def _watch_class(torch):
             return _Miswired(
                 f"stitchalloc.offload: layer {self.i} ({type(self.layer).__name__}) uses {norm}'s output otherwise "
                 f"than by calling {callee} on it ({use}), so its token-wise recompute (which runs "
-                f"{callee}({norm}(...)) as one block, that output never made) would compute another function; "
-                "use policy='swap'")
+                f"{callee}({norm}(...)) as one block, that output never made) would compute another function")
 
         def returned(self, out):
             """The layer's forward returned ``out``: a norm's output in it is a use too."""

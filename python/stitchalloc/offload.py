@@ -492,7 +492,7 @@ class Offload:
         if i in self._proven or isinstance(failure, (_Miswired, getattr(self._torch, "OutOfMemoryError", ()))):
             return
         raise _Miswired(f"stitchalloc.offload: layer {i}'s ({type(layer).__name__}) {what} failed "
-                        f"({type(failure).__name__}: {failure}); use policy='swap'") from failure
+                        f"({type(failure).__name__}: {failure})") from failure
 
     def _refused(self, i, block, snapshot, context, refused):
         """Layer i's ``block`` cannot be replayed (_NotReplayable): what its call changed is given
@@ -717,7 +717,7 @@ class Offload:
             snapshot, context, _ = probed
             _restore_state(torch, _changed_state(snapshot))
             context.rewind(torch)
-            me._plain[i] = str(miswired)
+            me._plain[i] = miswired.reason
             enter(me)
             try:
                 with torch.autograd.graph.saved_tensors_hooks(pack, me._unpack_hook):
@@ -727,13 +727,12 @@ class Offload:
                 raise
             finally:
                 leave(me)
-            reason = str(miswired).replace("; use policy='swap'", "")
-            me._warn_once(("plain", type(layer)), f"{reason}. Layer {i} runs as it is from this call on (its saved "
+            me._warn_once(("plain", type(layer)), f"{miswired.reason}. Layer {i} runs as it is from this call on (its saved "
                           "tensors swapped, none recomputed), as will every layer of its type that fails so.")
             return out
 
-        on_grad, begin, end, failed, finish, probe, as_it_is = (
-            _eager(torch, f) for f in (on_grad, begin, end, leave, finish, probe, as_it_is))
+        on_grad, begin, end, failed, finish, probe, as_it_is, original_eagerly = (
+            _eager(torch, f) for f in (on_grad, begin, end, leave, finish, probe, as_it_is, original))
 
         def forward(*args, **kwargs):
             # Under torch.compile only the layer's own computation (`original`) is compiled:
@@ -754,7 +753,7 @@ class Offload:
                         # eagerly (a compiled layer would guard on the watch's mode).
                         me._watch = _NormOutputWatch(torch, i, layer, names)
                         with me._watch:
-                            out = _eager(torch, original)(*args, **kwargs)
+                            out = original_eagerly(*args, **kwargs)
                             me._watch.returned(out)
                     else:
                         out = original(*args, **kwargs)
@@ -814,7 +813,7 @@ class Offload:
                     raise _Miswired(
                         f"stitchalloc.offload: layer {i} ({type(layer).__name__}) calls {mlp_name} with "
                         f"{', '.join(more)} besides {norm_name}'s output, which its token-wise block (run where "
-                        f"{norm_name} is called) did not have; use policy='swap'")
+                        f"{norm_name} is called) did not have")
                 return out
             me = owner()
             _passed_to(me, mlp_name, (x, args, kwargs))
