@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's Python virtual environment in .venv with what the Python
-# tests need: pytest, transformers, and PyTorch from the package index (the CUDA build, whose headers and
-# libc10_cuda the plugin compiles against; it imports and runs without a GPU).
+# tests need: pytest, transformers, torchtitan's models, and PyTorch from the package index (the
+# CUDA build, whose headers and libc10_cuda the plugin compiles against; it imports and runs
+# without a GPU).
 # TORCH_SPEC overrides the version (default: the newest release this project was tested with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,16 @@ TRANSFORMERS_SPEC="${TRANSFORMERS_SPEC:-transformers==5.23.0}"
 if [[ "$(.venv/bin/python -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)" != \
       "${TRANSFORMERS_SPEC#transformers==}" ]]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir "${TRANSFORMERS_SPEC}"
+fi
+# torchtitan: the offload tests run its own Llama 3 and Qwen 3 models (its model code only: the
+# package without its training dependencies, which the models do not import). TORCHTITAN_SPEC
+# overrides the version.
+TORCHTITAN_SPEC="${TORCHTITAN_SPEC:-torchtitan==0.3.0}"
+if [[ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torchtitan"))' 2>/dev/null || true)" != \
+      "${TORCHTITAN_SPEC#torchtitan==}" ]]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "${TORCHTITAN_SPEC}" \
+    spmd_types==0.2.3 torch_checkpointing==0.1.1
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir tyro==1.0.17
 fi
 want="${TORCH_SPEC#torch==}"
 have="$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"

@@ -151,4 +151,4 @@ def installed() -> bool:
 
 from .arena import arena_stats, drop_plans, iteration, layer  # noqa: E402  (needs _torch_plugin above)
 from . import swap  # noqa: E402
-from .offload import Offload, offload, offload_plan  # noqa: E402
+from .offload import Offload, offload, offload_plan, offloaded  # noqa: E402

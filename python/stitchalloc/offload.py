@@ -93,10 +93,18 @@ _OTHER_WIRING = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "pre
 
 def _llama_names(layer):
     """The names of ``layer``'s four modules (one of _LLAMA_NAMINGS) if it is taken for a
-    Llama-family decoder layer, whose blocks split token-wise; else None."""
+    Llama-family decoder layer, whose blocks split token-wise; else None. Each must be a module
+    the layer can call: a ModuleList or ModuleDict under such a name (LongCat-Flash keeps two
+    norms and two attentions per layer so) is not one."""
+    import torch
+
+    def callable_module(name):
+        m = getattr(layer, name, None)
+        return isinstance(m, torch.nn.Module) and not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))
+
     if any(hasattr(layer, p) for p in _OTHER_WIRING):
         return None
-    return next((names for names in _LLAMA_NAMINGS if all(hasattr(layer, p) for p in names)), None)
+    return next((names for names in _LLAMA_NAMINGS if all(callable_module(p) for p in names)), None)
 
 
 def _is_llama(layer):
@@ -227,9 +235,7 @@ class Offload:
         import torch
 
         self._torch = torch
-        self._layers = list(layers)
-        if not self._layers:
-            raise ValueError("stitchalloc.offload: no layers to offload")
+        self._layers = _layer_list(layers)
         self._backend = backend
         self._policy = policy
         self._recompute_chunk = recompute_chunk
@@ -308,8 +314,18 @@ class Offload:
         self._waited = 0
         self._cancelled = 0
         self.iterations = 0
-        for i, layer in enumerate(self._layers):
-            self._wrap(i, layer)
+        try:
+            for i, layer in enumerate(self._layers):
+                self._wrap(i, layer)
+        except BaseException:
+            self.remove()  # the layers wrapped so far get their forwards back
+            raise
+        for key in [key for key, (module, owner) in _OFFLOADED.items() if module() is None or owner() is None]:
+            del _OFFLOADED[key]
+        me = weakref.ref(self)
+        for layer in self._layers:
+            for inner in layer.modules():
+                _OFFLOADED[id(inner)] = (weakref.ref(inner), me)
 
     # ---- public ---------------------------------------------------------------------------
     @property
@@ -328,6 +344,11 @@ class Offload:
         change); the wrapper of offload's under it passes every call through from now on. A
         graph already recorded still swaps back and recomputes in its backward."""
         self._removed = True
+        for layer in self._layers:
+            for inner in layer.modules():
+                entry = _OFFLOADED.get(id(inner))
+                if entry is not None and entry[1]() is self:
+                    del _OFFLOADED[id(inner)]
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
@@ -1072,24 +1093,108 @@ def _in_backward(torch):
     return task is not None and task() != -1
 
 
-def _find_layers(model):
+# Every module inside a live Offload's layers (the layers included): id(module) -> weak references
+# to the module and to the Offload (by id: a module defining __eq__ is not hashable). A second
+# offload of the same layers would nest its saved-tensor hooks inside the first's, and only the
+# innermost ones see the tensors (the other's policy would silently not apply).
+_OFFLOADED = {}
+
+
+def offloaded(module):
+    """The live (not removed) ``Offload`` whose layers hold ``module`` (a layer or a module inside
+    one), or None: the handle of an offload whose return value was not kept, to remove it."""
+    return _offloaded_by(module)
+
+
+def _offloaded_by(module):
+    """The live (not removed) Offload whose layers hold ``module``, or None."""
+    entry = _OFFLOADED.get(id(module))
+    if entry is None or entry[0]() is not module:
+        return None
+    owner = entry[1]()
+    return owner if owner is not None and not owner._removed else None
+
+
+def _stacks(model):
+    """The model's nonempty nn.ModuleList and nn.ModuleDict containers, with their modules in
+    order (a ModuleDict's values: torchtitan keeps its layers in one)."""
     import torch
 
-    best = None
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
-            if best is None or len(module) > len(best):
-                best = module
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            yield module, list(module)
+        elif isinstance(module, torch.nn.ModuleDict) and len(module):
+            yield module, list(module.values())
+
+
+def _find_layers(model):
+    """The model's layer stack: of its ModuleLists and ModuleDicts, the one holding the most
+    parameters (then the longest, then the first). Not the longest: a mixture of experts' experts
+    (or a layer's list of attention modules) may outnumber the layers holding them, and a vision
+    tower's blocks a language model's layers, but the stack holding them holds more."""
+    best, best_key = None, None
+    for container, modules in _stacks(model):
+        key = (sum(p.numel() for p in container.parameters()), len(modules))
+        if best_key is None or key > best_key:
+            best, best_key = modules, key
     if best is None:
-        raise ValueError("stitchalloc.offload: found no nn.ModuleList of layers in the model; pass layers=[...]")
-    return list(best)
+        raise ValueError("stitchalloc.offload: found no nn.ModuleList or nn.ModuleDict of layers in the model; "
+                         "pass layers=[...]")
+    return best
+
+
+def _layer_list(layers):
+    """``layers`` as a list of distinct modules, none inside another or offloaded already, given as
+    a sequence of modules, an nn.ModuleList or an nn.ModuleDict (its values). Raises TypeError or
+    ValueError naming the layer at fault, before anything is changed."""
+    import torch
+
+    if isinstance(layers, torch.nn.ModuleDict):
+        layers = list(layers.values())
+    elif isinstance(layers, (str, bytes)) or (isinstance(layers, torch.nn.Module) and not hasattr(layers, "__iter__")):
+        raise TypeError("stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
+                        "nn.ModuleDict), not "
+                        + (f"one {type(layers).__name__}; pass [module] for a single layer"
+                           if isinstance(layers, torch.nn.Module) else type(layers).__name__))
+    else:
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise TypeError(f"stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
+                            f"nn.ModuleDict), not {type(layers).__name__}") from None
+    if not layers:
+        raise ValueError("stitchalloc.offload: no layers to offload")
+    index = {}
+    for k, layer in enumerate(layers):
+        if not isinstance(layer, torch.nn.Module):
+            raise TypeError(f"stitchalloc.offload: layers[{k}] is of type {type(layer).__name__}, not an nn.Module")
+        if id(layer) in index:
+            raise ValueError(f"stitchalloc.offload: layers[{k}] is layers[{index[id(layer)]}] again "
+                             f"({type(layer).__name__}); list each layer once (a layer called twice per forward "
+                             "is still listed once)")
+        index[id(layer)] = k
+    for k, layer in enumerate(layers):
+        for name, inner in layer.named_modules():
+            j = index.get(id(inner))
+            if name and j is not None:
+                raise ValueError(f"stitchalloc.offload: layers[{j}] ({type(inner).__name__}) is inside layers[{k}] "
+                                 f"({type(layer).__name__}, as {name!r}); layers must not hold one another: list "
+                                 "the outer ones (the model's decoder layers)")
+            if _offloaded_by(inner) is not None:
+                what = "is, or is inside, a layer" if not name else f"holds {name!r}, which is, or is inside, a layer"
+                raise ValueError(f"stitchalloc.offload: layers[{k}] ({type(layer).__name__}) {what} another "
+                                 "stitchalloc.offload offloads; call its remove() (or leave its with block) first "
+                                 "(stitchalloc.offloaded(module) returns it)")
+    return layers
 
 
 def offload(model, layers=None, policy="auto", *, recompute_chunk=8192, backend=None):
     """Offloads ``model``'s saved activations layer by layer (see the module docstring).
 
-    ``layers``: the modules whose boundaries drive the schedule (default: the model's longest
-    nn.ModuleList). ``policy``: "auto", "swap", "recompute" or an alpha in [0, 1].
+    ``layers``: the modules whose boundaries drive the schedule, in the order the forward calls
+    them: a list, nn.ModuleList or nn.ModuleDict of modules of ``model``, none inside another
+    (default: the model's nn.ModuleList or nn.ModuleDict holding the most parameters).
+    ``policy``: "auto", "swap", "recompute" or an alpha in [0, 1].
     ``recompute_chunk``: the recomputed tokens of a Llama-family layer's MLP block run (forward,
     and recompute with backward) this many at a time, so that one chunk's intermediate tensors
     are on the device at once (0: all tokens at once). Needs stitchalloc installed as PyTorch's

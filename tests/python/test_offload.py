@@ -2509,7 +2509,7 @@ def steps_as_without_offload(model, layers, run, params, policy):
     backend = RecordingBackend()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with stitchalloc.offload(model, layers=list(layers), policy=policy, backend=backend) as off:
+        with stitchalloc.offload(model, layers=layers, policy=policy, backend=backend) as off:
             for _ in range(2):
                 assert_same_grads(expected, seeded_grads(run, params))
     assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] and backend.live == {}
@@ -2860,6 +2860,278 @@ def test_meta_named_layers_split_token_wise(block_class, policy):
         assert off._plain.keys() == {0, 1, 2}
 
 
+class MetaModel(torch.nn.Module):
+    """The tiny Llama as torchtitan holds a decoder: its TransformerBlocks in an nn.ModuleDict
+    keyed "0", "1", ..., called in the dict's order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens, self.norm, self.lm_head = model.embed_tokens, model.norm, model.lm_head
+        self.layers = torch.nn.ModuleDict({str(i): TransformerBlock(layer) for i, layer in enumerate(model.layers)})
+
+    def loss(self, batch):
+        x = self.embed_tokens(batch[:, :-1])
+        pos = torch.arange(x.shape[1])
+        for block in self.layers.values():
+            x = block(x, pos)
+        logits = self.lm_head(self.norm(x))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["found", "given"])
+@pytest.mark.parametrize("policy", ["recompute", 0.5])
+def test_layers_in_a_module_dict_are_found_and_split(policy, given):
+    # torchtitan keeps a decoder's layers in an nn.ModuleDict. Up to 2026-11-24 offload looked
+    # for an nn.ModuleList only and raised ("found no nn.ModuleList"), and layers=model.layers
+    # failed on the dict's keys ('str' object has no attribute 'forward'). Both now take the
+    # dict's modules in order, and the layers split with the plain model's loss and gradients.
+    model = MetaModel(make_model(layers=3, sdpa=True))
+    assert offload_module._find_layers(model) == list(model.layers.values())
+    params = list(model.parameters())
+    off, ours = steps_as_without_offload(model, model.layers if given else None, model.loss, params, policy)
+    assert off._layers == list(model.layers.values())
+    assert not ours and off._proven == {0, 1, 2} and off.stats()["blocks_run_whole"] == 0
+
+
+class ExpertsLayer(torch.nn.Module):
+    """A layer whose mixture of experts keeps its experts in an nn.ModuleList, as Mixtral did
+    before transformers fused them, and DeepSeek's and many MoE codebases do."""
+
+    def __init__(self, width=16, experts=4):
+        super().__init__()
+        self.attention = torch.nn.Linear(width, width)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x):
+        x = x + self.attention(x)
+        return x + sum(e(x) for e in self.experts) / len(self.experts)
+
+
+class TwoStacks(torch.nn.Module):
+    """A small vision tower with more blocks than the language model it feeds has layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(6))
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(2))
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 16)
+        self.layers = torch.nn.ModuleList([ExpertsLayer(experts=1)])
+
+
+def test_the_layer_stack_found_is_the_one_holding_the_most_parameters():
+    # Up to 2026-11-24 the longest nn.ModuleList was taken for the layers: with more experts than
+    # layers, the first layer's experts (2 layers of 4 experts here); a vision tower's blocks
+    # rather than the language model's layers; and in a one-layer model (LongCat-Flash's tiny
+    # configuration) a list inside the layer. The stack holding them holds more parameters.
+    moe = torch.nn.Module()
+    moe.layers = torch.nn.ModuleList(ExpertsLayer() for _ in range(2))
+    assert offload_module._find_layers(moe) == list(moe.layers)
+    two = TwoStacks()
+    assert offload_module._find_layers(two) == list(two.layers)
+    one = OneLayer()
+    assert offload_module._find_layers(one) == list(one.layers)
+    with pytest.raises(ValueError, match="found no nn.ModuleList or nn.ModuleDict of layers in the model; pass layers"):
+        offload_module._find_layers(torch.nn.Linear(2, 2))
+
+
+class PairedLayer(torch.nn.Module):
+    """Two attention-MLP pairs per layer, their norms, attentions and MLPs in ModuleLists under
+    Llama's names: LongCat-Flash's shape."""
+
+    def __init__(self, pair):
+        super().__init__()
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            setattr(self, name, torch.nn.ModuleList(getattr(layer, name) for layer in pair))
+
+    def forward(self, x):
+        for j in range(2):
+            h = x + self.self_attn[j](self.input_layernorm[j](x))
+            x = h + self.mlp[j](self.post_attention_layernorm[j](h))
+        return x
+
+
+def test_a_layer_keeping_its_modules_in_lists_is_of_another_family():
+    # A layer whose input_layernorm, self_attn, ... are ModuleLists calls none of them: up to
+    # 2026-11-24 it was taken for a Llama-family layer (found wired otherwise at its first call,
+    # with a warning) and LongCat-Flash's one-layer tiny model gave its list of attentions as the
+    # layers. Now the layers are found and are of another family from the start: "recompute"
+    # checkpoints them whole, with the plain model's loss and gradients and no warning.
+    model = make_model(layers=4, sdpa=True)
+    model.layers = torch.nn.ModuleList([PairedLayer(model.layers[:2]), PairedLayer(model.layers[2:])])
+    assert not offload_module._is_llama(model.layers[0])
+    assert offload_module._find_layers(model) == list(model.layers)
+    off, ours = steps_as_without_offload(model, model.layers, model.loss, list(model.parameters()), "recompute")
+    assert not ours and not any(off._llama) and off.offloaded > 0
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+BAD_LAYERS = {
+    "one-module": (lambda m: m.layers[0], TypeError,
+                   "layers must be a list of modules (a list, nn.ModuleList or nn.ModuleDict), not one "
+                   "DecoderLayer; pass [module] for a single layer"),
+    "a-string": (lambda m: "layers", TypeError, "layers must be a list of modules (a list, nn.ModuleList or "
+                 "nn.ModuleDict), not str"),
+    "not-iterable": (lambda m: 3, TypeError, "not int"),
+    "not-a-module": (lambda m: [m.layers[0], m.layers[1].mlp.forward], TypeError,
+                     "layers[1] is of type method, not an nn.Module"),
+    "twice": (lambda m: [m.layers[0], m.layers[1], m.layers[0]], ValueError,
+              "layers[2] is layers[0] again (DecoderLayer); list each layer once"),
+    "nested": (lambda m: [m.layers[0], m.layers[1], m.layers[1].mlp], ValueError,
+               "layers[2] (MLP) is inside layers[1] (DecoderLayer, as 'mlp'); layers must not hold one another"),
+    "empty": (lambda m: [], ValueError, "no layers to offload"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYERS))
+def test_layers_given_wrongly_are_refused_naming_the_fault(case):
+    # Up to 2026-11-24 these got an AttributeError from inside offload ('int' object has no
+    # attribute 'forward'), or were taken: a layer listed twice was wrapped twice, and a layer
+    # inside another nested the saved-tensor hooks (only the inner ones see the tensors). Now
+    # each is refused with what is wrong, before any forward is replaced, and offload with the
+    # right layers works afterwards.
+    make, error, told = BAD_LAYERS[case]
+    model, batch = make_model(layers=3), tokens()
+    expected = grads_of(model, batch)
+    with pytest.raises(error) as raised:
+        stitchalloc.offload(model, layers=make(model), policy="swap", backend=RecordingBackend())
+    assert told in str(raised.value) and str(raised.value).startswith("stitchalloc.offload: ")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()) as off:
+        got = grads_of(model, batch)
+    assert off.offloaded > 0
+    assert_same_grads(expected, got)
+
+
+def test_a_second_offload_of_offloaded_layers_is_refused_until_the_first_is_removed():
+    # Up to 2026-11-24 a second offload of the same layers was taken without a word: its hooks
+    # nested inside the first's and only one of them saw the tensors (the second offloaded
+    # nothing: its policy silently did not apply). Now it is refused, for the same layers, a
+    # module inside them and a module holding one, until the first is removed.
+    model, batch = make_model(layers=3), tokens()
+    expected = grads_of(model, batch)
+    first = stitchalloc.offload(model, policy="swap", backend=RecordingBackend())
+    again = ("another stitchalloc.offload offloads; call its remove() (or leave its with block) first "
+             "(stitchalloc.offloaded(module) returns it)")
+    for layers, what in [(None, "layers[0] (DecoderLayer) is, or is inside, a layer"),
+                         ([model.layers[2].mlp], "layers[0] (MLP) is, or is inside, a layer"),
+                         ([Holder(model.layers[1])], "layers[0] (Holder) holds 'inner', which is")]:
+        with pytest.raises(ValueError) as raised:
+            stitchalloc.offload(model, layers=layers, policy=0.5, backend=RecordingBackend())
+        assert what in str(raised.value) and again in str(raised.value)
+    got = grads_of(model, batch)
+    assert first.offloaded > 0
+    # The first's handle, for a caller who did not keep it.
+    assert stitchalloc.offloaded(model.layers[1]) is first and stitchalloc.offloaded(model.layers[1].mlp) is first
+    assert stitchalloc.offloaded(model.embed_tokens) is None
+    stitchalloc.offloaded(model.layers[0]).remove()
+    assert stitchalloc.offloaded(model.layers[0]) is None
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()) as second:
+        assert_same_grads(expected, grads_of(model, batch))
+    assert_same_grads(expected, got)
+    assert second.offloaded > 0 and second.alpha == 0.5
+    assert stitchalloc.offloaded(model.layers[0]) is None
+    # A removed Offload's layers, and those of one that left its with block, may be offloaded again.
+    with stitchalloc.offload(model, policy="swap", backend=RecordingBackend()) as third:
+        assert_same_grads(expected, grads_of(model, batch))
+    assert third.offloaded > 0
+
+
+def test_a_failure_while_wrapping_leaves_every_forward_as_it_was(monkeypatch):
+    # Should wrapping a layer fail part way, the layers wrapped before it get their forwards
+    # back and none is left registered as offloaded.
+    model, batch = make_model(layers=3), tokens()
+    expected = grads_of(model, batch)
+    wrap = offload_module.Offload._wrap
+
+    def failing(self, i, layer):
+        if i == 2:
+            raise RuntimeError("wrapping failed")
+        wrap(self, i, layer)
+
+    monkeypatch.setattr(offload_module.Offload, "_wrap", failing)
+    with pytest.raises(RuntimeError, match="wrapping failed"):
+        stitchalloc.offload(model, policy=0.5, backend=RecordingBackend())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(offload_module.Offload, "_wrap", wrap)
+    assert_same_grads(expected, grads_of(model, batch))
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()) as off:
+        assert_same_grads(expected, grads_of(model, batch))
+    assert off.offloaded > 0
+
+
+def torchtitan_model(family, flavor, layers=3):
+    """torchtitan's own model of ``family`` (its ``flavor`` configuration, the first ``layers``
+    layers), float64, with the plain SDPA core: torchtitan's language models attend with
+    FlexAttention, which has no backward on the CPU."""
+    models = pytest.importorskip(f"torchtitan.models.{family}")
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    config = next(v for k, v in vars(models).items() if k.endswith("_configs"))[flavor](attn_backend="flex")
+    config.layers = config.layers[:layers]
+    for layer in config.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_states()
+    model = model.double().train()
+
+    def run(batch):
+        x = batch[:, :-1]
+        logits = model(x, torch.arange(x.shape[1]).expand(x.shape[0], -1), None)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    return model, run
+
+
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_torchtitan_models_split_token_wise(family, policy):
+    # torchtitan's own Llama 3 and Qwen 3 (qk-norm) decoders, as its debug configurations build
+    # them: layers found in their nn.ModuleDict, every layer split from its first call with the
+    # plain model's loss and gradients, no warning, and under "recompute" less than a quarter of
+    # the bytes "swap" copies.
+    model, run = torchtitan_model(family, "debugmodel")
+    assert offload_module._find_layers(model) == list(model.layers.values())
+    params = list(model.parameters())
+    off, ours = steps_as_without_offload(model, None, run, params, policy)
+    assert all(off._llama) and off._names[0] == offload_module._LLAMA_NAMINGS[1]
+    assert not ours and off._proven == {0, 1, 2} and not off._plain and off.stats()["blocks_run_whole"] == 0
+    if policy == "recompute":
+        split, swap = RecordingBackend(), RecordingBackend()
+        with stitchalloc.offload(model, policy="recompute", backend=split):
+            seeded_grads(run, params)
+        with stitchalloc.offload(model, policy="swap", backend=swap):
+            seeded_grads(run, params)
+        assert 0 < split.bytes_out < swap.bytes_out / 4
+
+
+def test_torchtitan_mixture_of_experts_layers_run_whole():
+    # torchtitan's MoE layers name their MLP "moe", and its MoE counts tokens per expert into a
+    # buffer at every call (a token-wise split would be undone at every call): they are layers
+    # of another family, checkpointed whole under "recompute", with the plain model's loss and
+    # gradients; an alpha that splits tokens is refused. (2 layers: the debug configuration's
+    # 64 experts of width 768 take about 10 s a layer here.)
+    model, run = torchtitan_model("qwen3", "debugmodel_moe", layers=2)
+    params = list(model.parameters())
+    off, ours = steps_as_without_offload(model, None, run, params, "recompute")
+    assert not any(off._llama) and not ours and off.offloaded > 0
+    with pytest.raises(ValueError, match="alpha 0.5 splits tokens, which needs Llama-family decoder layers"):
+        stitchalloc.offload(model, policy=0.5, backend=RecordingBackend())
+
+
 class LearnedMaskAttention(KwargsAttention):
     """An attention core given a float mask computed from a parameter and from v, as Doge's dynamic
     mask is (transformers' DogeAttention)."""
@@ -3050,7 +3322,7 @@ def test_swap_calls_fail_clearly_before_install_and_before_begin():
         except RuntimeError as e:
             out["no_layers"] = str(e)
         try:
-            stitchalloc.offload(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2))
+            stitchalloc.offload(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]))
             out["offload"] = "ok"
         except Exception as e:
             out["offload"] = repr(e)
