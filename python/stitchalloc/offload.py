@@ -1160,7 +1160,7 @@ def _layer_list(layers):
         try:
             layers = list(layers)
         except TypeError:
-            raise TypeError(f"stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
+            raise TypeError("stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
                             f"nn.ModuleDict), not {type(layers).__name__}") from None
     if not layers:
         raise ValueError("stitchalloc.offload: no layers to offload")
