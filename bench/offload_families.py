@@ -53,9 +53,16 @@ SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_l
              num_experts=4, num_local_experts=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
              rotary_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
 # Multi-head latent attention (DeepSeek-V2/V3 and their kin) sizes its heads otherwise; head_dim
-# is the rotary part's where a family keeps one.
+# is the rotary part's where a family keeps one. Its keys and values are expanded from the latent
+# for every head, so there are as many key-value heads as heads (with fewer, transformers'
+# attention repeats them again and the shapes disagree). DeepSeek-V3.2's sparse attention
+# (DeepSeek-V3.2, GLM's DSA, AXK2, HY-V4) adds an indexer, here of 4 heads of 16 that keeps 8
+# keys per query (fewer than the 33 tokens, so the attention is sparse); those families refuse
+# a q_lora_rank of None, and get Q_LORA_RANK.
 MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
-           first_k_dense_replace=1, n_group=1, topk_group=1)
+           first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4, index_n_heads=4,
+           index_head_dim=16, index_topk=8)
+Q_LORA_RANK = 16
 DROPOUTS = ("hidden_dropout", "residual_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "dropout",
             "mlp_dropout", "ffn_dropout", "embedding_dropout", "router_jitter_noise", "input_jitter_noise")
 POLICIES = ("recompute", 0.5, "auto")
@@ -82,6 +89,9 @@ def tiny_config(transformers, model_type):
         if hasattr(config, key) or key == "head_dim":
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    if "q_lora_rank" in sizes and getattr(config, "q_lora_rank", None) is not None:
+        with contextlib.suppress(Exception):
+            setattr(config, "q_lora_rank", Q_LORA_RANK)
     for key in DROPOUTS:
         if isinstance(getattr(config, key, None), float):
             with contextlib.suppress(Exception):
