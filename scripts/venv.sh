@@ -20,16 +20,6 @@ if [[ "$(.venv/bin/python -c 'import transformers; print(transformers.__version_
       "${TRANSFORMERS_SPEC#transformers==}" ]]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir "${TRANSFORMERS_SPEC}"
 fi
-# torchtitan: the offload tests run its own Llama 3 and Qwen 3 models (its model code only: the
-# package without its training dependencies, which the models do not import). TORCHTITAN_SPEC
-# overrides the version.
-TORCHTITAN_SPEC="${TORCHTITAN_SPEC:-torchtitan==0.3.0}"
-if [[ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torchtitan"))' 2>/dev/null || true)" != \
-      "${TORCHTITAN_SPEC#torchtitan==}" ]]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "${TORCHTITAN_SPEC}" \
-    spmd_types==0.2.3 torch_checkpointing==0.1.1
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir tyro==1.0.17
-fi
 want="${TORCH_SPEC#torch==}"
 have="$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
 if [[ "${TORCH_SPEC}" != torch==* || "${have}" != "${want}" ]]; then
@@ -46,4 +36,16 @@ if [[ "${TORCH_SPEC}" != torch==* || "${have}" != "${want}" ]]; then
          "at a larger disk and run again)" >&2
     exit 1
   fi
+fi
+# torchtitan (after torch): the offload tests run its own Llama 3 and Qwen 3 models (its model
+# code only: the package without its training dependencies, which the models do not import).
+# TORCHTITAN_SPEC overrides the version.
+TORCHTITAN_SPEC="${TORCHTITAN_SPEC:-torchtitan==0.3.0}"
+if [[ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torchtitan"))' 2>/dev/null || true)" != \
+      "${TORCHTITAN_SPEC#torchtitan==}" ]]; then
+  # tyro with its dependencies first: an install that resolves dependencies after torchtitan
+  # would list torchtitan's training dependencies as missing (harmless, but printed as an ERROR).
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir tyro==1.0.17
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "${TORCHTITAN_SPEC}" \
+    spmd_types==0.2.3 torch_checkpointing==0.1.1
 fi
