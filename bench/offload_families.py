@@ -89,6 +89,13 @@ def tiny_config(transformers, model_type):
         if hasattr(config, key) or key == "head_dim":
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    # A hybrid of linear and full attention (Qwen3-Next, Qwen3.5) puts a full-attention layer only
+    # every few layers: the two tiny layers get one of each. (Qwen4-exp's other kind, indexed
+    # attention, has no default sizes for its indexer: its two layers stay linear.)
+    kinds = getattr(default, "layer_types", None)
+    if isinstance(kinds, list) and "linear_attention" in kinds and "full_attention" in kinds:
+        with contextlib.suppress(Exception):
+            config.layer_types = ["linear_attention", "full_attention"]
     if "q_lora_rank" in sizes and getattr(config, "q_lora_rank", None) is not None:
         with contextlib.suppress(Exception):
             setattr(config, "q_lora_rank", Q_LORA_RANK)

@@ -56,7 +56,8 @@ token-wise in a call (hooks, module state) are in ``_block_checks``.
 
 Policies: ``"swap"`` (everything swapped, no recompute), ``"recompute"`` (alpha 0 for Llama-family
 layers; other layers run under torch.utils.checkpoint, which keeps their inputs on the device),
-a number alpha in [0, 1] (Llama-family layers only, unless 1), or ``"auto"``: the first
+a number alpha in [0, 1] (applied to the Llama-family layers, other layers swapped whole; refused
+when no layer is Llama-family, unless 0 or 1), or ``"auto"``: the first
 iteration runs at alpha 0 (the least device and host memory, so it fits wherever any alpha
 would) and measures the per-layer bytes (what every alpha swaps, and what the token-local block
 saves, counted by its recompute), the layer forward time (the median layer's compute, timed
@@ -77,10 +78,14 @@ from ._wiring import (ATTENTION, MLP, _callee_got, _Miswired, _norm_returned, _N
                       _raise_unused, _unused_norms, _unwatched)
 
 # A Llama-family decoder layer's four modules (attention norm, attention, MLP norm, MLP) in the
-# namings of the code that builds such layers: transformers' (LlamaDecoderLayer, Qwen2, ...) and
-# Meta's reference Llama's (torchtitan's TransformerBlock and the many models written after it).
+# namings of the code that builds such layers: transformers' (LlamaDecoderLayer, Qwen2, ...),
+# Meta's reference Llama's (torchtitan's TransformerBlock and the many models written after it),
+# and transformers' hybrid layers whose token mixer is a linear attention (Qwen3-Next, Qwen3.5:
+# Gated DeltaNet), wired as Llama's around it. A mixer other than F.scaled_dot_product_attention
+# is no core offload captures: its block is recomputed whole from x, and the MLP block splits.
 _LLAMA_NAMINGS = (("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
-                  ("attention_norm", "attention", "ffn_norm", "feed_forward"))
+                  ("attention_norm", "attention", "ffn_norm", "feed_forward"),
+                  ("input_layernorm", "linear_attn", "post_attention_layernorm", "mlp"))
 # Layers with the first three norm the attention's output before the residual and the MLP's input
 # with a norm of its own (Gemma 2 and 3, AFMoE): their post_attention_layernorm is not the MLP's
 # norm, so the token-local block mlp(post_attention_layernorm(h)) does not exist there.
@@ -283,11 +288,16 @@ class Offload:
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         self._warned_cache = False
         self._warned_capture = False
-        if self._alpha is not None and self._alpha < 1.0 and policy != "recompute" and not all(self._llama):
+        if self._alpha is not None and 0.0 < self._alpha < 1.0 and not any(self._llama):
             raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
-                             "decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp, or "
-                             "attention_norm, attention, ffn_norm, feed_forward); use "
-                             "policy='swap' or 'recompute' for other layers")
+                             "decoder layers (" + "; or ".join(", ".join(n) for n in _LLAMA_NAMINGS) + "), and "
+                             f"none of the {len(self._layers)} layers ({type(self._layers[0]).__name__}, ...) is one; "
+                             "use policy='swap' or 'recompute'")
+        if self._alpha is not None and 0.0 < self._alpha < 1.0 and not all(self._llama):
+            other = [i for i, llama in enumerate(self._llama) if not llama]
+            _warn(torch, f"stitchalloc.offload: alpha {self._alpha} splits the tokens of the "
+                  f"{len(self._layers) - len(other)} Llama-family layers; the other {len(other)} (layer {other[0]}, "
+                  f"{type(self._layers[other[0]]).__name__}, ...) have their saved tensors swapped whole")
         self._param_storages = set()
         # The running layer's parameters as its forward sees them: FSDP2 gathers them into new
         # storage for each forward (views of which, such as a weight's transpose, are saved).

@@ -3072,6 +3072,65 @@ def test_a_failure_while_wrapping_leaves_every_forward_as_it_was(monkeypatch):
     assert off.offloaded > 0
 
 
+@pytest.mark.parametrize("policy", ["recompute", 0.5, "auto"])
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
+def test_hybrid_linear_attention_layers_split_their_mlp_token_wise(family, policy):
+    # Qwen3.5's and Qwen3-Next's layers mix Gated DeltaNet (linear_attn) and full attention
+    # (self_attn) around Llama's norms and MLP. Up to 2026-11-24 the linear-attention layers were
+    # swapped whole (a tiny model of only those: every layer), and alpha 0.5 was refused. Now
+    # both kinds are Llama-family layers: the linear attention, no core offload captures, is
+    # recomputed whole from x, and the MLP block splits; the plain model's loss and gradients
+    # (float32 inside the DeltaNet: within 1e-6), no warning, and under "recompute" a fifth of
+    # the bytes "swap" copies at most.
+    transformers = pytest.importorskip("transformers")
+    if family not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    import offload_families
+
+    config = offload_families.tiny_config(transformers, family)
+    config.layer_types = ["linear_attention", "full_attention"]
+    model, _ = offload_families.build(transformers, config)
+    ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    expected = offload_families.step(model, ids)
+    copied = {}
+    for run_policy in (policy, "swap"):
+        backend = RecordingBackend()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with stitchalloc.offload(model, policy=run_policy, backend=backend) as off:
+                for _ in range(2):
+                    got = offload_families.step(model, ids)
+                    assert offload_families.difference(expected[1], got[1]) < 1e-6
+                    assert abs(got[0] - expected[0]) <= 1e-6 * abs(expected[0])
+        assert not [w for w in record if "stitchalloc" in str(w.message)]
+        copied[run_policy] = backend.bytes_out
+        if run_policy == policy:
+            assert [names[1] for names in off._names] == ["linear_attn", "self_attn"]
+            assert off._proven == {0, 1} and not off._plain and off.stats()["blocks_run_whole"] == 0
+    if policy == "recompute":
+        assert 0 < copied["recompute"] < copied["swap"] / 5
+
+
+def test_alpha_on_a_mixed_stack_splits_the_llama_layers_and_swaps_the_others():
+    # A stack mixing Llama-family layers with others (a hybrid's mamba or convolution layers):
+    # up to 2026-11-24 an alpha was refused unless every layer was Llama's. Now it splits the
+    # tokens of those that are, swaps the others' saved tensors whole (as "auto" does), and says
+    # so once; with no Llama-family layer at all it is still refused.
+    model, batch = make_model(layers=3), tokens()
+    torch.manual_seed(3)
+    model.layers[1] = tiny_llama.PlainBlock(model.layers[0].mlp.up_proj.in_features).double()
+    expected = grads_of(model, batch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()) as off:
+            for _ in range(2):
+                assert_same_grads(expected, grads_of(model, batch))
+    ours = [str(w.message) for w in record if "stitchalloc" in str(w.message)]
+    assert ours == ["stitchalloc.offload: alpha 0.5 splits the tokens of the 2 Llama-family layers; the other 1 "
+                    "(layer 1, PlainBlock, ...) have their saved tensors swapped whole"], ours
+    assert off._llama == [True, False, True] and off._proven == {0, 2} and off.offloaded > 0
+
+
 def torchtitan_model(family, flavor, layers=3):
     """torchtitan's own model of ``family`` (its ``flavor`` configuration, the first ``layers``
     layers), float64, with the plain SDPA core: torchtitan's language models attend with
