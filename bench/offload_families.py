@@ -13,9 +13,9 @@ prints a row:
 
 Verdicts: ``split`` (taken for Llama's: blocks split token-wise, gradients equal to 1e-6 of the
 largest entry of each), ``as-is`` (taken for Llama's, but its first calls showed every layer
-wired otherwise, so they ran as they are; gradients equal as for ``split``), ``whole`` (another
-structure: its saved tensors swapped whole, not run here: nothing of it is recomputed
-token-wise), ``BAD`` (a gradient differs, or one is missing on
+wired otherwise, so they ran as they are; gradients equal as for ``split``), ``whole`` (no layer
+of Llama's structure: its saved tensors swapped whole, not run here: nothing of it is recomputed
+token-wise; a stack mixing the two is run, its other layers swapped whole), ``BAD`` (a gradient differs, or one is missing on
 one side only), ``FAILED`` (offload raised where the plain model ran), and ``skipped`` (the tiny
 model could not be built or run without offload: a configuration this script does not know how
 to shrink; the reason follows). A family whose token-local block draws random numbers (residual
@@ -161,7 +161,7 @@ def survey(transformers, offload_module, stitchalloc, model_type):
         except Exception as e:
             return "-", "skipped", f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     name = type(layers[0]).__name__
-    if not offload_module._is_llama(layers[0]):
+    if not any(offload_module._is_llama(layer) for layer in layers):
         return name, "whole", attention
     cells, verdict, plain = [], "split", True
     for policy in POLICIES:
