@@ -26,8 +26,9 @@ reason:
   may get input_layernorm's output, which is x itself while the attention block is replayed).
 
 The four modules go by the layer's naming (offload's ``_LLAMA_NAMINGS``: transformers'
-input_layernorm, self_attn, post_attention_layernorm, mlp, or Meta's reference attention_norm,
-attention, ffn_norm, feed_forward); this docstring uses transformers'.
+input_layernorm, self_attn, post_attention_layernorm, mlp (linear_attn in place of self_attn in
+its linear-attention hybrids), or Meta's reference attention_norm, attention, ffn_norm,
+feed_forward); this docstring uses transformers'.
 
 Data structures: ``Offload._norm_outputs`` maps (layer, block) (ATTENTION, MLP) to ``_NormOutput``
 (what the layer got, whether the block was applied, the tensor the callee continues with) from
