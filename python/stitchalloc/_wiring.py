@@ -50,7 +50,7 @@ class _Miswired(RuntimeError):
     fails with this message, which adds what the user can do."""
 
     def __init__(self, reason):
-        super().__init__(f"{reason}")
+        super().__init__(reason)
         self.reason = reason
 
 

@@ -74,8 +74,8 @@ import weakref
 from ._block_checks import _CHANGE_WORDS, _MISSING, _changed_state, _restore_state, _state_snapshot, _why_whole
 from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState, _ForwardContext, _NotReplayable,
                           _TokenLocal)
-from ._wiring import (ATTENTION, MLP, _callee_got, _Miswired, _norm_returned, _NormOutputWatch, _passed_to,
-                      _raise_unused, _unused_norms, _unwatched)
+from ._wiring import (ATTENTION, MLP, _callee_got, _Miswired, _norm_and_callee, _norm_returned, _NormOutputWatch,
+                      _passed_to, _raise_unused, _unused_norms, _unwatched)
 
 # A Llama-family decoder layer's four modules (attention norm, attention, MLP norm, MLP) in the
 # namings of the code that builds such layers: transformers' (LlamaDecoderLayer, Qwen2, ...),
@@ -288,13 +288,13 @@ class Offload:
         self._attention_states = {}  # layer -> its attention block's state, until its token-local block
         self._warned_cache = False
         self._warned_capture = False
-        if self._alpha is not None and 0.0 < self._alpha < 1.0 and not any(self._llama):
-            raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
-                             "decoder layers (" + "; or ".join(", ".join(n) for n in _LLAMA_NAMINGS) + "), and "
-                             f"none of the {len(self._layers)} layers ({type(self._layers[0]).__name__}, ...) is one; "
-                             "use policy='swap' or 'recompute'")
-        if self._alpha is not None and 0.0 < self._alpha < 1.0 and not all(self._llama):
-            other = [i for i, llama in enumerate(self._llama) if not llama]
+        other = [i for i, llama in enumerate(self._llama) if not llama]
+        if self._alpha is not None and 0.0 < self._alpha < 1.0 and other:
+            if len(other) == len(self._layers):
+                raise ValueError(f"stitchalloc.offload: alpha {self._alpha} splits tokens, which needs Llama-family "
+                                 "decoder layers (" + "; or ".join(", ".join(n) for n in _LLAMA_NAMINGS) + "), "
+                                 f"and none of the {len(self._layers)} layers ({type(self._layers[0]).__name__}, "
+                                 "...) is one; use policy='swap' or 'recompute'")
             _warn(torch, f"stitchalloc.offload: alpha {self._alpha} splits the tokens of the "
                   f"{len(self._layers) - len(other)} Llama-family layers; the other {len(other)} (layer {other[0]}, "
                   f"{type(self._layers[other[0]]).__name__}, ...) have their saved tensors swapped whole")
@@ -808,7 +808,7 @@ class Offload:
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
         torch = self._torch
         names = self._names[i]
-        norm_name, mlp_name = names[2], names[3]
+        norm_name, mlp_name = _norm_and_callee(names, MLP)
         norm, mlp = getattr(layer, norm_name), getattr(layer, mlp_name)
         norm_forward, mlp_forward = norm.forward, mlp.forward
         owner = _live_ref(self)
@@ -927,7 +927,7 @@ class Offload:
         """self_attn(input_layernorm(x)) as one _AttentionReplay (see the module docstring)."""
         torch = self._torch
         names = self._names[i]
-        norm_name, attn_name = names[0], names[1]
+        norm_name, attn_name = _norm_and_callee(names, ATTENTION)
         norm, attn = getattr(layer, norm_name), getattr(layer, attn_name)
         norm_forward, attn_forward = norm.forward, attn.forward
         owner = _live_ref(self)
@@ -1125,32 +1125,31 @@ def _offloaded_by(module):
     return owner if owner is not None and not owner._removed else None
 
 
-def _stacks(model):
-    """The model's nonempty nn.ModuleList and nn.ModuleDict containers, with their modules in
-    order (a ModuleDict's values: torchtitan keeps its layers in one)."""
+def _modules_of(container):
+    """A layer container's modules in order: an nn.ModuleDict's values (torchtitan keeps its
+    layers in one), an nn.ModuleList's or a sequence's items."""
     import torch
 
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module):
-            yield module, list(module)
-        elif isinstance(module, torch.nn.ModuleDict) and len(module):
-            yield module, list(module.values())
+    return list(container.values() if isinstance(container, torch.nn.ModuleDict) else container)
 
 
 def _find_layers(model):
-    """The model's layer stack: of its ModuleLists and ModuleDicts, the one holding the most
-    parameters (then the longest, then the first). Not the longest: a mixture of experts' experts
-    (or a layer's list of attention modules) may outnumber the layers holding them, and a vision
-    tower's blocks a language model's layers, but the stack holding them holds more."""
+    """The model's layer stack: of its nonempty ModuleLists and ModuleDicts, the one holding the
+    most parameters (then the longest, then the first). Not the longest: a mixture of experts'
+    experts (or a layer's list of attention modules) may outnumber the layers holding them, and a
+    vision tower's blocks a language model's layers, but the stack holding them holds more."""
+    import torch
+
     best, best_key = None, None
-    for container, modules in _stacks(model):
-        key = (sum(p.numel() for p in container.parameters()), len(modules))
-        if best_key is None or key > best_key:
-            best, best_key = modules, key
+    for container in model.modules():
+        if isinstance(container, (torch.nn.ModuleList, torch.nn.ModuleDict)) and len(container):
+            key = (sum(p.numel() for p in container.parameters()), len(container))
+            if best_key is None or key > best_key:
+                best, best_key = container, key
     if best is None:
         raise ValueError("stitchalloc.offload: found no nn.ModuleList or nn.ModuleDict of layers in the model; "
                          "pass layers=[...]")
-    return best
+    return _modules_of(best)
 
 
 def _layer_list(layers):
@@ -1159,16 +1158,14 @@ def _layer_list(layers):
     ValueError naming the layer at fault, before anything is changed."""
     import torch
 
-    if isinstance(layers, torch.nn.ModuleDict):
-        layers = list(layers.values())
-    elif isinstance(layers, (str, bytes)) or (isinstance(layers, torch.nn.Module) and not hasattr(layers, "__iter__")):
+    if isinstance(layers, (str, bytes)) or (isinstance(layers, torch.nn.Module) and not hasattr(layers, "__iter__")):
         raise TypeError("stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
                         "nn.ModuleDict), not "
                         + (f"one {type(layers).__name__}; pass [module] for a single layer"
                            if isinstance(layers, torch.nn.Module) else type(layers).__name__))
     else:
         try:
-            layers = list(layers)
+            layers = _modules_of(layers)
         except TypeError:
             raise TypeError("stitchalloc.offload: layers must be a list of modules (a list, nn.ModuleList or "
                             f"nn.ModuleDict), not {type(layers).__name__}") from None
