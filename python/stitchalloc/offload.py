@@ -72,6 +72,7 @@ import time
 import weakref
 
 from ._block_checks import _CHANGE_WORDS, _MISSING, _changed_state, _restore_state, _state_snapshot, _why_whole
+from ._replaced import _Forward
 from ._token_wise import (_MORE_THAN_A_TENSOR, _AttentionReplay, _AttentionState, _ForwardContext, _NotReplayable,
                           _TokenLocal)
 from ._wiring import (ATTENTION, MLP, _callee_got, _Miswired, _norm_and_callee, _norm_returned, _NormOutputWatch,
@@ -363,9 +364,14 @@ class Offload:
             undo()
         self._undo.clear()
 
-    def _replace_forward(self, module, forward):
-        """module.forward = forward, with its undo (see remove)."""
+    def _replace_forward(self, module, call, own=True):
+        """module.forward = a _Forward of ``call`` (what a copy of the module gets: _replaced),
+        with its undo (see remove). ``own``: one of the forwards _why_whole lets be inside a
+        token-wise block."""
         before = module.__dict__.get("forward", _MISSING)
+        forward = _Forward(call, module, before)
+        if own:
+            self._ours.add(forward)
         module.forward = forward
 
         def undo():
@@ -509,10 +515,6 @@ class Offload:
     def _device_of(self, t):
         device_of = getattr(self._backend, "device_of", None)
         return device_of(t) if device_of is not None else (t.device.index or 0)
-
-    def _own(self, forward):
-        self._ours.add(forward)
-        return forward
 
     def _raise_if_unproven(self, i, layer, what, failure):
         """For ``failure`` of layer i's ``what`` inside its token-wise split, at the layer's first
@@ -802,7 +804,7 @@ class Offload:
                 me._proven.add(i)  # both blocks split: wired as they assume
             return end(me, start, out)
 
-        self._replace_forward(layer, _eager(torch, forward, recursive=False))
+        self._replace_forward(layer, _eager(torch, forward, recursive=False), own=False)
 
     def _wrap_token_local(self, i, layer, pack):
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
@@ -904,8 +906,8 @@ class Offload:
                 return None  # the caller runs it again as it is
             return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
-        self._replace_forward(norm, self._own(_eager(torch, fused)))
-        self._replace_forward(mlp, self._own(_eager(torch, mlp_applied)))
+        self._replace_forward(norm, _eager(torch, fused))
+        self._replace_forward(mlp, _eager(torch, mlp_applied))
 
     _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")  # transformers' names, by version
 
@@ -1020,8 +1022,8 @@ class Offload:
             me._attention_states[i] = state
             return (y,) + state.extras if state.extras is not None else y
 
-        self._replace_forward(norm, self._own(_eager(torch, normed)))
-        self._replace_forward(attn, self._own(_eager(torch, forward)))
+        self._replace_forward(norm, _eager(torch, normed))
+        self._replace_forward(attn, _eager(torch, forward))
 
 
 def _drop_frames(error):

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 
 import pytest
 
@@ -312,6 +313,121 @@ def test_remove_gives_back_forwards_of_others():
     assert torch.equal(loss, ref_loss)
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
+
+
+def _scaled(model, factor):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute", 0.5])
+def test_a_copy_of_an_offloaded_model_computes_with_its_own_parameters(policy):
+    # copy.deepcopy(model) while offloaded (an EMA model, a frozen reference model): offload's
+    # forwards are instance attributes, and the copy's used to be the very same functions, so
+    # the copy's layers ran the original's, with the original's parameters (its loss off, its
+    # layers' gradients None and the original's filled), silently. A copy is not offloaded; it
+    # computes with its own parameters, and its own offload works.
+    import copy
+
+    model, batch = make_model(layers=3), tokens()
+    reference = _scaled(make_model(layers=3), 0.5)
+    ref_loss, ref = grads_of(reference, batch)
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        twin = _scaled(copy.deepcopy(model), 0.5)
+        model.zero_grad(set_to_none=True)
+        backend.log.clear()
+        loss, got = grads_of(twin, batch)
+        assert backend.log == [] and off.offloaded == 0  # the copy's step touched no offload
+        assert torch.equal(loss, ref_loss)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+        assert all(p.grad is None for p in model.parameters())
+        assert stitchalloc.offloaded(twin.layers[0]) is None
+        assert stitchalloc.offloaded(model.layers[0]) is off
+        # The original still offloads, and the copy of the copy is the copy's.
+        orig_loss, _ = grads_of(model, batch)
+        assert off.offloaded > 0 and orig_loss != loss
+        again = copy.deepcopy(twin)
+        assert torch.equal(grads_of(again, batch)[0], ref_loss)
+        twin_backend = RecordingBackend()
+        with stitchalloc.offload(twin, policy=policy, backend=twin_backend) as twin_off:
+            loss, got = grads_of(twin, batch)
+        assert twin_off.offloaded > 0
+        assert torch.equal(loss, ref_loss) if policy == "swap" else torch.allclose(loss, ref_loss, rtol=1e-12)
+        for a, b in zip(ref, got):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_discarded_copy_of_an_offloaded_model_is_freed_at_once():
+    # The copy's forwards hold their module weakly: no reference cycle keeps a discarded copy
+    # (and its device memory) until the collector's next full pass.
+    import copy
+
+    model = make_model(layers=2)
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()):
+        gc.collect()
+        gc.disable()
+        try:
+            twin = copy.deepcopy(model)
+            gone = [weakref.ref(m) for m in twin.modules()]
+            del twin
+            assert [r for r in gone if r() is not None] == []
+        finally:
+            gc.enable()
+
+
+def test_averaged_model_of_an_offloaded_model():
+    # torch.optim.swa_utils.AveragedModel deep-copies the model it averages.
+    from torch.optim.swa_utils import AveragedModel
+
+    model, batch = make_model(layers=3), tokens()
+    with stitchalloc.offload(model, policy="recompute", backend=RecordingBackend()):
+        averaged = AveragedModel(model)
+        grads_of(model, batch)
+        averaged.update_parameters(model)  # the first: a copy
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        averaged.update_parameters(model)  # the average of the first and the shifted parameters
+        expected = make_model(layers=3)
+        with torch.no_grad():
+            for p in expected.parameters():
+                p.add_(0.5)
+            assert torch.equal(averaged.module.loss(tokens()), expected.loss(tokens()))
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_an_offloaded_model_pickles_as_the_model_without_offload(before):
+    # torch.save(model) while offloaded failed ("Can't pickle local object"), as did sending the
+    # model to a spawned process. It now pickles as the model without offload: a forward the
+    # module had before offload (accelerate's hook, a functools.partial over the module) as it
+    # was, else the class's; loading needs no stitchalloc.
+    import io
+    import pickle
+
+    model, batch = make_model(layers=3), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    if before:
+        for layer in model.layers:
+            layer.forward = functools.partial(type(layer).forward, layer)
+    with stitchalloc.offload(model, policy=0.5, backend=RecordingBackend()):
+        data = pickle.dumps(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    assert b"stitchalloc" not in data
+    model.zero_grad(set_to_none=True)
+    for loaded in (pickle.loads(data), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        forward = loaded.layers[1].__dict__.get("forward")
+        if before:
+            assert isinstance(forward, functools.partial) and forward.args[0] is loaded.layers[1]
+        loss, got = grads_of(loaded, batch)
+        assert torch.equal(loss, ref_loss)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_auto_measures_one_iteration_then_plans_alpha():
