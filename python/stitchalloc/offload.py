@@ -299,14 +299,15 @@ class Offload:
             _warn(torch, f"stitchalloc.offload: alpha {self._alpha} splits the tokens of the "
                   f"{len(self._layers) - len(other)} Llama-family layers; the other {len(other)} (layer {other[0]}, "
                   f"{type(self._layers[other[0]]).__name__}, ...) have their saved tensors swapped whole")
-        self._param_storages = set()
+        # The model's parameters' storages, taken again at each iteration's first offloaded
+        # forward: a model converted or moved after offload() (.half(), .float(), accelerate's
+        # prepare) has its parameters in new storage, and the old addresses go to activations.
+        self._model = weakref.ref(model)
+        self._param_storages = frozenset()
+        self._refresh_param_storages()
         # The running layer's parameters as its forward sees them: FSDP2 gathers them into new
         # storage for each forward (views of which, such as a weight's transpose, are saved).
         self._layer_param_storages = frozenset()
-        for p in model.parameters():
-            address = _storage_address(p)
-            if address is not None:
-                self._param_storages.add(address)
         # The devices this iteration's saved tensors are on, in order of first use: a model split
         # over several GPUs (transformers' device_map) has a swap manager on each.
         self._devices = []
@@ -512,6 +513,12 @@ class Offload:
             self.plan_text += (f"\n(measured with {self._run_whole} token-wise block calls run as they are, "
                                "because of hooks: see the warning)")
 
+    def _refresh_param_storages(self):
+        model = self._model()
+        if model is not None:
+            self._param_storages = frozenset(
+                address for address in map(_storage_address, model.parameters()) if address is not None)
+
     def _device_of(self, t):
         device_of = getattr(self._backend, "device_of", None)
         return device_of(t) if device_of is not None else (t.device.index or 0)
@@ -692,6 +699,8 @@ class Offload:
                     me._iteration_done()
                 else:  # the backward was another one through a graph whose iteration ended (retain_graph)
                     me._backward_seen = False
+            if not me._forward_seen:
+                me._refresh_param_storages()
             me._forward_seen = True
             if i == 0:
                 me._forwards0 += 1
