@@ -209,12 +209,14 @@ class _Storage:
         if self.restored is None:
             self.restored = self.owner._backend.wait_storage(self.ticket)
             self.owner._waited += 1
+            self.owner._live.discard(self.ticket)
         return self.restored
 
     def __del__(self):
         # Died before any unpack (no backward, or the graph was freed): drop the pending copy.
         if getattr(self, "restored", None) is None and getattr(self, "ticket", None) is not None:
             try:
+                self.owner._live.discard(self.ticket)
                 self.owner._backend.cancel(self.ticket)
                 self.owner._cancelled += 1
             except Exception:  # interpreter shutdown, allocator gone: nothing left to return
@@ -312,12 +314,16 @@ class Offload:
         # over several GPUs (transformers' device_map) has a swap manager on each.
         self._devices = []
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
+        # Tickets of _Storages neither restored nor dead: while an iteration's forward ran and
+        # no backward began, none left means every graph of its forwards died without a
+        # backward (a forward that raised: an out-of-memory error caught and the step retried).
+        # A set, whose add and discard are one call each, as __del__ may run on any thread.
+        self._live = set()
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
         self._removed = False  # remove() ran: the forwards wrapped pass every call through
         self._unpack_hook = _eager(torch, self._unpack)
-        self._measure = None if self._alpha is not None else {"bytes": 0.0, "input": 0.0, "local": 0.0,
-                                                               "local_layers": 0, "times": [], "layers": 0}
+        self._measure = None if self._alpha is not None else _new_measure()
         self.layer_forward_seconds = None  # measured by policy "auto": the median layer's forward
         self.measured = None  # policy "auto": the plan's per-layer bytes (input, attention, other)
         self.plan_text = None
@@ -417,6 +423,7 @@ class Offload:
             s = self._by_ptr.get(ptr)
             if s is None:
                 s = _Storage(self, self._backend.offload(t, layer), layer, t)
+                self._live.add(s.ticket)
                 self._by_ptr[ptr] = s
                 self._pending.setdefault(layer, []).append(s)
                 self.offloaded += 1
@@ -469,6 +476,25 @@ class Offload:
             self._backwards0 += 1
             if 0 < self._forwards0 <= self._backwards0:
                 self._iteration_done()
+
+    def _restart_iteration(self):
+        """Every forward of the iteration so far died without a backward (see _live): the
+        iteration starts again with this forward, as if they had not run (their layer calls
+        are not waited for, and "auto" measures again)."""
+        self._forwards0 = 0
+        self._devices = []
+        if self._measure is not None:
+            self._measure = _new_measure()
+
+    def _discard_forward(self, layer):
+        """Layer `layer`'s forward raised: no backward will use what it saved so far. Its
+        storages let their tensors go (their tickets are cancelled when the failed call's graph
+        dies) and are no longer found by address: another tensor may be made there."""
+        self._attention_states.pop(layer, None)
+        self._watching.pop(layer, None)
+        for s in self._pending.pop(layer, []):
+            s.tensor = None
+        self._by_ptr.clear()
 
     def _iteration_done(self):
         """The iteration's backward reached the first layer as often as its forward called it, or
@@ -699,6 +725,8 @@ class Offload:
                     me._iteration_done()
                 else:  # the backward was another one through a graph whose iteration ended (retain_graph)
                     me._backward_seen = False
+            if i == 0 and me._forward_seen and not me._backward_seen and not me._live:
+                me._restart_iteration()
             if not me._forward_seen:
                 me._refresh_param_storages()
             me._forward_seen = True
@@ -722,6 +750,11 @@ class Offload:
             me._watch = None
             me._layer_param_storages = frozenset()
             return _unused_norms(me, i)
+
+        def failed(me):
+            """The layer's forward raised: over, and what it saved discarded."""
+            leave(me)
+            me._discard_forward(i)
 
         def finish(me):
             """The layer's forward returned: every norm whose block was applied reached its callee."""
@@ -766,6 +799,7 @@ class Offload:
                     out = original(*args, **kwargs)
             except BaseException:
                 del me._plain[i]  # failed as it is too: the error is the layer's own
+                me._discard_forward(i)
                 raise
             finally:
                 leave(me)
@@ -774,7 +808,7 @@ class Offload:
             return out
 
         on_grad, begin, end, failed, finish, probe, as_it_is, original_eagerly = (
-            _eager(torch, f) for f in (on_grad, begin, end, leave, finish, probe, as_it_is, original))
+            _eager(torch, f) for f in (on_grad, begin, end, failed, finish, probe, as_it_is, original))
 
         def forward(*args, **kwargs):
             # Under torch.compile only the layer's own computation (`original`) is compiled:
@@ -1046,6 +1080,11 @@ def _drop_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
+
+
+def _new_measure():
+    """What policy "auto" adds up over its measuring iteration (_iteration_done plans from it)."""
+    return {"bytes": 0.0, "input": 0.0, "local": 0.0, "local_layers": 0, "times": [], "layers": 0}
 
 
 def _storage_address(t):

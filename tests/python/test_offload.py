@@ -55,7 +55,8 @@ class RecordingBackend:
     def offload(self, t, layer):
         ticket = self.next
         self.next += 1
-        self.live[ticket] = {"tensor": t, "layer": layer, "host": None}
+        # The storage only, as the swap manager holds it: not the tensor's autograd graph.
+        self.live[ticket] = {"tensor": t.detach(), "layer": layer, "host": None}
         self.log.append(("offload", layer, ticket))
         return ticket
 
@@ -455,6 +456,53 @@ def test_a_model_converted_after_offload_offloads_as_one_converted_before(policy
                     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
             swapped[order] = (off.offloaded, backend.bytes_out)
     assert swapped["after"] == swapped["before"], swapped
+
+
+@pytest.mark.parametrize("where", ["in a layer", "after the layers"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_a_step_that_raised_and_is_retried_smaller(policy, where):
+    # A step that raised (an out-of-memory error caught, the step retried with half the batch,
+    # as accelerate's find_executable_batch_size does). Up to 2026-11-24, where a layer's
+    # forward raised, offload kept what that layer had saved (and, through its graph, the
+    # tickets of the layers before it) until the layer's next forward ended, so the retry ran
+    # with the failed step's memory still held; the dead forward counted as one of the
+    # iteration's, which then ended a step late (and "auto" planned a step late, from both
+    # batches' sizes). A forward whose graph died without a backward, in a layer or after the
+    # layers (a loss that failed), is no longer counted.
+    model, big, small = make_model(layers=4), tokens(batch=2), tokens(batch=1)
+    ref_loss, ref = grads_of(model, small)
+    clean = None
+    if policy == "auto":
+        with stitchalloc.offload(model, policy="auto", backend=RecordingBackend()) as off:
+            grads_of(model, small)
+        clean = off.measured
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        if where == "in a layer":
+            def oom(module, args, out):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            handle = model.layers[2].self_attn.o_proj.register_forward_hook(oom)
+            with pytest.raises(torch.OutOfMemoryError):
+                model.loss(big)
+            handle.remove()
+        else:
+            def failed_loss():
+                model.loss(big)  # its graph dies here, without a backward
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            with pytest.raises(torch.OutOfMemoryError):
+                failed_loss()
+        assert backend.live == {}  # every ticket of the failed step cancelled
+        for step in range(2):
+            loss, got = grads_of(model, small)
+            assert off.iterations == step + 1
+            assert torch.allclose(loss, ref_loss, rtol=1e-12)
+            for a, b in zip(ref, got):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+            if policy == "auto":
+                assert off.measured == clean and off.alpha is not None
+        assert backend.live == {}
 
 
 def test_auto_measures_one_iteration_then_plans_alpha():
