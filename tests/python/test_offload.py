@@ -1085,6 +1085,34 @@ def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
+@pytest.mark.parametrize("order", ["offload, then DDP", "DDP, then offload"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_ddp_wrapped_model(one_process_group, policy, order):
+    # DistributedDataParallel (one gloo rank on the CPU): its reducer takes each parameter's
+    # gradient from the parameter's accumulation hook, once a backward, which the token-wise
+    # blocks' recompute (parameter gradients summed over the recomputed ranges, returned once)
+    # must not change. offload() on the DDP module finds the layers inside it. Three steps, each
+    # with the gradients of the model without DDP and offload.
+    from torch.nn.parallel import DistributedDataParallel
+
+    batch = tokens()
+    ref = fsdp_step(make_model(layers=3), batch)
+    model, backend = make_model(layers=3), RecordingBackend()
+    if order == "offload, then DDP":
+        off = stitchalloc.offload(model, policy=policy, backend=backend)
+        wrapped = DistributedDataParallel(model)
+    else:
+        wrapped = DistributedDataParallel(model)
+        off = stitchalloc.offload(wrapped, policy=policy, backend=backend)
+    with off:
+        for step in range(3):
+            got = fsdp_step(wrapped, batch)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+            assert off.iterations == step + 1
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
