@@ -301,11 +301,14 @@ class Offload:
             _warn(torch, f"stitchalloc.offload: alpha {self._alpha} splits the tokens of the "
                   f"{len(self._layers) - len(other)} Llama-family layers; the other {len(other)} (layer {other[0]}, "
                   f"{type(self._layers[other[0]]).__name__}, ...) have their saved tensors swapped whole")
-        # The model's parameters' storages, taken again at each iteration's first offloaded
-        # forward: a model converted or moved after offload() (.half(), .float(), accelerate's
-        # prepare) has its parameters in new storage, and the old addresses go to activations.
+        # The model's parameters by storage address (address -> the parameter, weakly), taken
+        # again at each iteration's first offloaded forward: a model converted or moved after
+        # offload() (.half(), .float(), accelerate's prepare) has its parameters in new storage,
+        # and the old addresses go to activations. Parameters gathered for a call (FSDP2's
+        # unsharded ones, found there when the first layer's hooks have gathered its own) let
+        # their storage go after it: an address counts only while its parameter is still there.
         self._model = weakref.ref(model)
-        self._param_storages = frozenset()
+        self._param_storages = {}
         self._refresh_param_storages()
         # The running layer's parameters as its forward sees them: FSDP2 gathers them into new
         # storage for each forward (views of which, such as a weight's transpose, are saved).
@@ -391,6 +394,28 @@ class Offload:
 
         self._undo.append(undo)
 
+    def _replace_compiled_call(self, layer, compiled, call):
+        """layer._compiled_call_impl = call (which calls ``compiled``, the layer's), with its undo.
+        Module.__getstate__ leaves this slot out, so a copy of the layer never has it."""
+        layer._compiled_call_impl = call
+
+        def undo():
+            if layer.__dict__.get("_compiled_call_impl") is call:
+                layer._compiled_call_impl = compiled
+
+        self._undo.append(undo)
+
+    def _set_aside_compiled_call(self, layer, compiled):
+        """A layer compiled with Module.compile() is split token-wise: its call runs eagerly while
+        offloaded (remove() gives the compiled call back)."""
+        layer._compiled_call_impl = None
+
+        def undo():
+            if layer.__dict__.get("_compiled_call_impl") is None:
+                layer._compiled_call_impl = compiled
+
+        self._undo.append(undo)
+
     def __enter__(self):
         return self
 
@@ -412,7 +437,7 @@ class Offload:
                 return t
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
-            if ptr in self._param_storages or ptr in self._layer_param_storages or storage.nbytes() == 0:
+            if ptr in self._layer_param_storages or storage.nbytes() == 0 or self._holds_parameter(ptr):
                 return t
             if self._capturing():
                 return t
@@ -542,8 +567,14 @@ class Offload:
     def _refresh_param_storages(self):
         model = self._model()
         if model is not None:
-            self._param_storages = frozenset(
-                address for address in map(_storage_address, model.parameters()) if address is not None)
+            self._param_storages = {address: weakref.ref(p) for p in model.parameters()
+                                    if (address := _storage_address(p))}
+
+    def _holds_parameter(self, ptr):
+        """Whether the storage at ``ptr`` is a model parameter's (_param_storages), still."""
+        ref = self._param_storages.get(ptr)
+        p = ref() if ref is not None else None
+        return p is not None and _storage_address(p) == ptr
 
     def _device_of(self, t):
         device_of = getattr(self._backend, "device_of", None)
@@ -702,6 +733,28 @@ class Offload:
         llama = self._llama[i]
         names = self._names[i]
         checkpoint_whole = self._alpha == 0.0 and not llama
+        # A layer compiled with Module.compile() (torchtitan's per-block compile, fullgraph=True):
+        # Module.__call__ calls its compiled _call_impl, which would trace offload's forward (a
+        # graph break, an error under fullgraph). Swapped whole, it keeps its compiled call, run
+        # under offload's hooks from the call's slot; split token-wise, whose blocks run eagerly
+        # (their recompute and replay are Python), its compiled call is set aside. So is the
+        # compiled forward of a layer that torch.compile(layer) made (an OptimizedModule) split
+        # token-wise: its module is called eagerly.
+        compiled = layer.__dict__.get("_compiled_call_impl")
+        inner = _compiled_module(torch, layer)
+        if llama and self._token_wise and (compiled is not None or inner is not None):
+            if compiled is not None:
+                self._set_aside_compiled_call(layer, compiled)
+                compiled = None
+            else:
+                original = inner.__call__
+            self._warn_once(("compiled", "token-wise"),
+                            f"stitchalloc.offload: layer {i} ({type(layer).__name__}) is compiled; split token-wise, "
+                            "its blocks run eagerly (their recompute and replay are Python), so it runs eagerly "
+                            "while offloaded (remove() gives its compiled call back); policy='swap' keeps it "
+                            "compiled")
+        if compiled is not None:
+            original = compiled
 
         if llama and self._token_wise:  # under "swap" the layer runs as it is
             self._wrap_token_local(i, layer, pack)
@@ -847,7 +900,10 @@ class Offload:
                 me._proven.add(i)  # both blocks split: wired as they assume
             return end(me, start, out)
 
-        self._replace_forward(layer, _eager(torch, forward, recursive=False), own=False)
+        if compiled is not None:
+            self._replace_compiled_call(layer, compiled, _eager(torch, forward, recursive=False))
+        else:
+            self._replace_forward(layer, _eager(torch, forward, recursive=False), own=False)
 
     def _wrap_token_local(self, i, layer, pack):
         """mlp(post_attention_layernorm(h)) split by tokens (see the module docstring)."""
@@ -1080,6 +1136,19 @@ def _drop_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
+
+
+def _compiled_module(torch, layer):
+    """The module torch.compile(module) wrapped, where ``layer`` is such a wrapper (an
+    OptimizedModule, whose forward is the compiled call of that module); else None."""
+    import sys
+
+    # Not imported (dynamo takes a second to import): then no module was compiled.
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if optimized is None or not isinstance(layer, optimized):
+        return None
+    inner = layer.__dict__.get("_modules", {}).get("_orig_mod")
+    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def _new_measure():

@@ -924,6 +924,51 @@ def test_compiled_model(policy):
     assert backend.live == {}
 
 
+@pytest.mark.parametrize("how", ["Module.compile", "torch.compile(layer)"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+def test_layers_compiled_with_fullgraph(policy, how):
+    # Layers compiled on their own before offload(), with fullgraph=True: torchtitan compiles
+    # each block with block.compile(fullgraph=True). Module.__call__ then calls the compiled
+    # call, which traced offload's forward: "Skip inlining torch.compiler.disable()d function"
+    # at the first step, under every policy (before 2026-11-24). Swapped whole, a layer keeps
+    # its compiled call, run under offload's hooks; split token-wise (whose blocks run eagerly,
+    # their recompute and replay being Python), it runs eagerly while offloaded, with one
+    # warning, and gets its compiled call back at remove().
+    from torch._dynamo.testing import CompileCounter
+
+    model, batch = make_model(layers=3), tokens()
+    ref_loss, ref = grads_of(model, batch)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    if how == "Module.compile":
+        for layer in model.layers:
+            layer.compile(backend=counter, fullgraph=True)
+        compiled = [layer._compiled_call_impl for layer in model.layers]
+    else:
+        for index in range(len(model.layers)):
+            model.layers[index] = torch.compile(model.layers[index], backend=counter, fullgraph=True)
+    backend = RecordingBackend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            for _ in range(2):
+                loss, got = grads_of(model, batch)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    eager = [str(w.message) for w in caught if "is compiled" in str(w.message)]
+    if policy == "swap":
+        assert counter.frame_count > 0 and not eager  # the layers' compiled calls ran
+    else:
+        assert counter.frame_count == 0 and len(eager) == 1  # eagerly, with one warning
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
+    if how == "Module.compile":
+        assert [layer._compiled_call_impl for layer in model.layers] == compiled
+    frames = counter.frame_count
+    grads_of(model, batch)  # offload removed: the compiled layers as before it
+    assert counter.frame_count >= frames and counter.frame_count > 0
+
+
 class TwoDeviceBackend(RecordingBackend):
     """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
     the others on device 0. Like the real managers, each refuses offloads before its own begin
