@@ -3443,6 +3443,34 @@ def test_torchtitan_models_split_token_wise(family, policy):
         assert 0 < split.bytes_out < swap.bytes_out / 4
 
 
+@pytest.mark.parametrize("policy", ["swap", 0.5])
+def test_torchtitan_blocks_compiled_as_torchtitan_compiles_them(policy):
+    # torchtitan's apply_compile: block.compile(fullgraph=True) on each block of model.layers,
+    # before anything else sees the model. Under "swap" the blocks' compiled call runs under
+    # offload's hooks (one frame compiled, for the three blocks); split token-wise they run
+    # eagerly, with one warning. Loss and gradients as the plain model's.
+    from torch._dynamo.testing import CompileCounter
+
+    model, run = torchtitan_model("llama3", "debugmodel")
+    params = list(model.parameters())
+    ref_loss, ref = seeded_grads(run, params)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for block in model.layers.values():
+        block.compile(backend=counter, fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=policy, backend=RecordingBackend()) as off:
+            for _ in range(2):
+                loss, got = seeded_grads(run, params)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    eager = [str(w.message) for w in caught if "is compiled" in str(w.message)]
+    assert (counter.frame_count, len(eager)) == ((1, 0) if policy == "swap" else (0, 1))
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0
+
+
 def test_torchtitan_mixture_of_experts_layers_run_whole():
     # torchtitan's MoE layers name their MLP "moe", and its MoE counts tokens per expert into a
     # buffer at every call (a token-wise split would be undone at every call): they are layers
