@@ -969,6 +969,54 @@ def test_layers_compiled_with_fullgraph(policy, how):
     assert counter.frame_count >= frames and counter.frame_count > 0
 
 
+class _MlpBlock(torch.nn.Module):
+    """A residual MLP block: a layer of no family offload splits."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("how", ["Module.compile", "torch.compile(layer)"])
+@pytest.mark.parametrize("policy", ["swap", "recompute", "auto"])
+def test_other_layers_compiled_with_fullgraph(policy, how):
+    # Layers of another family, compiled with fullgraph=True before offload(): swapped whole, or
+    # under "recompute" checkpointed whole, their compiled call runs (one frame compiled for the
+    # three) with gradients as without offload.
+    from torch._dynamo.testing import CompileCounter
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.ModuleList([_MlpBlock() for _ in range(3)]).double()
+
+    def grads(layers, x):
+        layers.zero_grad(set_to_none=True)
+        h = x
+        for layer in layers:
+            h = layer(h)
+        h.square().mean().backward()
+        return [p.grad.clone() for p in layers.parameters()]
+
+    x = torch.randn(4, 10, 16, dtype=torch.float64, requires_grad=True)
+    ref = grads(make(), x)
+    torch._dynamo.reset()
+    counter, layers = CompileCounter(), make()
+    for index in range(len(layers)):
+        if how == "Module.compile":
+            layers[index].compile(backend=counter, fullgraph=True)
+        else:
+            layers[index] = torch.compile(layers[index], backend=counter, fullgraph=True)
+    with stitchalloc.offload(layers, policy=policy, backend=RecordingBackend()) as off:
+        for _ in range(2):
+            for a, b in zip(ref, grads(layers, x)):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+    assert counter.frame_count == 1 and off.stats()["waited"] == off.stats()["offloaded"] > 0
+
+
 class TwoDeviceBackend(RecordingBackend):
     """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
     the others on device 0. Like the real managers, each refuses offloads before its own begin
