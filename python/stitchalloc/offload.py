@@ -813,7 +813,7 @@ class Offload:
             """The layer's forward returned: every norm whose block was applied reached its callee."""
             _raise_unused(i, layer, names, leave(me))
 
-        def end(me, start, out):
+        def end(me, start, out, args, kwargs):
             if start is not None:
                 # The layer's own compute: timed before its offloads are issued (their copies, and
                 # the pinned pool growing for them, are what the compute must hide, not part of it).
@@ -823,9 +823,9 @@ class Offload:
                 me._measure["times"].append(time.perf_counter() - start)
                 me._measure["layers"] += 1
             me._forward_end(i)
-            first = out[0] if isinstance(out, (tuple, list)) else out
-            if torch.is_tensor(first) and first.requires_grad:
-                first.register_hook(on_grad)
+            output = _main_output(torch, out, args[0] if args else kwargs.get("hidden_states"))
+            if output is not None:
+                output.register_hook(on_grad)
             return out
 
         def probe(me, args, kwargs):
@@ -898,7 +898,7 @@ class Offload:
                 raise
             if probed is not None and i not in me._plain and me._run_whole == probed[2]:
                 me._proven.add(i)  # both blocks split: wired as they assume
-            return end(me, start, out)
+            return end(me, start, out, args, kwargs)
 
         if compiled is not None:
             self._replace_compiled_call(layer, compiled, _eager(torch, forward, recursive=False))
@@ -1136,6 +1136,23 @@ def _drop_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
+
+
+def _main_output(torch, out, x):
+    """The tensor of a layer's output whose gradient marks the start of the layer's backward:
+    the output itself, or among the tensors needing a gradient in what it returns (a tuple, a
+    dict, transformers' ModelOutput: torch's pytree), the first shaped as the layer input x
+    (the hidden states), else the first. None when no tensor of it needs a gradient. Up to
+    2026-11-24 only a tensor or the first item of a tuple or list: a layer returning a dict, or
+    (None, hidden), had no backward boundary (no prefetch, every copy waited on demand, and an
+    iteration that never ended, so "auto" never planned)."""
+    if torch.is_tensor(out):
+        return out if out.requires_grad else None
+    from torch.utils._pytree import tree_leaves
+
+    leaves = [t for t in tree_leaves(out) if torch.is_tensor(t) and t.requires_grad]
+    shape = x.shape if torch.is_tensor(x) else None
+    return next((t for t in leaves if t.shape == shape), leaves[0] if leaves else None)
 
 
 def _compiled_module(torch, layer):

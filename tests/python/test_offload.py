@@ -1017,6 +1017,81 @@ def test_other_layers_compiled_with_fullgraph(policy, how):
     assert counter.frame_count == 1 and off.stats()["waited"] == off.stats()["offloaded"] > 0
 
 
+class _ReturningBlock(_MlpBlock):
+    """_MlpBlock returning its output inside a structure, as some layers do."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        x = x["hidden"] if isinstance(x, dict) else x[-1] if isinstance(x, tuple) else x
+        y = super().forward(x)
+        if self.kind == "dict":
+            return {"hidden": y, "cache": None}
+        if self.kind == "None first":
+            return None, y
+        return y
+
+
+@pytest.mark.parametrize("kind", ["dict", "None first"])
+def test_layers_returning_their_output_inside_a_structure(kind):
+    # The layer's backward begins when its output's gradient is computed: offload hooks that
+    # tensor. It took the output itself or the first item of a tuple: a layer returning a dict,
+    # or (None, output), had no backward boundary (no prefetch, every copy waited on demand, an
+    # iteration that never ended: "auto" never planned). Now the first tensor needing a gradient
+    # that is shaped as the input (test_the_output_marking_a_layers_backward).
+    def run(layers, x):
+        h = x
+        for layer in layers:
+            h = layer(h)
+        h = h["hidden"] if isinstance(h, dict) else h[-1] if isinstance(h, tuple) else h
+        h.square().mean().backward()
+
+    def make(kind):
+        torch.manual_seed(0)
+        return torch.nn.ModuleList([_ReturningBlock(kind) for _ in range(3)]).double()
+
+    x = torch.randn(4, 10, 16, dtype=torch.float64, requires_grad=True)
+    reference = make(kind)
+    run(reference, x)
+    layers, backend = make(kind), RecordingBackend()
+    with stitchalloc.offload(layers, policy="auto", backend=backend) as off:
+        for step in range(2):
+            layers.zero_grad(set_to_none=True)
+            backend.log.clear()
+            run(layers, x)
+            assert off.iterations == step + 1 and off.alpha is not None
+            for a, b in zip(reference.parameters(), layers.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=0)
+            # Each layer's backward begins, top down, before its tensors are waited for.
+            order = [e[:2] for e in backend.log if e[0] in ("backward_begin", "wait")]
+            begun = [layer for what, layer in order if what == "backward_begin"]
+            assert begun == [2, 1, 0], order
+            current = None
+            for what, layer in order:
+                if what == "backward_begin":
+                    current = layer
+                assert layer == current, order
+
+
+
+def test_the_output_marking_a_layers_backward():
+    # The tensor whose gradient starts a layer's backward (_main_output): the output, or in a
+    # structure the first tensor needing a gradient shaped as the layer input (the hidden
+    # states, not an auxiliary loss or attention weights returned before or beside it).
+    x = torch.zeros(2, 5, 8)
+    y = torch.ones(2, 5, 8, requires_grad=True) * 1
+    aux = y.sum()
+    weights = torch.ones(2, 4, 5, 5, requires_grad=True) * 1
+    main = functools.partial(offload_module._main_output, torch, x=x)
+    assert main(y) is y and main(y.detach()) is None
+    assert main((y, weights)) is y and main((aux, y)) is y and main((None, y)) is y
+    assert main({"cache": None, "hidden": y, "aux": aux}) is y
+    assert main([weights, aux]) is weights  # nothing shaped as x: the first
+    assert main((None, y.detach())) is None and main(None) is None
+    assert offload_module._main_output(torch, (aux, y), None) is aux  # no input to compare
+
 class TwoDeviceBackend(RecordingBackend):
     """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
     the others on device 0. Like the real managers, each refuses offloads before its own begin
