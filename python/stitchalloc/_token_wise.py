@@ -175,9 +175,11 @@ def _unpack_core(saved):
 
 def _unpack_packed(packed):
     """What a layer's pack hook returned, as a tensor again."""
-    from .offload import _Saved
+    from .offload import _Saved, _SavedWrapper
 
-    return packed.storage.owner._unpack(packed) if isinstance(packed, _Saved) else packed
+    if isinstance(packed, _Saved):
+        return packed.storage.owner._unpack(packed)
+    return packed.owner._unpack(packed) if isinstance(packed, _SavedWrapper) else packed
 
 
 def _capture(torch, state):
@@ -335,13 +337,15 @@ def _keep_graph(torch):
 def _counted(torch, ctx, x):
     """ctx.block(x) and the bytes its graph saves (x and the block's parameters excluded):
     policy "auto"'s measure of what the block keeps when not recomputed."""
-    skip = {p.untyped_storage().data_ptr() for p in ctx.params} | {x.untyped_storage().data_ptr()}
+    from .offload import _storages
+
+    skip = {ptr for t in (*ctx.params, x) for ptr, _ in _storages(torch, t)}
     seen = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
+        for ptr, nbytes in _storages(torch, t):
+            if ptr not in skip:
+                seen[ptr] = nbytes
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -236,6 +236,26 @@ class _Saved:
         self.offset = t.storage_offset()
 
 
+class _SavedWrapper:
+    """What autograd keeps instead of a tensor subclass wrapping others (_is_wrapper): its type,
+    its flattening context and its inner tensors as the pack hook returned them."""
+
+    __slots__ = ("owner", "cls", "context", "inner", "size", "stride")
+
+    def __init__(self, owner, cls, context, inner, size, stride):
+        self.owner = owner
+        self.cls = cls
+        self.context = context
+        self.inner = inner
+        self.size = size
+        self.stride = stride
+
+    def rebuild(self, unpack):
+        t = self.cls.__tensor_unflatten__({name: unpack(v) for name, v in self.inner.items()}, self.context,
+                                          self.size, self.stride)
+        return t.detach() if t.requires_grad else t  # as a swapped tensor comes back: no graph
+
+
 class Offload:
     """The hooks ``offload()`` installed; ``remove()`` (or leaving a ``with`` block) undoes them."""
 
@@ -435,8 +455,19 @@ class Offload:
             if (not self._backend.accepts(t) or isinstance(t, torch.nn.Parameter)
                     or isinstance(t._base, torch.nn.Parameter)):
                 return t
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
+            if _is_wrapper(torch, t):
+                # A tensor subclass wrapping others (a DTensor under tensor parallelism): it has
+                # no storage; its inner tensors are swapped, and it is rebuilt around them.
+                names, context = t.__tensor_flatten__()
+                inner = {name: getattr(t, name) for name in names}  # tensors, or a DTensor's mesh
+                return _SavedWrapper(self, type(t), context,
+                                     {name: pack(v) if torch.is_tensor(v) else v for name, v in inner.items()},
+                                     tuple(t.size()), tuple(t.stride()))
+            try:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+            except RuntimeError:  # no storage of its own to read (another kind of subclass): kept
+                return t
             if ptr in self._layer_param_storages or storage.nbytes() == 0 or self._holds_parameter(ptr):
                 return t
             if self._capturing():
@@ -473,6 +504,8 @@ class Offload:
         return True
 
     def _unpack(self, saved):
+        if isinstance(saved, _SavedWrapper):
+            return saved.rebuild(self._unpack)
         if not isinstance(saved, _Saved):
             return saved
         from .swap import restore
@@ -787,7 +820,7 @@ class Offload:
                 me._forwards0 += 1
             start = time.perf_counter() if me._measure is not None else None
             if start is not None and args and torch.is_tensor(args[0]):
-                me._measure["input"] += args[0].untyped_storage().nbytes()
+                me._measure["input"] += sum(n for _, n in _storages(torch, args[0]))
             enter(me)
             return me, start
 
@@ -1136,6 +1169,30 @@ def _drop_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
+
+
+def _is_wrapper(torch, t):
+    """Whether ``t`` is a tensor subclass wrapping inner tensors (torch's traceable wrapper
+    subclasses: DTensor, float8 and quantized tensors), which has no storage of its own."""
+    if type(t) is torch.Tensor:
+        return False
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(t)
+
+
+def _storages(torch, t):
+    """(address, bytes) of each storage ``t`` holds: its own, or for a tensor subclass wrapping
+    others (_is_wrapper: a DTensor) its inner tensors'; none where there is none to read."""
+    if _is_wrapper(torch, t):
+        names, _ = t.__tensor_flatten__()
+        inner = (getattr(t, name) for name in names)
+        return [s for v in inner if torch.is_tensor(v) for s in _storages(torch, v)]
+    try:
+        storage = t.untyped_storage()
+        return [(storage.data_ptr(), storage.nbytes())]
+    except RuntimeError:
+        return []
 
 
 def _main_output(torch, out, x):

@@ -1253,6 +1253,47 @@ def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_tensor_parallel_layers(one_process_group, policy, monkeypatch):
+    # Tensor parallelism (torch.distributed.tensor.parallel, one gloo rank on the CPU): the
+    # projections' weights are DTensors and so is what they save of their inputs. A DTensor has
+    # no storage of its own: offload failed reading it ("Attempted to access the data pointer on
+    # an invalid python storage") under every policy but "recompute" (before 2026-11-24). Its
+    # inner tensors are swapped now and the DTensor rebuilt around them; under "swap" the same
+    # storages are swapped as without tensor parallelism.
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    batch = tokens()
+    ref = fsdp_step(make_model(layers=3), batch)
+    model = make_model(layers=3)
+    for layer in model.layers:
+        parallelize_module(layer, one_process_group, {
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    rebuilt = []
+    rebuild = offload_module._SavedWrapper.rebuild
+    monkeypatch.setattr(offload_module._SavedWrapper, "rebuild", lambda self, unpack: rebuilt.append(self.cls) or
+                        rebuild(self, unpack))
+    backend = RecordingBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+        for step in range(2):
+            got = fsdp_step(model, batch)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+            assert off.iterations == step + 1
+    if policy != "recompute":  # which keeps only the layer inputs, plain tensors
+        assert rebuilt and {cls.__name__ for cls in rebuilt} == {"DTensor"}
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
+    if policy == "swap":
+        expected = RecordingBackend()
+        untouched = make_model(layers=3)
+        with stitchalloc.offload(untouched, policy="swap", backend=expected):
+            for _ in range(2):
+                fsdp_step(untouched, batch)
+        assert backend.bytes_out == expected.bytes_out
+
+
 @pytest.mark.parametrize("order", ["offload, then DDP", "DDP, then offload"])
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
 def test_ddp_wrapped_model(one_process_group, policy, order):
