@@ -1253,24 +1253,33 @@ def test_fsdp2_with_the_blocks_sharded_on_their_own(one_process_group, policy):
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["tp", "fsdp2+tp"])
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
-def test_tensor_parallel_layers(one_process_group, policy, monkeypatch):
+def test_tensor_parallel_layers(one_process_group, policy, fsdp, monkeypatch):
     # Tensor parallelism (torch.distributed.tensor.parallel, one gloo rank on the CPU): the
     # projections' weights are DTensors and so is what they save of their inputs. A DTensor has
     # no storage of its own: offload failed reading it ("Attempted to access the data pointer on
     # an invalid python storage") under every policy but "recompute" (before 2026-11-24). Its
     # inner tensors are swapped now and the DTensor rebuilt around them; under "swap" the same
-    # storages are swapped as without tensor parallelism.
+    # storages are swapped as without tensor parallelism. With FSDP2 on a second mesh dimension
+    # (2D, as torchtitan combines them) too.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     batch = tokens()
     ref = fsdp_step(make_model(layers=3), batch)
     model = make_model(layers=3)
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp")) if fsdp else None
     for layer in model.layers:
-        parallelize_module(layer, one_process_group, {
+        parallelize_module(layer, mesh["tp"] if fsdp else one_process_group, {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+        if fsdp:
+            fully_shard(layer, mesh=mesh["dp"])
+    if fsdp:
+        fully_shard(model, mesh=mesh["dp"])
     rebuilt = []
     rebuild = offload_module._SavedWrapper.rebuild
     monkeypatch.setattr(offload_module._SavedWrapper, "rebuild", lambda self, unpack: rebuilt.append(self.cls) or
