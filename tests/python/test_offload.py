@@ -924,6 +924,21 @@ def test_compiled_model(policy):
     assert backend.live == {}
 
 
+def offloaded_steps(model, step, expected, policy, backend):
+    """Two ``step``s of ``model`` (each returning loss and gradients) under offload, each with
+    the loss and gradients ``expected``; the Offload and the messages of the warnings given."""
+    ref_loss, ref = expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            for _ in range(2):
+                loss, got = step()
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    return off, [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("how", ["Module.compile", "torch.compile(layer)"])
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
 def test_layers_compiled_with_fullgraph(policy, how):
@@ -948,15 +963,8 @@ def test_layers_compiled_with_fullgraph(policy, how):
         for index in range(len(model.layers)):
             model.layers[index] = torch.compile(model.layers[index], backend=counter, fullgraph=True)
     backend = RecordingBackend()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
-            for _ in range(2):
-                loss, got = grads_of(model, batch)
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                for a, b in zip(ref, got):
-                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    eager = [str(w.message) for w in caught if "is compiled" in str(w.message)]
+    off, messages = offloaded_steps(model, lambda: grads_of(model, batch), (ref_loss, ref), policy, backend)
+    eager = [m for m in messages if "is compiled" in m]
     if policy == "swap":
         assert counter.frame_count > 0 and not eager  # the layers' compiled calls ran
     else:
@@ -1974,12 +1982,7 @@ def test_a_frozen_model_with_adapters(policy, adapted):
     ref_loss, ref = step()
     assert len(ref) == 3 * 2 * len(adapted)
     backend = RecordingBackend(bandwidth=1e3)  # "auto" plans alpha < 1
-    with stitchalloc.offload(model, policy=policy, backend=backend) as off:
-        for _ in range(2):
-            loss, got = step()
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-            for a, b in zip(ref, got):
-                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    off, _ = offloaded_steps(model, step, (ref_loss, ref), policy, backend)
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
@@ -3631,15 +3634,9 @@ def test_torchtitan_blocks_compiled_as_torchtitan_compiles_them(policy):
     counter = CompileCounter()
     for block in model.layers.values():
         block.compile(backend=counter, fullgraph=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with stitchalloc.offload(model, policy=policy, backend=RecordingBackend()) as off:
-            for _ in range(2):
-                loss, got = seeded_grads(run, params)
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                for a, b in zip(ref, got):
-                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    eager = [str(w.message) for w in caught if "is compiled" in str(w.message)]
+    off, messages = offloaded_steps(model, lambda: seeded_grads(run, params), (ref_loss, ref), policy,
+                                    RecordingBackend())
+    eager = [m for m in messages if "is compiled" in m]
     assert (counter.frame_count, len(eager)) == ((1, 0) if policy == "swap" else (0, 1))
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0
 
