@@ -1099,6 +1099,8 @@ def test_the_output_marking_a_layers_backward():
     assert main([weights, aux]) is weights  # nothing shaped as x: the first
     assert main((None, y.detach())) is None and main(None) is None
     assert offload_module._main_output(torch, (aux, y), None) is aux  # no input to compare
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    assert main(outputs.MoeModelOutputWithPast(last_hidden_state=y, router_logits=(weights,))) is y
 
 class TwoDeviceBackend(RecordingBackend):
     """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
