@@ -5,9 +5,12 @@
 # Usage: scripts/test.sh [preset...]   (default: default asan-ubsan tsan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SECONDS=0
+stamp() { echo "=== $1 ($((SECONDS / 60)) min $((SECONDS % 60)) s since the start) ==="; }
 bash scripts/bootstrap.sh
 source scripts/env.sh
 bash scripts/venv.sh
+stamp "setup done"
 
 presets=("$@")
 ((${#presets[@]})) || presets=(default asan-ubsan tsan)
@@ -17,6 +20,7 @@ for preset in "${presets[@]}"; do
   cmake --build --preset "${preset}" -j "${JOBS}"
   echo "=== ${preset}: test ==="
   ctest --preset "${preset}" -j "${JOBS}" --timeout 900
+  stamp "${preset} done"
 done
 
 echo "=== python: pip install . into .venv ==="
@@ -25,3 +29,4 @@ echo "=== python: pytest (converter, plugin without a GPU, tests/gpu skip withou
 replay=build/default/bench/stitchalloc-replay
 (cd tests && STITCHALLOC_REPLAY="$([[ -x ../${replay} ]] && echo "${PWD}/../${replay}")" \
   ../.venv/bin/python -m pytest -q python gpu)
+stamp "all done"

@@ -799,7 +799,7 @@ class Offload:
                 me._backward_begin(i)
             return grad
 
-        def begin(args):
+        def begin(args, kwargs):
             """Whether this call is offloaded (then the Offload and the measure's start time)."""
             me = live()
             if me is None or not torch.is_grad_enabled() or _in_backward(torch):
@@ -819,8 +819,9 @@ class Offload:
             if i == 0:
                 me._forwards0 += 1
             start = time.perf_counter() if me._measure is not None else None
-            if start is not None and args and torch.is_tensor(args[0]):
-                me._measure["input"] += sum(n for _, n in _storages(torch, args[0]))
+            x = args[0] if args else kwargs.get("hidden_states")  # transformers' keyword
+            if start is not None and torch.is_tensor(x):
+                me._measure["input"] += sum(n for _, n in _storages(torch, x))
             enter(me)
             return me, start
 
@@ -899,7 +900,7 @@ class Offload:
         def forward(*args, **kwargs):
             # Under torch.compile only the layer's own computation (`original`) is compiled:
             # begin, end and the hooks run eagerly.
-            began = begin(args)
+            began = begin(args, kwargs)
             if began is None:
                 return original(*args, **kwargs)
             me, start = began

@@ -525,6 +525,28 @@ def test_auto_measures_one_iteration_then_plans_alpha():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+def test_auto_measures_the_input_of_layers_called_by_keyword():
+    # transformers' keyword for a layer's input is hidden_states=; "auto" measured the layer
+    # input's bytes (swapped whatever alpha is) from the first positional argument only, so a
+    # model calling its layers by keyword was planned as if the input cost nothing.
+    measured = {}
+    for how in ("positional", "keyword"):
+        model, batch = make_model(layers=4, sdpa=True), tokens(seq=65)
+        if how == "keyword":
+            def hidden(tokens, model=model):
+                x = model.embed_tokens(tokens)
+                for layer in model.layers:
+                    x = layer(hidden_states=x)
+                return x
+
+            model.hidden = hidden
+        with stitchalloc.offload(model, policy="auto", backend=RecordingBackend(bandwidth=1e3)) as off:
+            grads_of(model, batch)
+        measured[how] = off.measured
+    assert measured["positional"]["input"] > 0
+    assert measured["keyword"] == measured["positional"]
+
+
 @pytest.mark.parametrize("recompute_chunk", [0, 16], ids=["whole", "chunks"])
 def test_auto_plans_with_the_token_local_blocks_own_bytes(recompute_chunk):
     # alpha applies only to what the token-local block (post-attention norm and MLP) saves; what
