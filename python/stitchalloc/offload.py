@@ -415,23 +415,13 @@ class Offload:
         self._undo.append(undo)
 
     def _replace_compiled_call(self, layer, compiled, call):
-        """layer._compiled_call_impl = call (which calls ``compiled``, the layer's), with its undo.
-        Module.__getstate__ leaves this slot out, so a copy of the layer never has it."""
+        """layer._compiled_call_impl = call (offload's, which calls ``compiled``, the layer's; or
+        None: the layer's call runs eagerly), with its undo. Module.__getstate__ leaves this slot
+        out, so a copy of the layer never has it."""
         layer._compiled_call_impl = call
 
         def undo():
             if layer.__dict__.get("_compiled_call_impl") is call:
-                layer._compiled_call_impl = compiled
-
-        self._undo.append(undo)
-
-    def _set_aside_compiled_call(self, layer, compiled):
-        """A layer compiled with Module.compile() is split token-wise: its call runs eagerly while
-        offloaded (remove() gives the compiled call back)."""
-        layer._compiled_call_impl = None
-
-        def undo():
-            if layer.__dict__.get("_compiled_call_impl") is None:
                 layer._compiled_call_impl = compiled
 
         self._undo.append(undo)
@@ -513,18 +503,23 @@ class Offload:
         return restore(saved.storage.bytes(), saved.dtype, saved.size, saved.stride, saved.offset)
 
     def _forward_end(self, layer):
-        self._attention_states.pop(layer, None)  # not consumed: nothing may outlive the forward
-        self._watching.pop(layer, None)
-        pending = self._pending.pop(layer, [])
-        for s in pending:
+        for s in self._leave_forward(layer):
             if s.tensor._version != s.version:
                 raise RuntimeError(
                     f"stitchalloc.offload: a tensor saved for backward in layer {layer} was modified in place "
                     "before the layer's forward ended; its copy would not match what autograd saved")
             s.tensor = None
-        self._by_ptr.clear()
         for device in self._devices:
             self._backend.forward_end(layer, device)
+
+    def _leave_forward(self, layer):
+        """Layer ``layer``'s forward is over: its per-forward state goes (nothing of it may
+        outlive the forward), and no later tensor at one of its storages' addresses is taken for
+        them (another tensor may be made there). Returns its storages, still holding their tensors."""
+        self._attention_states.pop(layer, None)
+        self._watching.pop(layer, None)
+        self._by_ptr.clear()
+        return self._pending.pop(layer, [])
 
     def _backward_begin(self, layer):
         for device in self._devices:
@@ -547,12 +542,9 @@ class Offload:
     def _discard_forward(self, layer):
         """Layer `layer`'s forward raised: no backward will use what it saved so far. Its
         storages let their tensors go (their tickets are cancelled when the failed call's graph
-        dies) and are no longer found by address: another tensor may be made there."""
-        self._attention_states.pop(layer, None)
-        self._watching.pop(layer, None)
-        for s in self._pending.pop(layer, []):
+        dies); no copy is issued."""
+        for s in self._leave_forward(layer):
             s.tensor = None
-        self._by_ptr.clear()
 
     def _iteration_done(self):
         """The iteration's backward reached the first layer as often as its forward called it, or
@@ -598,16 +590,16 @@ class Offload:
                                "because of hooks: see the warning)")
 
     def _refresh_param_storages(self):
-        model = self._model()
+        model, torch = self._model(), self._torch
         if model is not None:
             self._param_storages = {address: weakref.ref(p) for p in model.parameters()
-                                    if (address := _storage_address(p))}
+                                    if (address := _storage_address(torch, p))}
 
     def _holds_parameter(self, ptr):
         """Whether the storage at ``ptr`` is a model parameter's (_param_storages), still."""
         ref = self._param_storages.get(ptr)
         p = ref() if ref is not None else None
-        return p is not None and _storage_address(p) == ptr
+        return p is not None and _storage_address(self._torch, p) == ptr
 
     def _device_of(self, t):
         device_of = getattr(self._backend, "device_of", None)
@@ -777,7 +769,7 @@ class Offload:
         inner = _compiled_module(torch, layer)
         if llama and self._token_wise and (compiled is not None or inner is not None):
             if compiled is not None:
-                self._set_aside_compiled_call(layer, compiled)
+                self._replace_compiled_call(layer, compiled, None)
                 compiled = None
             else:
                 original = inner.__call__
@@ -828,7 +820,7 @@ class Offload:
         def enter(me):
             """The layer's forward runs under our hooks (until leave)."""
             me._in_layer = i
-            me._layer_param_storages = frozenset(_storage_address(p) for p in layer.parameters())
+            me._layer_param_storages = frozenset(_storage_address(torch, p) for p in layer.parameters())
 
         def leave(me):
             """The layer's forward is over (returned or raised). Returns the norms whose token-wise
@@ -1175,7 +1167,7 @@ def _drop_frames(error):
 def _is_wrapper(torch, t):
     """Whether ``t`` is a tensor subclass wrapping inner tensors (torch's traceable wrapper
     subclasses: DTensor, float8 and quantized tensors), which has no storage of its own."""
-    if type(t) is torch.Tensor:
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return False
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -1231,16 +1223,11 @@ def _new_measure():
     return {"bytes": 0.0, "input": 0.0, "local": 0.0, "local_layers": 0, "times": [], "layers": 0}
 
 
-def _storage_address(t):
-    """Where ``t``'s storage is; for a distributed tensor (FSDP2's parameters are DTensors, which
-    have no storage of their own) its local shard's; None where there is none to read."""
-    to_local = getattr(t, "to_local", None)
-    if to_local is not None:
-        t = to_local()
-    try:
-        return t.untyped_storage().data_ptr()
-    except RuntimeError:
-        return None
+def _storage_address(torch, t):
+    """Where ``t``'s storage is (_storages: for FSDP2's DTensor parameters, their local shard's);
+    None where there is none to read."""
+    found = _storages(torch, t)
+    return found[0][0] if found else None
 
 
 def _warn(torch, message):
