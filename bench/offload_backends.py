@@ -7,7 +7,8 @@
 - Mover: the swap manager's schedule on the host, for bench/offload_memory.py's count of what
   stays on the device: a layer's tensors leave when its forward ends (the last `keep_last`
   layers' stay), copied with PyTorch's dispatch modes off so that a counting mode does not see
-  the host copy, and come back (a new storage, seen) when the backward of the layer above begins.
+  the host copy, and come back (a new storage, seen) when the backward of the layer above begins
+  in the same forward pass (micro-batch), as the real manager schedules each pass on its own.
 """
 
 import torch
@@ -26,18 +27,18 @@ class InPlace:
     def accepts(self, t):
         return True
 
-    def begin(self, num_layers, device):
+    def begin(self, num_layers, device, pass_id=0):
         pass
 
-    def offload(self, t, layer):
+    def offload(self, t, layer, pass_id=0):
         self.next += 1
         self.tensors[self.next] = t
         return self.next
 
-    def forward_end(self, layer, device):
+    def forward_end(self, layer, device, pass_id=0):
         pass
 
-    def backward_begin(self, layer, device):
+    def backward_begin(self, layer, device, pass_id=0):
         pass
 
     def wait_storage(self, ticket):
@@ -58,31 +59,32 @@ class Counter(InPlace):
         super().__init__()
         self.by_layer = {}
 
-    def offload(self, t, layer):
+    def offload(self, t, layer, pass_id=0):
         self.by_layer[layer] = self.by_layer.get(layer, 0) + t.untyped_storage().nbytes()
-        return super().offload(t, layer)
+        return super().offload(t, layer, pass_id)
 
 
 class Mover(InPlace):
     def __init__(self, layers, lookahead=1, keep_last=1):
         super().__init__()
         self.layers, self.lookahead, self.keep_last = layers, lookahead, keep_last
-        self.layer_of, self.host, self.back = {}, {}, {}
+        self.layer_of, self.host, self.back = {}, {}, {}  # layer_of: ticket -> (pass, layer)
 
-    def offload(self, t, layer):
-        ticket = super().offload(t, layer)
-        self.layer_of[ticket] = layer
+    def offload(self, t, layer, pass_id=0):
+        ticket = super().offload(t, layer, pass_id)
+        self.layer_of[ticket] = (pass_id, layer)
         return ticket
 
-    def forward_end(self, layer, device):
+    def forward_end(self, layer, device, pass_id=0):
         if layer >= self.layers - self.keep_last:
             return
-        for ticket in [k for k, n in self.layer_of.items() if n == layer and k in self.tensors]:
+        for ticket in [k for k, at in self.layer_of.items() if at == (pass_id, layer) and k in self.tensors]:
             with _disable_current_modes():
                 self.host[ticket] = _flat(self.tensors.pop(ticket).untyped_storage()).clone()
 
-    def backward_begin(self, layer, device):
-        for ticket in [k for k, n in self.layer_of.items() if layer - self.lookahead <= n < layer and k in self.host]:
+    def backward_begin(self, layer, device, pass_id=0):
+        for ticket in [k for k, (p, n) in self.layer_of.items()
+                       if p == pass_id and layer - self.lookahead <= n < layer and k in self.host]:
             self.back[ticket] = self.host.pop(ticket).clone()  # a new storage, seen by a counting mode
 
     def wait_storage(self, ticket):

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
 #include "vmm/format.h"
 #include "vmm/nvtx.h"
@@ -54,36 +55,65 @@ SwapManager::~SwapManager() {
   finished_.clear();
 }
 
-absl::Status SwapManager::BeginIteration(int num_layers) {
+absl::Status SwapManager::BeginIteration(int num_layers, Pass pass) {
   if (num_layers < 1) {
     return absl::InvalidArgumentError(absl::StrFormat("swap manager: %d layers; at least 1 is needed", num_layers));
   }
   MutexLock l(&mu_);
   PollLocked();
-  num_layers_ = num_layers;
+  passes_[pass] = PassInfo{num_layers, ++begins_};
+  if (passes_.size() > kMaxPasses) ForgetPassesLocked(pass);
   return absl::OkStatus();
 }
 
-absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer, Release release) {
-  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kNot);
+void SwapManager::ForgetPassesLocked(Pass keep) {
+  absl::flat_hash_set<Pass> held;
+  for (const auto& [t, e] : tickets_) held.insert(e.pass);
+  std::vector<std::pair<std::uint64_t, Pass>> idle;  // (begun, pass), oldest first
+  for (const auto& [pass, info] : passes_) {
+    if (pass != keep && !held.contains(pass)) idle.emplace_back(info.begun, pass);
+  }
+  std::sort(idle.begin(), idle.end());
+  // Down to half the limit, so that forgetting runs once per kMaxPasses / 2 begins at most.
+  const std::size_t excess = passes_.size() > kMaxPasses / 2 ? passes_.size() - kMaxPasses / 2 : 0;
+  for (std::size_t k = 0; k < idle.size() && k < excess; ++k) passes_.erase(idle[k].second);
 }
 
-absl::StatusOr<SwapManager::Ticket> SwapManager::Keep(void* device_ptr, std::size_t bytes, int layer, Release release) {
-  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kForeign);
+absl::StatusOr<int> SwapManager::LayersOfLocked(const char* what, int layer, Pass pass) const {
+  auto it = passes_.find(pass);
+  const int n = it == passes_.end() ? 0 : it->second.num_layers;
+  if (layer < 0 || layer >= n) {
+    if (pass == 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "swap manager: %s: layer %d is outside the iteration's %d layers (call BeginIteration first)", what, layer, n));
+    }
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "swap manager: %s: layer %d is outside pass %d's %d layers (call BeginIteration(num_layers, %d) first)", what,
+        layer, pass, n, pass));
+  }
+  return n;
+}
+
+absl::StatusOr<SwapManager::Ticket> SwapManager::Offload(void* device_ptr, std::size_t bytes, int layer, Release release,
+                                                         Pass pass) {
+  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kNot, pass);
+}
+
+absl::StatusOr<SwapManager::Ticket> SwapManager::Keep(void* device_ptr, std::size_t bytes, int layer, Release release,
+                                                      Pass pass) {
+  return Register(device_ptr, bytes, layer, std::move(release), KeptWhy::kForeign, pass);
 }
 
 absl::StatusOr<SwapManager::Ticket> SwapManager::Register(void* device_ptr, std::size_t bytes, int layer,
-                                                          Release release, KeptWhy keep) {
+                                                          Release release, KeptWhy keep, Pass pass) {
   if (device_ptr == nullptr) return absl::InvalidArgumentError("swap manager: offload of a null pointer");
   if (bytes == 0) return absl::InvalidArgumentError("swap manager: offload of 0 bytes");
   MutexLock l(&mu_);
-  if (layer < 0 || layer >= num_layers_) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "swap manager: layer %d is outside the iteration's %d layers (call BeginIteration first)", layer, num_layers_));
-  }
+  if (auto n = LayersOfLocked("offload", layer, pass); !n.ok()) return n.status();
   const Ticket t = next_++;
   Entry e;
   e.layer = layer;
+  e.pass = pass;
   e.bytes = bytes;
   e.device = device_ptr;
   e.release = std::move(release);
@@ -134,18 +164,17 @@ absl::Status SwapManager::OffloadLocked(Ticket t, Entry& e) {
   return absl::OkStatus();
 }
 
-absl::Status SwapManager::ForwardEnd(int layer) {
+absl::Status SwapManager::ForwardEnd(int layer, Pass pass) {
   STITCHALLOC_NVTX_RANGE("swap: forward end, offload");
   MutexLock l(&mu_);
   PollLocked();
-  if (layer < 0 || layer >= num_layers_) {
-    return absl::InvalidArgumentError(absl::StrFormat("swap manager: ForwardEnd(%d) outside %d layers", layer, num_layers_));
-  }
-  const bool keep = layer >= num_layers_ - options_.keep_last_layers;
+  auto n = LayersOfLocked("ForwardEnd", layer, pass);
+  if (!n.ok()) return n.status();
+  const bool keep = layer >= *n - options_.keep_last_layers;
   absl::Status first = absl::OkStatus();
   std::vector<Ticket> due;
   for (auto& [t, e] : tickets_) {
-    if (e.layer == layer && e.state == TicketState::kRegistered) due.push_back(t);
+    if (e.layer == layer && e.pass == pass && e.state == TicketState::kRegistered) due.push_back(t);
   }
   for (Ticket t : due) {
     Entry& e = tickets_[t];
@@ -210,17 +239,14 @@ absl::Status SwapManager::Prefetch(Ticket t) {
   return absl::OkStatus();
 }
 
-absl::Status SwapManager::BackwardBegin(int layer) {
+absl::Status SwapManager::BackwardBegin(int layer, Pass pass) {
   std::vector<Ticket> due;
   {
     MutexLock l(&mu_);
     PollLocked();
-    if (layer < 0 || layer >= num_layers_) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("swap manager: BackwardBegin(%d) outside %d layers", layer, num_layers_));
-    }
+    if (auto n = LayersOfLocked("BackwardBegin", layer, pass); !n.ok()) return n.status();
     for (auto& [t, e] : tickets_) {
-      if (e.layer < layer && e.layer >= layer - options_.lookahead &&
+      if (e.pass == pass && e.layer < layer && e.layer >= layer - options_.lookahead &&
           (e.state == TicketState::kOffloading || e.state == TicketState::kOnHost)) {
         due.push_back(t);
       }

@@ -22,6 +22,15 @@
 // room again), are offloaded at once and their device blocks freed; Evict also says what still
 // holds device memory, which ends the out-of-memory report if the request fails anyway.
 //
+// Passes: a ticket belongs to the forward pass that saved it (a Pass id the caller picks; 0
+// unless it says otherwise), and each layer boundary concerns one pass's tickets only. Several
+// passes in flight at once (micro-batches of a pipeline schedule, two forwards before one
+// backward, two models on one device) then each prefetch their own tensors: a backward does not
+// bring back the layers of passes whose backward comes later. Each pass has its own layer count
+// (BeginIteration(num_layers, pass)), so passes over models of different depth coexist. The
+// manager remembers the layer counts of the kMaxPasses passes begun last; a pass forgotten
+// has no tickets left (those of a pass with tickets are never forgotten).
+//
 // Borrowed blocks: Offload() with a `release` callback leaves the block with its owner (a
 // PyTorch storage): wherever the manager would free it, it calls release(stream) instead, with
 // the stream whose queued work still reads the block (the device-to-host copy) or nullopt; the
@@ -94,6 +103,9 @@ struct SwapStats {
 class SwapManager {
  public:
   using Ticket = std::uint64_t;
+  using Pass = std::uint64_t;
+  // Passes without tickets whose layer counts are remembered (see the top of this file).
+  static constexpr std::size_t kMaxPasses = 256;
   using Release = std::function<void(std::optional<Stream> in_use_by)>;
   struct Claimed {
     void* ptr = nullptr;
@@ -110,21 +122,26 @@ class SwapManager {
   SwapManager(const SwapManager&) = delete;
   SwapManager& operator=(const SwapManager&) = delete;
 
-  // Starts a forward pass over `num_layers` layers (fixes which layers are "last").
-  absl::Status BeginIteration(int num_layers);
+  // Starts forward pass `pass` over `num_layers` layers (fixes which of its layers are "last").
+  // Begun again, a pass takes the new layer count.
+  absl::Status BeginIteration(int num_layers, Pass pass = 0);
   // Hands a device block (from the allocator, `bytes` long) saved by layer `layer` to the
-  // manager. InvalidArgument for a null pointer, zero bytes or a layer outside the iteration.
-  // With `release`, the block is borrowed (see the top of this file) and called at most once.
-  absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr);
+  // manager, in pass `pass`. InvalidArgument for a null pointer, zero bytes or a layer outside
+  // the pass (or a pass not begun). With `release`, the block is borrowed (see the top of this
+  // file) and called at most once.
+  absl::StatusOr<Ticket> Offload(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr,
+                                 Pass pass = 0);
   // A saved tensor in memory the allocator did not make (another process's, opened by CUDA IPC;
   // an allocation of PyTorch's uncached mode; another library's): a ticket like Offload's that
   // keeps it on the device (kKept, kForeign), since how that memory is owned and freed is not
   // the manager's to know. Validates as Offload does.
-  absl::StatusOr<Ticket> Keep(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr);
-  // Layer `layer`'s forward ended: issues its offloads.
-  absl::Status ForwardEnd(int layer);
-  // Backward reached layer `layer`: issues the prefetches of the `lookahead` layers below it.
-  absl::Status BackwardBegin(int layer);
+  absl::StatusOr<Ticket> Keep(void* device_ptr, std::size_t bytes, int layer, Release release = nullptr,
+                              Pass pass = 0);
+  // Layer `layer`'s forward ended in pass `pass`: issues its offloads.
+  absl::Status ForwardEnd(int layer, Pass pass = 0);
+  // Pass `pass`'s backward reached layer `layer`: issues the prefetches of that pass's
+  // `lookahead` layers below it.
+  absl::Status BackwardBegin(int layer, Pass pass = 0);
   // The tensor's device address, usable on the compute stream in order (the stream waits for
   // the prefetch; the host never blocks unless the tensor is still being offloaded and has to
   // come straight back). The ticket ends; the caller owns the block (free it with the allocator).
@@ -148,11 +165,16 @@ class SwapManager {
     TicketState state = TicketState::kRegistered;
     KeptWhy why = KeptWhy::kNot;  // set with kKept
     int layer = 0;
+    Pass pass = 0;
     std::size_t bytes = 0;
     void* device = nullptr;  // owned while kRegistered / kKept / kPrefetching
     void* host = nullptr;    // pinned copy while kOffloading / kOnHost / kPrefetching
     CopyEngine::CopyId copy = 0;  // the copy in flight (or the last one)
     Release release;              // set while a borrowed block is still the owner's
+  };
+  struct PassInfo {
+    int num_layers = 0;
+    std::uint64_t begun = 0;  // begins_ when it was (last) begun
   };
   struct Deferred {
     CopyEngine::CopyId copy;
@@ -162,7 +184,12 @@ class SwapManager {
       : alloc_(a), pool_(p), engine_(e), compute_(compute), options_(o) {}
 
   // Offload and Keep: a new ticket, kept on the device at once when `keep` says why.
-  absl::StatusOr<Ticket> Register(void* device_ptr, std::size_t bytes, int layer, Release release, KeptWhy keep);
+  absl::StatusOr<Ticket> Register(void* device_ptr, std::size_t bytes, int layer, Release release, KeptWhy keep,
+                                  Pass pass);
+  // `pass`'s layer count, once `layer` is checked to be one of its layers; `what` names the call.
+  absl::StatusOr<int> LayersOfLocked(const char* what, int layer, Pass pass) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Forgets the oldest passes without tickets beyond kMaxPasses (never `keep`).
+  void ForgetPassesLocked(Pass keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evict's note: what it moved, and the tickets still on the device by why.
   std::string PressureNoteLocked(std::int64_t moved, std::size_t moved_bytes) const
@@ -184,7 +211,8 @@ class SwapManager {
   const SwapOptions options_;
 
   mutable Mutex mu_;
-  int num_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_map<Pass, PassInfo> passes_ ABSL_GUARDED_BY(mu_);
+  std::uint64_t begins_ ABSL_GUARDED_BY(mu_) = 0;
   Ticket next_ ABSL_GUARDED_BY(mu_) = 1;
   absl::btree_map<Ticket, Entry> tickets_ ABSL_GUARDED_BY(mu_);
   std::vector<Deferred> deferred_ ABSL_GUARDED_BY(mu_);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "swap/copy_engine.h"
 #include "swap/pinned_pool.h"
@@ -520,6 +521,102 @@ TEST(SwapManager, ScheduleIssuesOffloadsAndPrefetchesInOrder) {
     SA_ASSERT_OK(r.alloc->Free(p));
   }
   EXPECT_EQ(r.swap->GetStats().late_prefetches, 0);  // every prefetch came from the schedule
+}
+
+// Passes in flight together: a pipeline schedule's micro-batches (pass 1 and pass 3, four
+// layers each, both forwards before either backward) and another model of two layers sharing
+// the device (pass 2). Each backward brings back its own pass's layers only; each pass keeps its
+// own last layer (by its own layer count); every tensor comes back bit-exact.
+TEST(SwapManager, EachPassPrefetchesItsOwnLayers) {
+  Rig r = MakeRig("host_capacity_mb:128", {.slab_bytes = 8 * kMiB, .capacity = 64 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 1});
+  constexpr SwapManager::Pass kA = 1, kOther = 2, kB = 3;
+  absl::flat_hash_map<SwapManager::Pass, std::vector<Saved>> saved;
+  auto forward = [&](SwapManager::Pass pass, int layers) {
+    SA_ASSERT_OK(r.swap->BeginIteration(layers, pass));
+    for (int i = 0; i < layers; ++i) {
+      const std::uint64_t seed = 100 * pass + i;
+      SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(kMiB, r.compute));
+      const std::vector<std::uint8_t> bytes = Pattern(kMiB, seed);
+      std::memcpy(p, bytes.data(), kMiB);
+      SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, kMiB, i, nullptr, pass));
+      saved[pass].push_back({t, i, kMiB, seed});
+      SA_ASSERT_OK(r.swap->ForwardEnd(i, pass));
+    }
+  };
+  auto state = [&](SwapManager::Pass pass, int layer) {
+    auto s = r.swap->State(saved[pass][layer].ticket);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.value_or(TicketState::kRegistered);
+  };
+  auto away = [](TicketState s) { return s == TicketState::kOffloading || s == TicketState::kOnHost; };
+  forward(kA, 4);
+  forward(kB, 4);
+  forward(kOther, 2);
+  for (SwapManager::Pass pass : {kA, kB, kOther}) {
+    const int last = static_cast<int>(saved[pass].size()) - 1;
+    EXPECT_EQ(state(pass, last), TicketState::kKept) << "pass " << pass;  // its own last layer
+    for (int i = 0; i < last; ++i) EXPECT_TRUE(away(state(pass, i))) << "pass " << pass << " layer " << i;
+  }
+  EXPECT_EQ(r.swap->GetStats().kept_last_layers, 3);
+  // Pass A's backward: its layers come back one ahead; pass B's and the other model's stay away.
+  for (int j = 3; j >= 0; --j) {
+    SA_ASSERT_OK(r.swap->BackwardBegin(j, kA));
+    if (j > 0) {
+      EXPECT_EQ(state(kA, j - 1), TicketState::kPrefetching) << j;
+    }
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(away(state(kB, i))) << "pass B layer " << i << " at A's backward " << j;
+    EXPECT_TRUE(away(state(kOther, 0)));
+    CheckAndFree(r, saved[kA][j]);
+  }
+  EXPECT_EQ(r.swap->GetStats().prefetches, 3);
+  for (SwapManager::Pass pass : {kOther, kB}) {
+    for (int j = static_cast<int>(saved[pass].size()) - 1; j >= 0; --j) {
+      SA_ASSERT_OK(r.swap->BackwardBegin(j, pass));
+      CheckAndFree(r, saved[pass][j]);
+    }
+  }
+  const SwapStats st = r.swap->GetStats();
+  EXPECT_EQ(st.prefetches, 3 + 1 + 3);
+  EXPECT_EQ(st.late_prefetches, 0);  // every tensor came back by its own pass's schedule
+  EXPECT_EQ(st.live_tickets, 0);
+  // A layer outside the pass's own count, and a pass never begun, are refused by name.
+  auto outside = r.swap->ForwardEnd(2, kOther);
+  EXPECT_TRUE(absl::IsInvalidArgument(outside)) << outside;
+  EXPECT_THAT(std::string(outside.message()), ::testing::HasSubstr("layer 2 is outside pass 2's 2 layers"));
+  auto unknown = r.swap->BackwardBegin(0, 9);
+  EXPECT_THAT(std::string(unknown.message()), ::testing::HasSubstr("outside pass 9's 0 layers"));
+  SA_ASSERT_OK(r.alloc->driver().SynchronizeStream(r.engine->stream(Direction::kHostToDevice)));
+  r.swap->Poll();
+  EXPECT_EQ(r.alloc->GetStats().allocated_bytes.all().current, 0);
+  EXPECT_EQ(r.pool->GetStats().in_use_bytes, 0u);
+}
+
+// The manager remembers the layer counts of the passes begun last, and never forgets a pass
+// that still has tickets, however many passes were begun since.
+TEST(SwapManager, ForgetsOnlyOldPassesWithoutTickets) {
+  Rig r = MakeRig("host_capacity_mb:64", {.slab_bytes = 8 * kMiB, .capacity = 32 * kMiB},
+                  {.lookahead = 1, .keep_last_layers = 0});
+  SA_ASSERT_OK(r.swap->BeginIteration(2, 1));
+  SA_ASSIGN_OR_FAIL(p, r.alloc->Malloc(kMiB, r.compute));
+  SA_ASSIGN_OR_FAIL(t, r.swap->Offload(p, kMiB, 0, nullptr, 1));
+  SA_ASSERT_OK(r.swap->ForwardEnd(0, 1));
+  constexpr SwapManager::Pass kMany = 3 * SwapManager::kMaxPasses;
+  for (SwapManager::Pass pass = 2; pass < 2 + kMany; ++pass) SA_ASSERT_OK(r.swap->BeginIteration(3, pass));
+  // Pass 1 holds a ticket: still known, its next layer accepted and its backward prefetching.
+  SA_ASSIGN_OR_FAIL(q, r.alloc->Malloc(kMiB, r.compute));
+  SA_ASSIGN_OR_FAIL(u, r.swap->Offload(q, kMiB, 1, nullptr, 1));
+  SA_ASSERT_OK(r.swap->BackwardBegin(1, 1));
+  SA_ASSIGN_OR_FAIL(s, r.swap->State(t));
+  EXPECT_EQ(s, TicketState::kPrefetching);
+  // The oldest passes without tickets are forgotten; the latest are not.
+  EXPECT_TRUE(absl::IsInvalidArgument(r.swap->ForwardEnd(0, 2)));
+  SA_ASSERT_OK(r.swap->ForwardEnd(2, 1 + kMany));
+  SA_ASSIGN_OR_FAIL(back, r.swap->Wait(t));
+  SA_ASSERT_OK(r.alloc->Free(back));
+  SA_ASSIGN_OR_FAIL(kept, r.swap->Wait(u));
+  EXPECT_EQ(kept, q);
+  SA_ASSERT_OK(r.alloc->Free(kept));
 }
 
 // Under memory pressure the allocator asks the manager to evict tensors waiting for their

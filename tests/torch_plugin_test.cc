@@ -879,6 +879,14 @@ TEST(TorchPlugin, SwapThroughTheInstalledAllocatorKeepsTheMemoryHistoryWhole) {
   EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("ticket is NULL"));
   EXPECT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 5, release, &p, &ticket), -1);
   EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("layer 5 is outside"));
+  // Passes (the _pass entry points): each with its own layer count; one never begun is refused.
+  ASSERT_EQ(stitchalloc_torch_swap_begin_pass(0, 6, 7), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(stitchalloc_torch_swap_forward_end_pass(0, 5, 7), 0) << stitchalloc_torch_last_error();
+  EXPECT_EQ(stitchalloc_torch_swap_backward_begin_pass(0, 5, 8), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("layer 5 is outside pass 8's 0 layers"));
+  EXPECT_EQ(stitchalloc_torch_swap_offload_pass(0, p.block, kP, 5, 8, release, &p, &ticket), -1);
+  EXPECT_THAT(stitchalloc_torch_last_error(), HasSubstr("outside pass 8's 0 layers"));
+  EXPECT_EQ(p.released, 0);
 
   uint64_t tp = 0, tq = 0;
   ASSERT_EQ(stitchalloc_torch_swap_offload(0, p.block, kP, 0, release, &p, &tp), 0) << stitchalloc_torch_last_error();

@@ -70,7 +70,7 @@ at::Tensor RawEmpty(int64_t nbytes) {
   return FlatBytes(std::move(storage), nbytes);
 }
 
-int64_t SwapOffload(const at::Tensor& t, int64_t layer) {
+int64_t SwapOffload(const at::Tensor& t, int64_t layer, int64_t pass) {
   TORCH_CHECK(t.defined() && t.is_cuda(), "stitchalloc.swap_offload: a CUDA tensor is required");
   c10::Storage storage = t.storage();
   const int64_t device = t.device().index();
@@ -78,8 +78,9 @@ int64_t SwapOffload(const at::Tensor& t, int64_t layer) {
               "stitchalloc.swap_offload: the tensor's memory was not allocated by stitchalloc");
   auto* holder = new Holder{storage, storage.nbytes()};
   uint64_t ticket = 0;
-  if (stitchalloc_torch_swap_offload(static_cast<int>(device), storage.mutable_data(), holder->nbytes,
-                                     static_cast<int>(layer), &ReleaseHolder, holder, &ticket) != 0) {
+  if (stitchalloc_torch_swap_offload_pass(static_cast<int>(device), storage.mutable_data(), holder->nbytes,
+                                          static_cast<int>(layer), static_cast<uint64_t>(pass), &ReleaseHolder, holder,
+                                          &ticket) != 0) {
     delete holder;
     Raise("swap_offload");
   }
@@ -131,7 +132,7 @@ void SwapCancel(int64_t ticket, int64_t device) {
 
 TORCH_LIBRARY(stitchalloc, m) {
   m.def("raw_empty(int nbytes) -> Tensor", &stitchalloc_ops::RawEmpty);
-  m.def("swap_offload(Tensor t, int layer) -> int", &stitchalloc_ops::SwapOffload);
+  m.def("swap_offload(Tensor t, int layer, int pass_id=0) -> int", &stitchalloc_ops::SwapOffload);
   m.def("swap_wait(int ticket, int device) -> Tensor", &stitchalloc_ops::SwapWait);
   m.def("swap_cancel(int ticket, int device) -> ()", &stitchalloc_ops::SwapCancel);
 }

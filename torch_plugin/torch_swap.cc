@@ -100,14 +100,20 @@ int OnSession(const char* what, int device, bool create, Fn&& fn) {
 
 extern "C" {
 
-__attribute__((visibility("default"))) int stitchalloc_torch_swap_begin(int device, int num_layers) {
-  return stitchalloc::OnSession("stitchalloc_torch_swap_begin", device, true,
-                                [&](stitchalloc::SwapSession& s) { return s.manager->BeginIteration(num_layers); });
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_begin_pass(int device, int num_layers, uint64_t pass) {
+  return stitchalloc::OnSession("stitchalloc_torch_swap_begin", device, true, [&](stitchalloc::SwapSession& s) {
+    return s.manager->BeginIteration(num_layers, pass);
+  });
 }
 
-__attribute__((visibility("default"))) int stitchalloc_torch_swap_offload(int device, void* ptr, uint64_t bytes,
-                                                                          int layer, void (*release)(void*),
-                                                                          void* context, uint64_t* ticket) {
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_begin(int device, int num_layers) {
+  return stitchalloc_torch_swap_begin_pass(device, num_layers, 0);
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_offload_pass(int device, void* ptr, uint64_t bytes,
+                                                                               int layer, uint64_t pass,
+                                                                               void (*release)(void*), void* context,
+                                                                               uint64_t* ticket) {
   using namespace stitchalloc;
   if (ticket == nullptr) return Fail("stitchalloc_torch_swap_offload", absl::InvalidArgumentError("ticket is NULL"));
   return OnSession("stitchalloc_torch_swap_offload", device, false, [&](SwapSession& s) -> absl::Status {
@@ -135,22 +141,37 @@ __attribute__((visibility("default"))) int stitchalloc_torch_swap_offload(int de
         // A failing free must not unwind through the swap manager; the block is then leaked.
       }
     };
-    auto t = foreign ? s.manager->Keep(ptr, bytes, layer, std::move(give_back))
-                     : s.manager->Offload(ptr, bytes, layer, std::move(give_back));
+    auto t = foreign ? s.manager->Keep(ptr, bytes, layer, std::move(give_back), pass)
+                     : s.manager->Offload(ptr, bytes, layer, std::move(give_back), pass);
     if (!t.ok()) return t.status();
     *ticket = *t;
     return absl::OkStatus();
   });
 }
 
-__attribute__((visibility("default"))) int stitchalloc_torch_swap_forward_end(int device, int layer) {
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_offload(int device, void* ptr, uint64_t bytes,
+                                                                          int layer, void (*release)(void*),
+                                                                          void* context, uint64_t* ticket) {
+  return stitchalloc_torch_swap_offload_pass(device, ptr, bytes, layer, 0, release, context, ticket);
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_forward_end_pass(int device, int layer, uint64_t pass) {
   return stitchalloc::OnSession("stitchalloc_torch_swap_forward_end", device, false,
-                                [&](stitchalloc::SwapSession& s) { return s.manager->ForwardEnd(layer); });
+                                [&](stitchalloc::SwapSession& s) { return s.manager->ForwardEnd(layer, pass); });
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_forward_end(int device, int layer) {
+  return stitchalloc_torch_swap_forward_end_pass(device, layer, 0);
+}
+
+__attribute__((visibility("default"))) int stitchalloc_torch_swap_backward_begin_pass(int device, int layer,
+                                                                                      uint64_t pass) {
+  return stitchalloc::OnSession("stitchalloc_torch_swap_backward_begin", device, false,
+                                [&](stitchalloc::SwapSession& s) { return s.manager->BackwardBegin(layer, pass); });
 }
 
 __attribute__((visibility("default"))) int stitchalloc_torch_swap_backward_begin(int device, int layer) {
-  return stitchalloc::OnSession("stitchalloc_torch_swap_backward_begin", device, false,
-                                [&](stitchalloc::SwapSession& s) { return s.manager->BackwardBegin(layer); });
+  return stitchalloc_torch_swap_backward_begin_pass(device, layer, 0);
 }
 
 __attribute__((visibility("default"))) int stitchalloc_torch_swap_wait(int device, uint64_t ticket, void** ptr,

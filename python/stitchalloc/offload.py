@@ -66,6 +66,7 @@ before its offloads are issued) and the copy bandwidth; alpha then comes from th
 """
 
 import functools
+import itertools
 import os
 import statistics
 import time
@@ -160,17 +161,17 @@ class _StitchallocBackend:
         """The device whose swap manager takes ``t`` (stitchalloc.swap.offload picks it so)."""
         return t.device.index
 
-    def begin(self, num_layers, device):
-        self._swap.begin_iteration(num_layers, device)
+    def begin(self, num_layers, device, pass_id):
+        self._swap.begin_iteration(num_layers, device, pass_id=pass_id)
 
-    def offload(self, t, layer):
-        return self._swap.offload(t, layer)
+    def offload(self, t, layer, pass_id):
+        return self._swap.offload(t, layer, pass_id=pass_id)
 
-    def forward_end(self, layer, device):
-        self._swap.forward_end(layer, device)
+    def forward_end(self, layer, device, pass_id):
+        self._swap.forward_end(layer, device, pass_id=pass_id)
 
-    def backward_begin(self, layer, device):
-        self._swap.backward_begin(layer, device)
+    def backward_begin(self, layer, device, pass_id):
+        self._swap.backward_begin(layer, device, pass_id=pass_id)
 
     def wait_storage(self, ticket):
         return self._swap.wait_storage(ticket)
@@ -192,15 +193,20 @@ class _StitchallocBackend:
         return min(physical / count, cap) if cap > 0 else physical / count
 
 
+# Forward pass ids (Offload._passes), unique in the process; 0 is the swap manager's default pass.
+_PASS_IDS = itertools.count(1)
+
+
 class _Storage:
     """One offloaded storage of one iteration, shared by every saved view of it."""
 
-    __slots__ = ("owner", "ticket", "layer", "tensor", "version", "restored", "__weakref__")
+    __slots__ = ("owner", "ticket", "layer", "pass_id", "tensor", "version", "restored", "__weakref__")
 
-    def __init__(self, owner, ticket, layer, tensor):
+    def __init__(self, owner, ticket, layer, pass_id, tensor):
         self.owner = owner
         self.ticket = ticket
         self.layer = layer
+        self.pass_id = pass_id
         self.tensor = tensor  # until the layer's forward ends (in-place check)
         self.version = tensor._version
         self.restored = None  # the storage back on the device, as flat bytes
@@ -209,14 +215,14 @@ class _Storage:
         if self.restored is None:
             self.restored = self.owner._backend.wait_storage(self.ticket)
             self.owner._waited += 1
-            self.owner._live.discard(self.ticket)
+            self.owner._live.discard((self.pass_id, self.ticket))
         return self.restored
 
     def __del__(self):
         # Died before any unpack (no backward, or the graph was freed): drop the pending copy.
         if getattr(self, "restored", None) is None and getattr(self, "ticket", None) is not None:
             try:
-                self.owner._live.discard(self.ticket)
+                self.owner._live.discard((self.pass_id, self.ticket))
                 self.owner._backend.cancel(self.ticket)
                 self.owner._cancelled += 1
             except Exception:  # interpreter shutdown, allocator gone: nothing left to return
@@ -336,11 +342,25 @@ class Offload:
         # The devices this iteration's saved tensors are on, in order of first use: a model split
         # over several GPUs (transformers' device_map) has a swap manager on each.
         self._devices = []
+        # Forward passes (one micro-batch through the layers): the k-th offloaded call of each
+        # layer in an iteration is in the iteration's k-th pass, whose id (_PASS_IDS: unique in
+        # the process, so that two offloaded models never share one) is _passes[k]. The swap
+        # managers schedule each pass on its own: a backward brings back its own pass's layers
+        # only, not those of micro-batches whose backward comes later (a pipeline schedule, two
+        # forwards before one backward), nor another model's. _pass_of[i]: the pass of layer i's
+        # running (or last) forward. _begun: pass id -> the devices whose manager began it, in
+        # order (they hear of its layer boundaries), for the passes that may still have tickets:
+        # a pipeline's micro-batches outlive the iteration count's backward bursts.
+        self._calls = [0] * len(self._layers)
+        self._passes = []
+        self._pass_of = [0] * len(self._layers)
+        self._begun = {}
         self._by_ptr = {}  # storage data_ptr -> _Storage, within the current layer
         # Tickets of _Storages neither restored nor dead: while an iteration's forward ran and
         # no backward began, none left means every graph of its forwards died without a
         # backward (a forward that raised: an out-of-memory error caught and the step retried).
-        # A set, whose add and discard are one call each, as __del__ may run on any thread.
+        # A set of (pass id, ticket), whose add and discard are one call each, as __del__ may run
+        # on any thread.
         self._live = set()
         self._pending = {}  # layer -> [_Storage] whose forward has not ended
         self._undo = []
@@ -463,13 +483,17 @@ class Offload:
             if self._capturing():
                 return t
             device = self._device_of(t)
-            if device not in self._devices:
-                self._backend.begin(len(self._layers), device)
-                self._devices.append(device)
+            pass_id = self._pass_of[layer]
+            devices = self._begun.setdefault(pass_id, [])
+            if device not in devices:
+                self._backend.begin(len(self._layers), device, pass_id)
+                devices.append(device)
+                if device not in self._devices:
+                    self._devices.append(device)
             s = self._by_ptr.get(ptr)
             if s is None:
-                s = _Storage(self, self._backend.offload(t, layer), layer, t)
-                self._live.add(s.ticket)
+                s = _Storage(self, self._backend.offload(t, layer, pass_id), layer, pass_id, t)
+                self._live.add((pass_id, s.ticket))
                 self._by_ptr[ptr] = s
                 self._pending.setdefault(layer, []).append(s)
                 self.offloaded += 1
@@ -509,8 +533,9 @@ class Offload:
                     f"stitchalloc.offload: a tensor saved for backward in layer {layer} was modified in place "
                     "before the layer's forward ended; its copy would not match what autograd saved")
             s.tensor = None
-        for device in self._devices:
-            self._backend.forward_end(layer, device)
+        pass_id = self._pass_of[layer]
+        for device in self._begun.get(pass_id, ()):
+            self._backend.forward_end(layer, device, pass_id)
 
     def _leave_forward(self, layer):
         """Layer ``layer``'s forward is over: its per-forward state goes (nothing of it may
@@ -521,9 +546,9 @@ class Offload:
         self._by_ptr.clear()
         return self._pending.pop(layer, [])
 
-    def _backward_begin(self, layer):
-        for device in self._devices:
-            self._backend.backward_begin(layer, device)
+    def _backward_begin(self, layer, pass_id):
+        for device in self._begun.get(pass_id, ()):
+            self._backend.backward_begin(layer, device, pass_id)
         self._backward_seen = True
         if layer == 0:
             self._backwards0 += 1
@@ -536,6 +561,7 @@ class Offload:
         are not waited for, and "auto" measures again)."""
         self._forwards0 = 0
         self._devices = []
+        self._new_passes()
         if self._measure is not None:
             self._measure = _new_measure()
 
@@ -557,6 +583,7 @@ class Offload:
         self.iterations += 1
         device = self._devices[0] if self._devices else 0
         self._devices = []
+        self._new_passes()
         m = self._measure
         if m is None or m["layers"] == 0:
             return
@@ -588,6 +615,26 @@ class Offload:
             # hold for the calls that split.
             self.plan_text += (f"\n(measured with {self._run_whole} token-wise block calls run as they are, "
                                "because of hooks: see the warning)")
+
+    def _new_passes(self):
+        """The next forward calls start new passes. The passes begun so far keep their entries
+        while they have tickets (a micro-batch whose backward is still to come); the others are
+        forgotten once more than a few are remembered."""
+        self._calls = [0] * len(self._layers)
+        self._passes = []
+        if len(self._begun) > 16:
+            held = {pass_id for pass_id, _ in list(self._live)}  # one C call: atomic under the GIL
+            for pass_id in [p for p in self._begun if p not in held]:
+                del self._begun[pass_id]
+
+    def _enter_pass(self, layer):
+        """Layer ``layer``'s forward starts: its pass (see _passes), now _pass_of[layer]."""
+        k = self._calls[layer]
+        self._calls[layer] = k + 1
+        while len(self._passes) <= k:
+            self._passes.append(next(_PASS_IDS))
+        self._pass_of[layer] = self._passes[k]
+        return self._passes[k]
 
     def _refresh_param_storages(self):
         model, torch = self._model(), self._torch
@@ -785,10 +832,10 @@ class Offload:
             self._wrap_token_local(i, layer, pack)
             self._wrap_attention(i, layer, pack)
 
-        def on_grad(grad):
+        def on_grad(pass_id, grad):
             me = owner()
             if me is not None:
-                me._backward_begin(i)
+                me._backward_begin(i, pass_id)
             return grad
 
         def begin(args, kwargs):
@@ -810,6 +857,7 @@ class Offload:
             me._forward_seen = True
             if i == 0:
                 me._forwards0 += 1
+            me._enter_pass(i)
             start = time.perf_counter() if me._measure is not None else None
             x = args[0] if args else kwargs.get("hidden_states")  # transformers' keyword
             if start is not None and torch.is_tensor(x):
@@ -851,7 +899,7 @@ class Offload:
             me._forward_end(i)
             output = _main_output(torch, out, args[0] if args else kwargs.get("hidden_states"))
             if output is not None:
-                output.register_hook(on_grad)
+                output.register_hook(functools.partial(on_grad, me._pass_of[i]))
             return out
 
         def probe(me, args, kwargs):

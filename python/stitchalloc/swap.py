@@ -10,6 +10,12 @@ the layer-boundary API underneath, for custom training loops::
     x = stitchalloc.swap.wait(t)                  # the same dtype, shape and strides, usable in stream order
     stitchalloc.swap.cancel(t)                    # the tensor is no longer needed
 
+Every call that names a layer also takes ``pass_id`` (0 by default): a forward pass whose backward
+comes later, such as one micro-batch through one model. Each pass has its own layer count, and a
+layer boundary concerns that pass's tickets only, so passes in flight together (a pipeline
+schedule's micro-batches, two forwards before one backward, two models on one GPU) each prefetch
+their own tensors. ``stitchalloc.offload`` gives every forward pass an id of its own.
+
 A ticket stands for the tensor's whole storage; several views of one storage should share a
 ticket (``restore`` rebuilds any view from the storage ``wait_storage`` returns). Settings are the
 swap_* keys of the installed configuration (docs/configuration.md). Every call needs stitchalloc
@@ -25,9 +31,9 @@ from .arena import _check, _device, _parse_stats
 _STATES = ("registered", "kept", "offloading", "on_host", "prefetching")
 _ops_loaded = False
 _SIGNATURES = {
-    "stitchalloc_torch_swap_begin": ([ctypes.c_int, ctypes.c_int], None),
-    "stitchalloc_torch_swap_forward_end": ([ctypes.c_int, ctypes.c_int], None),
-    "stitchalloc_torch_swap_backward_begin": ([ctypes.c_int, ctypes.c_int], None),
+    "stitchalloc_torch_swap_begin_pass": ([ctypes.c_int, ctypes.c_int, ctypes.c_uint64], None),
+    "stitchalloc_torch_swap_forward_end_pass": ([ctypes.c_int, ctypes.c_int, ctypes.c_uint64], None),
+    "stitchalloc_torch_swap_backward_begin_pass": ([ctypes.c_int, ctypes.c_int, ctypes.c_uint64], None),
     "stitchalloc_torch_swap_synchronize": ([ctypes.c_int], None),
     "stitchalloc_torch_swap_state": ([ctypes.c_int, ctypes.c_uint64], None),
     "stitchalloc_torch_swap_stats": ([ctypes.c_int], ctypes.c_char_p),
@@ -66,28 +72,40 @@ class Ticket:
     nbytes: int
 
 
-def begin_iteration(num_layers: int, device=None) -> None:
-    """Starts a forward pass over ``num_layers`` layers (fixes which layers are the last)."""
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-        raise TypeError(f"num_layers must be an int, not {type(num_layers).__name__}")
-    _check(_lib().stitchalloc_torch_swap_begin(_device(device), num_layers))
+def _whole(name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
 
 
-def offload(tensor, layer: int) -> Ticket:
-    """Hands ``tensor``'s storage, saved by layer ``layer``, to the swap manager."""
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"layer must be an int, not {type(layer).__name__}")
+def _pass(pass_id):
+    if not 0 <= _whole("pass_id", pass_id) < 1 << 63:
+        raise ValueError(f"pass_id must be in [0, 2**63), not {pass_id}")
+    return pass_id
+
+
+def begin_iteration(num_layers: int, device=None, *, pass_id: int = 0) -> None:
+    """Starts forward pass ``pass_id`` over ``num_layers`` layers (fixes which of its layers are
+    the last)."""
+    _check(_lib().stitchalloc_torch_swap_begin_pass(_device(device), _whole("num_layers", num_layers), _pass(pass_id)))
+
+
+def offload(tensor, layer: int, *, pass_id: int = 0) -> Ticket:
+    """Hands ``tensor``'s storage, saved by layer ``layer`` of pass ``pass_id``, to the swap manager."""
     ops = _ops()
-    ticket = ops.swap_offload(tensor, layer)
+    ticket = ops.swap_offload(tensor, _whole("layer", layer), _pass(pass_id))
     return Ticket(int(ticket), tensor.device.index or 0, tensor.untyped_storage().nbytes())
 
 
-def forward_end(layer: int, device=None) -> None:
-    _check(_lib().stitchalloc_torch_swap_forward_end(_device(device), layer))
+def forward_end(layer: int, device=None, *, pass_id: int = 0) -> None:
+    """Layer ``layer``'s forward in pass ``pass_id`` ended: its offloads are issued."""
+    _check(_lib().stitchalloc_torch_swap_forward_end_pass(_device(device), _whole("layer", layer), _pass(pass_id)))
 
 
-def backward_begin(layer: int, device=None) -> None:
-    _check(_lib().stitchalloc_torch_swap_backward_begin(_device(device), layer))
+def backward_begin(layer: int, device=None, *, pass_id: int = 0) -> None:
+    """Pass ``pass_id``'s backward reached layer ``layer``: the pass's layers below it come back."""
+    _check(_lib().stitchalloc_torch_swap_backward_begin_pass(_device(device), _whole("layer", layer),
+                                                             _pass(pass_id)))
 
 
 def wait_storage(ticket: Ticket):

@@ -49,10 +49,10 @@ class RecordingBackend:
     def accepts(self, t):
         return True
 
-    def begin(self, num_layers, device):
+    def begin(self, num_layers, device, pass_id=0):
         self.log.append(("begin", num_layers))
 
-    def offload(self, t, layer):
+    def offload(self, t, layer, pass_id=0):
         ticket = self.next
         self.next += 1
         # The storage only, as the swap manager holds it: not the tensor's autograd graph.
@@ -64,7 +64,7 @@ class RecordingBackend:
     def _flat(storage):
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
 
-    def forward_end(self, layer, device):
+    def forward_end(self, layer, device, pass_id=0):
         for e in self.live.values():
             if e["layer"] == layer and e["tensor"] is not None:
                 e["host"] = self._flat(e["tensor"].untyped_storage()).clone()
@@ -72,7 +72,7 @@ class RecordingBackend:
                 e["tensor"] = None
         self.log.append(("forward_end", layer))
 
-    def backward_begin(self, layer, device):
+    def backward_begin(self, layer, device, pass_id=0):
         self.log.append(("backward_begin", layer))
 
     def wait_storage(self, ticket):
@@ -833,6 +833,157 @@ def test_graphs_used_twice(step, policy, sdpa):
     assert off.stats()["iterations"] == 2  # one per step: not one per backward, nor per forward
 
 
+class ScheduleBackend(RecordingBackend):
+    """The swap manager's schedule as swap/swap_manager.cc has it, one manager shared by every
+    offloaded model: each pass has its own layer count, and an offload or layer boundary outside
+    it is refused; a layer's tickets of a pass leave at that layer's forward end (the pass's last
+    layer's stay), and the backward of a pass's layer brings back that pass's layer below
+    (lookahead 1). Counts the bytes brought back and not yet used, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = {}  # pass -> its layer count
+        self.pass_of = {}  # ticket -> pass
+        self.back = set()  # tickets brought back and not yet used
+        self.back_bytes = self.peak_back = 0
+        self.late = 0  # tickets used while still on the host
+        self.layer_bytes = {}  # (pass, layer) -> bytes offloaded
+
+    def _check(self, what, layer, pass_id):
+        if not 0 <= layer < self.layers.get(pass_id, 0):
+            raise RuntimeError(f"swap manager: {what}: layer {layer} is outside pass {pass_id}'s "
+                               f"{self.layers.get(pass_id, 0)} layers")
+
+    def begin(self, num_layers, device, pass_id=0):
+        super().begin(num_layers, device, pass_id)
+        self.layers[pass_id] = num_layers
+
+    def offload(self, t, layer, pass_id=0):
+        self._check("offload", layer, pass_id)
+        ticket = super().offload(t, layer, pass_id)
+        self.pass_of[ticket] = pass_id
+        key = (pass_id, layer)
+        self.layer_bytes[key] = self.layer_bytes.get(key, 0) + t.untyped_storage().nbytes()
+        return ticket
+
+    def forward_end(self, layer, device, pass_id=0):
+        self._check("forward_end", layer, pass_id)
+        self.log.append(("forward_end", layer))
+        if layer == self.layers[pass_id] - 1:
+            return  # the pass's last layer: kept on the device
+        for ticket, e in self.live.items():
+            if e["layer"] == layer and self.pass_of[ticket] == pass_id and e["tensor"] is not None:
+                e["host"] = self._flat(e["tensor"].untyped_storage()).clone()
+                e["tensor"] = None
+
+    def backward_begin(self, layer, device, pass_id=0):
+        self._check("backward_begin", layer, pass_id)
+        self.log.append(("backward_begin", layer))
+        for ticket, e in self.live.items():
+            if (self.pass_of[ticket] == pass_id and e["layer"] == layer - 1 and e["host"] is not None
+                    and ticket not in self.back):
+                self.back.add(ticket)
+                self.back_bytes += e["host"].numel()
+                self.peak_back = max(self.peak_back, self.back_bytes)
+
+    def _used(self, ticket):
+        if ticket in self.back:
+            self.back.discard(ticket)
+            self.back_bytes -= self.live[ticket]["host"].numel()
+            return True
+        return False
+
+    def wait_storage(self, ticket):
+        if not self._used(ticket) and self.live[ticket]["host"] is not None:
+            self.late += 1
+        return super().wait_storage(ticket)
+
+    def cancel(self, ticket):
+        self._used(ticket)
+        super().cancel(ticket)
+
+
+def gpipe(model, batches):
+    """A pipeline stage's schedule (GPipe): every micro-batch's forward, then their backwards."""
+    model.zero_grad(set_to_none=True)
+    for loss in [model.loss(b) for b in batches]:
+        loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def one_f_one_b(model, batches):
+    """1F1B: forward 0, forward 1, backward 0, forward 2, backward 1, backward 2."""
+    model.zero_grad(set_to_none=True)
+    first, second = model.loss(batches[0]), model.loss(batches[1])
+    first.backward()
+    third = model.loss(batches[2])
+    second.backward()
+    third.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute"])
+@pytest.mark.parametrize("schedule", [gpipe, one_f_one_b, two_forwards_one_backward])
+def test_micro_batches_in_flight_bring_back_only_their_own_layers(schedule, policy):
+    # Several micro-batches' forwards before their backwards (a pipeline stage's schedule, or
+    # summed losses): each forward is a pass of its own for the swap manager, so a micro-batch's
+    # backward brings back its own next layer only. Tickets were the layer's alone, so every
+    # backward of a layer brought back the layer below of every micro-batch in flight, which then
+    # waited on the device for backwards to come: with three micro-batches, 2 of them in
+    # flight, the peak brought back early was those micro-batches' activations of every layer.
+    model = make_model(layers=6)
+    if schedule is two_forwards_one_backward:
+        batches = tokens()
+    else:
+        batches = [tokens(seed=s) for s in (1, 2, 3)]
+    ref = schedule(model, batches)
+    backend = ScheduleBackend()
+    with stitchalloc.offload(model, policy=policy, backend=backend, recompute_chunk=7) as off:
+        for _ in range(2):
+            got = schedule(model, batches)
+            for a, b in zip(ref, got):
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert backend.live == {} and off.stats()["waited"] == off.stats()["offloaded"] > 0
+    passes = {p for p, _ in backend.layer_bytes}
+    assert len(passes) == 2 * (2 if schedule is two_forwards_one_backward else 3)
+    # Brought back and not yet used, at most: the layer whose backward began and the one below
+    # it (lookahead 1), of one micro-batch. Everything that left came back by its own
+    # micro-batch's schedule, none late.
+    assert 0 < backend.peak_back <= 2 * max(backend.layer_bytes.values())
+    assert backend.late == 0
+
+
+def test_two_offloaded_models_of_different_depth_share_the_swap_manager():
+    # A generator and a discriminator (or a policy and a value model) trained in one step on
+    # one GPU, each offloaded: they share the device's swap manager. The manager knew one layer
+    # count, the last model's to begin, so the deeper model's boundaries past it were refused
+    # ("layer 5 is outside the iteration's 3 layers") and the step failed; and each model's
+    # backward brought back the other's tensors of the same layer index.
+    deep, shallow = make_model(seed=0, layers=6), make_model(seed=1, layers=3)
+    batch = tokens()
+
+    def step():
+        for m in (deep, shallow):
+            m.zero_grad(set_to_none=True)
+        loss = deep.loss(batch) + shallow.loss(batch.flip(1))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for m in (deep, shallow) for p in m.parameters()]
+
+    ref_loss, ref = step()
+    backend = ScheduleBackend()
+    with stitchalloc.offload(deep, policy="swap", backend=backend) as a, \
+            stitchalloc.offload(shallow, policy=0.5, backend=backend) as b:
+        for _ in range(2):
+            loss, got = step()
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+            for x, y in zip(ref, got):
+                torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-12)
+    assert backend.live == {} and backend.late == 0
+    assert 0 < backend.peak_back <= 2 * max(backend.layer_bytes.values())
+    assert sorted(set(backend.layers.values())) == [3, 6]  # each pass with its model's depth
+    assert a.stats()["iterations"] == b.stats()["iterations"] == 2
+
+
 class Looped(tiny_llama.TinyLlama):
     """Weights shared across depth: every layer applied twice per forward (as in ALBERT or a
     looped transformer)."""
@@ -1126,38 +1277,38 @@ def test_the_output_marking_a_layers_backward():
 
 class TwoDeviceBackend(RecordingBackend):
     """Two swap managers, as on a model split over two GPUs: float32 tensors are on "device 1",
-    the others on device 0. Like the real managers, each refuses offloads before its own begin
-    and moves only its own tickets at a layer's end."""
+    the others on device 0. Like the real managers, each refuses offloads in a pass before its
+    own begin of that pass and moves only its own tickets of the pass at a layer's end."""
 
     def __init__(self):
         super().__init__()
-        self.begun = set()
+        self.begun = set()  # (device, pass)
 
     @staticmethod
     def device_of(t):
         return 1 if t.dtype == torch.float32 else 0
 
-    def begin(self, num_layers, device):
-        self.begun.add(device)
+    def begin(self, num_layers, device, pass_id=0):
+        self.begun.add((device, pass_id))
         self.log.append(("begin", num_layers, device))
 
-    def offload(self, t, layer):
+    def offload(self, t, layer, pass_id=0):
         device = self.device_of(t)
-        if device not in self.begun:
-            raise RuntimeError(f"swap manager of device {device}: layer {layer} outside the iteration")
-        ticket = super().offload(t, layer)
-        self.live[ticket]["device"] = device
+        if (device, pass_id) not in self.begun:
+            raise RuntimeError(f"swap manager of device {device}: layer {layer} outside pass {pass_id}")
+        ticket = super().offload(t, layer, pass_id)
+        self.live[ticket].update(device=device, pass_id=pass_id)
         return ticket
 
-    def forward_end(self, layer, device):
+    def forward_end(self, layer, device, pass_id=0):
         for e in self.live.values():
-            if e["layer"] == layer and e["device"] == device and e["tensor"] is not None:
+            if (e["layer"], e["device"], e["pass_id"]) == (layer, device, pass_id) and e["tensor"] is not None:
                 e["host"] = self._flat(e["tensor"].untyped_storage()).clone()
                 self.bytes_out += e["host"].numel()
                 e["tensor"] = None
         self.log.append(("forward_end", layer, device))
 
-    def backward_begin(self, layer, device):
+    def backward_begin(self, layer, device, pass_id=0):
         self.log.append(("backward_begin", layer, device))
 
     def wait_storage(self, ticket):
@@ -1462,11 +1613,11 @@ class WatchingBackend(RecordingBackend):
         super().__init__()
         self.watched = []
 
-    def offload(self, t, layer):
+    def offload(self, t, layer, pass_id=0):
         from torch.multiprocessing.reductions import StorageWeakRef
 
         self.watched.append((layer, t.untyped_storage().nbytes(), StorageWeakRef(t.untyped_storage())))
-        return super().offload(t, layer)
+        return super().offload(t, layer, pass_id)
 
 
 @pytest.mark.parametrize("keywords", [False, True], ids=["positional", "keywords"])
@@ -3736,9 +3887,9 @@ class SlowIssueBackend(RecordingBackend):
     """Issuing a layer's offloads takes 400 ms (as growing the pinned pool can on a GPU): far
     above the layer's own compute, however loaded the machine."""
 
-    def forward_end(self, layer, device):
+    def forward_end(self, layer, device, pass_id=0):
         time.sleep(0.4)
-        super().forward_end(layer, device)
+        super().forward_end(layer, device, pass_id)
 
 
 def test_auto_times_the_layers_compute_not_the_issue_of_its_offloads():
@@ -3845,6 +3996,55 @@ def test_swap_manager_round_trips_bit_exact_through_pytorch_operators():
 
 
 @needs_plugin
+def test_swap_manager_schedules_each_pass_on_its_own_through_pytorch_operators():
+    # Two passes in flight (micro-batches), one of them over fewer layers (another model): each
+    # backward brings back its own pass's layer below only; each pass keeps its own last layer.
+    r = run_python(f"""
+        import ctypes, json, torch, stitchalloc
+        from stitchalloc import swap
+        stitchalloc.install("{HOST},swap_min_kb:0,swap_keep_last_layers:1,swap_lookahead:1")
+        ops = swap._ops()
+        tickets = {{}}
+        for pass_id, layers in ((11, 4), (12, 3)):
+            swap.begin_iteration(layers, pass_id=pass_id)
+            for layer in range(layers):
+                raw = ops.raw_empty(1 << 20)
+                ctypes.memset(raw.data_ptr(), 16 * pass_id + layer, 1 << 20)
+                tickets[pass_id, layer] = swap.offload(raw, layer, pass_id=pass_id)
+                del raw
+                swap.forward_end(layer, pass_id=pass_id)
+        swap.synchronize()
+        out = {{"after_forwards": {{f"{{p}}/{{l}}": swap.state(t) for (p, l), t in tickets.items()}}}}
+        swap.backward_begin(3, pass_id=11)
+        out["after_backward_11_3"] = {{f"{{p}}/{{l}}": swap.state(t) for (p, l), t in tickets.items()}}
+        ok = 0
+        for pass_id, layers in ((11, 4), (12, 3)):
+            for layer in reversed(range(layers)):
+                swap.backward_begin(layer, pass_id=pass_id)
+                back = swap.wait_storage(tickets[pass_id, layer])
+                swap.synchronize()
+                ok += ctypes.string_at(back.data_ptr(), 1 << 20) == bytes([16 * pass_id + layer]) * (1 << 20)
+                del back
+        out["ok"] = ok
+        out["stats"] = swap.swap_stats()
+        print(json.dumps(out))
+        """)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    kept = {"11/3", "12/2"}  # each pass's own last layer
+    assert {k for k, v in out["after_forwards"].items() if v == "kept"} == kept
+    assert all(v == "on_host" for k, v in out["after_forwards"].items() if k not in kept)
+    back = out["after_backward_11_3"]
+    assert back["11/2"] == "prefetching"
+    assert all(v == "on_host" for k, v in back.items() if k not in kept | {"11/2"}), back
+    assert out["ok"] == 7
+    s = out["stats"]
+    assert s["swap.prefetches"] == 3 + 2 and s["swap.late_prefetches"] == 0 and s["swap.live_tickets"] == 0
+
+
+@needs_plugin
 def test_swap_calls_fail_clearly_before_install_and_before_begin():
     r = run_python(f"""
         import json, torch, stitchalloc
@@ -3865,6 +4065,14 @@ def test_swap_calls_fail_clearly_before_install_and_before_begin():
         except RuntimeError as e:
             out["bad_layer"] = str(e)
         try:
+            swap.backward_begin(1, pass_id=5)
+        except RuntimeError as e:
+            out["pass_not_begun"] = str(e)
+        try:
+            swap.begin_iteration(2, pass_id=-1)
+        except ValueError as e:
+            out["bad_pass"] = str(e)
+        try:
             swap.begin_iteration(0)
         except RuntimeError as e:
             out["no_layers"] = str(e)
@@ -3881,7 +4089,9 @@ def test_swap_calls_fail_clearly_before_install_and_before_begin():
     out = json.loads(r.stdout)
     assert "not PyTorch's CUDA allocator" in out["not_installed"]
     assert "stitchalloc_torch_swap_begin first" in out["no_session"]
-    assert "ForwardEnd(7)" in out["bad_layer"]
+    assert "ForwardEnd: layer 7 is outside the iteration's 2 layers" in out["bad_layer"]
+    assert "BackwardBegin: layer 1 is outside pass 5's 0 layers" in out["pass_not_begun"]
+    assert "pass_id must be in [0, 2**63), not -1" in out["bad_pass"]
     assert "at least 1" in out["no_layers"]
     assert out["offload"] == "ok"
 

@@ -42,6 +42,10 @@ const char* stitchalloc_torch_arena_stats(int device);
  * PyTorch's current stream as the compute stream. Each returns 0, or -1 with
  * stitchalloc_torch_last_error() saying why.
  *   swap_begin            starts a forward pass over `num_layers` layers.
+ *   ..._pass              the same in forward pass `pass` (pass 0 without the suffix): each
+ *                         pass has its own layer count, and a layer boundary concerns its own
+ *                         pass's tensors only, so micro-batches in flight together and models
+ *                         sharing a device each prefetch their own (swap/swap_manager.h).
  *   swap_offload          hands a stitchalloc allocation saved by layer `layer` to the manager
  *                         and sets *ticket. With `release`, the block stays the caller's: when the
  *                         manager is done with it (its copy is queued, or the ticket was
@@ -64,6 +68,11 @@ int stitchalloc_torch_swap_offload(int device, void* ptr, uint64_t bytes, int la
                                    void* context, uint64_t* ticket);
 int stitchalloc_torch_swap_forward_end(int device, int layer);
 int stitchalloc_torch_swap_backward_begin(int device, int layer);
+int stitchalloc_torch_swap_begin_pass(int device, int num_layers, uint64_t pass);
+int stitchalloc_torch_swap_offload_pass(int device, void* ptr, uint64_t bytes, int layer, uint64_t pass,
+                                        void (*release)(void*), void* context, uint64_t* ticket);
+int stitchalloc_torch_swap_forward_end_pass(int device, int layer, uint64_t pass);
+int stitchalloc_torch_swap_backward_begin_pass(int device, int layer, uint64_t pass);
 int stitchalloc_torch_swap_wait(int device, uint64_t ticket, void** ptr, int* same_block);
 int stitchalloc_torch_swap_cancel(int device, uint64_t ticket);
 int stitchalloc_torch_swap_synchronize(int device);
