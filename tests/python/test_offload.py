@@ -1514,6 +1514,45 @@ def test_ddp_wrapped_model(one_process_group, policy, order):
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
+@pytest.mark.parametrize("schedule", ["ScheduleGPipe", "Schedule1F1B"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_torch_pipelining_schedules(one_process_group, policy, schedule):
+    # torch.distributed.pipelining runs the offloaded model as a stage (one gloo rank, one
+    # stage): four micro-batches a step, each a forward pass of its own for the swap manager
+    # (GPipe: all four forwards before the first backward). Two steps with the gradients of
+    # the same schedule without offload; at most the layer whose backward began and the one
+    # below, of one micro-batch, brought back ahead of use; none used while still on the host.
+    import torch.distributed.pipelining as pipelining
+
+    def loss_fn(logits, target):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    def steps(off_policy):
+        model, backend = make_model(layers=4), ScheduleBackend()
+        batch = tokens(batch=4)
+        off = stitchalloc.offload(model, policy=off_policy, backend=backend) if off_policy else None
+        stage = pipelining.PipelineStage(model, 0, 1, torch.device("cpu"))
+        run = getattr(pipelining, schedule)(stage, n_microbatches=4, loss_fn=loss_fn)
+        grads = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            run.step(batch[:, :-1], target=batch[:, 1:])
+            grads.append([p.grad.clone() for p in model.parameters()])
+        if off is not None:
+            off.remove()
+        return grads, backend, off
+
+    ref, _, _ = steps(None)
+    got, backend, off = steps(policy)
+    for g0, g1 in zip(ref, got):
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert backend.live == {} and backend.late == 0
+    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] > 0
+    assert len({p for p, _ in backend.layer_bytes}) >= 2 * 4
+    assert 0 < backend.peak_back <= 2 * max(backend.layer_bytes.values())
+
+
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
 def test_bad_recompute_chunks_are_rejected(chunk):
     with pytest.raises(ValueError, match="recompute_chunk"):
