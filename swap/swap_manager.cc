@@ -346,21 +346,38 @@ CachingAllocator::PressureRelief SwapManager::Evict(std::size_t bytes) {
   MutexLock l(&mu_);
   PollLocked();
   // Earliest layer first: its backward is last. Tensors kept for want of pinned memory try
-  // again: prefetches and cancels may have freed some since.
-  std::vector<std::pair<int, Ticket>> candidates;
+  // again: prefetches and cancels may have freed some since. Then the last layers kept on the
+  // device because their backward follows at once, newest first: with several passes in flight
+  // (micro-batches) only the first backward follows at once, and the oldest pass's is nearest.
+  // Those come back at their Wait (a late prefetch) rather than the step running out of memory.
+  struct Candidate {
+    bool last_layer;
+    int layer;
+    Ticket order;  // ascending: earliest first among registered, newest first among last layers
+    Ticket t;
+    auto operator<=>(const Candidate&) const = default;
+  };
+  std::vector<Candidate> candidates;
   for (auto& [t, e] : tickets_) {
-    const bool retry = e.state == TicketState::kKept && e.why == KeptWhy::kNoHostMemory;
-    if (e.state == TicketState::kRegistered || retry) candidates.emplace_back(e.layer, t);
+    const bool kept = e.state == TicketState::kKept;
+    if (e.state == TicketState::kRegistered || (kept && e.why == KeptWhy::kNoHostMemory)) {
+      candidates.push_back({false, e.layer, t, t});
+    } else if (kept && e.why == KeptWhy::kLastLayers) {
+      candidates.push_back({true, 0, ~t, t});
+    }
   }
   std::sort(candidates.begin(), candidates.end());
   std::size_t freed = 0;
   std::int64_t moved = 0;
-  for (const auto& [layer, t] : candidates) {
+  for (const Candidate& c : candidates) {
     if (freed >= bytes) break;
-    Entry& e = tickets_[t];
+    Entry& e = tickets_[c.t];
     const std::size_t n = e.bytes;
-    if (!OffloadLocked(t, e).ok()) continue;
-    if (e.state != TicketState::kOffloading) continue;  // no pinned memory for it
+    if (!OffloadLocked(c.t, e).ok()) continue;
+    if (e.state != TicketState::kOffloading) {  // no pinned memory for it
+      if (c.last_layer) e.why = KeptWhy::kLastLayers;  // still kept for what it was kept for
+      continue;
+    }
     freed += n;
     ++moved;
     ++stats_.evicted;

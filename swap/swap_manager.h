@@ -19,7 +19,8 @@
 // Host blocks whose copy may still be running go to deferred_ and are freed once it completed.
 // Under memory pressure the allocator calls Evict(): registered tensors of the earliest layers
 // (the latest backward), and kept ones that found no pinned memory before (the pool may have
-// room again), are offloaded at once and their device blocks freed; Evict also says what still
+// room again), then the last layers kept, newest first (with several passes in flight only the
+// oldest one's backward follows at once), are offloaded at once and their device blocks freed; Evict also says what still
 // holds device memory, which ends the out-of-memory report if the request fails anyway.
 //
 // Passes: a ticket belongs to the forward pass that saved it (a Pass id the caller picks; 0
