@@ -1486,6 +1486,58 @@ def test_tensor_parallel_layers(one_process_group, policy, fsdp, monkeypatch):
         assert backend.bytes_out == expected.bytes_out
 
 
+def sequence_parallel(model, mesh):
+    """torchtitan's tensor and sequence parallel plan on a TinyLlama: the norms sequence-parallel
+    (their input and output sharded over the tokens), the attention and MLP inputs gathered
+    (PrepareModuleInput), the output projections back to sequence shards."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    parallelize_module(model, mesh, {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True)})
+    gathered = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    for layer in model.layers:
+        parallelize_module(layer, mesh, {
+            "input_layernorm": SequenceParallel(), "self_attn": gathered,
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(), "mlp": gathered,
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))})
+    return model
+
+
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_sequence_parallel_layers(one_process_group, policy):
+    # Sequence parallelism as torchtitan applies it (one gloo rank): the layer input and the
+    # norms' tensors are DTensors sharded over the tokens, swapped as their inner tensors. The
+    # norms' and blocks' input hooks (distribute_module's) are hooks a token-wise block could
+    # not run under: every block runs as it is (its tensors swapped), with one warning naming
+    # the hook. The plain model's gradients under every policy.
+    batch = tokens()
+    ref = fsdp_step(make_model(layers=3), batch)
+    model, backend = sequence_parallel(make_model(layers=3), one_process_group), RecordingBackend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with stitchalloc.offload(model, policy=policy, backend=backend) as off:
+            for step in range(2):
+                got = fsdp_step(model, batch)
+                for a, b in zip(ref, got):
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
+    runs_whole = [str(w.message) for w in caught if "runs as it is" in str(w.message)]
+    if policy == "swap":
+        assert off.stats()["blocks_run_whole"] == 0 and not runs_whole
+    else:
+        # Both blocks of 3 layers in 2 steps; "auto" plans alpha 1 after its first step, whose MLP
+        # blocks then recompute nothing and so do not split (the attention blocks still would).
+        assert off.stats()["blocks_run_whole"] == (2 * 3 * 2 if policy != "auto" else 2 * 3 + 3)
+        assert len(runs_whole) == 1 and "forward pre hook" in runs_whole[0]
+
+
 @pytest.mark.parametrize("order", ["offload, then DDP", "DDP, then offload"])
 @pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
 def test_ddp_wrapped_model(one_process_group, policy, order):
