@@ -2,7 +2,7 @@
 process under stitchalloc; prints one JSON line (tests/gpu/test_offload_gpu.py reads it).
 
     python tests/gpu/offload_job.py [--dtype float32|bfloat16] [--seq N] [--layers N] [--sdpa]
-                                    [--recompute-chunk N] [--loss-chunk N] [--autocast]
+                                    [--recompute-chunk N] [--loss-chunk N] [--autocast] [--micro-batches N]
 
 Deterministic (fixed seeds, deterministic algorithms, TF32 off). Compares policy "swap"
 (expected bitwise equal) and alphas 0.5 / 0 (token-wise recompute: within tolerance), and
@@ -30,6 +30,8 @@ p.add_argument("--recompute-chunk", type=int, default=8192,
 p.add_argument("--loss-chunk", type=int, default=0, help="tiny_llama's loss in chunks of this many tokens (0: whole)")
 p.add_argument("--autocast", action="store_true", help="a float32 model whose forward runs under "
                "torch.autocast('cuda', bfloat16), the backward outside it (the usual mixed precision)")
+p.add_argument("--micro-batches", type=int, default=1, help="a GPipe step over this many sequences: every forward, "
+               "then every backward (each micro-batch a forward pass of its own for the swap manager)")
 args = p.parse_args()
 if args.autocast and args.dtype != "float32":
     p.error("--autocast trains a float32 model in bf16 precision: leave --dtype at float32")
@@ -54,7 +56,7 @@ torch.manual_seed(0)
 model = tiny_llama.TinyLlama(vocab=8192, dim=args.dim, heads=args.dim // 64, hidden=int(args.dim * 8 / 3) // 64 * 64,
                              layers=args.layers, sdpa=args.sdpa).to("cuda", dtype)
 g = torch.Generator(device="cuda").manual_seed(1)
-batch = torch.randint(0, 8192, (1, args.seq + 1), device="cuda", generator=g)
+batch = torch.randint(0, 8192, (args.micro_batches, args.seq + 1), device="cuda", generator=g)
 
 
 def grads():
@@ -66,16 +68,17 @@ def grads():
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast):
-        loss = model.loss(batch, chunk=args.loss_chunk)
-    loss.backward()
+        losses = [model.loss(batch[k:k + 1], chunk=args.loss_chunk) for k in range(args.micro_batches)]
+    for loss in losses:
+        loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
-    return loss.item(), [q.grad.float().cpu() for q in model.parameters()], peak
+    return sum(loss.item() for loss in losses), [q.grad.float().cpu() for q in model.parameters()], peak
 
 
 out = {"dtype": args.dtype, "seq": args.seq, "layers": args.layers, "dim": args.dim, "sdpa": args.sdpa,
        "hidden": model.layers[0].mlp.gate_proj.out_features, "recompute_chunk": args.recompute_chunk,
-       "loss_chunk": args.loss_chunk, "autocast": args.autocast}
+       "loss_chunk": args.loss_chunk, "autocast": args.autocast, "micro_batches": args.micro_batches}
 ref_loss, ref, ref_peak = grads()
 out["peak_allocated_without"] = ref_peak
 # Whether the step itself is reproducible: without that no offload policy can be bitwise.
@@ -83,12 +86,13 @@ out["reference_repeat_bitwise"] = all(torch.equal(a, b) for a, b in zip(ref, gra
 runs = [(str(policy), policy, args.recompute_chunk) for policy in ("swap", 0.5, 0.0)]
 if 0 < args.recompute_chunk < args.seq:
     runs.append(("0.0-whole", 0.0, 0))
-swapped_before = 0  # the swap session starts with the first offload (swap_stats raises before)
+swapped_before = late_before = 0  # the swap session starts with the first offload (swap_stats raises before)
 for name, policy, chunk in runs:
     with stitchalloc.offload(model, policy=policy, recompute_chunk=chunk) as off:
         loss, got, peak = grads()
         loss2, got2, _ = grads()
-    swapped_now = stitchalloc.swap.swap_stats()["copy.d2h_bytes"]
+    now = stitchalloc.swap.swap_stats()
+    swapped_now, late_now = now["copy.d2h_bytes"], now["swap.late_prefetches"]
     err = max(((a - b).abs().max() / (a.abs().max() + 1e-30)).item() for a, b in zip(ref, got))
     out[name] = {
         "loss_equal": loss == ref_loss,
@@ -97,9 +101,10 @@ for name, policy, chunk in runs:
         "repeat_bitwise": all(torch.equal(a, b) for a, b in zip(got, got2)),
         "peak_allocated": peak,
         "swapped_bytes": swapped_now - swapped_before,
+        "late_prefetches": late_now - late_before,  # tensors no backward brought back before their use
         "stats": off.stats(),
     }
-    swapped_before = swapped_now
+    swapped_before, late_before = swapped_now, late_now
 stats = stitchalloc.swap.swap_stats()
 out["swap_stats"] = stats
 

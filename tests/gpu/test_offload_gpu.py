@@ -97,3 +97,17 @@ def test_bf16_recompute_in_chunks_lowers_the_peak():
     lower = 2 * (out["seq"] - 512) * out["hidden"] * 2
     assert out["0.0-whole"]["peak_allocated"] - out["0.0"]["peak_allocated"] >= lower, (
         out["0.0"]["peak_allocated"], out["0.0-whole"]["peak_allocated"], lower)
+
+
+def test_micro_batches_in_flight_each_bring_back_their_own_layers():
+    # A GPipe step over 4 sequences (every forward, then every backward): each micro-batch's
+    # forward is a pass of its own for the swap manager, whose backward brings back only its
+    # own next layer (docs/offload.md). Gradients as without offload (bitwise under "swap"),
+    # every offloaded tensor brought back by its own pass's schedule, the peak lower.
+    out = run("--dtype", "float32", "--micro-batches", "4")
+    assert out["swap"]["bitwise"] and out["swap"]["repeat_bitwise"]
+    for alpha in ("0.5", "0.0"):
+        assert out[alpha]["max_rel_err"] < 1e-4, alpha
+    for policy in ("swap", "0.5", "0.0"):
+        assert out[policy]["late_prefetches"] == 0, policy
+        assert out[policy]["peak_allocated"] < out["peak_allocated_without"], policy
