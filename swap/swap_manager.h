@@ -29,8 +29,8 @@
 // backward, two models on one device) then each prefetch their own tensors: a backward does not
 // bring back the layers of passes whose backward comes later. Each pass has its own layer count
 // (BeginIteration(num_layers, pass)), so passes over models of different depth coexist. The
-// manager remembers the layer counts of the kMaxPasses passes begun last; a pass forgotten
-// has no tickets left (those of a pass with tickets are never forgotten).
+// manager remembers the layer counts of at least the kMaxPasses / 2 passes begun last; a pass
+// forgotten has no tickets left (those of a pass with tickets are never forgotten).
 //
 // Borrowed blocks: Offload() with a `release` callback leaves the block with its owner (a
 // PyTorch storage): wherever the manager would free it, it calls release(stream) instead, with
@@ -105,7 +105,7 @@ class SwapManager {
  public:
   using Ticket = std::uint64_t;
   using Pass = std::uint64_t;
-  // Passes without tickets whose layer counts are remembered (see the top of this file).
+  // Passes remembered before the oldest without tickets are forgotten (see the top of this file).
   static constexpr std::size_t kMaxPasses = 256;
   using Release = std::function<void(std::optional<Stream> in_use_by)>;
   struct Claimed {
@@ -189,7 +189,8 @@ class SwapManager {
                                   Pass pass);
   // `pass`'s layer count, once `layer` is checked to be one of its layers; `what` names the call.
   absl::StatusOr<int> LayersOfLocked(const char* what, int layer, Pass pass) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Forgets the oldest passes without tickets beyond kMaxPasses (never `keep`).
+  // Past kMaxPasses remembered: forgets the oldest passes without tickets, down to
+  // kMaxPasses / 2 (never `keep`).
   void ForgetPassesLocked(Pass keep) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status OffloadLocked(Ticket t, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evict's note: what it moved, and the tickets still on the device by why.
