@@ -20,8 +20,9 @@
 // Under memory pressure the allocator calls Evict(): registered tensors of the earliest layers
 // (the latest backward), and kept ones that found no pinned memory before (the pool may have
 // room again), then the last layers kept, newest first (with several passes in flight only the
-// oldest one's backward follows at once), are offloaded at once and their device blocks freed; Evict also says what still
-// holds device memory, which ends the out-of-memory report if the request fails anyway.
+// oldest one's backward follows at once), are offloaded at once and their device blocks freed;
+// Evict also says what still holds device memory, which ends the out-of-memory report if the
+// request fails anyway.
 //
 // Passes: a ticket belongs to the forward pass that saved it (a Pass id the caller picks; 0
 // unless it says otherwise), and each layer boundary concerns one pass's tickets only. Several
