@@ -1566,45 +1566,6 @@ def test_ddp_wrapped_model(one_process_group, policy, order):
     assert off.stats()["waited"] == off.stats()["offloaded"] > 0 and backend.live == {}
 
 
-@pytest.mark.parametrize("schedule", ["ScheduleGPipe", "Schedule1F1B"])
-@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
-def test_torch_pipelining_schedules(one_process_group, policy, schedule):
-    # torch.distributed.pipelining runs the offloaded model as a stage (one gloo rank, one
-    # stage): four micro-batches a step, each a forward pass of its own for the swap manager
-    # (GPipe: all four forwards before the first backward). Two steps with the gradients of
-    # the same schedule without offload; at most the layer whose backward began and the one
-    # below, of one micro-batch, brought back ahead of use; none used while still on the host.
-    import torch.distributed.pipelining as pipelining
-
-    def loss_fn(logits, target):
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-    def steps(off_policy):
-        model, backend = make_model(layers=4), ScheduleBackend()
-        batch = tokens(batch=4)
-        off = stitchalloc.offload(model, policy=off_policy, backend=backend) if off_policy else None
-        stage = pipelining.PipelineStage(model, 0, 1, torch.device("cpu"))
-        run = getattr(pipelining, schedule)(stage, n_microbatches=4, loss_fn=loss_fn)
-        grads = []
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            run.step(batch[:, :-1], target=batch[:, 1:])
-            grads.append([p.grad.clone() for p in model.parameters()])
-        if off is not None:
-            off.remove()
-        return grads, backend, off
-
-    ref, _, _ = steps(None)
-    got, backend, off = steps(policy)
-    for g0, g1 in zip(ref, got):
-        for a, b in zip(g0, g1):
-            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    assert backend.live == {} and backend.late == 0
-    assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] > 0
-    assert len({p for p, _ in backend.layer_bytes}) >= 2 * 4
-    assert 0 < backend.peak_back <= 2 * max(backend.layer_bytes.values())
-
-
 class PipelineStageModule(torch.nn.Module):
     """Layers lo..hi of a TinyLlama as a pipeline stage (torchtitan splits models so): the first
     stage embeds, the last one norms and projects."""
@@ -1624,13 +1585,12 @@ class PipelineStageModule(torch.nn.Module):
         return self.head(self.norm(x)) if self.head is not None else x
 
 
-@pytest.mark.parametrize("schedule", ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS"])
-@pytest.mark.parametrize("policy", ["swap", 0.5])
-def test_two_offloaded_pipeline_stages_on_one_rank(one_process_group, policy, schedule):
-    # Virtual stages: one rank runs stages 0 and 1 of a 4-layer model, each offloaded on its own
-    # (two Offloads sharing the device's swap manager), micro-batches of both interleaved by the
-    # schedule. Plain gradients; at most two layers of one micro-batch of one stage brought back
-    # ahead of use; none used while on the host.
+def check_pipelined_against_plain(schedule, stages, policy):
+    """Two steps of torch.distributed.pipelining's `schedule` over a 4-layer model split into
+    `stages` stages on this one rank (each offloaded on its own, all sharing one ScheduleBackend),
+    four micro-batches a step, each a forward pass of its own for the swap manager: the
+    gradients of the same schedule without offload; at most the layer whose backward began and
+    the one below, of one micro-batch, brought back ahead of use; none used while on the host."""
     import torch.distributed.pipelining as pipelining
 
     def loss_fn(logits, target):
@@ -1639,10 +1599,12 @@ def test_two_offloaded_pipeline_stages_on_one_rank(one_process_group, policy, sc
     def steps(off_policy):
         model, backend = make_model(layers=4), ScheduleBackend()
         batch = tokens(batch=4)
-        parts = [PipelineStageModule(model, 0, 2), PipelineStageModule(model, 2, 4)]
+        per = len(model.layers) // stages
+        parts = [model] if stages == 1 else [PipelineStageModule(model, k * per, (k + 1) * per) for k in range(stages)]
         offs = [stitchalloc.offload(part, policy=off_policy, backend=backend) for part in parts] if off_policy else []
-        stages = [pipelining.PipelineStage(part, k, 2, torch.device("cpu")) for k, part in enumerate(parts)]
-        run = getattr(pipelining, schedule)(stages, n_microbatches=4, loss_fn=loss_fn)
+        built = [pipelining.PipelineStage(part, k, stages, torch.device("cpu")) for k, part in enumerate(parts)]
+        # A schedule of one stage a rank takes the stage; one of several, their list.
+        run = getattr(pipelining, schedule)(built if stages > 1 else built[0], n_microbatches=4, loss_fn=loss_fn)
         grads = []
         for _ in range(2):
             model.zero_grad(set_to_none=True)
@@ -1660,8 +1622,25 @@ def test_two_offloaded_pipeline_stages_on_one_rank(one_process_group, policy, sc
     assert backend.live == {} and backend.late == 0
     for off in offs:
         assert off.stats()["waited"] + off.stats()["cancelled"] == off.stats()["offloaded"] > 0
-    assert len({p for p, _ in backend.layer_bytes}) >= 2 * 2 * 4  # two stages, two steps of four
+    assert len({p for p, _ in backend.layer_bytes}) >= stages * 2 * 4  # each stage: two steps of four
     assert 0 < backend.peak_back <= 2 * max(backend.layer_bytes.values())
+
+
+@pytest.mark.parametrize("schedule", ["ScheduleGPipe", "Schedule1F1B"])
+@pytest.mark.parametrize("policy", ["swap", 0.5, "recompute", "auto"])
+def test_torch_pipelining_schedules(one_process_group, policy, schedule):
+    # torch.distributed.pipelining runs the offloaded model as a stage (one gloo rank, one
+    # stage; GPipe: all four forwards before the first backward).
+    check_pipelined_against_plain(schedule, 1, policy)
+
+
+@pytest.mark.parametrize("schedule", ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS"])
+@pytest.mark.parametrize("policy", ["swap", 0.5])
+def test_two_offloaded_pipeline_stages_on_one_rank(one_process_group, policy, schedule):
+    # Virtual stages: one rank runs stages 0 and 1 of a 4-layer model, each offloaded on its own
+    # (two Offloads sharing the device's swap manager), micro-batches of both interleaved by the
+    # schedule.
+    check_pipelined_against_plain(schedule, 2, policy)
 
 
 @pytest.mark.parametrize("chunk", [-1, 1.5, True, "8192"])
