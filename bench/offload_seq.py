@@ -31,6 +31,7 @@ MFU = tokens/s * (6 * parameters + 6 * layers * dim * seq) / peak FLOP/s (--peak
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,9 +122,18 @@ def probe(a):
         st = stitchalloc.swap.swap_stats()
         return st["copy.d2h_seconds"] + st["copy.h2d_seconds"]
 
+    class Terminated(Exception):
+        pass
+
+    def terminated(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    # `timeout` (scripts/gpu.sh probes) sends SIGTERM: the steps done so far are still reported.
+    signal.signal(signal.SIGTERM, terminated)
     try:
         times = []
         copy_start = None
+        out["steps_done"] = 0
         for step in range(a.steps + 1):
             sync()
             if step == 1:
@@ -134,10 +144,18 @@ def probe(a):
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync()
+            seconds = time.perf_counter() - t0
             if step > 0:
-                times.append(time.perf_counter() - t0)
+                times.append(seconds)
             else:
-                out["first_step_seconds"] = time.perf_counter() - t0
+                out["first_step_seconds"] = seconds
+            out["steps_done"] = step + 1
+            # One line a step on stderr, so that a run cut off later still shows what it did.
+            progress = {"progress": f"{a.mode} at {a.seq}", "step": step, "seconds": round(seconds, 3),
+                        "loss": float(loss.detach())}
+            if a.device == "cuda":
+                progress.update(reserved=torch.cuda.memory_reserved(), peak_reserved=torch.cuda.max_memory_reserved())
+            print(json.dumps(progress), file=sys.stderr, flush=True)
         out.update(ok=True, loss=float(loss.detach()))
         if times:
             seconds = sorted(times)[len(times) // 2]
@@ -148,6 +166,10 @@ def probe(a):
                 out["copy_seconds_per_step"] = (copy_seconds() - copy_start) / a.steps
     except torch.OutOfMemoryError as e:
         out.update(oom=True, error=str(e).splitlines()[0][:300])
+    except Terminated as e:
+        out.update(error=f"terminated by {e} after {out['steps_done']} of {a.steps + 1} steps",
+                   step_seconds=times)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if a.device == "cuda":
         out.update(peak_reserved=torch.cuda.max_memory_reserved(), peak_allocated=torch.cuda.max_memory_allocated(),
                    gpu=torch.cuda.get_device_name())

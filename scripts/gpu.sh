@@ -222,7 +222,8 @@ phase_probes() {
   # and native-stitchalloc: stitchalloc's allocator without offload), each one process of
   # bench/offload_seq.py with one timed step after the warm-up; PROBE_ARGS adds arguments to all
   # (e.g. "--conf swap_host_limit_mb:110000", or "--steps 0": the warm-up step only, whether the
-  # length fits), PROBE_TIMEOUT bounds each (seconds, default 300).
+  # length fits), PROBE_TIMEOUT bounds each (seconds, default 300). Each step prints a progress line
+  # on stderr; a probe that the timeout ends prints its result with the steps it took.
   local probe mode seq
   for probe in ${PROBES:-native:47104 offload:196608}; do
     mode=${probe%%:*}

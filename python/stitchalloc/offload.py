@@ -634,7 +634,6 @@ class Offload:
         while len(self._passes) <= k:
             self._passes.append(next(_PASS_IDS))
         self._pass_of[layer] = self._passes[k]
-        return self._passes[k]
 
     def _refresh_param_storages(self):
         model, torch = self._model(), self._torch

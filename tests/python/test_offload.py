@@ -4359,11 +4359,44 @@ def test_longest_sequence_bench_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     probe = json.loads(r.stdout.strip().splitlines()[-1])
     assert probe["ok"] and probe["first_step_seconds"] > 0 and "tokens_per_second" not in probe
-    assert probe["recompute_chunk"] == 16
+    assert probe["recompute_chunk"] == 16 and probe["steps_done"] == 1
+    progress = [json.loads(line) for line in r.stderr.splitlines() if line.startswith('{"progress"')]
+    assert [p["step"] for p in progress] == [0] and progress[0]["seconds"] > 0
     # The modes that install stitchalloc need a CUDA device and say so.
     r = subprocess.run([sys.executable, bench, "probe", "--device", "cpu", "--mode", "checkpoint-stitchalloc"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "needs --device cuda" in r.stderr
+
+
+def test_longest_sequence_probe_cut_off_reports_the_steps_it_took():
+    """A probe that `timeout` (scripts/gpu.sh probes) ends with SIGTERM still prints its result:
+    the steps done, their times, and what ended it; each step also printed a progress line."""
+    import json
+    import signal
+    import subprocess
+
+    bench = os.path.join(BENCH, "offload_seq.py")
+    p = subprocess.Popen([sys.executable, bench, "probe", "--device", "cpu", "--mode", "native", "--seq", "32",
+                          "--dim", "32", "--layers", "2", "--heads", "2", "--hidden", "64", "--vocab", "64",
+                          "--steps", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        steps = []
+        while len(steps) < 3:  # the warm-up step and two timed ones
+            line = p.stderr.readline()
+            assert line, "the probe ended before its third step"
+            if line.startswith('{"progress"'):
+                steps.append(json.loads(line)["step"])
+        p.send_signal(signal.SIGTERM)
+        stdout, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert steps == [0, 1, 2]
+    assert p.returncode == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert not result["ok"] and not result["oom"] and result["steps_done"] >= 3
+    assert result["error"] == f"terminated by SIGTERM after {result['steps_done']} of 100001 steps"
+    assert len(result["step_seconds"]) == result["steps_done"] - 1 and result["first_step_seconds"] > 0
 
 
 def test_token_wise_recompute_never_runs_the_attention_core_again():
