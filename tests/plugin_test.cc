@@ -94,6 +94,38 @@ TEST(AllocConf, RejectsWithAMessageNamingTheProblem) {
   }
 }
 
+TEST(AllocConf, RunTimeSettingsThatDoNotReachStitchallocAreNamed) {
+  Config installed;  // max_split_size unlimited
+  EXPECT_THAT(RunTimeSettingNotes("", installed), ::testing::IsEmpty());
+  // PyTorch's pinned host allocator applies these; nothing to say.
+  EXPECT_THAT(RunTimeSettingNotes("pinned_use_background_threads:True,pinned_num_register_threads:8", installed),
+              ::testing::IsEmpty());
+  std::vector<std::string> notes = RunTimeSettingNotes(
+      "expandable_segments:False, max_split_size_mb:128,per_process_memory_fraction:0.5,"
+      "roundup_power2_divisions:[256:1,>:8],pinned_use_cuda_host_register:True",
+      installed);
+  ASSERT_EQ(notes.size(), 4u);
+  EXPECT_EQ(notes[0],
+            "expandable_segments:False set at run time has no effect under stitchalloc: stitchalloc always maps "
+            "memory with the VMM API (it never fragments into segments)");
+  EXPECT_EQ(notes[1],
+            "max_split_size_mb:128 set at run time does not reach stitchalloc: its max_split_size_mb is fixed when it "
+            "is installed (unlimited); give it in PYTORCH_CUDA_ALLOC_CONF or stitchalloc.install()");
+  EXPECT_EQ(notes[2],
+            "per_process_memory_fraction:0.5 set at run time does not reach stitchalloc; "
+            "torch.cuda.set_per_process_memory_fraction(0.5) does");
+  EXPECT_THAT(notes[3], HasSubstr("roundup_power2_divisions:[256:1,>:8] set at run time has no effect"));
+  // The value stitchalloc was installed with: nothing differs, nothing to say; another one is named.
+  installed.max_split_size = 128 * kMiB;
+  EXPECT_THAT(RunTimeSettingNotes("max_split_size_mb:128", installed), ::testing::IsEmpty());
+  notes = RunTimeSettingNotes("max_split_size_mb:64", installed);
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_THAT(notes[0], HasSubstr("is fixed when it is installed (128 MiB)"));
+  // What PyTorch rejects before an allocator hears of it (malformed, unknown) gets no note here.
+  EXPECT_THAT(RunTimeSettingNotes("expandable_segments,bogus:1,max_split_size_mb:99999999999999999999", installed),
+              ElementsAre(HasSubstr("max_split_size_mb:99999999999999999999 set at run time does not reach")));
+}
+
 Config HostConfig() {
   Config c;
   c.driver.choice = DriverChoice::kHost;

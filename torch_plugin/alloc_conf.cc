@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -35,6 +36,13 @@ constexpr Ignored kIgnoredKeys[] = {
     {"small_segment_size_mb", "stitchalloc maps in chunks (chunk_size_mb)"},
     {"throw_on_cudamalloc_oom", "stitchalloc always raises out-of-memory with its report"},
 };
+
+const Ignored* FindIgnored(absl::string_view key) {
+  for (const Ignored& ig : kIgnoredKeys) {
+    if (key == ig.key) return &ig;
+  }
+  return nullptr;
+}
 
 // Splits on commas outside brackets.
 std::vector<absl::string_view> Tokens(absl::string_view text) {
@@ -123,11 +131,9 @@ absl::StatusOr<AllocConfSplit> SplitTorchAllocConf(absl::string_view text) {
         handled = true;
       }
     }
-    for (const Ignored& ig : kIgnoredKeys) {
-      if (kv.key == ig.key) {
-        out.notes.push_back(absl::StrCat(kv.token, " has no effect under stitchalloc: ", ig.why));
-        handled = true;
-      }
+    if (const Ignored* ig = FindIgnored(kv.key); ig != nullptr) {
+      out.notes.push_back(absl::StrCat(kv.token, " has no effect under stitchalloc: ", ig->why));
+      handled = true;
     }
     if (!handled) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -144,6 +150,36 @@ absl::StatusOr<AllocConfSplit> SplitTorchAllocConf(absl::string_view text) {
     return absl::InvalidArgumentError(absl::StrCat("PYTORCH_CUDA_ALLOC_CONF: ", parsed.status().message()));
   }
   return out;
+}
+
+std::vector<std::string> RunTimeSettingNotes(absl::string_view text, const Config& installed) {
+  std::vector<std::string> notes;
+  for (absl::string_view token : Tokens(text)) {
+    const std::size_t colon = token.find(':');
+    if (colon == absl::string_view::npos) continue;
+    const absl::string_view key = absl::StripAsciiWhitespace(token.substr(0, colon));
+    const absl::string_view value = absl::StripAsciiWhitespace(token.substr(colon + 1));
+    if (key == "max_split_size_mb") {
+      std::size_t mb = 0;
+      if (absl::SimpleAtoi(value, &mb) && installed.max_split_size != SIZE_MAX && mb <= SIZE_MAX / kMiB &&
+          mb * kMiB == installed.max_split_size) {
+        continue;  // what stitchalloc uses already
+      }
+      notes.push_back(absl::StrCat(
+          token, " set at run time does not reach stitchalloc: its max_split_size_mb is fixed when it is installed (",
+          installed.max_split_size == SIZE_MAX ? std::string("unlimited")
+                                               : absl::StrCat(installed.max_split_size / kMiB, " MiB"),
+          "); give it in PYTORCH_CUDA_ALLOC_CONF or stitchalloc.install()"));
+    } else if (key == "per_process_memory_fraction") {
+      notes.push_back(absl::StrCat(token,
+                                   " set at run time does not reach stitchalloc; "
+                                   "torch.cuda.set_per_process_memory_fraction(",
+                                   value, ") does"));
+    } else if (const Ignored* ig = FindIgnored(key); ig != nullptr) {
+      notes.push_back(absl::StrCat(token, " set at run time has no effect under stitchalloc: ", ig->why));
+    }
+  }
+  return notes;
 }
 
 }  // namespace stitchalloc

@@ -22,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "allocator/config.h"
 
 namespace stitchalloc {
 
@@ -33,5 +34,16 @@ struct AllocConfSplit {
 };
 
 absl::StatusOr<AllocConfSplit> SplitTorchAllocConf(absl::string_view text);
+
+// PyTorch's allocator settings given at run time (torch._C._accelerator_setAllocatorSettings,
+// torch.cuda.memory._set_allocator_settings) change PyTorch's configuration only; no allocator is
+// told. Returns, for stitchalloc installed with `installed`, one note per device-allocator key in
+// `text` that therefore does not do what it would under PyTorch's allocator:
+//   - max_split_size_mb (unless equal to the installed value), per_process_memory_fraction:
+//     honoured at startup only; the note names what to use instead;
+//   - the keys without a meaning here (expandable_segments, ...): the reason, as at startup.
+// pinned_* keys get no note (PyTorch's pinned host allocator applies them), nor do other or
+// malformed tokens (PyTorch rejected those before any allocator could hear of them).
+std::vector<std::string> RunTimeSettingNotes(absl::string_view text, const Config& installed);
 
 }  // namespace stitchalloc

@@ -8,7 +8,10 @@
 // allocator is initialised (torch.cuda has been used), otherwise it stores the instance where
 // c10 looks the CUDA allocator up (CUDACachingAllocator::allocator) and registers it as the
 // kCUDA device allocator (at::getAllocator, torch.accelerator). The instance lives for the
-// rest of the process, as PyTorch's own does.
+// rest of the process, as PyTorch's own does. It also listens, behind PyTorch's own device hook,
+// to allocator settings given at run time (torch._C._accelerator_setAllocatorSettings), which
+// PyTorch applies to its configuration only, and warns once for each that does not reach
+// stitchalloc (RunTimeSettingNotes in alloc_conf.h).
 //
 // Invariants: devices_[d] is set once and never changes; history entries and pointer contexts
 // are guarded by history_mu_, which is never held while calling into a PoolSet or Python.
@@ -19,6 +22,10 @@
 // starts "CUDA out of memory." followed by stitchalloc's report; any other failure raises
 // c10::Error naming the operation.
 #include <c10/core/Allocator.h>
+#if __has_include(<c10/core/AllocatorConfig.h>)
+#include <c10/core/AllocatorConfig.h>
+#define STITCHALLOC_HAVE_ALLOCATOR_CONFIG 1
+#endif
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,12 +49,16 @@
 #include <unordered_set>
 #include <vector>
 
+#include "absl/base/const_init.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "allocator/arena/arena.h"
 #include "allocator/config.h"
 #include "allocator/ipc.h"
 #include "allocator/segment_pool.h"
+#include "torch_plugin/alloc_conf.h"
 #include "torch_plugin/pool_set.h"
 #include "torch_plugin/torch_internal.h"
 #include "torch_plugin/uncached.h"
@@ -967,6 +978,46 @@ std::atomic<TorchAllocator*> g_allocator{nullptr};
 std::mutex g_install_mu;
 thread_local std::string g_last_error;
 
+// Allocator settings given at run time: PyTorch parses them into its own configuration and then
+// calls the one device hook (c10's AcceleratorAllocatorConfig::getConfigParserHook, CUDA's parser
+// in PyTorch's builds); Listen puts ListenToSettings behind it. A setting PyTorch rejects throws
+// before the hook runs. Each note is given once per process (frameworks toggle
+// expandable_segments around every weight transfer).
+void ListenToSettings(const std::string& settings) {
+  TorchAllocator* mine = g_allocator.load();
+  if (mine == nullptr || cca::allocator.load() != mine) return;
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* given = new absl::flat_hash_set<std::string>();  // never freed: may run at exit
+  for (std::string& note : RunTimeSettingNotes(settings, mine->base())) {
+    bool first = false;
+    {
+      absl::MutexLock lock(&mu);
+      first = given->insert(note).second;
+    }
+    if (first) TORCH_WARN("stitchalloc: ", note);
+  }
+}
+
+template <typename C>
+void Listen() {
+  if constexpr (requires { C::getConfigParserHook(); }) {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      auto& hook = C::getConfigParserHook();
+      hook = [before = hook](const std::string& settings) {
+        if (before) before(settings);
+        ListenToSettings(settings);
+      };
+    });
+  }
+}
+
+void ListenToRunTimeSettings() {
+#ifdef STITCHALLOC_HAVE_ALLOCATOR_CONFIG
+  Listen<c10::CachingAllocator::AcceleratorAllocatorConfig>();
+#endif
+}
+
 void RawDelete(void* ptr) { g_allocator.load()->Free(ptr); }
 void UncachedDelete(void* ptr) { g_allocator.load()->FreeUncached(ptr); }
 
@@ -1004,6 +1055,7 @@ __attribute__((visibility("default"))) int stitchalloc_torch_install(const char*
   g_allocator.store(mine);
   cca::allocator.store(mine);
   c10::SetAllocator(c10::DeviceType::CUDA, mine, /*priority=*/1);
+  ListenToRunTimeSettings();
   return 0;
 }
 

@@ -257,6 +257,48 @@ def test_without_backend_nothing_happens():
 
 
 @needs_plugin
+def test_run_time_allocator_settings_that_do_not_reach_stitchalloc_are_named():
+    # PyTorch applies settings given at run time to its own configuration only; stitchalloc,
+    # behind PyTorch's device hook, names each that therefore does nothing, once per process.
+    # Its max_split_size_mb is fixed at install; pinned_* keys are PyTorch's pinned allocator's.
+    r = run_python(f"""
+        import sys, torch, stitchalloc
+        stitchalloc.install("{HOST},max_split_size_mb:64")
+        for settings in ["pinned_use_background_threads:True", "max_split_size_mb:64",
+                         "expandable_segments:False,pinned_use_background_threads:True,max_split_size_mb:128",
+                         "expandable_segments:False", "expandable_segments:True"]:
+            print("setting", settings, file=sys.stderr, flush=True)
+            torch._C._accelerator_setAllocatorSettings(settings)
+        try:
+            torch.cuda.memory._set_allocator_settings("stitching:false")
+        except ValueError as e:
+            print("rejected:", e)
+        p = torch._C._cuda_cudaCachingAllocator_raw_alloc(4000, 0)  # the allocator still serves
+        print(torch._C._cuda_memoryStats(0)["allocated_bytes"]["all"]["current"])
+        torch._C._cuda_cudaCachingAllocator_raw_delete(p)
+        """)
+    assert r.returncode == 0, r.stderr
+    assert "rejected: Unrecognized key 'stitching'" in r.stdout
+    assert r.stdout.splitlines()[-1] == "4096"
+    lines = [line for line in r.stderr.splitlines() if line.startswith("setting") or "stitchalloc: " in line]
+    notes = [line.split("Warning: stitchalloc: ")[1].split(" (function")[0] if "Warning" in line else line
+             for line in lines]
+    assert notes == [
+        "setting pinned_use_background_threads:True",
+        "setting max_split_size_mb:64",
+        "setting expandable_segments:False,pinned_use_background_threads:True,max_split_size_mb:128",
+        "expandable_segments:False set at run time has no effect under stitchalloc: stitchalloc always maps memory "
+        "with the VMM API (it never fragments into segments)",
+        "max_split_size_mb:128 set at run time does not reach stitchalloc: its max_split_size_mb is fixed when it is "
+        "installed (64 MiB); give it in PYTORCH_CUDA_ALLOC_CONF or stitchalloc.install()",
+        "setting expandable_segments:False",
+        "setting expandable_segments:True",
+        "expandable_segments:True set at run time has no effect under stitchalloc: stitchalloc always maps memory "
+        "with the VMM API (it never fragments into segments)",
+    ], r.stderr
+
+
+@needs_plugin
 def test_stats_snapshot_render_and_out_of_memory():
     r = run_python(f"""
         import json, torch, stitchalloc
