@@ -982,7 +982,9 @@ thread_local std::string g_last_error;
 // calls the one device hook (c10's AcceleratorAllocatorConfig::getConfigParserHook, CUDA's parser
 // in PyTorch's builds); Listen puts ListenToSettings behind it. A setting PyTorch rejects throws
 // before the hook runs. Each note is given once per process (frameworks toggle
-// expandable_segments around every weight transfer).
+// expandable_segments around every weight transfer). Where c10 defines getConfigParserHook inline
+// in its header (torch 2.11), its static is copied into this library and kept local by the
+// version script (cmake/c_abi_only.map): the hook set is then this library's own and never called.
 void ListenToSettings(const std::string& settings) {
   TorchAllocator* mine = g_allocator.load();
   if (mine == nullptr || cca::allocator.load() != mine) return;
