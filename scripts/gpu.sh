@@ -223,7 +223,7 @@ phase_probes() {
   # bench/offload_seq.py with one timed step after the warm-up; PROBE_ARGS adds arguments to all
   # (e.g. "--conf swap_host_limit_mb:110000", or "--steps 0": the warm-up step only, whether the
   # length fits), PROBE_TIMEOUT bounds each (seconds, default 300). Each step prints a progress line
-  # on stderr; a probe that the timeout ends prints its result with the steps it took.
+  # on stderr; a probe that the timeout ends prints its result with the steps it took (killed 30 s later if it has not ended).
   local probe mode seq
   for probe in ${PROBES:-native:47104 offload:196608}; do
     mode=${probe%%:*}
@@ -231,11 +231,11 @@ phase_probes() {
     echo "== ${mode} at ${seq} tokens (bench/offload_seq.py ${PROBE_ARGS:-})"
     if [[ ${mode} == hiding ]]; then
       # shellcheck disable=SC2086  # PROBE_ARGS is a list of arguments
-      timeout "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py hiding --seq "${seq}" --steps 1 ${PROBE_ARGS:-} ||
+      timeout -k 30 "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py hiding --seq "${seq}" --steps 1 ${PROBE_ARGS:-} ||
         echo "gpu: PROBE ${probe} FAILED"
     else
       # shellcheck disable=SC2086
-      timeout "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py probe --mode "${mode}" --seq "${seq}" --steps 1 \
+      timeout -k 30 "${PROBE_TIMEOUT:-300}" "${PY}" bench/offload_seq.py probe --mode "${mode}" --seq "${seq}" --steps 1 \
         ${PROBE_ARGS:-} || echo "gpu: PROBE ${probe} FAILED"
     fi
   done
