@@ -128,12 +128,12 @@ def probe(a):
     def terminated(signum, frame):
         raise Terminated(signal.Signals(signum).name)
 
+    times = []
+    out["steps_done"] = 0
     # `timeout` (scripts/gpu.sh probes) sends SIGTERM: the steps done so far are still reported.
     signal.signal(signal.SIGTERM, terminated)
     try:
-        times = []
         copy_start = None
-        out["steps_done"] = 0
         for step in range(a.steps + 1):
             sync()
             if step == 1:
