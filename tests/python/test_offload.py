@@ -1614,7 +1614,15 @@ def check_pipelined_against_plain(schedule, stages, policy):
             off.remove()
         return grads, backend, offs
 
-    ref, _, _ = steps(None)
+    try:
+        ref, _, _ = steps(None)
+    except RuntimeError as e:
+        if stages > 1 and "Pair is not connected" in str(e):
+            # torch 2.11 (the H100 machine's): the schedule's first step sends between the stages
+            # through the process group, to this rank itself, which gloo cannot; torch 2.15 does not.
+            pytest.skip(f"torch {torch.__version__}'s pipelining cannot run two stages on one gloo rank, without "
+                        "offload too")
+        raise
     got, backend, offs = steps(policy)
     for g0, g1 in zip(ref, got):
         for a, b in zip(g0, g1):
