@@ -1,5 +1,6 @@
 #include "torch_plugin/alloc_conf.h"
 
+#include <optional>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -63,6 +64,18 @@ std::vector<absl::string_view> Tokens(absl::string_view text) {
   return out;
 }
 
+struct KeyValue {
+  absl::string_view token, key, value;
+};
+
+// `token` split at its first ':', both sides stripped of blanks; nullopt without a ':'.
+std::optional<KeyValue> SplitKeyValue(absl::string_view token) {
+  const std::size_t colon = token.find(':');
+  if (colon == absl::string_view::npos) return std::nullopt;
+  return KeyValue{token, absl::StripAsciiWhitespace(token.substr(0, colon)),
+                  absl::StripAsciiWhitespace(token.substr(colon + 1))};
+}
+
 absl::Status Malformed(absl::string_view token, absl::string_view why) {
   return absl::InvalidArgumentError(
       absl::StrFormat("PYTORCH_CUDA_ALLOC_CONF: malformed entry '%s': %s", token, why));
@@ -72,17 +85,13 @@ absl::Status Malformed(absl::string_view token, absl::string_view why) {
 
 absl::StatusOr<AllocConfSplit> SplitTorchAllocConf(absl::string_view text) {
   AllocConfSplit out;
-  struct KeyValue {
-    absl::string_view token, key, value;
-  };
   std::vector<KeyValue> items;
   int stitchalloc_backends = 0;
   int other_backends = 0;
   for (absl::string_view token : Tokens(text)) {
-    const std::size_t colon = token.find(':');
-    if (colon == absl::string_view::npos) return Malformed(token, "expected key:value");
-    KeyValue kv{token, absl::StripAsciiWhitespace(token.substr(0, colon)),
-                absl::StripAsciiWhitespace(token.substr(colon + 1))};
+    const std::optional<KeyValue> split = SplitKeyValue(token);
+    if (!split) return Malformed(token, "expected key:value");
+    const KeyValue& kv = *split;
     if (kv.key.empty() || kv.value.empty()) return Malformed(token, "key and value must both be non-empty");
     if (kv.key == "backend") {
       if (absl::AsciiStrToLower(kv.value) == "stitchalloc") {
@@ -155,10 +164,9 @@ absl::StatusOr<AllocConfSplit> SplitTorchAllocConf(absl::string_view text) {
 std::vector<std::string> RunTimeSettingNotes(absl::string_view text, const Config& installed) {
   std::vector<std::string> notes;
   for (absl::string_view token : Tokens(text)) {
-    const std::size_t colon = token.find(':');
-    if (colon == absl::string_view::npos) continue;
-    const absl::string_view key = absl::StripAsciiWhitespace(token.substr(0, colon));
-    const absl::string_view value = absl::StripAsciiWhitespace(token.substr(colon + 1));
+    const std::optional<KeyValue> kv = SplitKeyValue(token);
+    if (!kv) continue;
+    const absl::string_view key = kv->key, value = kv->value;
     if (key == "max_split_size_mb") {
       std::size_t mb = 0;
       if (absl::SimpleAtoi(value, &mb) && installed.max_split_size != SIZE_MAX && mb <= SIZE_MAX / kMiB &&
